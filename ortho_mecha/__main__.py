@@ -1,0 +1,3 @@
+from ortho_mecha.cli import main
+
+raise SystemExit(main())

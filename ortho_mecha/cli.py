@@ -1,0 +1,122 @@
+"""The ``ortho-mecha`` command line.
+
+Every subcommand's arguments are declared here; its work lives in the module of its concept and is
+imported only when the command runs, so ``ortho-mecha --help`` stays fast (torch and sd-mecha take
+seconds to import). On any failure a command prints one line naming the file and the problem to
+stderr and exits with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+EXIT_ERROR = 2
+
+
+def _lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
+    """Return a handler that imports ``module:function`` only when called."""
+    module_name, function_name = target.split(":")
+
+    def handler(args: argparse.Namespace) -> int | None:
+        return getattr(importlib.import_module(module_name), function_name)(args)
+
+    return handler
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="write a small synthetic model family to DIR (works with no downloads)")
+    p.add_argument("dir", help="folder to write the demo models into (created if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace demo files that already exist")
+    p.set_defaults(handler=_lazy("ortho_mecha.demo:cli_demo"))
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="the base model (.safetensors) every delta is taken against")
+    p.add_argument("models", nargs="+", help="fine-tuned models: .safetensors files, sharded index JSONs or folders")
+    p.add_argument(
+        "--arch",
+        choices=["sd1", "sdxl", "flux1", "flux2-klein", "chroma", "zimage", "custom", "chroma-flow", "zimage-base"],
+        help="architecture id (default: detected from the base's keys and shapes)",
+    )
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check models against a base and report the key mapping")
+    _add_model_arguments(p)
+    p.add_argument("--json", metavar="REPORT.json", help="also write the validation report as JSON")
+    p.set_defaults(handler=_lazy("ortho_mecha.validate:cli_validate"))
+
+
+def _add_analyse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyse", aliases=["analyze"], help="one streaming pass: similarity, conflicts, signal, lineage"
+    )
+    _add_model_arguments(p)
+    p.add_argument(
+        "--delta-from",
+        action="append",
+        default=[],
+        metavar="MODEL=OTHER",
+        help="take MODEL's delta against OTHER instead of the base (repeatable)",
+    )
+    p.add_argument("--rank-samples", type=int, default=5, metavar="K", help="largest keys used for SVD signal (5)")
+    p.add_argument("--exact", action="store_true", help="float64 throughout (cosines within 1e-9)")
+    p.add_argument("--json", metavar="REPORT.json", help="write the full report as JSON")
+    p.add_argument("--no-cache", action="store_true", help="ignore and do not update the analysis cache")
+    p.add_argument("--chunk", type=int, default=None, metavar="N", help="elements per streamed chunk (tuning)")
+    p.set_defaults(handler=_lazy("ortho_mecha.analysis:cli_analyse"))
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="show or clear the analysis cache (location: $ORTHO_MECHA_CACHE)")
+    p.add_argument("action", choices=["show", "clear"])
+    p.set_defaults(handler=_lazy("ortho_mecha.cache:cli_cache"))
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_validate, _add_analyse, _add_cache]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ortho-mecha",
+        description="Analyse, plan and merge diffusion models with delta-aware orthogonal methods.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from ortho_mecha import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("ortho-mecha: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user, the traceback only on request
+        if args.debug:
+            traceback.print_exc()
+        else:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"ortho-mecha: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Delta Gram algebra: every delta inner product from the Gram H of all files relative to the base.
+
+H is the F×F float64 Gram of ``x_f = W_f − W_C`` over a set of files f (the base C itself is not a row:
+``H[C,·] = 0``). A row that takes model ``m`` with delta-from ``b`` has the delta ``x_m − x_b``, so
+
+    <M_a − B_a, M_b − B_b> = H[a,b] − H[a,B_b] − H[B_a,b] + H[B_a,B_b]
+
+which is ``T H Tᵀ`` with ``T[i, m_i] = 1`` and ``T[i, b_i] = −1``. No file is read again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def selection_matrix(n_files: int, models: Sequence[int], delta_from: Sequence[int | None]) -> np.ndarray:
+    """The rows × files matrix T whose row i picks ``x_{models[i]} − x_{delta_from[i]}`` (None: the base)."""
+    if len(models) != len(delta_from):
+        raise ValueError(f"{len(models)} models but {len(delta_from)} delta-froms")
+    t = np.zeros((len(models), n_files), dtype=np.float64)
+    for i, (m, b) in enumerate(zip(models, delta_from, strict=True)):
+        t[i, m] += 1.0
+        if b is not None:
+            t[i, b] -= 1.0
+    return t
+
+
+def delta_gram(h: np.ndarray, models: Sequence[int], delta_from: Sequence[int | None]) -> np.ndarray:
+    """G[i, j] = <x_{m_i} − x_{b_i}, x_{m_j} − x_{b_j}> for rows (m_i, b_i) over the file Gram ``h``."""
+    t = selection_matrix(h.shape[0], models, delta_from)
+    g = t @ h @ t.T
+    return (g + g.T) / 2.0
+
+
+def cosine(g: np.ndarray) -> np.ndarray:
+    """cos_ab = G_ab / sqrt(G_aa G_bb); 0 where either delta is zero, 1 on the diagonal of non-zero rows."""
+    norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    denom = np.outer(norms, norms)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(denom > 0, g / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.clip(c, -1.0, 1.0)
+
+
+def squared_distances(h: np.ndarray) -> np.ndarray:
+    """D_ab = H_aa + H_bb − 2 H_ab: squared distance between files (the base is the origin)."""
+    d = np.diag(h)
+    return np.clip(d[:, None] + d[None, :] - 2.0 * h, 0.0, None)
