@@ -23,3 +23,24 @@ def open_cache(name: str) -> diskcache.Cache:
     path = cache_dir() / name
     path.mkdir(parents=True, exist_ok=True)
     return diskcache.Cache(str(path), size_limit=2**40, eviction_policy="least-recently-used")
+
+
+CLEARED = ("analysis", "hashes")
+
+
+def cli_cache(args) -> int:
+    """``ortho-mecha cache show|clear``: what the cache holds, or empty it (jobs are kept)."""
+    if args.action == "clear":
+        for name in CLEARED:
+            with open_cache(name) as cache:
+                cache.clear()
+        print(f"cleared {', '.join(CLEARED)} under {cache_dir()}")
+        return 0
+    from ortho_mecha.analysis_cache import cache_summary
+
+    summary = cache_summary()
+    print(f"cache: {cache_dir()} ({summary['bytes'] / 2**20:.1f} MiB of analyses)")
+    for record in summary["records"]:
+        mode = "exact" if record["exact"] else "default"
+        print(f"  {record['kind']}: base {record['base_fingerprint'][:12]} ({mode}), {record['entries']} entries")
+    return 0

@@ -1,0 +1,654 @@
+"""The analysis pass: one streaming read of every file, every pairwise figure from it.
+
+For every analysed key, each file's tensor is read chunk by chunk (``files × chunk`` elements in
+memory, never a whole model), the deltas ``x_f = W_f − W_C`` against the base C are formed explicitly
+and ``H += X Xᵀ`` is accumulated per key in float64 (default: float32 deltas and products per chunk;
+``exact``: float64 throughout). Every delta inner product follows from H without another read
+(:mod:`ortho_mecha.gram`). From the same pass, for the deltas as analysed (each row ``M_i − B_i``):
+sign-conflict counts by the two-matmul identity, per-key maxima for outliers, the rounding-noise
+floor, and, for the ``rank_samples`` largest matrix keys, the singular-value signal.
+
+H is kept per key (the cache holds it; exact ``ortho_superpose`` predictions need it), per block and
+in total. Computing only some rows of H (``new`` files against all) is what makes adding one model to
+a cached analysis cost one row, not the whole matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ortho_mecha import arch as arch_mod
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.gram import cosine, delta_gram, selection_matrix
+from ortho_mecha.io import ROUNDING, Model
+from ortho_mecha.validate import Alignment
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 1 << 17
+SNR_CAP = 1e4
+ENERGY = 0.90
+OUTLIER_KEYS_LISTED = 5
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class RowStats:
+    """Figures that need the tensors of one analysed delta (not linear in it, so not derivable from H)."""
+
+    max_abs: dict[str, float] = field(default_factory=dict)  # per key: max |δ|
+    base_sq: dict[str, float] = field(default_factory=dict)  # per key: ‖W_C‖², to judge relative change
+    noise_sq: float = 0.0  # squared rounding-noise floor of the delta
+    effective_rank: float = 0.0
+    snr: float = 0.0
+    signal_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassResult:
+    """What one streaming pass computed. ``h_key`` rows are valid for ``h_rows`` (all files when full)."""
+
+    h_key: dict[str, np.ndarray]
+    both: np.ndarray  # rows × rows: elements where both deltas are non-zero
+    agree: np.ndarray  # rows × rows: Σ sign(δ_a) sign(δ_b)
+    stats: dict[int, RowStats]
+    bytes_read: int
+    seconds: float
+
+
+@dataclass
+class PassPlan:
+    """What a pass has to compute: H rows for some files, row figures for some analysed rows."""
+
+    h_rows: list[int]  # file indices whose H row (against every file) is needed
+    stat_rows: list[int]  # analysed-row indices whose conflicts, outliers and signal are needed
+
+    @property
+    def empty(self) -> bool:
+        return not self.h_rows and not self.stat_rows
+
+
+def _compute_dtype(exact: bool) -> torch.dtype:
+    return torch.float64 if exact else torch.float32
+
+
+def _signal_keys(alignment: Alignment, k: int) -> list[str]:
+    """The ``k`` largest analysed keys with at least two dimensions (by element count)."""
+    shapes = {c: alignment.base.tensors[alignment.maps[0].keys[c]].shape for c in alignment.keys}
+    candidates = [c for c, s in shapes.items() if len(s) >= 2 and min(s[0], math.prod(s[1:])) > 1]
+    return sorted(candidates, key=lambda c: (-math.prod(shapes[c]), c))[:k]
+
+
+def singular_energy(delta: torch.Tensor) -> np.ndarray:
+    """σ² of a matrix (conv kernels flattened to out × rest), descending, from the smaller Gram in float64."""
+    m = delta.reshape(delta.shape[0], -1).to(torch.float64)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    values = torch.linalg.eigvalsh(gram).clamp_min(0).flip(0)
+    return values.numpy()
+
+
+def signal_figures(energies: np.ndarray) -> tuple[float, float]:
+    """(effective rank, SNR) of one delta from its σ²: fewest values holding 90 % of Σσ², over n; top 10 % ÷ rest."""
+    n = len(energies)
+    total = float(energies.sum())
+    if n == 0 or total <= 0:
+        return 0.0, 0.0
+    r = int(np.searchsorted(np.cumsum(energies), ENERGY * total) + 1)
+    top = max(1, math.ceil(0.1 * n))
+    rest = float(energies[top:].sum())
+    head = float(energies[:top].sum())
+    snr = SNR_CAP if rest <= head / SNR_CAP else head / rest
+    return min(r, n) / n, snr
+
+
+class _Reader:
+    """Reads the chunks of the files a pass needs in a background thread, one key chunk ahead."""
+
+    def __init__(self, alignment: Alignment, files: Sequence[Model], file_maps: Sequence[int], dtype: torch.dtype,
+                 chunk: int, keys: Sequence[str]) -> None:
+        self.alignment, self.files, self.file_maps = alignment, files, file_maps
+        self.dtype, self.chunk, self.keys = dtype, chunk, keys
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.bytes_read = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ortho-mecha-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            base_key = self.alignment.maps[0].keys
+            for canon in self.keys:
+                numel = self.alignment.base.tensors[base_key[canon]].numel
+                for start in range(0, numel, self.chunk):
+                    stop = min(numel, start + self.chunk)
+                    block = self._read_chunk(canon, start, stop)
+                    while not self.stop.is_set():
+                        try:
+                            self.queue.put((canon, start, stop, *block), timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if self.stop.is_set():
+                        return
+            self.queue.put(None)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            self.error = exc
+            self.queue.put(None)
+
+    def _read_chunk(self, canon: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        base = self.alignment.base
+        base_name = self.alignment.maps[0].keys[canon]
+        b = base.read(base_name, start, stop, self.dtype)
+        self.bytes_read += (stop - start) * base.tensors[base_name].itemsize
+        x = torch.zeros((len(self.files), stop - start), dtype=self.dtype)
+        present = []
+        for row, (model, map_index) in enumerate(zip(self.files, self.file_maps, strict=True)):
+            name = self.alignment.maps[map_index].keys.get(canon)
+            present.append(name is not None)
+            if name is None:
+                continue
+            x[row] = model.read(name, start, stop, self.dtype)
+            self.bytes_read += (stop - start) * model.tensors[name].itemsize
+            x[row] -= b
+        return b, x, present
+
+    def __iter__(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def run_pass(
+    alignment: Alignment,
+    file_maps: Sequence[int],
+    rows_t: np.ndarray,
+    plan: PassPlan,
+    *,
+    exact: bool = False,
+    chunk: int = DEFAULT_CHUNK,
+    rank_samples: int = 5,
+    progress: Progress | None = None,
+) -> PassResult:
+    """Stream the files once and compute what ``plan`` asks for.
+
+    ``file_maps[f]`` is the alignment index (1-based model maps) of analysed file f; ``rows_t`` is the
+    rows × files selection matrix of the analysed deltas (:func:`ortho_mecha.gram.selection_matrix`).
+    """
+    started = time.perf_counter()
+    dtype = _compute_dtype(exact)
+    n_files, n_rows = len(file_maps), rows_t.shape[0]
+    files = [([alignment.base, *alignment.models])[i] for i in file_maps]
+    h_rows = sorted(plan.h_rows)
+    stat_rows = sorted(plan.stat_rows)
+    t = torch.from_numpy(rows_t).to(dtype)
+    h_key: dict[str, np.ndarray] = {}
+    both = np.zeros((n_rows, n_rows))
+    agree = np.zeros((n_rows, n_rows))
+    stats = {r: RowStats() for r in stat_rows}
+    keys = list(alignment.keys)
+    total_elements = sum(alignment.base.tensors[alignment.maps[0].keys[c]].numel for c in keys)
+    done_elements = 0
+    base_sq: dict[str, float] = {}
+    reader = _Reader(alignment, files, file_maps, dtype, chunk, keys)
+    try:
+        current, acc = None, None
+        for canon, start, stop, b, x, _present in reader:
+            if canon != current:
+                if current is not None:
+                    h_key[current] = _finish_key(acc, n_files, h_rows)
+                current = canon
+                acc = torch.zeros((len(h_rows), n_files), dtype=torch.float64)
+                base_sq[canon] = 0.0
+            if h_rows:
+                acc += (x[h_rows] @ x.T).to(torch.float64)
+            base_sq[canon] += float((b.to(torch.float64) ** 2).sum())
+            if stat_rows:
+                d_all = t @ x
+                d = d_all[stat_rows]
+                s_all = torch.sign(d_all)
+                s = s_all[stat_rows]
+                agree_part = (s @ s_all.T).to(torch.float64).numpy()
+                both_part = (s.abs() @ s_all.abs().T).to(torch.float64).numpy()
+                agree[stat_rows] += agree_part
+                both[stat_rows] += both_part
+                maxima = d.abs().amax(dim=1).tolist() if d.shape[1] else [0.0] * len(stat_rows)
+                for r, m in zip(stat_rows, maxima, strict=True):
+                    st = stats[r]
+                    st.max_abs[canon] = max(st.max_abs.get(canon, 0.0), float(m))
+            done_elements += stop - start
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                fraction = done_elements / max(total_elements, 1)
+                progress({
+                    "fraction": fraction,
+                    "files": len(files) + 1,
+                    "key": canon,
+                    "keys_done": keys.index(canon) + (stop == _numel(alignment, canon)),
+                    "keys_total": len(keys),
+                    "bytes": reader.bytes_read,
+                    "eta_s": elapsed / fraction * (1 - fraction) if fraction > 0 else None,
+                })
+        if current is not None:
+            h_key[current] = _finish_key(acc, n_files, h_rows)
+    finally:
+        reader.close()
+    # symmetric completion of the conflict counts: rows computed against all, mirror them
+    if stat_rows:
+        mask = np.zeros(n_rows, dtype=bool)
+        mask[stat_rows] = True
+        both = np.where(mask[:, None], both, both.T)
+        agree = np.where(mask[:, None], agree, agree.T)
+        _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq, dtype, rank_samples)
+    bytes_read = reader.bytes_read
+    return PassResult(h_key, both, agree, stats, bytes_read, time.perf_counter() - started)
+
+
+def _numel(alignment: Alignment, canon: str) -> int:
+    return alignment.base.tensors[alignment.maps[0].keys[canon]].numel
+
+
+def _finish_key(acc: torch.Tensor | None, n_files: int, h_rows: list[int]) -> np.ndarray:
+    """The key's F×F Gram with the computed rows filled in (and mirrored); other entries NaN."""
+    h = np.full((n_files, n_files), np.nan)
+    if acc is not None and h_rows:
+        values = acc.numpy()
+        h[h_rows, :] = values
+        h[:, h_rows] = values.T
+    return h
+
+
+def _finish_row_stats(
+    alignment: Alignment,
+    files: Sequence[Model],
+    file_maps: Sequence[int],
+    rows_t: np.ndarray,
+    stat_rows: list[int],
+    stats: dict[int, RowStats],
+    base_sq: dict[str, float],
+    dtype: torch.dtype,
+    rank_samples: int,
+) -> None:
+    """Rounding-noise floor and SVD signal of the rows whose tensor figures were asked for."""
+    rounding = [_file_rounding(alignment, m, mi) for m, mi in zip(files, file_maps, strict=True)]
+    base_rounding = _file_rounding(alignment, alignment.base, 0)
+    total_base_sq = sum(base_sq.values())
+    signal_keys = _signal_keys(alignment, rank_samples)
+    for r in stat_rows:
+        terms = [i for i in np.nonzero(rows_t[r])[0]]
+        u_sq = sum(rounding[i] ** 2 for i in terms) + (base_rounding**2 if len(terms) == 1 else 0.0)
+        stats[r].noise_sq = u_sq * total_base_sq
+        stats[r].base_sq = dict(base_sq)
+        figures = []
+        for canon in signal_keys:
+            base_name = alignment.maps[0].keys[canon]
+            delta = torch.zeros(alignment.base.tensors[base_name].shape, dtype=torch.float64)
+            for i in terms:
+                name = alignment.maps[file_maps[i]].keys.get(canon)
+                if name is not None:
+                    delta += rows_t[r, i] * files[i].read_tensor(name, torch.float64)
+            if len(terms) == 1:
+                delta -= alignment.base.read_tensor(base_name, torch.float64)
+            figures.append(signal_figures(singular_energy(delta)))
+        if figures:
+            stats[r].effective_rank = float(np.mean([f[0] for f in figures]))
+            stats[r].snr = float(np.mean([f[1] for f in figures]))
+        stats[r].signal_keys = signal_keys
+
+
+def _file_rounding(alignment: Alignment, model: Model, map_index: int) -> float:
+    """The coarsest relative rounding step among a file's analysed tensors."""
+    names = alignment.maps[map_index].keys.values()
+    return max((ROUNDING.get(model.tensors[n].dtype, 0.0) for n in names), default=0.0)
+
+
+# -- the analysis as a whole ------------------------------------------------------------------------------
+
+
+@dataclass
+class Analysis:
+    """A finished analysis: H per key (and so per block and total), and the per-row tensor figures."""
+
+    base: str
+    models: list[str]
+    files: list[str]  # models first, then extra delta-from files
+    delta_from: list[int | None]  # per model: file index of its delta-from, None for the base
+    arch: str
+    keys: list[str]
+    key_blocks: dict[str, str]
+    h_key: dict[str, np.ndarray]
+    both: np.ndarray
+    agree: np.ndarray
+    stats: list[RowStats]
+    validation: dict
+    exact: bool
+    rank_samples: int
+    stale: list[bool] = field(default_factory=list)  # per row: tensor figures are for another delta-from
+    seconds: float = 0.0
+    bytes_read: int = 0
+    numels: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def h(self) -> np.ndarray:
+        return np.sum(list(self.h_key.values()), axis=0) if self.h_key else np.zeros((len(self.files),) * 2)
+
+    def h_blocks(self) -> dict[str, np.ndarray]:
+        blocks: dict[str, np.ndarray] = {}
+        for key, value in self.h_key.items():
+            block = self.key_blocks[key]
+            blocks[block] = blocks[block] + value if block in blocks else value.copy()
+        return dict(sorted(blocks.items(), key=lambda kv: arch_mod.block_sort_key(kv[0])))
+
+    def gram(self, delta_from: Sequence[int | None] | None = None, h: np.ndarray | None = None) -> np.ndarray:
+        """The N×N delta Gram of the models for any delta-froms, from H alone (no file read)."""
+        delta_from = self.delta_from if delta_from is None else delta_from
+        return delta_gram(self.h if h is None else h, list(range(len(self.models))), list(delta_from))
+
+
+def row_selection(n_files: int, n_models: int, delta_from: Sequence[int | None]) -> np.ndarray:
+    return selection_matrix(n_files, list(range(n_models)), list(delta_from))
+
+
+def max_outlier(stats: RowStats, key_sq: dict[str, float], numels: dict[str, int]) -> tuple[float, list[str]]:
+    """The row's outlier score and its outlier keys.
+
+    Score: ``3 · max_k max|δ_k| / (RMS(δ_k) · sqrt(2 ln n_k))`` over keys k of n_k elements (Gaussian noise
+    of any size scores about 3). Outlier keys: those whose relative change ‖δ_k‖/‖W_k‖ is more than 10× the
+    row's median relative change (norm scales and matrices differ in size, so raw norms would mislead).
+    """
+    best, relative = 0.0, {}
+    for key, sq in key_sq.items():
+        n = numels[key]
+        if n < 2 or sq <= 0:
+            continue
+        rms = math.sqrt(sq / n)
+        best = max(best, 3.0 * stats.max_abs.get(key, 0.0) / (rms * math.sqrt(2.0 * math.log(n))))
+        base_sq = stats.base_sq.get(key, 0.0)
+        if base_sq > 0:
+            relative[key] = math.sqrt(sq / base_sq)
+    if not relative:
+        return best, []
+    typical = float(np.median(list(relative.values())))
+    far = sorted((k for k, v in relative.items() if v > 10 * typical), key=lambda k: -relative[k])
+    return best, far[:OUTLIER_KEYS_LISTED]
+
+
+# -- running an analysis, with the cache --------------------------------------------------------------------
+
+
+def _resolve_delta_from(models: list[Model], delta_from: dict[str, str]) -> tuple[list[Model], list[int | None]]:
+    """Extra delta-from files (not among the models) and each model's delta-from file index."""
+    by_path = {m.path.resolve(): i for i, m in enumerate(models)}
+    extras: list[Model] = []
+    row_from: list[int | None] = [None] * len(models)
+    for model_arg, other_arg in delta_from.items():
+        model_index = by_path.get(Path(model_arg).resolve())
+        if model_index is None:
+            raise OrthoMechaError("--delta-from names a model that is not among the analysed models", model_arg)
+        other_path = Path(other_arg).resolve()
+        if other_path == models[model_index].path.resolve():
+            raise OrthoMechaError("a model cannot be its own delta-from", model_arg)
+        if other_path in by_path:
+            row_from[model_index] = by_path[other_path]
+            continue
+        existing = next((j for j, e in enumerate(extras) if e.path.resolve() == other_path), None)
+        if existing is None:
+            extras.append(Model(other_arg))
+            existing = len(extras) - 1
+        row_from[model_index] = len(models) + existing
+    return extras, row_from
+
+
+def analyse(
+    base: str | Path,
+    models: Sequence[str | Path],
+    delta_from: dict[str, str] | None = None,
+    *,
+    arch: str | None = None,
+    exact: bool = False,
+    rank_samples: int = 5,
+    chunk: int | None = None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> Analysis:
+    """Analyse ``models`` against ``base`` in one streaming pass (or none, when the cache has it all)."""
+    from ortho_mecha import analysis_cache
+    from ortho_mecha.validate import align, open_models
+
+    if rank_samples < 0:
+        raise OrthoMechaError(f"--rank-samples must be 0 or more, got {rank_samples}")
+    chunk = chunk or DEFAULT_CHUNK
+    if chunk < 1:
+        raise OrthoMechaError(f"--chunk must be positive, got {chunk}")
+    base_model, opened = open_models(base, list(models))
+    extras, row_from = _resolve_delta_from(opened, dict(delta_from or {}))
+    alignment = align(base_model, [*opened, *extras], arch)
+    file_models = [*opened, *extras]
+    file_maps = list(range(1, len(file_models) + 1))
+    rows_t = row_selection(len(file_models), len(opened), row_from)
+    store = analysis_cache.Store.open(base_model, exact, rank_samples, enabled=use_cache)
+    fps = [m.fingerprint for m in file_models]
+    row_sigs = [(fps[i], None if b is None else fps[b]) for i, b in enumerate(row_from)]
+    known = store.lookup(alignment.keys, fps, row_sigs)
+    plan = PassPlan(h_rows=known.missing_files, stat_rows=known.missing_rows)
+    seconds, bytes_read = 0.0, 0
+    if not plan.empty:
+        logger.info("pass: %d H rows, %d row figures", len(plan.h_rows), len(plan.stat_rows))
+        result = run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk,
+                          rank_samples=rank_samples, progress=progress)
+        known.fill(result)
+        store.save(alignment.keys, fps, row_sigs, known)
+        seconds, bytes_read = result.seconds, result.bytes_read
+    elif progress is not None:
+        progress({"fraction": 1.0, "cached": True, "files": len(fps) + 1, "bytes": 0})
+    return Analysis(
+        base=str(base_model.path),
+        models=[str(m.path) for m in opened],
+        files=[str(m.path) for m in file_models],
+        delta_from=row_from,
+        arch=alignment.arch,
+        keys=list(alignment.keys),
+        key_blocks={k: arch_mod.block_of(k) for k in alignment.keys},
+        h_key=known.h_key,
+        both=known.both,
+        agree=known.agree,
+        stats=known.stats,
+        validation=alignment.report(),
+        exact=exact,
+        rank_samples=rank_samples,
+        stale=[False] * len(opened),
+        seconds=seconds,
+        bytes_read=bytes_read,
+        numels={k: _numel(alignment, k) for k in alignment.keys},
+    )
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+
+
+def _round(matrix: np.ndarray, digits: int = 12) -> list:
+    return np.round(np.asarray(matrix, dtype=np.float64), digits).tolist()
+
+
+def conflict_ratio(both: np.ndarray, agree: np.ndarray) -> np.ndarray:
+    """conflicts / both, with conflicts = (both − Σ sign·sign) / 2; 0 on the diagonal and where nothing overlaps."""
+    conflicts = (both - agree) / 2.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(both > 0, conflicts / np.where(both > 0, both, 1.0), 0.0)
+    np.fill_diagonal(ratio, 0.0)
+    return ratio
+
+
+def row_figures(a: Analysis, g_key_diag: dict[str, np.ndarray]) -> dict:
+    """Per-row tensor figures: null flags, outlier scores and keys, signal."""
+    g = a.gram()
+    null, max_out, out_keys = [], [], []
+    for r, st in enumerate(a.stats):
+        null.append(bool(g[r, r] <= st.noise_sq))
+        score, keys = max_outlier(st, {k: float(v[r]) for k, v in g_key_diag.items()}, a.numels)
+        max_out.append(score)
+        out_keys.append(keys)
+    return {
+        "null": null,
+        "outliers": {"max_outlier": max_out, "keys": out_keys},
+        "signal": {
+            "effective_rank": [st.effective_rank for st in a.stats],
+            "snr": [st.snr for st in a.stats],
+            "keys": a.stats[0].signal_keys if a.stats else [],
+        },
+    }
+
+
+def report(a: Analysis) -> dict:
+    """The JSON report (DESIGN.md §4, §6b): per-model fields are lists in ``models`` order, matrices N×N."""
+    n = len(a.models)
+    rows = list(range(n))
+    g = a.gram()
+    cos = cosine(g)
+    blocks = {}
+    for name, h_block in a.h_blocks().items():
+        gb = delta_gram(h_block, rows, a.delta_from)
+        blocks[name] = {"cos": _round(cosine(gb)), "norms": _round(np.sqrt(np.clip(np.diag(gb), 0, None)))}
+    g_key_diag = {k: np.diag(delta_gram(h, rows, a.delta_from)) for k, h in a.h_key.items()}
+    figures = row_figures(a, g_key_diag)
+    out = {
+        "version": __import__("ortho_mecha").__version__,
+        "base": a.base,
+        "arch": a.arch,
+        "models": a.models,
+        "files": a.files,
+        "delta_from": [None if b is None else a.files[b] for b in a.delta_from],
+        "mode": "exact" if a.exact else "default",
+        "rank_samples": a.rank_samples,
+        "keys": len(a.keys),
+        "h": _round(a.h),
+        "gram": _round(g),
+        "cos": _round(cos),
+        "new_info": _round(1.0 - cos**2),
+        "conflict_ratio": _round(conflict_ratio(a.both, a.agree)),
+        "norms": _round(np.sqrt(np.clip(np.diag(g), 0, None))),
+        "blocks": blocks,
+        **figures,
+        "stale": a.stale,
+        "validation": a.validation,
+        "seconds": round(a.seconds, 3),
+        "bytes_read": a.bytes_read,
+    }
+    _add_proposals(out, np.asarray(a.h), g)
+    return out
+
+
+def _add_proposals(out: dict, h: np.ndarray, g: np.ndarray) -> None:
+    """Quality, lineage and the model map (issue 5), all from the figures already in the report."""
+    from ortho_mecha import lineage, metrics
+
+    n = len(out["models"])
+    survival = metrics.survival_plain(g)
+    scores, grades = metrics.quality(
+        out["signal"]["effective_rank"], out["signal"]["snr"], survival, out["outliers"]["max_outlier"], out["null"]
+    )
+    out["survival"] = _round(survival)
+    out["quality"] = {"score": _round(scores), "grade": list(grades)}
+    found = lineage.lineage(h, n, np.asarray(scores))
+    files = out["files"]
+    out["lineage"] = [
+        {
+            "parent": None if item["parent"] is None else files[item["parent"]],
+            "mix": None if item["mix"] is None else {files[j]: round(float(w), 6) for j, w in item["mix"].items()},
+            "confidence": round(float(item["confidence"]), 6),
+        }
+        for item in found
+    ]
+    coords = lineage.model_map(h)
+    out["map"] = [{"x": float(x), "y": float(y)} for x, y in coords[:n]]
+
+
+def with_delta_from(a: Analysis, delta_from: Sequence[int | None]) -> Analysis:
+    """The same analysis with other delta-froms: Gram figures recomputed from H with no file read; rows
+    whose delta-from changed keep their old tensor figures, marked stale until a re-pass refreshes them."""
+    if len(delta_from) != len(a.models):
+        raise ValueError(f"{len(delta_from)} delta-froms for {len(a.models)} models")
+    stale = [old != new or s for old, new, s in zip(a.delta_from, delta_from, a.stale, strict=True)]
+    return Analysis(**{**a.__dict__, "delta_from": list(delta_from), "stale": stale})
+
+
+def summary_lines(rep: dict) -> list[str]:
+    """A short human summary of a report."""
+    names = [Path(m).name for m in rep["models"]]
+    read = f"{rep['bytes_read'] / 2**20:.1f} MiB read in {rep['seconds']:.1f} s" if rep["bytes_read"] else "from cache"
+    lines = [f"{rep['arch']} base {Path(rep['base']).name}: {len(names)} models, {rep['keys']} keys, {read}"]
+    width = max(len(n) for n in names)
+    grades = rep.get("quality", {}).get("grade", ["?"] * len(names))
+    for i, name in enumerate(names):
+        flags = []
+        if rep["null"][i]:
+            flags.append("null delta")
+        if rep["outliers"]["keys"][i]:
+            flags.append(f"outlier keys: {', '.join(rep['outliers']['keys'][i][:2])}")
+        if rep.get("lineage") and rep["lineage"][i]["parent"]:
+            flags.append(f"parent {Path(rep['lineage'][i]['parent']).name}")
+        lines.append(f"  {name:<{width}}  norm {rep['norms'][i]:.4g}  grade {grades[i]:<2}  {'; '.join(flags)}")
+    cos = np.asarray(rep["cos"])
+    if len(names) > 1:
+        iu = np.triu_indices(len(names), 1)
+        hi, lo = int(np.argmax(cos[iu])), int(np.argmin(cos[iu]))
+        a, b = iu[0][hi], iu[1][hi]
+        lines.append(f"  most similar: {names[a]} ~ {names[b]} (cos {cos[a, b]:.3f})")
+        a, b = iu[0][lo], iu[1][lo]
+        lines.append(f"  most opposed: {names[a]} ~ {names[b]} (cos {cos[a, b]:.3f})")
+    return lines
+
+
+def _parse_delta_from(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        model, sep, other = item.partition("=")
+        if not sep or not model or not other:
+            raise OrthoMechaError(f"--delta-from expects MODEL=OTHER, got '{item}'")
+        pairs[model] = other
+    return pairs
+
+
+def cli_analyse(args: argparse.Namespace) -> int:
+    from ortho_mecha.fsutil import write_json
+    from ortho_mecha.progress import TqdmProgress
+
+    with TqdmProgress("analysing") as bar:
+        result = analyse(
+            args.base,
+            args.models,
+            _parse_delta_from(args.delta_from),
+            arch=args.arch,
+            exact=args.exact,
+            rank_samples=args.rank_samples,
+            chunk=args.chunk,
+            use_cache=not args.no_cache,
+            progress=bar.update,
+        )
+    rep = report(result)
+    for line in summary_lines(rep):
+        print(line)
+    if args.json:
+        write_json(args.json, rep, overwrite=True)
+        print(f"report written to {args.json}")
+    return 0

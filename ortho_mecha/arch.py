@@ -1,0 +1,74 @@
+"""Architecture detection from key names and shapes, and per-block grouping of keys.
+
+Ids used everywhere (CLI ``--arch``, reports, plans): ``sd1``, ``sdxl``, ``flux1``, ``flux2-klein``,
+``chroma``, ``zimage``, ``custom``. The seed tool's config strings ``chroma-flow`` and ``zimage-base``
+are accepted as aliases. Detection works on canonical keys (prefix stripped, ``.scale`` norms renamed
+to ``.weight``, see :mod:`ortho_mecha.validate`); the identifying keys are those ComfyUI's own model
+detection uses. Anything else is ``custom`` and goes through exactly the same path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+ARCH_IDS = ("sd1", "sdxl", "flux1", "flux2-klein", "chroma", "zimage", "custom")
+ALIASES = {"chroma-flow": "chroma", "zimage-base": "zimage"}
+
+FLUX_KEY = "double_blocks.0.img_attn.norm.key_norm.weight"
+UNET_KEY = "input_blocks.0.0.weight"
+ZIMAGE_KEYS = ("cap_embedder.1.weight", "noise_refiner.0.attention.k_norm.weight")
+ZIMAGE_DIM = 3840
+SD1_CONTEXT = 768
+SD1_CROSS_ATTN = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+_NUMBERED = re.compile(
+    r"(?:^|\.)(double_blocks|single_blocks|input_blocks|output_blocks|layers|noise_refiner|context_refiner|"
+    r"transformer_blocks|single_transformer_blocks|blocks|down_blocks|up_blocks|joint_blocks|nerf_blocks)\.(\d+)\."
+)
+_NAMED = re.compile(r"(?:^|\.)(middle_block|mid_block)\.")
+
+
+def canonical_arch(arch: str) -> str:
+    """Map an id or alias to its canonical id, or raise with the valid ids."""
+    arch = ALIASES.get(arch, arch)
+    if arch not in ARCH_IDS:
+        raise ValueError(f"unknown architecture '{arch}'; valid: {', '.join(ARCH_IDS)} (aliases: {', '.join(ALIASES)})")
+    return arch
+
+
+def detect(shapes: Mapping[str, Sequence[int]]) -> str:
+    """The architecture id of a model, from its canonical keys and their shapes."""
+    if FLUX_KEY in shapes:
+        if "double_stream_modulation_img.lin.weight" in shapes:
+            return "flux2-klein"
+        if any(k.startswith("distilled_guidance_layer.") for k in shapes):
+            return "chroma"
+        if "img_in.weight" in shapes:
+            return "flux1"
+        return "custom"
+    if all(k in shapes for k in ZIMAGE_KEYS):
+        return "zimage" if shapes[ZIMAGE_KEYS[0]][0] == ZIMAGE_DIM else "custom"
+    if UNET_KEY in shapes:
+        if "label_emb.0.0.weight" in shapes:
+            return "sdxl"
+        cross = shapes.get(SD1_CROSS_ATTN)
+        return "sd1" if cross is not None and len(cross) == 2 and cross[1] == SD1_CONTEXT else "custom"
+    return "custom"
+
+
+def block_of(key: str) -> str:
+    """The block a canonical key belongs to: ``double_blocks.3``, ``middle_block``, or its first name part."""
+    match = _NUMBERED.search(key)
+    if match:
+        return f"{match.group(1)}.{match.group(2)}"
+    match = _NAMED.search(key)
+    if match:
+        return match.group(1)
+    return key.split(".", 1)[0]
+
+
+def block_sort_key(block: str) -> tuple[str, int]:
+    """Sort blocks by name, then numerically by index (``layers.2`` before ``layers.10``)."""
+    name, _, index = block.rpartition(".")
+    return (name, int(index)) if index.isdigit() else (block, -1)

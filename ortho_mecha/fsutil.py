@@ -1,0 +1,69 @@
+"""Writing files safely: atomically, never over an existing file unless asked, never leaving a half file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from ortho_mecha.errors import OrthoMechaError
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """Raise if ``path`` exists and the user did not ask to overwrite it."""
+    if path.exists() and not overwrite:
+        raise OrthoMechaError("already exists; choose another name or pass --overwrite", path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to a temporary file in the same folder, fsync it, then rename it into place."""
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    if not path.parent.is_dir():
+        raise OrthoMechaError("the folder for this output does not exist", path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite(value: object) -> object:
+    """Replace NaN/Inf floats (not valid JSON) by null, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, data: object, overwrite: bool = False) -> Path:
+    """Write ``data`` as JSON atomically (NaN/Inf become null)."""
+    return atomic_write_text(path, json.dumps(_finite(data), indent=1, default=_json_default) + "\n", overwrite)

@@ -1,0 +1,33 @@
+"""Progress reporting: the dict callbacks long work calls, shown as a tqdm bar on a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class TqdmProgress:
+    """A context manager whose ``update(dict)`` drives a tqdm bar from ``fraction`` (and shows bytes, key)."""
+
+    def __init__(self, description: str, total: int = 1000) -> None:
+        self.total = total
+        self.bar = tqdm(total=total, desc=description, unit="‰", disable=not sys.stderr.isatty(), leave=False)
+
+    def update(self, info: dict) -> None:
+        target = int(min(max(info.get("fraction", 0.0), 0.0), 1.0) * self.total)
+        if target > self.bar.n:
+            self.bar.update(target - self.bar.n)
+        postfix = {}
+        if "keys_total" in info:
+            postfix["keys"] = f"{info.get('keys_done', 0)}/{info['keys_total']}"
+        if info.get("bytes"):
+            postfix["read"] = f"{info['bytes'] / 2**20:.0f} MiB"
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def __enter__(self) -> TqdmProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()

@@ -1,0 +1,244 @@
+"""Checks of models against a base, and the key mapping that lines their keys up.
+
+Validation never modifies an input: its "auto-fix" is a mapping from canonical keys to each file's
+own keys, reported to the user. Canonical keys have the ``model.diffusion_model.`` prefix removed
+(checkpoint text-encoder and VAE keys are set aside from diffusion analysis), and norm scales stored
+as ``*.scale`` (original BFL / Chroma files) are renamed to ``*.weight`` as ComfyUI does. Keys whose
+shapes differ from the base are reported and left out, never silently dropped. Fewer than 50 % of the
+base's keys shared is a hard error naming both files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ortho_mecha import arch as arch_mod
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import write_json
+from ortho_mecha.io import Model, expand_model_paths
+
+logger = logging.getLogger(__name__)
+
+DIFFUSION_PREFIX = "model.diffusion_model."
+CHECKPOINT_MIN_PREFIXED = 5  # ComfyUI treats a file as a checkpoint when more than 5 keys carry the prefix
+MIN_SHARED = 0.5
+LISTED = 10  # how many key names a report lists before it only counts
+
+
+def canonical_key(key: str) -> str:
+    """The canonical spelling of a diffusion key (prefix already removed): ``*norm.scale`` → ``*norm.weight``."""
+    stem, _, last = key.rpartition(".")
+    if last == "scale" and "norm" in stem.rsplit(".", 1)[-1]:
+        return f"{stem}.weight"
+    return key
+
+
+@dataclass
+class KeyMap:
+    """Canonical diffusion key → the file's own key, plus what the mapping did."""
+
+    keys: dict[str, str]
+    prefix_stripped: int = 0
+    renamed: int = 0
+    non_diffusion: int = 0
+    non_float: list[str] = field(default_factory=list)
+
+
+def key_map(model: Model) -> KeyMap:
+    """Map a model's keys to canonical diffusion keys (see the module docstring)."""
+    names = list(model.tensors)
+    checkpoint = sum(n.startswith(DIFFUSION_PREFIX) for n in names) > CHECKPOINT_MIN_PREFIXED
+    mapping = KeyMap(keys={})
+    for name in names:
+        if checkpoint:
+            if not name.startswith(DIFFUSION_PREFIX):
+                mapping.non_diffusion += 1
+                continue
+            bare = name[len(DIFFUSION_PREFIX) :]
+            mapping.prefix_stripped += 1
+        else:
+            bare = name
+        canon = canonical_key(bare)
+        mapping.renamed += canon != bare
+        if not model.tensors[name].is_float:
+            mapping.non_float.append(name)
+            continue
+        if canon in mapping.keys:
+            other = mapping.keys[canon]
+            raise OrthoMechaError(f"keys '{other}' and '{name}' map to the same key '{canon}'", model.path)
+        mapping.keys[canon] = name
+    return mapping
+
+
+def canonical_shapes(model: Model, mapping: KeyMap) -> dict[str, tuple[int, ...]]:
+    return {canon: model.tensors[name].shape for canon, name in mapping.keys.items()}
+
+
+@dataclass
+class ModelCheck:
+    """What validation found for one model against the base."""
+
+    path: str
+    arch: str
+    keys: int
+    shared: int
+    shared_fraction: float
+    missing: int
+    extra: int
+    shape_mismatch: list[str]
+    prefix_stripped: int
+    renamed: int
+    non_diffusion: int
+    non_float: int
+    dtypes: dict[str, int]
+    scaled_fp8: bool
+    missing_examples: list[str]
+
+    @property
+    def messages(self) -> list[str]:
+        notes = []
+        if self.prefix_stripped:
+            notes.append(f"'{DIFFUSION_PREFIX}' prefix removed from {self.prefix_stripped} keys")
+        if self.non_diffusion:
+            notes.append(f"{self.non_diffusion} text-encoder/VAE keys set aside (diffusion analysis)")
+        if self.renamed:
+            notes.append(f"{self.renamed} '.scale' norm keys read as '.weight'")
+        if self.scaled_fp8:
+            notes.append("scaled fp8: dequantised with its per-key scales")
+        if self.missing:
+            examples = ", ".join(self.missing_examples)
+            notes.append(f"{self.missing} base keys missing (delta taken as 0), e.g. {examples}")
+        if self.extra:
+            notes.append(f"{self.extra} keys not in the base (ignored)")
+        if self.shape_mismatch:
+            shown = ", ".join(self.shape_mismatch[:LISTED])
+            notes.append(f"{len(self.shape_mismatch)} keys with a shape unlike the base's (left out): {shown}")
+        return notes
+
+
+@dataclass
+class Alignment:
+    """Models lined up against a base: the keys analysed and each file's own name for them."""
+
+    base: Model
+    models: list[Model]
+    maps: list[KeyMap]  # base first, then models in order
+    keys: list[str]  # canonical keys of the base that are analysed (float, in base order)
+    arch: str
+    checks: list[ModelCheck]
+
+    def file_key(self, file_index: int, canon: str) -> str | None:
+        """The actual key of ``canon`` in file ``file_index`` (0 = base), or None when absent/mismatched."""
+        return self.maps[file_index].keys.get(canon)
+
+    def report(self) -> dict:
+        return {
+            "base": str(self.base.path),
+            "arch": self.arch,
+            "keys": len(self.keys),
+            "models": [asdict(c) | {"notes": c.messages} for c in self.checks],
+        }
+
+
+def _dtype_counts(model: Model, names: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        dtype = model.tensors[name].dtype
+        counts[dtype] = counts.get(dtype, 0) + 1
+    return counts
+
+
+def align(base: Model, models: list[Model], arch: str | None = None) -> Alignment:
+    """Line every model up against the base; raise on a model sharing fewer than half the base's keys."""
+    base_map = key_map(base)
+    if not base_map.keys:
+        raise OrthoMechaError("holds no floating-point tensors to analyse", base.path)
+    base_shapes = canonical_shapes(base, base_map)
+    detected = arch_mod.detect(base_shapes)
+    arch = arch_mod.canonical_arch(arch) if arch else detected
+    maps, checks = [base_map], []
+    for model in models:
+        mapping = key_map(model)
+        shapes = canonical_shapes(model, mapping)
+        mismatched = [k for k, s in shapes.items() if k in base_shapes and base_shapes[k] != s]
+        for k in mismatched:
+            logger.info("%s: %s has shape %s, base has %s", model.path, k, shapes[k], base_shapes[k])
+            del mapping.keys[k]
+        shared = [k for k in base_shapes if k in mapping.keys]
+        missing = [k for k in base_shapes if k not in shapes]
+        fraction = len(shared) / len(base_shapes)
+        if fraction < MIN_SHARED:
+            raise OrthoMechaError(
+                f"shares only {len(shared)} of the {len(base_shapes)} diffusion keys of the base {base.path} "
+                f"({fraction:.0%} < 50%): is it the same architecture? (base: {detected}, "
+                f"this file: {arch_mod.detect(shapes)})",
+                model.path,
+            )
+        checks.append(
+            ModelCheck(
+                path=str(model.path),
+                arch=arch_mod.detect(shapes),
+                keys=len(model.tensors),
+                shared=len(shared),
+                shared_fraction=round(fraction, 6),
+                missing=len(missing),
+                extra=sum(k not in base_shapes for k in shapes),
+                shape_mismatch=mismatched,
+                prefix_stripped=mapping.prefix_stripped,
+                renamed=mapping.renamed,
+                non_diffusion=mapping.non_diffusion,
+                non_float=len(mapping.non_float),
+                dtypes=_dtype_counts(model, list(mapping.keys.values())),
+                scaled_fp8=model.scaled_fp8,
+                missing_examples=missing[:3],
+            )
+        )
+        maps.append(mapping)
+    return Alignment(base, models, maps, list(base_map.keys), arch, checks)
+
+
+def scan_finite(model: Model, keys: list[str], chunk: int = 1 << 20) -> None:
+    """Stream every element of ``keys``; raise naming the file and key at the first NaN or Inf."""
+    for name in keys:
+        numel = model.tensors[name].numel
+        for start in range(0, numel, chunk):
+            values = model.read(name, start, min(numel, start + chunk))
+            if not torch.isfinite(values).all():
+                bad = int((~torch.isfinite(values)).sum())
+                message = f"tensor '{name}' holds {bad} NaN/Inf values (elements from {start})"
+                raise OrthoMechaError(message, model.path)
+
+
+def open_models(base: str | Path, models: list[str | Path]) -> tuple[Model, list[Model]]:
+    """Open the base and models (folders expanded, shards grouped), with clear errors."""
+    base_path = Path(base)
+    if base_path.is_dir():
+        raise OrthoMechaError("--base must be one model file, not a folder", base_path)
+    base_model = Model(base_path)
+    paths = expand_model_paths(list(models))
+    opened = [Model(p) for p in paths if Path(p).resolve() != base_path.resolve()]
+    if not opened:
+        raise OrthoMechaError("no models to compare with the base (only the base itself was given)", base_path)
+    return base_model, opened
+
+
+def cli_validate(args: argparse.Namespace) -> int:
+    base, models = open_models(args.base, args.models)
+    alignment = align(base, models, args.arch)
+    for index, model in enumerate([base, *models]):
+        mapping = alignment.maps[index]
+        scan_finite(model, [mapping.keys[k] for k in alignment.keys if k in mapping.keys])
+    report = alignment.report()
+    print(f"base {base.path}: {alignment.arch}, {len(alignment.keys)} diffusion keys")
+    for check in alignment.checks:
+        print(f"  {check.path}: {check.shared}/{len(alignment.keys)} keys shared ({check.shared_fraction:.0%}), OK")
+        for note in check.messages:
+            print(f"    - {note}")
+    if args.json:
+        write_json(Path(args.json), report, overwrite=True)
+    return 0
