@@ -1,0 +1,58 @@
+"""The merge methods ortho-mecha registers with sd-mecha, grouped by theme.
+
+Importing this package registers every method (``import ortho_mecha`` does so as soon as sd-mecha is
+imported). :data:`METHOD_OPTIONS` lists each method's keyword options — default, range or allowed
+values, help — for up-front plan checks (:func:`validate_options`) and for building controls from data.
+
+- :mod:`.orthogonal`: ``ortho_project`` (ordered Gram–Schmidt), ``ortho_superpose`` (order-free)
+- :mod:`.rotation`: ``orthomerge`` (rotations averaged in skew space)
+- :mod:`.texture`: ``texture_boost``
+- :mod:`.deltas`: ``scale_delta`` and the shared helpers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ortho_mecha.methods.deltas import (
+    ALPHA,
+    OptionError,
+    OptionSpec,
+    OptionValue,
+    check_options,
+    scale_delta,
+)
+from ortho_mecha.methods.orthogonal import PROJECT_OPTIONS, SUPERPOSE_OPTIONS, ortho_project, ortho_superpose
+from ortho_mecha.methods.rotation import ORTHOMERGE_OPTIONS, orthomerge
+from ortho_mecha.methods.texture import TEXTURE_OPTIONS, texture_boost
+
+METHOD_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
+    "ortho_project": PROJECT_OPTIONS,
+    "ortho_superpose": SUPERPOSE_OPTIONS,
+    "orthomerge": ORTHOMERGE_OPTIONS,
+    "texture_boost": TEXTURE_OPTIONS,
+    "scale_delta": (ALPHA,),
+}
+
+
+def validate_options(method: str, options: Mapping[str, OptionValue]) -> dict[str, OptionValue]:
+    """Check a method's options before any tensor is read; returns them with defaults filled in.
+
+    Raises :class:`OptionError` for an unknown method, an unknown option or a value out of range.
+    """
+    if method not in METHOD_OPTIONS:
+        raise OptionError(f"unknown ortho-mecha method {method!r}; use one of {', '.join(METHOD_OPTIONS)}")
+    return check_options(method, METHOD_OPTIONS[method], options)
+
+
+__all__ = [
+    "METHOD_OPTIONS",
+    "OptionError",
+    "OptionSpec",
+    "ortho_project",
+    "ortho_superpose",
+    "orthomerge",
+    "scale_delta",
+    "texture_boost",
+    "validate_options",
+]

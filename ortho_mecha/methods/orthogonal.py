@@ -1,0 +1,142 @@
+"""Orthogonal combinations of deltas: ``ortho_project`` (ordered Gram–Schmidt) and ``ortho_superpose`` (order-free).
+
+Both take the base in weight space and the rows' deltas in delta space (build each with
+``scale_delta(subtract(model, delta_from), alpha)``) and return weights. Arithmetic is float64 whatever
+the merge dtype; the result comes back in the base's dtype.
+"""
+
+# No `from __future__ import annotations`: sd-mecha reads the Parameter(...) annotations as objects.
+
+from collections.abc import Sequence
+
+import torch
+from sd_mecha import Parameter, Return, merge_method
+from torch import Tensor
+
+from ortho_mecha.methods.deltas import ALPHA, OptionSpec, add_to_base, check_options, nonzero, stack_float64
+
+# A delta whose Gram–Schmidt residual is below this fraction of its own norm lies in the span of the
+# earlier deltas (exactly so in float64): the residual is rounding noise and must not become a direction.
+SPAN_TOLERANCE = 1e-12
+
+GRANULARITY = OptionSpec(
+    "granularity", "key", "solve once per key, or once per output row of each matrix", choices=("key", "row")
+)
+RCOND = OptionSpec(
+    "rcond",
+    1e-6,
+    "eigenvalues of the delta Gram below rcond·λmax count as zero (dependent deltas)",
+    minimum=0.0,
+    maximum=1.0,
+    exclusive=True,
+)
+
+PROJECT_OPTIONS = (ALPHA,)
+SUPERPOSE_OPTIONS = (ALPHA, GRANULARITY, RCOND)
+
+
+def gram_schmidt_sum(deltas: Tensor) -> Tensor:
+    """δ_1 + Σ_{i>1} (δ_i − proj_{span(δ_1..δ_{i−1})} δ_i) for the rows of ``deltas`` (n, N), in order.
+
+    Classical Gram–Schmidt with one re-orthogonalisation pass ("twice is enough"), so the basis stays
+    orthonormal to rounding even for nearly parallel deltas. Zero rows and rows already in the span add
+    nothing and do not extend the basis.
+    """
+    basis = torch.empty_like(deltas)
+    size = 0
+    total = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        norm = torch.linalg.vector_norm(delta)
+        if norm == 0:
+            continue
+        residual = delta
+        if size:
+            q = basis[:size]
+            for _ in range(2):
+                residual = residual - q.T @ (q @ residual)
+        total += residual
+        residual_norm = torch.linalg.vector_norm(residual)
+        if residual_norm > SPAN_TOLERANCE * norm:
+            basis[size] = residual / residual_norm
+            size += 1
+    return total
+
+
+def superpose_coefficients(gram: Tensor, rcond: float) -> Tensor:
+    """Minimum-norm least-squares c of G c = diag(G), batched over leading dims of ``gram`` (..., n, n).
+
+    From the eigendecomposition G = V Λ Vᵀ with eigenvalues at or below ``rcond · λmax`` dropped:
+    c = V Λ⁺ Vᵀ diag(G). A batch entry whose G is zero gets c = 0.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & (eigenvalues > 0)
+    inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, 1.0), 0.0)
+    target = torch.diagonal(gram, dim1=-2, dim2=-1)
+    projected = (eigenvectors.transpose(-2, -1) @ target.unsqueeze(-1)).squeeze(-1)
+    return (eigenvectors @ (inverse * projected).unsqueeze(-1)).squeeze(-1)
+
+
+def superpose(deltas: Sequence[Tensor], rows: int, rcond: float) -> Tensor:
+    """Σ_i c_i δ_i with c from :func:`superpose_coefficients`, solved independently for each of ``rows`` rows.
+
+    ``rows`` = 1 solves once for the whole tensor; ``rows`` = out-features solves per output row (all
+    rows at once, as a batch of n × n problems). Returns a float64 tensor shaped like the deltas.
+    """
+    x = stack_float64(deltas, rows)
+    gram = torch.einsum("irc,jrc->rij", x, x)
+    c = superpose_coefficients(gram, rcond)
+    return torch.einsum("ri,irc->rc", c, x).reshape(deltas[0].shape)
+
+
+@merge_method
+def ortho_project(
+    base: Parameter(Tensor, "weight"),
+    *deltas: Parameter(Tensor, "delta"),
+    alpha: Parameter(float) = ALPHA.default,
+) -> Return(Tensor, "weight"):
+    """Orthogonal projection in row order (the seed tool's method).
+
+    Per key, with the deltas flattened, ``Δ = δ_1 + Σ_{i>1} (δ_i − proj_{span(δ_1..δ_{i−1})} δ_i)``
+    (sequential Gram–Schmidt, float64) and ``out = base + alpha · Δ``. For two rows:
+    ``base + δ_A + (δ_B − proj_{δ_A} δ_B)``. Order-dependent by definition: the first row keeps all of
+    its delta, later rows only what is new.
+
+    alpha ∈ [0, ∞): 0 returns the base, 1 the full combination; one delta with alpha 1 returns its model.
+    Zero deltas are ignored; without any delta the base is returned.
+    """
+    options = check_options("ortho_project", PROJECT_OPTIONS, {"alpha": alpha})
+    kept = nonzero(deltas)
+    if not kept or options["alpha"] == 0:
+        return base
+    return add_to_base(base, gram_schmidt_sum(stack_float64(kept, 1).squeeze(1)), options["alpha"])
+
+
+@merge_method
+def ortho_superpose(
+    base: Parameter(Tensor, "weight"),
+    *deltas: Parameter(Tensor, "delta"),
+    alpha: Parameter(float) = ALPHA.default,
+    granularity: Parameter(str) = GRANULARITY.default,
+    rcond: Parameter(float) = RCOND.default,
+) -> Return(Tensor, "weight"):
+    """Order-free orthogonal superposition: every delta keeps exactly its own magnitude along its direction.
+
+    With X the stacked deltas and G = X Xᵀ: ``out = base + alpha · Xᵀ c``, c the minimum-norm
+    least-squares solution of ``G c = diag(G)``, from the eigendecomposition of G with eigenvalues below
+    ``rcond · λmax`` dropped. Whenever G's condition number is below 1/rcond, ``<Δ, δ_i> = ‖δ_i‖²`` for
+    every i: orthogonal deltas add in full, partial overlaps are not double counted, identical deltas
+    count once and opposite deltas cancel.
+
+    alpha ∈ [0, ∞): 0 returns the base; one delta with alpha 1 returns its model.
+    granularity: ``"key"`` solves once per key; ``"row"`` once per output row of each matrix (conv
+    weights: per output channel), batched; 1-D keys are always solved per key.
+    rcond ∈ (0, 1), default 1e-6 (exactly opposite deltas stored in fp32 reach about 1e-11).
+    """
+    options = check_options(
+        "ortho_superpose", SUPERPOSE_OPTIONS, {"alpha": alpha, "granularity": granularity, "rcond": rcond}
+    )
+    kept = nonzero(deltas)
+    if not kept or options["alpha"] == 0:
+        return base
+    rows = base.shape[0] if options["granularity"] == "row" and base.dim() >= 2 else 1
+    return add_to_base(base, superpose(kept, rows, options["rcond"]), options["alpha"])
