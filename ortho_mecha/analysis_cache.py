@@ -60,6 +60,19 @@ def _take(matrix: np.ndarray, index: list[int | None]) -> np.ndarray:
     return out
 
 
+def _rows_covering(unknown: np.ndarray) -> list[int]:
+    """Few rows whose computation (each against all files) fills every unknown entry of a symmetric matrix:
+    greedily the row with the most unknown entries left, so a new file costs one row, not the matrix."""
+    unknown = unknown.copy()
+    rows = []
+    while unknown.any():
+        r = int(unknown.sum(axis=1).argmax())
+        rows.append(r)
+        unknown[r, :] = False
+        unknown[:, r] = False
+    return sorted(rows)
+
+
 class Store:
     """One base's cached analyses (see the module docstring)."""
 
@@ -87,7 +100,7 @@ class Store:
         else:
             h_key = {k: np.full((n_files, n_files), np.nan) for k in keys}
         probe = h_key[keys[0]] if keys else np.zeros((n_files, n_files))
-        missing_files = [f for f in range(n_files) if np.isnan(probe[f]).any()]
+        missing_files = _rows_covering(np.isnan(probe))
 
         rows = self._get(self.rows_key)
         if rows is not None:

@@ -1,0 +1,79 @@
+"""Tiny safetensors models for tests: planted families in several key layouts and dtypes.
+
+Built on ``ortho_mecha.demo`` (the same generator the demo uses), plus helpers for the awkward files
+tests need: scaled fp8, shards, and brute-force float64 deltas to check the analysis against.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ortho_mecha.demo import DTYPES, family_weights, write_model
+
+__all__ = ["DTYPES", "family_weights", "flat_delta", "write_family_files", "write_scaled_fp8", "write_sharded"]
+
+
+def write_family_files(folder: Path, layout: str = "flux", dtype: str = "fp16", seed: int = 0,
+                       members: list[str] | None = None, base_scale: float = 1.0,
+                       overwrite: bool = False) -> dict[str, Path]:
+    """Write (some of) a planted family; ``base_scale`` multiplies the base weights (not the deltas)."""
+    weights = family_weights(layout, seed)
+    base = weights["base"]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in members or list(weights):
+        tensors = {k: base[k] * base_scale + (v - base[k]) for k, v in weights[name].items()}
+        paths[name] = write_model(folder / f"{name}.safetensors", tensors, dtype, overwrite=overwrite)
+    return paths
+
+
+def stored(path: Path) -> dict[str, torch.Tensor]:
+    """A file's tensors as stored, up-cast to float64 (what the analysis should see)."""
+    from safetensors.torch import load_file
+
+    return {k: v.to(torch.float64) for k, v in load_file(str(path)).items()}
+
+
+def flat_delta(model: Path, base: Path, keys: list[str] | None = None) -> torch.Tensor:
+    """The float64 delta model − base over the (given or shared float) keys, flattened and concatenated."""
+    m, b = stored(model), stored(base)
+    keys = keys or [k for k in b if k in m]
+    return torch.cat([(m[k] - b[k]).flatten() for k in keys])
+
+
+def write_scaled_fp8(path: Path, tensors: dict[str, torch.Tensor], per_row: bool = True) -> dict[str, torch.Tensor]:
+    """Write a ComfyUI-style scaled-fp8 file; return the dequantised float64 tensors it represents."""
+    data, dequant = {}, {}
+    for key, value in tensors.items():
+        if value.ndim < 2:
+            data[key] = value.to(torch.float16)
+            dequant[key] = data[key].to(torch.float64)
+            continue
+        amax = value.abs().amax(dim=tuple(range(1, value.ndim)), keepdim=True) if per_row else value.abs().max()
+        scale = (amax / 448.0).clamp_min(1e-12)
+        q = (value / scale).to(torch.float8_e4m3fn)
+        data[key] = q
+        scale_key = key.rsplit(".", 1)[0] + ".scale_weight"
+        data[scale_key] = scale.reshape(-1).to(torch.float32) if per_row else scale.reshape(()).to(torch.float32)
+        dequant[key] = q.to(torch.float64) * scale.to(torch.float32).to(torch.float64)
+    data["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(data, str(path))
+    return dequant
+
+
+def write_sharded(folder: Path, stem: str, tensors: dict[str, torch.Tensor], shards: int = 2) -> Path:
+    """Split tensors over ``shards`` files named like Hugging Face shards, with the index JSON; return the index."""
+    keys = list(tensors)
+    weight_map = {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in keys[i::shards]}
+        save_file(part, str(folder / name))
+        weight_map |= dict.fromkeys(part, name)
+    index = folder / f"{stem}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index

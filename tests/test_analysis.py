@@ -1,0 +1,226 @@
+"""The streaming analysis pass against brute-force float64 computations on flattened deltas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ortho_mecha import analysis as A
+from ortho_mecha.analysis_cache import Store
+from ortho_mecha.gram import cosine, delta_gram
+from tests.modelgen import flat_delta, stored, write_family_files
+
+MEMBERS = ["base", "anime", "photo", "anime_v2", "anime_photo_merge", "unrelated", "anime_opposite"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ORTHO_MECHA_CACHE", str(cache))
+    return cache
+
+
+def brute(paths: dict[str, Path], names: list[str], base_keys: list[str]) -> np.ndarray:
+    x = torch.stack([flat_delta(paths[n], paths["base"], base_keys) for n in names])
+    return (x @ x.T).numpy()
+
+
+def canonical_keys(path: Path) -> list[str]:
+    return list(stored(path))
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype", "base_scale", "exact", "tol"),
+    [
+        ("flux", "fp16", 1.0, False, 1e-5),
+        ("flux", "fp16", 1.0, True, 1e-9),
+        ("sdxl", "bf16", 1.0, False, 1e-5),
+        ("custom", "fp8", 1.0, False, 1e-5),
+        # fp32 weights ~10⁶ times larger than the deltas: a Gram of raw weights would lose the deltas
+        ("custom", "fp32", 1e6, False, 1e-5),
+        ("custom", "fp32", 1e6, True, 1e-9),
+    ],
+)
+def test_cosines_match_brute_force(tmp_path: Path, layout: str, dtype: str, base_scale: float, exact: bool,
+                                   tol: float) -> None:
+    paths = write_family_files(tmp_path / "m", layout, dtype, base_scale=base_scale, members=MEMBERS)
+    names = MEMBERS[1:]
+    result = A.analyse(paths["base"], [paths[n] for n in names], exact=exact, chunk=4096, use_cache=False)
+    keys = result.keys
+    base_keys = [k for k in canonical_keys(paths["base"]) if _canon(k) in keys]
+    expected = brute(paths, names, base_keys)
+    g = result.gram()
+    assert np.allclose(np.diag(g), np.diag(expected), rtol=tol * 10, atol=0)
+    assert np.abs(cosine(g) - cosine(expected)).max() < tol
+
+
+def _canon(key: str) -> str:
+    from ortho_mecha.validate import DIFFUSION_PREFIX, canonical_key
+
+    return canonical_key(key.removeprefix(DIFFUSION_PREFIX))
+
+
+def test_planted_relations_show_in_the_report(tmp_path: Path) -> None:
+    paths = write_family_files(tmp_path / "m", "flux", "fp16", members=MEMBERS)
+    names = MEMBERS[1:]
+    rep = A.report(A.analyse(paths["base"], [paths[n] for n in names]))
+    idx = {n: i for i, n in enumerate(names)}
+    cos, conflict = np.array(rep["cos"]), np.array(rep["conflict_ratio"])
+    assert cos[idx["anime"], idx["anime_opposite"]] < -0.999
+    assert conflict[idx["anime"], idx["anime_opposite"]] > 0.99
+    assert abs(cos[idx["anime"], idx["photo"]]) < 0.1
+    assert abs(cos[idx["anime"], idx["unrelated"]]) < 0.1
+    assert 0.4 < conflict[idx["anime"], idx["photo"]] < 0.6  # independent signs disagree half the time
+    rank, snr = rep["signal"]["effective_rank"], rep["signal"]["snr"]
+    assert rank[idx["anime"]] < 0.2 < 0.5 < rank[idx["unrelated"]]
+    assert snr[idx["anime"]] > 100 > 1 > snr[idx["unrelated"]]
+    assert set(rep) >= {"models", "delta_from", "gram", "cos", "new_info", "conflict_ratio", "norms", "blocks",
+                        "signal", "outliers", "validation", "arch", "quality", "lineage", "map"}
+    assert rep["arch"] == "flux1"
+    assert "double_blocks.0" in rep["blocks"] and "single_blocks.1" in rep["blocks"]
+    block_cos = np.array(rep["blocks"]["double_blocks.0"]["cos"])
+    assert block_cos.shape == (len(names), len(names))
+
+
+def test_conflict_counts_match_brute_force(tmp_path: Path) -> None:
+    paths = write_family_files(tmp_path / "m", "custom", "bf16", members=MEMBERS)
+    names = MEMBERS[1:]
+    result = A.analyse(paths["base"], [paths[n] for n in names], chunk=1000, use_cache=False)
+    base_keys = list(stored(paths["base"]))
+    x = torch.stack([flat_delta(paths[n], paths["base"], base_keys) for n in names])
+    s = torch.sign(x)
+    both = (s.abs() @ s.abs().T).numpy()
+    conflicts = ((s[:, None, :] * s[None, :, :]) < 0).sum(-1).numpy()
+    assert np.array_equal(result.both, both)
+    assert np.array_equal((result.both - result.agree) / 2, conflicts)
+
+
+def test_delta_from_and_regram_without_reading(tmp_path: Path) -> None:
+    paths = write_family_files(tmp_path / "m", "flux", "fp32", members=MEMBERS)
+    names = ["anime", "anime_v2", "photo"]
+    fresh = A.analyse(paths["base"], [paths[n] for n in names], {str(paths["anime_v2"]): str(paths["anime"])},
+                      exact=True, use_cache=False)
+    base_keys = list(stored(paths["base"]))
+    deltas = [flat_delta(paths["anime"], paths["base"], base_keys),
+              flat_delta(paths["anime_v2"], paths["anime"], base_keys),
+              flat_delta(paths["photo"], paths["base"], base_keys)]
+    x = torch.stack(deltas)
+    assert np.allclose(fresh.gram(), (x @ x.T).numpy(), rtol=1e-9, atol=1e-12)
+    # the same figures from an analysis against the base, re-grammed with no file read
+    plain = A.analyse(paths["base"], [paths[n] for n in names], exact=True, use_cache=False)
+    moved = A.with_delta_from(plain, [None, 0, None])
+    assert moved.stale == [False, True, False]
+    assert np.allclose(moved.gram(), fresh.gram(), rtol=1e-9, atol=1e-12)
+    # a delta-from outside the model set becomes an extra file row
+    extra = A.analyse(paths["base"], [paths["anime_v2"]], {str(paths["anime_v2"]): str(paths["anime"])},
+                      exact=True, use_cache=False)
+    assert extra.files[1] == str(paths["anime"]) and extra.delta_from == [1]
+    assert np.isclose(extra.gram()[0, 0], float(deltas[1] @ deltas[1]), rtol=1e-9)
+
+
+def test_cache_reuses_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS)
+    first = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:4]])
+    assert first.bytes_read > 0
+    again = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:4]])
+    assert again.bytes_read == 0 and np.array_equal(again.h, first.h)
+
+    passes: list[A.PassPlan] = []
+    real_pass = A.run_pass
+
+    def spy(*args, **kwargs):
+        passes.append(args[3])
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(A, "run_pass", spy)
+    grown = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]])
+    assert passes[-1].h_rows == [3], "adding one model computes one new H row"
+    full = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]], use_cache=False)
+    assert np.allclose(grown.h, full.h, rtol=1e-5, atol=0)  # default mode: float32 products per chunk
+    assert np.array_equal(grown.both, full.both)
+
+    # a changed file is a new file to the cache
+    write_family_files(tmp_path / "m", "custom", "fp16", seed=7, members=["photo"], overwrite=True)
+    changed = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]])
+    assert passes[-1].h_rows == [1]
+    assert not np.allclose(changed.h, grown.h)
+
+
+def test_store_is_keyed_by_mode_and_rank_samples(tmp_path: Path) -> None:
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:3])
+    A.analyse(paths["base"], [paths["anime"], paths["photo"]])
+    exact = A.analyse(paths["base"], [paths["anime"], paths["photo"]], exact=True)
+    assert exact.bytes_read > 0
+    fewer = A.analyse(paths["base"], [paths["anime"], paths["photo"]], rank_samples=1)
+    assert fewer.bytes_read > 0 and fewer.stats[0].signal_keys and len(fewer.stats[0].signal_keys) == 1
+    store = Store("x", False, 5, enabled=False)
+    assert store.lookup(["k"], ["a"], [("a", None)]).missing_files == [0]
+
+
+def test_identical_model_is_a_null_delta(tmp_path: Path) -> None:
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=["base", "anime"])
+    same = tmp_path / "m" / "same.safetensors"
+    same.write_bytes(paths["base"].read_bytes())
+    rep = A.report(A.analyse(paths["base"], [paths["anime"], same]))
+    assert rep["null"] == [False, True]
+    assert rep["quality"]["grade"][1] == "D"
+
+
+def test_memory_is_bounded_by_chunk(tmp_path: Path) -> None:
+    """Reads go chunk by chunk: no read ever asks for more than the chunk size."""
+    paths = write_family_files(tmp_path / "m", "custom", "fp32", members=MEMBERS[:4])
+    sizes: list[int] = []
+    from ortho_mecha.io import Model
+
+    real_read = Model.read
+
+    def spy(self, key, start=0, stop=None, dtype=torch.float32):
+        stop_ = self.tensors[key].numel if stop is None else stop
+        sizes.append(stop_ - start)
+        return real_read(self, key, start, stop, dtype)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Model, "read", spy)
+        A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:4]], chunk=512, rank_samples=0, use_cache=False)
+    assert sizes and max(sizes) <= 512
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_files=st.integers(2, 6),
+    delta_from=st.lists(st.one_of(st.none(), st.integers(0, 5)), min_size=1, max_size=5),
+)
+def test_delta_identity(seed: int, n_files: int, delta_from: list[int | None]) -> None:
+    """<M_a − B_a, M_b − B_b> from H equals the inner product of the explicit deltas."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n_files, 50))
+    h = x @ x.T
+    rows = list(range(min(len(delta_from), n_files)))
+    froms = [None if b is None or b % n_files == m else b % n_files for m, b in zip(rows, delta_from, strict=False)]
+    explicit = np.stack([x[m] - (x[b] if b is not None else 0) for m, b in zip(rows, froms, strict=True)])
+    assert np.allclose(delta_gram(h, rows, froms), explicit @ explicit.T, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(2, 5), zeros=st.floats(0, 0.6))
+def test_conflict_identity(seed: int, rows: int, zeros: float) -> None:
+    """conflicts = (|S||S|ᵀ − S Sᵀ)/2 counts exactly the element pairs of opposite sign."""
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=(rows, 200)) * (rng.random((rows, 200)) > zeros)
+    s = np.sign(d)
+    counted = ((d[:, None, :] * d[None, :, :]) < 0).sum(-1)
+    assert np.array_equal((np.abs(s) @ np.abs(s).T - s @ s.T) / 2, counted)
+
+
+def test_signal_figures_hand_computed() -> None:
+    # σ² = [8, 2, 0, 0]: 90 % of 10 needs both values → r = 2 of n = 4; top 10 % = 1 value: 8 / 2
+    assert A.signal_figures(np.array([8.0, 2.0, 0.0, 0.0])) == (0.5, 4.0)
+    rank, snr = A.signal_figures(np.array([1.0] + [0.0] * 9))
+    assert rank == 0.1 and snr == A.SNR_CAP
+    assert A.signal_figures(np.zeros(3)) == (0.0, 0.0)
