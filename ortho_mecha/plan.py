@@ -1,0 +1,484 @@
+"""The merge plan: a typed, validated description of one merge (DESIGN §6), read from and written to JSON.
+
+A plan names the base, the method with its options, the mixer rows (model, delta-from, alpha, repeat,
+enabled), an optional texture boost and the dtypes::
+
+    {"base": "base.safetensors", "method": "orthomerge",
+     "rows": [{"model": "a.safetensors", "delta_from": null, "alpha": 1.0, "repeat": 1, "enabled": true}],
+     "options": {"alpha": 1.0, "theta_agg": "mean"},
+     "texture": {"model": "t.safetensors", "alpha": 0.2, "mode": "add"},
+     "output_dtype": "bf16", "merge_dtype": "fp32"}
+
+Relative paths are resolved against the plan file's folder; options left out take the method's
+defaults (:data:`METHODS`, which also carries the bounds and help text the Mixer builds its widgets
+from). A :class:`Plan` is checked when it is built — every error names the plan file, the bad value
+and how to fix it — and is immutable afterwards; the recipe builder and the executor only read it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import atomic_write_text
+from ortho_mecha.io import SHARD_RE, refuse_unsupported
+from ortho_mecha.methods import METHOD_OPTIONS, OptionError, OptionSpec
+from ortho_mecha.methods.deltas import ALPHA
+from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
+
+ALPHA_RANGE = (0.0, 2.0)
+REPEAT_RANGE = (1, 3)
+MERGE_DTYPES = ("fp16", "bf16", "fp32", "fp64")
+OUTPUT_DTYPES = (*MERGE_DTYPES, "fp8_e4m3fn")
+DEFAULT_OUTPUT_DTYPE = "fp16"  # sd-mecha's own default
+DEFAULT_MERGE_DTYPE = "fp32"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method a plan can name, with its options (the same :class:`OptionSpec` the ortho-mecha
+    methods check themselves with, so bounds and help live in one place).
+
+    ``repeat`` says what a row's repeat does: ``"scale"`` multiplies the row's delta by it (methods where a
+    copy of a delta adds nothing but magnitude), ``"list"`` lists the row that many times (methods that
+    aggregate or vote, where a copy weighs the result).
+    """
+
+    name: str
+    summary: str
+    options: tuple[OptionSpec, ...]
+    repeat: str
+    min_rows: int = 1
+
+    def option(self, name: str) -> OptionSpec | None:
+        return next((spec for spec in self.options if spec.name == name), None)
+
+    def defaults(self) -> dict[str, Any]:
+        return {spec.name: spec.default for spec in self.options}
+
+
+def _unit(name: str, default: float, help_text: str) -> OptionSpec:
+    return OptionSpec(name, default, help_text, minimum=0.0, maximum=1.0)
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "ortho_project",
+            "orthogonal projection in row order (the seed tool's method): each row adds what the rows above it "
+            "do not already span",
+            METHOD_OPTIONS["ortho_project"],
+            repeat="scale",
+        ),
+        MethodSpec(
+            "ortho_superpose",
+            "order-free superposition: every delta keeps its own magnitude along its own direction, overlaps are "
+            "not double counted",
+            METHOD_OPTIONS["ortho_superpose"],
+            repeat="scale",
+        ),
+        MethodSpec(
+            "orthomerge",
+            "rotation merge (OrthoMerge): Procrustes rotations combined in skew-symmetric space plus the mean residual",
+            METHOD_OPTIONS["orthomerge"],
+            repeat="list",
+        ),
+        MethodSpec(
+            "weighted_sum",
+            "weighted average of the rows' deltas, the row alphas (× repeat) as weights, added to the base "
+            "(sd-mecha n_average + add_difference)",
+            (ALPHA,),
+            repeat="scale",
+        ),
+        MethodSpec(
+            "add_difference",
+            "sum of the rows' deltas (alpha × repeat each) added to the base, i.e. task arithmetic "
+            "(sd-mecha n_average + add_difference)",
+            (ALPHA,),
+            repeat="scale",
+        ),
+        MethodSpec(
+            "ties",
+            "TIES: keep each delta's top-k entries, elect a sign per element, average the agreeing deltas "
+            "(sd-mecha ties_sum + add_difference)",
+            (
+                ALPHA,
+                _unit("k", 1.0, "fraction of each delta's largest entries kept"),
+                OptionSpec("vote_sgn", False, "elect signs by summed values instead of counted signs"),
+            ),
+            repeat="list",
+        ),
+        MethodSpec(
+            "dare",
+            "DARE: drop delta entries at random and rescale, then TIES (sd-mecha ties_sum_with_dropout + "
+            "add_difference)",
+            (
+                ALPHA,
+                OptionSpec("probability", 0.9, "probability of dropping an entry", minimum=0.0, maximum=0.99),
+                OptionSpec("rescale", True, "divide the kept entries by 1 − probability"),
+                _unit("della_eps", 0.0, "DELLA: magnitude-ranked drop rates (0 = plain DARE)"),
+                _unit("k", 1.0, "TIES: fraction of each delta's largest entries kept"),
+                OptionSpec("vote_sgn", False, "TIES: elect signs by summed values instead of counted signs"),
+                OptionSpec(
+                    "seed", 0, "random seed, fixed so the recipe reproduces the merge", minimum=0, maximum=2**31 - 1
+                ),
+            ),
+            repeat="list",
+        ),
+        MethodSpec(
+            "model_stock",
+            "Model Stock: the average delta scaled by how much the rows agree (sd-mecha model_stock + add_difference)",
+            (ALPHA, OptionSpec("cos_eps", 1e-6, "cosine similarity epsilon", minimum=0.0, maximum=0.1)),
+            repeat="list",
+            min_rows=2,
+        ),
+        MethodSpec(
+            "geometric_median",
+            "geometric median of the rows' deltas by Weiszfeld iterations (sd-mecha geometric_median + add_difference)",
+            (
+                ALPHA,
+                _unit("eps", 1e-6, "smallest distance in the Weiszfeld weights"),
+                OptionSpec("maxiter", 100, "most Weiszfeld iterations", minimum=1, maximum=10_000),
+                _unit("ftol", 1e-20, "relative change of the objective that stops the iterations"),
+            ),
+            repeat="list",
+        ),
+    )
+}
+
+
+def _option_ok(method: str, spec: OptionSpec, value: Any) -> bool:
+    """Whether a JSON value is valid for ``spec``: the right JSON type (a bool is not a number) and allowed."""
+    if isinstance(spec.default, bool) or isinstance(value, bool):
+        return isinstance(spec.default, bool) and isinstance(value, bool)
+    if spec.choices:
+        return value in spec.choices
+    if isinstance(spec.default, int) and not isinstance(value, int):
+        return False
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    try:
+        spec.check(method, value)
+    except OptionError:
+        return False
+    return True
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    """A JSON number (not a bool) within [low, high]."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
+def _allowed(spec: OptionSpec) -> str:
+    if isinstance(spec.default, bool):
+        return "true, false"
+    if spec.choices:
+        return ", ".join(json.dumps(c) for c in spec.choices)
+    kind = "an integer" if isinstance(spec.default, int) else "a number"
+    return f"{kind} in {spec.range_text()}"
+
+
+_TOP_FIELDS = ("base", "method", "rows", "options", "texture", "output_dtype", "merge_dtype")
+_ROW_FIELDS = ("model", "delta_from", "alpha", "repeat", "enabled", "info")
+_TEXTURE_FIELDS = ("model", "alpha", "mode")
+
+
+def _suggest(value: str, valid: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}valid: {', '.join(valid)}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One mixer row: its delta is ``alpha × (model − delta_from)`` (delta_from None: the plan's base)."""
+
+    model: Path
+    delta_from: Path | None = None
+    alpha: float = 1.0
+    repeat: int = 1
+    enabled: bool = True
+    info: str = ""
+
+
+@dataclass(frozen=True)
+class Texture:
+    """Texture boost: add ``alpha × (model − base)`` to the result (mode ``orthogonal``: only its part
+    orthogonal to the merged delta)."""
+
+    model: Path
+    alpha: float = 0.2
+    mode: str = "add"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated merge plan (paths absolute, options complete). Build it with :func:`plan_from_dict`,
+    :func:`load_plan` or directly; every construction runs the checks."""
+
+    base: Path
+    method: str
+    rows: tuple[Row, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    texture: Texture | None = None
+    output_dtype: str = DEFAULT_OUTPUT_DTYPE
+    merge_dtype: str = DEFAULT_MERGE_DTYPE
+    source: Path | None = field(default=None, compare=False)  # the plan file, for messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", tuple(self.rows))
+        method = self._check_method()
+        object.__setattr__(self, "options", self._check_options(method))
+        self._check_dtypes()
+        self._check_rows(method)
+        self._check_texture()
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> OrthoMechaError:
+        return OrthoMechaError(message if self.source else f"plan: {message}", self.source)
+
+    def _check_method(self) -> MethodSpec:
+        if self.method not in METHODS:
+            raise self._fail(f"unknown method '{self.method}'; {_suggest(str(self.method), list(METHODS))}")
+        return METHODS[self.method]
+
+    def _check_options(self, method: MethodSpec) -> dict[str, Any]:
+        if not isinstance(self.options, Mapping):
+            raise self._fail("'options' must be a JSON object of option names and values")
+        options = method.defaults()
+        for name, value in self.options.items():
+            spec = method.option(name)
+            if spec is None:
+                names = [s.name for s in method.options]
+                raise self._fail(f"method '{self.method}' has no option '{name}'; {_suggest(name, names)}")
+            if not _option_ok(self.method, spec, value):
+                raise self._fail(
+                    f"option '{name}' of method '{self.method}' is {json.dumps(value)}; allowed: {_allowed(spec)}"
+                )
+            options[name] = float(value) if isinstance(spec.default, float) else value
+        return options
+
+    def _check_dtypes(self) -> None:
+        if self.merge_dtype not in MERGE_DTYPES:
+            raise self._fail(
+                f"unknown merge_dtype '{self.merge_dtype}'; {_suggest(str(self.merge_dtype), MERGE_DTYPES)}"
+            )
+        if self.output_dtype not in OUTPUT_DTYPES:
+            raise self._fail(
+                f"unknown output_dtype '{self.output_dtype}'; {_suggest(str(self.output_dtype), OUTPUT_DTYPES)}"
+            )
+
+    def _check_file(self, path: Path, what: str) -> None:
+        try:
+            refuse_unsupported(path)
+        except OrthoMechaError as exc:
+            raise self._fail(f"{what} {path}: {str(exc).removeprefix(f'{exc.path}: ')}") from exc
+        if SHARD_RE.match(path.name):
+            raise self._fail(f"{what} {path} is one shard of a sharded model; merging needs a single .safetensors file")
+        if not path.is_file():
+            raise self._fail(f"{what} {path} does not exist; fix the path or remove it from the plan")
+
+    def _check_rows(self, method: MethodSpec) -> None:
+        self._check_file(self.base, "base")
+        enabled = [row for row in self.rows if row.enabled]
+        if not enabled:
+            raise self._fail("no enabled rows; enable at least one model")
+        if len(enabled) < method.min_rows:
+            raise self._fail(
+                f"method '{self.method}' needs at least {method.min_rows} enabled rows, got {len(enabled)}"
+            )
+        for number, row in enumerate(self.rows, start=1):
+            label = f"row {number} ({row.model.name})"
+            if not _number_in(row.alpha, *ALPHA_RANGE):
+                raise self._fail(f"{label}: alpha {row.alpha!r} is outside {ALPHA_RANGE[0]:g}–{ALPHA_RANGE[1]:g}")
+            if not isinstance(row.repeat, int) or not _number_in(row.repeat, *REPEAT_RANGE):
+                raise self._fail(f"{label}: repeat {row.repeat!r} must be an integer 1, 2 or 3")
+            if not row.enabled:
+                continue
+            self._check_file(row.model, f"{label}: model")
+            if row.delta_from is not None:
+                self._check_file(row.delta_from, f"{label}: delta_from")
+        self._check_cycles(enabled)
+
+    def _check_cycles(self, enabled: list[Row]) -> None:
+        """Refuse delta-from chains through the rows' models that come back to where they started."""
+        parent = {row.model: row.delta_from for row in enabled if row.delta_from is not None}
+        for start in parent:
+            chain = [start]
+            node = parent[start]
+            while node is not None and node in parent and node not in chain:
+                chain.append(node)
+                node = parent[node]
+            if node in chain:
+                loop = " ← ".join(p.name for p in [*chain[chain.index(node) :], node])
+                raise self._fail(
+                    f"delta-from cycle {loop}: a row's delta cannot be taken against a model whose own delta is "
+                    "taken against it; set one of them to the base"
+                )
+
+    def _check_texture(self) -> None:
+        if self.texture is None:
+            return
+        alpha = self.texture.alpha
+        if not _option_ok("texture", BETA, alpha):
+            raise self._fail(f"texture alpha {json.dumps(alpha)} is outside {BETA.minimum:g}–{BETA.maximum:g}")
+        if self.texture.mode not in TEXTURE_MODE.choices:
+            choices = list(TEXTURE_MODE.choices)
+            raise self._fail(f"unknown texture mode '{self.texture.mode}'; {_suggest(str(self.texture.mode), choices)}")
+        self._check_file(self.texture.model, "texture model")
+
+    # -- derived -----------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    @property
+    def enabled_rows(self) -> tuple[Row, ...]:
+        return tuple(row for row in self.rows if row.enabled)
+
+    def input_files(self) -> list[Path]:
+        """Every file the merge reads, base first, each once, in plan order."""
+        files = [self.base]
+        for row in self.enabled_rows:
+            files += [row.model] + ([row.delta_from] if row.delta_from is not None else [])
+        if self.texture is not None:
+            files.append(self.texture.model)
+        return list(dict.fromkeys(files))
+
+    def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """The plan as JSON-ready data; paths inside ``relative_to`` are written relative to it."""
+
+        def show(path: Path | None) -> str | None:
+            if path is None:
+                return None
+            if relative_to is not None and path.is_relative_to(relative_to):
+                return path.relative_to(relative_to).as_posix()
+            return str(path)
+
+        rows = []
+        for row in self.rows:
+            data = {
+                "model": show(row.model),
+                "delta_from": show(row.delta_from),
+                "alpha": row.alpha,
+                "repeat": row.repeat,
+                "enabled": row.enabled,
+            }
+            rows.append(data | ({"info": row.info} if row.info else {}))
+        texture = None
+        if self.texture is not None:
+            texture = {"model": show(self.texture.model), "alpha": self.texture.alpha, "mode": self.texture.mode}
+        return {
+            "base": show(self.base),
+            "method": self.method,
+            "rows": rows,
+            "options": dict(self.options),
+            "texture": texture,
+            "output_dtype": self.output_dtype,
+            "merge_dtype": self.merge_dtype,
+        }
+
+    def to_json(self, relative_to: Path | None = None) -> str:
+        return json.dumps(self.to_dict(relative_to), indent=1) + "\n"
+
+
+def _resolve(value: Any, folder: Path, what: str, fail: Any) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise fail(f"{what} must be a file path (a non-empty string), got {json.dumps(value)}")
+    path = Path(value).expanduser()
+    return (path if path.is_absolute() else folder / path).resolve()
+
+
+def _unknown_fields(data: Mapping[str, Any], valid: tuple[str, ...], where: str, fail: Any) -> None:
+    for name in data:
+        if name not in valid:
+            raise fail(f"unknown field '{name}' in {where}; {_suggest(str(name), list(valid))}")
+
+
+def plan_from_dict(data: Any, folder: str | Path, source: str | Path | None = None) -> Plan:
+    """Build and check a :class:`Plan` from JSON data; relative paths are taken against ``folder``."""
+    source_path = Path(source) if source is not None else None
+    folder = Path(folder)
+
+    def fail(message: str) -> OrthoMechaError:
+        return OrthoMechaError(message if source_path else f"plan: {message}", source_path)
+
+    if not isinstance(data, Mapping):
+        raise fail("a plan must be a JSON object with 'base', 'method' and 'rows'")
+    _unknown_fields(data, _TOP_FIELDS, "the plan", fail)
+    for required in ("base", "method", "rows"):
+        if required not in data:
+            raise fail(f"missing '{required}'")
+    if not isinstance(data["rows"], list):
+        raise fail("'rows' must be a list of rows")
+    rows = []
+    for number, raw in enumerate(data["rows"], start=1):
+        if not isinstance(raw, Mapping) or "model" not in raw:
+            raise fail(f"row {number} must be an object with at least a 'model'")
+        _unknown_fields(raw, _ROW_FIELDS, f"row {number}", fail)
+        delta_from = raw.get("delta_from")
+        enabled = raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise fail(f"row {number}: 'enabled' must be true or false, got {json.dumps(enabled)}")
+        rows.append(
+            Row(
+                model=_resolve(raw["model"], folder, f"row {number} 'model'", fail),
+                delta_from=None
+                if delta_from is None
+                else _resolve(delta_from, folder, f"row {number} 'delta_from'", fail),
+                alpha=raw.get("alpha", 1.0),
+                repeat=raw.get("repeat", 1),
+                enabled=enabled,
+                info=str(raw.get("info") or ""),
+            )
+        )
+    texture = None
+    if data.get("texture") is not None:
+        raw = data["texture"]
+        if not isinstance(raw, Mapping) or "model" not in raw:
+            raise fail("'texture' must be null or an object with 'model', 'alpha' and 'mode'")
+        _unknown_fields(raw, _TEXTURE_FIELDS, "texture", fail)
+        texture = Texture(
+            _resolve(raw["model"], folder, "texture 'model'", fail), raw.get("alpha", 0.2), raw.get("mode", "add")
+        )
+    return Plan(
+        base=_resolve(data["base"], folder, "'base'", fail),
+        method=data["method"],
+        rows=tuple(rows),
+        options=data.get("options") or {},
+        texture=texture,
+        output_dtype=data.get("output_dtype", DEFAULT_OUTPUT_DTYPE),
+        merge_dtype=data.get("merge_dtype", DEFAULT_MERGE_DTYPE),
+        source=source_path,
+    )
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file; relative paths inside it are resolved against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise OrthoMechaError("no such plan file", path) from exc
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot read the plan: {exc.strerror or exc}", path) from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OrthoMechaError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path) from exc
+    return plan_from_dict(data, path.resolve().parent, path)
+
+
+def save_plan(plan: Plan, path: str | Path, overwrite: bool = False) -> Path:
+    """Write the plan atomically; paths under the plan's folder are written relative to it."""
+    path = Path(path)
+    return atomic_write_text(path, plan.to_json(relative_to=path.resolve().parent), overwrite)
