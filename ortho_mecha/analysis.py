@@ -652,3 +652,21 @@ def cli_analyse(args: argparse.Namespace) -> int:
         write_json(args.json, rep, overwrite=True)
         print(f"report written to {args.json}")
     return 0
+
+
+def run_job(params: dict, progress: Progress) -> dict:
+    """Background-job entry (``ortho_mecha.jobs`` kind ``analyse``): params as :func:`analyse` takes them.
+
+    Returns the JSON report; the analysis itself stays in the cache, so ``analyse`` with the same
+    arguments afterwards returns at once with no file read.
+    """
+    result = analyse(
+        params["base"],
+        params["models"],
+        params.get("delta_from") or {},
+        arch=params.get("arch"),
+        exact=bool(params.get("exact", False)),
+        rank_samples=int(params.get("rank_samples", 5)),
+        progress=progress,
+    )
+    return report(result)
