@@ -1,0 +1,266 @@
+"""orthomerge on plain tensors: Procrustes with det −1, Cayley fallback, aggregation and option properties."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ortho_mecha.methods import OptionError, orthomerge
+from ortho_mecha.methods.rotation import (
+    EIGH_MIN_RATIO,
+    cayley_generator,
+    cayley_rotation,
+    merged_rotation,
+    nearest_rotation,
+)
+
+merge = orthomerge.__wrapped__
+
+SHAPES = [(8, 4, 3, 3), (40, 2, 3, 3), (6, 10), (10, 6), (6,)]
+
+
+def randn(generator: torch.Generator, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(shape, generator=generator, dtype=torch.float64)
+
+
+def skew(generator: torch.Generator, k: int, scale: float) -> torch.Tensor:
+    a = randn(generator, (k, k), scale)
+    return a - a.T
+
+
+def plane_rotation(k: int, angle: float, i: int = 0, j: int = 1) -> torch.Tensor:
+    r = torch.eye(k, dtype=torch.float64)
+    r[i, i] = r[j, j] = math.cos(angle)
+    r[i, j], r[j, i] = -math.sin(angle), math.sin(angle)
+    return r
+
+
+def kabsch_reference(m: np.ndarray) -> np.ndarray:
+    """Proper rotation nearest to m from numpy's SVD (independent of the code under test)."""
+    u, _, vt = np.linalg.svd(m)
+    d = np.ones(m.shape[0])
+    d[-1] = np.sign(np.linalg.det(u @ vt))
+    return (u * d) @ vt
+
+
+def assert_rotation(r: torch.Tensor) -> None:
+    eye = torch.eye(r.shape[0], dtype=r.dtype)
+    torch.testing.assert_close(r.T @ r, eye, rtol=0, atol=1e-10)
+    assert float(torch.linalg.det(r)) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(99)
+
+
+# --- building blocks -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cond", [10.0, 1e6])  # eigh path, then the SVD path
+@pytest.mark.parametrize("reflect", [False, True])
+def test_nearest_rotation_matches_kabsch(gen: torch.Generator, cond: float, reflect: bool) -> None:
+    q1, _ = torch.linalg.qr(randn(gen, (7, 7)))
+    q2, _ = torch.linalg.qr(randn(gen, (7, 7)))
+    m = q1 @ torch.diag(torch.logspace(0, -math.log10(cond), 7, dtype=torch.float64)) @ q2.T
+    if reflect != (float(torch.linalg.det(m)) < 0):
+        m[0] = -m[0]
+    assert (cond**-2 > EIGH_MIN_RATIO) == (cond == 10.0)
+    r = nearest_rotation(m)
+    assert_rotation(r)
+    np.testing.assert_allclose(r.numpy(), kabsch_reference(m.numpy()), rtol=0, atol=1e-9)
+
+
+def test_cayley_round_trip(gen: torch.Generator) -> None:
+    a = skew(gen, 6, 0.4)
+    r = cayley_rotation(a)
+    assert_rotation(r)
+    torch.testing.assert_close(cayley_generator(r), a, rtol=0, atol=1e-12)
+
+
+def test_cayley_refuses_rotation_by_pi() -> None:
+    assert cayley_generator(plane_rotation(5, math.pi)) is None
+    assert cayley_generator(plane_rotation(5, math.pi - 1e-9)) is None
+    assert cayley_generator(plane_rotation(5, 3.0)) is not None
+
+
+# --- one delta reproduces its model ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_delta_reproduces_model(gen: torch.Generator, shape: tuple[int, ...]) -> None:
+    base, delta = randn(gen, shape), randn(gen, shape, 0.05)
+    torch.testing.assert_close(merge(base, delta), base + delta, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("angle", [0.3, 2.5, 3.1], ids=["small", "large", "near pi"])
+def test_one_rotated_target_reproduces_model(gen: torch.Generator, angle: float, transpose: bool) -> None:
+    base = randn(gen, (5, 9))
+    target = plane_rotation(5, angle, 1, 3) @ plane_rotation(5, angle / 2, 0, 2) @ base + randn(gen, (5, 9), 0.01)
+    if transpose:
+        base, target = base.T.contiguous(), target.T.contiguous()
+    torch.testing.assert_close(merge(base, target - base), target, rtol=0, atol=1e-9)
+
+
+def test_rotation_by_pi_falls_back_to_residual(gen: torch.Generator) -> None:
+    base = randn(gen, (5, 9))
+    target = plane_rotation(5, math.pi, 1, 3) @ base
+    assert cayley_generator(nearest_rotation(target @ base.T)) is None
+    torch.testing.assert_close(merge(base, target - base), target, rtol=0, atol=1e-9)
+    # as a row of a merge it brings no rotation (θ = 0) and its whole delta into the residual mean
+    small = randn(gen, (5, 9), 0.05)
+    rotation, residual = merged_rotation(base, [target - base, small], theta_agg="max")
+    alone, small_residual = merged_rotation(base, [small])
+    torch.testing.assert_close(rotation, alone, rtol=0, atol=1e-12)
+    torch.testing.assert_close(residual, (target - base + small_residual) / 2, rtol=0, atol=1e-12)
+
+
+def test_reflected_target_reproduces_model(gen: torch.Generator) -> None:
+    base = randn(gen, (5, 9))
+    reflection = torch.diag(torch.tensor([-1.0, 1, 1, 1, 1], dtype=torch.float64))
+    target = reflection @ base
+    # the best orthogonal map is the reflection (det −1); the proper rotation nearest to it is used instead
+    assert_rotation(nearest_rotation(target @ base.T))
+    torch.testing.assert_close(merge(base, target - base), target, rtol=0, atol=1e-9)
+
+
+# --- aggregation -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("theta_agg", ["mean", "median", "max"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_identical_deltas_equal_one(gen: torch.Generator, shape: tuple[int, ...], theta_agg: str) -> None:
+    base, delta = randn(gen, shape), randn(gen, shape, 0.05)
+    once = merge(base, delta, theta_agg=theta_agg)
+    torch.testing.assert_close(merge(base, delta, delta, delta, theta_agg=theta_agg), once, rtol=0, atol=1e-10)
+
+
+def test_sum_grows_with_copies(gen: torch.Generator) -> None:
+    base, delta = randn(gen, (5, 9)), randn(gen, (5, 9), 0.05)
+    one, _ = merged_rotation(base, [delta], theta_agg="sum")
+    three, _ = merged_rotation(base, [delta] * 3, theta_agg="sum")
+    torch.testing.assert_close(cayley_generator(three), 3 * cayley_generator(one), rtol=0, atol=1e-10)
+    assert not torch.allclose(merge(base, delta, delta, delta, theta_agg="sum"), base + delta)
+
+
+def _rotated_targets(gen: torch.Generator, generators: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base and deltas whose targets are exact rotations of it, so every A_i is known."""
+    base = randn(gen, (generators[0].shape[0], 7))
+    return base, [cayley_rotation(a) @ base - base for a in generators]
+
+
+@pytest.mark.parametrize("direction_weight", ["theta", "magnitude", "equal"])
+@pytest.mark.parametrize("theta_agg", ["mean", "median", "max", "sum"])
+@pytest.mark.parametrize("conflict_aware", [False, True])
+def test_step3_direction_and_angle(
+    gen: torch.Generator, direction_weight: str, theta_agg: str, conflict_aware: bool
+) -> None:
+    generators = [skew(gen, 4, s) for s in (0.05, 0.1, 0.2)]
+    base, deltas = _rotated_targets(gen, generators)
+    a = np.stack([g.numpy() for g in generators])
+    thetas = np.linalg.norm(a, axis=(1, 2))
+    weights = {
+        "theta": thetas,
+        "magnitude": np.array([np.linalg.norm(d.numpy()) for d in deltas]),
+        "equal": np.ones(3),
+    }[direction_weight]
+    direction = np.einsum("i,ijk->jk", weights, a)
+    if conflict_aware:
+        direction = np.einsum("i,ijk->jk", weights, a * (np.sign(a) == np.sign(direction)))
+    angle = {"mean": np.mean, "median": np.median, "max": np.max, "sum": np.sum}[theta_agg](thetas)
+    expected = angle * direction / np.linalg.norm(direction)
+
+    rotation, residual = merged_rotation(base, deltas, theta_agg, conflict_aware, direction_weight)
+    assert_rotation(rotation)
+    np.testing.assert_allclose(cayley_generator(rotation).numpy(), expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(residual, torch.zeros_like(residual), rtol=0, atol=1e-10)
+
+
+def test_conflict_aware_masks_disagreeing_entries(gen: torch.Generator) -> None:
+    a1 = torch.zeros(3, 3, dtype=torch.float64)
+    a1[0, 1], a1[0, 2] = 0.2, 0.1
+    a2 = torch.zeros(3, 3, dtype=torch.float64)
+    a2[0, 1], a2[0, 2] = 0.2, -0.3
+    a1, a2 = a1 - a1.T, a2 - a2.T
+    base, deltas = _rotated_targets(gen, [a1, a2])
+    rotation, _ = merged_rotation(base, deltas, "mean", True, "equal")
+    # equal weights: sum has (0.4, -0.2); a1's +0.1 at (0, 2) disagrees and is dropped
+    masked = torch.zeros(3, 3, dtype=torch.float64)
+    masked[0, 1], masked[0, 2] = 0.4, -0.3
+    masked = masked - masked.T
+    theta = (torch.linalg.matrix_norm(a1) + torch.linalg.matrix_norm(a2)) / 2
+    torch.testing.assert_close(cayley_generator(rotation), theta * masked / torch.linalg.matrix_norm(masked))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(min_value=2, max_value=4),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+    scale=st.floats(min_value=1e-3, max_value=1.0),
+    conflict_aware=st.booleans(),
+)
+def test_merged_rotation_is_proper(n: int, seed: int, scale: float, conflict_aware: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    base = randn(gen, (6, 11))
+    deltas = [randn(gen, (6, 11), scale) for _ in range(n)]
+    rotation, _ = merged_rotation(base, deltas, "max", conflict_aware, "magnitude")
+    assert_rotation(rotation)
+
+
+# --- keys, alpha, zero deltas, dtypes, options ------------------------------------------------------------
+
+
+def test_vector_keys_take_the_mean(gen: torch.Generator) -> None:
+    base, a, b = randn(gen, (6,)), randn(gen, (6,), 0.1), randn(gen, (6,), 0.1)
+    torch.testing.assert_close(merge(base, a, b, alpha=0.5), base + 0.5 * (a + b) / 2)
+
+
+def test_zero_deltas_are_dropped(gen: torch.Generator) -> None:
+    base, a, b = randn(gen, (6, 10)), randn(gen, (6, 10), 0.05), randn(gen, (6, 10), 0.05)
+    zero = torch.zeros_like(a)
+    torch.testing.assert_close(merge(base, zero, a, b, zero), merge(base, a, b), rtol=0, atol=0)
+    assert merge(base, zero, zero) is base
+    vector, small = randn(gen, (10,)), randn(gen, (10,), 0.05)
+    torch.testing.assert_close(merge(vector, torch.zeros_like(small), small), vector + small)
+
+
+def test_alpha_endpoints_and_linearity(gen: torch.Generator) -> None:
+    base, a, b = randn(gen, (8, 4, 3, 3)), randn(gen, (8, 4, 3, 3), 0.05), randn(gen, (8, 4, 3, 3), 0.05)
+    assert merge(base, a, b, alpha=0.0) is base
+    torch.testing.assert_close(merge(base, a, alpha=0.4), base + 0.4 * a, rtol=0, atol=1e-10)
+    two = merge(base, a, b) - base
+    torch.testing.assert_close(merge(base, a, b, alpha=2.0) - base, 2.0 * two, rtol=0, atol=1e-10)
+
+
+def test_two_different_rows_rotate(gen: torch.Generator) -> None:
+    base, a, b = randn(gen, (6, 10)), randn(gen, (6, 10), 0.05), randn(gen, (6, 10), 0.05)
+    rotation, residual = merged_rotation(base, [a, b])
+    torch.testing.assert_close(merge(base, a, b), rotation @ base + residual, rtol=0, atol=1e-12)
+    assert not torch.allclose(merge(base, a, b), base + (a + b) / 2)
+
+
+def test_output_keeps_input_dtype(gen: torch.Generator) -> None:
+    base, a = randn(gen, (6, 10)).float(), randn(gen, (6, 10), 0.05).float()
+    out = merge(base, a)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, base + a)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"theta_agg": "avg"}, "'mean', 'median', 'max', 'sum'"),
+        ({"theta_agg": "maen"}, "did you mean 'mean'"),
+        ({"direction_weight": "norm"}, "'theta', 'magnitude', 'equal'"),
+        ({"alpha": -0.1}, "[0, inf)"),
+    ],
+)
+def test_invalid_options_raise_with_allowed_values(options: dict, expected: str) -> None:
+    base = torch.ones(3, 4, dtype=torch.float64)
+    with pytest.raises(OptionError, match=re.escape(expected)):
+        merge(base, base, **options)
