@@ -1,0 +1,251 @@
+"""Serving the dashboard safely: the password gate, the folders models may come from, output names.
+
+The dashboard binds to 127.0.0.1 (``.streamlit/config.toml``). Bound to any other address it is
+reachable from other machines, so it then refuses to run without a password (``ORTHO_MECHA_PASSWORD``
+in the environment or in ``.streamlit/secrets.toml``). Whatever the binding, a browser only picks
+model files inside the allowed roots (``ORTHO_MECHA_ROOTS``, else the workspace and ComfyUI's model
+folders), resolved with symlinks followed, and only names plain ``.safetensors`` outputs.
+
+Nothing here imports streamlit: the app reads ``server.address`` and ``st.secrets`` and passes them in.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ortho_mecha.errors import OrthoMechaError
+
+PASSWORD_VARIABLE = "ORTHO_MECHA_PASSWORD"
+ROOTS_VARIABLE = "ORTHO_MECHA_ROOTS"
+WORKSPACE_VARIABLE = "ORTHO_MECHA_WORKSPACE"
+COMFYUI_VARIABLE = "COMFYUI_DIR"
+MODEL_SUFFIX = ".safetensors"
+MAX_OUTPUT_NAME = 200
+
+_OUTPUT_CHARACTERS = re.compile(r"[A-Za-z0-9._ -]")
+
+
+# --- binding and password ------------------------------------------------------------------------
+
+
+def is_lan_address(address: str | None) -> bool:
+    """Whether a server bound to ``address`` is reachable from other machines.
+
+    Unset, empty, ``0.0.0.0`` and ``::`` mean every interface; any address or host name other than a
+    loopback one (``127.x.y.z``, ``::1``, ``localhost``) counts as reachable.
+    """
+    host = (address or "").strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    if not host:
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a host name: it resolves to some interface of this machine, which we cannot vouch for
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_loopback
+
+
+def password_required(address: str | None) -> bool:
+    """Whether the dashboard may only run with a password: when bound to ``address`` it serves other machines."""
+    return is_lan_address(address)
+
+
+def require_password_for_lan(address: str | None, password: str | None) -> None:
+    """Refuse to serve other machines without a password; ``address`` is Streamlit's ``server.address``."""
+    if password_required(address) and password is None:
+        where = f"address {address}" if address else "every network interface"
+        raise OrthoMechaError(
+            f"the dashboard is bound to {where}, so other machines can reach it, but no password is set; "
+            f"set {PASSWORD_VARIABLE} (environment variable or .streamlit/secrets.toml) "
+            'or bind it to this machine only with server.address = "127.0.0.1" in .streamlit/config.toml'
+        )
+
+
+def configured_password(secrets: Mapping[str, Any] | None = None) -> str | None:
+    """The dashboard password: ``$ORTHO_MECHA_PASSWORD``, else that key of ``secrets`` (``st.secrets``).
+
+    An empty or blank value counts as unset; None when neither gives one.
+    """
+    from_environment = os.environ.get(PASSWORD_VARIABLE, "")
+    if from_environment.strip():
+        return from_environment
+    if secrets is None:
+        return None
+    try:
+        value = secrets.get(PASSWORD_VARIABLE)
+    except FileNotFoundError as error:
+        # Streamlit raises a FileNotFoundError both when there is no secrets file (fine: no password)
+        # and when one cannot be read (which must not pass for "no password").
+        if getattr(error, "error_id", None) == "no-secrets-found":
+            return None
+        raise OrthoMechaError(f"cannot read the Streamlit secrets: {error}; fix or remove the file") from error
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise OrthoMechaError(
+            f"{PASSWORD_VARIABLE} in the Streamlit secrets must be text, got a {type(value).__name__}; "
+            f'write it in quotes, e.g. {PASSWORD_VARIABLE} = "..."'
+        )
+    return value if value.strip() else None
+
+
+def check_password(given: str, expected: str) -> bool:
+    """Whether ``given`` is the password, compared in constant time; an empty expected password never matches."""
+    if not expected:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+# --- model folders -------------------------------------------------------------------------------
+
+
+def workspace_dir() -> Path:
+    """The workspace: ``$ORTHO_MECHA_WORKSPACE`` or ``~/ortho-mecha-workspace``; demo models live in its ``models/``."""
+    configured = os.environ.get(WORKSPACE_VARIABLE, "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / "ortho-mecha-workspace"
+
+
+def allowed_roots() -> list[Path]:
+    """The folders model files may be chosen from.
+
+    ``$ORTHO_MECHA_ROOTS`` (folders separated by ``os.pathsep``) when set, exactly those; otherwise the
+    workspace plus, when ``$COMFYUI_DIR`` is set, its ``models/diffusion_models`` and ``models/checkpoints``.
+    """
+    configured = [entry.strip() for entry in os.environ.get(ROOTS_VARIABLE, "").split(os.pathsep)]
+    roots = [Path(entry).expanduser() for entry in configured if entry]
+    if not roots:
+        roots = [workspace_dir()]
+        comfyui = os.environ.get(COMFYUI_VARIABLE, "").strip()
+        if comfyui:
+            models = Path(comfyui).expanduser() / "models"
+            roots += [models / "diffusion_models", models / "checkpoints"]
+    unique: list[Path] = []
+    for root in roots:
+        if root.absolute() not in unique:
+            unique.append(root.absolute())
+    return unique
+
+
+def resolve_model_path(user_path: str | Path, roots: Iterable[Path]) -> Path:
+    """The real path of a model file a user named, which must lie inside one of ``roots``.
+
+    Symlinks are followed and ``..`` collapsed before the check, so neither can lead outside; the
+    real file must be a ``.safetensors`` file. A relative path is looked up in each root in turn.
+    """
+    roots = list(roots)
+    real_roots = [real for real in map(_real, roots) if real is not None]
+    text = str(user_path).strip()
+    if not text:
+        raise OrthoMechaError(f"no model file given; choose a {MODEL_SUFFIX} file under {_listing(roots)}")
+    if "\0" in text:
+        raise OrthoMechaError(f"{text!r} is not a file path (it contains a NUL character)")
+    given = Path(text).expanduser()
+    candidates = [given] if given.is_absolute() else [root / given for root in roots]
+    resolved = [_real(candidate) for candidate in candidates]
+    inside = [real for real in resolved if real is not None and _inside(real, real_roots)]
+    if not inside and None in resolved:
+        raise OrthoMechaError("cannot be resolved: a symlink loop or an unreadable link; point it at a real file", text)
+    if not inside:
+        raise OrthoMechaError(
+            f"outside the allowed model folders: {_listing(roots)}; choose a file under one of them "
+            f"or add its folder to {ROOTS_VARIABLE}",
+            text,
+        )
+    existing = [real for real in inside if real.is_file()]
+    if not existing:
+        raise OrthoMechaError(f"no such model file in the allowed model folders ({_listing(roots)})", text)
+    real = existing[0]
+    if real.suffix.lower() != MODEL_SUFFIX:
+        shown = "" if real.name == given.name else f" (it links to {real.name})"
+        raise OrthoMechaError(
+            f"not a {MODEL_SUFFIX} file{shown}; only safetensors models are read "
+            "(pickle checkpoints such as .ckpt, .pt or .bin are never opened)",
+            text,
+        )
+    return real
+
+
+def list_models(roots: Iterable[Path]) -> list[Path]:
+    """Every ``.safetensors`` file under ``roots`` that ``resolve_model_path`` accepts, sorted.
+
+    Linked folders are not entered; a linked file is listed only when its target is inside a root; a
+    file reachable by several paths is listed once, by its own path when that is under a root.
+    """
+    roots = list(roots)
+    real_roots = [real for real in map(_real, roots) if real is not None]
+    by_target: dict[Path, list[Path]] = {}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for folder, _, names in os.walk(root):
+            for name in names:
+                path = Path(folder) / name
+                real = _real(path)
+                if (
+                    real is not None
+                    and name.lower().endswith(MODEL_SUFFIX)
+                    and real.suffix.lower() == MODEL_SUFFIX
+                    and real.is_file()
+                    and _inside(real, real_roots)
+                ):
+                    by_target.setdefault(real, []).append(path)
+    # One entry per file: the file's own path when it is listed, else the first of the links to it.
+    return sorted(min(paths, key=lambda path: (path != real, str(path))) for real, paths in by_target.items())
+
+
+def _real(path: Path) -> Path | None:
+    """``path`` with symlinks followed and ``..`` collapsed; None for a symlink loop or an unreadable link."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python before 3.13 reports a symlink loop so
+        return None
+
+
+def _inside(real: Path, real_roots: list[Path]) -> bool:
+    return any(real.is_relative_to(root) for root in real_roots)
+
+
+def _listing(roots: list[Path]) -> str:
+    return ", ".join(str(root) for root in roots) if roots else f"(none configured; set {ROOTS_VARIABLE})"
+
+
+# --- output names --------------------------------------------------------------------------------
+
+
+def validate_output_name(name: str) -> str:
+    """A safe output file name: plain (no folders), letters, digits, ``._ -``, ending in ``.safetensors``.
+
+    The suffix is appended when missing; anything else wrong raises an error saying what to change.
+    """
+    if not name:
+        raise OrthoMechaError(f"the output needs a file name, e.g. merged{MODEL_SUFFIX}")
+    if "/" in name or "\\" in name:
+        raise OrthoMechaError(f"output name {name!r} must be a file name, not a path: remove the / and \\ characters")
+    if ".." in name:
+        raise OrthoMechaError(f"output name {name!r} must not contain '..'")
+    bad = sorted({character for character in name if not _OUTPUT_CHARACTERS.fullmatch(character)})
+    if bad:
+        raise OrthoMechaError(
+            f"output name {name!r} contains {' '.join(repr(character) for character in bad)}; "
+            "use only letters A-Z a-z, digits, '.', '_', '-' and spaces"
+        )
+    if not name[0].isalnum():
+        raise OrthoMechaError(f"output name {name!r} must start with a letter or a digit (no leading dot or dash)")
+    if name[-1] in ". ":
+        raise OrthoMechaError(f"output name {name!r} must not end with a dot or a space")
+    if not name.lower().endswith(MODEL_SUFFIX):
+        name += MODEL_SUFFIX
+    if len(name) > MAX_OUTPUT_NAME:
+        raise OrthoMechaError(f"output name {name!r} is {len(name)} characters long; use at most {MAX_OUTPUT_NAME}")
+    return name
