@@ -20,6 +20,7 @@ diskcache transaction (an SQLite ``BEGIN IMMEDIATE``), which serialises the proc
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import logging
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # The job kinds a worker may run, as "module:function" inside ortho_mecha. Add a line per new kind.
 JOB_KINDS: dict[str, str] = {
+    "analyse": "ortho_mecha.analysis:run_job",
     "sleep": "ortho_mecha.jobs:sleep_job",
 }
 
@@ -74,7 +76,11 @@ class Cancelled(Exception):
 def submit(kind: str, params: Mapping[str, Any], heavy: bool = True) -> str:
     """Record a job and start its worker (a heavy one waits while another heavy job runs); return its id."""
     if kind not in JOB_KINDS:
-        raise OrthoMechaError(f"unknown job kind {kind!r}; the registered kinds are: {', '.join(sorted(JOB_KINDS))}")
+        nearest = difflib.get_close_matches(kind, JOB_KINDS, n=1)
+        hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
+        raise OrthoMechaError(
+            f"unknown job kind {kind!r}{hint}; the registered kinds are: {', '.join(sorted(JOB_KINDS))}"
+        )
     job_id = uuid.uuid4().hex
     record: Record = {
         "id": job_id,

@@ -191,6 +191,8 @@ def test_light_jobs_do_not_wait_for_the_heavy_one() -> None:
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(OrthoMechaError, match=r"unknown job kind 'os.system'; the registered kinds are: .*sleep"):
         jobs.submit("os.system", {"command": "true"})
+    with pytest.raises(OrthoMechaError, match=r"unknown job kind 'analyze' \(did you mean 'analyse'\?\)"):
+        jobs.submit("analyze", {})
     assert jobs.list_jobs() == []
 
 
