@@ -90,6 +90,10 @@ def test_validate_options_up_front() -> None:
         validate_options("ortho_magic", {})
     with pytest.raises(ValueError, match=re.escape("'theta', 'magnitude', 'equal'")):
         validate_options("orthomerge", {"direction_weight": "theta "})
+    with pytest.raises(OptionError, match="use true or false"):
+        validate_options("orthomerge", {"conflict_aware": "false"})
+    with pytest.raises(OptionError, match="is not a number"):
+        validate_options("texture_boost", {"beta": "strong"})
 
 
 # --- recipes on real files ---------------------------------------------------------------------------

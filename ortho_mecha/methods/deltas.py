@@ -52,7 +52,9 @@ class OptionSpec:
                 raise OptionError(f"{method}: {self.name}={value!r} is not allowed; use one of {allowed}{hint}")
             return value
         if isinstance(self.default, bool):
-            return bool(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise OptionError(f"{method}: {self.name}={value!r} is not allowed; use true or false")
         try:
             number = float(value)
         except (TypeError, ValueError):
