@@ -77,7 +77,33 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_lazy("ortho_mecha.cache:cli_cache"))
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_validate, _add_analyse, _add_cache]
+def _add_recipe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipe", help="write a plan's sd-mecha recipe (.mecha) and/or a Python script that re-runs it")
+    p.add_argument("plan", help="the plan (JSON)")
+    p.add_argument("--mecha", metavar="OUT.mecha", help="write the recipe in sd-mecha's .mecha format")
+    p.add_argument("--script", metavar="OUT.py", help="write a standalone Python script that merges the recipe")
+    p.add_argument("--overwrite", action="store_true", help="replace files that already exist")
+    p.set_defaults(handler=_lazy("ortho_mecha.recipe:cli_recipe"))
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a plan into a .safetensors file (repaired, with recipe and hashes)")
+    p.add_argument("plan", help="the plan (JSON)")
+    p.add_argument("--out", required=True, metavar="OUT.safetensors", help="the merged model to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="sd-mecha worker threads (default: auto)")
+    p.add_argument("--device", default=None, metavar="DEV", help="merge device: cpu (default), cuda, cuda:1, ...")
+    p.set_defaults(handler=_lazy("ortho_mecha.merge:cli_merge"))
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo,
+    _add_validate,
+    _add_analyse,
+    _add_cache,
+    _add_recipe,
+    _add_merge,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
