@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 JOB_KINDS: dict[str, str] = {
     "analyse": "ortho_mecha.analysis:run_job",
     "sleep": "ortho_mecha.jobs:sleep_job",
+    "merge": "ortho_mecha.merge:run_job",
 }
 
 FINISHED_STATES = frozenset({"done", "failed", "cancelled"})
@@ -75,8 +76,8 @@ class Cancelled(Exception):
 
 def submit(kind: str, params: Mapping[str, Any], heavy: bool = True) -> str:
     """Record a job and start its worker (a heavy one waits while another heavy job runs); return its id."""
-    if kind not in JOB_KINDS:
-        nearest = difflib.get_close_matches(kind, JOB_KINDS, n=1)
+    if not isinstance(kind, str) or kind not in JOB_KINDS:
+        nearest = difflib.get_close_matches(str(kind), JOB_KINDS, n=1)
         hint = f" (did you mean {nearest[0]!r}?)" if nearest else ""
         raise OrthoMechaError(
             f"unknown job kind {kind!r}{hint}; the registered kinds are: {', '.join(sorted(JOB_KINDS))}"

@@ -193,6 +193,8 @@ def test_unknown_kind_is_refused() -> None:
         jobs.submit("os.system", {"command": "true"})
     with pytest.raises(OrthoMechaError, match=r"unknown job kind 'analyze' \(did you mean 'analyse'\?\)"):
         jobs.submit("analyze", {})
+    with pytest.raises(OrthoMechaError, match=r"unknown job kind \['sleep'\]"):
+        jobs.submit(["sleep"], {})  # type: ignore[arg-type]
     assert jobs.list_jobs() == []
 
 
