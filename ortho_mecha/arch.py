@@ -20,13 +20,15 @@ UNET_KEY = "input_blocks.0.0.weight"
 ZIMAGE_KEYS = ("cap_embedder.1.weight", "noise_refiner.0.attention.k_norm.weight")
 ZIMAGE_DIM = 3840
 SD1_CONTEXT = 768
-SD1_CROSS_ATTN = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+SDXL_CONTEXT = 2048  # the SDXL refiner (1280) and SD2 (1024) also carry UNet keys, some with label_emb
+CROSS_ATTN_SUFFIX = ".attn2.to_k.weight"
 
-_NUMBERED = re.compile(
-    r"(?:^|\.)(double_blocks|single_blocks|input_blocks|output_blocks|layers|noise_refiner|context_refiner|"
-    r"transformer_blocks|single_transformer_blocks|blocks|down_blocks|up_blocks|joint_blocks|nerf_blocks)\.(\d+)\."
+# A block is the outermost numbered (``double_blocks.3``) or named (``middle_block``) group in a key.
+_BLOCK = re.compile(
+    r"(?:^|\.)(?:(?P<group>double_blocks|single_blocks|input_blocks|output_blocks|layers|noise_refiner|"
+    r"context_refiner|transformer_blocks|single_transformer_blocks|blocks|down_blocks|up_blocks|joint_blocks|"
+    r"nerf_blocks)\.(?P<index>\d+)|(?P<named>middle_block|mid_block))\."
 )
-_NAMED = re.compile(r"(?:^|\.)(middle_block|mid_block)\.")
 
 
 def canonical_arch(arch: str) -> str:
@@ -40,32 +42,35 @@ def canonical_arch(arch: str) -> str:
 def detect(shapes: Mapping[str, Sequence[int]]) -> str:
     """The architecture id of a model, from its canonical keys and their shapes."""
     if FLUX_KEY in shapes:
+        if "img_in.weight" not in shapes:  # e.g. Chroma Radiance (pixel space, ``img_in_patch``)
+            return "custom"
         if "double_stream_modulation_img.lin.weight" in shapes:
             return "flux2-klein"
         if any(k.startswith("distilled_guidance_layer.") for k in shapes):
             return "chroma"
-        if "img_in.weight" in shapes:
-            return "flux1"
-        return "custom"
+        return "flux1"
     if all(k in shapes for k in ZIMAGE_KEYS):
         return "zimage" if shapes[ZIMAGE_KEYS[0]][0] == ZIMAGE_DIM else "custom"
     if UNET_KEY in shapes:
+        context = _context_dim(shapes)
         if "label_emb.0.0.weight" in shapes:
-            return "sdxl"
-        cross = shapes.get(SD1_CROSS_ATTN)
-        return "sd1" if cross is not None and len(cross) == 2 and cross[1] == SD1_CONTEXT else "custom"
+            return "sdxl" if context == SDXL_CONTEXT else "custom"
+        return "sd1" if context == SD1_CONTEXT else "custom"
     return "custom"
+
+
+def _context_dim(shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """The text-context width of a UNet: the input width of its cross-attention keys (None if they disagree)."""
+    widths = {tuple(s)[1] for k, s in shapes.items() if k.endswith(CROSS_ATTN_SUFFIX) and len(s) == 2}
+    return widths.pop() if len(widths) == 1 else None
 
 
 def block_of(key: str) -> str:
     """The block a canonical key belongs to: ``double_blocks.3``, ``middle_block``, or its first name part."""
-    match = _NUMBERED.search(key)
-    if match:
-        return f"{match.group(1)}.{match.group(2)}"
-    match = _NAMED.search(key)
-    if match:
-        return match.group(1)
-    return key.split(".", 1)[0]
+    match = _BLOCK.search(key)
+    if match is None:
+        return key.split(".", 1)[0]
+    return match["named"] or f"{match['group']}.{match['index']}"
 
 
 def block_sort_key(block: str) -> tuple[str, int]:

@@ -72,8 +72,12 @@ def flux_layout(hidden: int = 64, double: int = 2, single: int = 2, context: int
     return shapes
 
 
-def sdxl_layout(channels: int = 32, context: int = 64) -> Shapes:
-    """SDXL-checkpoint-style keys (``model.diffusion_model.input_blocks.N``, conv kernels, text encoder and VAE)."""
+def sdxl_layout(channels: int = 32, context: int = 2048, text: int = 64) -> Shapes:
+    """SDXL-checkpoint-style keys (``model.diffusion_model.input_blocks.N``, conv kernels, text encoder and VAE).
+
+    ``context`` is the cross-attention input width (SDXL's 2048, which architecture detection checks);
+    ``text`` the (small) width of the text-encoder keys.
+    """
     c, p = channels, "model.diffusion_model."
     shapes: Shapes = {
         f"{p}input_blocks.0.0.weight": (c, 4, 3, 3),
@@ -101,8 +105,8 @@ def sdxl_layout(channels: int = 32, context: int = 64) -> Shapes:
         q = f"{p}output_blocks.{block}."
         shapes |= {f"{q}0.in_layers.2.weight": (c, 2 * c, 3, 3), f"{q}1.proj_out.weight": (c, c)}
     shapes |= {
-        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (4 * context, context),
-        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (3 * context, context),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (4 * text, text),
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (3 * text, text),
         "first_stage_model.decoder.conv_in.weight": (c, 4, 3, 3),
     }
     return shapes
