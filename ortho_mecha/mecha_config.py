@@ -1,0 +1,170 @@
+"""sd-mecha model configs derived from the base file's safetensors header, for every architecture.
+
+sd-mecha needs a model config for each file of a recipe. Instead of letting it guess one of its
+built-in configs from keys that merely resemble them, ortho-mecha derives the config from the base
+file's header (keys, shapes and dtypes — no tensor is read) and registers it under an identifier made
+from the architecture id and a hash of the key set and shapes, e.g. ``sdxl+1f0c…-ortho_mecha``. The
+same layout always gives the same identifier, so a serialized recipe re-resolves it once
+:func:`register_base_config` has run on the same base (the generated script does exactly that).
+
+Models whose keys differ from the base's only by the ``model.diffusion_model.`` prefix or by the
+``*norm.scale`` ↔ ``*norm.weight`` rename merge through sd-mecha's key aliases: every base key lists
+its other spellings (the canonical forms of :mod:`ortho_mecha.validate`). Every key is optional: a
+model lacking a key contributes nothing to it and the merge executor copies it from the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import sd_mecha
+from sd_mecha.extensions import model_configs
+from sd_mecha.extensions.model_configs import KeyMetadata, ModelComponent, ModelConfig, ModelConfigImpl
+
+from ortho_mecha import arch as arch_mod
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.io import DTYPES, Model
+from ortho_mecha.validate import CHECKPOINT_MIN_PREFIXED, DIFFUSION_PREFIX, MIN_SHARED, canonical_key
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION = "ortho_mecha"
+COMPONENT = "weights"
+
+
+def _spellings(canon: str) -> set[str]:
+    """Every spelling of a canonical diffusion key: with and without the prefix, norm ``.weight`` or ``.scale``."""
+    forms = {canon}
+    stem, _, last = canon.rpartition(".")
+    if last == "weight" and "norm" in stem.rsplit(".", 1)[-1]:
+        forms.add(f"{stem}.scale")
+    return forms | {DIFFUSION_PREFIX + form for form in forms}
+
+
+def key_aliases(keys: list[str]) -> dict[str, tuple[str, ...]]:
+    """The other spellings each base key may have in a model file (never another base key, never shared)."""
+    checkpoint = sum(k.startswith(DIFFUSION_PREFIX) for k in keys) > CHECKPOINT_MIN_PREFIXED
+    candidates: dict[str, set[str]] = {}
+    for key in keys:
+        if checkpoint and not key.startswith(DIFFUSION_PREFIX):
+            candidates[key] = set()  # text encoder / VAE keys of a checkpoint keep their one name
+            continue
+        bare = key.removeprefix(DIFFUSION_PREFIX)
+        candidates[key] = _spellings(canonical_key(bare)) - {key}
+    taken = set(keys)
+    claims = Counter(alias for aliases in candidates.values() for alias in aliases)
+    return {
+        key: tuple(sorted(a for a in aliases if a not in taken and claims[a] == 1))
+        for key, aliases in candidates.items()
+    }
+
+
+def config_identifier(model: Model) -> str:
+    """``<arch>+<hash of keys and shapes>-ortho_mecha``: the same layout gives the same identifier."""
+    digest = hashlib.sha256()
+    for key in sorted(model.tensors):
+        digest.update(f"{key}\t{list(model.tensors[key].shape)}\n".encode())
+    canonical = {canonical_key(k.removeprefix(DIFFUSION_PREFIX)): t.shape for k, t in model.tensors.items()}
+    arch = arch_mod.detect(canonical).replace("-", "_")
+    return f"{arch}+{digest.hexdigest()[:16]}-{IMPLEMENTATION}"
+
+
+def _open(path: str | Path) -> Model:
+    model = Model(path)
+    if model.scaled_fp8:
+        raise OrthoMechaError(
+            "scaled fp8 model (fp8 weights with per-key scale tensors): sd-mecha would read the raw fp8 values "
+            "without their scales. Analysis handles it, but to merge it save a dequantised bf16/fp16 copy first",
+            model.path,
+        )
+    if len(model.files) > 1:
+        raise OrthoMechaError("sharded model: merging needs a single .safetensors file", model.path)
+    return model
+
+
+def derive_config(base: str | Path) -> ModelConfig:
+    """The sd-mecha config of ``base``'s layout, read from its header only."""
+    with _open(base) as model:
+        keys = list(model.tensors)
+        aliases = key_aliases(keys)
+        metadata = {
+            key: KeyMetadata(
+                shape=list(model.tensors[key].shape),
+                dtype=DTYPES[model.tensors[key].dtype],
+                aliases=aliases[key],
+                optional=True,
+            )
+            for key in keys
+        }
+        identifier = config_identifier(model)
+    if not metadata:
+        raise OrthoMechaError("holds no tensors", base)
+    return ModelConfigImpl(identifier, {COMPONENT: ModelComponent(metadata)})
+
+
+def _layout(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """What identifies a derived config: keys, shapes and aliases (the dtype is only a hint to sd-mecha)."""
+    return {key: (tuple(meta.shape), tuple(meta.aliases)) for key, meta in config.keys().items()}
+
+
+def register_base_config(base: str | Path) -> str:
+    """Derive ``base``'s config and register it with sd-mecha (once per layout); return its identifier."""
+    config = derive_config(base)
+    try:
+        known = model_configs.resolve(config.identifier)
+    except KeyError:
+        model_configs.register(config)
+        logger.debug("registered sd-mecha config %s from %s", config.identifier, base)
+        return config.identifier
+    if _layout(known) != _layout(config):
+        raise OrthoMechaError(f"sd-mecha already has a different config named {config.identifier}", base)
+    return config.identifier
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """How one model's keys line up with the base config."""
+
+    path: str
+    shared: int
+    missing: int
+    extra: int
+
+
+def check_model(config_id: str, base: str | Path, path: str | Path) -> KeyCheck:
+    """Line ``path`` up against the base config as sd-mecha will (key, then aliases); raise on any shape
+    mismatch, on fewer than half the base's keys shared, and on files sd-mecha cannot merge."""
+    config = model_configs.resolve(config_id)
+    with _open(path) as model:
+        tensors = model.tensors
+        shared = 0
+        claimed: set[str] = set()
+        for key, meta in config.keys().items():
+            found = next((name for name in (key, *meta.aliases) if name in tensors), None)
+            if found is None:
+                continue
+            claimed.add(found)
+            if tuple(tensors[found].shape) != tuple(meta.shape):
+                raise OrthoMechaError(
+                    f"key '{found}' has shape {list(tensors[found].shape)} but the base {base} has "
+                    f"{list(meta.shape)} for '{key}': is it the same architecture?",
+                    path,
+                )
+            shared += 1
+    total = len(config.keys())
+    if shared < MIN_SHARED * total:
+        raise OrthoMechaError(
+            f"shares only {shared} of the {total} keys of the base {base} ({shared / total:.0%} < 50%): "
+            "is it the same architecture?",
+            path,
+        )
+    return KeyCheck(str(path), shared, total - shared, len(set(tensors) - claimed))
+
+
+def model_node(path: str | Path, config_id: str, merge_space: str = "weight") -> sd_mecha.RecipeNode:
+    """An sd-mecha model node bound to the derived config (never a guessed built-in one)."""
+    return sd_mecha.model(Path(path), config=config_id, merge_space=merge_space)
