@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK = 1 << 17
 SNR_CAP = 1e4
 ENERGY = 0.90
+SIGNAL_COLUMNS_PER_ROW = 2  # signal Gram estimated from 2 × (short side) columns of the long side
 OUTLIER_KEYS_LISTED = 5
 
 Progress = Callable[[dict], None]
@@ -91,12 +92,23 @@ def _signal_keys(alignment: Alignment, k: int) -> list[str]:
     return sorted(candidates, key=lambda c: (-math.prod(shapes[c]), c))[:k]
 
 
-def singular_energy(delta: torch.Tensor) -> np.ndarray:
-    """σ² of a matrix (conv kernels flattened to out × rest), descending, from the smaller Gram in float64."""
-    m = delta.reshape(delta.shape[0], -1).to(torch.float64)
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+def singular_energy(delta: torch.Tensor, columns: int | None = None, seed: int = 0) -> np.ndarray:
+    """σ² of a matrix (conv kernels flattened to out × rest), descending, from the Gram of its smaller side.
+
+    With ``columns`` set and the long side longer than that, the Gram is estimated from that many
+    columns of the long side drawn at random (scaled by long/columns: an unbiased estimate of the
+    Gram, so of its spectrum's shape), which is what keeps the signal figures cheap on huge keys.
+    """
+    m = delta.reshape(delta.shape[0], -1)
+    if m.shape[0] > m.shape[1]:
+        m = m.T
+    long = m.shape[1]
+    if columns is not None and long > columns:
+        pick = torch.randperm(long, generator=torch.Generator().manual_seed(seed))[:columns]
+        m = m[:, pick] * math.sqrt(long / columns)
+    gram = (m @ m.T).to(torch.float32)  # energy shares need ~1e-6 of the largest σ²: float32 suffices
     values = torch.linalg.eigvalsh(gram).clamp_min(0).flip(0)
-    return values.numpy()
+    return values.to(torch.float64).numpy()
 
 
 def signal_figures(energies: np.ndarray) -> tuple[float, float]:
@@ -302,14 +314,15 @@ def _finish_row_stats(
         figures = []
         for canon in signal_keys:
             base_name = alignment.maps[0].keys[canon]
-            delta = torch.zeros(alignment.base.tensors[base_name].shape, dtype=torch.float64)
+            delta = torch.zeros(alignment.base.tensors[base_name].shape, dtype=dtype)
             for i in terms:
                 name = alignment.maps[file_maps[i]].keys.get(canon)
                 if name is not None:
-                    delta += rows_t[r, i] * files[i].read_tensor(name, torch.float64)
+                    delta += rows_t[r, i] * files[i].read_tensor(name, dtype)
             if len(terms) == 1:
-                delta -= alignment.base.read_tensor(base_name, torch.float64)
-            figures.append(signal_figures(singular_energy(delta)))
+                delta -= alignment.base.read_tensor(base_name, dtype)
+            small_side = min(delta.shape[0], delta[0].numel())
+            figures.append(signal_figures(singular_energy(delta, columns=SIGNAL_COLUMNS_PER_ROW * small_side)))
         if figures:
             stats[r].effective_rank = float(np.mean([f[0] for f in figures]))
             stats[r].snr = float(np.mean([f[1] for f in figures]))
