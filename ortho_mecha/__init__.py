@@ -23,7 +23,7 @@ _METHODS = "ortho_mecha.methods"
 class _RegisterAfterSdMecha(importlib.abc.MetaPathFinder):
     """Import ``ortho_mecha.methods`` right after sd-mecha itself has finished importing."""
 
-    def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001 - importlib protocol
+    def find_spec(self, fullname: str, path=None, target=None):
         if fullname != _SD_MECHA:
             return None
         sys.meta_path.remove(self)
