@@ -1,0 +1,798 @@
+"""Previewing a model through the user's running ComfyUI.
+
+Configuration: ``COMFYUI_API`` (default ``http://127.0.0.1:8188``) is the server, ``COMFYUI_DIR`` its
+install folder (the one holding ``models/``). With ``COMFYUI_DIR`` set, the model file is made visible
+to ComfyUI by a symbolic link under its own name in ``models/diffusion_models`` (UNETLoader families)
+or ``models/checkpoints`` (SD1.5, SDXL) — a hard link or a copy where links are not allowed — and the
+user's file is never moved or changed; :func:`unlink_model` removes it again.
+
+A preview is: ``GET /object_info`` (every node class and every file name the graph uses is checked
+against it, both combo encodings understood), ``POST /prompt``, polling ``/history/{id}`` and
+``/queue`` under a time limit, then ``/view`` for the images. Every failure — server down, slow, gone
+mid-job, a refused graph, an execution error — is one :class:`OrthoMechaError` naming the server and
+the cause. :class:`ComfyClient` is the thin HTTP layer; :func:`run_preview` is the whole job for one
+model file and returns the image bytes with what was run, for the CLI, the dashboard and sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.workflows import (
+    FILE_FOLDERS,
+    Bindings,
+    Graph,
+    ModelFacts,
+    PreviewSettings,
+    Resolved,
+    apply_bindings,
+    arch_id,
+    arch_spec,
+    find_bindings,
+    load_workflow,
+    parse_size,
+    resolve,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_API = "http://127.0.0.1:8188"
+HTTP_TIMEOUT = 30.0
+DEFAULT_TIME_LIMIT = 600.0
+LIST_LIMIT = 12  # options quoted in a message
+
+
+def comfy_api(override: str | None = None) -> str:
+    """The ComfyUI URL: ``override``, else ``$COMFYUI_API``, else the local default."""
+    return (override or os.environ.get("COMFYUI_API", "").strip() or DEFAULT_API).rstrip("/")
+
+
+def comfy_dir(override: str | Path | None = None) -> Path | None:
+    """ComfyUI's install folder: ``override``, else ``$COMFYUI_DIR``, else None (no linking)."""
+    configured = str(override) if override else os.environ.get("COMFYUI_DIR", "").strip()
+    if not configured:
+        return None
+    path = Path(configured).expanduser()
+    if not (path / "models").is_dir():
+        raise OrthoMechaError(
+            "is not a ComfyUI folder (it has no models/ folder); set COMFYUI_DIR to the folder that holds ComfyUI's "
+            "main.py and models/",
+            path,
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP
+
+
+class ComfyUnreachable(OrthoMechaError):
+    """No connection to ComfyUI (refused, reset, name not found)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"ComfyUI at {url} is not reachable ({reason}); start ComfyUI, or point COMFYUI_API / --api at it"
+        )
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image an output node produced, as ``/history`` lists it."""
+
+    node: str
+    filename: str
+    subfolder: str
+    kind: str  # "output" (SaveImage) or "temp" (PreviewImage)
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a prompt is: ``running``, or ``pending`` with ``ahead`` jobs before it."""
+
+    state: str
+    ahead: int
+
+
+class ComfyClient:
+    """A small client for ComfyUI's HTTP API; ``timeout`` bounds each request, in seconds."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = HTTP_TIMEOUT) -> None:
+        self.base_url = comfy_api(base_url)
+        if not self.base_url.startswith(("http://", "https://")):
+            raise OrthoMechaError(f"ComfyUI address '{self.base_url}' must start with http:// or https://")
+        if timeout <= 0:
+            raise OrthoMechaError(f"the request timeout must be positive, got {timeout}")
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+        self.session = requests.Session()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        url = self.base_url + path
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.Timeout:
+            raise OrthoMechaError(
+                f"ComfyUI at {self.base_url} did not answer {method} {path} within {self.timeout:g} s; it may be busy "
+                "(loading a model) or stuck"
+            ) from None
+        except requests.ConnectionError as exc:
+            text = str(exc).lower()
+            reason = "connection refused" if "refused" in text else "connection failed"
+            if "remotedisconnected" in text or "reset" in text or "aborted" in text:
+                reason = "connection dropped"
+            raise ComfyUnreachable(self.base_url, reason) from None
+        except requests.RequestException as exc:
+            raise OrthoMechaError(f"ComfyUI at {self.base_url}: {method} {path} failed ({exc})") from None
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._request(method, path, **kwargs)
+        if response.status_code != 200:
+            raise self._http_error(method, path, response)
+        try:
+            return response.json()
+        except ValueError:
+            raise OrthoMechaError(
+                f"ComfyUI at {self.base_url} sent something that is not JSON for {method} {path}; is that address "
+                "a ComfyUI server?"
+            ) from None
+
+    def _post(self, path: str, body: Mapping[str, Any]) -> None:
+        response = self._request("POST", path, json=body)
+        if response.status_code != 200:
+            raise self._http_error("POST", path, response)
+
+    def _http_error(self, method: str, path: str, response: requests.Response) -> OrthoMechaError:
+        first_line = response.text.strip().splitlines()[0][:200] if response.text.strip() else "no body"
+        return OrthoMechaError(
+            f"ComfyUI at {self.base_url} answered {response.status_code} to {method} {path} ({first_line})"
+        )
+
+    def object_info(self) -> dict[str, Any]:
+        """Every node class with its input specs (file lists included)."""
+        return self._json("GET", "/object_info")
+
+    def node_info(self, class_type: str) -> dict[str, Any] | None:
+        """One node class's spec, or None when the server has no such class."""
+        return self._json("GET", f"/object_info/{class_type}").get(class_type)
+
+    def models(self, folder: str) -> list[str]:
+        """The files ComfyUI lists in one models folder (``checkpoints``, ``diffusion_models``, ...)."""
+        return self._json("GET", f"/models/{folder}")
+
+    def system_stats(self) -> dict[str, Any]:
+        return self._json("GET", "/system_stats")
+
+    def queue_prompt(self, graph: Graph) -> str:
+        """Queue an API-format graph; return its prompt id. A refused graph raises with ComfyUI's reasons."""
+        response = self._request("POST", "/prompt", json={"prompt": graph, "client_id": self.client_id})
+        if response.status_code == 400:
+            try:
+                payload = response.json()
+            except ValueError:
+                raise self._http_error("POST", "/prompt", response) from None
+            raise OrthoMechaError(describe_prompt_error(payload, self.base_url))
+        if response.status_code != 200:
+            raise self._http_error("POST", "/prompt", response)
+        payload = response.json()
+        if payload.get("node_errors"):
+            logger.warning("ComfyUI runs only part of the workflow: %s", _node_errors(payload["node_errors"]))
+        return str(payload["prompt_id"])
+
+    def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The finished prompt's history entry, or None while it is queued, running or unknown."""
+        return self._json("GET", f"/history/{prompt_id}").get(prompt_id)
+
+    def place(self, prompt_id: str) -> QueuePlace | None:
+        """Where ``prompt_id`` is in ComfyUI's queue, or None when it is not there."""
+        queue = self._json("GET", "/queue")
+        running = queue.get("queue_running", [])
+        if any(item[1] == prompt_id for item in running):
+            return QueuePlace("running", 0)
+        pending = queue.get("queue_pending", [])
+        mine = [item[0] for item in pending if item[1] == prompt_id]
+        if not mine:
+            return None
+        return QueuePlace("pending", len(running) + sum(1 for item in pending if item[0] < mine[0]))
+
+    def view(self, image: ImageRef) -> bytes:
+        """The bytes of one output image."""
+        params = {"filename": image.filename, "subfolder": image.subfolder, "type": image.kind}
+        response = self._request("GET", "/view", params=params)
+        if response.status_code != 200:
+            raise OrthoMechaError(
+                f"ComfyUI at {self.base_url} listed the image {image.filename} but /view answered "
+                f"{response.status_code}; was its {image.kind} folder cleared?"
+            )
+        return response.content
+
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Stop the running prompt (only ``prompt_id``, when given and the server supports that)."""
+        self._post("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def cancel(self, prompt_id: str) -> None:
+        """Take ``prompt_id`` out of the queue, or interrupt it if it is running."""
+        place = self.place(prompt_id)
+        if place is None:
+            return
+        if place.state == "pending":
+            self._post("/queue", {"delete": [prompt_id]})
+        else:
+            self.interrupt(prompt_id)
+
+
+def _node_errors(node_errors: Mapping[str, Any]) -> str:
+    parts = []
+    for node_id, entry in node_errors.items():
+        class_type = entry.get("class_type", "?")
+        for error in entry.get("errors", []):
+            details = error.get("details") or ""
+            parts.append(
+                f"node {node_id} ({class_type}): {error.get('message', 'invalid')}{': ' if details else ''}{details}"
+            )
+    return "; ".join(parts)
+
+
+def missing_node_message(url: str, class_type: str, node: str | None) -> str:
+    used_by = f"workflow node {node}" if node is not None else "the built-in workflow uses it"
+    return (
+        f"ComfyUI at {url} has no node '{class_type}' ({used_by}); install the custom node that provides it, or "
+        "update ComfyUI"
+    )
+
+
+def describe_prompt_error(payload: Mapping[str, Any], url: str) -> str:
+    """One readable sentence from ComfyUI's 400 envelope ``{"error": {...}, "node_errors": {...}}``."""
+    error = payload.get("error") or {}
+    if isinstance(error, str):
+        return f"ComfyUI at {url} refused the workflow: {error}"
+    kind = error.get("type")
+    extra = error.get("extra_info") or {}
+    if kind == "missing_node_type":
+        return missing_node_message(url, extra.get("class_type", "?"), extra.get("node_id", "?"))
+    if kind == "prompt_no_outputs":
+        return f"ComfyUI at {url} refused the workflow: it has no output node; add a SaveImage or PreviewImage node"
+    described = _node_errors(payload.get("node_errors") or {})
+    if described:
+        return f"ComfyUI at {url} refused the workflow: {described}"
+    details = error.get("details") or ""
+    return f"ComfyUI at {url} refused the workflow: {error.get('message', 'no reason given')}" + (
+        f" ({details})" if details else ""
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# /object_info
+
+
+def input_spec(info: Mapping[str, Any], class_type: str, name: str) -> list[Any] | None:
+    """The spec of one input (required or optional) of a node class, or None."""
+    inputs = info.get(class_type, {}).get("input", {})
+    for group in ("required", "optional"):
+        spec = (inputs.get(group) or {}).get(name)
+        if spec is not None:
+            return spec
+    return None
+
+
+def combo_options(spec: object) -> list[str] | None:
+    """The options of a combo input in either encoding: legacy ``[[...], {...}]`` or V3 ``["COMBO", {"options"}]``."""
+    if not isinstance(spec, list) or not spec:
+        return None
+    if isinstance(spec[0], list):
+        return [str(option) for option in spec[0]]
+    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
+        return [str(option) for option in spec[1].get("options", [])]
+    return None
+
+
+def _listing(options: Sequence[str]) -> str:
+    shown = ", ".join(options[:LIST_LIMIT]) or "nothing"
+    return shown + (f", ... ({len(options)} in all)" if len(options) > LIST_LIMIT else "")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something in a graph the server cannot run."""
+
+    kind: str  # missing_class | missing_input | dangling_link | not_in_list
+    node: str
+    class_type: str
+    input: str = ""
+    value: object = None
+    options: tuple[str, ...] = ()
+
+
+def find_problems(graph: Graph, info: Mapping[str, Any]) -> list[Problem]:
+    """Check every node class exists, required inputs are set, links point at nodes and combo values are offered."""
+    problems: list[Problem] = []
+    for node_id, node in graph.items():
+        class_type = node["class_type"]
+        if class_type not in info:
+            problems.append(Problem("missing_class", node_id, class_type))
+            continue
+        inputs = node.get("inputs", {})
+        for name in info[class_type].get("input", {}).get("required", {}):
+            if name not in inputs:
+                problems.append(Problem("missing_input", node_id, class_type, name))
+        for name, value in inputs.items():
+            if isinstance(value, list):
+                if value and str(value[0]) not in graph:
+                    problems.append(Problem("dangling_link", node_id, class_type, name, value[0]))
+                continue
+            options = combo_options(input_spec(info, class_type, name))
+            if options is not None and str(value) not in options:
+                problems.append(Problem("not_in_list", node_id, class_type, name, value, tuple(options)))
+    return problems
+
+
+def describe_problem(problem: Problem, url: str, model_hint: str) -> str:
+    """A sentence for one problem; ``model_hint`` says how to make a missing model file visible."""
+    p = problem
+    where = f"node {p.node} ({p.class_type})"
+    if p.kind == "missing_class":
+        return missing_node_message(url, p.class_type, p.node)
+    if p.kind == "missing_input":
+        return f"{where} lacks its required input '{p.input}'"
+    if p.kind == "dangling_link":
+        return f"{where} input '{p.input}' links to node {p.value}, which is not in the workflow"
+    folder = FILE_FOLDERS.get(p.input)
+    if p.input in ("unet_name", "ckpt_name"):
+        return f"model '{p.value}' is not in ComfyUI's {folder} list (ComfyUI at {url}); {model_hint}"
+    if folder is not None:
+        role, flag = {
+            "text_encoders": ("text encoder", " or choose another with --clip"),
+            "vae": ("VAE", " or choose another with --vae"),
+        }.get(folder, (folder, ""))
+        return (
+            f"{role} '{p.value}' is not in ComfyUI's {folder} list (it has: {_listing(p.options)}); put it in "
+            f"ComfyUI's models/{folder}{flag}"
+        )
+    return (
+        f"{where} input '{p.input}' is '{p.value}', which ComfyUI does not offer (choose one of: {_listing(p.options)})"
+    )
+
+
+def _options(info: Mapping[str, Any], class_type: str, name: str, url: str) -> list[str]:
+    if class_type not in info:
+        raise OrthoMechaError(missing_node_message(url, class_type, None))
+    return combo_options(input_spec(info, class_type, name)) or []
+
+
+# --------------------------------------------------------------------------------------------------
+# Making the model file visible to ComfyUI
+
+
+@dataclass(frozen=True)
+class LinkResult:
+    """How ComfyUI sees the model: the name it lists, the entry in its folder, and how it got there."""
+
+    name: str
+    path: Path
+    method: str  # symlink | hardlink | copy | in place
+    created: bool  # made by this call (and so to be removed after the preview)
+
+
+def _inside(path: Path, root: Path) -> str | None:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
+
+
+def _models_folder(comfy: Path, folder: str) -> Path:
+    if not (comfy / "models").is_dir():
+        raise OrthoMechaError("is not a ComfyUI folder (it has no models/ folder); fix COMFYUI_DIR", comfy)
+    target = comfy / "models" / folder
+    target.mkdir(exist_ok=True)
+    return target
+
+
+def _in_place_name(model: Path, root: Path) -> str | None:
+    """The name ComfyUI already lists ``model`` under, when the file (or its real target) lies in ``root``."""
+    root = root.resolve()
+    return _inside(model.parent.resolve() / model.name, root) or _inside(model.resolve(), root)
+
+
+def _links_to(entry: Path, model: Path) -> str | None:
+    """How ``entry`` (in ComfyUI's folder) gives ``model``: symlink, hardlink, copy, or None when it does not."""
+    if entry.is_symlink():
+        return "symlink" if entry.resolve() == model.resolve() else None
+    if not entry.is_file():
+        return None
+    if os.path.samefile(entry, model):
+        return "hardlink"
+    a, b = entry.stat(), model.stat()
+    return "copy" if (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns) else None
+
+
+def link_model(model: str | Path, comfy: str | Path, folder: str) -> LinkResult:
+    """Make ``model`` appear in ComfyUI's ``models/<folder>`` under its own name, without moving it.
+
+    A symbolic link first; a hard link, then a copy (same size and modification time, so it is
+    recognised later) where links are not allowed. A file already there under that name is reused when
+    it is this model (link, hard link or such a copy) and refused otherwise.
+    """
+    model, comfy = Path(model).absolute(), Path(comfy)
+    if not model.is_file():
+        raise OrthoMechaError("no such model file", model)
+    folder_dir = _models_folder(comfy, folder)
+    in_place = _in_place_name(model, folder_dir)
+    if in_place is not None:
+        return LinkResult(in_place, model, "in place", created=False)
+    entry = folder_dir / model.name
+    if entry.is_symlink() or entry.exists():
+        method = _links_to(entry, model)
+        if method is None:
+            raise OrthoMechaError(
+                f"ComfyUI's {folder} folder already has a different '{model.name}' ({entry}); rename your model or "
+                "remove that file",
+                model,
+            )
+        return LinkResult(model.name, entry, method, created=False)
+    for method, make in (("symlink", os.symlink), ("hardlink", os.link), ("copy", shutil.copy2)):
+        try:
+            make(model, entry)
+        except (OSError, NotImplementedError) as exc:
+            logger.info("cannot %s %s into %s (%s); trying the next way", method, model, folder_dir, exc)
+            if method == "copy":
+                entry.unlink(missing_ok=True)  # a half-written copy
+            continue
+        logger.info("%s %s → %s", method, model, entry)
+        return LinkResult(model.name, entry, method, created=True)
+    raise OrthoMechaError(f"cannot link or copy the model into {folder_dir}; check its permissions", model)
+
+
+def unlink_model(model: str | Path, comfy: str | Path, folder: str) -> bool:
+    """Remove what :func:`link_model` put in ComfyUI's folder for ``model``; never the model itself.
+
+    Returns whether something was removed. An entry of that name which is not this model's link or
+    copy is left alone and reported.
+    """
+    model, comfy = Path(model).absolute(), Path(comfy)
+    folder_dir = comfy / "models" / folder
+    if _in_place_name(model, folder_dir) is not None:
+        return False
+    entry = folder_dir / model.name
+    if not (entry.is_symlink() or entry.exists()):
+        return False
+    if not model.is_file() or _links_to(entry, model) is None:
+        raise OrthoMechaError(f"{entry} is not a link to or copy of this model; left it alone", model)
+    entry.unlink()
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Running one preview
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A poll's view of the job: ``pending`` (with jobs ahead) or ``running``, and seconds since queueing."""
+
+    prompt_id: str
+    state: str
+    ahead: int
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class PreviewImage:
+    """One image, as bytes, and where ComfyUI keeps it."""
+
+    data: bytes
+    ref: ImageRef
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.ref.filename).suffix or ".png"
+
+
+@dataclass(frozen=True)
+class PreviewResult:
+    """What was run and what came out."""
+
+    model: Path
+    model_name: str  # the name ComfyUI knows the model by
+    arch: str
+    prompt_id: str
+    graph: Graph
+    seed: int
+    resolved: Resolved | None  # None for the user's own workflow
+    images: list[PreviewImage] = field(default_factory=list)
+    link: LinkResult | None = None
+
+
+def _finished(entry: Mapping[str, Any], prompt_id: str, url: str) -> Mapping[str, Any]:
+    """Return a successful history entry; raise with ComfyUI's own reason for a failed one."""
+    status = entry.get("status") or {}
+    if status.get("status_str") != "error":
+        return entry
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            message = " ".join(str(data.get("exception_message", "")).split())
+            raise OrthoMechaError(
+                f"ComfyUI at {url} failed running node {data.get('node_id', '?')} ({data.get('node_type', '?')}): "
+                f"{data.get('exception_type', 'error')}: {message or 'no message'}"
+            )
+        if kind == "execution_interrupted":
+            raise OrthoMechaError(
+                f"ComfyUI at {url} interrupted prompt {prompt_id} (cancelled in ComfyUI or by /interrupt)"
+            )
+    raise OrthoMechaError(f"ComfyUI at {url} reports prompt {prompt_id} failed, without saying why; see its console")
+
+
+def wait_for(
+    client: ComfyClient,
+    prompt_id: str,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    progress: Callable[[Progress], None] | None = None,
+    poll_interval: float = 0.5,
+) -> Mapping[str, Any]:
+    """Poll until ``prompt_id`` is in the history; cancel it and raise after ``time_limit`` seconds."""
+    url = client.base_url
+    start = time.monotonic()
+    try:
+        while True:
+            entry = client.history(prompt_id)
+            if entry is not None:
+                return _finished(entry, prompt_id, url)
+            place = client.place(prompt_id)
+            if place is None:
+                entry = client.history(prompt_id)  # it may have finished between the two requests
+                if entry is not None:
+                    return _finished(entry, prompt_id, url)
+                raise OrthoMechaError(
+                    f"ComfyUI at {url} lost prompt {prompt_id}: it is neither queued nor in the history (was ComfyUI "
+                    "restarted or its queue cleared?)"
+                )
+            elapsed = time.monotonic() - start
+            if progress is not None:
+                progress(Progress(prompt_id, place.state, place.ahead, elapsed))
+            if elapsed > time_limit:
+                client.cancel(prompt_id)
+                raise OrthoMechaError(
+                    f"ComfyUI at {url} did not finish prompt {prompt_id} within {time_limit:g} s, so it was cancelled; "
+                    "allow more time with --timeout"
+                )
+            time.sleep(poll_interval)
+    except ComfyUnreachable as exc:
+        raise OrthoMechaError(
+            f"ComfyUI at {url} stopped answering while prompt {prompt_id} was queued or running ({exc.reason}); it "
+            "may have crashed or been restarted, see its console"
+        ) from None
+    except KeyboardInterrupt:
+        try:
+            client.cancel(prompt_id)
+        except OrthoMechaError:
+            logger.warning("could not cancel prompt %s on %s", prompt_id, url)
+        raise
+
+
+def image_refs(entry: Mapping[str, Any]) -> list[ImageRef]:
+    """The images a finished prompt produced, by output node id."""
+    refs = []
+    outputs = entry.get("outputs") or {}
+    for node_id in sorted(outputs, key=lambda n: (len(n), n)):
+        for image in outputs[node_id].get("images", []):
+            refs.append(ImageRef(node_id, image["filename"], image.get("subfolder", ""), image.get("type", "output")))
+    return refs
+
+
+def read_model_facts(model: Path, arch: str) -> ModelFacts:
+    """The variant hints the built-in workflows use (Flux.2 text width, Flux.1 guidance), from the file's header."""
+    if arch not in ("flux1", "flux2-klein") or model.suffix.lower() != ".safetensors":
+        return ModelFacts()
+    from ortho_mecha.io import parse_header  # imports torch; only needed here
+
+    tensors, _ = parse_header(model)
+
+    def find(key: str) -> Any:  # a bare diffusion model, or a checkpoint's
+        return tensors.get(key) or tensors.get(f"model.diffusion_model.{key}")
+
+    txt_in = find("txt_in.weight")
+    text_dim = txt_in.shape[1] if txt_in is not None and len(txt_in.shape) == 2 else None
+    return ModelFacts(text_dim=text_dim, guidance=find("guidance_in.in_layer.weight") is not None)
+
+
+def run_preview(
+    model: str | Path,
+    arch: str,
+    settings: PreviewSettings,
+    *,
+    client: ComfyClient,
+    comfy: Path | None = None,
+    workflow: Graph | None = None,
+    bindings: Bindings | None = None,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    progress: Callable[[Progress], None] | None = None,
+    keep_link: bool = False,
+    poll_interval: float = 0.5,
+) -> PreviewResult:
+    """Render ``model`` with ``arch``'s built-in workflow, or with the user's own ``workflow``.
+
+    With ``comfy`` (ComfyUI's folder) the model is linked into its models folder first and, unless
+    ``keep_link``, unlinked afterwards (only if this call made the link). Returns the image bytes.
+    """
+    model = Path(model)
+    if not model.is_file():
+        raise OrthoMechaError("no such model file", model)
+    arch = arch_id(arch)
+    url = client.base_url
+    if workflow is None:
+        spec = arch_spec(arch)
+        model_class, model_input = spec.loader, spec.model_input
+    else:
+        overridden = [
+            flag
+            for flag, value in (
+                ("--steps", settings.steps),
+                ("--cfg", settings.cfg),
+                ("--size", settings.size),
+                ("--vae", settings.vae),
+            )
+            if value is not None
+        ]
+        overridden += ["--clip"] if settings.clip else []
+        if overridden:
+            raise OrthoMechaError(
+                f"{', '.join(overridden)} cannot be applied to your own workflow; set those values in ComfyUI and "
+                'export it again with "Save (API)"'
+            )
+        bindings = bindings or find_bindings(workflow)
+        model_class, model_input = workflow[bindings.model.node]["class_type"], bindings.model.input
+    folder = FILE_FOLDERS.get(model_input)
+    info = client.object_info()
+    link: LinkResult | None = None
+    if comfy is not None:
+        if folder is None:
+            raise OrthoMechaError(
+                f"cannot tell which ComfyUI models folder {model_class}.{model_input} reads; put the model there "
+                "yourself and unset COMFYUI_DIR"
+            )
+        link = link_model(model, comfy, folder)
+        model_name = link.name
+        if link.created:
+            info = client.object_info()  # the file lists changed
+        model_hint = (
+            f"it is linked as {link.path}, yet ComfyUI does not list it: is COMFYUI_DIR ({comfy}) the folder of the "
+            f"ComfyUI at {url}?"
+        )
+    else:
+        model_name = model.name
+        model_hint = (
+            "set COMFYUI_DIR so ortho-mecha can link it, or copy it to <ComfyUI folder>/models/"
+            f"{folder or '<the loader folder>'}"
+        )
+    try:
+        resolved: Resolved | None = None
+        if workflow is None:
+            te_options: list[str] = []
+            if len(spec.text_encoders) == 2:
+                te_options = _options(info, "DualCLIPLoader", "clip_name1", url)
+            elif spec.text_encoders:
+                te_options = _options(info, "CLIPLoader", "clip_name", url)
+            vae_options = _options(info, "VAELoader", "vae_name", url) if spec.vae or settings.vae else []
+            resolved = resolve(spec, settings, te_options, vae_options, read_model_facts(model, arch))
+            graph = spec.build(model_name, resolved)
+        else:
+            graph = apply_bindings(workflow, bindings, model_name, settings)
+        problems = find_problems(graph, info)
+        if problems:
+            raise OrthoMechaError("; ".join(describe_problem(p, url, model_hint) for p in problems))
+        prompt_id = client.queue_prompt(graph)
+        logger.info("queued prompt %s on %s", prompt_id, url)
+        entry = wait_for(client, prompt_id, time_limit, progress, poll_interval)
+        refs = image_refs(entry)
+        if not refs:
+            raise OrthoMechaError(
+                f"ComfyUI at {url} finished prompt {prompt_id} without images; does the workflow end in SaveImage or "
+                "PreviewImage?"
+            )
+        images = [PreviewImage(client.view(ref), ref) for ref in refs]
+    finally:
+        if link is not None and link.created and not keep_link:
+            unlink_model(model, comfy, folder)
+    return PreviewResult(model, model_name, arch, prompt_id, graph, settings.seed, resolved, images, link)
+
+
+def save_images(images: Sequence[PreviewImage], out_dir: str | Path, stem: str) -> list[Path]:
+    """Write the images as ``<stem>_<n>.png`` in ``out_dir``, never over an existing file."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot create the output folder ({exc.strerror or exc})", out_dir) from None
+    written: list[Path] = []
+    number = 1
+    for image in images:
+        while True:
+            path = out_dir / f"{stem}_{number:03d}{image.suffix}"
+            number += 1
+            try:
+                with open(path, "xb") as fh:
+                    fh.write(image.data)
+            except FileExistsError:
+                continue
+            written.append(path)
+            break
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _print_progress() -> Callable[[Progress], None]:
+    last: list[tuple[str, int]] = []
+
+    def show(p: Progress) -> None:
+        now = (p.state, p.ahead)
+        if last and last[-1] == now:
+            return
+        last.append(now)
+        where = "running" if p.state == "running" else f"queued, {p.ahead} job(s) ahead"
+        print(f"ortho-mecha: prompt {p.prompt_id} {where}", file=sys.stderr)
+
+    return show
+
+
+def cli_preview(args: argparse.Namespace) -> int:
+    """``ortho-mecha preview``: render one preview through ComfyUI and write the images to ``--out``."""
+    if args.timeout <= 0:
+        raise OrthoMechaError(f"--timeout must be positive, got {args.timeout}")
+    marks = {"model": args.set_model, "prompt": args.set_prompt, "negative": args.set_negative, "seed": args.set_seed}
+    settings = PreviewSettings(
+        prompt=args.prompt,
+        negative=args.negative,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        size=parse_size(args.size) if args.size else None,
+        clip=tuple(args.clip or ()),
+        vae=args.vae,
+    )
+    workflow = bindings = None
+    if args.workflow:
+        workflow = load_workflow(args.workflow)
+        bindings = find_bindings(workflow, **marks, path=Path(args.workflow))
+    elif any(marks.values()):
+        given = ", ".join(f"--set-{role}" for role, mark in marks.items() if mark)
+        raise OrthoMechaError(f"{given} only apply to your own workflow (--workflow FILE.json)")
+    client = ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout))
+    result = run_preview(
+        args.model,
+        args.arch,
+        settings,
+        client=client,
+        comfy=comfy_dir(args.comfy_dir),
+        workflow=workflow,
+        bindings=bindings,
+        time_limit=args.timeout,
+        progress=_print_progress(),
+        keep_link=args.keep_link,
+    )
+    if result.resolved is not None:
+        r = result.resolved
+        files = ", ".join([*r.text_encoders, *([r.vae] if r.vae else [])]) or "from the checkpoint"
+        print(
+            f"ortho-mecha: {result.arch} {r.width}x{r.height}, {r.steps} steps, cfg {r.cfg:g}, seed {r.seed}; "
+            f"text encoders/VAE: {files}",
+            file=sys.stderr,
+        )
+    for path in save_images(result.images, args.out, f"{result.model.stem}_seed{result.seed}"):
+        print(path)
+    return 0

@@ -1,0 +1,694 @@
+"""ComfyUI workflows in API format: one built-in graph per architecture, and the user's own graphs.
+
+API format is what ComfyUI's ``POST /prompt`` takes and what its "Save (API)" menu entry writes: a
+dict of node id → ``{"class_type": ..., "inputs": {...}}``, where an input is either a literal or a
+link ``[source_node_id, output_index]``. Everything here is pure: functions take names and numbers and
+return dicts, so the CLI, the dashboard's Preview page and an alpha sweep all build the same graphs.
+
+The built-in graphs follow ComfyUI's official templates (see ``/work/shared/COMFYUI.md``):
+
+======================  ==========================  ==================================================
+arch                    loaders                     sampling (defaults)
+======================  ==========================  ==================================================
+``sd1``                 CheckpointLoaderSimple      KSampler 20 steps, cfg 8, euler/normal, 512²
+``sdxl``                CheckpointLoaderSimple      KSamplerAdvanced 25 steps, cfg 8, euler/normal, 1024²
+``flux1``               UNETLoader, DualCLIPLoader  KSampler 20 steps (schnell: 4), cfg 1, euler/simple
+                        (clip_l + t5xxl, ``flux``),
+                        VAELoader ae
+``flux2-klein``         UNETLoader, CLIPLoader      SamplerCustomAdvanced: CFGGuider cfg 5, euler,
+                        (qwen_3_4b/8b, ``flux2``),  Flux2Scheduler 20 steps (Klein base; the distilled
+                        VAELoader flux2-vae         model wants ``--steps 4 --cfg 1``)
+``chroma``              UNETLoader, CLIPLoader      SamplerCustomAdvanced: T5TokenizerOptions,
+                        (t5xxl, ``chroma``),        ModelSamplingAuraFlow 1, CFGGuider 3.5, euler,
+                        VAELoader ae                BasicScheduler beta 26 steps
+``zimage``              UNETLoader, CLIPLoader      ModelSamplingAuraFlow 3, KSampler 25 steps, cfg 4,
+                        (qwen_3_4b, ``lumina2``),   res_multistep/simple (Z-Image Base; Turbo wants
+                        VAELoader ae                ``--steps 8 --cfg 1``)
+======================  ==========================  ==================================================
+
+Negative prompt: SD1.5, SDXL and Chroma always encode one (empty text when none is given). Flux.1,
+Klein and Z-Image encode one too, except at cfg 1 with no negative text, where — as their distilled
+templates do — the negative is ``ConditioningZeroOut`` of the positive (cfg 1 ignores it anyway).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ortho_mecha.arch import ALIASES, canonical_arch
+from ortho_mecha.errors import OrthoMechaError
+
+logger = logging.getLogger(__name__)
+
+Graph = dict[str, dict[str, Any]]
+Link = list[Any]  # [source node id, output index]
+
+BUILTIN_ARCHS = ("sd1", "sdxl", "flux1", "flux2-klein", "chroma", "zimage")
+MAX_SEED = 2**64 - 1
+SAVE_PREFIX = "ortho-mecha"
+
+# Which models folder a file-name input reads from (ComfyUI's folder_paths names).
+FILE_FOLDERS = {
+    "ckpt_name": "checkpoints",
+    "unet_name": "diffusion_models",
+    "clip_name": "text_encoders",
+    "clip_name1": "text_encoders",
+    "clip_name2": "text_encoders",
+    "vae_name": "vae",
+    "lora_name": "loras",
+}
+MODEL_INPUTS = ("unet_name", "ckpt_name")
+SEED_INPUTS = ("seed", "noise_seed")
+
+
+class Wanted(NamedTuple):
+    """A kind of file ComfyUI should offer: an example name (for messages) and patterns, most preferred first.
+
+    Patterns are regular expressions searched in the lower-cased file name (without its subfolder).
+    """
+
+    example: str
+    patterns: tuple[str, ...]
+
+
+T5XXL = Wanted("t5xxl_fp16.safetensors", (r"t5xxl_fp16", r"t5xxl"))
+CLIP_L = Wanted("clip_l.safetensors", (r"^clip_l\.", r"clip_l"))
+QWEN3_4B = Wanted("qwen_3_4b.safetensors", (r"^qwen_?3_?4b\.", r"qwen_?3_?4b"))
+QWEN3_8B = Wanted("qwen_3_8b_fp8mixed.safetensors", (r"^qwen_?3_?8b\.", r"qwen_?3_?8b"))
+MISTRAL3 = Wanted("mistral_3_small_flux2_bf16.safetensors", (r"mistral_?3_?small_?flux2",))
+FLUX1_VAE = Wanted("ae.safetensors", (r"^ae\.(safetensors|sft)$", r"^flux_?1?[-_]vae"))
+FLUX2_VAE = Wanted("flux2-vae.safetensors", (r"^flux2[-_]vae", r"full_encoder_small_decoder"))
+# Flux.2 txt_in input width → its text encoder (3 stacked hidden layers of the LLM).
+FLUX2_TEXT_DIMS = {7680: QWEN3_4B, 12288: QWEN3_8B, 15360: MISTRAL3}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model file itself tells about which variant it is (``None``: not known)."""
+
+    text_dim: int | None = None  # Flux.2: txt_in.weight.shape[1]
+    guidance: bool | None = None  # Flux.1: has guidance_in (dev) or not (schnell)
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """What the user asks for; ``None`` means the architecture's default, empty ``clip`` means auto."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int | None = None
+    cfg: float | None = None
+    size: tuple[int, int] | None = None
+    clip: tuple[str, ...] = ()
+    vae: str | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Settings with every default filled in and every file chosen: exactly what goes into the graph."""
+
+    prompt: str
+    negative: str
+    seed: int
+    steps: int
+    cfg: float
+    width: int
+    height: int
+    text_encoders: tuple[str, ...]
+    vae: str | None  # None: the checkpoint's own VAE
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One architecture's built-in workflow: its loader, defaults and file preferences."""
+
+    arch: str
+    loader: str
+    steps: int
+    cfg: float
+    size: int
+    size_step: int
+    text_encoders: tuple[Wanted, ...]  # one per text-encoder slot; () = from the checkpoint
+    vae: Wanted | None  # None = from the checkpoint
+    zero_negative: bool  # ConditioningZeroOut negative at cfg 1 with no negative text
+    build: Callable[[str, Resolved], Graph]
+
+    @property
+    def model_input(self) -> str:
+        return "unet_name" if self.loader == "UNETLoader" else "ckpt_name"
+
+    @property
+    def model_folder(self) -> str:
+        return FILE_FOLDERS[self.model_input]
+
+
+def arch_id(arch: str) -> str:
+    """The canonical id of ``arch`` (aliases ``chroma-flow``, ``zimage-base`` accepted)."""
+    try:
+        return canonical_arch(arch)
+    except ValueError as exc:
+        raise OrthoMechaError(str(exc)) from None
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    """The built-in workflow of ``arch``; ``custom`` (and anything unknown) has none."""
+    arch = arch_id(arch)
+    if arch not in SPECS:
+        raise OrthoMechaError(
+            f"architecture '{arch}' has no built-in ComfyUI workflow; pass your own with --workflow FILE.json "
+            f'(exported from ComfyUI with "Save (API)"). Built-in: {", ".join(BUILTIN_ARCHS)} '
+            f"(aliases: {', '.join(ALIASES)})"
+        )
+    return SPECS[arch]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x768"`` → ``(1024, 768)``."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not match:
+        raise OrthoMechaError(f"size '{text}' is not WIDTHxHEIGHT (for example 1024x1024)")
+    return int(match.group(1)), int(match.group(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing text encoders and VAE from what ComfyUI offers
+
+
+def _file_name(option: str) -> str:
+    return option.replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+def pick_file(options: Sequence[str], wanted: Wanted) -> str | None:
+    """The option matching the earliest pattern; among equals the shortest, then alphabetical; else None."""
+    for pattern in wanted.patterns:
+        found = [o for o in options if re.search(pattern, _file_name(o))]
+        if found:
+            return min(found, key=lambda o: (len(o), o))
+    return None
+
+
+def text_encoders_wanted(spec: ArchSpec, facts: ModelFacts) -> tuple[Wanted, ...]:
+    """What each text-encoder slot wants; Flux.2 picks its LLM from the model's txt_in width."""
+    if spec.arch == "flux2-klein" and facts.text_dim is not None:
+        if facts.text_dim not in FLUX2_TEXT_DIMS:
+            known = ", ".join(str(d) for d in FLUX2_TEXT_DIMS)
+            raise OrthoMechaError(
+                f"this Flux.2 model's txt_in takes {facts.text_dim} features, which matches no known text encoder "
+                f"({known}); name the text encoder with --clip"
+            )
+        return (FLUX2_TEXT_DIMS[facts.text_dim],)
+    return spec.text_encoders
+
+
+def choose_files(
+    spec: ArchSpec,
+    settings: PreviewSettings,
+    text_encoder_options: Sequence[str],
+    vae_options: Sequence[str],
+    facts: ModelFacts = ModelFacts(),
+) -> tuple[tuple[str, ...], str | None]:
+    """The text encoders and VAE for ``spec``: the user's names, or the best match among ComfyUI's files."""
+    slots = text_encoders_wanted(spec, facts)
+    if settings.clip:
+        if len(settings.clip) != len(slots):
+            wanted = "no text encoder files (the checkpoint holds them)" if not slots else f"{len(slots)} --clip"
+            raise OrthoMechaError(f"{spec.arch} takes {wanted}, but --clip was given {len(settings.clip)} time(s)")
+        encoders = tuple(settings.clip)
+    elif spec.arch == "flux2-klein" and facts.text_dim is None:
+        encoders = (_pick_klein_encoder(text_encoder_options),)
+    else:
+        encoders = tuple(_pick_or_raise(text_encoder_options, wanted, "text encoder", spec) for wanted in slots)
+    if settings.vae is not None:
+        vae: str | None = settings.vae
+    elif spec.vae is not None:
+        vae = _pick_or_raise(vae_options, spec.vae, "VAE", spec)
+    else:
+        vae = None
+    return encoders, vae
+
+
+def _pick_or_raise(options: Sequence[str], wanted: Wanted, role: str, spec: ArchSpec) -> str:
+    chosen = pick_file(options, wanted)
+    if chosen is None:
+        folder, flag = ("text_encoders", "--clip") if role == "text encoder" else ("vae", "--vae")
+        raise OrthoMechaError(
+            f"ComfyUI offers no {role} for {spec.arch} (looked for a file like {wanted.example}; its {folder} list "
+            f"has: {', '.join(options) or 'nothing'}); put one in ComfyUI's models/{folder} or name one with {flag}"
+        )
+    return chosen
+
+
+def _pick_klein_encoder(options: Sequence[str]) -> str:
+    """Klein 4B uses Qwen3-4B, 9B Qwen3-8B; with the model size unknown only an unambiguous list decides."""
+    found = [f for f in (pick_file(options, QWEN3_4B), pick_file(options, QWEN3_8B)) if f is not None]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise OrthoMechaError(
+            f"ComfyUI offers no text encoder for flux2-klein (looked for {QWEN3_4B.example} or {QWEN3_8B.example}; "
+            f"its text_encoders list has: {', '.join(options) or 'nothing'}); put one in ComfyUI's "
+            "models/text_encoders or name one with --clip"
+        )
+    raise OrthoMechaError(
+        f"cannot tell whether this is Klein 4B or 9B, and ComfyUI has both {found[0]} and {found[1]}; "
+        "name the text encoder with --clip"
+    )
+
+
+def resolve(
+    spec: ArchSpec,
+    settings: PreviewSettings,
+    text_encoder_options: Sequence[str] = (),
+    vae_options: Sequence[str] = (),
+    facts: ModelFacts = ModelFacts(),
+) -> Resolved:
+    """Fill in ``spec``'s defaults, check the numbers, and choose the files."""
+    steps = settings.steps if settings.steps is not None else _default_steps(spec, facts)
+    cfg = settings.cfg if settings.cfg is not None else spec.cfg
+    width, height = settings.size if settings.size is not None else (spec.size, spec.size)
+    if not 1 <= steps <= 10000:
+        raise OrthoMechaError(f"steps must be between 1 and 10000, got {steps}")
+    if not 0.0 <= cfg <= 100.0:
+        raise OrthoMechaError(f"cfg must be between 0 and 100, got {cfg}")
+    for name, value in (("width", width), ("height", height)):
+        if not 16 <= value <= 16384 or value % spec.size_step:
+            raise OrthoMechaError(
+                f"{name} {value} does not fit {spec.arch}: use a multiple of {spec.size_step} between 16 and 16384"
+            )
+    if not 0 <= settings.seed <= MAX_SEED:
+        raise OrthoMechaError(f"seed must be between 0 and {MAX_SEED}, got {settings.seed}")
+    encoders, vae = choose_files(spec, settings, text_encoder_options, vae_options, facts)
+    return Resolved(settings.prompt, settings.negative, settings.seed, steps, cfg, width, height, encoders, vae)
+
+
+def _default_steps(spec: ArchSpec, facts: ModelFacts) -> int:
+    if spec.arch == "flux1" and facts.guidance is False:
+        return 4  # Flux.1 schnell (no guidance_in): the schnell template's 4 steps
+    return spec.steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in graphs
+
+
+class _Graph:
+    """Nodes numbered in the order they are added; ``add`` returns the new node's id."""
+
+    def __init__(self) -> None:
+        self.nodes: Graph = {}
+
+    def add(self, class_type: str, title: str | None = None, **inputs: Any) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        if title:
+            self.nodes[node_id]["_meta"] = {"title": title}
+        return node_id
+
+
+def _out(node_id: str, index: int = 0) -> Link:
+    return [node_id, index]
+
+
+def _save_prefix(model_name: str) -> str:
+    stem = Path(model_name.replace("\\", "/")).stem
+    return f"{SAVE_PREFIX}/{re.sub(r'[^A-Za-z0-9._-]+', '_', stem) or 'preview'}"
+
+
+def _prompts(g: _Graph, clip: Link, s: Resolved, zero_negative: bool) -> tuple[Link, Link]:
+    positive = g.add("CLIPTextEncode", "Positive prompt", text=s.prompt, clip=clip)
+    if zero_negative and s.cfg == 1.0 and not s.negative:
+        return _out(positive), _out(g.add("ConditioningZeroOut", "Negative (zeroed)", conditioning=_out(positive)))
+    return _out(positive), _out(g.add("CLIPTextEncode", "Negative prompt", text=s.negative, clip=clip))
+
+
+def _finish(g: _Graph, samples: Link, vae: Link, model_name: str) -> Graph:
+    image = g.add("VAEDecode", samples=samples, vae=vae)
+    g.add("SaveImage", filename_prefix=_save_prefix(model_name), images=_out(image))
+    return g.nodes
+
+
+def _checkpoint_graph(model_name: str, s: Resolved, *, advanced: bool) -> Graph:
+    g = _Graph()
+    ckpt = g.add("CheckpointLoaderSimple", "Model", ckpt_name=model_name)
+    vae = _out(g.add("VAELoader", vae_name=s.vae)) if s.vae else _out(ckpt, 2)
+    positive, negative = _prompts(g, _out(ckpt, 1), s, zero_negative=False)
+    latent = g.add("EmptyLatentImage", width=s.width, height=s.height, batch_size=1)
+    common = {
+        "model": _out(ckpt),
+        "steps": s.steps,
+        "cfg": s.cfg,
+        "sampler_name": "euler",
+        "scheduler": "normal",
+        "positive": positive,
+        "negative": negative,
+        "latent_image": _out(latent),
+    }
+    if advanced:
+        sampler = g.add(
+            "KSamplerAdvanced",
+            add_noise="enable",
+            noise_seed=s.seed,
+            start_at_step=0,
+            end_at_step=10000,
+            return_with_leftover_noise="disable",
+            **common,
+        )
+    else:
+        sampler = g.add("KSampler", seed=s.seed, denoise=1.0, **common)
+    return _finish(g, _out(sampler), vae, model_name)
+
+
+def build_sd1(model_name: str, s: Resolved) -> Graph:
+    """SD1.5: the ComfyUI default graph (CheckpointLoaderSimple → KSampler)."""
+    return _checkpoint_graph(model_name, s, advanced=False)
+
+
+def build_sdxl(model_name: str, s: Resolved) -> Graph:
+    """SDXL: the sdxl_simple_example base pass (KSamplerAdvanced over all steps, no refiner)."""
+    return _checkpoint_graph(model_name, s, advanced=True)
+
+
+def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: float | None) -> Graph:
+    g = _Graph()
+    model = _out(g.add("UNETLoader", "Model", unet_name=model_name, weight_dtype="default"))
+    if len(s.text_encoders) == 2:
+        clip = _out(
+            g.add("DualCLIPLoader", clip_name1=s.text_encoders[0], clip_name2=s.text_encoders[1], type=clip_type)
+        )
+    else:
+        clip = _out(g.add("CLIPLoader", clip_name=s.text_encoders[0], type=clip_type))
+    vae = _out(g.add("VAELoader", vae_name=s.vae))
+    if shift is not None:
+        model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=shift))
+    positive, negative = _prompts(g, clip, s, zero_negative=True)
+    latent = g.add("EmptySD3LatentImage", width=s.width, height=s.height, batch_size=1)
+    sampler_name, scheduler = ("res_multistep", "simple") if shift is not None else ("euler", "simple")
+    sampler = g.add(
+        "KSampler",
+        model=model,
+        seed=s.seed,
+        steps=s.steps,
+        cfg=s.cfg,
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        positive=positive,
+        negative=negative,
+        latent_image=_out(latent),
+        denoise=1.0,
+    )
+    return _finish(g, _out(sampler), vae, model_name)
+
+
+def build_flux1(model_name: str, s: Resolved) -> Graph:
+    """Flux.1: flux_dev_full_text_to_image (UNETLoader, DualCLIPLoader flux, KSampler euler/simple)."""
+    return _ksampler_dit_graph(model_name, s, clip_type="flux", shift=None)
+
+
+def build_zimage(model_name: str, s: Resolved) -> Graph:
+    """Z-Image: image_z_image_turbo's graph (ModelSamplingAuraFlow 3, KSampler res_multistep/simple)."""
+    return _ksampler_dit_graph(model_name, s, clip_type="lumina2", shift=3.0)
+
+
+def _custom_sampler_graph(model_name: str, s: Resolved, *, flux2: bool) -> Graph:
+    g = _Graph()
+    model = _out(g.add("UNETLoader", "Model", unet_name=model_name, weight_dtype="default"))
+    clip = _out(g.add("CLIPLoader", clip_name=s.text_encoders[0], type="flux2" if flux2 else "chroma"))
+    vae = _out(g.add("VAELoader", vae_name=s.vae))
+    if not flux2:
+        clip = _out(g.add("T5TokenizerOptions", clip=clip, min_padding=0, min_length=0))
+        model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=1.0))
+    positive, negative = _prompts(g, clip, s, zero_negative=flux2)
+    guider = g.add("CFGGuider", model=model, positive=positive, negative=negative, cfg=s.cfg)
+    sampler = g.add("KSamplerSelect", sampler_name="euler")
+    if flux2:
+        sigmas = g.add("Flux2Scheduler", steps=s.steps, width=s.width, height=s.height)
+        latent = g.add("EmptyFlux2LatentImage", width=s.width, height=s.height, batch_size=1)
+    else:
+        sigmas = g.add("BasicScheduler", model=model, scheduler="beta", steps=s.steps, denoise=1.0)
+        latent = g.add("EmptySD3LatentImage", width=s.width, height=s.height, batch_size=1)
+    noise = g.add("RandomNoise", noise_seed=s.seed)
+    samples = g.add(
+        "SamplerCustomAdvanced",
+        noise=_out(noise),
+        guider=_out(guider),
+        sampler=_out(sampler),
+        sigmas=_out(sigmas),
+        latent_image=_out(latent),
+    )
+    return _finish(g, _out(samples), vae, model_name)
+
+
+def build_flux2_klein(model_name: str, s: Resolved) -> Graph:
+    """Flux.2 Klein: image_flux2_klein_text_to_image (CFGGuider, Flux2Scheduler, EmptyFlux2LatentImage)."""
+    return _custom_sampler_graph(model_name, s, flux2=True)
+
+
+def build_chroma(model_name: str, s: Resolved) -> Graph:
+    """Chroma: image_chroma_text_to_image (T5TokenizerOptions, AuraFlow shift 1, CFGGuider, beta schedule)."""
+    return _custom_sampler_graph(model_name, s, flux2=False)
+
+
+SPECS: dict[str, ArchSpec] = {
+    spec.arch: spec
+    for spec in (
+        ArchSpec("sd1", "CheckpointLoaderSimple", 20, 8.0, 512, 8, (), None, False, build_sd1),
+        ArchSpec("sdxl", "CheckpointLoaderSimple", 25, 8.0, 1024, 8, (), None, False, build_sdxl),
+        ArchSpec("flux1", "UNETLoader", 20, 1.0, 1024, 16, (CLIP_L, T5XXL), FLUX1_VAE, True, build_flux1),
+        ArchSpec("flux2-klein", "UNETLoader", 20, 5.0, 1024, 16, (QWEN3_4B,), FLUX2_VAE, True, build_flux2_klein),
+        ArchSpec("chroma", "UNETLoader", 26, 3.5, 1024, 16, (T5XXL,), FLUX1_VAE, False, build_chroma),
+        ArchSpec("zimage", "UNETLoader", 25, 4.0, 1024, 16, (QWEN3_4B,), FLUX1_VAE, True, build_zimage),
+    )
+}
+
+
+def build_workflow(arch: str, model_name: str, resolved: Resolved) -> Graph:
+    """The built-in API-format graph of ``arch`` for the model file ComfyUI knows as ``model_name``."""
+    return arch_spec(arch).build(model_name, resolved)
+
+
+# --------------------------------------------------------------------------------------------------
+# The user's own workflow
+
+
+@dataclass(frozen=True)
+class Target:
+    """One literal input of one node: where a value gets written."""
+
+    node: str
+    input: str
+
+    def __str__(self) -> str:
+        return f"{self.node}.{self.input}"
+
+
+@dataclass(frozen=True)
+class Bindings:
+    """Which inputs take the model name, the prompt, the negative prompt and the seed (None: none)."""
+
+    model: Target
+    prompt: Target | None = None
+    negative: Target | None = None
+    seed: Target | None = None
+
+
+def load_workflow(path: str | Path) -> Graph:
+    """Read an API-format workflow; a UI-format file (``nodes``/``links`` lists) is refused with the fix."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OrthoMechaError("no such workflow file", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OrthoMechaError(f"cannot read the workflow: {exc}", path) from None
+    except json.JSONDecodeError as exc:
+        raise OrthoMechaError(f"not valid JSON ({exc})", path) from None
+    return check_api_format(data, path)
+
+
+def check_api_format(data: object, path: str | Path | None = None) -> Graph:
+    """Return ``data`` if it is an API-format graph, else raise saying what it is and how to fix it."""
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list) and isinstance(data.get("links"), list):
+        raise OrthoMechaError(
+            "this is a UI-format workflow (it has 'nodes' and 'links' lists); ComfyUI's API takes the API format: "
+            'in ComfyUI open the workflow and export it with "Save (API)" (Workflow menu → Export (API))',
+            path,
+        )
+    if not isinstance(data, dict) or not data:
+        raise OrthoMechaError("not an API-format workflow: expected a JSON object of node id → node", path)
+    for node_id, node in data.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            raise OrthoMechaError(f"node '{node_id}' has no 'class_type'; is this an API-format workflow?", path)
+        if not isinstance(node.get("inputs", {}), dict):
+            raise OrthoMechaError(f"node '{node_id}' has 'inputs' that is not an object", path)
+    return data
+
+
+def _is_link(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def _literal_inputs(graph: Graph, names: Sequence[str], kind: type | tuple[type, ...]) -> list[Target]:
+    return [
+        Target(node_id, name)
+        for node_id, node in graph.items()
+        for name, value in node.get("inputs", {}).items()
+        if name in names and isinstance(value, kind) and not isinstance(value, bool)
+    ]
+
+
+def _text_encoders_feeding(graph: Graph, start: object) -> set[str]:
+    """CLIPTextEncode nodes upstream of a conditioning link (not through ConditioningZeroOut)."""
+    found: set[str] = set()
+    stack = [start]
+    seen: set[str] = set()
+    while stack:
+        link = stack.pop()
+        if not _is_link(link) or link[0] in seen or link[0] not in graph:
+            continue
+        seen.add(link[0])
+        node = graph[link[0]]
+        if node["class_type"] == "CLIPTextEncode":
+            found.add(link[0])
+        elif node["class_type"] != "ConditioningZeroOut":
+            stack.extend(v for v in node.get("inputs", {}).values() if _is_link(v))
+    return found
+
+
+def _prompt_nodes(graph: Graph) -> tuple[set[str], set[str]]:
+    """The text encoders feeding samplers' positive and negative inputs (BasicGuider's is positive)."""
+    positive: set[str] = set()
+    negative: set[str] = set()
+    for node in graph.values():
+        inputs = node.get("inputs", {})
+        if "positive" in inputs:
+            positive |= _text_encoders_feeding(graph, inputs["positive"])
+        if "negative" in inputs:
+            negative |= _text_encoders_feeding(graph, inputs["negative"])
+        if node["class_type"] == "BasicGuider":
+            positive |= _text_encoders_feeding(graph, inputs.get("conditioning"))
+    return positive, negative
+
+
+def _parse_target(graph: Graph, text: str, role: str, path: Path | None) -> Target:
+    node_id, dot, name = text.rpartition(".")
+    if not dot or not node_id or not name:
+        raise OrthoMechaError(f"--set-{role} '{text}' is not NODE.INPUT (for example 6.text)", path)
+    if node_id not in graph:
+        raise OrthoMechaError(
+            f"--set-{role} '{text}': the workflow has no node '{node_id}' (nodes: {', '.join(graph)})", path
+        )
+    inputs = graph[node_id].get("inputs", {})
+    if name not in inputs:
+        raise OrthoMechaError(
+            f"--set-{role} '{text}': node {node_id} ({graph[node_id]['class_type']}) has no input '{name}' "
+            f"(inputs: {', '.join(inputs) or 'none'})",
+            path,
+        )
+    if _is_link(inputs[name]):
+        raise OrthoMechaError(
+            f"--set-{role} '{text}' is linked to node {inputs[name][0]}, not a value; mark the input that holds the "
+            "value",
+            path,
+        )
+    return Target(node_id, name)
+
+
+def _single(candidates: Sequence[Target], role: str, what: str, path: Path | None) -> Target | None:
+    if len(candidates) > 1:
+        listed = ", ".join(str(c) for c in candidates)
+        raise OrthoMechaError(
+            f"the workflow has several {what} ({listed}); say which one to use with --set-{role} NODE.INPUT", path
+        )
+    return candidates[0] if candidates else None
+
+
+def find_bindings(
+    graph: Graph,
+    model: str | None = None,
+    prompt: str | None = None,
+    negative: str | None = None,
+    seed: str | None = None,
+    path: Path | None = None,
+) -> Bindings:
+    """Where the model name, prompts and seed go: the user's ``NODE.INPUT`` marks, else detected.
+
+    Detection takes the single UNETLoader/CheckpointLoaderSimple file input, the CLIPTextEncode texts
+    feeding the samplers' positive and negative inputs, and the single ``seed``/``noise_seed`` input; it
+    raises, naming the candidates, when there are several.
+    """
+    model_target = (
+        _parse_target(graph, model, "model", path)
+        if model
+        else _single(_literal_inputs(graph, MODEL_INPUTS, str), "model", "model loaders", path)
+    )
+    if model_target is None:
+        raise OrthoMechaError(
+            "the workflow has no model loader (no 'unet_name' or 'ckpt_name' input); mark the input that takes the "
+            "model file with --set-model NODE.INPUT",
+            path,
+        )
+    positive_nodes, negative_nodes = _prompt_nodes(graph)
+    both = positive_nodes & negative_nodes
+    if both and not (prompt and negative):
+        raise OrthoMechaError(
+            f"CLIPTextEncode node(s) {', '.join(sorted(both))} feed both the positive and the negative prompt; "
+            "mark them with --set-prompt and --set-negative NODE.INPUT",
+            path,
+        )
+
+    def texts(nodes: set[str]) -> list[Target]:
+        return [Target(n, "text") for n in sorted(nodes) if isinstance(graph[n]["inputs"].get("text"), str)]
+
+    prompt_target = (
+        _parse_target(graph, prompt, "prompt", path)
+        if prompt
+        else _single(texts(positive_nodes), "prompt", "positive prompts", path)
+    )
+    negative_target = (
+        _parse_target(graph, negative, "negative", path)
+        if negative
+        else _single(texts(negative_nodes), "negative", "negative prompts", path)
+    )
+    seed_target = (
+        _parse_target(graph, seed, "seed", path)
+        if seed
+        else _single(_literal_inputs(graph, SEED_INPUTS, int), "seed", "seed inputs", path)
+    )
+    return Bindings(model_target, prompt_target, negative_target, seed_target)
+
+
+def apply_bindings(graph: Graph, bindings: Bindings, model_name: str, settings: PreviewSettings) -> Graph:
+    """A copy of ``graph`` with the model name, prompts and seed written where ``bindings`` says.
+
+    A prompt, a negative text or a seed the user gave but the workflow has no place for is an error;
+    one the user did not give leaves the workflow's own value.
+    """
+    if not 0 <= settings.seed <= MAX_SEED:
+        raise OrthoMechaError(f"seed must be between 0 and {MAX_SEED}, got {settings.seed}")
+    out = copy.deepcopy(graph)
+    values: list[tuple[Target | None, object, str]] = [
+        (bindings.model, model_name, "model"),
+        (bindings.prompt, settings.prompt, "prompt"),
+        (bindings.negative, settings.negative, "negative"),
+        (bindings.seed, settings.seed, "seed"),
+    ]
+    for target, value, role in values:
+        if target is None:
+            if role != "seed" and value:
+                raise OrthoMechaError(
+                    f"the workflow has no {role} prompt input that ortho-mecha can find; mark it with "
+                    f"--set-{role} NODE.INPUT"
+                )
+            if role == "seed":
+                logger.info("the workflow has no seed input; keeping its own noise settings")
+            continue
+        out[target.node]["inputs"][target.input] = value
+    return out
