@@ -1,0 +1,195 @@
+"""Charts and tables of an analysis report for the dashboard: pure functions from report data to Altair/pandas.
+
+Nothing here imports streamlit. Heatmaps carry their values in cell text (up to ``TEXT_LIMIT`` models;
+beyond that the text would be unreadable, so only the tooltips keep the values) and in tooltips, and
+size their cells so 50 models still fit a page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from ortho_mecha.errors import OrthoMechaError
+
+TEXT_LIMIT = 20  # above this many models, cell text is hidden (tooltips stay)
+ALL_KEYS = "all keys"
+HEATMAP_WIDTH = 620  # pixels the matrix may take at most
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A pairwise figure the heatmaps show: its report field, colour domain and scheme."""
+
+    name: str
+    title: str
+    domain: tuple[float, float]
+    scheme: str
+    per_block: bool
+    help: str
+
+
+METRICS: dict[str, Metric] = {
+    metric.name: metric
+    for metric in (
+        Metric("cos", "cosine similarity", (-1.0, 1.0), "redblue", True,
+               "cos of the two deltas: 1 same direction, 0 unrelated, −1 opposite"),
+        Metric("new_info", "new information", (0.0, 1.0), "viridis", True,
+               "1 − cos²: how much of one delta the other does not already carry"),
+        Metric("conflict_ratio", "conflict ratio", (0.0, 1.0), "orangered", False,
+               "share of the elements both change where they change them in opposite directions (all keys only)"),
+    )
+}
+
+
+def short_names(paths: Sequence[str]) -> list[str]:
+    """File stems, with the parent folder added where two stems are the same."""
+    stems = [Path(p).stem for p in paths]
+    return [
+        f"{Path(p).parent.name}/{stem}" if stems.count(stem) > 1 else stem for p, stem in zip(paths, stems, strict=True)
+    ]
+
+
+def blocks_of(report: Mapping[str, Any]) -> list[str]:
+    """The choices of the block select box: all keys, then the report's blocks in order."""
+    return [ALL_KEYS, *report.get("blocks", {})]
+
+
+def metric_matrix(report: Mapping[str, Any], metric: str, block: str = ALL_KEYS) -> np.ndarray:
+    """The N×N matrix of ``metric`` over all keys or one block of the report."""
+    if metric not in METRICS:
+        raise OrthoMechaError(f"unknown figure {metric!r}; valid: {', '.join(METRICS)}")
+    if block == ALL_KEYS:
+        return np.asarray(report[metric], dtype=np.float64)
+    if block not in report.get("blocks", {}):
+        raise OrthoMechaError(f"no block {block!r} in the analysis; valid: {', '.join(blocks_of(report))}")
+    if not METRICS[metric].per_block:
+        raise OrthoMechaError(f"the {METRICS[metric].title} is counted over all keys only; choose '{ALL_KEYS}'")
+    cos = np.asarray(report["blocks"][block]["cos"], dtype=np.float64)
+    return cos if metric == "cos" else 1.0 - cos**2
+
+
+def heatmap(matrix: np.ndarray, labels: Sequence[str], metric: str, title: str = "") -> alt.LayerChart:
+    """A labelled heatmap of a square matrix: colour by value, value in each cell (≤ TEXT_LIMIT) and tooltip."""
+    spec = METRICS[metric]
+    matrix = np.asarray(matrix, dtype=np.float64)
+    n = len(labels)
+    if matrix.shape != (n, n):
+        raise OrthoMechaError(f"a {matrix.shape} matrix does not fit {n} model names")
+    rows, cols = np.indices((n, n))
+    frame = pd.DataFrame({
+        "row": np.asarray(labels, dtype=object)[rows.ravel()],
+        "column": np.asarray(labels, dtype=object)[cols.ravel()],
+        "value": matrix.ravel(),
+    })
+    cell = max(12, min(48, HEATMAP_WIDTH // max(n, 1)))
+    order = list(labels)
+    base = alt.Chart(frame, title=title or spec.title).encode(
+        x=alt.X("column:N", sort=order, title=None, axis=alt.Axis(labelAngle=-45, labelLimit=160)),
+        y=alt.Y("row:N", sort=order, title=None, axis=alt.Axis(labelLimit=160)),
+    )
+    rects = base.mark_rect().encode(
+        color=alt.Color("value:Q", title=spec.name, scale=alt.Scale(domain=list(spec.domain), scheme=spec.scheme)),
+        tooltip=[alt.Tooltip("row:N", title="model"), alt.Tooltip("column:N", title="against"),
+                 alt.Tooltip("value:Q", title=spec.title, format=".3f")],
+    )
+    layers: list[alt.Chart] = [rects]
+    if n <= TEXT_LIMIT:
+        middle = sum(spec.domain) / 2
+        spread = (spec.domain[1] - spec.domain[0]) / 2
+        # Text dark on pale cells, white on strong ones; which cells are strong depends on the scheme's shape.
+        strong = f"abs(datum.value - {middle}) > {0.55 * spread}" if spec.domain[0] < 0 else "datum.value > 0.6"
+        layers.append(
+            base.mark_text(fontSize=max(8, min(12, cell // 4))).encode(
+                text=alt.Text("value:Q", format=".2f"),
+                color=alt.condition(strong, alt.value("white"), alt.value("black")),
+            )
+        )
+    return alt.layer(*layers).properties(width=cell * n, height=cell * n)
+
+
+def model_map(report: Mapping[str, Any]) -> alt.LayerChart:
+    """The 2-D model map (classical MDS of the lineage distances), points coloured by quality grade."""
+    names = short_names(report["models"])
+    points = report["map"]
+    grades = report["quality"]["grade"]
+    frame = pd.DataFrame({
+        "model": names,
+        "x": [p["x"] for p in points],
+        "y": [p["y"] for p in points],
+        "grade": grades,
+        "norm": report["norms"],
+    })
+    base = alt.Chart(frame, title="model map (distances between models)").encode(
+        x=alt.X("x:Q", title=None, axis=alt.Axis(labels=False)),
+        y=alt.Y("y:Q", title=None, axis=alt.Axis(labels=False)),
+    )
+    dots = base.mark_circle(size=140).encode(
+        color=alt.Color("grade:N", sort=["A+", "A", "B", "C", "D"]),
+        tooltip=["model:N", "grade:N", alt.Tooltip("norm:Q", format=".4g", title="delta norm")],
+    )
+    text = base.mark_text(dx=8, align="left").encode(text="model:N")
+    return alt.layer(dots, text).properties(width=560, height=420)
+
+
+def quality_frame(report: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per model: grade, score, delta norm, signal, outlier score, survival, null and stale flags."""
+    return pd.DataFrame({
+        "model": short_names(report["models"]),
+        "grade": report["quality"]["grade"],
+        "score": report["quality"]["score"],
+        "delta norm": report["norms"],
+        "effective rank": report["signal"]["effective_rank"],
+        "SNR": report["signal"]["snr"],
+        "max outlier": report["outliers"]["max_outlier"],
+        "survival": report.get("survival", [None] * len(report["models"])),
+        "null delta": report["null"],
+        "delta from": ["base" if d is None else Path(d).stem for d in report["delta_from"]],
+    })
+
+
+def lineage_frame(report: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per model: its parent, or the merge it is explained by, and the confidence."""
+    rows = []
+    for name, item in zip(short_names(report["models"]), report["lineage"], strict=True):
+        mix = item.get("mix")
+        rows.append({
+            "model": name,
+            "parent": "base" if item["parent"] is None else Path(item["parent"]).stem,
+            "merge of": ", ".join(f"{Path(f).stem} × {w:.2f}" for f, w in mix.items()) if mix else "",
+            "confidence": item["confidence"],
+        })
+    return pd.DataFrame(rows)
+
+
+def outlier_frame(report: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per model with outlier keys (changed far more than the model's typical key)."""
+    rows = [
+        {"model": name, "max outlier": score, "outlier keys": ", ".join(keys)}
+        for name, score, keys in zip(
+            short_names(report["models"]),
+            report["outliers"]["max_outlier"],
+            report["outliers"]["keys"],
+            strict=True,
+        )
+        if keys
+    ]
+    return pd.DataFrame(rows, columns=["model", "max outlier", "outlier keys"])
+
+
+def pair_frame(matrix: np.ndarray, labels: Sequence[str], value: str) -> pd.DataFrame:
+    """The upper triangle of a symmetric matrix as (model, model, value) rows, largest first."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    i, j = np.triu_indices(len(labels), 1)
+    frame = pd.DataFrame({
+        "model": [labels[a] for a in i],
+        "with": [labels[b] for b in j],
+        value: matrix[i, j],
+    })
+    return frame.sort_values(value, ascending=False, key=np.abs, ignore_index=True)

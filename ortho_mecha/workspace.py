@@ -1,0 +1,307 @@
+"""The dashboard's workspace: its folders, the first-run demo models, saved plans and the Mixer table.
+
+The workspace (``security.workspace_dir()``) holds ``models/`` (the demo family is written to
+``models/demo`` on first start), ``plans/`` (Mixer presets, one JSON plan per name) and ``merges/``
+(merge outputs). Model files are shown in the dashboard by a label — their path relative to the root
+they lie in — and every label a browser sends back is turned into a path through
+:class:`ModelChoices`, which re-checks it with ``security.resolve_model_path``, so a page can only
+name files inside the allowed roots.
+
+The Mixer edits a table of rows (``enabled``, ``model``, ``delta_from``, ``alpha``, ``repeat``,
+``info``) with labels for files; :func:`plan_from_table` builds the validated :class:`~ortho_mecha.plan.Plan`
+from it and :func:`table_from_plan` goes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ortho_mecha import security
+from ortho_mecha.errors import OrthoMechaError
+
+logger = logging.getLogger(__name__)
+
+DEMO_FOLDER = "demo"
+BASE_LABEL = "(base)"  # the delta-from choice meaning "the plan's base"
+PRESET_SUFFIX = ".json"
+MAX_PRESET_NAME = 80
+TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "info")
+
+_PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ -]*")
+
+
+def models_dir(workspace: Path | None = None) -> Path:
+    return (workspace or security.workspace_dir()) / "models"
+
+
+def plans_dir(workspace: Path | None = None) -> Path:
+    return (workspace or security.workspace_dir()) / "plans"
+
+
+def merges_dir(workspace: Path | None = None) -> Path:
+    return (workspace or security.workspace_dir()) / "merges"
+
+
+def ensure_demo(workspace: Path | None = None) -> dict[str, Path]:
+    """Write the demo family into ``models/demo`` the first time (the folder's existence marks it done).
+
+    Returns {member name: path} of the demo files present, empty when the user removed the folder's files.
+    """
+    folder = models_dir(workspace) / DEMO_FOLDER
+    if not folder.exists():
+        from ortho_mecha.demo import write_family  # imports torch: only on the first start
+
+        logger.info("first start: writing the demo models into %s", folder)
+        return write_family(folder)
+    return {path.stem: path for path in sorted(folder.glob("*.safetensors"))}
+
+
+# --- model labels ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelChoices:
+    """The model files under the allowed roots, each with a short label for select boxes."""
+
+    roots: tuple[Path, ...]
+    by_label: Mapping[str, Path]
+
+    @classmethod
+    def scan(cls, roots: Iterable[Path] | None = None) -> ModelChoices:
+        roots = tuple(security.allowed_roots() if roots is None else roots)
+        return cls(roots, _labels(security.list_models(roots), roots))
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.by_label)
+
+    def path(self, label: str) -> Path:
+        """The real path of a labelled file, re-checked against the roots (a label is text a browser sent)."""
+        if label not in self.by_label:
+            raise OrthoMechaError(
+                f"{label!r} is not one of the model files under the allowed folders "
+                f"({', '.join(str(r) for r in self.roots)}); pick one from the list"
+            )
+        return security.resolve_model_path(self.by_label[label], self.roots)
+
+    def label(self, path: str | Path) -> str:
+        """The label of a file (compared by real path); an error when it is not under the roots."""
+        real = security.resolve_model_path(path, self.roots)
+        for label, candidate in self.by_label.items():
+            if candidate.resolve() == real:
+                return label
+        raise OrthoMechaError("is not among the model files under the allowed folders; rescan or move it", path)
+
+
+def _labels(paths: Sequence[Path], roots: Sequence[Path]) -> dict[str, Path]:
+    """Label each path by its path inside the first root holding it, prefixed by the root's name on a clash."""
+    relative: list[tuple[str, Path, Path]] = []
+    for path in paths:
+        root = next((r for r in roots if path.absolute().is_relative_to(r.absolute())), None)
+        relative.append((path.name if root is None else path.absolute().relative_to(root.absolute()).as_posix(),
+                         path, root or path.parent))
+    counts: dict[str, int] = {}
+    for text, _, _ in relative:
+        counts[text] = counts.get(text, 0) + 1
+    return {text if counts[text] == 1 else f"{root.name}/{text}": path for text, path, root in relative}
+
+
+# --- the Mixer table <-> a plan --------------------------------------------------------------------
+
+
+def table_rows_from_report(report: Mapping[str, Any], choices: ModelChoices) -> list[dict[str, Any]]:
+    """Mixer rows for an analysis report: every model enabled, its analysed delta-from, alpha 1, repeat 1."""
+    rows = []
+    for model, delta_from in zip(report["models"], report["delta_from"], strict=True):
+        rows.append({
+            "enabled": True,
+            "model": choices.label(model),
+            "delta_from": BASE_LABEL if delta_from is None else choices.label(delta_from),
+            "alpha": 1.0,
+            "repeat": 1,
+            "info": "",
+        })
+    return rows
+
+
+def plan_from_table(
+    base: str,
+    rows: Sequence[Mapping[str, Any]],
+    method: str,
+    options: Mapping[str, Any],
+    texture: Mapping[str, Any] | None,
+    choices: ModelChoices,
+) -> Any:
+    """The validated plan of the Mixer's state; ``base``, row models, delta-froms and texture are labels."""
+    from ortho_mecha.plan import Plan, Row, Texture
+
+    plan_rows = []
+    for number, row in enumerate(rows, start=1):
+        if not row.get("model"):
+            raise OrthoMechaError(f"row {number} has no model; pick one or remove the row")
+        delta_from = row.get("delta_from") or BASE_LABEL
+        plan_rows.append(
+            Row(
+                model=choices.path(row["model"]),
+                delta_from=None if delta_from == BASE_LABEL else choices.path(delta_from),
+                alpha=_number(row.get("alpha"), 1.0),
+                repeat=int(_number(row.get("repeat"), 1)),
+                enabled=bool(row.get("enabled", True)),
+                info=str(row.get("info") or ""),
+            )
+        )
+    plan_texture = None
+    if texture is not None and texture.get("model"):
+        plan_texture = Texture(choices.path(texture["model"]), float(texture.get("alpha", 0.2)),
+                               str(texture.get("mode", "add")))
+    return Plan(base=choices.path(base), method=method, rows=tuple(plan_rows), options=dict(options),
+                texture=plan_texture)
+
+
+def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
+    """The Mixer's state for a plan: base label, rows, method, options and texture."""
+    rows = [
+        {
+            "enabled": row.enabled,
+            "model": choices.label(row.model),
+            "delta_from": BASE_LABEL if row.delta_from is None else choices.label(row.delta_from),
+            "alpha": float(row.alpha),
+            "repeat": int(row.repeat),
+            "info": row.info,
+        }
+        for row in plan.rows
+    ]
+    texture = None
+    if plan.texture is not None:
+        texture = {"model": choices.label(plan.texture.model), "alpha": plan.texture.alpha, "mode": plan.texture.mode}
+    return {"base": choices.label(plan.base), "rows": rows, "method": plan.method, "options": dict(plan.options),
+            "texture": texture}
+
+
+def _number(value: Any, default: float) -> float:
+    """A table cell as a number: an empty cell (None / NaN) takes ``default``."""
+    if value is None or (isinstance(value, float) and value != value):
+        return default
+    return float(value)
+
+
+# --- presets -----------------------------------------------------------------------------------------
+
+
+def validate_preset_name(name: str) -> str:
+    """A preset name: letters, digits, ``_ -`` and spaces, starting with a letter or digit."""
+    name = name.strip()
+    if not name:
+        raise OrthoMechaError("the preset needs a name, e.g. my-mix")
+    if len(name) > MAX_PRESET_NAME:
+        raise OrthoMechaError(f"preset name {name!r} is {len(name)} characters long; use at most {MAX_PRESET_NAME}")
+    if not _PRESET_NAME.fullmatch(name):
+        raise OrthoMechaError(
+            f"preset name {name!r} may only use letters A-Z a-z, digits, '_', '-' and spaces, "
+            "starting with a letter or a digit"
+        )
+    return name
+
+
+def list_presets(workspace: Path | None = None) -> list[str]:
+    folder = plans_dir(workspace)
+    return sorted(p.stem for p in folder.glob(f"*{PRESET_SUFFIX}")) if folder.is_dir() else []
+
+
+def save_preset(name: str, plan: Any, overwrite: bool = False, workspace: Path | None = None) -> Path:
+    """Save ``plan`` as ``plans/<name>.json`` (paths inside the workspace written relative to it)."""
+    from ortho_mecha.plan import save_plan
+
+    path = plans_dir(workspace) / f"{validate_preset_name(name)}{PRESET_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_plan(plan, path, overwrite=overwrite)
+
+
+def load_preset(name: str, choices: ModelChoices, workspace: Path | None = None) -> Any:
+    """Load the preset ``name``; every file it names must lie inside the allowed roots."""
+    from ortho_mecha.plan import load_plan
+
+    path = plans_dir(workspace) / f"{validate_preset_name(name)}{PRESET_SUFFIX}"
+    if not path.is_file():
+        saved = ", ".join(list_presets(workspace)) or "none"
+        raise OrthoMechaError(f"no preset named {name!r}; saved presets: {saved}")
+    plan = load_plan(path)
+    for file in plan.input_files():
+        security.resolve_model_path(file, choices.roots)
+    return plan
+
+
+
+# --- figures of the Mixer's rows, from the cached analysis ------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowGram:
+    """The delta Gram of the Mixer's enabled rows (their delta-froms as chosen), from an analysis's H."""
+
+    labels: list[str]  # the rows' models, in table order
+    gram: Any  # np.ndarray, rows × rows
+    alphas: list[float]  # alpha × repeat of each row
+    missing: list[str]  # enabled rows left out: their model or delta-from was not analysed
+
+
+def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelChoices) -> RowGram:
+    """The enabled rows' Gram from ``analysis`` (no file read); rows naming files it did not read are listed."""
+    from ortho_mecha.gram import delta_gram
+
+    index = {Path(f).resolve(): i for i, f in enumerate(analysis.files)}
+    labels, models, froms, alphas, missing = [], [], [], [], []
+    for row in rows:
+        if not row.get("enabled") or not row.get("model"):
+            continue
+        model = index.get(choices.path(row["model"]))
+        delta_from = row.get("delta_from") or BASE_LABEL
+        other = None if delta_from == BASE_LABEL else index.get(choices.path(delta_from))
+        if model is None or (delta_from != BASE_LABEL and other is None):
+            missing.append(row["model"])
+            continue
+        labels.append(row["model"])
+        models.append(model)
+        froms.append(other)
+        alphas.append(_number(row.get("alpha"), 1.0) * int(_number(row.get("repeat"), 1)))
+    gram = delta_gram(analysis.h, models, froms)
+    return RowGram(labels, gram, alphas, missing)
+
+
+def mix_predictions(rows: RowGram) -> tuple[Any, Any]:
+    """(survival table, interference matrix) of the rows: how much of each delta survives a plain average of
+    the enabled rows, and the rows' pairwise cosines (1 overlapping, 0 independent, −1 cancelling)."""
+    import pandas as pd
+
+    from ortho_mecha import metrics
+    from ortho_mecha.gram import cosine
+
+    survival = pd.DataFrame({
+        "model": rows.labels,
+        "alpha × repeat": rows.alphas,
+        "survival (plain average)": metrics.survival_plain(rows.gram),
+    })
+    return survival, cosine(rows.gram)
+
+
+def merge_job_params(plan: Any, output_name: str, overwrite: bool = False, workspace: Path | None = None) -> dict:
+    """The ``merge`` job's parameters for ``plan`` into ``merges/<output_name>``; the plan is written beside it.
+
+    The name is checked with ``security.validate_output_name``; an existing output is refused unless
+    ``overwrite``.
+    """
+    from ortho_mecha.plan import save_plan
+
+    name = security.validate_output_name(output_name)
+    folder = merges_dir(workspace)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / name
+    if out.exists() and not overwrite:
+        raise OrthoMechaError("already exists; choose another output name or allow replacing it", out)
+    plan_path = save_plan(plan, folder / f"{Path(name).stem}.plan.json", overwrite=True)
+    return {"plan": str(plan_path), "out": str(out), "overwrite": overwrite}

@@ -1,0 +1,120 @@
+"""Analyse: pick a base and models from the allowed folders, run the analysis as a job, show its report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from ortho_mecha import charts, jobs, ui, workspace
+from ortho_mecha.workspace import BASE_LABEL
+
+st.title("Analyse")
+
+with ui.shown_errors():
+    demo = workspace.ensure_demo()
+choices = workspace.ModelChoices.scan()
+if not choices.labels:
+    st.info(
+        "No .safetensors files under the allowed folders "
+        f"({', '.join(str(r) for r in choices.roots)}); put models there or set ORTHO_MECHA_ROOTS."
+    )
+    st.stop()
+
+# First visit in this session: follow the newest analysis (or start one on the demo models).
+if ui.job_in_url(ui.ANALYSIS_URL) is None and not st.session_state.get("analyse_visited"):
+    with ui.shown_errors():
+        recent = [r for r in jobs.list_jobs() if r["kind"] == "analyse" and r["state"] in ("queued", "running", "done")]
+        if recent:
+            st.query_params[ui.ANALYSIS_URL] = recent[0]["id"]
+        elif "base" in demo:
+            others = [str(path) for name, path in demo.items() if name != "base"]
+            ui.start_job("analyse", {"base": str(demo["base"]), "models": others, "delta_from": {}}, ui.ANALYSIS_URL)
+st.session_state["analyse_visited"] = True
+
+# Widgets start from the analysis the URL shows, when its files are still under the roots.
+job_id = ui.job_in_url(ui.ANALYSIS_URL)
+if job_id and st.session_state.get("analyse_widgets_from") != job_id:
+    with ui.shown_errors():
+        params = jobs.status(job_id)["params"]
+        st.session_state["an_base"] = choices.label(params["base"])
+        st.session_state["an_models"] = [choices.label(m) for m in params["models"]]
+        for model, other in (params.get("delta_from") or {}).items():
+            st.session_state[f"an_df_{choices.label(model)}"] = choices.label(other)
+    st.session_state["analyse_widgets_from"] = job_id
+
+with st.container(border=True):
+    left, right = st.columns([1, 2])
+    base = left.selectbox("Base model", choices.labels, key="an_base")
+    models = right.multiselect(
+        "Models to analyse", [label for label in choices.labels if label != base], key="an_models"
+    )
+    with st.expander("Delta-from per model (default: the base)"):
+        st.caption("A model's delta is taken against its delta-from: a fine-tune of a fine-tune against its parent.")
+        delta_from = {}
+        for model in models:
+            options = [BASE_LABEL, *(label for label in choices.labels if label not in (model, base))]
+            chosen = st.selectbox(model, options, key=f"an_df_{model}")
+            if chosen != BASE_LABEL:
+                delta_from[model] = chosen
+    if st.button("Analyse", type="primary", icon=":material/play_arrow:", disabled=not models):
+        with ui.shown_errors():
+            params = {
+                "base": str(choices.path(base)),
+                "models": [str(choices.path(m)) for m in models],
+                "delta_from": {str(choices.path(m)): str(choices.path(d)) for m, d in delta_from.items()},
+            }
+            ui.start_job("analyse", params, ui.ANALYSIS_URL)
+            st.rerun()
+
+record = ui.job_panel(ui.ANALYSIS_URL, "analysis")
+if record is None or record["state"] != "done":
+    st.stop()
+ui.remember_analysis(record)
+report = record["result"]
+names = charts.short_names(report["models"])
+
+read = f"{report['bytes_read'] / 2**20:.1f} MiB read in {report['seconds']:.1f} s" if report["bytes_read"] else "cached"
+st.caption(
+    f"{report['arch']} · base {Path(report['base']).name} · {len(names)} models · {report['keys']} keys · {read}"
+)
+
+similarity, quality, lineage, model_map, outliers, validation = st.tabs(
+    ["Similarity", "Quality", "Lineage", "Model map", "Outliers", "Validation"]
+)
+with similarity:
+    block = st.selectbox("Keys", charts.blocks_of(report), help="all keys, or one block of the model")
+    if len(names) > charts.TEXT_LIMIT:
+        st.caption(f"More than {charts.TEXT_LIMIT} models: values are in the tooltips (hover a cell).")
+    for tab, metric in zip(st.tabs([m.title for m in charts.METRICS.values()]), charts.METRICS.values(), strict=True):
+        with tab:
+            st.caption(metric.help)
+            if block != charts.ALL_KEYS and not metric.per_block:
+                st.info(f"The {metric.title} is counted over all keys only; choose '{charts.ALL_KEYS}'.")
+                continue
+            with ui.shown_errors():
+                matrix = charts.metric_matrix(report, metric.name, block)
+                st.altair_chart(charts.heatmap(matrix, names, metric.name, f"{metric.title} · {block}"))
+with quality:
+    st.dataframe(
+        charts.quality_frame(report),
+        hide_index=True,
+        column_config={"score": st.column_config.ProgressColumn("score", min_value=0.0, max_value=1.0, format="%.2f")},
+    )
+    st.caption("Grades: A+ > 0.80, A 0.65–0.80, B 0.50–0.65, C 0.35–0.50, D < 0.35; a null delta is graded D.")
+with lineage:
+    st.dataframe(charts.lineage_frame(report), hide_index=True)
+with model_map:
+    st.altair_chart(charts.model_map(report))
+with outliers:
+    frame = charts.outlier_frame(report)
+    if frame.empty:
+        st.success("No outlier keys: every key changed about as much as the model's typical key.")
+    else:
+        st.dataframe(frame, hide_index=True)
+with validation:
+    for check in report["validation"]["models"]:
+        notes = check.get("notes") or ["matches the base"]
+        st.markdown(f"**{Path(check.get('path', '')).name or 'model'}**: " + "; ".join(notes))
+    with st.expander("Full validation report"):
+        st.json(report["validation"])

@@ -1,0 +1,54 @@
+"""Merge: run the Mixer's plan as a background job; show the repair report, hashes and output; offer downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from ortho_mecha import recipe, ui, workspace
+from ortho_mecha.merge import summary
+from ortho_mecha.plan import load_plan
+
+st.title("Merge")
+
+plan = st.session_state.get("plan")
+if plan is None:
+    st.info("Make a plan on the Mixer page first; it is merged here.")
+else:
+    with st.container(border=True):
+        enabled = ", ".join(row.model.stem for row in plan.enabled_rows)
+        st.markdown(f"**{plan.method}** of {enabled} on **{plan.base.stem}** → `{workspace.merges_dir()}`")
+        left, right = st.columns([2, 1], vertical_alignment="bottom")
+        name = left.text_input("Output file name", value="merged.safetensors", key="merge_name",
+                               help="a plain file name; letters, digits, '.', '_', '-' and spaces")
+        overwrite = right.checkbox("Replace an existing file", key="merge_overwrite")
+        if st.button("Merge", type="primary", icon=":material/merge:"):
+            with ui.shown_errors():
+                ui.start_job("merge", workspace.merge_job_params(plan, name, overwrite), ui.MERGE_URL)
+                st.rerun()
+
+record = ui.job_panel(ui.MERGE_URL, "merge")
+if record is not None and record["state"] == "done":
+    report = record["result"]
+    st.success(f"written {report['output']}")
+    repairs = report["repairs"]
+    columns = st.columns(4)
+    columns[0].metric("size", f"{report['bytes'] / 2**20:.1f} MiB")
+    columns[1].metric("time", f"{report['seconds']:.1f} s")
+    columns[2].metric("NaN/Inf keys repaired", len(repairs["nonfinite"]))
+    columns[3].metric("keys copied from the base", len(repairs["missing"]) + len(repairs["non_float"]))
+    st.subheader("Repair report")
+    st.code(summary(report), language=None)
+    st.subheader("Input and output hashes (sha256)")
+    hashes = pd.DataFrame({"file": list(report["sha256"]), "sha256": list(report["sha256"].values())})
+    st.dataframe(hashes, hide_index=True)
+    with ui.shown_errors():
+        merged_plan = load_plan(record["params"]["plan"])
+        stem = Path(report["output"]).stem
+        left, right = st.columns(2)
+        left.download_button("Download recipe (.mecha)", recipe.recipe_text(merged_plan), f"{stem}.mecha",
+                             icon=":material/download:")
+        right.download_button("Download script (.py)", recipe.script_text(merged_plan), f"{stem}.py",
+                              icon=":material/download:")

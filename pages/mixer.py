@@ -1,0 +1,132 @@
+"""Mixer: edit the merge plan — rows, method and its options, texture — see its predicted figures, save presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from ortho_mecha import charts, recipe, ui, workspace
+from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
+from ortho_mecha.plan import ALPHA_RANGE, METHODS, REPEAT_RANGE
+from ortho_mecha.workspace import BASE_LABEL, TABLE_COLUMNS
+
+st.title("Mixer")
+
+choices = workspace.ModelChoices.scan()
+if not choices.labels:
+    st.info("No model files under the allowed folders; add some, then analyse them on the Analyse page.")
+    st.stop()
+analysis = ui.current_analysis()
+
+if "mix" not in st.session_state:
+    state = {"base": choices.labels[0], "rows": [], "method": "ortho_superpose", "options": {}, "texture": None}
+    if analysis is not None:
+        with ui.shown_errors():
+            state["base"] = choices.label(analysis[1]["base"])
+            state["rows"] = workspace.table_rows_from_report(analysis[1], choices)
+    ui.set_mix(state)
+mix = st.session_state["mix"]
+
+with st.container(border=True):
+    presets = workspace.list_presets()
+    left, middle, right = st.columns([2, 1, 2], vertical_alignment="bottom")
+    chosen = left.selectbox("Preset", presets, index=None, placeholder="saved plans", key="mix_preset")
+    if middle.button("Load", disabled=chosen is None):
+        with ui.shown_errors():
+            ui.set_mix(workspace.table_from_plan(workspace.load_preset(chosen, choices), choices))
+            st.rerun()
+    if analysis is not None and right.button("Optimise from the analysis", icon=":material/auto_fix_high:"):
+        with ui.shown_errors():
+            ui.set_mix(ui.optimised_mix(analysis, mix, choices))
+            st.rerun()
+
+labels = choices.labels
+base = st.selectbox("Base model", labels, index=labels.index(mix["base"]) if mix["base"] in labels else 0,
+                    key=f"mix_base_{mix['version']}")
+st.caption("One row per model: its delta is alpha × (model − delta-from). Add rows at the bottom, delete by "
+           "selecting a row's left edge.")
+edited = st.data_editor(
+    pd.DataFrame(mix["rows"], columns=list(TABLE_COLUMNS)),
+    key=f"mix_rows_{mix['version']}",
+    num_rows="dynamic",
+    hide_index=True,
+    column_config={
+        "enabled": st.column_config.CheckboxColumn("enabled", default=True),
+        "model": st.column_config.SelectboxColumn("model", options=labels, required=True, width="medium"),
+        "delta_from": st.column_config.SelectboxColumn(
+            "delta-from", options=[BASE_LABEL, *labels], default=BASE_LABEL, required=True, width="medium"
+        ),
+        "alpha": st.column_config.NumberColumn("alpha", min_value=ALPHA_RANGE[0], max_value=ALPHA_RANGE[1],
+                                               step=0.05, default=1.0, format="%.2f"),
+        "repeat": st.column_config.NumberColumn("repeat", min_value=REPEAT_RANGE[0], max_value=REPEAT_RANGE[1],
+                                                step=1, default=1),
+        "info": st.column_config.TextColumn("info", width="large"),
+    },
+)
+rows = edited.to_dict("records")
+
+method_column, texture_column = st.columns(2)
+with method_column, st.container(border=True):
+    method_names = list(METHODS)
+    method = st.selectbox("Method", method_names, index=method_names.index(mix["method"]),
+                          key=f"mix_method_{mix['version']}", help=METHODS[mix["method"]].summary)
+    st.caption(METHODS[method].summary)
+    options = {spec.name: ui.option_widget(spec, mix["options"].get(spec.name), f"mix_{mix['version']}_{method}")
+               for spec in METHODS[method].options}
+with texture_column, st.container(border=True):
+    texture_now = mix["texture"] or {}
+    texture_model = st.selectbox("Texture model", labels, index=labels.index(texture_now["model"])
+                                 if texture_now.get("model") in labels else None, placeholder="none",
+                                 key=f"mix_texture_{mix['version']}", help="adds fine detail from this model's delta")
+    texture_alpha = st.slider("Texture alpha", BETA.minimum or 0.0, 0.5, float(texture_now.get("alpha", 0.2)),
+                              step=0.01, key=f"mix_texture_alpha_{mix['version']}")
+    texture_mode = st.selectbox("Texture mode", TEXTURE_MODE.choices,
+                                index=TEXTURE_MODE.choices.index(texture_now.get("mode", "add")),
+                                key=f"mix_texture_mode_{mix['version']}", help=TEXTURE_MODE.help)
+texture = {"model": texture_model, "alpha": texture_alpha, "mode": texture_mode} if texture_model else None
+mix.update(base=base, rows=rows, method=method, options=options, texture=texture)
+
+st.subheader("Predicted figures")
+if analysis is None:
+    st.info("Analyse the models first (Analyse page): survival and interference are predicted from the analysis.")
+else:
+    with ui.shown_errors():
+        figures = ui.mix_figures(analysis, mix, choices)
+        if figures is not None:
+            survival_column, interference_column = st.columns([1, 2])
+            survival_column.dataframe(figures.survival, hide_index=True)
+            if len(figures.labels) > 1:
+                interference_column.altair_chart(
+                    charts.heatmap(figures.interference, figures.labels, "cos", "interference (cos) of the rows")
+                )
+
+st.subheader("Plan")
+plan = None
+with ui.shown_errors():
+    plan = workspace.plan_from_table(base, rows, method, options, texture, choices)
+    st.session_state["plan"] = plan
+if plan is not None:
+    save_column, name_column = st.columns([1, 2], vertical_alignment="bottom")
+    name = name_column.text_input("Preset name", value=chosen or "", placeholder="my-mix")
+    overwrite = name_column.checkbox("Replace a preset of that name")
+    if save_column.button("Save preset", icon=":material/save:"):
+        with ui.shown_errors():
+            path = workspace.save_preset(name, plan, overwrite=overwrite)
+            st.success(f"saved {path}")
+    with ui.shown_errors():
+        stem = Path(name or "plan").stem
+        recipe_tab, script_tab, json_tab = st.tabs(["Recipe (.mecha)", "Script (.py)", "Plan (.json)"])
+        with recipe_tab:
+            mecha = recipe.recipe_text(plan)
+            st.download_button("Download recipe", mecha, f"{stem}.mecha", icon=":material/download:")
+            st.code(mecha, language=None)
+        with script_tab:
+            script = recipe.script_text(plan)
+            st.download_button("Download script", script, f"{stem}.py", icon=":material/download:")
+            st.code(script, language="python")
+        with json_tab:
+            text = plan.to_json()
+            st.download_button("Download plan", text, f"{stem}.json", icon=":material/download:")
+            st.code(text, language="json")

@@ -1,0 +1,42 @@
+"""ortho-mecha dashboard: the password gate, then navigation over the pages in ``ortho_mecha.ui.PAGES``.
+
+Run with ``streamlit run streamlit_app.py``. Bound to this machine only (the default in
+``.streamlit/config.toml``) it opens straight away; bound to any other address it first asks for the
+password set in ``ORTHO_MECHA_PASSWORD`` (or ``.streamlit/secrets.toml``), and without one it only says
+how to set it.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ortho_mecha import security, ui
+from ortho_mecha.errors import OrthoMechaError
+
+st.set_page_config(page_title="ortho-mecha", page_icon=":material/join_inner:", layout="wide")
+
+
+def password_gate() -> None:
+    """Stop the script unless this session may see the dashboard."""
+    address = st.get_option("server.address")
+    if not security.password_required(address) or st.session_state.get("authenticated"):
+        return
+    try:
+        password = security.configured_password(st.secrets)
+        security.require_password_for_lan(address, password)
+    except OrthoMechaError as error:
+        st.error(str(error))
+        st.stop()
+    with st.form("login"):
+        given = st.text_input("Password", type="password")
+        submitted = st.form_submit_button("Sign in")
+    if submitted:
+        if security.check_password(given, password):
+            st.session_state["authenticated"] = True
+            st.rerun()
+        st.error("wrong password")
+    st.stop()
+
+
+password_gate()
+ui.navigation().run()
