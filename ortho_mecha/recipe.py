@@ -1,0 +1,200 @@
+"""Plan → sd-mecha recipe → ``.mecha`` text and a standalone Python script that re-runs the merge.
+
+The recipe uses only sd-mecha's own nodes and the methods ortho-mecha registers, so any sd-mecha user
+can write it by hand. Every file is a ``sd_mecha.model`` node bound to the config derived from the
+base's header (:mod:`ortho_mecha.mecha_config`). Row i's delta is
+``scale_delta(subtract(model_i, delta_from_i or base), c_i)``; what the coefficient c_i is and how
+often the row is listed depends on the method (``MethodSpec.repeat``):
+
+================  ==================================================================================
+method            recipe (α_i, r_i: the row's alpha and repeat; ``alpha``: the global option)
+================  ==================================================================================
+ortho_project     ``ortho_project(base, *δ, alpha)``, c_i = α_i·r_i
+ortho_superpose   ``ortho_superpose(base, *δ, alpha, granularity, rcond)``, c_i = α_i·r_i
+orthomerge        ``orthomerge(base, *δ, …)``, c_i = α_i, row listed r_i times
+weighted_sum      ``add_difference(base, n_average(*δ), alpha)``, c_i = n·α_i·r_i / Σ α_j·r_j
+                  (a weighted mean of the deltas; with every delta-from the base, Σ w_i M_i / Σ w_i)
+add_difference    ``add_difference(base, n_average(*δ), alpha)``, c_i = n·α_i·r_i (the sum of the deltas)
+ties              ``add_difference(base, ties_sum(*δ, k, vote_sgn), alpha)``, c_i = α_i, listed r_i times
+dare              ``add_difference(base, ties_sum_with_dropout(*δ, probability, rescale, della_eps, k,
+                  vote_sgn, seed), alpha)``, c_i = α_i, listed r_i times
+model_stock       ``add_difference(base, model_stock(*δ, cos_eps), alpha)``, c_i = α_i, listed r_i times
+geometric_median  ``add_difference(base, geometric_median(*δ, eps, maxiter, ftol), alpha)``, listed r_i times
+================  ==================================================================================
+
+(n = the number of deltas.) A texture boost wraps the result:
+``texture_boost(merged, base, subtract(texture, base), beta, mode)``.
+
+``add_difference`` above is sd-mecha's registered merge method: the public wrapper
+``sd_mecha.add_difference(base, delta)`` of sd-mecha 1.1.8 raises on a delta node, so the method is
+resolved by name instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import stat
+from pathlib import Path
+
+import sd_mecha
+from sd_mecha.extensions import merge_methods
+
+from ortho_mecha import __version__
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import atomic_write_text
+from ortho_mecha.mecha_config import model_node, register_base_config
+from ortho_mecha.plan import Plan, load_plan
+
+logger = logging.getLogger(__name__)
+
+ORTHO_METHODS = ("ortho_project", "ortho_superpose", "orthomerge")
+# plan method → the sd-mecha merge method that combines the deltas before add_difference
+CLASSIC_COMBINERS = {
+    "weighted_sum": "n_average",
+    "add_difference": "n_average",
+    "ties": "ties_sum",
+    "dare": "ties_sum_with_dropout",
+    "model_stock": "model_stock",
+    "geometric_median": "geometric_median",
+}
+
+
+def _method(name: str) -> merge_methods.MergeMethod:
+    return merge_methods.resolve(name)
+
+
+def _coefficients(plan: Plan) -> list[float]:
+    """Each enabled row's delta coefficient (see the module docstring)."""
+    rows = plan.enabled_rows
+    if plan.spec.repeat == "list":
+        return [float(row.alpha) for row in rows]
+    weights = [float(row.alpha) * row.repeat for row in rows]
+    if plan.method == "weighted_sum":
+        total = sum(weights)
+        return [len(rows) * w / total if total else 0.0 for w in weights]
+    if plan.method == "add_difference":
+        return [len(rows) * w for w in weights]
+    return weights
+
+
+def build_recipe(plan: Plan) -> sd_mecha.RecipeNode:
+    """The sd-mecha recipe of ``plan`` (registers the base's derived config first)."""
+    config_id = register_base_config(plan.base)
+    nodes: dict[Path, sd_mecha.RecipeNode] = {}
+
+    def node(path: Path) -> sd_mecha.RecipeNode:
+        if path not in nodes:
+            nodes[path] = model_node(path, config_id)
+        return nodes[path]
+
+    base = node(plan.base)
+    rows = plan.enabled_rows
+    row_deltas = [
+        _method("scale_delta")(sd_mecha.subtract(node(row.model), node(row.delta_from or plan.base)), alpha=coefficient)
+        for row, coefficient in zip(rows, _coefficients(plan), strict=True)
+    ]
+    if plan.spec.repeat == "list":
+        deltas = [delta for row, delta in zip(rows, row_deltas, strict=True) for _ in range(row.repeat)]
+    else:
+        deltas = row_deltas
+    options = dict(plan.options)
+    if plan.method in ORTHO_METHODS:
+        merged = _method(plan.method)(base, *deltas, **options)
+    else:
+        alpha = options.pop("alpha")
+        combined = _method(CLASSIC_COMBINERS[plan.method])(*deltas, **options)
+        merged = _method("add_difference")(base, combined, alpha=alpha)
+    if plan.texture is not None:
+        texture = sd_mecha.subtract(node(plan.texture.model), base)
+        merged = _method("texture_boost")(merged, base, texture, beta=plan.texture.alpha, mode=plan.texture.mode)
+    return merged
+
+
+def recipe_text(plan: Plan) -> str:
+    """The plan's recipe in sd-mecha's ``.mecha`` format."""
+    return sd_mecha.serialize(build_recipe(plan))
+
+
+def _lines_literal(text: str) -> str:
+    """``text`` as a Python expression joining one repr per line, readable in the script."""
+    lines = "".join(f"    {line!r},\n" for line in text.split("\n"))
+    return "\n".join(["'\\n'.join([", lines.rstrip("\n"), "])"])
+
+
+def script_text(plan: Plan) -> str:
+    """A standalone Python script that re-registers the config, deserializes the recipe and merges it."""
+    mecha = recipe_text(plan)
+    return f'''#!/usr/bin/env python3
+"""Re-run an ortho-mecha merge ({plan.method}, {len(plan.enabled_rows)} rows) with sd-mecha.
+
+Generated by ortho-mecha {__version__}. Usage: python {{this file}} OUT.safetensors [--overwrite]
+The recipe below is sd-mecha's own .mecha format; the inputs must be at the paths it names.
+"""
+
+import argparse
+import json
+
+import sd_mecha
+
+import ortho_mecha  # registers ortho-mecha's merge methods with sd-mecha
+from ortho_mecha.mecha_config import register_base_config
+from ortho_mecha.merge import execute
+
+BASE = {str(plan.base)!r}
+MERGE_DTYPE = {plan.merge_dtype!r}
+OUTPUT_DTYPE = {plan.output_dtype!r}
+PLAN = {_lines_literal(plan.to_json())}
+RECIPE = {_lines_literal(mecha)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="the merged .safetensors file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--threads", type=int, default=None, help="sd-mecha worker threads")
+    parser.add_argument("--device", default=None, help="merge device, e.g. cuda:0 (default cpu)")
+    args = parser.parse_args()
+    register_base_config(BASE)  # the model config every model node of the recipe names
+    recipe = sd_mecha.deserialize(RECIPE)
+    report = execute(
+        recipe,
+        args.out,
+        base=BASE,
+        merge_dtype=MERGE_DTYPE,
+        output_dtype=OUTPUT_DTYPE,
+        plan_json=PLAN,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        device=args.device,
+    )
+    print(json.dumps({{"output": report["output"], "repairs": report["repairs"]}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def write_recipe(plan: Plan, mecha: Path | None, script: Path | None, overwrite: bool = False) -> list[Path]:
+    """Write the ``.mecha`` file and/or the script (atomically; existing files only with ``overwrite``)."""
+    written = []
+    if mecha is not None:
+        written.append(atomic_write_text(mecha, recipe_text(plan), overwrite))
+    if script is not None:
+        path = atomic_write_text(script, script_text(plan), overwrite)
+        umask = os.umask(0)
+        os.umask(umask)
+        path.chmod((stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO) & ~umask)
+        written.append(path)
+    return written
+
+
+def cli_recipe(args: argparse.Namespace) -> int:
+    if args.mecha is None and args.script is None:
+        raise OrthoMechaError("nothing to write: give --mecha OUT.mecha and/or --script OUT.py", args.plan)
+    plan = load_plan(args.plan)
+    for path in write_recipe(plan, args.mecha and Path(args.mecha), args.script and Path(args.script), args.overwrite):
+        print(path)
+    return 0
