@@ -155,8 +155,12 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 f"(supported: {', '.join(sorted(DTYPES))}); 4-bit and other packed formats are not supported",
                 path,
             )
+        if min(shape, default=0) < 0 or int(begin) < 0 or int(end) < int(begin):
+            raise OrthoMechaError(
+                f"corrupt header: '{name}' has a negative size (shape {list(shape)}, offsets [{begin}, {end}])", path
+            )
         info = TensorInfo(name, dtype, shape, path, data_start + int(begin), data_start + int(end))
-        if int(end) - int(begin) != info.numel * info.itemsize or int(begin) < 0:
+        if int(end) - int(begin) != info.numel * info.itemsize:
             raise OrthoMechaError(
                 f"corrupt header: '{name}' is {dtype}{list(shape)} ({info.numel * info.itemsize} bytes) but its "
                 f"offsets span {int(end) - int(begin)} bytes",
@@ -186,16 +190,19 @@ def _shard_files(path: Path) -> list[Path]:
             files = sorted(set(index["weight_map"].values()))
         except FileNotFoundError as exc:
             raise OrthoMechaError("no such file", path) from exc
+        except PermissionError as exc:
+            raise OrthoMechaError("permission denied (cannot read the file)", path) from exc
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
             raise OrthoMechaError("not a valid sharded-model index (expected a JSON 'weight_map')", path) from exc
-        return [path.parent / f for f in files]
-    match = SHARD_RE.match(path.name)
-    assert match is not None
-    stem, total = match["stem"], int(match["total"])
-    index_json = path.parent / f"{stem}.safetensors.index.json"
-    if index_json.exists():
-        return _shard_files(index_json)
-    shards = [path.parent / f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+        shards = [path.parent / f for f in files]
+    else:
+        match = SHARD_RE.match(path.name)
+        assert match is not None
+        stem, total = match["stem"], int(match["total"])
+        index_json = path.parent / f"{stem}.safetensors.index.json"
+        if index_json.exists():
+            return _shard_files(index_json)
+        shards = [path.parent / f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
     missing = [s.name for s in shards if not s.exists()]
     if missing:
         raise OrthoMechaError(f"sharded model is incomplete: missing {', '.join(missing)}", path)
@@ -317,13 +324,15 @@ class Model:
         """Elements [start, stop) of ``key``, flattened, converted to ``dtype`` (scaled fp8 dequantised)."""
         info = self.tensors[key]
         stop = info.numel if stop is None else stop
-        raw = self._read_raw(info, start, stop)
-        if info.dtype == "BOOL" or not info.is_float:
-            return raw.to(dtype)
-        out = raw.to(dtype)
+        return self.read_into(key, start, stop, torch.empty(stop - start, dtype=dtype))
+
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Read elements [start, stop) of ``key`` into the 1-D tensor ``out`` (converting to its dtype)."""
+        info = self.tensors[key]
+        out.copy_(self._read_raw(info, start, stop))
         if info.scale is not None:
             scale_info = self._scales[info.scale]
-            scale = self._read_raw(scale_info, 0, scale_info.numel).to(dtype)
+            scale = self._read_raw(scale_info, 0, scale_info.numel).to(out.dtype)
             if scale.numel() == 1:
                 out.mul_(scale)
             else:
