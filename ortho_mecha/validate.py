@@ -227,8 +227,17 @@ def open_models(base: str | Path, models: list[str | Path]) -> tuple[Model, list
     return base_model, opened
 
 
+def refuse_input_as_output(output: Path, models: list[Model]) -> None:
+    """Raise if ``output`` is one of the inputs' files (a report must never overwrite a model)."""
+    inputs = {p.resolve() for m in models for p in (m.path, *m.files)}
+    if output.resolve() in inputs:
+        raise OrthoMechaError("is an input model; write the report to another file", output)
+
+
 def cli_validate(args: argparse.Namespace) -> int:
     base, models = open_models(args.base, args.models)
+    if args.json:
+        refuse_input_as_output(Path(args.json), [base, *models])
     alignment = align(base, models, args.arch)
     for index, model in enumerate([base, *models]):
         mapping = alignment.maps[index]

@@ -1,0 +1,140 @@
+"""The command line frame: help, version, staying light to import, the error contract, ``demo``, ``cache``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ortho_mecha
+from ortho_mecha.io import Model
+from ortho_mecha.validate import align
+
+PYTHON = sys.executable
+CONSOLE_SCRIPT = Path(PYTHON).parent / "ortho-mecha"
+HEAVY = ("torch", "sd_mecha", "safetensors", "numpy", "streamlit")
+DEMO_MEMBERS = {"base", "anime", "photo", "anime_v2", "anime_photo_merge", "photo_copy", "unrelated", "anime_opposite"}
+
+# Runs in a fresh interpreter: import the CLI, run --help and every subcommand's --help, report what got imported.
+PROBE = f"""
+import contextlib, io, json, sys
+from ortho_mecha import cli
+commands = sorted(cli.build_parser()._subparsers._group_actions[0].choices)
+codes = {{}}
+for argv in [["--help"]] + [[name, "--help"] for name in commands]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.main(argv)
+        except SystemExit as exc:
+            codes[" ".join(argv)] = exc.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
+print(json.dumps({{"commands": commands, "codes": codes, "heavy": heavy}}))
+"""
+
+
+def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120)
+
+
+def test_console_script_help() -> None:
+    result = run(CONSOLE_SCRIPT, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ortho-mecha")
+    for command in ("demo", "validate", "analyse", "cache"):
+        assert command in result.stdout
+
+
+def test_help_imports_neither_torch_nor_sd_mecha() -> None:
+    result = run(PYTHON, "-c", PROBE)
+    assert result.returncode == 0, result.stderr
+    probe = json.loads(result.stdout.splitlines()[-1])
+    assert {"demo", "validate", "analyse", "analyze", "cache"} <= set(probe["commands"])
+    assert set(probe["codes"].values()) == {0}
+    assert len(probe["codes"]) == len(probe["commands"]) + 1
+    assert probe["heavy"] == []
+
+
+def test_python_dash_m_version() -> None:
+    result = run(PYTHON, "-m", "ortho_mecha", "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ortho_mecha.__version__
+
+
+def test_no_command_prints_help_and_fails(cli) -> None:
+    result = cli()
+    assert result.code == 2
+    assert "usage: ortho-mecha" in result.out
+
+
+def test_debug_shows_the_traceback(cli, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.safetensors"
+    plain = cli("validate", "--base", missing, missing)
+    assert plain.code == 2 and "Traceback" not in plain.err
+    debug = cli("--debug", "validate", "--base", missing, missing)
+    assert debug.code == 2
+    assert "Traceback (most recent call last)" in debug.err
+    assert f"OrthoMechaError: {missing}: no such file" in debug.err
+
+
+# -- demo ----------------------------------------------------------------------------------------------------
+
+
+def test_demo_writes_the_family(cli, tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "demo"
+    result = cli("demo", folder)
+    assert result.code == 0, result.err
+    files = {p.stem for p in folder.glob("*.safetensors")}
+    assert files == DEMO_MEMBERS
+    for member in DEMO_MEMBERS:
+        assert f"{folder / member}.safetensors  (" in result.out
+    assert f"next: ortho-mecha analyse --base {folder / 'base.safetensors'} {folder}" in result.out
+    with Model(folder / "base.safetensors") as base, Model(folder / "anime.safetensors") as anime:
+        alignment = align(base, [anime])
+        assert alignment.arch == "flux1"
+        assert alignment.checks[0].shared_fraction == 1.0
+        assert base.metadata == {"ortho_mecha_demo": "1"}
+
+
+def test_demo_refuses_a_file_as_its_folder(cli_error, tmp_path: Path, digests) -> None:
+    target = tmp_path / "demo"
+    target.write_text("a file, not a folder")
+    before = digests(target)
+    line = cli_error("demo", target)
+    assert f"{target}: exists and is not a folder" in line
+    assert digests(target) == before
+
+
+def test_demo_twice_keeps_existing_files(cli, tmp_path: Path, digests) -> None:
+    folder = tmp_path / "demo"
+    assert cli("demo", folder).code == 0
+    first = digests(folder)
+    mine = folder / "anime.safetensors"
+    mine.write_bytes(b"the user's own file")  # a file the demo would write, changed by the user
+    (folder / "photo.safetensors").unlink()  # and one missing
+
+    assert cli("demo", folder).code == 0
+    assert mine.read_bytes() == b"the user's own file"
+    assert digests(folder) == first | {str(mine): digests(mine)[str(mine)]}  # photo rewritten identically
+
+    assert cli("demo", folder, "--overwrite").code == 0
+    assert digests(folder) == first
+
+
+# -- cache location ------------------------------------------------------------------------------------------
+
+
+def test_cache_lives_where_ORTHO_MECHA_CACHE_says(
+    cli, private_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    shown = cli("cache", "show")
+    assert shown.code == 0, shown.err
+    assert shown.out.startswith(f"cache: {private_cache} (")
+    cleared = cli("cache", "clear")
+    assert cleared.code == 0, cleared.err
+    assert str(private_cache) in cleared.out
+    assert not home.exists()  # nothing under ~/.cache

@@ -1,0 +1,648 @@
+"""Inputs: the safetensors reader, its refusals, scaled fp8, shards, key mapping and ``ortho-mecha validate``.
+
+Every bad input goes through the real command line (``ortho_mecha.cli.main``) and must give status 2,
+exactly one line on stderr that names the file and says what is wrong, no traceback, and leave every
+input file byte-for-byte as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.io import Model, expand_model_paths
+from ortho_mecha.validate import DIFFUSION_PREFIX, align, key_map
+from tests.modelgen import stored, write_scaled_fp8, write_sharded
+
+# -- small files --------------------------------------------------------------------------------------
+
+
+def state(seed: int = 0, keys: int = 6) -> dict[str, torch.Tensor]:
+    """A tiny model: ``layers.N`` matrices and norms, float32."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(keys // 2):
+        out[f"layers.{i}.attn.qkv.weight"] = torch.randn(6, 4, generator=generator)
+        out[f"layers.{i}.norm.weight"] = 1 + 0.1 * torch.randn(4, generator=generator)
+    return out
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def raw_file(path: Path, header: str, data: bytes = b"", claimed_length: int | None = None) -> Path:
+    """A safetensors-like file with a hand-written header (so it can lie)."""
+    encoded = header.encode()
+    length = len(encoded) if claimed_length is None else claimed_length
+    path.write_bytes(struct.pack("<Q", length) + encoded + data)
+    return path
+
+
+def entry(name: str, dtype: str, shape: list[int], begin: int, end: int) -> str:
+    return f'"{name}": {{"dtype": "{dtype}", "shape": {json.dumps(shape)}, "data_offsets": [{begin}, {end}]}}'
+
+
+class Armed:
+    """Unpickling this creates ``marker``: proof that a file was (or was not) unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[object, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def write_pickle(path: Path, marker: Path) -> Path:
+    path.write_bytes(pickle.dumps({"state_dict": Armed(marker)}))
+    return path
+
+
+# -- every bad input: one line, exit 2, file named, inputs untouched -----------------------------------
+
+
+@dataclass
+class Bad:
+    argv: list[str | Path]  # after "validate"
+    named: list[Path]  # files the message must name
+    problem: str  # the exact problem, as the message words it
+
+
+def _base(folder: Path) -> Path:
+    return save(folder / "base.safetensors", state(0))
+
+
+def _with_base(bad: Path, problem: str) -> Bad:
+    return Bad(["--base", bad.parent / "base.safetensors", bad], [bad], problem)
+
+
+def bad_pickle_model(folder: Path, suffix: str) -> Bad:
+    path = write_pickle(folder / f"model{suffix}", folder / "UNPICKLED")
+    return _with_base(path, f"'{suffix}' is a pickle checkpoint; ortho-mecha never unpickles files")
+
+
+def bad_pickle_base(folder: Path) -> Bad:
+    path = write_pickle(folder / "base.ckpt", folder / "UNPICKLED")
+    return Bad(["--base", path, folder / "base.safetensors"], [path], "'.ckpt' is a pickle checkpoint")
+
+
+def bad_pickle_named_safetensors(folder: Path) -> Bad:
+    path = write_pickle(folder / "renamed.safetensors", folder / "UNPICKLED")
+    return _with_base(path, "corrupt or truncated: the header claims")
+
+
+def bad_truncated_data(folder: Path) -> Bad:
+    path = save(folder / "cut.safetensors", state(1))
+    path.write_bytes(path.read_bytes()[:-10])
+    return _with_base(path, "truncated: 'layers.2.norm.weight' ends at byte")
+
+
+def bad_truncated_header(folder: Path) -> Bad:
+    path = folder / "stub.safetensors"
+    path.write_bytes(b"\x10\x00\x00")
+    return _with_base(path, "truncated: 3 bytes is too short for a safetensors header")
+
+
+def bad_empty_file(folder: Path) -> Bad:
+    path = folder / "empty.safetensors"
+    path.write_bytes(b"")
+    return _with_base(path, "truncated: 0 bytes is too short")
+
+
+def bad_header_length_lies(folder: Path) -> Bad:
+    path = raw_file(folder / "long.safetensors", "{" + entry("w", "F32", [2], 0, 8) + "}", bytes(8), 10_000)
+    return _with_base(path, "corrupt or truncated: the header claims 10000 bytes")
+
+
+def bad_entry_size_lies(folder: Path) -> Bad:
+    path = raw_file(folder / "sizes.safetensors", "{" + entry("w", "F32", [4], 0, 8) + "}", bytes(16))
+    return _with_base(path, "corrupt header: 'w' is F32[4] (16 bytes) but its offsets span 8 bytes")
+
+
+def bad_negative_size(folder: Path) -> Bad:
+    path = raw_file(folder / "negative.safetensors", "{" + entry("w", "F32", [-2], 8, 0) + "}", bytes(8))
+    return _with_base(path, "corrupt header: 'w' has a negative size")
+
+
+def bad_duplicate_key(folder: Path) -> Bad:
+    header = "{" + entry("w", "F32", [2], 0, 8) + ", " + entry("w", "F32", [2], 8, 16) + "}"
+    path = raw_file(folder / "dup.safetensors", header, bytes(16))
+    return _with_base(path, "corrupt header: key 'w' appears twice")
+
+
+def bad_not_json(folder: Path) -> Bad:
+    path = raw_file(folder / "garbage.safetensors", '{"w": {"dtype": ', bytes(8))
+    return _with_base(path, "corrupt header (not valid JSON")
+
+
+def bad_overlap(folder: Path) -> Bad:
+    header = "{" + entry("a", "F32", [4], 0, 16) + ", " + entry("b", "F32", [4], 8, 24) + "}"
+    path = raw_file(folder / "overlap.safetensors", header, bytes(24))
+    return _with_base(path, "corrupt header: 'a' and 'b' overlap")
+
+
+def bad_unknown_dtype(folder: Path) -> Bad:
+    path = raw_file(folder / "int4.safetensors", "{" + entry("w", "I4", [4], 0, 2) + "}", bytes(2))
+    return _with_base(path, "tensor 'w' has dtype I4, which ortho-mecha cannot read")
+
+
+def bad_nan_in_model(folder: Path) -> Bad:
+    tensors = state(1)
+    tensors["layers.1.attn.qkv.weight"][2, 3] = float("nan")
+    path = save(folder / "nan.safetensors", tensors)
+    return _with_base(path, "tensor 'layers.1.attn.qkv.weight' holds 1 NaN/Inf values")
+
+
+def bad_inf_in_base(folder: Path) -> Bad:
+    tensors = state(0)
+    tensors["layers.0.norm.weight"][1] = float("-inf")
+    base = save(folder / "inf_base.safetensors", tensors)
+    return Bad(["--base", base, folder / "base.safetensors"], [base], "tensor 'layers.0.norm.weight' holds 1 NaN/Inf")
+
+
+def bad_few_shared_keys(folder: Path) -> Bad:
+    own = {f"other.{i}.weight": torch.ones(3, 3) for i in range(4)}
+    path = save(folder / "stranger.safetensors", {"layers.0.norm.weight": torch.ones(4)} | own)
+    return Bad(
+        ["--base", folder / "base.safetensors", path],
+        [path, folder / "base.safetensors"],
+        "shares only 1 of the 6 diffusion keys of the base",
+    )
+
+
+def bad_missing_model(folder: Path) -> Bad:
+    return _with_base(folder / "nowhere.safetensors", "no such file")
+
+
+def bad_missing_base(folder: Path) -> Bad:
+    missing = folder / "gone.safetensors"
+    return Bad(["--base", missing, folder / "base.safetensors"], [missing], "no such file")
+
+
+def bad_base_is_folder(folder: Path) -> Bad:
+    sub = folder / "models"
+    sub.mkdir()
+    save(sub / "m.safetensors", state(1))
+    return Bad(["--base", sub, folder / "base.safetensors"], [sub], "--base must be one model file, not a folder")
+
+
+def bad_empty_folder(folder: Path) -> Bad:
+    sub = folder / "nothing_here"
+    sub.mkdir()
+    (sub / "notes.txt").write_text("no models")
+    (sub / "model.ckpt").write_bytes(b"not read")
+    return _with_base(sub, "folder holds no .safetensors files")
+
+
+def bad_gguf_magic(folder: Path) -> Bad:
+    path = folder / "quant.safetensors"
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + bytes(64))
+    return _with_base(path, "this is a GGUF file (quantised)")
+
+
+def bad_gguf_suffix(folder: Path) -> Bad:
+    path = folder / "model-Q4_K_M.gguf"
+    path.write_bytes(b"GGUF" + bytes(64))
+    return _with_base(path, "GGUF files are quantised; use a .safetensors model")
+
+
+def bad_nf4(folder: Path) -> Bad:
+    tensors = {
+        "layers.0.attn.qkv.weight": torch.zeros(12, 1, dtype=torch.uint8),
+        "layers.0.attn.qkv.weight.absmax": torch.ones(1),
+        "layers.0.attn.qkv.weight.quant_map": torch.ones(16),
+        "layers.0.attn.qkv.weight.quant_state.bitsandbytes__nf4": torch.zeros(8, dtype=torch.uint8),
+    }
+    path = save(folder / "nf4.safetensors", tensors)
+    return _with_base(path, "bitsandbytes/NF4-quantised model (key 'layers.0.attn.qkv.weight.absmax')")
+
+
+def bad_other_suffix(folder: Path) -> Bad:
+    path = save(folder / "model.sft", state(1))
+    return _with_base(path, "not a .safetensors file")
+
+
+def bad_only_the_base(folder: Path) -> Bad:
+    base = folder / "base.safetensors"
+    return Bad(["--base", base, base], [base], "no models to compare with the base")
+
+
+def bad_no_float_tensors(folder: Path) -> Bad:
+    base = save(folder / "ints.safetensors", {"ids": torch.arange(4)})
+    return Bad(["--base", base, folder / "base.safetensors"], [base], "holds no floating-point tensors")
+
+
+def bad_colliding_spellings(folder: Path) -> Bad:
+    tensors = state(1) | {"layers.0.norm.scale": torch.ones(4)}
+    path = save(folder / "twice.safetensors", tensors)
+    problem = "keys 'layers.0.norm.scale' and 'layers.0.norm.weight' map to the same key 'layers.0.norm.weight'"
+    return _with_base(path, problem)
+
+
+def bad_scale_length(folder: Path) -> Bad:
+    tensors = {k: v.to(torch.float8_e4m3fn) for k, v in state(1).items()}
+    tensors["layers.0.attn.qkv.scale_weight"] = torch.ones(3)
+    path = save(folder / "scaled.safetensors", tensors)
+    return _with_base(path, "scale 'layers.0.attn.qkv.scale_weight' has 3 values; expected 1 or one per row (6)")
+
+
+def bad_index_missing_shard(folder: Path) -> Bad:
+    index = write_sharded(folder, "big", state(1))
+    (folder / "big-00002-of-00002.safetensors").unlink()
+    return _with_base(index, "sharded model is incomplete: missing big-00002-of-00002.safetensors")
+
+
+def bad_shard_without_index_missing(folder: Path) -> Bad:
+    write_sharded(folder, "big", state(1), shards=3).unlink()
+    (folder / "big-00003-of-00003.safetensors").unlink()
+    first = folder / "big-00001-of-00003.safetensors"
+    return _with_base(first, "sharded model is incomplete: missing big-00003-of-00003.safetensors")
+
+
+def bad_folder_with_missing_shard(folder: Path) -> Bad:
+    sub = folder / "sharded"
+    sub.mkdir()
+    index = write_sharded(sub, "big", state(1))
+    (sub / "big-00001-of-00002.safetensors").unlink()
+    return Bad(["--base", folder / "base.safetensors", sub], [index], "missing big-00001-of-00002.safetensors")
+
+
+def bad_index_json(folder: Path) -> Bad:
+    path = folder / "model.safetensors.index.json"
+    path.write_text('{"metadata": {}}')
+    return _with_base(path, "not a valid sharded-model index (expected a JSON 'weight_map')")
+
+
+def bad_json_report_over_input(folder: Path) -> Bad:
+    model = save(folder / "a.safetensors", state(1))
+    return Bad(
+        ["--base", folder / "base.safetensors", model, "--json", model], [model], "is an input model; write the report"
+    )
+
+
+BAD_INPUTS: dict[str, Callable[[Path], Bad]] = {
+    "pickle-ckpt": lambda f: bad_pickle_model(f, ".ckpt"),
+    "pickle-pt": lambda f: bad_pickle_model(f, ".pt"),
+    "pickle-bin": lambda f: bad_pickle_model(f, ".bin"),
+    "pickle-as-base": bad_pickle_base,
+    "pickle-named-safetensors": bad_pickle_named_safetensors,
+    "truncated-data": bad_truncated_data,
+    "truncated-header": bad_truncated_header,
+    "empty-file": bad_empty_file,
+    "header-length-lies": bad_header_length_lies,
+    "entry-size-lies": bad_entry_size_lies,
+    "negative-size": bad_negative_size,
+    "duplicate-key": bad_duplicate_key,
+    "header-not-json": bad_not_json,
+    "overlapping-offsets": bad_overlap,
+    "unknown-dtype": bad_unknown_dtype,
+    "nan-in-model": bad_nan_in_model,
+    "inf-in-base": bad_inf_in_base,
+    "few-shared-keys": bad_few_shared_keys,
+    "missing-model": bad_missing_model,
+    "missing-base": bad_missing_base,
+    "base-is-folder": bad_base_is_folder,
+    "folder-without-safetensors": bad_empty_folder,
+    "gguf-magic": bad_gguf_magic,
+    "gguf-suffix": bad_gguf_suffix,
+    "nf4-bitsandbytes": bad_nf4,
+    "other-suffix": bad_other_suffix,
+    "only-the-base": bad_only_the_base,
+    "no-float-tensors": bad_no_float_tensors,
+    "colliding-spellings": bad_colliding_spellings,
+    "scale-length": bad_scale_length,
+    "index-missing-shard": bad_index_missing_shard,
+    "shard-without-index-missing": bad_shard_without_index_missing,
+    "folder-with-missing-shard": bad_folder_with_missing_shard,
+    "index-json-invalid": bad_index_json,
+    "json-report-over-input": bad_json_report_over_input,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line(case: str, tmp_path: Path, cli_error, digests) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _base(folder)
+    bad = BAD_INPUTS[case](folder)
+    before = digests(folder)
+
+    line = cli_error("validate", *bad.argv)
+
+    assert bad.problem in line
+    for path in bad.named:
+        assert str(path) in line
+    assert digests(folder) == before  # nothing changed, nothing written
+    assert not (folder / "UNPICKLED").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
+@pytest.mark.parametrize("role", ["base", "model"])
+def test_unreadable_file_is_one_clear_line(role: str, tmp_path: Path, cli_error, digests) -> None:
+    base = _base(tmp_path)
+    locked = save(tmp_path / "locked.safetensors", state(1))
+    before, mode = digests(tmp_path), locked.stat().st_mode
+    locked.chmod(0)
+    try:
+        argv = ["--base", locked, base] if role == "base" else ["--base", base, locked]
+        line = cli_error("validate", *argv)
+    finally:
+        locked.chmod(mode)
+    assert f"{locked}: permission denied (cannot read the file)" in line
+    assert digests(tmp_path) == before
+
+
+# -- pickles are never unpickled -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin", ".pth"])
+def test_pickle_is_refused_without_unpickling(suffix: str, tmp_path: Path) -> None:
+    marker = tmp_path / "UNPICKLED"
+    path = write_pickle(tmp_path / f"model{suffix}", marker)
+    with pytest.raises(OrthoMechaError, match="never unpickles"):
+        Model(path)
+    assert not marker.exists()
+    pickle.loads(path.read_bytes())  # the file was armed: unpickling it does create the marker
+    assert marker.exists()
+
+
+# -- dtypes and chunked reads ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+)
+def test_every_float_dtype_reads_as_stored(dtype: torch.dtype, tmp_path: Path) -> None:
+    path = save(tmp_path / "m.safetensors", {k: v.to(dtype) for k, v in state(3).items()})
+    expected = stored(path)
+    with Model(path) as model:
+        assert set(model.tensors) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(model.read_tensor(key, torch.float64), value)
+
+
+@pytest.fixture(scope="module")
+def read_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    """One plain bf16 file and two scaled-fp8 files (per-row and scalar scales), with what they represent."""
+    folder = tmp_path_factory.mktemp("read")
+    generator = torch.Generator().manual_seed(11)
+    tensors = {
+        "wide.weight": torch.randn(7, 13, generator=generator) * 3.0,
+        "conv.weight": torch.randn(5, 3, 2, 2, generator=generator),
+        "bias": torch.randn(9, generator=generator),
+    }
+    plain = save(folder / "plain.safetensors", {k: v.to(torch.bfloat16) for k, v in tensors.items()})
+    return {
+        "plain": (plain, stored(plain)),
+        "per_row": (folder / "row.safetensors", write_scaled_fp8(folder / "row.safetensors", tensors, per_row=True)),
+        "scalar": (folder / "one.safetensors", write_scaled_fp8(folder / "one.safetensors", tensors, per_row=False)),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    which=st.sampled_from(["plain", "per_row", "scalar"]),
+    key=st.sampled_from(["wide.weight", "conv.weight", "bias"]),
+    bounds=st.tuples(st.integers(0, 91), st.integers(0, 91)),
+)
+def test_chunked_reads_are_slices_of_the_whole(read_files, which: str, key: str, bounds: tuple[int, int]) -> None:
+    path, expected = read_files[which]
+    flat = expected[key].flatten()
+    start, stop = sorted(b % (flat.numel() + 1) for b in bounds)
+    with Model(path) as model:
+        assert torch.equal(model.read(key, start, stop, torch.float64), flat[start:stop])
+
+
+@pytest.mark.parametrize("which", ["per_row", "scalar"])
+def test_scaled_fp8_reads_back_dequantised(read_files, which: str) -> None:
+    path, expected = read_files[which]
+    with Model(path) as model:
+        assert model.scaled_fp8
+        assert set(model.tensors) == set(expected)  # scale tensors and the scaled_fp8 marker are not weights
+        assert model.tensors["wide.weight"].scale == "wide.scale_weight"
+        for key, value in expected.items():
+            assert torch.equal(model.read_tensor(key, torch.float64), value)
+            assert torch.allclose(model.read_tensor(key), value.float(), rtol=2**-23, atol=0)
+        raw = stored(path)["wide.weight"]
+        assert not torch.allclose(raw, expected["wide.weight"])  # a plain fp8 read would be wrong
+
+
+def test_scaled_fp8_validates_against_an_fp16_base(read_files, tmp_path: Path, cli) -> None:
+    path, expected = read_files["per_row"]
+    base = save(tmp_path / "base.safetensors", {k: v.to(torch.float16) for k, v in expected.items()})
+    result = cli("validate", "--base", base, path)
+    assert result.code == 0, result.err
+    assert "scaled fp8: dequantised with its per-key scales" in result.out
+    assert f"{path}: 3/3 keys shared (100%), OK" in result.out
+
+
+# -- shards ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> tuple[Path, Path]:
+    """The same tensors as one file and as three shards with an index; returns (single file, shard folder)."""
+    tensors = state(5, keys=10)
+    single = save(tmp_path / "single.safetensors", tensors)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_sharded(folder, "model", tensors, shards=3)
+    return single, folder
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["model.safetensors.index.json", "model-00002-of-00003.safetensors", "folder", "shards-without-index"],
+)
+def test_sharded_model_reads_as_the_single_file(sharded: tuple[Path, Path], given: str) -> None:
+    single, folder = sharded
+    if given == "shards-without-index":
+        (folder / "model.safetensors.index.json").unlink()
+    path = expand_model_paths([folder])[0] if given in ("folder", "shards-without-index") else folder / given
+    assert expand_model_paths([folder]) == [path] or given not in ("folder", "shards-without-index")
+    expected = stored(single)
+    with Model(path) as model:
+        assert len(model.files) == 3
+        assert set(model.tensors) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(model.read_tensor(key, torch.float64), value)
+
+
+def test_folder_of_shards_counts_as_one_model(sharded: tuple[Path, Path], cli) -> None:
+    single, folder = sharded
+    save(folder / "other.safetensors", state(6, keys=10))
+    assert expand_model_paths([folder]) == [folder / "model.safetensors.index.json", folder / "other.safetensors"]
+    result = cli("validate", "--base", single, folder)
+    assert result.code == 0, result.err
+    assert result.out.count("10/10 keys shared (100%), OK") == 2
+
+
+def test_key_in_two_shards_is_an_error(tmp_path: Path) -> None:
+    tensors = state(1)
+    index = write_sharded(tmp_path, "m", tensors)
+    save(tmp_path / "m-00002-of-00002.safetensors", tensors)  # shard 2 now repeats shard 1's keys
+    with pytest.raises(OrthoMechaError, match="is in two shards"):
+        Model(index)
+
+
+# -- key mapping ----------------------------------------------------------------------------------------------
+
+
+def checkpoint(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The all-in-one checkpoint spelling: prefixed diffusion keys plus text-encoder and VAE keys."""
+    extra = {
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": torch.ones(8, 4),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(4),
+        "first_stage_model.decoder.conv_in.weight": torch.ones(4, 4, 3, 3),
+    }
+    return {DIFFUSION_PREFIX + k: v for k, v in tensors.items()} | extra
+
+
+def as_scale(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL spelling: ``*norm.weight`` stored as ``*norm.scale``."""
+    return {
+        k.removesuffix(".norm.weight") + ".norm.scale" if k.endswith(".norm.weight") else k: v
+        for k, v in tensors.items()
+    }
+
+
+def test_prefixed_checkpoint_lines_up_with_a_bare_base(tmp_path: Path, cli) -> None:
+    base = save(tmp_path / "base.safetensors", state(0))
+    ckpt = save(tmp_path / "ckpt.safetensors", checkpoint(state(1)))
+    with Model(base) as b, Model(ckpt) as m:
+        alignment = align(b, [m])
+        check = alignment.checks[0]
+        assert (check.shared, check.missing, check.extra) == (6, 0, 0)
+        assert check.prefix_stripped == 6
+        assert check.non_diffusion == 3
+        assert alignment.file_key(1, "layers.0.norm.weight") == DIFFUSION_PREFIX + "layers.0.norm.weight"
+        assert alignment.file_key(0, "layers.0.norm.weight") == "layers.0.norm.weight"
+    result = cli("validate", "--base", base, ckpt)
+    assert result.code == 0, result.err
+    assert "'model.diffusion_model.' prefix removed from 6 keys" in result.out
+    assert "3 text-encoder/VAE keys set aside (diffusion analysis)" in result.out
+
+
+def test_scale_norms_are_renamed_and_reported(tmp_path: Path, cli) -> None:
+    base = save(tmp_path / "base.safetensors", checkpoint(state(0)))  # a checkpoint base with .weight norms
+    bfl = save(tmp_path / "bfl.safetensors", as_scale(state(1)))
+    with Model(base) as b, Model(bfl) as m:
+        mapping = key_map(m)
+        assert mapping.renamed == 3
+        assert mapping.keys["layers.2.norm.weight"] == "layers.2.norm.scale"
+        alignment = align(b, [m])
+        assert alignment.checks[0].shared == 6
+        assert alignment.file_key(1, "layers.2.norm.weight") == "layers.2.norm.scale"
+    result = cli("validate", "--base", base, bfl)
+    assert result.code == 0, result.err
+    assert "3 '.scale' norm keys read as '.weight'" in result.out
+
+
+def test_few_prefixed_keys_do_not_make_a_checkpoint(tmp_path: Path) -> None:
+    """Like ComfyUI, a file is a checkpoint only when more than 5 keys carry the prefix."""
+    tensors = state(0) | {DIFFUSION_PREFIX + "extra.weight": torch.ones(2)}
+    with Model(save(tmp_path / "m.safetensors", tensors)) as model:
+        mapping = key_map(model)
+    assert mapping.prefix_stripped == 0
+    assert DIFFUSION_PREFIX + "extra.weight" in mapping.keys
+
+
+def test_shape_mismatch_is_reported_and_left_out(tmp_path: Path, cli) -> None:
+    base = save(tmp_path / "base.safetensors", state(0))
+    odd = state(1) | {"layers.1.attn.qkv.weight": torch.ones(6, 5)}
+    model = save(tmp_path / "odd.safetensors", odd)
+    report = tmp_path / "report.json"
+    result = cli("validate", "--base", base, model, "--json", report)
+    assert result.code == 0, result.err
+    assert "1 keys with a shape unlike the base's (left out): layers.1.attn.qkv.weight" in result.out
+    check = json.loads(report.read_text())["models"][0]
+    assert check["shape_mismatch"] == ["layers.1.attn.qkv.weight"]
+    assert (check["shared"], check["missing"]) == (5, 0)
+    with Model(base) as b, Model(model) as m:
+        alignment = align(b, [m])
+        assert alignment.file_key(1, "layers.1.attn.qkv.weight") is None
+        assert "layers.1.attn.qkv.weight" in alignment.keys  # still analysed for the others
+
+
+def test_exactly_half_the_keys_is_enough(tmp_path: Path) -> None:
+    base = save(tmp_path / "base.safetensors", state(0))
+    half = {k: v for i, (k, v) in enumerate(state(1).items()) if i % 2 == 0}
+    with Model(base) as b, Model(save(tmp_path / "half.safetensors", half)) as m:
+        check = align(b, [m]).checks[0]
+    assert (check.shared, check.missing, check.shared_fraction) == (3, 3, 0.5)
+    assert "3 base keys missing (delta taken as 0)" in check.messages[0]
+
+
+# -- the validate command -------------------------------------------------------------------------------------
+
+
+def test_validate_summary_and_json_report(family: dict[str, Path], tmp_path: Path, cli, digests) -> None:
+    models = [family["anime"], family["photo"], family["unrelated"]]
+    report = tmp_path / "out" / "report.json"
+    report.parent.mkdir()
+    before = digests(family["base"].parent)
+    result = cli("validate", "--base", family["base"], *models, "--json", report)
+    assert result.code == 0, result.err
+    assert result.err == ""
+    with Model(family["base"]) as base:
+        n = len(base.tensors)
+    lines = result.out.splitlines()
+    assert lines[0] == f"base {family['base']}: custom, {n} diffusion keys"
+    for model in models:
+        assert f"  {model}: {n}/{n} keys shared (100%), OK" in lines
+    data = json.loads(report.read_text())
+    assert data["base"] == str(family["base"])
+    assert data["arch"] == "custom"
+    assert data["keys"] == n
+    assert [m["path"] for m in data["models"]] == [str(m) for m in models]
+    first = data["models"][0]
+    assert (first["shared"], first["shared_fraction"], first["missing"], first["extra"]) == (n, 1.0, 0, 0)
+    assert first["dtypes"] == {"F16": n}
+    assert first["shape_mismatch"] == [] and first["notes"] == [] and first["scaled_fp8"] is False
+    assert digests(family["base"].parent) == before
+
+
+def test_validate_accepts_a_folder_and_skips_the_base_in_it(family: dict[str, Path], cli) -> None:
+    folder = family["base"].parent
+    result = cli("validate", "--base", family["base"], folder)
+    assert result.code == 0, result.err
+    shared_lines = [line for line in result.out.splitlines() if "keys shared" in line]
+    assert len(shared_lines) == len(family) - 1
+    assert not any(str(family["base"]) + ":" in line for line in shared_lines)
+
+
+def test_validate_arch_option_is_reported(family: dict[str, Path], cli) -> None:
+    result = cli("validate", "--base", family["base"], family["anime"], "--arch", "zimage-base")
+    assert result.code == 0, result.err
+    assert result.out.startswith(f"base {family['base']}: zimage,")
+
+
+def test_validate_never_writes_to_inputs(tmp_path: Path, cli, digests) -> None:
+    """Inputs in every spelling (checkpoint, .scale norms, fp8 scaled, shards) stay byte-identical."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    base = save(folder / "base.safetensors", state(0))
+    save(folder / "ckpt.safetensors", checkpoint(state(1)))
+    save(folder / "bfl.safetensors", as_scale(state(2)))
+    write_scaled_fp8(folder / "scaled.safetensors", state(3))
+    write_sharded(folder, "big", state(4))
+    before = digests(folder)
+    stats = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    result = cli("validate", "--base", base, folder, "--json", tmp_path / "report.json")
+    assert result.code == 0, result.err
+    assert result.out.count("OK") == 4
+    assert digests(folder) == before
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stats
