@@ -464,15 +464,25 @@ def sharded(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize(
-    "given",
-    ["model.safetensors.index.json", "model-00002-of-00003.safetensors", "folder", "shards-without-index"],
+    ("given", "drop_index"),
+    [
+        ("model.safetensors.index.json", False),
+        ("model-00002-of-00003.safetensors", False),
+        ("model-00003-of-00003.safetensors", True),
+        ("folder", False),
+        ("folder", True),
+    ],
 )
-def test_sharded_model_reads_as_the_single_file(sharded: tuple[Path, Path], given: str) -> None:
+def test_sharded_model_reads_as_the_single_file(sharded: tuple[Path, Path], given: str, drop_index: bool) -> None:
     single, folder = sharded
-    if given == "shards-without-index":
+    if drop_index:
         (folder / "model.safetensors.index.json").unlink()
-    path = expand_model_paths([folder])[0] if given in ("folder", "shards-without-index") else folder / given
-    assert expand_model_paths([folder]) == [path] or given not in ("folder", "shards-without-index")
+    if given == "folder":
+        first = "model-00001-of-00003.safetensors" if drop_index else "model.safetensors.index.json"
+        assert expand_model_paths([folder]) == [folder / first]  # the shards are one model
+        path = folder / first
+    else:
+        path = folder / given
     expected = stored(single)
     with Model(path) as model:
         assert len(model.files) == 3
