@@ -96,6 +96,40 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_lazy("ortho_mecha.merge:cli_merge"))
 
 
+def _add_preview(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preview", help="render a model through a running ComfyUI and save the images")
+    p.add_argument("model", help="the model (.safetensors) to preview")
+    p.add_argument(
+        "--arch",
+        required=True,
+        choices=["sd1", "sdxl", "flux1", "flux2-klein", "chroma", "zimage", "custom", "chroma-flow", "zimage-base"],
+        help="architecture id: picks the built-in workflow (custom needs --workflow)",
+    )
+    p.add_argument("--prompt", required=True, help="the positive prompt")
+    p.add_argument("--negative", default="", help="the negative prompt (default: empty)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0: previews of different merges compare)")
+    p.add_argument("--workflow", metavar="FILE.json", help='your own workflow, exported from ComfyUI with "Save (API)"')
+    for role, example in (("model", "4.unet_name"), ("prompt", "6.text"), ("negative", "7.text"), ("seed", "3.seed")):
+        p.add_argument(
+            f"--set-{role}",
+            metavar="NODE.INPUT",
+            help=f"with --workflow: the input that takes the {role} (e.g. {example}; default: detected)",
+        )
+    p.add_argument("--steps", type=int, help="sampling steps (default: the architecture's template)")
+    p.add_argument("--cfg", type=float, help="CFG scale (default: the architecture's template)")
+    p.add_argument("--size", metavar="WxH", help="image size, e.g. 1024x1024 (default: the architecture's template)")
+    p.add_argument(
+        "--clip", action="append", metavar="NAME", help="text encoder file as ComfyUI lists it (twice for Flux.1)"
+    )
+    p.add_argument("--vae", metavar="NAME", help="VAE file as ComfyUI lists it")
+    p.add_argument("--api", metavar="URL", help="ComfyUI address (default: $COMFYUI_API or http://127.0.0.1:8188)")
+    p.add_argument("--comfy-dir", metavar="DIR", help="ComfyUI's folder, to link the model in (default: $COMFYUI_DIR)")
+    p.add_argument("--keep-link", action="store_true", help="leave the model linked in ComfyUI's folder afterwards")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up after S seconds (default 600)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the images (never overwritten)")
+    p.set_defaults(handler=_lazy("ortho_mecha.comfy:cli_preview"))
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
     _add_validate,
@@ -103,6 +137,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_cache,
     _add_recipe,
     _add_merge,
+    _add_preview,
 ]
 
 

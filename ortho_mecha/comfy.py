@@ -736,7 +736,10 @@ def save_images(images: Sequence[PreviewImage], out_dir: str | Path, stem: str) 
 # CLI
 
 
-def _print_progress() -> Callable[[Progress], None]:
+def _print_progress() -> Callable[[Progress], None] | None:
+    """Progress lines for a person at a terminal; none otherwise (a failing command prints one line only)."""
+    if not sys.stderr.isatty():
+        return None
     last: list[tuple[str, int]] = []
 
     def show(p: Progress) -> None:

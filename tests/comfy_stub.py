@@ -436,7 +436,7 @@ class ComfyStub:
     def start(self) -> None:
         self.alive = True
         self._threads = [
-            threading.Thread(target=self.server.serve_forever, daemon=True),
+            threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True),
             threading.Thread(target=self._work, daemon=True),
         ]
         for thread in self._threads:
@@ -561,7 +561,8 @@ class ComfyStub:
                                               "timestamp": _now_ms()}]  # fmt: skip
         if self.mode == "error":
             inputs = prompt[first]["inputs"]
-            name = inputs.get("ckpt_name") or inputs.get("unet_name") or "?"
+            folder = "checkpoints" if "ckpt_name" in inputs else "diffusion_models"
+            name = f"{folder}/{inputs.get('ckpt_name') or inputs.get('unet_name')}"
             return ["execution_error", self._error_message(prompt_id, first, prompt[first]["class_type"],
                     "RuntimeError", f"ERROR: Could not detect model type of: {self.root / 'models' / name}\n\n",
                     {k: [v] for k, v in inputs.items()})]  # fmt: skip
@@ -702,9 +703,12 @@ def _handler(stub: ComfyStub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def comfy_stub(tmp_path: Path) -> Iterator[ComfyStub]:
-    """A running stand-in ComfyUI with the standard text encoders and VAEs; configure it before queueing."""
+@pytest.fixture(name="comfy_stub")
+def comfy_stub_fixture(tmp_path: Path) -> Iterator[ComfyStub]:
+    """``comfy_stub``: a running stand-in ComfyUI with the standard text encoders and VAEs.
+
+    Import ``comfy_stub_fixture`` into a test module to use it; configure the stub before queueing.
+    """
     stub = ComfyStub(tmp_path / "ComfyUI")
     stub.add_standard_files()
     stub.start()

@@ -32,7 +32,7 @@ from ortho_mecha.workflows import (
     pick_file,
     resolve,
 )
-from tests.comfy_stub import ComfyStub, comfy_stub  # noqa: F401 - comfy_stub is a fixture
+from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
 
 TEXT_ENCODERS = ["clip_l.safetensors", "t5xxl_fp16.safetensors", "qwen_3_4b.safetensors"]
 VAES = ["ae.safetensors", "flux2-vae.safetensors", "pixel_space"]
@@ -79,7 +79,7 @@ def one(graph: dict, class_type: str) -> dict:
 
 
 @pytest.mark.parametrize("arch", BUILTIN_ARCHS)
-def test_builtin_workflow_validates_and_is_accepted(arch: str, comfy_stub: ComfyStub) -> None:  # noqa: F811
+def test_builtin_workflow_validates_and_is_accepted(arch: str, comfy_stub: ComfyStub) -> None:
     comfy_stub.add_file(SPECS[arch].model_folder, "merged.safetensors")
     info = comfy_stub.object_info()
     graph = built(arch)
@@ -91,7 +91,7 @@ def test_builtin_workflow_validates_and_is_accepted(arch: str, comfy_stub: Comfy
 
 
 @pytest.mark.parametrize("arch", BUILTIN_ARCHS)
-def test_builtin_workflow_links_point_at_outputs_of_the_right_type(arch: str, comfy_stub: ComfyStub) -> None:  # noqa: F811
+def test_builtin_workflow_links_point_at_outputs_of_the_right_type(arch: str, comfy_stub: ComfyStub) -> None:
     info = comfy_stub.object_info()
     graph = built(arch)
     for node in graph.values():
@@ -341,7 +341,7 @@ def test_workflow_without_a_loader_asks_for_a_mark() -> None:
         find_bindings(graph)
 
 
-def test_combo_spec_of_the_stub_uses_both_encodings(comfy_stub: ComfyStub) -> None:  # noqa: F811
+def test_combo_spec_of_the_stub_uses_both_encodings(comfy_stub: ComfyStub) -> None:
     info = comfy_stub.object_info()
     legacy = input_spec(info, "KSampler", "sampler_name")
     v3 = input_spec(info, "KSamplerSelect", "sampler_name")

@@ -1,0 +1,490 @@
+"""The ComfyUI client against the stand-in server: runs, failures, model linking, the ``preview`` command."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.numpy import save_file
+
+from ortho_mecha.comfy import (
+    ComfyClient,
+    ImageRef,
+    PreviewImage,
+    Problem,
+    Progress,
+    combo_options,
+    comfy_api,
+    describe_prompt_error,
+    find_problems,
+    link_model,
+    run_preview,
+    save_images,
+    unlink_model,
+)
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.workflows import PreviewSettings, arch_spec, build_workflow, find_bindings, resolve
+from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SETTINGS = PreviewSettings("a lighthouse at dusk", seed=7)
+
+
+def write_model(path: Path, keys: dict[str, tuple[int, ...]] | None = None) -> Path:
+    """A small real safetensors file (the stand-in server never loads it; the client reads its header)."""
+    keys = keys or {"input_blocks.0.0.weight": (4, 4, 3, 3)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.full(shape, 0.5, np.float16) for k, shape in keys.items()}, str(path))
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def client_for(stub: ComfyStub, timeout: float = 5.0) -> ComfyClient:
+    return ComfyClient(stub.url, timeout=timeout)
+
+
+def preview(stub: ComfyStub, model: Path, arch: str = "sd1", **kwargs: object):
+    kwargs.setdefault("comfy", stub.root)
+    kwargs.setdefault("poll_interval", 0.01)
+    return run_preview(model, arch, kwargs.pop("settings", SETTINGS), client=client_for(stub), **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# /object_info parsing and the pre-flight check
+
+
+def test_combo_options_reads_both_encodings() -> None:
+    assert combo_options([["a.safetensors", "b.safetensors"], {"tooltip": "x"}]) == ["a.safetensors", "b.safetensors"]
+    assert combo_options(["COMBO", {"multiselect": False, "options": ["euler", "heun"]}]) == ["euler", "heun"]
+    assert combo_options([[], {}]) == []
+    assert combo_options(["INT", {"default": 20}]) is None
+    assert combo_options(["MODEL"]) is None
+
+
+def test_find_problems_names_each_problem(comfy_stub: ComfyStub) -> None:
+    info = comfy_stub.object_info()
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "absent.safetensors"}},
+        "2": {"class_type": "NoSuchNodeXYZ", "inputs": {}},
+        "3": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "eulerx"}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["99", 0]}},
+    }
+    assert find_problems(graph, info) == [
+        Problem("not_in_list", "1", "CheckpointLoaderSimple", "ckpt_name", "absent.safetensors", ()),
+        Problem("missing_class", "2", "NoSuchNodeXYZ"),
+        Problem("not_in_list", "3", "KSamplerSelect", "sampler_name", "eulerx", tuple(combo_options(
+            info["KSamplerSelect"]["input"]["required"]["sampler_name"]))),
+        Problem("missing_input", "4", "VAEDecode", "vae"),
+        Problem("dangling_link", "4", "VAEDecode", "samples", "99"),
+    ]  # fmt: skip
+
+
+def test_stub_lists_files_like_comfyui(comfy_stub: ComfyStub) -> None:
+    comfy_stub.add_file("unet", "legacy.safetensors")
+    comfy_stub.add_file("diffusion_models", "sub/inner.sft")
+    comfy_stub.add_file("diffusion_models", "notes.txt")
+    client = client_for(comfy_stub)
+    assert client.models("diffusion_models") == ["legacy.safetensors", "sub/inner.sft"]
+    unet = client.node_info("UNETLoader")["input"]["required"]["unet_name"]
+    assert unet[0] == ["legacy.safetensors", "sub/inner.sft"]
+    assert client.node_info("NoSuchNodeXYZ") is None
+    assert client.object_info()["VAELoader"]["input"]["required"]["vae_name"][0][-1] == "pixel_space"
+    assert client.system_stats()["system"]["comfyui_version"] == "0.33.0"
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_sd1_preview_end_to_end_writes_pngs(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "merged.safetensors")
+    before = sha256(model)
+    seen: list[Progress] = []
+    result = preview(comfy_stub, model, progress=seen.append)
+    assert result.model_name == "merged.safetensors"
+    assert result.link is not None and result.link.method == "symlink" and result.link.created
+    assert not (comfy_stub.root / "models" / "checkpoints" / "merged.safetensors").exists()  # unlinked again
+    assert sha256(model) == before
+    assert [image.ref.kind for image in result.images] == ["output"]
+    assert result.images[0].data.startswith(PNG_SIGNATURE)
+    assert Image.open(io.BytesIO(result.images[0].data)).size == (8, 8)
+    sent = comfy_stub.received[-1]
+    assert len(sent["client_id"]) == 32 and sent["prompt"] == result.graph
+    assert all(p.prompt_id == result.prompt_id and p.state in ("pending", "running") for p in seen)
+
+    out = tmp_path / "out"
+    first = save_images(result.images, out, "merged_seed7")
+    second = save_images(result.images, out, "merged_seed7")
+    assert [p.name for p in first + second] == ["merged_seed7_001.png", "merged_seed7_002.png"]
+    assert first[0].read_bytes() == result.images[0].data
+
+
+@pytest.mark.parametrize("arch", ["flux1", "flux2-klein", "chroma", "zimage"])
+def test_dit_previews_end_to_end(arch: str, comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / f"{arch}.safetensors", {"txt_in.weight": (2, 7680), "img_in.weight": (2, 4)})
+    result = preview(comfy_stub, model, arch)
+    assert result.resolved is not None and result.resolved.vae in ("ae.safetensors", "flux2-vae.safetensors")
+    assert len(result.images) == 1 and result.images[0].data.startswith(PNG_SIGNATURE)
+    assert comfy_stub.history[result.prompt_id]["status"]["status_str"] == "success"
+
+
+def test_model_facts_come_from_the_file(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    comfy_stub.add_file("text_encoders", "qwen_3_8b_fp8mixed.safetensors")
+    nine_b = write_model(tmp_path / "klein9b.safetensors", {"model.diffusion_model.txt_in.weight": (2, 12288)})
+    assert preview(comfy_stub, nine_b, "flux2-klein").resolved.text_encoders == ("qwen_3_8b_fp8mixed.safetensors",)
+    schnell = write_model(tmp_path / "schnell.safetensors", {"img_in.weight": (2, 64)})
+    assert preview(comfy_stub, schnell, "flux1").resolved.steps == 4
+
+
+def test_user_workflow_end_to_end(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "mine.safetensors")
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "placeholder.safetensors"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "old", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "old negative", "clip": ["ckpt", 1]}},
+        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "ks": {"class_type": "KSampler", "inputs": {
+            "model": ["ckpt", 0], "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "karras",
+            "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
+        "show": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}},
+    }  # fmt: skip
+    settings_ = PreviewSettings("new prompt", negative="new negative", seed=42)
+    result = preview(comfy_stub, model, "custom", workflow=graph, settings=settings_)
+    sent = comfy_stub.received[-1]["prompt"]
+    assert sent["ckpt"]["inputs"]["ckpt_name"] == "mine.safetensors"
+    assert (sent["pos"]["inputs"]["text"], sent["neg"]["inputs"]["text"]) == ("new prompt", "new negative")
+    assert sent["ks"]["inputs"]["seed"] == 42 and sent["ks"]["inputs"]["scheduler"] == "karras"
+    assert [image.ref.kind for image in result.images] == ["temp"]
+    assert graph["ckpt"]["inputs"]["ckpt_name"] == "placeholder.safetensors"
+    with pytest.raises(OrthoMechaError, match=r"--steps, --clip cannot be applied to your own workflow"):
+        preview(comfy_stub, model, "custom", workflow=graph, settings=PreviewSettings("p", steps=3, clip=("a",)))
+
+
+def test_custom_arch_needs_a_workflow(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    with pytest.raises(OrthoMechaError, match=r"'custom' has no built-in ComfyUI workflow"):
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), "custom")
+
+
+# --------------------------------------------------------------------------------------------------
+# Failures: each one clear message
+
+
+def test_server_down(tmp_path: Path) -> None:
+    client = ComfyClient(f"http://127.0.0.1:{free_port()}", timeout=5)
+    with pytest.raises(OrthoMechaError, match=r"ComfyUI at http://127\.0\.0\.1:\d+ is not reachable \(connection "
+                       r"refused\); start ComfyUI, or point COMFYUI_API / --api at it"):  # fmt: skip
+        run_preview(write_model(tmp_path / "m.safetensors"), "sd1", SETTINGS, client=client)
+
+
+def test_slow_server_times_out(comfy_stub: ComfyStub) -> None:
+    comfy_stub.answer_delay = 30
+    with pytest.raises(OrthoMechaError, match=r"did not answer GET /object_info within 0\.2 s"):
+        client_for(comfy_stub, timeout=0.2).object_info()
+
+
+def test_job_over_the_time_limit_is_interrupted(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    comfy_stub.delay = 60
+    with pytest.raises(OrthoMechaError, match=r"did not finish prompt [-0-9a-f]{36} within 0\.1 s, so it was "
+                       r"cancelled; allow more time with --timeout") as caught:  # fmt: skip
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), time_limit=0.1)
+    prompt_id = re.search(r"prompt ([-0-9a-f]{36})", str(caught.value)).group(1)
+    assert comfy_stub.interrupts == [{"prompt_id": prompt_id}]
+    assert not (comfy_stub.root / "models" / "checkpoints" / "m.safetensors").exists()  # unlinked after failure
+
+
+def test_pending_job_over_the_time_limit_leaves_the_queue(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    comfy_stub.delay = 60
+    model = write_model(tmp_path / "m.safetensors")
+    link_model(model, comfy_stub.root, "checkpoints")
+    client_for(comfy_stub).queue_prompt(build_workflow("sd1", "m.safetensors", resolve(arch_spec("sd1"), SETTINGS)))
+    seen: list[Progress] = []
+    with pytest.raises(OrthoMechaError, match="did not finish") as caught:
+        preview(comfy_stub, model, time_limit=0.05, progress=seen.append)
+    prompt_id = re.search(r"prompt ([-0-9a-f]{36})", str(caught.value)).group(1)
+    assert seen and {(p.state, p.ahead) for p in seen} == {("pending", 1)}
+    assert prompt_id not in [item[1] for item in comfy_stub.pending]
+    assert comfy_stub.interrupts == []  # the job ahead (someone else's) was left alone
+
+
+def test_server_gone_mid_job(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    comfy_stub.mode = "die"
+    with pytest.raises(OrthoMechaError, match=r"stopped answering while prompt [-0-9a-f]{36} was queued or running "
+                       r"\(connection (refused|dropped)\)"):  # fmt: skip
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), time_limit=30)
+
+
+def test_execution_error_reports_comfyuis_exception(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    comfy_stub.mode = "error"
+    model = write_model(tmp_path / "broken.safetensors", {"txt_in.weight": (2, 7680)})
+    with pytest.raises(OrthoMechaError, match=r"failed running node 1 \(UNETLoader\): RuntimeError: ERROR: Could not "
+                       r"detect model type of: .*broken\.safetensors$"):  # fmt: skip
+        preview(comfy_stub, model, "zimage")
+
+
+def test_unknown_node(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    comfy_stub.missing_classes = {"ModelSamplingAuraFlow"}
+    with pytest.raises(OrthoMechaError, match=r"has no node 'ModelSamplingAuraFlow' \(workflow node 4\); install the "
+                       r"custom node that provides it, or update ComfyUI"):  # fmt: skip
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), "zimage")
+    comfy_stub.missing_classes = {"CLIPLoader"}
+    with pytest.raises(OrthoMechaError, match=r"has no node 'CLIPLoader' \(the built-in workflow uses it\)"):
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), "zimage")
+
+
+def test_missing_model_without_comfy_dir(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m.safetensors", {"txt_in.weight": (2, 7680)})
+    expected = (
+        r"^model 'm\.safetensors' is not in ComfyUI's diffusion_models list \(ComfyUI at http://127\.0\.0\.1:\d+\); "
+        r"set COMFYUI_DIR so ortho-mecha can link it, or copy it to <ComfyUI folder>/models/diffusion_models$"
+    )
+    with pytest.raises(OrthoMechaError, match=expected):
+        preview(comfy_stub, model, "chroma", comfy=None)
+    assert comfy_stub.received == []  # refused before queueing
+    comfy_stub.add_file("diffusion_models", "m.safetensors")
+    assert preview(comfy_stub, model, "chroma", comfy=None).link is None  # listed by name: used as is
+
+
+def test_comfy_dir_of_another_install(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    other = tmp_path / "OtherComfy"
+    (other / "models").mkdir(parents=True)
+    with pytest.raises(OrthoMechaError, match=r"is linked as .*OtherComfy/models/checkpoints/m\.safetensors, yet "
+                       r"ComfyUI does not list it: is COMFYUI_DIR"):  # fmt: skip
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), comfy=other)
+    assert not (other / "models" / "checkpoints" / "m.safetensors").exists()
+
+
+def test_missing_text_encoder(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m.safetensors")
+    expected = (
+        r"text encoder 'umt5\.safetensors' is not in ComfyUI's text_encoders list \(it has: clip_l\.safetensors, "
+        r"qwen_3_4b\.safetensors, t5xxl_fp16\.safetensors\)"
+    )
+    with pytest.raises(OrthoMechaError, match=expected):
+        preview(comfy_stub, model, "zimage", settings=PreviewSettings("p", clip=("umt5.safetensors",)))
+    (comfy_stub.root / "models" / "text_encoders" / "qwen_3_4b.safetensors").unlink()
+    with pytest.raises(OrthoMechaError, match=r"ComfyUI offers no text encoder for zimage"):
+        preview(comfy_stub, model, "zimage")
+
+
+def test_refusals_from_post_prompt_are_readable(comfy_stub: ComfyStub) -> None:
+    client = client_for(comfy_stub)
+    with pytest.raises(OrthoMechaError, match=r"has no node 'NoSuchNodeXYZ' \(workflow node 1\)"):
+        client.queue_prompt({"1": {"class_type": "NoSuchNodeXYZ", "inputs": {}}})
+    graph = build_workflow("sd1", "nope.safetensors", resolve(arch_spec("sd1"), SETTINGS))
+    graph["5"]["inputs"]["sampler_name"] = "fastest"
+    with pytest.raises(OrthoMechaError) as caught:
+        client.queue_prompt(graph)
+    assert str(caught.value) == (
+        f"ComfyUI at {comfy_stub.url} refused the workflow: node 1 (CheckpointLoaderSimple): Value not in list: "
+        "ckpt_name: 'nope.safetensors' not in []; node 5 (KSampler): Value not in list: sampler_name: 'fastest' not "
+        "in (list of length 44)"
+    )
+    with pytest.raises(OrthoMechaError, match=r"it has no output node; add a SaveImage or PreviewImage node"):
+        client.queue_prompt({"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 8}}})
+
+
+def test_describe_prompt_error_on_comfyuis_own_envelope() -> None:
+    payload = json.loads(
+        '{"error":{"type":"prompt_outputs_failed_validation","message":"Prompt outputs failed validation","details":'
+        '"","extra_info":{}},"node_errors":{"4":{"errors":[{"type":"value_not_in_list","message":"Value not in list",'
+        '"details":"ckpt_name: \'does_not_exist.safetensors\' not in [\'x.safetensors\']","extra_info":{"input_name":'
+        '"ckpt_name","input_config":[["x.safetensors"],{"tooltip":"The name of the checkpoint (model) to load."}],'
+        '"received_value":"does_not_exist.safetensors"}}],"dependent_outputs":["9"],"class_type":'
+        '"CheckpointLoaderSimple"}}}'
+    )
+    assert describe_prompt_error(payload, "http://h:1") == (
+        "ComfyUI at http://h:1 refused the workflow: node 4 (CheckpointLoaderSimple): Value not in list: ckpt_name: "
+        "'does_not_exist.safetensors' not in ['x.safetensors']"
+    )
+    no_prompt = {"error": {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided",
+                           "extra_info": {}}, "node_errors": {}}  # fmt: skip
+    assert describe_prompt_error(no_prompt, "u").endswith("No prompt provided (No prompt provided)")
+
+
+def test_view_of_a_missing_image(comfy_stub: ComfyStub) -> None:
+    with pytest.raises(OrthoMechaError, match=r"listed the image gone\.png but /view answered 404"):
+        client_for(comfy_stub).view(ImageRef("9", "gone.png", "", "output"))
+
+
+def test_address_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMFYUI_API", "http://10.0.0.5:8188/")
+    assert comfy_api() == "http://10.0.0.5:8188"
+    assert comfy_api("http://other:1") == "http://other:1"
+    monkeypatch.delenv("COMFYUI_API")
+    assert comfy_api() == "http://127.0.0.1:8188"
+    with pytest.raises(OrthoMechaError, match="must start with http:// or https://"):
+        ComfyClient("127.0.0.1:8188")
+
+
+# --------------------------------------------------------------------------------------------------
+# Linking the model into ComfyUI's folder
+
+
+def test_link_and_unlink_leave_the_source_untouched(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "merge.safetensors")
+    before = sha256(model)
+    link = link_model(model, comfy_stub.root, "diffusion_models")
+    entry = comfy_stub.root / "models" / "diffusion_models" / "merge.safetensors"
+    assert (link.name, link.path, link.method, link.created) == ("merge.safetensors", entry, "symlink", True)
+    assert entry.is_symlink() and entry.resolve() == model.resolve()
+    assert "merge.safetensors" in client_for(comfy_stub).models("diffusion_models")
+    assert link_model(model, comfy_stub.root, "diffusion_models").created is False  # reused
+    assert unlink_model(model, comfy_stub.root, "diffusion_models") is True
+    assert not entry.exists() and not entry.is_symlink()
+    assert unlink_model(model, comfy_stub.root, "diffusion_models") is False
+    assert model.is_file() and sha256(model) == before
+
+
+@pytest.mark.parametrize("refused", [("symlink",), ("symlink", "link")])
+def test_hard_link_or_copy_where_links_are_not_allowed(
+    refused: tuple[str, ...],
+    comfy_stub: ComfyStub,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    for name in refused:  # the file system refuses these (as on some network shares and Windows without rights)
+        monkeypatch.setattr(os, name, refuse)
+    model = write_model(tmp_path / "merge.safetensors")
+    before = sha256(model)
+    link = link_model(model, comfy_stub.root, "checkpoints")
+    assert link.method == ("hardlink" if refused == ("symlink",) else "copy")
+    assert sha256(link.path) == before and not link.path.is_symlink()
+    assert link_model(model, comfy_stub.root, "checkpoints").method == link.method  # recognised again
+    assert unlink_model(model, comfy_stub.root, "checkpoints") is True
+    assert not link.path.exists() and sha256(model) == before
+
+
+def test_a_different_file_of_the_same_name_is_never_replaced(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    theirs = comfy_stub.add_file("checkpoints", "merge.safetensors", b"someone else's model")
+    model = write_model(tmp_path / "merge.safetensors")
+    with pytest.raises(OrthoMechaError, match=r"already has a different 'merge\.safetensors'.*rename your model"):
+        link_model(model, comfy_stub.root, "checkpoints")
+    with pytest.raises(OrthoMechaError, match="is not a link to or copy of this model; left it alone"):
+        unlink_model(model, comfy_stub.root, "checkpoints")
+    assert theirs.read_bytes() == b"someone else's model"
+
+
+def test_a_model_already_in_comfyuis_folder_is_used_in_place(comfy_stub: ComfyStub) -> None:
+    model = write_model(comfy_stub.root / "models" / "checkpoints" / "merges" / "m.safetensors")
+    link = link_model(model, comfy_stub.root, "checkpoints")
+    assert (link.name, link.method, link.created) == ("merges/m.safetensors", "in place", False)
+    assert unlink_model(model, comfy_stub.root, "checkpoints") is False and model.is_file()
+    result = preview(comfy_stub, model)
+    assert result.model_name == "merges/m.safetensors" and model.is_file()
+
+
+def test_a_symlinked_model_whose_file_is_in_comfyuis_folder_is_never_deleted(
+    comfy_stub: ComfyStub,
+    tmp_path: Path,
+) -> None:
+    real = write_model(comfy_stub.root / "models" / "checkpoints" / "m.safetensors")
+    alias = tmp_path / "m.safetensors"
+    alias.symlink_to(real)
+    assert link_model(alias, comfy_stub.root, "checkpoints").method == "in place"
+    assert unlink_model(alias, comfy_stub.root, "checkpoints") is False and real.is_file()
+
+
+@settings(max_examples=20, deadline=None)
+@given(existing=st.sets(st.integers(1, 6), max_size=5), count=st.integers(1, 4))
+def test_save_images_never_overwrites(tmp_path_factory: pytest.TempPathFactory, existing: set[int], count: int) -> None:
+    out = tmp_path_factory.mktemp("out")
+    for n in existing:
+        (out / f"m_{n:03d}.png").write_bytes(b"old")
+    images = [PreviewImage(PNG_SIGNATURE + bytes([i]), ImageRef("9", f"x_{i}.png", "", "output")) for i in range(count)]
+    written = save_images(images, out, "m")
+    assert len(set(written)) == count
+    assert all(int(p.stem.split("_")[1]) not in existing for p in written)
+    assert [p.read_bytes() for p in written] == [image.data for image in images]
+    assert all((out / f"m_{n:03d}.png").read_bytes() == b"old" for n in existing)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_preview_writes_pngs(
+    comfy_stub: ComfyStub,
+    tmp_path: Path,
+    cli: Callable,
+    digests: Callable,
+) -> None:
+    model = write_model(tmp_path / "merged.safetensors", {"txt_in.weight": (2, 7680)})
+    before = digests(model)
+    argv = ["preview", model, "--arch", "zimage-base", "--prompt", "a fox", "--seed", "3", "--steps", "8", "--cfg",
+            "1", "--size", "512x768", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out",
+            tmp_path / "out"]  # fmt: skip
+    result = cli(*argv)
+    assert result.code == 0, result.err
+    paths = [Path(line) for line in result.out.splitlines()]
+    assert [p.name for p in paths] == ["merged_seed3_001.png"]
+    assert paths[0].read_bytes().startswith(PNG_SIGNATURE)
+    assert "zimage 512x768, 8 steps, cfg 1, seed 3; text encoders/VAE: qwen_3_4b.safetensors, ae.safetensors" in (
+        result.err
+    )
+    sent = comfy_stub.received[-1]["prompt"]
+    assert any(node["class_type"] == "ConditioningZeroOut" for node in sent.values())  # turbo settings
+    again = cli(*argv)
+    assert [Path(line).name for line in again.out.splitlines()] == ["merged_seed3_002.png"]
+    assert digests(model) == before
+
+
+def test_cli_preview_with_a_user_workflow(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:
+    graph = build_workflow("sdxl", "x.safetensors", resolve(arch_spec("sdxl"), SETTINGS))
+    bindings = find_bindings(graph)
+    workflow = tmp_path / "wf.json"
+    workflow.write_text(json.dumps(graph), encoding="utf-8")
+    model = write_model(tmp_path / "m.safetensors")
+    place = ["--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", tmp_path]
+    seed = ["--set-seed", str(bindings.seed)]
+    result = cli("preview", model, "--arch", "sdxl", "--prompt", "owl", "--workflow", workflow, *seed, *place)
+    assert result.code == 0, result.err
+    assert comfy_stub.received[-1]["prompt"][bindings.prompt.node]["inputs"]["text"] == "owl"
+
+
+def test_cli_preview_errors_are_one_line(comfy_stub: ComfyStub, tmp_path: Path, cli_error: Callable) -> None:
+    model = write_model(tmp_path / "m.safetensors")
+    common = ["--prompt", "p", "--out", tmp_path / "out"]
+    down = f"http://127.0.0.1:{free_port()}"
+    assert "is not reachable (connection refused)" in cli_error("preview", model, "--arch", "sd1", "--api", down,
+                                                                 *common)  # fmt: skip
+    assert "'custom' has no built-in ComfyUI workflow" in cli_error(
+        "preview", model, "--arch", "custom", "--api", comfy_stub.url, *common
+    )
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}), encoding="utf-8")
+    assert "Save (API)" in cli_error("preview", model, "--arch", "sd1", "--workflow", ui, *common)
+    assert "--set-model only apply to your own workflow" in cli_error(
+        "preview", model, "--arch", "sd1", "--set-model", "1.ckpt_name", *common
+    )
+    assert "size '12' is not WIDTHxHEIGHT" in cli_error("preview", model, "--arch", "sd1", "--size", "12", *common)
+    assert "no such model file" in cli_error("preview", tmp_path / "absent.safetensors", "--arch", "sd1", "--api",
+                                             comfy_stub.url, *common)  # fmt: skip
+    comfy_stub.mode = "error"
+    assert "failed running node 1 (CheckpointLoaderSimple)" in cli_error(
+        "preview", model, "--arch", "sd1", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, *common
+    )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
