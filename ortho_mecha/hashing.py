@@ -1,0 +1,48 @@
+"""Full sha256 of input files, cached by fingerprint so an unchanged file is hashed once.
+
+The cache (``open_cache("hashes")``) is keyed by the resolved path, size and mtime in nanoseconds: a
+rewritten or touched file gets a new key and is hashed again. A file that changes while it is being
+hashed is not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from ortho_mecha.cache import open_cache
+from ortho_mecha.errors import OrthoMechaError
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 16 * 2**20
+
+
+def _fingerprint(path: Path) -> tuple[str, str, int, int]:
+    stat = path.stat()
+    return ("sha256", str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The full lowercase hex sha256 of ``path`` (from the cache when the file is unchanged)."""
+    path = Path(path).resolve()
+    try:
+        key = _fingerprint(path)
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot hash: {exc.strerror or exc}", path) from exc
+    with open_cache("hashes") as cache:
+        cached = cache.get(key)
+        if isinstance(cached, str):
+            return cached
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(CHUNK))
+        with open(path, "rb", buffering=0) as fh:
+            while size := fh.readinto(buffer):
+                digest.update(buffer[:size])
+        value = digest.hexdigest()
+        if _fingerprint(path) == key:
+            cache.set(key, value)
+        else:
+            logger.warning("%s changed while it was hashed; its hash is not cached", path)
+        return value

@@ -1,0 +1,488 @@
+"""Merge execution: a plan's recipe through ``sd_mecha.merge`` into a checked, repaired, traceable file.
+
+:func:`execute` runs any sd-mecha recipe built on a base's derived config (the generated script calls
+it too); :func:`merge_plan` builds the plan's recipe first. In order:
+
+1. the output is checked before any work: a ``.safetensors`` name in an existing folder, not one of the
+   inputs, and not an existing file unless ``overwrite``; free disk space for the estimated size (the
+   base's keys at the output dtype);
+2. every input is lined up with the base config (shape mismatches and files sd-mecha cannot read are
+   errors naming both files; keys the base lacks are counted and ignored) and hashed (sha256, cached);
+3. sd-mecha streams the merge key by key into a temporary file in the output folder,
+   ``.OUT.safetensors.partial-<pid>``; each key is repaired as it arrives — NaN/Inf elements are
+   replaced by the base's values, non-float keys (which sd-mecha would cast to the output dtype) are
+   copied from the base — and keys the merge did not produce (a model lacking them) are copied from
+   the base at the end; every repair is counted in the report;
+4. the header carries ``__metadata__``: the serialized recipe (``mecha_recipe``, sd-mecha's own key),
+   the plan JSON and the sha256 of every input; the file is fsynced and renamed into place.
+
+On any failure, Ctrl-C or SIGTERM the temporary file is removed, so no partial output ever sits under
+the final name; a ``.partial-<pid>`` left by a killed process (SIGKILL) is removed by the next merge into
+the same folder once that process is gone. Inputs are only ever opened for reading.
+
+sd-mecha calls used here, checked in tests/test_merge.py: ``merge(output=<mapping>)`` hands every
+merged key to the mapping's ``__setitem__`` (plus a ``"__metadata__"`` entry, ignored), ``tqdm=`` is
+called as ``tqdm(total=, desc=)`` and used as a context manager with ``set_postfix`` before and
+``update`` after each key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import sd_mecha
+import torch
+from sd_mecha.recipe_nodes import ModelRecipeNode
+
+from ortho_mecha import __version__
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import refuse_existing
+from ortho_mecha.hashing import sha256_file
+from ortho_mecha.io import DTYPES, Model
+from ortho_mecha.mecha_config import check_model, register_base_config
+from ortho_mecha.plan import Plan, load_plan
+from ortho_mecha.recipe import build_recipe
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[Mapping[str, Any]], None]
+
+TORCH_DTYPES = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+META_RECIPE = "mecha_recipe"  # the key sd-mecha itself writes the recipe under
+META_PLAN = "ortho_mecha_plan"
+META_HASHES = "ortho_mecha_sha256"
+META_VERSION = "ortho_mecha_version"
+DISK_MARGIN = 64 * 2**20
+_PARTIAL = re.compile(r"\.partial-(\d+)$")
+
+
+class MergeInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a merge (a KeyboardInterrupt, so the CLI reports it as an interruption)."""
+
+
+class _Stopped(Exception):
+    """Raised in sd-mecha's worker threads once the merge is being stopped, so pending keys end at once."""
+
+
+# -- the output file ------------------------------------------------------------------------------
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial-{os.getpid()}")
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove ``.OUT.partial-<pid>`` files whose process is gone (left by a SIGKILLed merge)."""
+    for candidate in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        match = _PARTIAL.search(candidate.name)
+        if match is None or int(match[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by a merge that was killed", candidate)
+            candidate.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # the process exists (another user's): leave its file alone
+
+
+def data_bytes(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    """Bytes of tensor data in a file of this layout."""
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in layout.values())
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class _OutputWriter:
+    """Where sd-mecha puts merged keys: repairs each one and streams it into the temporary file.
+
+    The header is written last, into room reserved up front (its size is bounded because every key,
+    shape and dtype is known before the merge starts). sd-mecha only ever assigns keys to its output
+    mapping, so ``__setitem__`` is all this needs of the MutableMapping protocol.
+    """
+
+    def __init__(
+        self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str], base: Model
+    ) -> None:
+        self.path = path
+        self.layout = layout
+        self.metadata = metadata
+        self.base = base
+        self.entries: dict[str, tuple[int, int]] = {}
+        self.nonfinite: dict[str, int] = {}
+        self.non_float: list[str] = []
+        self.missing: list[str] = []
+        self._lock = threading.Lock()
+        self._base_lock = threading.Lock()
+        data_size = data_bytes(layout)
+        worst = self._header({key: (data_size, data_size) for key in layout})
+        self.header_room = -(-len(worst) // 8) * 8
+        self._position = 0
+        try:
+            self._fh = open(path, "xb")  # noqa: SIM115 - closed by finish() or abort()
+        except FileExistsError as exc:
+            raise OrthoMechaError("another merge into the same file is running in this process", path) from exc
+        self._fh.seek(8 + self.header_room)
+
+    def _header(self, offsets: Mapping[str, tuple[int, int]]) -> bytes:
+        header: dict[str, Any] = {"__metadata__": self.metadata}
+        for key, (start, end) in offsets.items():
+            dtype, shape = self.layout[key]
+            header[key] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def _base_tensor(self, key: str) -> torch.Tensor:
+        with self._base_lock:
+            return self.base.read_tensor(key, dtype=DTYPES[self.base.tensors[key].dtype])
+
+    def __setitem__(self, key: str, value: object) -> None:
+        if key == "__metadata__":
+            return  # sd-mecha's own metadata; ours is complete
+        dtype, shape = self.layout[key]
+        if not self.base.tensors[key].is_float:
+            tensor = self._base_tensor(key)
+            self.non_float.append(key)
+        else:
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise OrthoMechaError(f"the merge produced {got} for '{key}', expected shape {list(shape)}")
+            tensor = self._repaired(key, value.to(dtype))
+        self._write(key, tensor)
+
+    def _repaired(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` with its NaN/Inf elements replaced by the base's values (counted)."""
+        wide = (
+            tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
+        )
+        bad = ~torch.isfinite(wide)
+        count = int(bad.sum())
+        if not count:
+            return tensor
+        self.nonfinite[key] = count
+        return torch.where(bad, self._base_tensor(key).to(wide.dtype), wide).to(tensor.dtype)
+
+    def _write(self, key: str, tensor: torch.Tensor) -> None:
+        data = _tensor_bytes(tensor)
+        with self._lock:
+            self._fh.write(data)
+            self.entries[key] = (self._position, self._position + len(data))
+            self._position += len(data)
+
+    def finish(self) -> None:
+        """Copy the keys the merge did not produce from the base, write the header, fsync, close."""
+        for key, (dtype, _) in self.layout.items():
+            if key not in self.entries:
+                (self.missing if self.base.tensors[key].is_float else self.non_float).append(key)
+                self._write(key, self._base_tensor(key).to(dtype))
+        header = self._header({key: self.entries[key] for key in self.layout})
+        self._fh.seek(0)
+        self._fh.write(struct.pack("<Q", self.header_room))
+        self._fh.write(header + b" " * (self.header_room - len(header)))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def abort(self) -> None:
+        self._fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+# -- progress and interruption --------------------------------------------------------------------
+
+
+class _Control:
+    """Shared by a merge's progress bars and signal handler: the stop flag and what caused the stop."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+
+class _ProgressBar:
+    """Stands in for tqdm inside ``sd_mecha.merge``: reports each merged key to ``progress`` and stops
+    the merge at the next key once a stop was requested (a signal, or ``progress`` raising: a job cancel)."""
+
+    def __init__(self, progress: Progress | None, control: _Control, total: int, desc: str = "") -> None:
+        self.progress, self.control, self.total = progress, control, total
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set_postfix(self, postfix: Mapping[str, Any] | None = None, **_: Any) -> None:
+        if self.control.stop.is_set():
+            raise _Stopped("the merge is being stopped")
+
+    def update(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            if self.progress is None:
+                return
+            info = {
+                "fraction": self.done / max(1, self.total),
+                "message": f"merged {self.done} of {self.total} keys",
+                "keys_done": self.done,
+                "keys_total": self.total,
+            }
+            try:
+                self.progress(info)
+            except BaseException as exc:
+                self.control.error = self.control.error or exc
+                self.control.stop.set()
+                raise
+
+
+@contextlib.contextmanager
+def _stop_on_signals(control: _Control) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into :class:`MergeInterrupted` (main thread only) and stop pending keys."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        control.stop.set()
+        raise MergeInterrupted(f"merge stopped by {signal.Signals(signum).name}")
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    # only where nobody else handles the signal (an ignored or custom handler is left alone)
+    previous = {
+        sig: signal.signal(sig, handler) for sig, default in defaults.items() if signal.getsignal(sig) is default
+    }
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# -- execution ------------------------------------------------------------------------------------
+
+
+def _check_output(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
+    out = Path(out).expanduser()
+    out = out.parent.resolve() / out.name
+    if out.suffix != ".safetensors":
+        raise OrthoMechaError("the output must be a .safetensors file", out)
+    if not out.parent.is_dir():
+        raise OrthoMechaError("the output folder does not exist", out.parent)
+    if out.resolve() in {p.resolve() for p in inputs}:
+        raise OrthoMechaError("the output would replace one of the merge's inputs; choose another name", out)
+    refuse_existing(out, overwrite)
+    return out
+
+
+def _check_device(device: str | None, threads: int | None) -> str:
+    if threads is not None and threads < 0:
+        raise OrthoMechaError(f"threads must be 0 (merge in this thread) or more, got {threads}")
+    try:
+        return str(torch.device(device or "cpu"))
+    except RuntimeError as exc:
+        raise OrthoMechaError(f"unknown device '{device}': {exc}; use cpu, cuda, cuda:0, mps, ...") from exc
+
+
+def _check_free_space(folder: Path, data_size: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if data_size + DISK_MARGIN > free:
+        raise OrthoMechaError(
+            f"not enough free disk space for the merge: it needs about {(data_size + DISK_MARGIN) / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB are free",
+            folder,
+        )
+
+
+def _input_files(recipe: sd_mecha.RecipeNode, base: Path) -> list[Path]:
+    paths = [Path(node.path).resolve() for node in recipe if isinstance(node, ModelRecipeNode)]
+    return list(dict.fromkeys([base, *paths]))
+
+
+def execute(
+    recipe: sd_mecha.RecipeNode,
+    out: str | Path,
+    *,
+    base: str | Path,
+    merge_dtype: str,
+    output_dtype: str,
+    plan_json: str | None = None,
+    recipe_text: str | None = None,
+    overwrite: bool = False,
+    threads: int | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Merge ``recipe`` (built on ``base``'s derived config) into ``out``; return the report (module docstring)."""
+    started = time.monotonic()
+    base = Path(base).resolve()
+    inputs = _input_files(recipe, base)
+    out = _check_output(out, overwrite, inputs)
+    merge_device = _check_device(device, threads)
+    config_id = register_base_config(base)
+    checks = [check_model(config_id, base, path) for path in inputs[1:]]
+    out_dtype = TORCH_DTYPES[output_dtype]
+    with Model(base) as base_model:
+        layout = {
+            key: (out_dtype if info.is_float else DTYPES[info.dtype], tuple(info.shape))
+            for key, info in base_model.tensors.items()
+        }
+        _check_free_space(out.parent, data_bytes(layout))
+        hashes = {}
+        for path in inputs:
+            if progress is not None:
+                progress({"fraction": 0.0, "message": f"sha256 of {path.name}"})
+            hashes[str(path)] = sha256_file(path)
+        metadata = {
+            META_RECIPE: recipe_text if recipe_text is not None else sd_mecha.serialize(recipe),
+            META_HASHES: json.dumps(hashes),
+            META_VERSION: __version__,
+        } | ({META_PLAN: plan_json} if plan_json is not None else {})
+        _remove_stale_partials(out)
+        temp = partial_path(out)
+        control = _Control()
+        with _stop_on_signals(control):
+            writer = _OutputWriter(temp, layout, metadata, base_model)
+            try:
+                sd_mecha.merge(
+                    recipe,
+                    merge_device=merge_device,
+                    merge_dtype=TORCH_DTYPES[merge_dtype],
+                    output_dtype=out_dtype,
+                    threads=threads,
+                    output=writer,
+                    tqdm=lambda total, desc="": _ProgressBar(progress, control, total, desc),
+                    check_extra_keys=False,  # counted per input in the report instead
+                    check_finite_output=False,  # repaired and counted by the writer
+                    omit_non_finite_inputs=False,  # a NaN in one input costs its elements, not the whole key
+                )
+                writer.finish()
+                os.replace(temp, out)
+            except BaseException as exc:
+                writer.abort()
+                if isinstance(exc, _Stopped) and control.error is not None:
+                    raise control.error from None  # what stopped the merge, not a key that stopped after it
+                raise
+    _fsync_dir(out.parent)
+    report = {
+        "output": str(out),
+        "bytes": out.stat().st_size,
+        "keys": len(layout),
+        "merge_dtype": merge_dtype,
+        "output_dtype": output_dtype,
+        "sha256": hashes,
+        "inputs": [asdict(check) for check in checks],
+        "extra_keys_ignored": sum(check.extra for check in checks),
+        "repairs": {"nonfinite": dict(writer.nonfinite), "missing": writer.missing, "non_float": writer.non_float},
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    logger.info("merged %s (%d keys, repairs %s)", out, len(layout), report["repairs"])
+    return report
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def merge_plan(
+    plan: Plan,
+    out: str | Path,
+    overwrite: bool = False,
+    threads: int | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Merge ``plan`` into ``out`` (see :func:`execute`); the report also names the plan's method and rows."""
+    recipe = build_recipe(plan)
+    report = execute(
+        recipe,
+        out,
+        base=plan.base,
+        merge_dtype=plan.merge_dtype,
+        output_dtype=plan.output_dtype,
+        plan_json=plan.to_json(),
+        recipe_text=sd_mecha.serialize(recipe),
+        overwrite=overwrite,
+        threads=threads,
+        device=device,
+        progress=progress,
+    )
+    return {"method": plan.method, "rows": len(plan.enabled_rows)} | report
+
+
+def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Background-job entry: ``{"plan": path, "out": path, "overwrite": bool}`` (optional threads, device)."""
+    for name in ("plan", "out"):
+        if not isinstance(params.get(name), str):
+            raise OrthoMechaError(f"merge job: '{name}' must be a file path")
+    return merge_plan(
+        load_plan(params["plan"]),
+        params["out"],
+        overwrite=bool(params.get("overwrite", False)),
+        threads=params.get("threads"),
+        device=params.get("device"),
+        progress=progress,
+    )
+
+
+def summary(report: Mapping[str, Any]) -> str:
+    """A few lines for the terminal: output, repairs, ignored keys, hashes."""
+    repairs = report["repairs"]
+    lines = [
+        f"merged {report['rows']} rows ({report['method']}) → {report['output']} "
+        f"({report['bytes'] / 2**20:.1f} MiB, {report['output_dtype']}, {report['seconds']:.1f} s)"
+    ]
+    fixes = []
+    if repairs["nonfinite"]:
+        fixes.append(
+            f"{len(repairs['nonfinite'])} keys had NaN/Inf ({sum(repairs['nonfinite'].values())} elements, "
+            "replaced by the base's values)"
+        )
+    if repairs["missing"]:
+        fixes.append(f"{len(repairs['missing'])} keys not produced by the merge copied from the base")
+    if repairs["non_float"]:
+        fixes.append(f"{len(repairs['non_float'])} non-float keys copied from the base")
+    lines.append("repairs: " + ("; ".join(fixes) if fixes else "none"))
+    if report["extra_keys_ignored"]:
+        lines.append(f"ignored: {report['extra_keys_ignored']} keys of the inputs that the base does not have")
+    lines += ["sha256:"] + [f"  {digest}  {path}" for path, digest in report["sha256"].items()]
+    return "\n".join(lines)
+
+
+def cli_merge(args: argparse.Namespace) -> int:
+    from ortho_mecha.progress import TqdmProgress
+
+    plan = load_plan(args.plan)
+    with TqdmProgress("merging") as bar:
+        report = merge_plan(plan, args.out, args.overwrite, args.threads, args.device, progress=bar.update)
+    print(summary(report))
+    return 0

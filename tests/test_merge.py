@@ -1,0 +1,286 @@
+"""The merge pipeline end to end on tiny real files: output, metadata, repairs, reproduction, safety."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sd_mecha
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ortho_mecha.cli import main
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.hashing import sha256_file
+from ortho_mecha.mecha_config import register_base_config
+from ortho_mecha.merge import (
+    META_HASHES,
+    META_PLAN,
+    META_RECIPE,
+    MergeInterrupted,
+    _check_free_space,
+    execute,
+    merge_plan,
+    partial_path,
+    run_job,
+)
+from ortho_mecha.plan import Plan, plan_from_dict
+from ortho_mecha.recipe import recipe_text
+from tests.merge_fixtures import INT_KEY, base_state, finetune, read, sha256, write_family, write_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = ROOT / ".venv" / "bin" / "python"
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("ORTHO_MECHA_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_family(tmp_path_factory.mktemp("models"))
+
+
+ROWS = [
+    {"model": "a.safetensors", "alpha": 0.8},
+    {"model": "pref.safetensors", "delta_from": "b.safetensors"},
+    {"model": "c16.safetensors"},
+    {"model": "dbf16.safetensors", "alpha": 0.5},
+    {"model": "e8.safetensors", "repeat": 2},
+]
+
+
+def make_plan(family: dict[str, Path], method: str = "ortho_superpose", **extra: object) -> Plan:
+    data = {"base": "base.safetensors", "method": method, "rows": ROWS, "output_dtype": "fp32"} | extra
+    return plan_from_dict(data, family["base"].parent)
+
+
+def header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 - safe_open is not iterable
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name]
+
+
+def test_plan_merges_into_a_file_shaped_like_the_base_with_full_metadata(family, tmp_path) -> None:
+    before = {name: sha256(path) for name, path in family.items()}
+    plan = make_plan(family, texture={"model": "tex.safetensors", "alpha": 0.2, "mode": "orthogonal"})
+    out = tmp_path / "merged.safetensors"
+    seen: list[dict] = []
+    report = merge_plan(plan, out, progress=seen.append)
+    tensors, metadata = header(out)
+    base = read(family["base"])
+    assert list(tensors) == sorted(base) or set(tensors) == set(base)
+    assert {k: v.dtype for k, v in tensors.items()} == {k: v.dtype for k, v in base.items()}
+    assert torch.equal(tensors[INT_KEY], base[INT_KEY])
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+    assert metadata[META_RECIPE] == recipe_text(plan)
+    assert metadata[META_PLAN] == plan.to_json()
+    assert json.loads(metadata[META_HASHES]) == {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in plan.input_files()
+    }
+    assert report["sha256"] == json.loads(metadata[META_HASHES])
+    assert report["repairs"] == {"nonfinite": {}, "missing": [], "non_float": [INT_KEY]}
+    assert report["output"] == str(out) and report["keys"] == len(base) and report["rows"] == 5
+    assert seen[-1]["fraction"] == 1.0 and seen[-1]["keys_total"] == len(base)
+    assert {name: sha256(path) for name, path in family.items()} == before
+    assert leftovers(tmp_path) == []
+
+
+def test_output_dtypes_fp8_and_bf16_with_fp64_arithmetic(family, tmp_path) -> None:
+    for output_dtype, torch_dtype in (("fp8_e4m3fn", torch.float8_e4m3fn), ("bf16", torch.bfloat16)):
+        out = tmp_path / f"{output_dtype}.safetensors"
+        merge_plan(make_plan(family, "orthomerge", output_dtype=output_dtype, merge_dtype="fp64"), out, threads=0)
+        tensors, _ = header(out)
+        assert {v.dtype for k, v in tensors.items() if k != INT_KEY} == {torch_dtype}
+
+
+def test_values_are_the_recipes_values(family, tmp_path) -> None:
+    plan = make_plan(family, "add_difference", rows=[{"model": "pref.safetensors", "alpha": 0.5}])
+    out = tmp_path / "sum.safetensors"
+    merge_plan(plan, out)
+    tensors, _ = header(out)
+    base, pref = read(family["base"]), read(family["pref"])
+    key = "middle_block.1.proj_in.weight"
+    expected = base[key] + 0.5 * (pref["model.diffusion_model." + key] - base[key])
+    torch.testing.assert_close(tensors[key], expected, rtol=0, atol=1e-6)
+
+
+def test_mecha_file_and_script_reproduce_the_merge_bit_for_bit(family, tmp_path) -> None:
+    plan_path = write_plan(tmp_path, make_plan(family, "orthomerge", merge_dtype="fp64").to_dict())
+    first, from_mecha, from_script = (tmp_path / f"{n}.safetensors" for n in ("first", "mecha", "script"))
+    mecha, script = tmp_path / "recipe.mecha", tmp_path / "merge.py"
+    assert main(["merge", str(plan_path), "--out", str(first)]) == 0
+    assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--script", str(script)]) == 0
+    register_base_config(family["base"])
+    execute(sd_mecha.deserialize_path(mecha), from_mecha, base=family["base"], merge_dtype="fp64", output_dtype="fp32")
+    run = subprocess.run([str(PYTHON), str(script), str(from_script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["output"] == str(from_script)
+    reference, reference_meta = header(first)
+    for path in (from_mecha, from_script):
+        tensors, metadata = header(path)
+        assert tensors.keys() == reference.keys()
+        assert all(torch.equal(tensors[k].view(torch.uint8), reference[k].view(torch.uint8)) for k in reference)
+        assert metadata[META_RECIPE] == reference_meta[META_RECIPE]
+        assert metadata[META_HASHES] == reference_meta[META_HASHES]
+    assert header(from_script)[1][META_PLAN] == reference_meta[META_PLAN]
+
+
+def test_nan_elements_are_replaced_by_the_base_values(family, tmp_path) -> None:
+    state = finetune(base_state(), 11)
+    state["time_embed.0.weight"][3, 5] = float("nan")
+    state["time_embed.0.bias"][0] = float("inf")
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad))
+    plan = plan_from_dict(
+        {
+            "base": str(family["base"]),
+            "method": "add_difference",
+            "rows": [{"model": str(bad)}],
+            "output_dtype": "fp32",
+        },
+        tmp_path,
+    )
+    report = merge_plan(plan, tmp_path / "repaired.safetensors")
+    assert report["repairs"]["nonfinite"] == {"time_embed.0.weight": 1, "time_embed.0.bias": 1}
+    tensors, _ = header(tmp_path / "repaired.safetensors")
+    base = read(family["base"])
+    assert tensors["time_embed.0.weight"][3, 5] == base["time_embed.0.weight"][3, 5]
+    assert tensors["time_embed.0.bias"][0] == base["time_embed.0.bias"][0]
+    assert torch.equal(tensors["time_embed.0.weight"][4], state["time_embed.0.weight"][4])
+
+
+def test_missing_keys_come_from_the_base_and_extra_keys_are_counted(family, tmp_path) -> None:
+    state = finetune(base_state(), 12)
+    del state["out.2.weight"]
+    state["extra.weight"] = torch.ones(2)
+    partial = tmp_path / "partial.safetensors"
+    save_file(state, str(partial))
+    plan = plan_from_dict(
+        {
+            "base": str(family["base"]),
+            "method": "weighted_sum",
+            "rows": [{"model": str(partial)}],
+            "output_dtype": "fp32",
+        },
+        tmp_path,
+    )
+    report = merge_plan(plan, tmp_path / "filled.safetensors")
+    assert report["repairs"]["missing"] == ["out.2.weight"]
+    assert report["extra_keys_ignored"] == 1
+    assert report["inputs"][0]["missing"] == 1
+    tensors, _ = header(tmp_path / "filled.safetensors")
+    assert torch.equal(tensors["out.2.weight"], read(family["base"])["out.2.weight"])
+    assert "extra.weight" not in tensors
+
+
+def test_existing_output_is_refused_before_merging(family, tmp_path, capsys) -> None:
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OrthoMechaError, match="already exists; choose another name or pass --overwrite"):
+        merge_plan(make_plan(family), out)
+    assert out.read_bytes() == b"keep me" and leftovers(tmp_path) == []
+    plan_path = write_plan(tmp_path, make_plan(family).to_dict())
+    assert main(["merge", str(plan_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err
+    assert main(["merge", str(plan_path), "--out", str(out), "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "repairs: 1 non-float keys copied from the base" in printed
+    assert hashlib.sha256(family["base"].read_bytes()).hexdigest() in printed
+    assert header(out)[0].keys() == read(family["base"]).keys()
+
+
+def test_output_may_not_replace_an_input(family) -> None:
+    with pytest.raises(OrthoMechaError, match="would replace one of the merge's inputs"):
+        merge_plan(make_plan(family), family["b"], overwrite=True)
+
+
+def test_a_failed_merge_leaves_no_file(family, tmp_path) -> None:
+    class Boom(Exception):
+        pass
+
+    def fail_at_third_key(info: dict) -> None:
+        if info.get("keys_done") == 3:
+            raise Boom("cancelled")
+
+    out = tmp_path / "failed.safetensors"
+    with pytest.raises(Boom):
+        merge_plan(make_plan(family), out, threads=2, progress=fail_at_third_key)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_sigterm_stops_the_merge_and_removes_the_partial_file(family, tmp_path) -> None:
+    def terminate_at_second_key(info: dict) -> None:
+        if info.get("keys_done") == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "terminated.safetensors"
+    with pytest.raises(MergeInterrupted, match="SIGTERM"):
+        merge_plan(make_plan(family), out, threads=2, progress=terminate_at_second_key)
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_stale_partials_of_dead_processes_are_removed(family, tmp_path) -> None:
+    out = tmp_path / "x.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out.with_name(f".{out.name}.partial-{int(dead.stdout)}")
+    alive = out.with_name(f".{out.name}.partial-{os.getppid()}")
+    stale.write_bytes(b"half")
+    alive.write_bytes(b"someone else's")
+    merge_plan(make_plan(family), out)
+    assert not stale.exists() and alive.exists() and not partial_path(out).exists()
+
+
+def test_free_space_check_and_bad_device_or_threads(family, tmp_path) -> None:
+    with pytest.raises(OrthoMechaError, match=r"not enough free disk space for the merge: it needs about"):
+        _check_free_space(tmp_path, 2**60)
+    with pytest.raises(OrthoMechaError, match=r"unknown device 'gpu0'"):
+        merge_plan(make_plan(family), tmp_path / "d.safetensors", device="gpu0")
+    with pytest.raises(OrthoMechaError, match=r"threads must be 0"):
+        merge_plan(make_plan(family), tmp_path / "d.safetensors", threads=-1)
+
+
+def test_run_job_merges_and_checks_its_params(family, tmp_path) -> None:
+    plan_path = write_plan(tmp_path, make_plan(family, "ortho_project").to_dict())
+    seen: list[dict] = []
+    report = run_job({"plan": str(plan_path), "out": str(tmp_path / "job.safetensors")}, seen.append)
+    assert report["method"] == "ortho_project" and Path(report["output"]).exists() and seen
+    with pytest.raises(OrthoMechaError, match="merge job: 'out' must be a file path"):
+        run_job({"plan": str(plan_path)}, seen.append)
+
+
+def test_cli_reports_a_bad_plan_in_one_line(tmp_path, capsys) -> None:
+    plan_path = write_plan(tmp_path, {"base": "none.safetensors", "method": "orthomerge", "rows": []})
+    assert main(["merge", str(plan_path), "--out", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ortho-mecha: error: {plan_path}: base ")
+
+
+def test_hashes_are_cached_by_fingerprint(family, tmp_path, cache_dir) -> None:
+    from ortho_mecha.cache import open_cache
+
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(family["a"].read_bytes())
+    digest = sha256_file(path)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    stat = path.stat()
+    with open_cache("hashes") as cache:  # a planted value proves the second call reads the cache, not the file
+        cache.set(("sha256", str(path.resolve()), stat.st_size, stat.st_mtime_ns), "planted")
+    assert sha256_file(path) == "planted"
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert sha256_file(path) == digest
