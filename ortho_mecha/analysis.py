@@ -32,7 +32,7 @@ import torch
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import cosine, delta_gram, selection_matrix
-from ortho_mecha.io import ROUNDING, Model
+from ortho_mecha.io import ROUNDING, Model, expand_model_paths
 from ortho_mecha.validate import Alignment
 
 logger = logging.getLogger(__name__)
@@ -658,12 +658,17 @@ def _parse_delta_from(items: list[str]) -> dict[str, str]:
 def cli_analyse(args: argparse.Namespace) -> int:
     from ortho_mecha.fsutil import write_json
     from ortho_mecha.progress import TqdmProgress
+    from ortho_mecha.validate import refuse_input_as_output
 
+    delta_from = _parse_delta_from(args.delta_from)
+    if args.json:
+        inputs = [args.base, *expand_model_paths(args.models), *delta_from.values()]
+        refuse_input_as_output(Path(args.json), [Model(p) for p in inputs])
     with TqdmProgress("analysing") as bar:
         result = analyse(
             args.base,
             args.models,
-            _parse_delta_from(args.delta_from),
+            delta_from,
             arch=args.arch,
             exact=args.exact,
             rank_samples=args.rank_samples,

@@ -228,7 +228,7 @@ def open_models(base: str | Path, models: list[str | Path]) -> tuple[Model, list
 
 
 def refuse_input_as_output(output: Path, models: list[Model]) -> None:
-    """Raise if ``output`` is one of the inputs' files (a report must never overwrite a model)."""
+    """Raise if ``output`` is one of the inputs' files, shards included (a report must never overwrite a model)."""
     inputs = {p.resolve() for m in models for p in (m.path, *m.files)}
     if output.resolve() in inputs:
         raise OrthoMechaError("is an input model; write the report to another file", output)

@@ -1,0 +1,155 @@
+"""A dry-run forecast for a plan: peak RAM, output size, free disk and merge time, before any merge.
+
+Everything comes from the safetensors headers (shapes and dtypes; no tensor is read) and from a few
+short measurements of this machine: reading speed of the inputs, float64 element throughput, matrix
+multiply speed and a symmetric eigendecomposition. The time is an estimate (within a small factor);
+the output size is exact up to the header.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from ortho_mecha.io import Model
+from ortho_mecha.plan import Plan
+from ortho_mecha.validate import key_map
+
+DTYPE_BYTES = {"fp8_e4m3fn": 1, "fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+PROCESS_BASELINE = 700 * 2**20  # torch + sd-mecha + Python, measured RSS of an idle merge process
+HEADER_SLACK = 1.01
+ORTHO_METHODS = {"ortho_project", "ortho_superpose"}
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """This machine's measured rates."""
+
+    read_bytes_s: float
+    elements_s: float  # float64 element operations per second (an axpy)
+    flops_s: float  # float64 matrix-multiply flops per second
+    eigh_n3_s: float  # n³ units per second of a symmetric eigendecomposition
+
+
+@dataclass(frozen=True)
+class Forecast:
+    output_bytes: int
+    inputs_bytes: int
+    peak_ram_bytes: int
+    seconds: float
+    free_disk_bytes: int | None
+    fits_disk: bool | None
+    largest_key: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        gib = 2**30
+        disk = (
+            f", {self.free_disk_bytes / gib:.1f} GiB free there ({'enough' if self.fits_disk else 'NOT enough'})"
+            if self.free_disk_bytes is not None
+            else ""
+        )
+        return [
+            f"output: {self.output_bytes / gib:.2f} GiB{disk}",
+            f"inputs: {self.inputs_bytes / gib:.2f} GiB read once",
+            f"peak RAM: about {self.peak_ram_bytes / gib:.2f} GiB (largest key {self.largest_key})",
+            f"time: about {_duration(self.seconds)} on this machine (estimate)",
+        ]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _timed(fn: object, repeat: int = 3) -> float:
+    best = math.inf
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - started)
+    return max(best, 1e-9)
+
+
+@cache
+def machine_speeds(sample: Path | None = None) -> Speeds:
+    """Measure this machine once per process (about a quarter of a second)."""
+    a = torch.randn(1 << 22, dtype=torch.float64)
+    b = torch.randn(1 << 22, dtype=torch.float64)
+    elements = a.numel() / _timed(lambda: a.add_(b, alpha=0.5))
+    m = torch.randn(384, 384, dtype=torch.float64)
+    flops = 2 * 384**3 / _timed(lambda: m @ m)
+    sym = m @ m.T
+    eigh = 256**3 / _timed(lambda: torch.linalg.eigh(sym[:256, :256]))
+    read = 1.5e9
+    if sample is not None and sample.is_file():
+        size = min(sample.stat().st_size, 64 * 2**20)
+        fd = os.open(sample, os.O_RDONLY)
+        try:
+            read = size / _timed(lambda: os.pread(fd, size, 0), repeat=1)
+        finally:
+            os.close(fd)
+    return Speeds(read, elements, flops, eigh)
+
+
+def _inputs(plan: Plan) -> list[Path]:
+    rows = [r for r in plan.rows if r.enabled]
+    paths = [plan.base, *(r.model for r in rows), *(r.delta_from for r in rows if r.delta_from)]
+    if plan.texture is not None:
+        paths.append(plan.texture.model)
+    return list(dict.fromkeys(paths))
+
+
+def _key_seconds(shape: tuple[int, ...], n_rows: int, method: str, speeds: Speeds) -> float:
+    numel = math.prod(shape)
+    if method in ORTHO_METHODS:
+        # stack the rows in float64, their Gram (n² · numel), the combination (n · numel)
+        return (3 * n_rows * numel) / speeds.elements_s + (n_rows**2 * numel * 2) / speeds.flops_s
+    if method == "orthomerge" and len(shape) >= 2:
+        k, m = sorted((shape[0], numel // shape[0]))
+        per_row = 2 * k * k * m / speeds.flops_s + 3 * k**3 / speeds.eigh_n3_s + 4 * k**3 / speeds.flops_s
+        return n_rows * per_row + 2 * k * k * m / speeds.flops_s + 4 * n_rows * numel / speeds.elements_s
+    return 3 * n_rows * numel / speeds.elements_s
+
+
+def forecast(plan: Plan, out: str | Path | None = None, threads: int = 1) -> Forecast:
+    """Forecast the merge of ``plan`` (written to ``out``'s folder when given) from headers and speeds."""
+    paths = _inputs(plan)
+    base = Model(plan.base)
+    shapes = {canon: base.tensors[name].shape for canon, name in key_map(base).keys.items()}
+    every = {name: info.shape for name, info in base.tensors.items()}
+    out_bytes = int(sum(math.prod(s) for s in every.values()) * DTYPE_BYTES[plan.output_dtype] * HEADER_SLACK)
+    inputs_bytes = sum(Model(p).nbytes for p in paths)
+    n_rows = sum(r.repeat if plan.method == "orthomerge" else 1 for r in plan.rows if r.enabled)
+    n_inputs = len(paths)
+    merge_bytes = DTYPE_BYTES[plan.merge_dtype]
+    largest = max(shapes, key=lambda k: math.prod(shapes[k])) if shapes else ""
+    largest_numel = math.prod(shapes[largest]) if largest else 0
+    # per key in flight: every input in the merge dtype, each row's delta, float64 work on the stack
+    per_key = largest_numel * (n_inputs * merge_bytes + n_rows * (merge_bytes + 8) + 3 * 8)
+    if plan.method == "orthomerge" and largest and len(shapes[largest]) >= 2:
+        k = min(shapes[largest][0], largest_numel // shapes[largest][0])
+        per_key += n_rows * k * k * 8 * 3
+    peak = PROCESS_BASELINE + max(1, threads) * per_key
+    speeds = machine_speeds(plan.base)
+    compute = sum(_key_seconds(s, n_rows, plan.method, speeds) for s in shapes.values()) / max(1, min(threads, 2))
+    seconds = inputs_bytes / speeds.read_bytes_s + compute + out_bytes / speeds.read_bytes_s
+    free, fits = None, None
+    if out is not None:
+        folder = Path(out).parent
+        if folder.is_dir():
+            free = shutil.disk_usage(folder).free
+            fits = free > out_bytes
+    return Forecast(out_bytes, inputs_bytes, int(peak), seconds, free, fits, largest)
