@@ -1,0 +1,294 @@
+"""Figures of merit from the delta Gram G and the per-model signal figures: survival, quality, interference.
+
+Everything here is plain numpy on G (rows × rows, from :func:`ortho_mecha.gram.delta_gram`), so the Mixer
+recomputes it instantly when a row's delta-from, alpha or repeat changes; no file is read.
+
+- :func:`survival_plain` — the seed tool's survival in a plain average of unit deltas (DESIGN §4).
+- :func:`quality` — the seed tool's quality score and grade (DESIGN §4).
+- :func:`predicted_survival` — ``<Δ_out, δ_i> / ‖δ_i‖²`` under a merge method and row weights, exact for
+  the linear methods, ``ortho_superpose`` and ``ortho_project``, an estimate for the others
+  (:func:`survival_label` says which).
+- :func:`interference` — how much each pair of rows overlaps, as a share of the rows' own energy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ortho_mecha.gram import cosine
+
+# Grades, best first: (grade, the score it must exceed, or reach when inclusive)
+GRADES: tuple[tuple[str, float, bool], ...] = (
+    ("A+", 0.80, False),
+    ("A", 0.65, True),
+    ("B", 0.50, True),
+    ("C", 0.35, True),
+)
+LOWEST_GRADE = "D"
+
+# methods whose predicted survival is exact (given the same G the method sees)
+EXACT_METHODS = ("weighted_sum", "add_difference", "ortho_superpose", "ortho_project")
+# methods predicted by an estimate from G: element-wise or rotation methods G cannot see exactly
+ESTIMATED_METHODS = ("orthomerge", "ties", "dare", "model_stock", "geometric_median")
+THETA_AGG = ("mean", "median", "max", "sum")
+DIRECTION_WEIGHTS = ("theta", "magnitude", "equal")
+
+# ortho_project's Gram–Schmidt drops a residual below 1e-12 of its delta's norm (float64 vectors); in the
+# coefficient space of G squared norms are compared, and G itself carries ~1e-16 relative rounding, so a
+# residual whose squared norm is below this fraction of its delta's counts as lying in the span.
+SPAN_TOLERANCE_SQ = 1e-12
+DEFAULT_RCOND = 1e-6  # ortho_superpose's default (ortho_mecha.methods.orthogonal.RCOND)
+
+
+def _as_gram(g: np.ndarray) -> np.ndarray:
+    g = np.asarray(g, dtype=np.float64)
+    if g.ndim < 2 or g.shape[-1] != g.shape[-2]:
+        raise ValueError(f"a delta Gram must be square (…, n, n), got shape {g.shape}")
+    return g
+
+
+def survival_plain(g: np.ndarray, include: Sequence[bool] | None = None) -> np.ndarray:
+    """Survival of each row in a plain average of unit deltas: ``<u_i, Σu / ‖Σu‖>`` with ``u_i = δ_i / ‖δ_i‖``.
+
+    The sum runs over the rows with a non-zero delta (and, when ``include`` is given, only those marked
+    True — pass ``not null`` to leave out deltas that are rounding noise). A row outside the sum still
+    gets its survival (how much of its direction the average carries); 0 where ``Σu = 0`` or the row's
+    delta is zero. Values lie in [−1, 1]; the seed tool shows them as percent.
+    """
+    g = _as_gram(g)
+    cos = cosine(g)
+    members = np.diag(g) > 0
+    if include is not None:
+        members &= np.asarray(include, dtype=bool)
+    along = cos[:, members].sum(axis=1)  # <u_i, Σu>
+    total = float(cos[np.ix_(members, members)].sum())  # ‖Σu‖²
+    if total <= 0:
+        return np.zeros(len(g))
+    return np.where(np.diag(g) > 0, along / math.sqrt(total), 0.0)
+
+
+def grade(score: float) -> str:
+    """A+ > 0.80, A 0.65–0.80, B 0.50–0.65, C 0.35–0.50, D < 0.35."""
+    for name, bound, inclusive in GRADES:
+        if score > bound or (inclusive and score == bound):
+            return name
+    return LOWEST_GRADE
+
+
+def quality(
+    effective_rank: Sequence[float],
+    snr: Sequence[float],
+    survival: Sequence[float],
+    max_outlier: Sequence[float],
+    null: Sequence[bool],
+) -> tuple[np.ndarray, list[str]]:
+    """The seed tool's quality score per model and its grade (DESIGN §4).
+
+    ``score = 0.40·focus + 0.40·SNR_norm + survival_bonus − outlier_penalty``, clamped to [0, 1], with
+    focus = 1 − effective rank, SNR_norm = clamp(log10(SNR)/2, 0, 1),
+    survival_bonus = min(0.2, max(0, (survival% − 30)/200)) (``survival`` as a fraction, e.g. from
+    :func:`survival_plain`; 100× is the percent), outlier_penalty = min(0.15, max(0, (max_outlier − 5)/50)).
+    A null delta (below its inputs' rounding noise) scores 0 and is graded D.
+    """
+    rank = np.asarray(effective_rank, dtype=np.float64)
+    ratio = np.asarray(snr, dtype=np.float64)
+    surv = np.asarray(survival, dtype=np.float64)
+    outlier = np.asarray(max_outlier, dtype=np.float64)
+    is_null = np.asarray(null, dtype=bool)
+    if not rank.shape == ratio.shape == surv.shape == outlier.shape == is_null.shape:
+        raise ValueError("quality needs one effective rank, SNR, survival, max outlier and null flag per model")
+    focus = 1.0 - rank
+    with np.errstate(divide="ignore"):
+        snr_norm = np.clip(np.log10(np.where(ratio > 0, ratio, 1.0)) / 2.0, 0.0, 1.0)
+    bonus = np.minimum(0.2, np.maximum(0.0, (100.0 * surv - 30.0) / 200.0))
+    penalty = np.minimum(0.15, np.maximum(0.0, (outlier - 5.0) / 50.0))
+    scores = np.clip(0.40 * focus + 0.40 * snr_norm + bonus - penalty, 0.0, 1.0)
+    scores = np.where(is_null, 0.0, scores)
+    return scores, [grade(float(s)) for s in scores]
+
+
+# -- predicted survival ----------------------------------------------------------------------------------
+
+
+def survival_label(method: str) -> str:
+    """``"exact"`` when :func:`predicted_survival` is exact for ``method`` (given the G the method sees,
+    i.e. per-key Grams for per-key methods), ``"estimate"`` otherwise."""
+    if method in EXACT_METHODS:
+        return "exact"
+    if method in ESTIMATED_METHODS:
+        return "estimate"
+    raise ValueError(
+        f"no survival prediction for method {method!r}; known: {', '.join(EXACT_METHODS + ESTIMATED_METHODS)}"
+    )
+
+
+def superpose_coefficients(g: np.ndarray, rcond: float = DEFAULT_RCOND) -> np.ndarray:
+    """Minimum-norm least-squares c of ``G c = diag(G)`` over the last two axes (DESIGN §5): eigenvalues at or
+    below ``rcond · λmax`` (and non-positive ones) are dropped, as ``ortho_superpose`` does."""
+    eigenvalues, eigenvectors = np.linalg.eigh(g)
+    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & (eigenvalues > 0)
+    inverse = np.where(keep, 1.0 / np.where(keep, eigenvalues, 1.0), 0.0)
+    target = np.diagonal(g, axis1=-2, axis2=-1)
+    projected = np.einsum("...ji,...j->...i", eigenvectors, target)
+    return np.einsum("...ij,...j->...i", eigenvectors, inverse * projected)
+
+
+def gram_schmidt_coefficients(g: np.ndarray) -> np.ndarray:
+    """Coefficients a with ``Σ_i a_i δ_i = δ_1 + Σ_{i>1} (δ_i − proj_{span(δ_1..δ_{i−1})} δ_i)`` for one Gram G.
+
+    Sequential Gram–Schmidt in coefficient space (inner product ``aᵀ G b``), with one re-orthogonalisation
+    pass like ``ortho_project``. Zero deltas and deltas whose residual is (numerically) in the span add
+    nothing to the basis; their residual still adds to the sum, as in the method.
+    """
+    n = len(g)
+    basis: list[np.ndarray] = []  # coefficient vectors of orthonormal directions
+    total = np.zeros(n)
+    for i in range(n):
+        if g[i, i] <= 0:
+            continue
+        residual = np.zeros(n)
+        residual[i] = 1.0
+        for _ in range(2):
+            for q in basis:
+                residual = residual - (q @ g @ residual) * q
+        total += residual
+        norm_sq = float(residual @ g @ residual)
+        if norm_sq > SPAN_TOLERANCE_SQ * g[i, i]:
+            basis.append(residual / math.sqrt(norm_sq))
+    return total
+
+
+def _output_coefficients(g: np.ndarray, method: str, w: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
+    """Coefficients a (per Gram in the batch) with ``Δ_out = Σ_i a_i δ_i`` for the raw row deltas δ_i."""
+    alpha = float(options.get("alpha", 1.0))
+    if method == "add_difference":
+        return np.broadcast_to(alpha * w, g.shape[:-1]).copy()
+    if method == "weighted_sum":
+        total = w.sum()
+        return np.broadcast_to(alpha * w / total if total else 0.0 * w, g.shape[:-1]).copy()
+    gw = g * w[:, None] * w[None, :]  # Gram of the weighted deltas w_i δ_i
+    if method == "ortho_superpose":
+        if options.get("granularity", "key") != "key":
+            raise ValueError(
+                "predicted survival for ortho_superpose needs granularity 'key' (per-row Grams are not kept)"
+            )
+        return alpha * w * superpose_coefficients(gw, float(options.get("rcond", DEFAULT_RCOND)))
+    if method == "ortho_project":
+        flat = gw.reshape(-1, *gw.shape[-2:])
+        return alpha * w * np.stack([gram_schmidt_coefficients(one) for one in flat]).reshape(g.shape[:-1])
+    raise ValueError(f"method {method!r} is not predicted exactly")
+
+
+def _estimate_coefficients(
+    g: np.ndarray, method: str, alphas: np.ndarray, repeats: np.ndarray, options: Mapping[str, Any]
+) -> np.ndarray:
+    """An estimate of Δ_out's coefficients for methods G cannot predict exactly (one global Gram).
+
+    - ``orthomerge``: a rotation moves each weight along its delta with magnitude θ_i ≈ ‖δ_i‖ (small
+      rotations), the merged rotation has magnitude agg(θ_i) along the normalised weighted sum of the
+      generators; estimated as ``agg(‖α_i δ_i‖) · normalise(Σ v_i α_i δ_i)`` with rows listed r_i times and
+      v_i the direction weights (θ and magnitude both ∝ ‖α_i δ_i‖ here). Exact for one row and for
+      identical rows; the rotation/residual split and ``conflict_aware`` are not visible in G.
+    - ``ties``, ``dare``, ``geometric_median``: the mean of the listed deltas (what they reduce to when the
+      deltas agree in sign everywhere and nothing is dropped).
+    - ``model_stock``: the mean scaled by Model Stock's ``t = k·cos / (1 + (k − 1)·cos)``, cos the mean
+      cosine of consecutive listed deltas (sd-mecha takes it per output row and key; here over the whole G).
+    """
+    alpha = float(options.get("alpha", 1.0))
+    listed = alphas * repeats  # coefficient of each raw delta in a plain sum of the listed deltas
+    count = float(repeats.sum())
+    if count == 0:
+        return np.zeros(len(g))
+    if method in ("ties", "dare", "geometric_median"):
+        return alpha * listed / count
+    if method == "model_stock":
+        listed_rows = np.repeat(np.arange(len(g)), repeats.astype(int))
+        cos = cosine(g)
+        k = len(listed_rows)
+        mean_cos = float(np.mean([cos[a, b] for a, b in itertools.pairwise(listed_rows)])) if k > 1 else 1.0
+        denominator = 1.0 + (k - 1.0) * mean_cos
+        t = k * mean_cos / denominator if denominator else 0.0
+        return alpha * t * listed / count
+    # orthomerge
+    agg = options.get("theta_agg", "mean")
+    weight_rule = options.get("direction_weight", "theta")
+    if agg not in THETA_AGG:
+        raise ValueError(f"theta_agg {agg!r} is not one of {', '.join(THETA_AGG)}")
+    if weight_rule not in DIRECTION_WEIGHTS:
+        raise ValueError(f"direction_weight {weight_rule!r} is not one of {', '.join(DIRECTION_WEIGHTS)}")
+    norms = np.abs(alphas) * np.sqrt(np.clip(np.diag(g), 0.0, None))
+    rows = (repeats > 0) & (norms > 0)
+    if not rows.any():
+        return np.zeros(len(g))
+    thetas = np.repeat(norms[rows], repeats[rows].astype(int))
+    magnitude = {"mean": np.mean, "median": np.median, "max": np.max, "sum": np.sum}[agg](thetas)
+    v = np.where(rows, 1.0 if weight_rule == "equal" else norms, 0.0) * repeats
+    direction = v * alphas / np.where(norms > 0, norms, 1.0)  # Σ v_i · unit(α_i δ_i), in raw-delta coefficients
+    size_sq = float(direction @ g @ direction)
+    if size_sq <= 0:
+        return np.zeros(len(g))
+    return alpha * magnitude * direction / math.sqrt(size_sq)
+
+
+def predicted_survival(
+    g: np.ndarray,
+    method: str,
+    weights: Sequence[float],
+    options: Mapping[str, Any] | None = None,
+    repeats: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Predicted survival ``<Δ_out, δ_i> / ‖δ_i‖²`` of each row's raw delta δ_i = M_i − B_i in the merge.
+
+    ``g``: the rows' delta Gram (n, n), or a stack of per-key Grams (k, n, n) — then each key is merged on
+    its own, as the methods do, and the survival is ``Σ_k <Δ_k, δ_ik> / Σ_k ‖δ_ik‖²``.
+    ``weights``: each row's weight, α_i · r_i for the methods that scale a row by its repeat (all but
+    ``orthomerge``, ``ties``, ``dare``, ``model_stock``, ``geometric_median``, which list a row r_i times:
+    for those pass α_i as the weight and r_i as ``repeats``); 0 for a disabled row. ``options``: the
+    method's options (``alpha``, ``rcond``, ``theta_agg``, ``direction_weight``; others are ignored).
+
+    1 means the merge carries the row's whole delta along its direction, 0.5 half of it, 2 twice it.
+    Exact (:func:`survival_label`) for ``weighted_sum``, ``add_difference``, ``ortho_superpose`` (at
+    granularity ``key``) and ``ortho_project``; an estimate for the others. A row with a zero delta gets 0.
+    """
+    g = _as_gram(g)
+    options = dict(options or {})
+    w = np.asarray(weights, dtype=np.float64)
+    n = g.shape[-1]
+    if w.shape != (n,):
+        raise ValueError(f"{len(w)} weights for {n} rows")
+    label = survival_label(method)
+    if label == "exact":
+        coefficients = _output_coefficients(g, method, w, options)
+    else:
+        reps = np.ones(n) if repeats is None else np.asarray(repeats, dtype=np.float64)
+        if reps.shape != (n,):
+            raise ValueError(f"{len(reps)} repeats for {n} rows")
+        reps = np.where(w != 0, reps, 0.0)
+        g_total = g.reshape(-1, n, n).sum(axis=0)
+        coefficients = _estimate_coefficients(g_total, method, w, reps, options)
+        coefficients = np.broadcast_to(coefficients, g.shape[:-1])
+    along = np.einsum("...ij,...j->...i", g, coefficients).reshape(-1, n).sum(axis=0)  # Σ_k <Δ_k, δ_ik>
+    own = np.diagonal(g, axis1=-2, axis2=-1).reshape(-1, n).sum(axis=0)
+    return np.where(own > 0, along / np.where(own > 0, own, 1.0), 0.0)
+
+
+def interference(g: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Pairwise interference of the weighted rows: ``I_ij = w_i w_j G_ij / Σ_k w_k² G_kk`` (0 on the diagonal).
+
+    What it means: adding the weighted deltas plainly gives ``‖Σ w_i δ_i‖² = Σ_k ‖w_k δ_k‖² · (1 + Σ_{i≠j} I_ij)``,
+    so ``I_ij + I_ji`` is the share of the rows' own energy that the overlap of rows i and j adds to a
+    plain sum (positive: they double count the same change; negative: they cancel each other). 0 for
+    orthogonal rows, which is what ``ortho_superpose`` achieves for every pair.
+    """
+    g = _as_gram(g)
+    w = np.asarray(weights, dtype=np.float64)
+    weighted = g * w[:, None] * w[None, :]
+    own = float(np.trace(weighted))
+    out = weighted / own if own > 0 else np.zeros_like(weighted)
+    np.fill_diagonal(out, 0.0)
+    return out
