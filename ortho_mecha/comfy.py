@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,17 @@ def comfy_dir(override: str | Path | None = None) -> Path | None:
     if not configured:
         return None
     path = Path(configured).expanduser()
-    if not (path / "models").is_dir():
-        raise OrthoMechaError(
-            "is not a ComfyUI folder (it has no models/ folder); set COMFYUI_DIR to the folder that holds ComfyUI's "
-            "main.py and models/",
-            path,
-        )
+    _require_models(path)
     return path
+
+
+def _require_models(comfy: Path) -> None:
+    if not (comfy / "models").is_dir():
+        raise OrthoMechaError(
+            "is not a ComfyUI folder (it has no models/ folder); set COMFYUI_DIR (or --comfy-dir) to the folder that "
+            "holds ComfyUI's main.py and models/",
+            comfy,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,8 +398,7 @@ def _inside(path: Path, root: Path) -> str | None:
 
 
 def _models_folder(comfy: Path, folder: str) -> Path:
-    if not (comfy / "models").is_dir():
-        raise OrthoMechaError("is not a ComfyUI folder (it has no models/ folder); fix COMFYUI_DIR", comfy)
+    _require_models(comfy)
     target = comfy / "models" / folder
     target.mkdir(exist_ok=True)
     return target
@@ -512,8 +515,8 @@ class PreviewResult:
     graph: Graph
     seed: int
     resolved: Resolved | None  # None for the user's own workflow
-    images: list[PreviewImage] = field(default_factory=list)
-    link: LinkResult | None = None
+    images: list[PreviewImage]
+    link: LinkResult | None  # None when COMFYUI_DIR is not set
 
 
 def _finished(entry: Mapping[str, Any], prompt_id: str, url: str) -> Mapping[str, Any]:

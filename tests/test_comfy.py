@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -32,6 +33,7 @@ from ortho_mecha.comfy import (
     run_preview,
     save_images,
     unlink_model,
+    wait_for,
 )
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.workflows import PreviewSettings, arch_spec, build_workflow, find_bindings, resolve
@@ -488,3 +490,50 @@ def test_cli_preview_errors_are_one_line(comfy_stub: ComfyStub, tmp_path: Path, 
         "preview", model, "--arch", "sd1", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, *common
     )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# --------------------------------------------------------------------------------------------------
+# The stand-in speaks ComfyUI's shapes (COMFYUI.md §3)
+
+
+def test_stub_http_shapes(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    url = comfy_stub.url
+    assert requests.get(f"{url}/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+    no_prompt = requests.post(f"{url}/prompt", json={"client_id": "x"})
+    assert no_prompt.status_code == 400 and no_prompt.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert no_prompt.json() == {
+        "error": {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided",
+                  "extra_info": {}},
+        "node_errors": {},
+    }  # fmt: skip
+    broken = requests.post(f"{url}/prompt", data=b"{not json")
+    assert broken.status_code == 500 and broken.text.startswith("500 Internal Server Error")
+    unknown = requests.post(f"{url}/prompt", json={"prompt": {"1": {"class_type": "NoSuchNodeXYZ", "inputs": {}}}})
+    assert unknown.json()["error"] == {
+        "type": "missing_node_type", "message": "Node 'NoSuchNodeXYZ' not found. The custom node may not be installed.",
+        "details": "Node ID '#1'", "extra_info": {"node_id": "1", "class_type": "NoSuchNodeXYZ",
+                                                  "node_title": "NoSuchNodeXYZ"},
+    }  # fmt: skip
+    small = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 8, "height": "abc", "batch_size": 1}},
+             "2": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["1", 0]}},
+             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}}  # fmt: skip
+    errors = requests.post(f"{url}/prompt", json={"prompt": small}).json()["node_errors"]
+    assert [e["type"] for e in errors["1"]["errors"]] == ["value_smaller_than_min", "invalid_input_type"]
+    assert errors["1"]["dependent_outputs"] == ["3"] and errors["1"]["class_type"] == "EmptyLatentImage"
+    assert errors["2"]["errors"][0]["details"] == "vae, received_type(LATENT) mismatch input_type(VAE)"
+    assert requests.get(f"{url}/history/not-a-uuid").json() == {}
+    assert requests.get(f"{url}/view", params={"filename": "none.png"}).status_code == 404
+    assert requests.get(f"{url}/object_info/NoSuchNodeXYZ").json() == {}
+    assert requests.get(f"{url}/models").json() == ["checkpoints", "diffusion_models", "text_encoders", "vae", "loras"]
+
+    write_model(comfy_stub.root / "models" / "checkpoints" / "m.safetensors")
+    graph = build_workflow("sd1", "m.safetensors", resolve(arch_spec("sd1"), SETTINGS))
+    queued = requests.post(f"{url}/prompt", json={"prompt": graph, "client_id": "abc"}).json()
+    assert set(queued) == {"prompt_id", "number", "node_errors"} and queued["number"] == 4  # every parsed POST counts
+    entry = wait_for(client_for(comfy_stub), queued["prompt_id"], poll_interval=0.01)
+    number, prompt_id, prompt, extra, outputs = entry["prompt"]
+    assert (number, prompt_id, prompt, extra["client_id"], outputs) == (4, queued["prompt_id"], graph, "abc", ["7"])
+    assert entry["outputs"] == {"7": {"images": [{"filename": "m_00001_.png", "subfolder": "ortho-mecha",
+                                                  "type": "output"}]}}  # fmt: skip
+    assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
+    assert entry["meta"]["7"] == {"node_id": "7", "display_node": "7", "parent_node": None, "real_node_id": "7"}
