@@ -48,14 +48,39 @@ Progress = Callable[[dict], None]
 
 @dataclass
 class RowStats:
-    """Figures that need the tensors of one analysed delta (not linear in it, so not derivable from H)."""
+    """Figures that need the tensors of one analysed delta (not linear in it, so not derivable from H).
+
+    Kept per key so that passes over disjoint key sets (shards of a distributed pass) combine by union.
+    """
 
     max_abs: dict[str, float] = field(default_factory=dict)  # per key: max |δ|
     base_sq: dict[str, float] = field(default_factory=dict)  # per key: ‖W_C‖², to judge relative change
-    noise_sq: float = 0.0  # squared rounding-noise floor of the delta
-    effective_rank: float = 0.0
-    snr: float = 0.0
-    signal_keys: list[str] = field(default_factory=list)
+    rounding_sq: float = 0.0  # squared relative rounding step of the inputs behind this delta
+    signal: dict[str, tuple[float, float]] = field(default_factory=dict)  # per signal key: (effective rank, SNR)
+
+    @property
+    def noise_sq(self) -> float:
+        """Squared rounding-noise floor of the delta: a delta below it is null."""
+        return self.rounding_sq * sum(self.base_sq.values())
+
+    @property
+    def signal_keys(self) -> list[str]:
+        return list(self.signal)
+
+    @property
+    def effective_rank(self) -> float:
+        return float(np.mean([v[0] for v in self.signal.values()])) if self.signal else 0.0
+
+    @property
+    def snr(self) -> float:
+        return float(np.mean([v[1] for v in self.signal.values()])) if self.signal else 0.0
+
+    def merge(self, other: RowStats) -> None:
+        """Add the figures of a pass over other keys."""
+        self.max_abs.update(other.max_abs)
+        self.base_sq.update(other.base_sq)
+        self.signal.update(other.signal)
+        self.rounding_sq = max(self.rounding_sq, other.rounding_sq)
 
 
 @dataclass
@@ -201,12 +226,14 @@ def run_pass(
     exact: bool = False,
     chunk: int = DEFAULT_CHUNK,
     rank_samples: int = 5,
+    keys: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> PassResult:
-    """Stream the files once and compute what ``plan`` asks for.
+    """Stream the files once and compute what ``plan`` asks for, over ``keys`` (default: every analysed key).
 
     ``file_maps[f]`` is the alignment index (1-based model maps) of analysed file f; ``rows_t`` is the
     rows × files selection matrix of the analysed deltas (:func:`ortho_mecha.gram.selection_matrix`).
+    Passes over disjoint key sets add up (:func:`combine_passes`) to the pass over their union.
     """
     started = time.perf_counter()
     dtype = _compute_dtype(exact)
@@ -223,7 +250,7 @@ def run_pass(
     both = np.zeros((n_rows, n_rows))
     agree = np.zeros((n_rows, n_rows))
     stats = {r: RowStats() for r in stat_rows}
-    keys = list(alignment.keys)
+    keys = list(alignment.keys if keys is None else keys)
     key_index = {k: i for i, k in enumerate(keys)}
     total_elements = sum(_numel(alignment, c) for c in keys)
     done_elements = 0
@@ -277,7 +304,8 @@ def run_pass(
         mask[stat_rows] = True
         both = np.where(mask[:, None], both, both.T)
         agree = np.where(mask[:, None], agree, agree.T)
-        _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq, dtype, rank_samples)
+        signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in key_index]
+        _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq, dtype, signal_keys)
     bytes_read = reader.bytes_read
     return PassResult(h_key, both, agree, stats, bytes_read, time.perf_counter() - started)
 
@@ -311,20 +339,15 @@ def _finish_row_stats(
     stats: dict[int, RowStats],
     base_sq: dict[str, float],
     dtype: torch.dtype,
-    rank_samples: int,
+    signal_keys: list[str],
 ) -> None:
     """Rounding-noise floor and SVD signal of the rows whose tensor figures were asked for."""
     rounding = [_file_rounding(alignment, m, mi) for m, mi in zip(files, file_maps, strict=True)]
     base_rounding = _file_rounding(alignment, alignment.base, 0)
-    total_base_sq = sum(base_sq.values())
-    signal_keys = _signal_keys(alignment, rank_samples)
-    figures: dict[int, list[tuple[float, float]]] = {r: [] for r in stat_rows}
     for r in stat_rows:
         terms = np.nonzero(rows_t[r])[0]
-        u_sq = sum(rounding[i] ** 2 for i in terms) + (base_rounding**2 if len(terms) == 1 else 0.0)
-        stats[r].noise_sq = u_sq * total_base_sq
+        stats[r].rounding_sq = sum(rounding[i] ** 2 for i in terms) + (base_rounding**2 if len(terms) == 1 else 0.0)
         stats[r].base_sq = dict(base_sq)
-        stats[r].signal_keys = signal_keys
     for canon in signal_keys:  # the base tensor once per key, then each row's delta x_m − x_b
         base_tensor = alignment.base.read_tensor(alignment.maps[0].keys[canon], dtype)
         small_side = min(base_tensor.shape[0], base_tensor[0].numel())
@@ -335,11 +358,24 @@ def _finish_row_stats(
                 if name is not None:  # a missing key is a zero delta
                     delta += float(rows_t[r, i]) * (files[i].read_tensor(name, dtype) - base_tensor)
             energies = singular_energy(delta, columns=SIGNAL_COLUMNS_PER_ROW * small_side)
-            figures[r].append(signal_figures(energies))
-    for r, values in figures.items():
-        if values:
-            stats[r].effective_rank = float(np.mean([v[0] for v in values]))
-            stats[r].snr = float(np.mean([v[1] for v in values]))
+            stats[r].signal[canon] = signal_figures(energies)
+
+
+def combine_passes(parts: Sequence[PassResult]) -> PassResult:
+    """The pass over the union of the parts' (disjoint) key sets: H per key united, counts summed."""
+    first = parts[0]
+    stats = {r: RowStats() for r in first.stats}
+    for part in parts:
+        for r, st in part.stats.items():
+            stats[r].merge(st)
+    return PassResult(
+        h_key={k: v for part in parts for k, v in part.h_key.items()},
+        both=np.sum([p.both for p in parts], axis=0),
+        agree=np.sum([p.agree for p in parts], axis=0),
+        stats=stats,
+        bytes_read=sum(p.bytes_read for p in parts),
+        seconds=max(p.seconds for p in parts),
+    )
 
 
 def _file_rounding(alignment: Alignment, model: Model, map_index: int) -> float:
@@ -455,9 +491,13 @@ def analyse(
     rank_samples: int = 5,
     chunk: int | None = None,
     use_cache: bool = True,
+    scheduler: str | None = None,
     progress: Progress | None = None,
 ) -> Analysis:
-    """Analyse ``models`` against ``base`` in one streaming pass (or none, when the cache has it all)."""
+    """Analyse ``models`` against ``base`` in one streaming pass (or none, when the cache has it all).
+
+    With ``scheduler`` (a Dask address or ``local:N``) the pass is sharded by key over Dask workers.
+    """
     from ortho_mecha import analysis_cache
     from ortho_mecha.validate import align, open_models
 
@@ -480,8 +520,14 @@ def analyse(
     seconds, bytes_read = 0.0, 0
     if not plan.empty:
         logger.info("pass: %d H rows, %d row figures", len(plan.h_rows), len(plan.stat_rows))
-        result = run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk,
-                          rank_samples=rank_samples, progress=progress)
+        if scheduler:
+            from ortho_mecha.distributed import distributed_pass
+
+            result = distributed_pass(scheduler, alignment, rows_t, plan, exact=exact, chunk=chunk,
+                                      rank_samples=rank_samples, progress=progress)
+        else:
+            result = run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk,
+                              rank_samples=rank_samples, progress=progress)
         known.fill(result)
         store.save(alignment.keys, fps, row_sigs, known)
         seconds, bytes_read = result.seconds, result.bytes_read
@@ -674,6 +720,7 @@ def cli_analyse(args: argparse.Namespace) -> int:
             rank_samples=args.rank_samples,
             chunk=args.chunk,
             use_cache=not args.no_cache,
+            scheduler=args.scheduler,
             progress=bar.update,
         )
     rep = report(result)

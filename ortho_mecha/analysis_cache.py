@@ -20,7 +20,7 @@ from ortho_mecha.analysis import PassResult, RowStats
 from ortho_mecha.cache import open_cache
 from ortho_mecha.io import Model
 
-ENGINE_REVISION = 2
+ENGINE_REVISION = 3
 RowSig = tuple[str, str | None]
 
 
