@@ -1,0 +1,98 @@
+"""Shared pieces of the benchmarks: synthetic SDXL-shaped models, child-process steps with peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# shapes of SDXL UNet tensors, cycled until a model reaches its target size
+SDXL_SHAPES: list[tuple[int, ...]] = [
+    (640, 640), (640, 2048), (5120, 640), (640, 2560), (1280, 1280), (1280, 2048), (10240, 1280),
+    (1280, 5120), (1280, 1280, 3, 3), (640, 640, 3, 3), (1280,), (640,), (320, 320, 3, 3), (2560, 320),
+]
+
+
+def layout(size_mb: float) -> dict[str, tuple[int, ...]]:
+    """SDXL-like keys and shapes adding up to about ``size_mb`` of fp16."""
+    shapes, total, i = {}, 0, 0
+    small = [s for s in SDXL_SHAPES if len(s) == 1 or s[0] * s[1] <= 2**20] if size_mb < 64 else SDXL_SHAPES
+    while total < size_mb * 2**20 / 2:
+        shape = small[i % len(small)]
+        shapes[f"model.diffusion_model.input_blocks.{i // len(small)}.{i % len(small)}.weight"] = shape
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+        i += 1
+    return shapes
+
+
+def generate(folder: Path, models: int, size_mb: float, seed: int = 0) -> list[Path]:
+    """Base + ``models`` fp16 fine-tunes (small random deltas), reused when already on disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "spec.json"
+    paths = [folder / "base.safetensors"] + [folder / f"model_{i:03d}.safetensors" for i in range(models)]
+    wanted = {"models": models, "size_mb": size_mb, "seed": seed}
+    if spec.exists() and json.loads(spec.read_text()) == wanted and all(p.exists() for p in paths):
+        return paths
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in layout(size_mb).items()}
+    save_file({k: v.half() for k, v in base.items()}, str(paths[0]))
+    for p in paths[1:]:
+        save_file({k: (v + torch.randn(v.shape, generator=g) * 0.002).half() for k, v in base.items()}, str(p))
+    spec.write_text(json.dumps(wanted))
+    return paths
+
+
+def drop_page_cache() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measured(script: str, step: str, *args: object) -> dict:
+    """Run ``script --step STEP ARGS`` in a child process; return what its :func:`report` printed."""
+    cmd = [sys.executable, script, "--step", step, *map(str, args)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_and_report(step: str, work: Callable[[], object], children: bool = False) -> None:
+    """Run ``work`` in this (child) process and print seconds, peak RSS and peak anonymous memory as JSON."""
+    peak = {"anon_kib": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak["anon_kib"] = max(peak["anon_kib"], int(line.split()[1]))
+            stop.wait(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    started = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - started
+    stop.set()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if children:
+        rss = max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(json.dumps({"step": step, "seconds": seconds, "peak_rss_gib": rss / 2**20,
+                      "peak_anon_gib": peak["anon_kib"] / 2**20}))
+
+
+def read_files(paths: list[Path]) -> None:
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)

@@ -1,0 +1,122 @@
+"""Benchmark: how the analysis scales with the number of models, incrementally, and against a naive pass.
+
+Prints, each figure from one run on the same files (warm page cache; each step in its own process):
+- analysis ÷ raw read of the same bytes for N = 2, 8, 32 models;
+- time and peak RSS as N grows to 200 small models (read cost linear in N, products N²);
+- adding 1 model to a cached analysis of 50 ÷ a fresh analysis of 51;
+- the streaming pass vs a naive one (whole state dicts loaded, deltas flattened, one big Gram).
+
+    .venv/bin/python bench/scale.py                      # everything, a few minutes
+    .venv/bin/python bench/scale.py --only growth --max-models 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from common import generate, measured, read_files, run_and_report
+
+
+def naive(paths: list[Path]) -> None:
+    """What a straightforward script does: load every state dict, flatten the deltas, one Gram."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = load_file(str(paths[0]))
+    rows = []
+    for p in paths[1:]:
+        model = load_file(str(p))
+        rows.append(torch.cat([(model[k].float() - base[k].float()).flatten() for k in base]))
+        del model
+    x = torch.stack(rows)
+    (x.double() @ x.double().T).numpy()
+
+
+def incremental(paths: list[Path]) -> None:
+    """Analyse all but the last model into a fresh cache (untimed), then time adding the last one."""
+    from ortho_mecha.analysis import analyse
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["ORTHO_MECHA_CACHE"] = cache
+        analyse(paths[0], paths[1:-1])
+        run_and_report("incremental", lambda: analyse(paths[0], paths[1:]))
+
+
+def run_step(step: str, paths: list[Path]) -> None:
+    if step == "read":
+        run_and_report(step, lambda: read_files(paths), children=True)
+    elif step == "analyse":
+        from ortho_mecha.analysis import analyse
+
+        run_and_report(step, lambda: analyse(paths[0], paths[1:], use_cache=False))
+    elif step == "naive":
+        run_and_report(step, lambda: naive(paths))
+    elif step == "incremental":
+        incremental(paths)
+
+
+def ratios(folder: Path, size_mb: float) -> None:
+    print(f"analysis ÷ raw read (warm), {size_mb:g} MB fp16 models:")
+    for n in (2, 8, 32):
+        paths = generate(folder / f"{n}x{size_mb:g}mb", n, size_mb)
+        measured(__file__, "read", *paths)
+        read = measured(__file__, "read", *paths)
+        ours = measured(__file__, "analyse", *paths)
+        print(f"  N={n:3d}: read {read['seconds']:.2f} s, analysis {ours['seconds']:.2f} s, ratio "
+              f"{ours['seconds'] / read['seconds']:.1f}, peak RSS {ours['peak_rss_gib']:.2f} GiB")
+
+
+def growth(folder: Path, size_mb: float, max_models: int) -> None:
+    print(f"growth with N, {size_mb:g} MB models (time, time ÷ N², peak RSS):")
+    paths = generate(folder / f"{max_models}x{size_mb:g}mb", max_models, size_mb)
+    for n in [n for n in (10, 25, 50, 100, 200) if n <= max_models]:
+        ours = measured(__file__, "analyse", *paths[: n + 1])
+        print(f"  N={n:3d}: {ours['seconds']:.2f} s, {ours['seconds'] / n**2 * 1e3:.3f} ms/N², "
+              f"peak RSS {ours['peak_rss_gib']:.2f} GiB, anonymous {ours['peak_anon_gib']:.2f} GiB")
+
+
+def adding_one(folder: Path, size_mb: float) -> None:
+    paths = generate(folder / f"51x{size_mb:g}mb", 51, size_mb)
+    fresh = measured(__file__, "analyse", *paths)
+    added = measured(__file__, "incremental", *paths)
+    print(f"incremental: add 1 to a cached 50 {added['seconds']:.2f} s, fresh 51 {fresh['seconds']:.2f} s -> "
+          f"ratio {added['seconds'] / fresh['seconds']:.3f} (target <= 0.1)")
+
+
+def versus_naive(folder: Path, size_mb: float) -> None:
+    paths = generate(folder / f"8x{size_mb:g}mb", 8, size_mb)
+    ours = measured(__file__, "analyse", *paths)
+    theirs = measured(__file__, "naive", *paths)
+    print(f"naive (whole state dicts): {theirs['seconds']:.2f} s, peak RSS {theirs['peak_rss_gib']:.2f} GiB; "
+          f"streaming {ours['seconds']:.2f} s, peak RSS {ours['peak_rss_gib']:.2f} GiB "
+          f"(streaming computes conflicts, signal and outliers too)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/ortho-mecha-bench"))
+    parser.add_argument("--size-mb", type=float, default=64, help="model size for the ratio and naive runs")
+    parser.add_argument("--small-mb", type=float, default=4, help="model size for the growth and incremental runs")
+    parser.add_argument("--max-models", type=int, default=200)
+    parser.add_argument("--only", choices=["ratios", "growth", "incremental", "naive"])
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step:
+        run_step(args.step, args.paths)
+        return
+    if args.only in (None, "ratios"):
+        ratios(args.dir, args.size_mb)
+    if args.only in (None, "growth"):
+        growth(args.dir, args.small_mb, args.max_models)
+    if args.only in (None, "incremental"):
+        adding_one(args.dir, args.small_mb)
+    if args.only in (None, "naive"):
+        versus_naive(args.dir, args.size_mb)
+
+
+if __name__ == "__main__":
+    main()
