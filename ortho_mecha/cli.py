@@ -77,6 +77,15 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_lazy("ortho_mecha.cache:cli_cache"))
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="propose a mix from an analysis report: the optimizer's plan with a reason per row")
+    p.add_argument("report", help="the analysis report (from `ortho-mecha analyse --json`)")
+    p.add_argument("--json", required=True, metavar="PLAN.json", help="the plan to write")
+    p.add_argument("--method", default="ortho_superpose", metavar="NAME", help="merge method (ortho_superpose)")
+    p.add_argument("--overwrite", action="store_true", help="replace PLAN.json if it exists")
+    p.set_defaults(handler=_lazy("ortho_mecha.optimize:cli_plan"))
+
+
 def _add_recipe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recipe", help="write a plan's sd-mecha recipe (.mecha) and/or a Python script that re-runs it")
     p.add_argument("plan", help="the plan (JSON)")
@@ -135,6 +144,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_validate,
     _add_analyse,
     _add_cache,
+    _add_plan,
     _add_recipe,
     _add_merge,
     _add_preview,

@@ -1,0 +1,236 @@
+"""Auto-fill, the optimizer and plans from a report, on planted families of seeded random deltas."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ortho_mecha import optimize
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.gram import cosine, delta_gram
+
+DIM = 3000
+NAMES = ["a", "a_copy", "a_near", "k", "u", "opposite", "null", "strong"]
+QUALITY = [0.7, 0.4, 0.6, 0.6, 0.5, 0.5, 0.0, 0.3]
+NULL = [False] * 6 + [True, False]
+
+
+def unit(rng: np.random.Generator) -> np.ndarray:
+    v = rng.standard_normal(DIM)
+    return v / np.linalg.norm(v)
+
+
+def planted(seed: int = 0) -> np.ndarray:
+    """Deltas of: a; an exact copy of a; a near-copy (D = 0.0025·D_aC); k, a fine-tune of a; u, unrelated; the
+    opposite of a; a null model; a strong model along a's direction (cos 0.85, 3× a's norm: not a's child)."""
+    rng = np.random.default_rng(seed)
+    a = unit(rng)
+    return np.stack(
+        [
+            a,
+            a.copy(),
+            a + 0.05 * unit(rng),
+            a + 0.5 * unit(rng),
+            unit(rng),
+            -a + 0.05 * unit(rng),
+            np.zeros(DIM),
+            3.0 * (0.85 * a + np.sqrt(1 - 0.85**2) * unit(rng)),
+        ]
+    )
+
+
+def files_gram(x: np.ndarray) -> np.ndarray:
+    return x @ x.T
+
+
+def rows_by_name(choices: list[optimize.RowChoice]) -> dict[str, optimize.RowChoice]:
+    return dict(zip(NAMES, choices, strict=True))
+
+
+def test_autofill_on_a_planted_family() -> None:
+    h = files_gram(planted())
+    rows = rows_by_name(optimize.autofill(h, 8, QUALITY, NULL, names=NAMES))
+    assert rows["a"].enabled and rows["a"].delta_from is None and rows["a"].alpha == 1.0
+    for copy in ("a_copy", "a_near"):
+        assert not rows[copy].enabled and rows[copy].alpha == 0.0
+        assert rows[copy].info.startswith("disabled: duplicate of a ")
+    assert rows["k"].enabled and rows["k"].delta_from == 0 and "delta from a (its parent)" in rows["k"].info
+    assert not rows["null"].enabled and "null delta" in rows["null"].info
+    assert not rows["strong"].enabled and rows["strong"].alpha == 0.0
+    assert rows["strong"].info.startswith("disabled: cos 0.85 with a, lower quality")
+    # the unrelated model keeps high new information against every enabled row: repeat 2
+    assert rows["u"].enabled and rows["u"].repeat == 2 and "repeat 2" in rows["u"].info
+    # the opposite model is flagged, on both sides of the pair
+    assert rows["opposite"].enabled and "opposes a (cos -1.00)" in rows["opposite"].info
+    assert "opposes opposite" in rows["a"].info and rows["a"].repeat == 1
+    assert all("\n" not in r.info for r in rows.values())
+
+
+def test_duplicates_never_become_a_delta_from() -> None:
+    h = files_gram(planted())
+    fam = optimize._family(h, 8, QUALITY, NULL, NAMES)
+    for i in range(8):
+        allowed = fam.allowed_from(i)
+        assert allowed[0] is None
+        assert not {1, 2, 6} & set(allowed)  # the two copies of a and the null model
+    for choices in (optimize.autofill(h, 8, QUALITY, NULL), optimize.optimize(h, 8, QUALITY, NULL)):
+        assert not {1, 2, 6} & {c.delta_from for c in choices}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_optimizer_collapses_copies_and_is_deterministic(seed: int) -> None:
+    h = files_gram(planted(seed))
+    first = optimize.optimize(h, 8, QUALITY, NULL, names=NAMES)
+    assert first == optimize.optimize(h.copy(), 8, list(QUALITY), list(NULL), names=NAMES)
+    rows = rows_by_name(first)
+    assert not rows["a_copy"].enabled and not rows["a_near"].enabled and not rows["null"].enabled
+    assert rows["a"].enabled and rows["u"].enabled
+
+
+def _orthogonality(h: np.ndarray, choices: list[optimize.RowChoice], rows: list[int]) -> float:
+    return optimize.orthogonality(delta_gram(h, list(range(len(choices))), [c.delta_from for c in choices]), rows)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_optimizer_raises_orthogonality_above_the_parent_rule_start(seed: int) -> None:
+    h = files_gram(planted(seed))
+    active = [0, 3, 4, 5, 7]
+    start = _orthogonality(h, optimize.optimize(h, 8, QUALITY, NULL, max_rounds=0), active)
+    assert start == _orthogonality(h, optimize.autofill(h, 8, QUALITY, NULL), active)
+    assert _orthogonality(h, optimize.optimize(h, 8, QUALITY, NULL), active) > start
+
+
+def test_optimizer_moves_a_delta_from_the_parent_rule_misses() -> None:
+    rng = np.random.default_rng(1)
+    a, e, u = unit(rng), unit(rng), unit(rng)
+    x = np.stack([a, 0.6 * a + e, u])  # row 1 overlaps a (cos 0.51) but is not a's child by the parent rule
+    h = files_gram(x)
+    filled = optimize.autofill(h, 3, [0.5, 0.5, 0.5], [False] * 3, names=["a", "x", "u"])
+    assert filled[1].delta_from is None
+    chosen = optimize.optimize(h, 3, [0.5, 0.5, 0.5], [False] * 3, names=["a", "x", "u"])
+    assert chosen[1].delta_from == 0
+    assert "delta from a, chosen by the optimizer (orthogonality of the rows" in chosen[1].info
+    assert all(c.enabled for c in chosen)
+
+
+def test_cycle_is_broken_at_its_weakest_link() -> None:
+    rng = np.random.default_rng(2)
+    a, e = unit(rng), unit(rng)
+    h = files_gram(np.stack([a, a + 0.3 * e, 2.0 * e]))
+    fam = optimize._family(h, 3, [0.5] * 3, [False] * 3, ["a", "b", "c"])
+    delta_from: list[int | None] = [1, 0, None]  # a ← b ← a
+    notes = optimize._break_cycles(fam, delta_from)
+    # the link a ← b has D_ab / D_aC = 0.09, the link b ← a has D_ab / D_bC = 0.09 / 1.09: a's link is the weaker
+    assert delta_from == [None, 0, None]
+    assert notes == {0: "delta-from reset to the base to break the cycle a ← b ← a"}
+
+
+def test_single_row_gets_no_repeat() -> None:
+    h = files_gram(np.stack([unit(np.random.default_rng(0))]))
+    (only,) = optimize.optimize(h, 1, [0.5], [False])
+    assert only.enabled and only.repeat == 1
+
+
+# -- plan from a report ----------------------------------------------------------------------------
+
+
+def report_for(x: np.ndarray, folder: Path, extra: np.ndarray | None = None) -> dict:
+    """An ``analyse --json`` report built from delta vectors (models first, then an optional extra file)."""
+    n = len(x)
+    vectors = x if extra is None else np.vstack([x, extra[None]])
+    h = files_gram(vectors)
+    files = [str(folder / f"{name}.safetensors") for name in NAMES[:n]]
+    if extra is not None:
+        files.append(str(folder / "extra.safetensors"))
+    g = delta_gram(h, list(range(n)), [None] * n)
+    return {
+        "base": str(folder / "base.safetensors"),
+        "arch": "custom",
+        "files": files,
+        "models": files[:n],
+        "delta_from": [None] * n,
+        "h": h.tolist(),
+        "gram": g.tolist(),
+        "cos": cosine(g).tolist(),
+        "new_info": (1 - cosine(g) ** 2).tolist(),
+        "signal": {"effective_rank": [0.1, 0.5, 0.3, 0.2, 0.3, 0.3, 0.0, 0.6][:n], "snr": [50.0] * n},
+        "outliers": {"max_outlier": [3.0] * n, "keys": [[] for _ in range(n)]},
+        "null": NULL[:n],
+    }
+
+
+def test_plan_from_report_proposes_the_optimizer_mix(tmp_path: Path) -> None:
+    report = report_for(planted(), tmp_path)
+    plan = optimize.plan_from_report(report)
+    assert plan["base"] == report["base"] and plan["method"] == "ortho_superpose"
+    assert [row["model"] for row in plan["rows"]] == report["models"]
+    rows = dict(zip(NAMES, plan["rows"], strict=True))
+    assert rows["a_copy"]["enabled"] is False and "duplicate of a.safetensors" in rows["a_copy"]["info"]
+    assert rows["null"]["enabled"] is False
+    assert rows["a"]["enabled"] is True and rows["a"]["delta_from"] is None
+    assert all(set(row) == {"model", "delta_from", "alpha", "repeat", "enabled", "info"} for row in plan["rows"])
+    assert plan["options"]["rcond"] == 1e-6 and plan["texture"] is None
+    assert json.loads(json.dumps(plan)) == plan
+
+
+def test_plan_from_report_can_take_an_extra_file_as_delta_from(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    p, e = unit(rng), unit(rng)
+    report = report_for(np.stack([p + 0.4 * e, unit(rng)]), tmp_path, extra=p)
+    plan = optimize.plan_from_report(report, "weighted_sum")
+    assert plan["rows"][0]["delta_from"] == str(tmp_path / "extra.safetensors")
+    assert plan["method"] == "weighted_sum"
+
+
+def test_plan_from_report_errors(tmp_path: Path) -> None:
+    report = report_for(planted(), tmp_path)
+    with pytest.raises(OrthoMechaError, match=r"unknown method 'superpose'; allowed: .*ortho_superpose"):
+        optimize.plan_from_report(report, "superpose")
+    broken = {k: v for k, v in report.items() if k != "h"}
+    with pytest.raises(OrthoMechaError, match="no 'h'"):
+        optimize.plan_from_report(broken)
+    with pytest.raises(OrthoMechaError, match="nothing to merge"):
+        optimize.plan_from_report(report_for(np.zeros((1, 4)), tmp_path) | {"null": [True]})
+
+
+def test_cli_plan_writes_a_plan_that_loads(
+    tmp_path: Path, cli: Callable[..., object], cli_error: Callable[..., str]
+) -> None:
+    from ortho_mecha.plan import load_plan
+
+    report = report_for(planted(), tmp_path)
+    for path in [report["base"], *report["files"]]:
+        Path(path).touch()
+    report_path = tmp_path / "report.json"
+    report_path.write_text(json.dumps(report))
+    out = tmp_path / "plan.json"
+    result = cli("plan", report_path, "--json", out)
+    assert result.code == 0, result.err
+    assert "a_copy.safetensors: disabled: duplicate of a.safetensors" in result.out
+    plan = load_plan(out)
+    assert [row.model.name for row in plan.rows] == [f"{n}.safetensors" for n in NAMES]
+    assert plan.rows[3].delta_from == tmp_path / "a.safetensors"
+    written = out.read_text()
+    assert "already exists" in cli_error("plan", report_path, "--json", out)
+    assert out.read_text() == written
+    assert cli("plan", report_path, "--json", out, "--method", "orthomerge", "--overwrite").code == 0
+    assert load_plan(out).method == "orthomerge"
+    assert not list(tmp_path.glob(".plan.json.*"))  # no temporary file left behind
+
+
+def test_cli_plan_error_lines(tmp_path: Path, cli_error: Callable[..., str]) -> None:
+    assert "no such report" in cli_error("plan", tmp_path / "missing.json", "--json", tmp_path / "p.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert "not valid JSON" in cli_error("plan", bad, "--json", tmp_path / "p.json")
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(report_for(planted(), tmp_path)))
+    line = cli_error("plan", report, "--json", tmp_path / "p.json", "--method", "slerp")
+    assert "unknown method 'slerp'" in line and "orthomerge" in line
+    missing = cli_error("plan", report, "--json", tmp_path / "p.json")  # the report's model files do not exist
+    assert "does not exist" in missing
+    assert not (tmp_path / "p.json").exists()
