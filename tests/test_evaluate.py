@@ -1,0 +1,43 @@
+"""Predicted survival against the survival measured on a real merge of the planted family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ortho_mecha import evaluate
+from ortho_mecha.merge import merge_plan
+from ortho_mecha.plan import plan_from_dict
+from tests.modelgen import write_family_files
+
+MEMBERS = ["base", "anime", "photo", "anime_v2", "anime_photo_merge", "unrelated"]
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("weighted_sum", {}), ("ortho_superpose", {}), ("ortho_project", {}), ("ortho_superpose", {"alpha": 0.7})],
+)
+def test_predicted_survival_matches_measured(tmp_path: Path, method: str, options: dict) -> None:
+    paths = write_family_files(tmp_path / "m", "flux", "fp32", members=MEMBERS)
+    rows = [
+        {"model": str(paths["anime"]), "alpha": 1.0},
+        {"model": str(paths["photo"]), "alpha": 0.8, "repeat": 2},
+        {"model": str(paths["anime_v2"]), "delta_from": str(paths["anime"]), "alpha": 1.0},
+        {"model": str(paths["anime_photo_merge"]), "alpha": 0.5},
+        {"model": str(paths["unrelated"]), "alpha": 1.0, "enabled": False},
+    ]
+    plan = plan_from_dict(
+        {"base": str(paths["base"]), "method": method, "rows": rows, "options": options,
+         "output_dtype": "fp32", "merge_dtype": "fp64"},
+        tmp_path,
+    )
+    before = evaluate.predict(plan)
+    out = tmp_path / "merged.safetensors"
+    merge_plan(plan, out)
+    after = evaluate.measure(plan, out)
+    assert after["label"] == "exact"
+    assert np.allclose(after["predicted"], before["predicted"])
+    assert np.abs(np.array(after["measured"]) - np.array(after["predicted"])).max() < 0.02
+    assert len(after["measured"]) == 4  # the disabled row is not a row of the merge
