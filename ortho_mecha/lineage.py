@@ -140,18 +140,17 @@ def nnls_on_gram(h: np.ndarray, target: int, sources: Sequence[int]) -> tuple[np
     return w, math.sqrt(max(residual_sq, 0.0) / own)
 
 
-def _descendants(parents: Sequence[int | None], i: int) -> set[int]:
-    """Models whose parent chain passes through model i."""
+def _descendants(derived_from: dict[int, set[int]], roots: set[int]) -> set[int]:
+    """Files derived from any of ``roots``, directly or through other files (``derived_from``: file → the files
+    it was made from, its parent or its mix's ingredients)."""
     found: set[int] = set()
-    for j in range(len(parents)):
-        node = parents[j]
-        seen = {j}
-        while node is not None and node not in seen:
-            if node == i:
-                found.add(j)
-                break
-            seen.add(node)
-            node = parents[node] if node < len(parents) else None
+    grown = True
+    while grown:
+        grown = False
+        for f, sources in derived_from.items():
+            if f not in found and f not in roots and sources & (roots | found):
+                found.add(f)
+                grown = True
     return found
 
 
@@ -167,8 +166,10 @@ def lineage(h: np.ndarray, n_models: int, quality: Sequence[float]) -> list[Line
     2. Every model gets a parent by the parent rule among the other non-duplicate files (models and
        extra delta-from files).
     3. A model without a parent is fitted by non-negative least squares on the other files' deltas,
-       leaving out its duplicates and descendants; a relative residual below 0.1 reports it as a merge
-       of the files with a positive weight. A merge of files of similar norm sits right at the parent
+       leaving out its duplicates and descendants (through parents and through merges already found:
+       a merge is never an ingredient of its own ingredient); a relative residual below 0.1 reports it as
+       a merge of the files with a positive weight. Models are fitted nearest the base first, since a
+       merge averages its ingredients. A merge of files of similar norm sits right at the parent
        threshold of its own ingredients (``D = 0.5·D_C`` for a 0.5/0.5 merge of orthogonal equal deltas),
        so if that fit fails, the fit is retried with the descendants allowed, and accepted only when it
        uses at least two files that are pairwise unrelated by the parent rule (a parent is close to the
@@ -184,16 +185,21 @@ def lineage(h: np.ndarray, n_models: int, quality: Sequence[float]) -> list[Line
     allowed = [f for f in range(n_files) if f not in dups]
     parents: list[int | None] = [parent(h, i, allowed) for i in range(n_models)]
     mixes: dict[int, tuple[dict[int, float], float]] = {}
-    for m in range(n_models):
+    # merges average their ingredients, so they sit nearer the base: fit the nearest models first
+    for m in sorted(range(n_models), key=lambda i: (h[i, i], i)):
         if m in dups or parents[m] is not None or h[m, m] <= 0:
             continue
-        twins = {j for j, kept in dups.items() if kept == m}
-        descendants = _descendants(parents, m)
-        sources = [f for f in allowed if f != m and f not in twins and f not in descendants]
+        roots = {m} | {j for j, kept in dups.items() if kept == m}
+        derived_from = {j: {p} for j, p in enumerate(parents) if p is not None}
+        mixed_from = {j: set(mix) for j, (mix, _) in mixes.items()}
+        for j, ingredients in mixed_from.items():
+            derived_from.setdefault(j, set()).update(ingredients)
+        descendants = _descendants(derived_from, roots)
+        sources = [f for f in allowed if f not in roots and f not in descendants]
         w, residual = nnls_on_gram(h, m, sources)
         mix = {f: float(x) for f, x in zip(sources, w, strict=True) if x > WEIGHT_FLOOR}
         if residual >= MERGE_RESIDUAL or not mix:
-            sources = [f for f in allowed if f != m and f not in twins]
+            sources = [f for f in allowed if f not in roots and f not in _descendants(mixed_from, roots)]
             w, residual = nnls_on_gram(h, m, sources)
             mix = {f: float(x) for f, x in zip(sources, w, strict=True) if x > WEIGHT_FLOOR}
             if residual >= MERGE_RESIDUAL or len(mix) < 2 or not _unrelated(d, h, list(mix)):

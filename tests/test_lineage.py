@@ -146,3 +146,14 @@ def test_model_map_is_deterministic_and_puts_far_models_far() -> None:
     np.testing.assert_array_equal(coords, lineage.model_map(h.copy()))
     base = coords[-1]
     assert np.linalg.norm(coords[2] - base) > 2 * np.linalg.norm(coords[0] - base)
+
+
+def test_an_ingredient_is_not_explained_by_its_own_merge() -> None:
+    # photo = 2·merge + opposite exactly, with non-negative weights; but merge was made from photo
+    rng = np.random.default_rng(6)
+    anime, photo = 2.0 * unit(rng), 2.0 * unit(rng)
+    files = [anime, -anime, 0.5 * anime + 0.5 * photo, photo, photo + 0.02 * unit(rng)]
+    found = lineage.lineage(gram(files), 5, [0.8, 0.7, 0.8, 0.9, 0.6])
+    assert found[2]["mix"] == pytest.approx({0: 0.5, 3: 0.5}, abs=1e-6)
+    assert found[3]["mix"] is None and found[3]["parent"] is None
+    assert found[4]["duplicate_of"] == 3 and found[4]["mix"] is None
