@@ -635,7 +635,7 @@ def _add_proposals(out: dict, h: np.ndarray, g: np.ndarray) -> None:
     from ortho_mecha import lineage, metrics
 
     n = len(out["models"])
-    survival = metrics.survival_plain(g)
+    survival = metrics.survival_plain(g, include=[not null for null in out["null"]])
     scores, grades = metrics.quality(
         out["signal"]["effective_rank"], out["signal"]["snr"], survival, out["outliers"]["max_outlier"], out["null"]
     )
@@ -648,6 +648,7 @@ def _add_proposals(out: dict, h: np.ndarray, g: np.ndarray) -> None:
             "parent": None if item["parent"] is None else files[item["parent"]],
             "mix": None if item["mix"] is None else {files[j]: round(float(w), 6) for j, w in item["mix"].items()},
             "confidence": round(float(item["confidence"]), 6),
+            "duplicate_of": None if item.get("duplicate_of") is None else files[item["duplicate_of"]],
         }
         for item in found
     ]

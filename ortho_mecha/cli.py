@@ -68,6 +68,11 @@ def _add_analyse(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="REPORT.json", help="write the full report as JSON")
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the analysis cache")
     p.add_argument("--chunk", type=int, default=None, metavar="N", help="elements per streamed chunk (tuning)")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="shard the pass over Dask workers: tcp://HOST:PORT, or local:N for N local worker processes",
+    )
     p.set_defaults(handler=_lazy("ortho_mecha.analysis:cli_analyse"))
 
 
@@ -139,6 +144,33 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_lazy("ortho_mecha.comfy:cli_preview"))
 
 
+def _add_extract_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract-lora", help="write MERGED − BASE as a kohya LoRA (truncated SVD per matrix key)")
+    p.add_argument("merged", help="the merged (or fine-tuned) model (.safetensors)")
+    p.add_argument("base", help="the base model it was made from (.safetensors)")
+    p.add_argument("--rank", type=int, required=True, metavar="R", help="LoRA rank (clamped per key to min(out, in))")
+    p.add_argument("--out", required=True, metavar="LORA.safetensors", help="the LoRA to write")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="LoRA dtype (default fp16)")
+    p.add_argument("--json", metavar="REPORT.json", help="also write the per-key report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace LORA (and REPORT) if they exist")
+    p.set_defaults(handler=_lazy("ortho_mecha.lora:cli_extract_lora"))
+
+
+def _add_compress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress", help="shared-base compression: W_m ≈ base + λ_m·δW (+ κ_m·δQ), one LoRA per model")
+    p.add_argument("--base", required=True, metavar="BASE", help="the base model (.safetensors), or 'average'")
+    p.add_argument("models", nargs="+", help="the models: .safetensors files, sharded index JSONs or folders")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the shared base and LoRAs (never overwritten)"
+    )
+    p.add_argument("--directions", type=int, choices=[1, 2], default=1, help="shared directions per key (default 1)")
+    p.add_argument("--rank", type=int, default=64, metavar="R", help="rank of each model's LoRA (default 64)")
+    p.add_argument("--rounds", type=int, default=3, metavar="N", help="alternating least-squares rounds per key (3)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="LoRA dtype (default fp16)")
+    p.add_argument("--json", metavar="REPORT.json", help="also write the fit report as JSON (never overwritten)")
+    p.set_defaults(handler=_lazy("ortho_mecha.compress:cli_compress"))
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
     _add_validate,
@@ -148,6 +180,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_recipe,
     _add_merge,
     _add_preview,
+    _add_extract_lora,
+    _add_compress,
 ]
 
 
