@@ -46,6 +46,8 @@ METRICS: dict[str, Metric] = {
                "share of the elements both change where they change them in opposite directions (all keys only)"),
     )
 }
+INTERFERENCE = Metric("interference", "interference", (-0.5, 0.5), "redblue", False,
+                      "share of the rows' own energy their overlap adds to a plain sum (negative: they cancel)")
 
 
 def short_names(paths: Sequence[str]) -> list[str]:
@@ -75,9 +77,8 @@ def metric_matrix(report: Mapping[str, Any], metric: str, block: str = ALL_KEYS)
     return cos if metric == "cos" else 1.0 - cos**2
 
 
-def heatmap(matrix: np.ndarray, labels: Sequence[str], metric: str, title: str = "") -> alt.LayerChart:
+def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str = "") -> alt.LayerChart:
     """A labelled heatmap of a square matrix: colour by value, value in each cell (≤ TEXT_LIMIT) and tooltip."""
-    spec = METRICS[metric]
     matrix = np.asarray(matrix, dtype=np.float64)
     n = len(labels)
     if matrix.shape != (n, n):

@@ -242,5 +242,5 @@ def mix_figures(
         )
     if not rows.labels:
         return None
-    survival, interference = workspace.mix_predictions(rows)
+    survival, interference = workspace.mix_predictions(rows, mix["method"], mix["options"])
     return MixFigures(rows.labels, survival, interference)

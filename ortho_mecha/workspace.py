@@ -242,20 +242,27 @@ def load_preset(name: str, choices: ModelChoices, workspace: Path | None = None)
 
 @dataclass(frozen=True)
 class RowGram:
-    """The delta Gram of the Mixer's enabled rows (their delta-froms as chosen), from an analysis's H."""
+    """The delta Grams of the Mixer's enabled rows (their delta-froms as chosen), from an analysis's H."""
 
     labels: list[str]  # the rows' models, in table order
-    gram: Any  # np.ndarray, rows × rows
-    alphas: list[float]  # alpha × repeat of each row
+    key_grams: Any  # np.ndarray (keys, rows, rows): each key's delta Gram
+    alphas: list[float]
+    repeats: list[int]
     missing: list[str]  # enabled rows left out: their model or delta-from was not analysed
+
+    @property
+    def gram(self) -> Any:
+        return self.key_grams.sum(axis=0)
 
 
 def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelChoices) -> RowGram:
-    """The enabled rows' Gram from ``analysis`` (no file read); rows naming files it did not read are listed."""
+    """The enabled rows' Grams from ``analysis`` (no file read); rows naming files it did not read are listed."""
+    import numpy as np
+
     from ortho_mecha.gram import delta_gram
 
     index = {Path(f).resolve(): i for i, f in enumerate(analysis.files)}
-    labels, models, froms, alphas, missing = [], [], [], [], []
+    labels, models, froms, alphas, repeats, missing = [], [], [], [], [], []
     for row in rows:
         if not row.get("enabled") or not row.get("model"):
             continue
@@ -268,26 +275,36 @@ def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelCho
         labels.append(row["model"])
         models.append(model)
         froms.append(other)
-        alphas.append(_number(row.get("alpha"), 1.0) * int(_number(row.get("repeat"), 1)))
-    gram = delta_gram(analysis.h, models, froms)
-    return RowGram(labels, gram, alphas, missing)
+        alphas.append(_number(row.get("alpha"), 1.0))
+        repeats.append(int(_number(row.get("repeat"), 1)))
+    n = len(models)
+    grams = [delta_gram(h, models, froms) for h in analysis.h_key.values()] if n else []
+    return RowGram(labels, np.stack(grams) if grams else np.zeros((0, n, n)), alphas, repeats, missing)
 
 
-def mix_predictions(rows: RowGram) -> tuple[Any, Any]:
-    """(survival table, interference matrix) of the rows: how much of each delta survives a plain average of
-    the enabled rows, and the rows' pairwise cosines (1 overlapping, 0 independent, −1 cancelling)."""
+def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(survival table, interference matrix) of the rows under ``method``: the predicted survival (and the
+    plain-average survival, for comparison) and the weighted pairwise interference (``metrics.interference``)."""
+    import numpy as np
     import pandas as pd
 
     from ortho_mecha import metrics
-    from ortho_mecha.gram import cosine
+    from ortho_mecha.plan import METHODS
 
+    alphas, repeats = np.asarray(rows.alphas), np.asarray(rows.repeats)
+    if METHODS[method].repeat == "list":
+        weights, listed = alphas, repeats
+    else:
+        weights, listed = alphas * repeats, None
+    predicted = metrics.predicted_survival(rows.key_grams, method, weights, options, listed)
     survival = pd.DataFrame({
         "model": rows.labels,
-        "alpha × repeat": rows.alphas,
+        "alpha": rows.alphas,
+        "repeat": rows.repeats,
+        f"survival ({metrics.survival_label(method)})": predicted,
         "survival (plain average)": metrics.survival_plain(rows.gram),
     })
-    return survival, cosine(rows.gram)
-
+    return survival, metrics.interference(rows.gram, alphas * repeats)
 
 def merge_job_params(plan: Any, output_name: str, overwrite: bool = False, workspace: Path | None = None) -> dict:
     """The ``merge`` job's parameters for ``plan`` into ``merges/<output_name>``; the plan is written beside it.

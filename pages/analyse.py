@@ -94,7 +94,8 @@ with similarity:
                 continue
             with ui.shown_errors():
                 matrix = charts.metric_matrix(report, metric.name, block)
-                st.altair_chart(charts.heatmap(matrix, names, metric.name, f"{metric.title} · {block}"))
+                st.altair_chart(charts.heatmap(matrix, names, metric, f"{metric.title} · {block}"),
+                                width="content")
 with quality:
     st.dataframe(
         charts.quality_frame(report),
@@ -105,7 +106,7 @@ with quality:
 with lineage:
     st.dataframe(charts.lineage_frame(report), hide_index=True)
 with model_map:
-    st.altair_chart(charts.model_map(report))
+    st.altair_chart(charts.model_map(report), width="content")
 with outliers:
     frame = charts.outlier_frame(report)
     if frame.empty:

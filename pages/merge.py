@@ -24,7 +24,7 @@ else:
         name = left.text_input("Output file name", value="merged.safetensors", key="merge_name",
                                help="a plain file name; letters, digits, '.', '_', '-' and spaces")
         overwrite = right.checkbox("Replace an existing file", key="merge_overwrite")
-        if st.button("Merge", type="primary", icon=":material/merge:"):
+        if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start"):
             with ui.shown_errors():
                 ui.start_job("merge", workspace.merge_job_params(plan, name, overwrite), ui.MERGE_URL)
                 st.rerun()

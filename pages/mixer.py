@@ -31,16 +31,13 @@ mix = st.session_state["mix"]
 
 with st.container(border=True):
     presets = workspace.list_presets()
-    left, middle, right = st.columns([2, 1, 2], vertical_alignment="bottom")
+    left, middle = st.columns([2, 1], vertical_alignment="bottom")
     chosen = left.selectbox("Preset", presets, index=None, placeholder="saved plans", key="mix_preset")
     if middle.button("Load", disabled=chosen is None):
         with ui.shown_errors():
             ui.set_mix(workspace.table_from_plan(workspace.load_preset(chosen, choices), choices))
             st.rerun()
-    if analysis is not None and right.button("Optimise from the analysis", icon=":material/auto_fix_high:"):
-        with ui.shown_errors():
-            ui.set_mix(ui.optimised_mix(analysis, mix, choices))
-            st.rerun()
+
 
 labels = choices.labels
 base = st.selectbox("Base model", labels, index=labels.index(mix["base"]) if mix["base"] in labels else 0,
@@ -54,7 +51,7 @@ edited = st.data_editor(
     hide_index=True,
     column_config={
         "enabled": st.column_config.CheckboxColumn("enabled", default=True),
-        "model": st.column_config.SelectboxColumn("model", options=labels, required=True, width="medium"),
+        "model": st.column_config.SelectboxColumn("model", options=labels, required=True, width="large"),
         "delta_from": st.column_config.SelectboxColumn(
             "delta-from", options=[BASE_LABEL, *labels], default=BASE_LABEL, required=True, width="medium"
         ),
@@ -99,19 +96,23 @@ else:
             survival_column.dataframe(figures.survival, hide_index=True)
             if len(figures.labels) > 1:
                 interference_column.altair_chart(
-                    charts.heatmap(figures.interference, figures.labels, "cos", "interference (cos) of the rows")
+                    charts.heatmap(figures.interference, figures.labels, charts.INTERFERENCE, "row interference"),
+                    width="content",
                 )
 
 st.subheader("Plan")
 plan = None
-with ui.shown_errors():
-    plan = workspace.plan_from_table(base, rows, method, options, texture, choices)
-    st.session_state["plan"] = plan
+if not rows:
+    st.info("Add a row per model to the table above (or analyse models first: the Mixer starts from the analysis).")
+else:
+    with ui.shown_errors():
+        plan = workspace.plan_from_table(base, rows, method, options, texture, choices)
+        st.session_state["plan"] = plan
 if plan is not None:
     save_column, name_column = st.columns([1, 2], vertical_alignment="bottom")
-    name = name_column.text_input("Preset name", value=chosen or "", placeholder="my-mix")
+    name = name_column.text_input("Preset name", value=chosen or "", placeholder="my-mix", key="mix_preset_name")
     overwrite = name_column.checkbox("Replace a preset of that name")
-    if save_column.button("Save preset", icon=":material/save:"):
+    if save_column.button("Save preset", icon=":material/save:", key="mix_save"):
         with ui.shown_errors():
             path = workspace.save_preset(name, plan, overwrite=overwrite)
             st.success(f"saved {path}")

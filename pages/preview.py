@@ -7,6 +7,8 @@ import streamlit as st
 from ortho_mecha import comfy, ui, workspace
 from ortho_mecha.workflows import BUILTIN_ARCHS, MAX_SEED, PreviewSettings
 
+BROWSER_INT_MAX = 2**53 - 1  # the largest whole number a browser number input holds exactly
+
 st.title("Preview")
 st.caption(
     "Needs a running ComfyUI: its address in COMFYUI_API (default http://127.0.0.1:8188) and, so the merged "
@@ -29,7 +31,7 @@ with st.form("preview"):
                            index=BUILTIN_ARCHS.index(analysed_arch) if analysed_arch in BUILTIN_ARCHS else 0)
     prompt = st.text_area("Prompt", value="a photo of a red fox in the snow, detailed fur")
     negative = st.text_area("Negative prompt", value="blurry, low quality")
-    seed = st.number_input("Seed", min_value=0, max_value=MAX_SEED, value=0, step=1)
+    seed = st.number_input("Seed", min_value=0, max_value=min(MAX_SEED, BROWSER_INT_MAX), value=0, step=1)
     run = st.form_submit_button("Render", type="primary", icon=":material/image:")
 
 if run:

@@ -1,0 +1,152 @@
+"""The dashboard under Streamlit's AppTest: every page from ``ui.PAGES``, the gate, errors, analyse → mix → merge.
+
+Jobs run as the real app runs them, in detached worker processes; the tests poll like the page does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from streamlit import config
+from streamlit.testing.v1 import AppTest
+
+from ortho_mecha import ui
+
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+WAIT_S = 120
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("ORTHO_MECHA_WORKSPACE", str(tmp_path / "workspace"))
+    monkeypatch.setenv("ORTHO_MECHA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ORTHO_MECHA_ROOTS", str(tmp_path / "workspace"))
+    monkeypatch.delenv("ORTHO_MECHA_PASSWORD", raising=False)
+    previous = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield tmp_path / "workspace"
+    config.set_option("server.address", previous)
+
+
+def _app() -> AppTest:
+    return AppTest.from_file(APP, default_timeout=WAIT_S)
+
+
+def _charts(at: AppTest) -> list:
+    return list(at.get("vega_lite_chart"))
+
+
+def _until(at: AppTest, done, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not done(at):
+        assert not at.exception, at.exception
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; errors: {[e.value for e in at.error]}"
+        time.sleep(0.5)
+        at.run()
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [element.value for element in at.error]
+
+
+def test_pages_are_the_ones_the_app_navigates() -> None:
+    assert [page.title for page in ui.PAGES] == ["Analyse", "Mixer", "Merge", "Preview"]
+    assert [page.default for page in ui.PAGES] == [True, False, False, False]
+    for page in ui.PAGES:
+        assert (Path(APP).parent / page.path).is_file()
+
+
+@pytest.mark.slow
+def test_every_page_renders_and_the_round_trip_merges(workspace: Path) -> None:
+    at = _app().run()
+    assert not at.exception
+    assert at.title[0].value == "Analyse"
+    # First start: the demo family was written and its analysis started as a job named in the URL.
+    assert (workspace / "models" / "demo" / "base.safetensors").is_file()
+    assert len(at.query_params["analysis"]) == 32
+    _until(at, lambda a: len(_charts(a)) >= 3, "the analysis heatmaps")
+    assert not _errors(at)
+    assert at.selectbox(key="an_base").value == "models/demo/base.safetensors"
+    assert len(at.multiselect(key="an_models").value) == 7
+    labels = [tab.label for tab in at.tabs]
+    for label in ["Similarity", "Quality", "Lineage", "Model map", "Outliers", "Validation", "cosine similarity",
+                  "new information", "conflict ratio"]:
+        assert label in labels
+
+    at.switch_page(ui.PAGES[1].path).run()
+    assert not at.exception and not _errors(at)
+    assert at.title[0].value == "Mixer"
+    methods = at.selectbox(key="mix_method_1")
+    assert "ortho_superpose" in methods.options
+    assert any("survival" in str(frame.value.columns) for frame in at.dataframe)
+    plan = at.session_state["plan"]
+    assert len(plan.enabled_rows) == 7
+    at.text_input(key="mix_preset_name").set_value("bad/name").run()
+    at.button(key="mix_save").click().run()
+    assert any("preset name" in error for error in _errors(at))
+    at.text_input(key="mix_preset_name").set_value("demo mix").run()
+    at.button(key="mix_save").click().run()
+    assert (workspace / "plans" / "demo mix.json").is_file()
+
+    at.switch_page(ui.PAGES[2].path).run()
+    assert at.title[0].value == "Merge"
+    at.text_input(key="merge_name").set_value("../escape").run()
+    at.button(key="merge_start").click().run()
+    assert any("must be a file name" in error or "must not contain" in error for error in _errors(at))
+    at.text_input(key="merge_name").set_value("round trip").run()
+    at.button(key="merge_start").click().run()
+    assert not _errors(at)
+    _until(at, lambda a: any("written" in s.value for s in a.success), "the merge")
+    assert (workspace / "merges" / "round trip.safetensors").is_file()
+    assert [b.label for b in at.get("download_button")] == ["Download recipe (.mecha)", "Download script (.py)"]
+
+    at.switch_page(ui.PAGES[3].path).run()
+    assert not at.exception
+    assert at.title[0].value == "Preview"
+    assert at.selectbox[0].options == ["round trip.safetensors"]
+
+
+def test_a_bad_job_id_in_the_url_is_an_error_message(workspace: Path) -> None:
+    at = _app()
+    at.query_params["analysis"] = "../../etc/passwd"
+    at.run()
+    assert not at.exception
+    assert any("is not a job id" in error for error in _errors(at))
+
+
+def test_every_page_renders_without_an_analysis(workspace: Path) -> None:
+    (workspace / "models").mkdir(parents=True)  # no demo: the Analyse page says where to put models
+    for page in ui.PAGES:
+        at = _app()
+        at.switch_page(page.path).run()
+        assert not at.exception, page.title
+        assert at.title[0].value == page.title
+        assert not _errors(at)
+
+
+def test_lan_without_a_password_shows_only_how_to_set_one(workspace: Path) -> None:
+    config.set_option("server.address", "0.0.0.0")
+    at = _app().run()
+    assert not at.exception
+    assert any("ORTHO_MECHA_PASSWORD" in error for error in _errors(at))
+    assert not at.title and not at.text_input
+
+
+def test_lan_gate_refuses_a_wrong_password_and_admits_the_right_one(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORTHO_MECHA_PASSWORD", "s3cret")
+    config.set_option("server.address", "0.0.0.0")
+    at = _app().run()
+    assert not at.title
+    at.text_input[0].set_value("wrong")
+    at.button[0].click().run()
+    assert _errors(at) == ["wrong password"]
+    assert not at.title
+    at.text_input[0].set_value("s3cret")
+    at.button[0].click().run()
+    assert not at.exception
+    assert at.title[0].value == "Analyse"

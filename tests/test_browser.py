@@ -1,0 +1,243 @@
+"""The dashboard in a real browser: Debian's Chromium driven through Playwright against a live `streamlit run`.
+
+Servers bind to loopback only. The LAN password gate is exercised with ``--server.address`` set to a host
+name from /etc/hosts that resolves to 127.0.0.1: ``security.is_lan_address`` cannot vouch for a host name,
+so the gate is on, while the socket still listens on loopback (the test is skipped without such a name).
+Screenshots of every page land in ``tests/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("playwright")
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+START_TIMEOUT_S = 60
+PASSWORD = "correct horse battery staple"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loopback_host_name() -> str | None:
+    """A host name other than localhost that resolves to 127.0.0.1 only, from /etc/hosts."""
+    try:
+        lines = Path("/etc/hosts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split("#")[0].split()
+        if len(fields) < 2 or fields[0] != "127.0.0.1":
+            continue
+        for name in fields[1:]:
+            if name != "localhost" and not name.endswith(".localhost"):
+                try:
+                    addresses = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+                except OSError:
+                    continue
+                if addresses == {"127.0.0.1"}:
+                    return name
+    return None
+
+
+class Server:
+    def __init__(self, tmp: Path, address: str, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://{address}:{self.port}"
+        self.log = tmp / f"streamlit-{self.port}.log"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                str(REPO / "streamlit_app.py"),
+                "--server.port",
+                str(self.port),
+                "--server.headless",
+                "true",
+                "--server.address",
+                address,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+            if self.process.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"streamlit did not start on {self.url}; log:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "ORTHO_MECHA_PASSWORD"}
+    env.update(
+        ORTHO_MECHA_WORKSPACE=str(tmp / "workspace"),
+        ORTHO_MECHA_CACHE=str(tmp / "cache"),
+        ORTHO_MECHA_ROOTS=str(tmp / "workspace"),
+        **extra,
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("dashboard")
+    # A file outside the roots, and a link to it planted inside a root: the link must never be offered.
+    secret = tmp / "outside" / "secret.safetensors"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not a model")
+    (tmp / "workspace" / "models").mkdir(parents=True)
+    (tmp / "workspace" / "models" / "escape.safetensors").symlink_to(secret)
+    started = Server(tmp, "127.0.0.1", _env(tmp))
+    yield started
+    started.stop()
+
+
+@pytest.fixture()
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
+
+
+def _heatmap(page: Page):
+    return page.locator(".vega-embed svg, .vega-embed canvas").first
+
+
+def _nav(page: Page, title: str) -> None:
+    page.get_by_role("link", name=title).click()
+    expect(page.get_by_role("heading", name=title).first).to_be_visible()
+
+
+def test_demo_opens_on_analyse_with_heatmap_and_every_page_renders(server: Server, page: Page) -> None:
+    page.goto(server.url)
+    expect(page.get_by_role("heading", name="Analyse").first).to_be_visible()
+    expect(_heatmap(page)).to_be_visible(timeout=90_000)
+    # Each link's text is its icon's ligature name, then the title.
+    nav = [link.inner_text().split()[-1] for link in page.locator('[data-testid="stSidebarNav"] a').all()]
+    assert nav == ["Analyse", "Mixer", "Merge", "Preview"]
+    assert "anime" in page.locator(".vega-embed").first.inner_html()
+    page.screenshot(path=ARTIFACTS / "analyse.png", full_page=True)
+    _nav(page, "Mixer")
+    expect(page.get_by_text("Predicted figures")).to_be_visible()
+    expect(page.locator('[data-testid="stDataFrame"]').first).to_be_visible()
+    page.screenshot(path=ARTIFACTS / "mixer.png", full_page=True)
+    _nav(page, "Merge")
+    page.screenshot(path=ARTIFACTS / "merge.png", full_page=True)
+    _nav(page, "Preview")
+    page.screenshot(path=ARTIFACTS / "preview.png", full_page=True)
+    assert not page.locator('[data-testid="stException"]').count()
+
+
+def test_merge_runs_to_done_and_a_reload_shows_the_same_job(server: Server, page: Page) -> None:
+    page.goto(server.url)
+    expect(_heatmap(page)).to_be_visible(timeout=90_000)
+    _nav(page, "Mixer")  # the Mixer makes the plan from the analysis
+    expect(page.get_by_text("Plan", exact=True)).to_be_visible()
+    _nav(page, "Merge")
+    page.get_by_label("Output file name").fill("browser-merge")
+    page.get_by_role("button", name="Merge", exact=True).click()
+    page.wait_for_url(re.compile(r"merge=[0-9a-f]{32}"))
+    job_id = re.search(r"merge=([0-9a-f]{32})", page.url).group(1)
+    page.reload()
+    # A fresh session (no plan in it) still follows the job named in the URL to its end.
+    expect(page.get_by_text("written", exact=False).first).to_be_visible(timeout=90_000)
+    assert job_id in page.url
+    expect(page.get_by_text("browser-merge.safetensors").first).to_be_visible()
+    page.screenshot(path=ARTIFACTS / "merge-done.png", full_page=True)
+    assert not page.locator('[data-testid="stException"]').count()
+
+
+def test_paths_outside_the_roots_are_refused(server: Server, page: Page) -> None:
+    page.goto(f"{server.url}/?analysis=../../etc/passwd")
+    expect(page.get_by_text("is not a job id").first).to_be_visible()
+    base = page.get_by_label("Base model")
+    base.click()
+    options = page.get_by_role("option").all_inner_texts()
+    assert "demo/base.safetensors" in options
+    assert not any("escape" in option or "secret" in option for option in options)
+    page.screenshot(path=ARTIFACTS / "refused.png", full_page=True)
+
+
+def test_password_gate_refuses_a_wrong_password(tmp_path: Path, browser: Browser) -> None:
+    host = _loopback_host_name()
+    if host is None:
+        pytest.skip("no host name resolving to 127.0.0.1 only in /etc/hosts")
+    gated = Server(tmp_path, host, _env(tmp_path, ORTHO_MECHA_PASSWORD=PASSWORD))
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(gated.url)
+        page.get_by_label("Password").fill("wrong")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_text("wrong password")).to_be_visible()
+        assert not page.get_by_role("link", name="Mixer").count()
+        page.screenshot(path=ARTIFACTS / "password.png", full_page=True)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("heading", name="Analyse").first).to_be_visible()
+    finally:
+        context.close()
+        gated.stop()
