@@ -1,0 +1,465 @@
+"""Shared-base compression after Hyper-Merge (DESIGN §11): many models as one base plus scalars.
+
+For models ``W_m`` (m = 1..M) and a base ``W̃`` (a base model, or the models' average) every key is
+fitted as ``W_m ≈ W̃ + λ_m δW`` (one shared direction) or ``W̃ + λ_m δW + κ_m δQ`` (two), minimising
+``Σ_m ‖W_m − Ŵ_m‖²`` by alternating least squares on the deltas ``X_m = W_m − W̃``::
+
+    λ_m ← <δW, X_m> / ‖δW‖²          δW ← Σ_m λ_m X_m / Σ_m λ_m²
+
+and δQ, κ_m the same way on the residual ``X_m − λ_m δW``.
+
+Every iterate of δW is a combination ``Σ_m a_m X_m`` of the deltas, so the rounds run on the M×M Gram
+``G = [<X_i, X_j>]`` alone (``<δW, X_m> = (G a)_m``, ``‖δW‖² = aᵀ G a``): one streamed read of the key
+across all models (chunk by chunk, never a whole model in memory) gives G, and the fitted δW, δQ are
+only materialised when exported. δW starts at the top eigenvector of G (the mean delta would be zero
+for an average base). That start is the top singular direction of the stacked deltas, so the rounds
+converge at once; by Eckart–Young the 1-direction fit is the best rank-1 fit of the key, and fitting δQ
+on the residual gives the best rank-2 fit. The rounds are kept as a check on that.
+
+The scalars are reported normalised so that the largest ``|λ_m|`` (and ``|κ_m|``) is +1; the direction
+carries the size (only products ``λ_m δW`` are determined). With the average as base, ``W̃`` is the
+average *as written* (rounded to the first model's dtype, fp16 for fp8 inputs), so the fit describes
+the files :func:`export` writes. Relative errors ``‖W_m − Ŵ_m‖ / ‖W_m − W̃‖`` are reported per model,
+overall and per key.
+
+:func:`export` writes, into a folder and never over an existing file, the average base
+(``base_average.safetensors``, only when the base is the average) and per model a kohya LoRA
+(``<model>_lora.safetensors``): the truncated SVD of ``λ_m δW + κ_m δQ`` per matrix key, through
+:mod:`ortho_mecha.lora`. 1-D keys (norms, biases) have no LoRA form and are reported as not captured.
+Fitting reads every model once; exporting reads them once more (the directions are built from the
+deltas key by key), so neither ever holds more than one key of each model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ortho_mecha import __version__
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import refuse_existing, write_json
+from ortho_mecha.io import DTYPES, Model, expand_model_paths
+from ortho_mecha.lora import (
+    LowRank,
+    Uncaptured,
+    check_rank,
+    factorise,
+    kohya_metadata,
+    lora_dtype,
+    lora_name,
+    lora_tensors,
+    write_lora,
+)
+from ortho_mecha.validate import Alignment, align, refuse_input_as_output
+
+logger = logging.getLogger(__name__)
+
+AVERAGE = "average"
+AVERAGE_FILE = "base_average.safetensors"
+LORA_SUFFIX = "_lora.safetensors"
+CHUNK = 1 << 22  # elements read per key and step, over all models together
+ZERO_RTOL = 1e-13  # a residual Gram eigenvalue below this fraction of the key's energy is rounding
+DIRECTIONS = (1, 2)
+WRITTEN_DTYPES = {"F64", "F32", "F16", "BF16"}  # the average keeps these; other (fp8) keys are written as F16
+SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+# -- the models lined up ---------------------------------------------------------------------------
+
+
+class Family:
+    """The models (and the base file, unless the base is their average) lined up on shared keys."""
+
+    def __init__(self, models: list[str | Path], base: str | Path | None) -> None:
+        self.average = base is None or str(base) == AVERAGE
+        paths = expand_model_paths(list(models))
+        self.base: Model | None = None
+        if base is not None and not self.average:
+            base_path = Path(base)
+            if base_path.is_dir():
+                raise OrthoMechaError("the base must be one model file (or 'average'), not a folder", base_path)
+            paths = [p for p in paths if p.resolve() != base_path.resolve()]
+            self.base = Model(base_path)
+        if len(paths) < 2:
+            raise OrthoMechaError(
+                f"compression shares directions across models: give at least two models (got {len(paths)})",
+                paths[0] if paths else None,
+            )
+        self.models = [Model(p) for p in paths]
+        if self.base is None:  # the first model is the reference the others are lined up against
+            self.alignment: Alignment = align(self.models[0], self.models[1:])
+            self._index = list(range(len(self.models)))
+        else:
+            self.alignment = align(self.base, self.models)
+            self._index = [m + 1 for m in range(len(self.models))]
+        file_keys = [[self.alignment.file_key(i, k) for i in self._index] for k in self.alignment.keys]
+        self.keys = [k for k, fk in zip(self.alignment.keys, file_keys, strict=True) if None not in fk]
+        self.left_out = [k for k, fk in zip(self.alignment.keys, file_keys, strict=True) if None in fk]
+
+    @property
+    def inputs(self) -> list[Model]:
+        return [*self.models, *([self.base] if self.base else [])]
+
+    def model_key(self, m: int, canon: str) -> str:
+        key = self.alignment.file_key(self._index[m], canon)
+        assert key is not None
+        return key
+
+    def reference_info(self, canon: str) -> tuple[str, str, tuple[int, ...]]:
+        """The first model's own key, the dtype the average is written in, and the shape."""
+        key = self.model_key(0, canon)
+        info = self.models[0].tensors[key]
+        return key, info.dtype if info.dtype in WRITTEN_DTYPES else "F16", info.shape
+
+    def chunks(self, canon: str) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """``(start, stop, X, W̃)`` over the key: X the M deltas ``[M, stop − start]``, W̃ the base, float64."""
+        keys = [self.model_key(m, canon) for m in range(len(self.models))]
+        numel = self.models[0].tensors[keys[0]].numel
+        _, average_dtype, _ = self.reference_info(canon)
+        step = max(1, CHUNK // len(keys))
+        for start in range(0, numel, step):
+            stop = min(numel, start + step)
+            stack = torch.stack([m.read(k, start, stop, torch.float64) for m, k in zip(self.models, keys, strict=True)])
+            if self.base is None:
+                base = stack.mean(0).to(DTYPES[average_dtype]).to(torch.float64)  # as written
+            else:
+                base = self.base.read(self.alignment.maps[0].keys[canon], start, stop, torch.float64)
+            yield start, stop, stack - base, base
+
+    def close(self) -> None:
+        for model in self.inputs:
+            model.close()
+
+
+# -- the fit ---------------------------------------------------------------------------------------
+
+
+def als(gram: np.ndarray, rounds: int, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """One shared direction on a delta Gram: ``(λ, a)`` with δW = Σ a_m X_m, normalised so max |λ| = +1.
+
+    Zero scalars when the Gram's top eigenvalue is at most ``floor`` (nothing left to fit).
+    """
+    values, vectors = np.linalg.eigh(gram)
+    size = gram.shape[0]
+    if values[-1] <= floor:
+        return np.zeros(size), np.zeros(size)
+    a = vectors[:, -1]
+    for _ in range(rounds):
+        lam = gram @ a / (a @ gram @ a)
+        a = lam / (lam @ lam)
+    lam = gram @ a / (a @ gram @ a)
+    scale = lam[np.argmax(np.abs(lam))]
+    return lam / scale, a * scale
+
+
+@dataclass
+class KeyFit:
+    """One key's fit: scalars per model (λ, and κ with two directions), the directions' norms, errors."""
+
+    key: str
+    shape: list[int]
+    lam: list[float]
+    kappa: list[float] | None
+    norm_dw: float  # ‖δW‖
+    norm_dq: float | None  # ‖δQ‖
+    error: list[float]  # per model ‖W_m − Ŵ_m‖ / ‖W_m − W̃‖ on this key (0 where the model equals the base)
+    delta2: list[float]  # ‖W_m − W̃‖² per model
+    residual2: list[float]  # ‖W_m − Ŵ_m‖² per model
+    a: list[float]  # δW = Σ_m a_m (W_m − W̃)
+    c: list[float] | None  # δQ = Σ_m c_m (W_m − W̃)
+
+
+def fit_key(key: str, shape: tuple[int, ...], gram: np.ndarray, directions: int, rounds: int) -> KeyFit:
+    """Fit one key from the Gram of its M deltas (see the module docstring)."""
+    size = gram.shape[0]
+    floor = ZERO_RTOL * max(float(np.trace(gram)), 0.0)
+    lam, a = als(gram, rounds, floor)
+    residual = np.eye(size) - np.outer(lam, a)  # X − λ δW = residual @ X
+    kappa = c = None
+    if directions == 2:
+        kappa, b = als(residual @ gram @ residual.T, rounds, floor)
+        c = residual.T @ b
+        residual = residual - np.outer(kappa, c)
+    delta2 = np.clip(np.diag(gram), 0.0, None)
+    residual2 = np.clip(np.diag(residual @ gram @ residual.T), 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        error = np.where(delta2 > 0, np.sqrt(residual2 / np.where(delta2 > 0, delta2, 1.0)), 0.0)
+    return KeyFit(
+        key=key,
+        shape=list(shape),
+        lam=lam.tolist(),
+        kappa=None if kappa is None else kappa.tolist(),
+        norm_dw=math.sqrt(max(float(a @ gram @ a), 0.0)),
+        norm_dq=None if c is None else math.sqrt(max(float(c @ gram @ c), 0.0)),
+        error=error.tolist(),
+        delta2=delta2.tolist(),
+        residual2=residual2.tolist(),
+        a=a.tolist(),
+        c=None if c is None else c.tolist(),
+    )
+
+
+@dataclass
+class Fit:
+    """The fit of every shared key, and each model's overall relative reconstruction error."""
+
+    base: str  # "average" or the base model's path
+    models: list[str]
+    directions: int
+    rounds: int
+    keys: list[KeyFit]
+    error: list[float]  # per model: sqrt(Σ_keys ‖W_m − Ŵ_m‖²) / sqrt(Σ_keys ‖W_m − W̃‖²)
+    left_out: list[str] = field(default_factory=list)  # keys not in every model (not fitted)
+    non_diffusion: int = 0  # text-encoder / VAE keys of the first model, not fitted
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_options(directions: int, rounds: int) -> None:
+    if directions not in DIRECTIONS:
+        raise OrthoMechaError(f"--directions must be 1 or 2 (shared directions per key), got {directions}")
+    if rounds < 1:
+        raise OrthoMechaError(f"--rounds must be a whole number ≥ 1, got {rounds}")
+
+
+def fit(models: list[str | Path], base: str | Path | None = None, directions: int = 1, rounds: int = 3) -> Fit:
+    """Fit ``W_m ≈ W̃ + λ_m δW (+ κ_m δQ)`` key by key; ``base`` is a model file or None/"average"."""
+    _check_options(directions, rounds)
+    family = Family(models, base)
+    try:
+        fits = []
+        for canon in family.keys:
+            gram = np.zeros((len(family.models), len(family.models)))
+            for _, _, deltas, _ in family.chunks(canon):
+                gram += (deltas @ deltas.T).numpy()
+            _, _, shape = family.reference_info(canon)
+            fits.append(fit_key(canon, shape, (gram + gram.T) / 2.0, directions, rounds))
+            logger.debug("%s: λ %s, errors %s", canon, fits[-1].lam, fits[-1].error)
+    finally:
+        family.close()
+    delta2 = np.sum([k.delta2 for k in fits], axis=0) if fits else np.zeros(len(family.models))
+    residual2 = np.sum([k.residual2 for k in fits], axis=0) if fits else np.zeros(len(family.models))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        error = np.where(delta2 > 0, np.sqrt(residual2 / np.where(delta2 > 0, delta2, 1.0)), 0.0)
+    return Fit(
+        base=str(family.base.path) if family.base else AVERAGE,
+        models=[str(m.path) for m in family.models],
+        directions=directions,
+        rounds=rounds,
+        keys=fits,
+        error=error.tolist(),
+        left_out=family.left_out,
+        non_diffusion=family.alignment.maps[0].non_diffusion,
+    )
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+class StreamingFile:
+    """A safetensors file written key by key in a fixed order: the header first (every shape is known),
+    then the data as it comes, into ``.NAME.partial-<pid>`` beside the target, renamed into place at the end."""
+
+    def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
+        refuse_existing(path, overwrite=False)
+        self.path = path
+        self.partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        header: dict[str, object] = {"__metadata__": metadata}
+        position = 0
+        for key, (dtype, shape) in layout.items():
+            size = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + size]}
+            position += size
+        self.size = position
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.written = 0
+        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._fh = os.fdopen(fd, "wb")
+        self._fh.write(len(encoded).to_bytes(8, "little") + encoded)
+
+    def write(self, tensor: torch.Tensor) -> None:
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
+        self.written += data.nbytes
+
+    def finish(self) -> Path:
+        if self.written != self.size:
+            raise RuntimeError(f"{self.path}: wrote {self.written} data bytes, the header announces {self.size}")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        refuse_existing(self.path, overwrite=False)
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._fh.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def output_paths(out_dir: Path, models: list[str], average: bool) -> tuple[Path | None, list[Path]]:
+    """Where the average and each model's LoRA go; raise if any exists or two models share a name."""
+    loras = [out_dir / (Path(m).name.removesuffix(".safetensors").removesuffix(".json") + LORA_SUFFIX) for m in models]
+    if len(set(loras)) != len(loras):
+        clash = next(p for p in loras if loras.count(p) > 1)
+        raise OrthoMechaError("two models would write the same LoRA; give the models distinct file names", clash)
+    average_path = out_dir / AVERAGE_FILE if average else None
+    for path in [*([average_path] if average_path else []), *loras]:
+        refuse_existing(path, overwrite=False)
+    return average_path, loras
+
+
+@dataclass
+class ModelExport:
+    """One model's LoRA: where it went, how much of its fitted delta it keeps, what it cannot carry."""
+
+    model: str
+    lora: str
+    keys: int
+    energy_kept: float  # Σ kept σ² / Σ ‖λ_m δW + κ_m δQ‖² over the LoRA's keys
+    fit_error: float  # the fit's relative error (before the LoRA's truncation)
+    not_captured: Uncaptured  # 1-D and unnamed keys of the fitted delta
+
+
+@dataclass
+class ExportReport:
+    base: str  # the base the LoRAs apply to: the written average or the given base model
+    rank: int
+    dtype: str
+    models: list[ModelExport]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"base: {self.base}"]
+        for m in self.models:
+            lines.append(
+                f"  {m.lora}: fit error {m.fit_error:.2%}, LoRA rank ≤ {self.rank} keeps {m.energy_kept:.2%} "
+                f"of the fitted delta; not captured: {m.not_captured.keys} keys (norm {m.not_captured.delta_norm:.4g})"
+            )
+        return lines
+
+
+def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16") -> ExportReport:
+    """Write the average base (when the base is the average) and one LoRA per model into ``out_dir``."""
+    check_rank(rank)
+    torch_dtype = lora_dtype(dtype)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OrthoMechaError("exists and is not a folder", out)
+    if not out.parent.is_dir():
+        raise OrthoMechaError("the folder for this output does not exist", out.parent)
+    average_path, lora_paths = output_paths(out, result.models, result.base == AVERAGE)
+    family = Family(result.models, result.base)
+    fits = {k.key: k for k in result.keys}
+    if [k for k in family.keys if k in fits] != list(fits):
+        raise OrthoMechaError("the models changed since the fit (its keys are not theirs); fit again", out)
+    out.mkdir(exist_ok=True)
+    writer = None
+    if average_path is not None:
+        layout = {}
+        for canon in fits:
+            key, written_dtype, shape = family.reference_info(canon)
+            layout[key] = (written_dtype, shape)
+        meta = {"ortho_mecha_version": __version__, "ortho_mecha_kind": "compress-average"}
+        writer = StreamingFile(average_path, layout, meta | {"ortho_mecha_models": json.dumps(result.models)})
+    count = len(family.models)
+    tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    kept, total = np.zeros(count), np.zeros(count)
+    lost = [Uncaptured() for _ in range(count)]
+    try:
+        for canon, key_fit in fits.items():
+            dw, dq = _directions(family, key_fit, writer)
+            name = lora_name(canon)
+            for m in range(count):
+                lam, kappa = key_fit.lam[m], key_fit.kappa[m] if key_fit.kappa else 0.0
+                if dw.ndim < 2 or name is None:
+                    lost[m].add(canon, float((lam * dw + kappa * dq).pow(2).sum()))
+            if dw.ndim < 2 or name is None:
+                continue
+            for m, low in enumerate(_per_model(key_fit, dw, dq, rank)):
+                if low.rank:
+                    tensors[m] |= lora_tensors(name, low, tuple(dw.shape), torch_dtype)
+                    kept[m], total[m] = kept[m] + low.kept, total[m] + low.total
+        base_written = str(writer.finish()) if writer else result.base
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+    finally:
+        family.close()
+    exports = []
+    for m, (model, path) in enumerate(zip(result.models, lora_paths, strict=True)):
+        metadata = kohya_metadata(
+            rank, base=base_written, model=model, rank=rank, kind="compress", directions=result.directions
+        )
+        write_lora(path, tensors[m], metadata, overwrite=False)
+        energy = kept[m] / total[m] if total[m] > 0 else 1.0
+        exports.append(ModelExport(model, str(path), len(tensors[m]) // 3, energy, result.error[m], lost[m]))
+    return ExportReport(base_written, rank, dtype, exports)
+
+
+def _directions(family: Family, key_fit: KeyFit, writer: StreamingFile | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """δW and δQ of one key in its shape (float32; δQ zero with one direction), streaming the average out."""
+    numel = math.prod(key_fit.shape)
+    dw, dq = torch.zeros(numel, dtype=torch.float32), torch.zeros(numel, dtype=torch.float32)
+    a = torch.tensor(key_fit.a, dtype=torch.float64)
+    c = torch.tensor(key_fit.c, dtype=torch.float64) if key_fit.c else None
+    _, average_dtype, _ = family.reference_info(key_fit.key)
+    for start, stop, deltas, base in family.chunks(key_fit.key):
+        dw[start:stop] = a @ deltas
+        if c is not None:
+            dq[start:stop] = c @ deltas
+        if writer is not None:
+            writer.write(base.to(DTYPES[average_dtype]))
+    return dw.reshape(key_fit.shape), dq.reshape(key_fit.shape)
+
+
+def _per_model(key_fit: KeyFit, dw: torch.Tensor, dq: torch.Tensor, rank: int) -> Iterator[LowRank]:
+    """Each model's truncated SVD of ``λ_m δW + κ_m δQ`` (one SVD of δW, scaled, with one direction)."""
+    rows = dw.shape[0]
+    if key_fit.kappa is None:
+        shared = factorise(dw.reshape(rows, -1), rank)
+        for lam in key_fit.lam:
+            yield shared.scaled(lam)
+        return
+    for lam, kappa in zip(key_fit.lam, key_fit.kappa, strict=True):
+        yield factorise((lam * dw + kappa * dq).reshape(rows, -1), rank)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def cli_compress(args: argparse.Namespace) -> int:
+    _check_options(args.directions, args.rounds)
+    check_rank(args.rank)
+    models = [str(p) for p in expand_model_paths(args.models)]
+    out = Path(args.out)
+    output_paths(out, models, args.base == AVERAGE)
+    if args.json:
+        report_path = Path(args.json)
+        inputs = [Model(p) for p in models] + ([] if args.base == AVERAGE else [Model(args.base)])
+        refuse_input_as_output(report_path, inputs)
+        refuse_existing(report_path, overwrite=False)
+    result = fit(models, args.base, args.directions, args.rounds)
+    written = export(result, out, args.rank, args.dtype)
+    for line in written.summary_lines():
+        print(line)
+    if result.left_out:
+        print(f"  {len(result.left_out)} keys not in every model were left out, e.g. {result.left_out[0]}")
+    if args.json:
+        write_json(Path(args.json), {"fit": result.to_dict(), "export": written.to_dict()})
+        print(f"report written to {args.json}")
+    return 0
