@@ -17,16 +17,25 @@ st.set_page_config(page_title="ortho-mecha", page_icon=":material/join_inner:", 
 
 
 def password_gate() -> None:
-    """Stop the script unless this session may see the dashboard."""
+    """Stop the script unless this session may see the dashboard.
+
+    Locked out, the navigation holds only the sign-in (or how-to-set-a-password) page, hidden, so no link
+    to a dashboard page is shown before the password was given.
+    """
     address = st.get_option("server.address")
     if not security.password_required(address) or st.session_state.get("authenticated"):
         return
+    st.navigation([st.Page(lambda: sign_in(address), title="Sign in")], position="hidden").run()
+    st.stop()
+
+
+def sign_in(address: str | None) -> None:
     try:
         password = security.configured_password(st.secrets)
         security.require_password_for_lan(address, password)
     except OrthoMechaError as error:
         st.error(str(error))
-        st.stop()
+        return
     with st.form("login"):
         given = st.text_input("Password", type="password")
         submitted = st.form_submit_button("Sign in")
@@ -35,7 +44,6 @@ def password_gate() -> None:
             st.session_state["authenticated"] = True
             st.rerun()
         st.error("wrong password")
-    st.stop()
 
 
 password_gate()

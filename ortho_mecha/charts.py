@@ -183,14 +183,3 @@ def outlier_frame(report: Mapping[str, Any]) -> pd.DataFrame:
     ]
     return pd.DataFrame(rows, columns=["model", "max outlier", "outlier keys"])
 
-
-def pair_frame(matrix: np.ndarray, labels: Sequence[str], value: str) -> pd.DataFrame:
-    """The upper triangle of a symmetric matrix as (model, model, value) rows, largest first."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    i, j = np.triu_indices(len(labels), 1)
-    frame = pd.DataFrame({
-        "model": [labels[a] for a in i],
-        "with": [labels[b] for b in j],
-        value: matrix[i, j],
-    })
-    return frame.sort_values(value, ascending=False, key=np.abs, ignore_index=True)

@@ -154,7 +154,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture()
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport={"width": 1400, "height": 2200})
     page = context.new_page()
     page.set_default_timeout(60_000)
     yield page
@@ -196,7 +196,7 @@ def test_merge_runs_to_done_and_a_reload_shows_the_same_job(server: Server, page
     _nav(page, "Mixer")  # the Mixer makes the plan from the analysis
     expect(page.get_by_text("Plan", exact=True)).to_be_visible()
     _nav(page, "Merge")
-    page.get_by_label("Output file name").fill("browser-merge")
+    page.get_by_role("textbox", name="Output file name").fill("browser-merge")
     page.get_by_role("button", name="Merge", exact=True).click()
     page.wait_for_url(re.compile(r"merge=[0-9a-f]{32}"))
     job_id = re.search(r"merge=([0-9a-f]{32})", page.url).group(1)
@@ -205,6 +205,7 @@ def test_merge_runs_to_done_and_a_reload_shows_the_same_job(server: Server, page
     expect(page.get_by_text("written", exact=False).first).to_be_visible(timeout=90_000)
     assert job_id in page.url
     expect(page.get_by_text("browser-merge.safetensors").first).to_be_visible()
+    expect(page.get_by_role("button", name="Download script (.py)")).to_be_visible()
     page.screenshot(path=ARTIFACTS / "merge-done.png", full_page=True)
     assert not page.locator('[data-testid="stException"]').count()
 
@@ -215,7 +216,7 @@ def test_paths_outside_the_roots_are_refused(server: Server, page: Page) -> None
     base = page.get_by_label("Base model")
     base.click()
     options = page.get_by_role("option").all_inner_texts()
-    assert "demo/base.safetensors" in options
+    assert "models/demo/base.safetensors" in options
     assert not any("escape" in option or "secret" in option for option in options)
     page.screenshot(path=ARTIFACTS / "refused.png", full_page=True)
 
@@ -230,12 +231,12 @@ def test_password_gate_refuses_a_wrong_password(tmp_path: Path, browser: Browser
         page = context.new_page()
         page.set_default_timeout(60_000)
         page.goto(gated.url)
-        page.get_by_label("Password").fill("wrong")
+        page.get_by_role("textbox", name="Password").fill("wrong")
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_text("wrong password")).to_be_visible()
         assert not page.get_by_role("link", name="Mixer").count()
         page.screenshot(path=ARTIFACTS / "password.png", full_page=True)
-        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("textbox", name="Password").fill(PASSWORD)
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_role("heading", name="Analyse").first).to_be_visible()
     finally:

@@ -1,0 +1,65 @@
+"""Chart and table builders: the matrices they pick from a report, cell text up to the limit, the tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ortho_mecha import charts
+from ortho_mecha.errors import OrthoMechaError
+
+
+def _report(n: int) -> dict:
+    rng = np.random.default_rng(0)
+    cos = np.clip(rng.uniform(-1, 1, (n, n)), -1, 1)
+    cos = (cos + cos.T) / 2
+    np.fill_diagonal(cos, 1.0)
+    return {
+        "models": [f"/m/{i}.safetensors" for i in range(n)],
+        "cos": cos.tolist(),
+        "new_info": (1 - cos**2).tolist(),
+        "conflict_ratio": np.zeros((n, n)).tolist(),
+        "blocks": {"double_blocks.0": {"cos": [[1.0, 0.5], [0.5, 1.0]][:n], "norms": [1.0, 2.0][:n]}},
+    }
+
+
+def test_block_new_information_is_one_minus_cos_squared() -> None:
+    matrix = charts.metric_matrix(_report(2), "new_info", "double_blocks.0")
+    assert matrix.tolist() == [[0.0, 0.75], [0.75, 0.0]]
+
+
+def test_conflicts_exist_over_all_keys_only_and_unknown_names_are_refused() -> None:
+    with pytest.raises(OrthoMechaError, match="all keys only"):
+        charts.metric_matrix(_report(2), "conflict_ratio", "double_blocks.0")
+    with pytest.raises(OrthoMechaError, match=r"valid: all keys, double_blocks\.0"):
+        charts.metric_matrix(_report(2), "cos", "single_blocks.9")
+    with pytest.raises(OrthoMechaError, match="valid: cos, new_info, conflict_ratio"):
+        charts.metric_matrix(_report(2), "cosine")
+
+
+@pytest.mark.parametrize(
+    ("n", "text"), [(3, True), (charts.TEXT_LIMIT, True), (charts.TEXT_LIMIT + 1, False), (50, False)]
+)
+def test_cell_text_up_to_the_limit_tooltips_always(n: int, text: bool) -> None:
+    report = _report(n)
+    spec = charts.heatmap(np.asarray(report["cos"]), charts.short_names(report["models"]), charts.METRICS["cos"])
+    layers = spec.to_dict()["layer"]
+    assert [layer["mark"]["type"] for layer in layers] == (["rect", "text"] if text else ["rect"])
+    assert layers[0]["encoding"]["tooltip"][2]["field"] == "value"
+    assert spec.to_dict()["width"] == spec.to_dict()["height"] <= charts.HEATMAP_WIDTH  # square cells, 50 fit
+
+
+def test_a_matrix_that_does_not_fit_the_names_is_refused() -> None:
+    with pytest.raises(OrthoMechaError, match="does not fit 3 model names"):
+        charts.heatmap(np.eye(2), ["a", "b", "c"], charts.METRICS["cos"])
+
+
+def test_short_names_tell_equal_stems_apart() -> None:
+    assert charts.short_names(["/x/a.safetensors", "/y/a.safetensors", "/y/b.safetensors"]) == ["x/a", "y/a", "b"]
+
+
+def test_outlier_table_lists_only_models_with_outlier_keys() -> None:
+    report = {"models": ["/m/a.safetensors", "/m/b.safetensors"],
+              "outliers": {"max_outlier": [3.0, 9.5], "keys": [[], ["k1", "k2"]]}}
+    frame = charts.outlier_frame(report)
+    assert frame.to_dict("records") == [{"model": "b", "max outlier": 9.5, "outlier keys": "k1, k2"}]
