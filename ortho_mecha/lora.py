@@ -20,9 +20,11 @@ delta norm. Zero deltas are skipped. The rank is clamped per key to ``min(out, i
 alpha is its own rank, which keeps the scale 1 on every key.
 
 The SVD goes through the smaller Gram (``D Dᵀ`` or ``Dᵀ D``, float64, accumulated in chunks) and its top
-eigenpairs from LAPACK's MRRR driver (``scipy.linalg.eigh(driver="evr", subset_by_index=...)``), about
-ten times faster on this kind of machine than ``torch.linalg.svd``/``eigh`` and accurate to float64
-rounding of σ² — far below fp16/bf16 storage noise. Both factors carry ``sqrt(σ)`` so neither underflows
+eigenpairs from LAPACK's MRRR driver (``scipy.linalg.eigh(driver="evr", subset_by_index=...)``, which the
+analysis pass measured ~10× faster than ``torch.linalg.eigvalsh`` here). On a 640×2560 key this route
+took 1.3–2.5× less time than a full ``torch.linalg.svd`` on the shared 2-core machine, and its cost is
+one pass over the delta plus the cube of the smaller side. σ² come out to float64 rounding of the Gram
+(≈1e-13 σ₁², far below fp16/bf16 storage noise). Both factors carry ``sqrt(σ)`` so neither underflows
 in fp16. Models are read one key at a time in chunks; never a whole model in memory.
 """
 
