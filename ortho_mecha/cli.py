@@ -107,6 +107,14 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="sd-mecha worker threads (default: auto)")
     p.add_argument("--device", default=None, metavar="DEV", help="merge device: cpu (default), cuda, cuda:1, ...")
+    p.add_argument(
+        "--dry-run", action="store_true", help="only forecast peak RAM, output size, free disk and time; merge nothing"
+    )
+    p.add_argument(
+        "--no-survival",
+        action="store_true",
+        help="skip measuring each row's survival in the output (one more read of the inputs, cached ones excepted)",
+    )
     p.set_defaults(handler=_lazy("ortho_mecha.merge:cli_merge"))
 
 

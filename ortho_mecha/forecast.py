@@ -52,18 +52,21 @@ class Forecast:
         return asdict(self)
 
     def lines(self) -> list[str]:
-        gib = 2**30
         disk = (
-            f", {self.free_disk_bytes / gib:.1f} GiB free there ({'enough' if self.fits_disk else 'NOT enough'})"
+            f", {_size(self.free_disk_bytes)} free there ({'enough' if self.fits_disk else 'NOT enough'})"
             if self.free_disk_bytes is not None
             else ""
         )
         return [
-            f"output: {self.output_bytes / gib:.2f} GiB{disk}",
-            f"inputs: {self.inputs_bytes / gib:.2f} GiB read once",
-            f"peak RAM: about {self.peak_ram_bytes / gib:.2f} GiB (largest key {self.largest_key})",
+            f"output: {_size(self.output_bytes)}{disk}",
+            f"inputs: {_size(self.inputs_bytes)} read once",
+            f"peak RAM: about {_size(self.peak_ram_bytes)} (largest key {self.largest_key})",
             f"time: about {_duration(self.seconds)} on this machine (estimate)",
         ]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _duration(seconds: float) -> str:

@@ -444,14 +444,20 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     for name in ("plan", "out"):
         if not isinstance(params.get(name), str):
             raise OrthoMechaError(f"merge job: '{name}' must be a file path")
-    return merge_plan(
-        load_plan(params["plan"]),
+    plan = load_plan(params["plan"])
+    report = merge_plan(
+        plan,
         params["out"],
         overwrite=bool(params.get("overwrite", False)),
         threads=params.get("threads"),
         device=params.get("device"),
         progress=progress,
     )
+    if params.get("survival", True):
+        from ortho_mecha.evaluate import measure
+
+        report["survival"] = measure(plan, report["output"])
+    return report
 
 
 def summary(report: Mapping[str, Any]) -> str:
@@ -478,11 +484,32 @@ def summary(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def survival_lines(survival: Mapping[str, Any]) -> list[str]:
+    """Each row's predicted and measured survival, one line per row."""
+    width = max(len(Path(r).name) for r in survival["rows"])
+    lines = [f"survival (predicted: {survival['label']}):"]
+    for row, predicted, measured in zip(survival["rows"], survival["predicted"], survival["measured"], strict=True):
+        lines.append(f"  {Path(row).name:<{width}}  predicted {predicted:6.3f}  measured {measured:6.3f}")
+    return lines
+
+
 def cli_merge(args: argparse.Namespace) -> int:
     from ortho_mecha.progress import TqdmProgress
 
     plan = load_plan(args.plan)
+    if args.dry_run:
+        from ortho_mecha.forecast import forecast
+
+        for line in forecast(plan, args.out, threads=args.threads or 1).lines():
+            print(line)
+        return 0
     with TqdmProgress("merging") as bar:
         report = merge_plan(plan, args.out, args.overwrite, args.threads, args.device, progress=bar.update)
     print(summary(report))
+    if not args.no_survival:
+        from ortho_mecha.evaluate import measure
+
+        with TqdmProgress("measuring survival") as bar:
+            survival = measure(plan, report["output"], progress=bar.update)
+        print("\n".join(survival_lines(survival)))
     return 0
