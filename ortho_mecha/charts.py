@@ -92,7 +92,7 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str 
     cell = max(12, min(48, HEATMAP_WIDTH // max(n, 1)))
     order = list(labels)
     base = alt.Chart(frame, title=title or spec.title).encode(
-        x=alt.X("column:N", sort=order, title=None, axis=alt.Axis(labelAngle=-45, labelLimit=160)),
+        x=alt.X("column:N", sort=order, title=None, axis=alt.Axis(labelAngle=-45, labelLimit=160, labelOverlap=False)),
         y=alt.Y("row:N", sort=order, title=None, axis=alt.Axis(labelLimit=160)),
     )
     rects = base.mark_rect().encode(
@@ -112,7 +112,7 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str 
                 color=alt.condition(strong, alt.value("white"), alt.value("black")),
             )
         )
-    return alt.layer(*layers).properties(width=cell * n, height=cell * n)
+    return alt.layer(*layers).properties(width=alt.Step(cell), height=alt.Step(cell))
 
 
 def model_map(report: Mapping[str, Any]) -> alt.LayerChart:

@@ -92,13 +92,11 @@ else:
     with ui.shown_errors():
         figures = ui.mix_figures(analysis, mix, choices)
         if figures is not None:
-            survival_column, interference_column = st.columns([1, 2])
-            survival_column.dataframe(figures.survival, hide_index=True)
+            st.dataframe(figures.survival, hide_index=True)
             if len(figures.labels) > 1:
-                interference_column.altair_chart(
-                    charts.heatmap(figures.interference, figures.labels, charts.INTERFERENCE, "row interference"),
-                    width="content",
-                )
+                names = charts.short_names(figures.labels)
+                st.altair_chart(charts.heatmap(figures.interference, names, charts.INTERFERENCE, "row interference"),
+                                width="content")
 
 st.subheader("Plan")
 plan = None

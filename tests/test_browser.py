@@ -182,6 +182,8 @@ def test_demo_opens_on_analyse_with_heatmap_and_every_page_renders(server: Serve
     _nav(page, "Mixer")
     expect(page.get_by_text("Predicted figures")).to_be_visible()
     expect(page.locator('[data-testid="stDataFrame"]').first).to_be_visible()
+    expect(page.get_by_role("button", name="Download recipe")).to_be_visible()
+    expect(page.locator(".vega-embed svg, .vega-embed canvas").first).to_be_visible()
     page.screenshot(path=ARTIFACTS / "mixer.png", full_page=True)
     _nav(page, "Merge")
     page.screenshot(path=ARTIFACTS / "merge.png", full_page=True)
