@@ -111,7 +111,11 @@ class Store:
         else:
             both, agree = np.full((n_rows, n_rows), np.nan), np.full((n_rows, n_rows), np.nan)
             stats = [None] * n_rows
-        missing_rows = [r for r in range(n_rows) if stats[r] is None or np.isnan(both[r]).any()]
+        without_stats = [r for r in range(n_rows) if stats[r] is None]
+        unknown = np.isnan(both)
+        unknown[without_stats, :] = False
+        unknown[:, without_stats] = False
+        missing_rows = sorted(set(without_stats) | set(_rows_covering(unknown)))
         return Known(h_key, both, agree, stats, missing_files, missing_rows)
 
     def save(self, keys: list[str], fps: list[str], sigs: list[RowSig], known: Known) -> None:

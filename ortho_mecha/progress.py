@@ -19,6 +19,8 @@ class TqdmProgress:
         if target > self.bar.n:
             self.bar.update(target - self.bar.n)
         postfix = {}
+        if "files" in info:
+            postfix["files"] = info["files"]
         if "keys_total" in info:
             postfix["keys"] = f"{info.get('keys_done', 0)}/{info['keys_total']}"
         if info.get("bytes"):

@@ -123,21 +123,27 @@ def test_delta_from_and_regram_without_reading(tmp_path: Path) -> None:
     assert np.isclose(extra.gram()[0, 0], float(deltas[1] @ deltas[1]), rtol=1e-9)
 
 
-def test_cache_reuses_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def passes(monkeypatch: pytest.MonkeyPatch) -> list[A.PassPlan]:
+    """The plan of every streaming pass run during the test (the real pass still runs)."""
+    plans: list[A.PassPlan] = []
+    real_pass = A.run_pass
+
+    def spy(*args, **kwargs):
+        plans.append(args[3])
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(A, "run_pass", spy)
+    return plans
+
+
+def test_cache_reuses_and_extends(tmp_path: Path, passes: list[A.PassPlan]) -> None:
     paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS)
     first = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:4]])
     assert first.bytes_read > 0
     again = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:4]])
     assert again.bytes_read == 0 and np.array_equal(again.h, first.h)
 
-    passes: list[A.PassPlan] = []
-    real_pass = A.run_pass
-
-    def spy(*args, **kwargs):
-        passes.append(args[3])
-        return real_pass(*args, **kwargs)
-
-    monkeypatch.setattr(A, "run_pass", spy)
     grown = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]])
     assert passes[-1].h_rows == [3], "adding one model computes one new H row"
     full = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]], use_cache=False)
@@ -149,6 +155,18 @@ def test_cache_reuses_and_extends(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     changed = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]])
     assert passes[-1].h_rows == [1]
     assert not np.allclose(changed.h, grown.h)
+
+
+def test_changed_delta_from_refreshes_only_its_row(tmp_path: Path, passes: list[A.PassPlan]) -> None:
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:4])
+    models = [paths[n] for n in ("anime", "photo", "anime_v2")]
+    first = A.analyse(paths["base"], models)
+    moved = A.with_delta_from(first, [None, None, 0])
+    refreshed = A.analyse(paths["base"], models, {str(paths["anime_v2"]): str(paths["anime"])})
+    assert passes[-1].h_rows == [] and passes[-1].stat_rows == [2]
+    assert np.allclose(refreshed.gram(), moved.gram(), rtol=1e-12)
+    assert refreshed.stats[2].max_abs != first.stats[2].max_abs
+    assert refreshed.stats[0].max_abs == first.stats[0].max_abs
 
 
 def test_store_is_keyed_by_mode_and_rank_samples(tmp_path: Path) -> None:
