@@ -119,8 +119,16 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_preview(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preview", help="render a model through a running ComfyUI and save the images")
-    p.add_argument("model", help="the model (.safetensors) to preview")
+    p = sub.add_parser(
+        "preview",
+        help="render a model through a running ComfyUI and save the images (or sweep a plan's alpha)",
+        description="Render MODEL through ComfyUI, or with --plan and --alphas merge the plan at each global alpha, "
+        "preview every merge with the same seed and save an XY grid beside the merges.",
+    )
+    p.add_argument("model", nargs="?", help="the model (.safetensors) to preview (not with --plan)")
+    p.add_argument("--plan", metavar="PLAN.json", help="alpha sweep: the plan to merge at each of --alphas")
+    p.add_argument("--alphas", default="0.5,1,1.5", metavar="A,B,...", help="sweep: global alphas (default 0.5,1,1.5)")
+    p.add_argument("--compare", action="store_true", help="sweep: also preview the base and each enabled row's model")
     p.add_argument(
         "--arch",
         required=True,
@@ -148,7 +156,9 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--comfy-dir", metavar="DIR", help="ComfyUI's folder, to link the model in (default: $COMFYUI_DIR)")
     p.add_argument("--keep-link", action="store_true", help="leave the model linked in ComfyUI's folder afterwards")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up after S seconds (default 600)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the images (never overwritten)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the images (and a sweep's merges); never overwritten"
+    )
     p.set_defaults(handler=_lazy("ortho_mecha.comfy:cli_preview"))
 
 

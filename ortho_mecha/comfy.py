@@ -756,12 +756,11 @@ def _print_progress() -> Callable[[Progress], None] | None:
     return show
 
 
-def cli_preview(args: argparse.Namespace) -> int:
-    """``ortho-mecha preview``: render one preview through ComfyUI and write the images to ``--out``."""
+def settings_from_args(args: argparse.Namespace) -> PreviewSettings:
+    """The preview settings the ``preview`` command's options ask for."""
     if args.timeout <= 0:
         raise OrthoMechaError(f"--timeout must be positive, got {args.timeout}")
-    marks = {"model": args.set_model, "prompt": args.set_prompt, "negative": args.set_negative, "seed": args.set_seed}
-    settings = PreviewSettings(
+    return PreviewSettings(
         prompt=args.prompt,
         negative=args.negative,
         seed=args.seed,
@@ -771,6 +770,18 @@ def cli_preview(args: argparse.Namespace) -> int:
         clip=tuple(args.clip or ()),
         vae=args.vae,
     )
+
+
+def cli_preview(args: argparse.Namespace) -> int:
+    """``ortho-mecha preview``: render one preview through ComfyUI and write the images to ``--out``."""
+    if args.plan:
+        from ortho_mecha.sweep import cli_sweep
+
+        return cli_sweep(args)
+    if not args.model:
+        raise OrthoMechaError("preview needs a MODEL to render, or --plan PLAN.json for an alpha sweep")
+    settings = settings_from_args(args)
+    marks = {"model": args.set_model, "prompt": args.set_prompt, "negative": args.set_negative, "seed": args.set_seed}
     workflow = bindings = None
     if args.workflow:
         workflow = load_workflow(args.workflow)

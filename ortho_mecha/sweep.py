@@ -1,0 +1,172 @@
+"""Alpha sweep: merge a plan at several global alphas, preview each with the same seed, lay out a grid.
+
+Every method takes a global ``alpha`` (0 returns the base). For each alpha the plan is saved as
+``<stem>_alpha<a>.plan.json`` and merged to ``<stem>_alpha<a>.safetensors`` in the output folder — a
+merge already there from the same plan is reused, any other file of that name is an error (nothing is
+overwritten) — then previewed through ComfyUI with one seed. With ``compare`` the base and each enabled
+row's model are previewed too. The images are saved beside the merges and combined into one labelled
+grid (``<stem>_sweep.png``): one column per alpha (then base and models), one row per image of a batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ortho_mecha.comfy import ComfyClient, PreviewImage, run_preview, save_images
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import atomic_write_bytes
+from ortho_mecha.merge import merge_plan
+from ortho_mecha.plan import Plan, save_plan
+from ortho_mecha.workflows import PreviewSettings
+
+logger = logging.getLogger(__name__)
+
+LABEL_HEIGHT = 28
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Cell:
+    """One column of the grid: what was previewed and the images it gave."""
+
+    label: str
+    model: Path
+    images: list[Path] = field(default_factory=list)
+    plan: Path | None = None
+    alpha: float | None = None
+
+
+def parse_alphas(text: str) -> list[float]:
+    """``"0.5,1,1.5"`` → [0.5, 1.0, 1.5]; each within the global alpha range 0–2."""
+    try:
+        alphas = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise OrthoMechaError(f"--alphas takes numbers separated by commas, e.g. 0.5,1,1.5; got '{text}'") from exc
+    if not alphas or any(not 0.0 <= a <= 2.0 for a in alphas):
+        raise OrthoMechaError(f"--alphas must be one or more values between 0 and 2; got '{text}'")
+    return list(dict.fromkeys(alphas))
+
+
+def _merged(plan: Plan, alpha: float, folder: Path, stem: str, progress: Progress | None) -> tuple[Path, Path]:
+    """The plan at ``alpha`` saved and merged in ``folder`` (an identical earlier merge is reused)."""
+    at_alpha = replace(plan, options={**plan.options, "alpha": alpha}, source=None)
+    plan_path = folder / f"{stem}_alpha{alpha:g}.plan.json"
+    out = folder / f"{stem}_alpha{alpha:g}.safetensors"
+    if out.exists():
+        if _plan_of(out) != json.loads(at_alpha.to_json()):
+            raise OrthoMechaError("exists and was not merged from this plan at this alpha; move it away", out)
+        logger.info("reusing %s", out)
+    else:
+        merge_plan(at_alpha, out, progress=progress)
+    if not plan_path.exists():
+        save_plan(at_alpha, plan_path)
+    return out, plan_path
+
+
+def _plan_of(model: Path) -> Any:
+    from ortho_mecha.io import Model
+
+    text = Model(model).metadata.get("ortho_mecha_plan")
+    return None if text is None else json.loads(text)
+
+
+def grid(columns: Sequence[tuple[str, Sequence[bytes]]]) -> bytes:
+    """A PNG with one labelled column per (label, images); images of a column stacked top to bottom."""
+    from PIL import Image, ImageDraw
+
+    opened = [(label, [Image.open(io.BytesIO(b)).convert("RGB") for b in images]) for label, images in columns]
+    width = max((im.width for _, ims in opened for im in ims), default=64)
+    height = max((im.height for _, ims in opened for im in ims), default=64)
+    rows = max((len(ims) for _, ims in opened), default=1)
+    sheet = Image.new("RGB", (width * len(opened), LABEL_HEIGHT + height * rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, (label, images) in enumerate(opened):
+        draw.text((c * width + 6, 6), label, fill="black")
+        for r, image in enumerate(images):
+            sheet.paste(image, (c * width, LABEL_HEIGHT + r * height))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def alpha_sweep(
+    plan: Plan,
+    alphas: Sequence[float],
+    folder: str | Path,
+    arch: str,
+    settings: PreviewSettings,
+    *,
+    client: ComfyClient,
+    comfy: Path | None = None,
+    compare: bool = False,
+    time_limit: float = 600.0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the sweep (see the module docstring); returns the cells and the grid's path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OrthoMechaError("the sweep's output folder does not exist", folder)
+    stem = (plan.source.stem if plan.source else plan.base.stem) + "_sweep"
+    grid_path = folder / f"{stem}.png"
+    if grid_path.exists():
+        raise OrthoMechaError("already exists; choose another folder or move it away", grid_path)
+    cells: list[Cell] = []
+    for alpha in alphas:
+        model, plan_path = _merged(plan, alpha, folder, stem, progress)
+        cells.append(Cell(f"alpha {alpha:g}", model, plan=plan_path, alpha=alpha))
+    if compare:
+        cells.append(Cell("base", plan.base))
+        cells += [Cell(row.model.stem, row.model) for row in plan.rows if row.enabled]
+    columns: list[tuple[str, list[bytes]]] = []
+    for n, cell in enumerate(cells, start=1):
+        if progress is not None:
+            progress({"fraction": (n - 1) / len(cells), "message": f"previewing {cell.label}"})
+        result = run_preview(cell.model, arch, settings, client=client, comfy=comfy, time_limit=time_limit)
+        images: list[PreviewImage] = result.images
+        cell.images = save_images(images, folder, f"{stem}_{cell.label.replace(' ', '')}_seed{settings.seed}")
+        columns.append((cell.label, [image.data for image in images]))
+    atomic_write_bytes(grid_path, grid(columns))
+    return {
+        "grid": str(grid_path),
+        "seed": settings.seed,
+        "cells": [
+            {"label": c.label, "model": str(c.model), "alpha": c.alpha, "plan": None if c.plan is None else str(c.plan),
+             "images": [str(p) for p in c.images]}
+            for c in cells
+        ],
+    }
+
+
+def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` command
+    """``ortho-mecha preview --plan PLAN.json --alphas A,B,... --out DIR``: the alpha sweep."""
+    from ortho_mecha.comfy import HTTP_TIMEOUT, comfy_dir, settings_from_args
+    from ortho_mecha.plan import load_plan
+
+    if args.model:
+        raise OrthoMechaError("give either a MODEL to preview or --plan for a sweep, not both")
+    if args.workflow:
+        raise OrthoMechaError("--workflow is not supported with --plan yet; sweeps use the built-in workflows")
+    settings = settings_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = alpha_sweep(
+        load_plan(args.plan),
+        parse_alphas(args.alphas),
+        out,
+        args.arch,
+        settings,
+        client=ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout)),
+        comfy=comfy_dir(args.comfy_dir),
+        compare=args.compare,
+        time_limit=args.timeout,
+    )
+    for cell in result["cells"]:
+        print(f"{cell['label']}: {', '.join(cell['images'])}")
+    print(f"grid: {result['grid']}")
+    return 0

@@ -1,0 +1,79 @@
+"""The alpha sweep against the stand-in ComfyUI: merges at each alpha, same seed, a labelled grid."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+from ortho_mecha.plan import plan_from_dict
+from ortho_mecha.sweep import grid, parse_alphas
+from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
+from tests.modelgen import write_family_files
+
+MEMBERS = ["base", "anime", "photo"]
+
+
+def write_plan(tmp_path: Path) -> Path:
+    paths = write_family_files(tmp_path / "m", "sdxl", "fp16", members=MEMBERS)
+    plan = plan_from_dict(
+        {"base": str(paths["base"]), "method": "ortho_superpose",
+         "rows": [{"model": str(paths["anime"])}, {"model": str(paths["photo"])}]},
+        tmp_path,
+    )
+    path = tmp_path / "mix.json"
+    path.write_text(plan.to_json())
+    return path
+
+
+def test_sweep_merges_previews_and_grids(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable,
+                                         digests: Callable) -> None:
+    plan = write_plan(tmp_path)
+    inputs = sorted((tmp_path / "m").glob("*.safetensors"))
+    before = digests(*inputs)
+    out = tmp_path / "sweep"
+    argv = ["preview", "--plan", plan, "--alphas", "0,1", "--compare", "--arch", "sdxl", "--prompt", "a fox",
+            "--seed", "5", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", out]
+    result = cli(*argv)
+    assert result.code == 0, result.err
+    merges = sorted(out.glob("*.safetensors"))
+    assert [p.name for p in merges] == ["mix_sweep_alpha0.safetensors", "mix_sweep_alpha1.safetensors"]
+    saved = json.loads((out / "mix_sweep_alpha1.plan.json").read_text())
+    assert saved["options"]["alpha"] == 1.0
+    seeds = {value for body in comfy_stub.received for node in body["prompt"].values()
+             for name, value in node["inputs"].items() if name in ("seed", "noise_seed")}
+    assert seeds == {5}
+    assert len(comfy_stub.received) == 2 + 1 + 2  # two alphas, the base, two models
+    sheet = Image.open(out / "mix_sweep.png")
+    cell = Image.open(next(out.glob("mix_sweep_alpha0_seed5_*.png")))
+    assert sheet.width == 5 * cell.width
+    assert digests(*inputs) == before
+    # alpha 0 is the base: a second run reuses the merges it made and refuses to overwrite the grid
+    again = cli(*argv)
+    assert again.code == 2 and "mix_sweep.png" in again.err and "already exists" in again.err
+
+
+def test_parse_alphas_and_errors(tmp_path: Path, cli_error: Callable) -> None:
+    assert parse_alphas("0.5, 1,1.5,1") == [0.5, 1.0, 1.5]
+    plan = write_plan(tmp_path)
+    common = ["--arch", "sdxl", "--prompt", "p", "--out", tmp_path / "o"]
+    assert "between 0 and 2" in cli_error("preview", "--plan", plan, "--alphas", "3", *common)
+    assert "numbers separated by commas" in cli_error("preview", "--plan", plan, "--alphas", "a,b", *common)
+    assert "not both" in cli_error("preview", tmp_path / "x.safetensors", "--plan", plan, *common)
+    assert "needs a MODEL" in cli_error("preview", *common)
+
+
+def test_grid_lays_out_columns() -> None:
+    def png(color: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 24), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    sheet = Image.open(io.BytesIO(grid([("a", [png("red"), png("red")]), ("b", [png("blue")])])))
+    assert sheet.size == (64, 28 + 48)
+    assert sheet.getpixel((5, 28 + 5)) == (255, 0, 0)
+    assert sheet.getpixel((32 + 5, 28 + 5)) == (0, 0, 255)
+    assert sheet.getpixel((32 + 5, 28 + 24 + 5)) == (255, 255, 255)  # the shorter column stays blank
