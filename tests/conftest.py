@@ -7,18 +7,27 @@
 - ``digests``: sha256 of every file under some paths, to show inputs were left untouched.
 - ``cli`` / ``cli_error``: run ``ortho_mecha.cli.main`` in-process and capture what it printed;
   ``cli_error`` also checks the error contract (status 2, exactly one line on stderr, no traceback).
+
+Hypothesis runs derandomized (the same examples every run), so a run of the suite is reproducible;
+``HYPOTHESIS_PROFILE=explore`` searches new examples instead.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.modelgen import write_family_files
+
+settings.register_profile("default", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
