@@ -103,9 +103,9 @@ def job_in_url(name: str) -> str | None:
     return value or None
 
 
-def start_job(kind: str, params: Mapping[str, Any], url_name: str) -> str:
-    """Submit a background job and put its id in the URL."""
-    job_id = jobs.submit(kind, params)
+def start_job(kind: str, params: Mapping[str, Any], url_name: str, heavy: bool = True) -> str:
+    """Submit a background job (a heavy one waits for the running heavy job) and put its id in the URL."""
+    job_id = jobs.submit(kind, params, heavy=heavy)
     st.query_params[url_name] = job_id
     return job_id
 
@@ -153,6 +153,8 @@ def _poll(job_id: str, what: str) -> None:
 
 ANALYSIS_URL = "analysis"
 MERGE_URL = "merge"
+PREVIEW_URL = "preview"
+SWEEP_URL = "sweep"
 
 
 def remember_analysis(record: Mapping[str, Any]) -> None:
@@ -244,3 +246,32 @@ def mix_figures(
         return None
     survival, interference = workspace.mix_predictions(rows, mix["method"], mix["options"])
     return MixFigures(rows.labels, survival, interference)
+
+
+# --- the Merge page --------------------------------------------------------------------------------
+
+
+def restore_merged_plan(job_id: str) -> Any:
+    """The plan a merge job merged (saved beside its output), made this session's plan; the Mixer shows it
+    too when it has no state yet. For a page opened from a URL naming a merge job (a reload, a new tab)."""
+    from ortho_mecha import workspace
+    from ortho_mecha.plan import load_plan
+
+    plan = load_plan(jobs.status(job_id)["params"]["plan"])
+    st.session_state["plan"] = plan
+    if "mix" not in st.session_state:
+        set_mix(workspace.table_from_plan(plan, workspace.ModelChoices.scan()))
+    return plan
+
+
+def plan_forecast(plan: Any, out: Path) -> Any:
+    """The dry-run :class:`~ortho_mecha.forecast.Forecast` of merging ``plan`` into ``out``, kept per plan and
+    output for the session (it reads the inputs' headers and, once per process, measures this machine)."""
+    key = (plan.to_json(), str(out))
+    memo = st.session_state.setdefault("_forecasts", {})
+    if key not in memo:
+        from ortho_mecha.forecast import forecast
+
+        memo.clear()
+        memo[key] = forecast(plan, out)
+    return memo[key]

@@ -183,6 +183,20 @@ def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
             "texture": texture}
 
 
+def optimized_mix(report: Mapping[str, Any], method: str, mix: Mapping[str, Any], choices: ModelChoices) -> dict:
+    """The Mixer's state with the optimizer's rows for ``report`` (:func:`ortho_mecha.optimize.plan_from_report`).
+
+    Base and rows come from the proposal (each row's reason in ``info``); the method, its options and the
+    texture stay as ``mix`` has them. Deterministic: the same report gives the same rows.
+    """
+    from ortho_mecha.optimize import plan_from_report
+    from ortho_mecha.plan import plan_from_dict
+
+    proposed = plan_from_dict(plan_from_report(report, method), Path(report["base"]).parent)
+    table = table_from_plan(proposed, choices)
+    return {**table, "method": method, "options": dict(mix["options"]), "texture": mix["texture"]}
+
+
 def _number(value: Any, default: float) -> float:
     """A table cell as a number: an empty cell (None / NaN) takes ``default``."""
     if value is None or (isinstance(value, float) and value != value):
@@ -305,6 +319,20 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
         "survival (plain average)": metrics.survival_plain(rows.gram),
     })
     return survival, metrics.interference(rows.gram, alphas * repeats)
+
+
+def survival_frame(survival: Mapping[str, Any]) -> Any:
+    """The merge job's ``survival`` (rows, predicted, measured, label) as a table: one line per enabled row."""
+    import pandas as pd
+
+    predicted, measured = survival["predicted"], survival["measured"]
+    return pd.DataFrame({
+        "model": [Path(row).name for row in survival["rows"]],
+        f"predicted ({survival['label']})": predicted,
+        "measured": measured,
+        "measured − predicted": [m - p for p, m in zip(predicted, measured, strict=True)],
+    })
+
 
 def merge_job_params(plan: Any, output_name: str, overwrite: bool = False, workspace: Path | None = None) -> dict:
     """The ``merge`` job's parameters for ``plan`` into ``merges/<output_name>``; the plan is written beside it.

@@ -7,13 +7,17 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ortho_mecha import recipe, ui, workspace
+from ortho_mecha import recipe, security, ui, workspace
 from ortho_mecha.merge import summary
 from ortho_mecha.plan import load_plan
 
 st.title("Merge")
 
 plan = st.session_state.get("plan")
+merge_job = ui.job_in_url(ui.MERGE_URL)
+if plan is None and merge_job is not None:  # a reload or a new tab: the plan the job in the URL merged
+    with ui.shown_errors():
+        plan = ui.restore_merged_plan(merge_job)
 if plan is None:
     st.info("Make a plan on the Mixer page first; it is merged here.")
 else:
@@ -24,6 +28,11 @@ else:
         name = left.text_input("Output file name", value="merged.safetensors", key="merge_name",
                                help="a plain file name; letters, digits, '.', '_', '-' and spaces")
         overwrite = right.checkbox("Replace an existing file", key="merge_overwrite")
+        with ui.shown_errors():
+            ahead = ui.plan_forecast(plan, workspace.merges_dir() / security.validate_output_name(name))
+            st.caption("Dry-run forecast: " + " · ".join(ahead.lines()))
+            if ahead.fits_disk is False:
+                st.warning("Not enough free disk space for the output there; free some space first.")
         if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start"):
             with ui.shown_errors():
                 ui.start_job("merge", workspace.merge_job_params(plan, name, overwrite), ui.MERGE_URL)
@@ -39,6 +48,11 @@ if record is not None and record["state"] == "done":
     columns[1].metric("time", f"{report['seconds']:.1f} s")
     columns[2].metric("NaN/Inf keys repaired", len(repairs["nonfinite"]))
     columns[3].metric("keys copied from the base", len(repairs["missing"]) + len(repairs["non_float"]))
+    if report.get("survival"):
+        st.subheader("Survival of each row")
+        st.caption("How much of each row's delta the merge carries along its direction (1: all of it), "
+                   "predicted from the analysis before the merge and measured on the output after it.")
+        st.dataframe(workspace.survival_frame(report["survival"]), hide_index=True)
     st.subheader("Repair report")
     st.code(summary(report), language=None)
     st.subheader("Input and output hashes (sha256)")

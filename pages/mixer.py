@@ -42,8 +42,16 @@ with st.container(border=True):
 labels = choices.labels
 base = st.selectbox("Base model", labels, index=labels.index(mix["base"]) if mix["base"] in labels else 0,
                     key=f"mix_base_{mix['version']}")
-st.caption("One row per model: its delta is alpha × (model − delta-from). Add rows at the bottom, delete by "
-           "selecting a row's left edge.")
+caption_column, optimize_column = st.columns([3, 1], vertical_alignment="bottom")
+caption_column.caption("One row per model: its delta is alpha × (model − delta-from). Add rows at the bottom, "
+                       "delete by selecting a row's left edge.")
+if optimize_column.button("Optimize rows", icon=":material/auto_fix_high:", key="mix_optimize",
+                          disabled=analysis is None, width="stretch",
+                          help="propose delta-froms, alphas and repeats from the analysis (the reasons go to "
+                               "'info'); the method, its options and the texture stay"):
+    with ui.shown_errors():
+        ui.set_mix(workspace.optimized_mix(analysis[1], mix["method"], mix, choices))
+        st.rerun()
 edited = st.data_editor(
     pd.DataFrame(mix["rows"], columns=list(TABLE_COLUMNS)),
     key=f"mix_rows_{mix['version']}",

@@ -84,6 +84,15 @@ def test_every_page_renders_and_the_round_trip_merges(workspace: Path) -> None:
     assert any("survival" in str(frame.value.columns) for frame in at.dataframe)
     plan = at.session_state["plan"]
     assert len(plan.enabled_rows) == 7
+    # The optimizer fills the rows from the analysis, a reason per row; the same report gives the same rows.
+    at.button(key="mix_optimize").click().run()
+    assert not at.exception and not _errors(at)
+    optimized = at.session_state["plan"]
+    assert all(row.info for row in optimized.rows)
+    assert len(optimized.enabled_rows) < 7  # the demo's near-duplicate (and the merge of two) are left out
+    assert any("duplicate" in row.info for row in optimized.rows if not row.enabled)
+    at.button(key="mix_optimize").click().run()
+    assert at.session_state["plan"] == optimized
     at.text_input(key="mix_preset_name").set_value("bad/name").run()
     at.button(key="mix_save").click().run()
     assert any("preset name" in error for error in _errors(at))
@@ -102,6 +111,17 @@ def test_every_page_renders_and_the_round_trip_merges(workspace: Path) -> None:
     _until(at, lambda a: any("written" in s.value for s in a.success), "the merge")
     assert (workspace / "merges" / "round trip.safetensors").is_file()
     assert [b.label for b in at.get("download_button")] == ["Download recipe (.mecha)", "Download script (.py)"]
+    assert any("measured" in str(frame.value.columns) for frame in at.dataframe)
+    assert any("Dry-run forecast" in caption.value for caption in at.caption)
+
+    # A new session opened on the job's URL (a reload) shows the plan that job merged, not "make a plan first".
+    reloaded = _app()
+    reloaded.query_params["merge"] = at.query_params["merge"]
+    reloaded.switch_page(ui.PAGES[2].path).run()
+    assert not reloaded.exception and not _errors(reloaded)
+    assert not reloaded.info
+    assert reloaded.session_state["plan"] == optimized
+    assert any("written" in s.value for s in reloaded.success)
 
     at.switch_page(ui.PAGES[3].path).run()
     assert not at.exception
