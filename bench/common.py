@@ -71,7 +71,8 @@ def measured(script: str, step: str, *args: object) -> dict:
 
 
 def run_and_report(step: str, work: Callable[[], object], children: bool = False) -> None:
-    """Run ``work`` in this (child) process and print seconds, peak RSS and peak anonymous memory as JSON."""
+    """Run ``work`` in this (child) process and print seconds, peak RSS and peak anonymous memory as JSON
+    (plus whatever dict ``work`` returns)."""
     peak = {"anon_kib": 0}
     stop = threading.Event()
 
@@ -84,14 +85,15 @@ def run_and_report(step: str, work: Callable[[], object], children: bool = False
 
     threading.Thread(target=sample, daemon=True).start()
     started = time.perf_counter()
-    work()
+    result = work()
     seconds = time.perf_counter() - started
     stop.set()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if children:
         rss = max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    extra = result if isinstance(result, dict) else {}
     print(json.dumps({"step": step, "seconds": seconds, "peak_rss_gib": rss / 2**20,
-                      "peak_anon_gib": peak["anon_kib"] / 2**20}))
+                      "peak_anon_gib": peak["anon_kib"] / 2**20, **extra}))
 
 
 def read_files(paths: list[Path]) -> None:

@@ -4,7 +4,8 @@ Prints, each figure from one run on the same files (warm page cache; each step i
 - analysis ÷ raw read of the same bytes for N = 2, 8, 32 models;
 - time and peak RSS as N grows to 200 small models (read cost linear in N, products N²);
 - adding 1 model to a cached analysis of 50 ÷ a fresh analysis of 51;
-- the streaming pass vs a naive one (whole state dicts loaded, deltas flattened, one big Gram).
+- the streaming pass vs a naive one (whole state dicts loaded, deltas flattened, one big Gram);
+- the whole pipeline on 200 small models: analyse, optimize, merge with ortho_superpose (peak memory).
 
     .venv/bin/python bench/scale.py                      # everything, a few minutes
     .venv/bin/python bench/scale.py --only growth --max-models 200
@@ -45,6 +46,31 @@ def incremental(paths: list[Path]) -> None:
         run_and_report("incremental", lambda: analyse(paths[0], paths[1:]))
 
 
+def two_hundred(paths: list[Path]) -> dict:
+    """Analyse, optimize and merge (ortho_superpose) the whole family, each stage timed."""
+    import time
+
+    from ortho_mecha.analysis import analyse, report
+    from ortho_mecha.merge import merge_plan
+    from ortho_mecha.optimize import plan_from_report
+    from ortho_mecha.plan import plan_from_dict
+
+    stages = {}
+    started = time.perf_counter()
+    rep = report(analyse(paths[0], paths[1:], use_cache=False))
+    stages["analyse"] = time.perf_counter() - started
+    started = time.perf_counter()
+    plan = plan_from_dict(plan_from_report(rep, method="ortho_superpose"), paths[0].parent)
+    stages["optimize"] = time.perf_counter() - started
+    out = paths[0].parent / "merged_200.safetensors"
+    out.unlink(missing_ok=True)
+    started = time.perf_counter()
+    merge_plan(plan, out, threads=1)
+    stages["merge"] = time.perf_counter() - started
+    out.unlink()
+    return {"stages": stages, "enabled_rows": len(plan.enabled_rows)}
+
+
 def run_step(step: str, paths: list[Path]) -> None:
     if step == "read":
         run_and_report(step, lambda: read_files(paths), children=True)
@@ -56,6 +82,8 @@ def run_step(step: str, paths: list[Path]) -> None:
         run_and_report(step, lambda: naive(paths))
     elif step == "incremental":
         incremental(paths)
+    elif step == "two_hundred":
+        run_and_report(step, lambda: two_hundred(paths))
 
 
 def ratios(folder: Path, size_mb: float) -> None:
@@ -95,13 +123,21 @@ def versus_naive(folder: Path, size_mb: float) -> None:
           f"(streaming computes conflicts, signal and outliers too)")
 
 
+def whole_pipeline(folder: Path, size_mb: float, models: int) -> None:
+    paths = generate(folder / f"{models}x{size_mb:g}mb", models, size_mb)
+    done = measured(__file__, "two_hundred", *paths)
+    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in done["stages"].items())
+    print(f"{models} models ({done['enabled_rows']} rows enabled by the optimizer): {stages}; peak RSS "
+          f"{done['peak_rss_gib']:.2f} GiB, peak anonymous {done['peak_anon_gib']:.2f} GiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ortho-mecha-bench"))
     parser.add_argument("--size-mb", type=float, default=64, help="model size for the ratio and naive runs")
     parser.add_argument("--small-mb", type=float, default=4, help="model size for the growth and incremental runs")
     parser.add_argument("--max-models", type=int, default=200)
-    parser.add_argument("--only", choices=["ratios", "growth", "incremental", "naive"])
+    parser.add_argument("--only", choices=["ratios", "growth", "incremental", "naive", "pipeline"])
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,6 +152,8 @@ def main() -> None:
         adding_one(args.dir, args.small_mb)
     if args.only in (None, "naive"):
         versus_naive(args.dir, args.size_mb)
+    if args.only in (None, "pipeline"):
+        whole_pipeline(args.dir, args.small_mb, args.max_models)
 
 
 if __name__ == "__main__":

@@ -299,17 +299,19 @@ def run_pass(
         if current is not None:
             h_key[current] = _finish_key(acc, n_files, h_rows)
             _store_peaks(stats, stat_rows, current, peaks)
+        # symmetric completion of the conflict counts: rows computed against all, mirror them
+        if stat_rows:
+            mask = np.zeros(n_rows, dtype=bool)
+            mask[stat_rows] = True
+            both = np.where(mask[:, None], both, both.T)
+            agree = np.where(mask[:, None], agree, agree.T)
+            signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in key_index]
+            # still one torch thread: torch's OpenMP workers would otherwise spin between operations and
+            # starve the LAPACK threads of the eigendecompositions (measured: 20× slower)
+            _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq, dtype, signal_keys)
     finally:
         reader.close()
         torch.set_num_threads(threads)
-    # symmetric completion of the conflict counts: rows computed against all, mirror them
-    if stat_rows:
-        mask = np.zeros(n_rows, dtype=bool)
-        mask[stat_rows] = True
-        both = np.where(mask[:, None], both, both.T)
-        agree = np.where(mask[:, None], agree, agree.T)
-        signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in key_index]
-        _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq, dtype, signal_keys)
     bytes_read = reader.bytes_read
     return PassResult(h_key, both, agree, stats, bytes_read, time.perf_counter() - started)
 
