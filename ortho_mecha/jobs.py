@@ -48,6 +48,8 @@ JOB_KINDS: dict[str, str] = {
     "analyse": "ortho_mecha.analysis:run_job",
     "sleep": "ortho_mecha.jobs:sleep_job",
     "merge": "ortho_mecha.merge:run_job",
+    "preview": "ortho_mecha.preview_job:run_job",
+    "sweep": "ortho_mecha.preview_job:sweep_job",
 }
 
 FINISHED_STATES = frozenset({"done", "failed", "cancelled"})

@@ -1,50 +1,96 @@
-"""Preview: render a merged model through the user's ComfyUI with the architecture's built-in workflow."""
+"""Preview: render a merged model through the user's ComfyUI, or sweep a plan's alpha, as background jobs."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import streamlit as st
 
-from ortho_mecha import comfy, ui, workspace
+from ortho_mecha import comfy, preview_job, ui, workspace
 from ortho_mecha.workflows import BUILTIN_ARCHS, MAX_SEED, PreviewSettings
 
 BROWSER_INT_MAX = 2**53 - 1  # the largest whole number a browser number input holds exactly
+MIXER_PLAN = "the Mixer's plan"
 
 st.title("Preview")
-st.caption(
-    "Needs a running ComfyUI: its address in COMFYUI_API (default http://127.0.0.1:8188) and, so the merged "
-    "file can be linked into its models folder, its install folder in COMFYUI_DIR. Without COMFYUI_DIR, copy "
-    "the merged file into ComfyUI's models folder yourself."
-)
 
-merges = workspace.ModelChoices.scan((workspace.merges_dir(),))
-if not merges.labels:
-    st.info(f"No merged models yet in {workspace.merges_dir()}; merge a plan on the Merge page first.")
-    st.stop()
+with st.container(border=True):
+    st.markdown("**ComfyUI**")
+    left, right = st.columns(2)
+    api = left.text_input("Server address (COMFYUI_API)", value=comfy.comfy_api(), key="pv_api")
+    folder = right.text_input(
+        "ComfyUI folder (COMFYUI_DIR)", value=os.environ.get("COMFYUI_DIR", ""), key="pv_dir",
+        placeholder="e.g. /opt/ComfyUI", help="the folder holding ComfyUI's models/: the model is linked into it "
+        "for the render and unlinked afterwards; leave empty to copy the model into ComfyUI's models folder yourself",
+    )
 
-analysis = ui.current_analysis()
-analysed_arch = analysis[1]["arch"] if analysis is not None else None
-with st.form("preview"):
-    url = st.text_input("ComfyUI server", value=comfy.comfy_api())
-    left, right = st.columns([2, 1])
-    model = left.selectbox("Merged model", merges.labels)
-    arch = right.selectbox("Architecture", BUILTIN_ARCHS,
-                           index=BUILTIN_ARCHS.index(analysed_arch) if analysed_arch in BUILTIN_ARCHS else 0)
-    prompt = st.text_area("Prompt", value="a photo of a red fox in the snow, detailed fur")
-    negative = st.text_area("Negative prompt", value="blurry, low quality")
-    seed = st.number_input("Seed", min_value=0, max_value=min(MAX_SEED, BROWSER_INT_MAX), value=0, step=1)
-    run = st.form_submit_button("Render", type="primary", icon=":material/image:")
+with st.container(border=True):
+    st.markdown("**Render settings**")
+    analysis = ui.current_analysis()
+    analysed_arch = analysis[1]["arch"] if analysis is not None else None
+    arch_column, seed_column, steps_column, cfg_column = st.columns([2, 2, 1, 1])
+    arch = arch_column.selectbox("Architecture", BUILTIN_ARCHS, key="pv_arch", help="picks the built-in workflow",
+                                 index=BUILTIN_ARCHS.index(analysed_arch) if analysed_arch in BUILTIN_ARCHS else 0)
+    seed = seed_column.number_input("Seed", min_value=0, max_value=min(MAX_SEED, BROWSER_INT_MAX), value=0, step=1,
+                                    key="pv_seed")
+    steps = steps_column.number_input("Steps", min_value=1, max_value=200, value=None, step=1, key="pv_steps",
+                                      placeholder="default", help="empty: the architecture's default")
+    cfg = cfg_column.number_input("CFG", min_value=0.0, max_value=30.0, value=None, step=0.5, key="pv_cfg",
+                                  placeholder="default", help="empty: the architecture's default")
+    prompt = st.text_area("Prompt", value="a photo of a red fox in the snow, detailed fur", key="pv_prompt", height=80)
+    negative = st.text_area("Negative prompt", value="blurry, low quality", key="pv_negative", height=68)
+settings = PreviewSettings(prompt=prompt, negative=negative, seed=int(seed),
+                           steps=None if steps is None else int(steps), cfg=cfg)
 
-if run:
-    with ui.shown_errors(), st.spinner("rendering in ComfyUI…"):
-        result = comfy.run_preview(
-            merges.path(model),
-            arch,
-            PreviewSettings(prompt=prompt, negative=negative, seed=int(seed)),
-            client=comfy.ComfyClient(url),
-            comfy=comfy.comfy_dir(),
-        )
-        st.session_state["preview_images"] = [image.data for image in result.images]
-        st.session_state["preview_caption"] = f"{result.model_name} · {result.arch} · seed {result.seed}"
-if st.session_state.get("preview_images"):
-    images = st.session_state["preview_images"]
-    st.image(images, caption=[st.session_state["preview_caption"]] * len(images))
+one, sweep = st.tabs(["One model", "Alpha sweep"])
+
+with one:
+    merges = workspace.ModelChoices.scan((workspace.merges_dir(),))
+    if not merges.labels:
+        st.info(f"No merged models yet in {workspace.merges_dir()}; merge a plan on the Merge page first.")
+    else:
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        model = left.selectbox("Merged model", merges.labels, key="pv_model")
+        if right.button("Render", type="primary", icon=":material/image:", key="pv_render", width="stretch"):
+            with ui.shown_errors():
+                server, comfy_folder = preview_job.connect(api, folder)
+                params = preview_job.preview_params(merges.path(model), arch, settings, server, comfy_folder)
+                ui.start_job("preview", params, ui.PREVIEW_URL, heavy=False)
+                st.rerun()
+    record = ui.job_panel(ui.PREVIEW_URL, "preview")
+    if record is not None and record["state"] == "done":
+        result = record["result"]
+        caption = f"{Path(result['model']).name} · {result['arch']} · seed {result['seed']}"
+        with ui.shown_errors():
+            st.image(result["images"], caption=[caption] * len(result["images"]))
+        st.caption("saved as " + ", ".join(f"`{path}`" for path in result["images"]))
+
+with sweep:
+    st.caption("Merges the plan at each global alpha (into merges/sweeps/NAME/), previews every merge with the same "
+               "seed and lays the images out in one grid; optionally the base and each model too.")
+    plans = ([MIXER_PLAN] if "plan" in st.session_state else []) + workspace.list_presets()
+    if not plans:
+        st.info("Make a plan on the Mixer page (or save one as a preset) to sweep it.")
+    else:
+        source_column, alphas_column, name_column = st.columns([2, 1, 1])
+        source = source_column.selectbox("Plan", plans, key="sw_plan", help="the Mixer's current plan or a preset")
+        alphas = alphas_column.text_input("Alphas", value="0.5,1,1.5", key="sw_alphas",
+                                          help="global alphas from 0 to 2, separated by commas")
+        name = name_column.text_input("Sweep name", value="sweep", key="sw_name",
+                                      help="the folder merges/sweeps/NAME/ gets the merges, images and grid")
+        compare = st.checkbox("Also preview the base and each model", key="sw_compare")
+        if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start"):
+            with ui.shown_errors():
+                plan = (st.session_state["plan"] if source == MIXER_PLAN
+                        else workspace.load_preset(source, workspace.ModelChoices.scan()))
+                server, comfy_folder = preview_job.connect(api, folder)
+                params = preview_job.sweep_params(plan, name, alphas, arch, settings, server, comfy_folder, compare)
+                ui.start_job("sweep", params, ui.SWEEP_URL)
+                st.rerun()
+    record = ui.job_panel(ui.SWEEP_URL, "sweep")
+    if record is not None and record["state"] == "done":
+        result = record["result"]
+        with ui.shown_errors():
+            st.image(result["grid"], caption=" · ".join(cell["label"] for cell in result["cells"]))
+        st.caption(f"grid saved as `{result['grid']}`")

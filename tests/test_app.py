@@ -1,4 +1,5 @@
-"""The dashboard under Streamlit's AppTest: every page from ``ui.PAGES``, the gate, errors, analyse → mix → merge.
+"""The dashboard under Streamlit's AppTest: every page from ``ui.PAGES``, the gate, errors, analyse → mix → merge
+→ sweep.
 
 Jobs run as the real app runs them, in detached worker processes; the tests poll like the page does.
 """
@@ -14,6 +15,7 @@ from streamlit import config
 from streamlit.testing.v1 import AppTest
 
 from ortho_mecha import ui
+from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 WAIT_S = 120
@@ -60,7 +62,9 @@ def test_pages_are_the_ones_the_app_navigates() -> None:
 
 
 @pytest.mark.slow
-def test_every_page_renders_and_the_round_trip_merges(workspace: Path) -> None:
+def test_every_page_renders_and_the_round_trip_merges(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
     at = _app().run()
     assert not at.exception
     assert at.title[0].value == "Analyse"
@@ -123,10 +127,22 @@ def test_every_page_renders_and_the_round_trip_merges(workspace: Path) -> None:
     assert reloaded.session_state["plan"] == optimized
     assert any("written" in s.value for s in reloaded.success)
 
+    # Preview: an alpha sweep of the Mixer's plan through the stand-in ComfyUI, as a job, ends in the grid.
+    monkeypatch.setenv("COMFYUI_API", comfy_stub.url)
+    monkeypatch.setenv("COMFYUI_DIR", str(comfy_stub.root))
     at.switch_page(ui.PAGES[3].path).run()
-    assert not at.exception
+    assert not at.exception and not _errors(at)
     assert at.title[0].value == "Preview"
-    assert at.selectbox[0].options == ["round trip.safetensors"]
+    assert at.selectbox(key="pv_model").options == ["round trip.safetensors"]
+    assert at.selectbox(key="pv_arch").value == "flux1"  # the analysed architecture
+    assert at.selectbox(key="sw_plan").value == "the Mixer's plan"
+    at.text_input(key="sw_alphas").set_value("0,1")
+    at.text_input(key="sw_name").set_value("two")
+    at.button(key="sw_start").click().run()
+    assert not _errors(at)
+    _until(at, lambda a: a.get("image"), "the sweep grid")
+    assert (workspace / "merges" / "sweeps" / "two" / "two_sweep.png").is_file()
+    assert len(comfy_stub.received) == 2
 
 
 def test_a_bad_job_id_in_the_url_is_an_error_message(workspace: Path) -> None:

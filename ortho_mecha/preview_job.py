@@ -1,0 +1,199 @@
+"""Previews as background jobs: one merged model rendered through ComfyUI, or an alpha sweep of a plan.
+
+Two job kinds (``jobs.JOB_KINDS``): ``preview`` (:func:`run_job`, light: it waits on ComfyUI, so it runs
+beside a merge) and ``sweep`` (:func:`sweep_job`, heavy: it merges the plan at every alpha). Their
+parameters are plain JSON made by :func:`preview_params` / :func:`sweep_params`, which check everything a
+user can get wrong — the server address, the ComfyUI folder, the architecture, the alphas, the sweep's
+name — before a job is queued; :func:`connect` also asks the server once, so a ComfyUI that is down is
+reported at once rather than as a failed job.
+
+A preview's images are saved beside the merged model (``<stem>_seed<seed>_NNN.png``); a sweep writes its
+merges, images and grid into ``merges/sweeps/<name>/`` (see :mod:`ortho_mecha.sweep`). Cancelling a
+preview job also takes its prompt off ComfyUI's queue (or interrupts it when it already runs): the job
+notices the cancel request at its next poll of ComfyUI. A sweep stops between merges and between
+previews; a preview of a sweep that is already in ComfyUI when the sweep is cancelled runs to its end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ortho_mecha import comfy, workspace
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.jobs import Cancelled, Progress
+from ortho_mecha.workflows import PreviewSettings, arch_id
+
+logger = logging.getLogger(__name__)
+
+SWEEPS_FOLDER = "sweeps"  # under the workspace's merges/
+CONNECT_TIMEOUT = 5.0  # seconds the up-front check of the server may take
+
+
+def connect(api: str, folder: str) -> tuple[str, str | None]:
+    """Check the ComfyUI address (and that the server answers) and its folder; return both, normalised.
+
+    An empty ``folder`` means "do not link models into ComfyUI" (the user copies them there).
+    """
+    client = comfy.ComfyClient(api, timeout=CONNECT_TIMEOUT)
+    directory = comfy.comfy_dir(folder.strip()) if folder.strip() else None
+    client.system_stats()
+    return client.base_url, None if directory is None else str(directory)
+
+
+def settings_params(settings: PreviewSettings) -> dict[str, Any]:
+    """``settings`` as JSON data for a job's parameters."""
+    data = asdict(settings)
+    data["size"] = None if settings.size is None else list(settings.size)
+    data["clip"] = list(settings.clip)
+    return data
+
+
+def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, folder: str | None) -> dict[str, Any]:
+    """The ``preview`` job's parameters: render ``model`` with ``arch``'s built-in workflow."""
+    return {
+        "model": str(model),
+        "arch": arch_id(arch),
+        "settings": settings_params(settings),
+        "api": api,
+        "comfy_dir": folder,
+    }
+
+
+def sweep_folder(name: str, workspace_dir: Path | None = None) -> Path:
+    """Where the sweep ``name`` writes: ``merges/sweeps/<name>/`` (a name follows the preset-name rules)."""
+    return workspace.merges_dir(workspace_dir) / SWEEPS_FOLDER / workspace.validate_preset_name(name)
+
+
+def sweep_params(
+    plan: Any,
+    name: str,
+    alphas: str,
+    arch: str,
+    settings: PreviewSettings,
+    api: str,
+    folder: str | None,
+    compare: bool,
+    workspace_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The ``sweep`` job's parameters; the plan is saved as ``<name>.json`` in the sweep's folder.
+
+    ``alphas`` is the user's text ("0.5,1,1.5"). A sweep whose grid already exists is refused; a sweep
+    of that name that stopped half-way is continued (its merges are reused when they come from the same plan).
+    """
+    from ortho_mecha.plan import save_plan
+    from ortho_mecha.sweep import parse_alphas  # imports the merge machinery (torch)
+
+    values = parse_alphas(alphas)
+    out = sweep_folder(name, workspace_dir)
+    grid = out / f"{out.name}_sweep.png"
+    if grid.exists():
+        raise OrthoMechaError("a sweep of that name is done already; choose another name", grid)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = save_plan(plan, out / f"{out.name}.json", overwrite=True)
+    return {
+        "plan": str(plan_path),
+        "alphas": values,
+        "out": str(out),
+        "arch": arch_id(arch),
+        "settings": settings_params(settings),
+        "api": api,
+        "comfy_dir": folder,
+        "compare": bool(compare),
+    }
+
+
+# --- the jobs --------------------------------------------------------------------------------------
+
+
+def _text(params: Mapping[str, Any], name: str, kind: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise OrthoMechaError(f"{kind} job: '{name}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _settings(data: Any, kind: str) -> PreviewSettings:
+    if not isinstance(data, Mapping) or not isinstance(data.get("prompt"), str):
+        raise OrthoMechaError(f"{kind} job: 'settings' must be an object with at least a 'prompt' text")
+    known = set(PreviewSettings.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise OrthoMechaError(
+            f"{kind} job: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+        )
+    values = dict(data)
+    if values.get("size") is not None:
+        values["size"] = tuple(values["size"])
+    values["clip"] = tuple(values.get("clip") or ())
+    return PreviewSettings(**values)
+
+
+def _client(params: Mapping[str, Any], kind: str) -> tuple[comfy.ComfyClient, Path | None]:
+    folder = params.get("comfy_dir")
+    if folder is not None and not isinstance(folder, str):
+        raise OrthoMechaError(f"{kind} job: 'comfy_dir' must be a folder path or null, got {folder!r}")
+    return comfy.ComfyClient(_text(params, "api", kind)), comfy.comfy_dir(folder) if folder else None
+
+
+def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Job ``preview``: render the model, save the images beside it; cancelling also cancels it in ComfyUI."""
+    model = Path(_text(params, "model", "preview"))
+    arch = _text(params, "arch", "preview")
+    settings = _settings(params.get("settings"), "preview")
+    client, comfy_folder = _client(params, "preview")
+
+    def report(place: comfy.Progress) -> None:
+        where = "rendering in ComfyUI" if place.state == "running" else f"queued in ComfyUI, {place.ahead} ahead"
+        try:
+            progress({"message": f"{where} ({place.elapsed:.0f} s)"})
+        except Cancelled:
+            cancel_prompt(client, place.prompt_id)
+            raise
+
+    progress({"message": f"sending {model.name} to ComfyUI at {client.base_url}"})
+    result = comfy.run_preview(model, arch, settings, client=client, comfy=comfy_folder, progress=report)
+    paths = comfy.save_images(result.images, model.parent, f"{model.stem}_seed{result.seed}")
+    return {
+        "images": [str(path) for path in paths],
+        "model": str(model),
+        "model_name": result.model_name,
+        "arch": result.arch,
+        "seed": result.seed,
+        "prompt_id": result.prompt_id,
+    }
+
+
+def cancel_prompt(client: comfy.ComfyClient, prompt_id: str) -> None:
+    """Take ``prompt_id`` off ComfyUI's queue (or interrupt it); a server that does not answer is only logged."""
+    try:
+        client.cancel(prompt_id)
+    except OrthoMechaError as error:
+        logger.warning("could not cancel prompt %s in ComfyUI: %s", prompt_id, error)
+    else:
+        logger.info("cancelled prompt %s in ComfyUI at %s", prompt_id, client.base_url)
+
+
+def sweep_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Job ``sweep``: :func:`ortho_mecha.sweep.alpha_sweep` of the saved plan; returns the grid and the cells."""
+    from ortho_mecha.plan import load_plan
+    from ortho_mecha.sweep import alpha_sweep
+
+    alphas = params.get("alphas")
+    if not isinstance(alphas, list) or not alphas or not all(isinstance(a, (int, float)) for a in alphas):
+        raise OrthoMechaError(f"sweep job: 'alphas' must be a non-empty list of numbers, got {alphas!r}")
+    client, comfy_folder = _client(params, "sweep")
+    return alpha_sweep(
+        load_plan(_text(params, "plan", "sweep")),
+        [float(a) for a in alphas],
+        _text(params, "out", "sweep"),
+        _text(params, "arch", "sweep"),
+        _settings(params.get("settings"), "sweep"),
+        client=client,
+        comfy=comfy_folder,
+        compare=bool(params.get("compare", False)),
+        progress=progress,
+    )

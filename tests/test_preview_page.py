@@ -1,0 +1,170 @@
+"""Previews as background jobs (``ortho_mecha.preview_job``) and the Preview page, against the stand-in ComfyUI."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from streamlit.testing.v1 import AppTest
+
+from ortho_mecha import preview_job, ui
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.jobs import Cancelled
+from ortho_mecha.workflows import PreviewSettings
+from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
+from tests.test_app import _app, _errors, _until, workspace  # noqa: F401 - the workspace fixture
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SETTINGS = PreviewSettings("a lighthouse at dusk", negative="fog", seed=7, steps=4, cfg=2.5, size=(512, 768))
+
+
+def write_model(path: Path) -> Path:
+    """A small real safetensors file (the stand-in server never loads it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"input_blocks.0.0.weight": np.full((4, 4, 3, 3), 0.5, np.float16)}, str(path))
+    return path
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_settings_survive_the_job_parameters() -> None:
+    data = preview_job.settings_params(SETTINGS)
+    assert data["size"] == [512, 768]
+    assert preview_job._settings(data, "preview") == SETTINGS
+    with pytest.raises(OrthoMechaError, match="unknown setting"):
+        preview_job._settings({**data, "sampler": "euler"}, "preview")
+
+
+def test_connect_checks_address_folder_and_server(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    assert preview_job.connect(comfy_stub.url + "/", str(comfy_stub.root)) == (comfy_stub.url, str(comfy_stub.root))
+    assert preview_job.connect(comfy_stub.url, "  ") == (comfy_stub.url, None)
+    with pytest.raises(OrthoMechaError, match="not reachable"):
+        preview_job.connect(closed_port_url(), "")
+    with pytest.raises(OrthoMechaError, match="must start with http"):
+        preview_job.connect("127.0.0.1:8188", "")
+    with pytest.raises(OrthoMechaError, match="not a ComfyUI folder"):
+        preview_job.connect(comfy_stub.url, str(tmp_path))
+
+
+def test_preview_job_saves_images_beside_the_model(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "merges" / "mix.safetensors")
+    params = preview_job.preview_params(model, "sd1", SETTINGS, comfy_stub.url, str(comfy_stub.root))
+    messages: list[str] = []
+    result = preview_job.run_job(params, lambda info: messages.append(info["message"]))
+    assert [Path(p).name for p in result["images"]] == ["mix_seed7_001.png"]
+    assert Path(result["images"][0]).read_bytes().startswith(PNG_SIGNATURE)
+    assert Path(result["images"][0]).parent == model.parent
+    assert result["seed"] == 7 and result["arch"] == "sd1"
+    sent = comfy_stub.received[-1]["prompt"]
+    sampler = next(node["inputs"] for node in sent.values() if node["class_type"] == "KSampler")
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (7, 4, 2.5)
+    assert not (comfy_stub.root / "models" / "checkpoints" / model.name).exists()  # the link is gone again
+    assert messages[0].startswith("sending mix.safetensors")
+
+
+def test_cancelling_a_preview_job_cancels_the_prompt_in_comfyui(tmp_path: Path) -> None:
+    stub = ComfyStub(tmp_path / "ComfyUI", delay=60.0)
+    stub.add_standard_files()
+    stub.start()
+    try:
+        model = write_model(tmp_path / "merges" / "slow.safetensors")
+        params = preview_job.preview_params(model, "sd1", SETTINGS, stub.url, str(stub.root))
+        def progress(info: dict) -> None:
+            if "in ComfyUI" in info["message"] and not info["message"].startswith("sending"):
+                raise Cancelled("cancel requested")
+
+        with pytest.raises(Cancelled):
+            preview_job.run_job(params, progress)
+        deadline = time.monotonic() + 10
+        while not stub.history and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (prompt_id, entry), = stub.history.items()
+        assert stub.interrupts == [{"prompt_id": prompt_id}]  # it was running: interrupted, not left to finish
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+        assert not (stub.root / "models" / "checkpoints" / model.name).exists()
+    finally:
+        stub.stop()
+
+
+def test_sweep_parameters_are_checked_before_the_job(tmp_path: Path, make_family) -> None:
+    from ortho_mecha.plan import plan_from_dict
+
+    paths = make_family(members=["base", "anime"])
+    plan = plan_from_dict({"base": str(paths["base"]), "method": "ortho_superpose",
+                           "rows": [{"model": str(paths["anime"])}]}, tmp_path)
+    ws = tmp_path / "ws"
+    params = preview_job.sweep_params(plan, "first try", "1, 0.5", "sdxl", SETTINGS, "http://127.0.0.1:1", None,
+                                      True, workspace_dir=ws)
+    folder = ws / "merges" / "sweeps" / "first try"
+    assert params["alphas"] == [1.0, 0.5] and params["out"] == str(folder) and params["compare"] is True
+    assert (folder / "first try.json").is_file()
+    with pytest.raises(OrthoMechaError, match="between 0 and 2"):
+        preview_job.sweep_params(plan, "x", "3", "sdxl", SETTINGS, "http://h", None, False, workspace_dir=ws)
+    with pytest.raises(OrthoMechaError, match="preset name"):
+        preview_job.sweep_params(plan, "../up", "1", "sdxl", SETTINGS, "http://h", None, False, workspace_dir=ws)
+    (folder / "first try_sweep.png").write_bytes(PNG_SIGNATURE)
+    with pytest.raises(OrthoMechaError, match="done already"):
+        preview_job.sweep_params(plan, "first try", "1", "sdxl", SETTINGS, "http://h", None, False, workspace_dir=ws)
+
+
+def _page(monkeypatch: pytest.MonkeyPatch, stub: ComfyStub) -> AppTest:
+    monkeypatch.setenv("COMFYUI_API", stub.url)
+    monkeypatch.setenv("COMFYUI_DIR", str(stub.root))
+    at = _app()
+    at.switch_page(ui.PAGES[3].path).run()
+    assert not at.exception and not _errors(at)
+    return at
+
+
+def test_preview_page_renders_a_merge_in_the_background(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    write_model(workspace / "merges" / "tiny.safetensors")
+    at = _page(monkeypatch, comfy_stub)
+    assert at.text_input(key="pv_api").value == comfy_stub.url
+    assert at.selectbox(key="pv_model").options == ["tiny.safetensors"]
+    at.selectbox(key="pv_arch").set_value("sd1")
+    at.button(key="pv_render").click().run()
+    assert not _errors(at)
+    assert len(at.query_params["preview"]) == 32
+    _until(at, lambda a: a.get("image"), "the preview images")
+    assert not _errors(at)
+    assert (workspace / "merges" / "tiny_seed0_001.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert any("tiny_seed0_001.png" in caption.value for caption in at.caption)
+
+
+def test_preview_page_says_when_comfyui_is_down(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    write_model(workspace / "merges" / "tiny.safetensors")
+    at = _page(monkeypatch, comfy_stub)
+    at.text_input(key="pv_api").set_value(closed_port_url()).run()
+    at.button(key="pv_render").click().run()
+    assert not at.exception
+    errors = _errors(at)
+    assert len(errors) == 1 and "is not reachable" in errors[0]
+    assert "preview" not in at.query_params  # no job was queued
+
+
+def test_preview_page_names_a_missing_node(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    write_model(workspace / "merges" / "tiny.safetensors")
+    comfy_stub.missing_classes.add("CheckpointLoaderSimple")
+    at = _page(monkeypatch, comfy_stub)
+    at.selectbox(key="pv_arch").set_value("sd1")
+    at.button(key="pv_render").click().run()
+    _until(at, lambda a: _errors(a), "the failed preview")
+    assert "has no node 'CheckpointLoaderSimple'" in _errors(at)[0]
+    assert "Alpha sweep" in [tab.label for tab in at.tabs]  # the rest of the page keeps working
+    at.text_area(key="pv_prompt").set_value("another").run()
+    assert not at.exception
+
