@@ -1,0 +1,155 @@
+"""The dashboard's workspace (``ortho_mecha.workspace``): demo, labels, the Mixer table ↔ plan, presets, figures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ortho_mecha import workspace
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.plan import Plan, Row, Texture
+from ortho_mecha.workspace import BASE_LABEL, ModelChoices
+
+MEMBERS = ["base", "anime", "photo", "anime_v2", "photo_copy"]
+
+
+@pytest.fixture
+def models(tmp_path: Path, make_family: Callable[..., dict[str, Path]]) -> tuple[dict[str, Path], ModelChoices]:
+    paths = make_family(members=MEMBERS)
+    return paths, ModelChoices.scan((tmp_path,))
+
+
+def a_plan(paths: dict[str, Path]) -> Plan:
+    return Plan(
+        base=paths["base"].resolve(),
+        method="ortho_superpose",
+        rows=(
+            Row(paths["anime"].resolve(), alpha=0.75, info="first"),
+            Row(paths["anime_v2"].resolve(), delta_from=paths["anime"].resolve(), repeat=2),
+            Row(paths["photo"].resolve(), enabled=False),
+        ),
+        options={"alpha": 1.5},
+        texture=Texture(paths["photo_copy"].resolve(), 0.1, "orthogonal"),
+    )
+
+
+def test_labels_are_paths_inside_the_root_and_checked(models: tuple[dict[str, Path], ModelChoices],
+                                                      tmp_path: Path) -> None:
+    paths, choices = models
+    assert choices.labels == sorted(f"custom-fp16-0/{name}.safetensors" for name in MEMBERS)
+    assert choices.path("custom-fp16-0/anime.safetensors") == paths["anime"].resolve()
+    assert choices.label(paths["photo"]) == "custom-fp16-0/photo.safetensors"
+    with pytest.raises(OrthoMechaError, match="pick one from the list"):
+        choices.path("../custom-fp16-0/anime.safetensors")
+    outside = tmp_path.parent / "elsewhere.safetensors"
+    with pytest.raises(OrthoMechaError):
+        choices.label(outside)
+
+
+def test_table_and_plan_round_trip(models: tuple[dict[str, Path], ModelChoices]) -> None:
+    paths, choices = models
+    plan = a_plan(paths)
+    table = workspace.table_from_plan(plan, choices)
+    assert table["base"] == "custom-fp16-0/base.safetensors"
+    assert [row["delta_from"] for row in table["rows"]] == [BASE_LABEL, "custom-fp16-0/anime.safetensors", BASE_LABEL]
+    assert table["texture"] == {"model": "custom-fp16-0/photo_copy.safetensors", "alpha": 0.1, "mode": "orthogonal"}
+    again = workspace.plan_from_table(table["base"], table["rows"], table["method"], table["options"],
+                                      table["texture"], choices)
+    assert again == plan
+    assert workspace.table_from_plan(again, choices) == table
+
+
+def test_empty_cells_take_the_defaults_and_a_row_needs_a_model(models: tuple[dict[str, Path], ModelChoices]) -> None:
+    _, choices = models
+    row = {"enabled": True, "model": "custom-fp16-0/anime.safetensors", "delta_from": None, "alpha": float("nan"),
+           "repeat": None, "info": None}
+    plan = workspace.plan_from_table("custom-fp16-0/base.safetensors", [row], "weighted_sum", {}, None, choices)
+    assert (plan.rows[0].alpha, plan.rows[0].repeat, plan.rows[0].delta_from, plan.rows[0].info) == (1.0, 1, None, "")
+    with pytest.raises(OrthoMechaError, match="row 2 has no model"):
+        workspace.plan_from_table("custom-fp16-0/base.safetensors", [row, {**row, "model": None}], "weighted_sum",
+                                  {}, None, choices)
+
+
+def test_presets_save_and_load_under_validated_names(models: tuple[dict[str, Path], ModelChoices],
+                                                     tmp_path: Path) -> None:
+    paths, choices = models
+    ws = tmp_path / "ws"
+    plan = a_plan(paths)
+    assert workspace.list_presets(ws) == []
+    saved = workspace.save_preset("  my mix-2 ", plan, workspace=ws)
+    assert saved == ws / "plans" / "my mix-2.json"
+    assert workspace.list_presets(ws) == ["my mix-2"]
+    assert workspace.load_preset("my mix-2", choices, workspace=ws) == plan
+    with pytest.raises(OrthoMechaError):
+        workspace.save_preset("my mix-2", plan, workspace=ws)  # no silent overwrite
+    workspace.save_preset("my mix-2", plan, overwrite=True, workspace=ws)
+    for bad in ("", "../up", "a/b", "-dash", "x" * 81, "semi;colon"):
+        with pytest.raises(OrthoMechaError, match="preset"):
+            workspace.validate_preset_name(bad)
+    with pytest.raises(OrthoMechaError, match="saved presets: my mix-2"):
+        workspace.load_preset("other", choices, workspace=ws)
+
+
+def test_a_preset_naming_files_outside_the_roots_is_refused(models: tuple[dict[str, Path], ModelChoices],
+                                                            tmp_path: Path) -> None:
+    paths, _ = models
+    ws = tmp_path / "ws"
+    workspace.save_preset("mix", a_plan(paths), workspace=ws)
+    only_the_workspace = ModelChoices.scan((ws,))
+    with pytest.raises(OrthoMechaError):
+        workspace.load_preset("mix", only_the_workspace, workspace=ws)
+
+
+def test_demo_is_written_once(tmp_path: Path) -> None:
+    first = workspace.ensure_demo(tmp_path)
+    assert "base" in first and len(first) > 2
+    stamps = {name: path.stat().st_mtime_ns for name, path in first.items()}
+    second = workspace.ensure_demo(tmp_path)
+    assert second == first
+    assert {name: path.stat().st_mtime_ns for name, path in second.items()} == stamps
+    for path in first.values():  # the user removed the demo's files: they stay removed
+        path.unlink()
+    assert workspace.ensure_demo(tmp_path) == {}
+
+
+def test_optimizer_rows_keep_method_options_and_texture(models: tuple[dict[str, Path], ModelChoices]) -> None:
+    from ortho_mecha.analysis import analyse, report
+
+    paths, choices = models
+    analysed = report(analyse(paths["base"], [paths[name] for name in MEMBERS[1:]]))
+    mix = {"options": {"alpha": 0.5}, "texture": {"model": "custom-fp16-0/photo.safetensors", "alpha": 0.2,
+                                                  "mode": "add"}}
+    state = workspace.optimized_mix(analysed, "weighted_sum", mix, choices)
+    assert (state["method"], state["options"], state["texture"]) == ("weighted_sum", {"alpha": 0.5}, mix["texture"])
+    assert state["base"] == "custom-fp16-0/base.safetensors"
+    assert [row["model"] for row in state["rows"]] == [choices.label(paths[name]) for name in MEMBERS[1:]]
+    assert all(row["info"] for row in state["rows"])
+    by_model = {row["model"]: row for row in state["rows"]}
+    assert by_model["custom-fp16-0/anime_v2.safetensors"]["delta_from"] == "custom-fp16-0/anime.safetensors"
+    duplicates = [by_model[f"custom-fp16-0/{name}.safetensors"] for name in ("photo", "photo_copy")]
+    assert sorted(row["enabled"] for row in duplicates) == [False, True]  # one copy of a near-duplicate pair
+    assert workspace.optimized_mix(analysed, "weighted_sum", mix, choices) == state  # deterministic
+
+
+def test_survival_frame_lists_predicted_and_measured() -> None:
+    frame = workspace.survival_frame({"rows": ["/m/a.safetensors", "/m/b.safetensors"], "predicted": [1.0, 0.5],
+                                      "measured": [0.75, 0.5], "label": "orthogonal"})
+    assert list(frame["model"]) == ["a.safetensors", "b.safetensors"]
+    assert list(frame.columns) == ["model", "predicted (orthogonal)", "measured", "measured − predicted"]
+    assert list(frame["measured − predicted"]) == [-0.25, 0.0]
+
+
+def test_merge_job_params_write_the_plan_beside_the_output(models: tuple[dict[str, Path], ModelChoices],
+                                                           tmp_path: Path) -> None:
+    paths, _ = models
+    ws = tmp_path / "ws"
+    params = workspace.merge_job_params(a_plan(paths), "out", workspace=ws)
+    assert params == {"plan": str(ws / "merges" / "out.plan.json"), "out": str(ws / "merges" / "out.safetensors"),
+                      "overwrite": False}
+    (ws / "merges" / "out.safetensors").write_bytes(b"x")
+    with pytest.raises(OrthoMechaError, match="already exists"):
+        workspace.merge_job_params(a_plan(paths), "out.safetensors", workspace=ws)
+    with pytest.raises(OrthoMechaError, match="not a path"):
+        workspace.merge_job_params(a_plan(paths), "../out", workspace=ws)
