@@ -1,17 +1,21 @@
-"""Small pieces every merge method shares: option specs and their checks, float64 stacking, ``scale_delta``.
+"""Small pieces every merge method shares: option specs and their checks, blocked float64 work, ``scale_delta``.
 
 Each option of a method is an :class:`OptionSpec` — default, bounds or allowed values, help — so the
 signature's default, the check run on every key and the Mixer's widget all come from one place
 (:data:`ortho_mecha.methods.METHOD_OPTIONS`). A bad value raises :class:`OptionError`, which is both an
 :class:`~ortho_mecha.errors.OrthoMechaError` (the CLI and dashboard print it as one line) and a
 ``ValueError``.
+
+Large keys are worked on in float64 blocks of about :data:`BLOCK_ELEMENTS` elements per tensor
+(:func:`float64_blocks`): sums and products are as accurate as on whole float64 copies, but the float64
+temporaries stay a few MB per merge thread whatever the size of the key, and stay in cache.
 """
 
 # No `from __future__ import annotations`: sd-mecha reads the Parameter(...) annotations as objects.
 
 import dataclasses
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from sd_mecha import Parameter, Return, merge_method
@@ -89,14 +93,90 @@ def check_options(
     return {name: spec.check(method, values.get(name, spec.default)) for name, spec in by_name.items()}
 
 
+# Elements per tensor in one float64 block: 64 Ki elements, 512 KiB in float64.
+BLOCK_ELEMENTS = 1 << 16
+
+
 def nonzero(deltas: Sequence[Tensor]) -> list[Tensor]:
     """The deltas that are not exactly zero: a zero delta has no direction and carries nothing."""
     return [d for d in deltas if bool(torch.any(d != 0))]
 
 
+def nonzero_indices(deltas: Sequence[Tensor], squared_norms: Tensor) -> list[int]:
+    """Indices of the deltas that are not exactly zero, given their float64 squared norms.
+
+    A squared norm above 0 settles it; one of 0 is checked on the tensor itself (a float64 value below
+    ~1e-154 squares to 0), so the answer is exactly :func:`nonzero`'s without a pass over every delta.
+    """
+    return [i for i, d in enumerate(deltas) if squared_norms[i] > 0 or bool(torch.any(d != 0))]
+
+
 def stack_float64(tensors: Sequence[Tensor], rows: int) -> Tensor:
     """Stack same-shaped tensors as float64 with shape (n, rows, elements per row)."""
     return torch.stack([t.to(torch.float64).reshape(rows, -1) for t in tensors])
+
+
+def row_blocks(rows: int, cols: int) -> Iterator[tuple[slice, slice]]:
+    """(row slice, column slice) blocks covering a rows × cols matrix: whole rows, several per block when
+    they are short, otherwise one row cut into pieces; about :data:`BLOCK_ELEMENTS` elements each."""
+    if cols >= BLOCK_ELEMENTS:
+        for row in range(rows):
+            for start in range(0, cols, BLOCK_ELEMENTS):
+                yield slice(row, row + 1), slice(start, min(cols, start + BLOCK_ELEMENTS))
+        return
+    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step)), slice(0, cols)
+
+
+def float64_blocks(tensors: Sequence[Tensor], rows: int) -> Iterator[tuple[slice, slice, Tensor]]:
+    """Same-shaped tensors viewed as (rows, cols), block by block as (row slice, column slice, block).
+
+    ``block`` is a fresh float64 tensor (block rows, n, block columns): block[:, i] is tensor i's part.
+    """
+    views = [t.reshape(rows, -1) for t in tensors]
+    for row_slice, col_slice in row_blocks(rows, views[0].shape[1]):
+        block = torch.empty(
+            (row_slice.stop - row_slice.start, len(views), col_slice.stop - col_slice.start), dtype=torch.float64
+        )
+        for i, view in enumerate(views):
+            block[:, i].copy_(view[row_slice, col_slice])
+        yield row_slice, col_slice, block
+
+
+def gram64(tensors: Sequence[Tensor], rows: int) -> Tensor:
+    """Float64 Gram matrices (rows, n, n) of same-shaped tensors viewed as (rows, cols): one per row, or one
+    for the whole tensor with ``rows`` = 1. Formed block by block (:func:`float64_blocks`)."""
+    gram = torch.zeros((rows, len(tensors), len(tensors)), dtype=torch.float64)
+    for row_slice, _, block in float64_blocks(tensors, rows):
+        gram[row_slice] += block @ block.transpose(1, 2)
+    return gram
+
+
+def combine(
+    coefficients: Tensor,
+    tensors: Sequence[Tensor],
+    base: Tensor | None = None,
+    alpha: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``base + alpha · Σ_i c[r, i] · t_i[r]`` for each row r of the tensors viewed as (rows, cols).
+
+    ``coefficients`` is (rows, n) float64 (rows = 1: one set for the whole tensor). Summed in float64 block by
+    block and rounded once to ``dtype``: by default the base's dtype, or float64 without a base (then the
+    result is the plain sum).
+    """
+    rows = coefficients.shape[0]
+    inputs = list(tensors) if base is None else [base, *tensors]
+    if dtype is None:
+        dtype = torch.float64 if base is None else base.dtype
+    out = torch.empty(tensors[0].shape, dtype=dtype)
+    out_rows = out.view(rows, -1)
+    for row_slice, col_slice, block in float64_blocks(inputs, rows):
+        deltas = block if base is None else block[:, 1:]
+        total = (coefficients[row_slice].unsqueeze(1) @ deltas).squeeze(1)
+        out_rows[row_slice, col_slice] = total if base is None else block[:, 0] + alpha * total
+    return out
 
 
 def add_to_base(base: Tensor, total: Tensor, alpha: float) -> Tensor:
@@ -114,4 +194,6 @@ def scale_delta(
     ``alpha`` ≥ 0; 0 gives a zero delta, 1 returns δ unchanged. Computed in float64, returned in δ's dtype.
     """
     alpha = ALPHA.check("scale_delta", alpha)
-    return (delta.to(torch.float64) * alpha).to(delta.dtype)
+    if alpha == 1:
+        return delta
+    return combine(torch.tensor([[alpha]], dtype=torch.float64), [delta], dtype=delta.dtype)

@@ -3,18 +3,32 @@
 Each fine-tune's matrix is explained as a rotation of the base plus a residual; the rotations are
 averaged in the Lie algebra (Cayley generators, skew-symmetric) and the residuals averaged as they are.
 All linear algebra runs in float64; the result comes back in the base's dtype.
+
+Per matrix key, with W and the δ_i taken on the smaller side (k × m, k ≤ m): one blocked float64 pass over
+the inputs forms W Wᵀ and every δ_i Wᵀ (a single product per block) and the ‖δ_i‖²; the k × k algebra gives
+R* and the mean turn T = mean_i (R_i − I); since ρ_i = δ_i − (R_i − I) W, the output
+W + alpha (R* W + mean ρ_i − W) is W + alpha ((R* − I − T) W + mean δ_i), written by a second blocked pass.
+No float64 copy of a whole key and no per-row product with W beyond the Gram are made.
 """
 
 # No `from __future__ import annotations`: sd-mecha reads the Parameter(...) annotations as objects.
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from sd_mecha import Parameter, Return, merge_method
 from torch import Tensor
 
-from ortho_mecha.methods.deltas import ALPHA, OptionSpec, add_to_base, check_options, nonzero, stack_float64
+from ortho_mecha.methods.deltas import (
+    ALPHA,
+    BLOCK_ELEMENTS,
+    OptionSpec,
+    check_options,
+    combine,
+    nonzero,
+    nonzero_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,26 +56,33 @@ CAYLEY_MAX_COND = 1e6
 EIGH_MIN_RATIO = 1e-8
 
 
-def nearest_rotation(m: Tensor) -> Tensor:
+def nearest_rotation(m: Tensor, svd: bool = False) -> Tensor:
     """The proper rotation R (det +1) closest to the square matrix ``m``: U D Vᵀ for m = U Σ Vᵀ.
 
     D = I, or flips the singular pair of the smallest singular value when det(U Vᵀ) = −1 (Kabsch).
     For a well-conditioned ``m`` the factors come from ``eigh(mᵀm) = V Σ² Vᵀ`` and U = m V Σ⁻¹, which is
     several times cheaper than an SVD and agrees with it to ~1e-16·cond(m)² (≤ 1e-10 here); otherwise
-    from the SVD.
+    from the SVD, and straight from it with ``svd=True`` (when ``m`` is known to be ill-conditioned).
     """
-    eigenvalues, v = torch.linalg.eigh(m.T @ m)
-    if eigenvalues[0] > EIGH_MIN_RATIO * eigenvalues[-1]:
-        u = (m @ v) / eigenvalues.sqrt()
-        smallest = 0
-    else:
+    return _nearest_rotation(m, svd)[0]
+
+
+def _nearest_rotation(m: Tensor, svd: bool) -> tuple[Tensor, bool]:
+    """(:func:`nearest_rotation` of ``m``, whether the SVD was used)."""
+    if not svd:
+        eigenvalues, v = torch.linalg.eigh(m.T @ m)
+        svd = not eigenvalues[0] > EIGH_MIN_RATIO * eigenvalues[-1]
+    if svd:
         u, _, vh = torch.linalg.svd(m)
         v = vh.T
         smallest = -1
+    else:
+        u = (m @ v) / eigenvalues.sqrt()
+        smallest = 0
     rotation = u @ v.T
     if torch.linalg.slogdet(rotation).sign < 0:
         rotation = rotation - 2.0 * torch.outer(u[:, smallest], v[:, smallest])
-    return rotation
+    return rotation, svd
 
 
 def cayley_generator(rotation: Tensor) -> Tensor | None:
@@ -97,6 +118,58 @@ def _aggregate(thetas: Tensor, how: str) -> Tensor:
     return thetas.sum()
 
 
+def rotation_terms(
+    base_gram: Tensor,
+    cross_grams: Tensor,
+    norms: Tensor,
+    theta_agg: str = THETA_AGG.default,
+    conflict_aware: bool = CONFLICT_AWARE.default,
+    direction_weight: str = DIRECTION_WEIGHT.default,
+) -> tuple[Tensor, Tensor]:
+    """(R*, mean_i (R_i − I)) from W Wᵀ, the δ_i Wᵀ (n, k, k) and the ‖δ_i‖ of non-zero deltas, in float64.
+
+    1. R_i: proper rotation nearest to W_i Wᵀ = W Wᵀ + δ_i Wᵀ (:func:`nearest_rotation`).
+    2. A_i: Cayley generator of R_i; where R_i + I is ill-conditioned, R_i = I and A_i = 0 (the whole delta
+       stays in the residual ρ_i = δ_i − (R_i − I) W).
+    3. θ_i = ‖A_i‖_F; A* = θ* · S / ‖S‖_F, S = Σ w_i A_i (A* = 0 where S = 0), θ* = agg(θ_i). Only the
+       ratios of the w_i matter, as S is normalised; with all θ_i = 0 every A_i is 0, so "theta" weights
+       need no equal-weight special case. conflict_aware: entries of A_i whose sign differs from that of
+       the unmasked S are zeroed before summing again.
+    4. R* = (I − A*)⁻¹(I + A*).
+    """
+    eye = torch.eye(base_gram.shape[0], dtype=base_gram.dtype, device=base_gram.device)
+    generators = []
+    turn = torch.zeros_like(eye)
+    svd = False  # the rows' W_i Wᵀ share W's conditioning: once one needs the SVD, the others go straight to it
+    for cross in cross_grams:
+        rotation, svd = _nearest_rotation(base_gram + cross, svd)
+        generator = cayley_generator(rotation)
+        if generator is None:
+            logger.debug("rotation near π (R + I ill-conditioned): whole delta kept as residual")
+            generators.append(torch.zeros_like(eye))
+        else:
+            generators.append(generator)
+            turn += rotation - eye
+    mean_turn = turn / len(cross_grams)
+    stacked = torch.stack(generators)
+    thetas = torch.linalg.matrix_norm(stacked)
+    if direction_weight == "theta":
+        weights = thetas
+    elif direction_weight == "magnitude":
+        weights = norms
+    else:
+        weights = torch.ones_like(thetas)
+    direction = torch.einsum("i,ijk->jk", weights, stacked)
+    if conflict_aware:
+        agrees = torch.sign(stacked) == torch.sign(direction)
+        direction = torch.einsum("i,ijk->jk", weights, stacked * agrees)
+    norm = torch.linalg.matrix_norm(direction)
+    if norm == 0:
+        return eye, mean_turn
+    generator_star = direction * (_aggregate(thetas, theta_agg) / norm)
+    return cayley_rotation(generator_star), mean_turn
+
+
 def merged_rotation(
     base: Tensor,
     deltas: Sequence[Tensor],
@@ -106,45 +179,72 @@ def merged_rotation(
 ) -> tuple[Tensor, Tensor]:
     """(R*, mean ρ_i) for a float64 base matrix (k × m, k ≤ m) and its non-zero deltas of the same shape.
 
-    1. R_i: proper rotation nearest to W_i Wᵀ (:func:`nearest_rotation`), ρ_i = W_i − R_i W.
-    2. A_i: Cayley generator of R_i; where R_i + I is ill-conditioned, R_i = I, A_i = 0, ρ_i = δ_i.
-    3. θ_i = ‖A_i‖_F; A* = θ* · S / ‖S‖_F, S = Σ w_i A_i (A* = 0 where S = 0), θ* = agg(θ_i). Only the
-       ratios of the w_i matter, as S is normalised; with all θ_i = 0 every A_i is 0, so "theta" weights
-       need no equal-weight special case. conflict_aware: entries of A_i whose sign differs from that of
-       the unmasked S are zeroed before summing again.
-    4. R* = (I − A*)⁻¹(I + A*).
+    R* and the ρ_i as in :func:`rotation_terms`; mean ρ_i = mean δ_i − mean(R_i − I) W.
     """
-    eye = torch.eye(base.shape[0], dtype=base.dtype, device=base.device)
-    base_gram = base @ base.T
-    generators = []
-    residual_sum = torch.zeros_like(base)
-    for delta in deltas:
-        rotation = nearest_rotation(base_gram + delta @ base.T)
-        generator = cayley_generator(rotation)
-        if generator is None:
-            logger.debug("rotation near π (R + I ill-conditioned): whole delta kept as residual")
-            generators.append(torch.zeros_like(eye))
-            residual_sum += delta
+    rotation, mean_turn = rotation_terms(
+        base @ base.T,
+        torch.stack([delta @ base.T for delta in deltas]),
+        torch.stack([torch.linalg.vector_norm(delta) for delta in deltas]),
+        theta_agg,
+        conflict_aware,
+        direction_weight,
+    )
+    return rotation, torch.stack(list(deltas)).mean(dim=0) - mean_turn @ base
+
+
+def _column_blocks(columns: int, k: int) -> Iterator[slice]:
+    """Slices of the m side of a k × m matrix: BLOCK_ELEMENTS elements each, but at least 256 columns, the
+    width from which a float64 product with the block runs at full speed."""
+    step = max(256, BLOCK_ELEMENTS // k)
+    for start in range(0, columns, step):
+        yield slice(start, min(columns, start + step))
+
+
+def _matrix_blocks(matrices: Sequence[Tensor], transposed: bool) -> Iterator[tuple[slice, Tensor]]:
+    """(m slice, float64 block (n, k, block width)) of the (out, in) ``matrices`` taken on their smaller side k.
+
+    Transposed (out > in): blocks of whole rows, copied contiguously and handed out as transposed views.
+    """
+    out_features = matrices[0].shape[0]
+    views = [t.reshape(out_features, -1) for t in matrices]
+    k = views[0].shape[1] if transposed else out_features
+    for part in _column_blocks(views[0].shape[0] if transposed else views[0].shape[1], k):
+        if transposed:
+            block = torch.empty((len(views), part.stop - part.start, k), dtype=torch.float64)
+            for i, view in enumerate(views):
+                block[i].copy_(view[part])
+            yield part, block.transpose(1, 2)
         else:
-            generators.append(generator)
-            residual_sum += delta - (rotation - eye) @ base
-    stacked = torch.stack(generators)
-    thetas = torch.linalg.matrix_norm(stacked)
-    if direction_weight == "theta":
-        weights = thetas
-    elif direction_weight == "magnitude":
-        weights = torch.stack([torch.linalg.vector_norm(d) for d in deltas])
-    else:
-        weights = torch.ones_like(thetas)
-    direction = torch.einsum("i,ijk->jk", weights, stacked)
-    if conflict_aware:
-        agrees = torch.sign(stacked) == torch.sign(direction)
-        direction = torch.einsum("i,ijk->jk", weights, stacked * agrees)
-    norm = torch.linalg.matrix_norm(direction)
-    if norm == 0:
-        return eye, residual_sum / len(deltas)
-    generator_star = direction * (_aggregate(thetas, theta_agg) / norm)
-    return cayley_rotation(generator_star), residual_sum / len(deltas)
+            block = torch.empty((len(views), k, part.stop - part.start), dtype=torch.float64)
+            for i, view in enumerate(views):
+                block[i].copy_(view[:, part])
+            yield part, block
+
+
+def _grams(matrices: Sequence[Tensor], transposed: bool) -> tuple[Tensor, Tensor]:
+    """([W Wᵀ, δ_1 Wᵀ, …] (n + 1, k, k), [‖W‖², ‖δ_1‖², …]) in float64 for matrices = [W, δ_1, …]."""
+    count = len(matrices)
+    k = min(matrices[0].shape[0], matrices[0][0].numel())
+    grams = torch.zeros((count, k, k), dtype=torch.float64)
+    squared = torch.zeros(count, dtype=torch.float64)
+    for _, block in _matrix_blocks(matrices, transposed):
+        base_t = block[0].T
+        grams.baddbmm_(block, base_t.expand(count, *base_t.shape))
+        squared += torch.linalg.vector_norm(block, dim=(1, 2)).square()
+    return grams, squared
+
+
+def _apply(base: Tensor, deltas: Sequence[Tensor], correction: Tensor, alpha: float, transposed: bool) -> Tensor:
+    """W + alpha (correction · W + mean δ_i) on the smaller side, in float64 blocks, in the base's dtype."""
+    out = torch.empty(base.shape, dtype=base.dtype)
+    out_rows = out.view(base.shape[0], -1)
+    for part, block in _matrix_blocks([base, *deltas], transposed):
+        merged = block[1:].mean(dim=0).addmm_(correction, block[0]).mul_(alpha).add_(block[0])
+        if transposed:
+            out_rows[part] = merged.T
+        else:
+            out_rows[:, part] = merged
+    return out
 
 
 @merge_method
@@ -159,7 +259,7 @@ def orthomerge(
     """Rotation merge: the fine-tunes' rotations of the base, averaged in skew space, plus their mean residual.
 
     For a matrix key with base W and targets W_i = W + δ_i (conv weights reshaped to [out, in·kh·kw];
-    the rotation acts on the smaller side, on the transposes when out > in), see :func:`merged_rotation`
+    the rotation acts on the smaller side, on the transposes when out > in), see :func:`rotation_terms`
     for R* and ρ_i; ``out = W + alpha · (R* W + mean ρ_i − W)``. 1-D keys: ``W + alpha · mean(δ_i)``.
     Zero deltas are dropped per key; without any delta the base is returned.
 
@@ -179,18 +279,26 @@ def orthomerge(
             "direction_weight": direction_weight,
         },
     )
-    kept = nonzero(deltas)
-    if not kept or options["alpha"] == 0:
+    if not deltas or options["alpha"] == 0:
         return base
     if base.dim() < 2:
-        return add_to_base(base, stack_float64(kept, 1).mean(dim=0), options["alpha"])
-    matrices = stack_float64([base, *kept], base.shape[0])
-    transposed = matrices.shape[1] > matrices.shape[2]
-    if transposed:
-        matrices = matrices.transpose(1, 2)
-    w = matrices[0]
-    rotation, residual = merged_rotation(
-        w, list(matrices[1:]), options["theta_agg"], options["conflict_aware"], options["direction_weight"]
+        kept = nonzero(deltas)
+        if not kept:
+            return base
+        return combine(torch.full((1, len(kept)), 1.0 / len(kept), dtype=torch.float64), kept, base, options["alpha"])
+    matrices = [base, *deltas]
+    transposed = base.shape[0] > base[0].numel()
+    grams, squared = _grams(matrices, transposed)
+    kept = nonzero_indices(deltas, squared[1:])
+    if not kept:
+        return base
+    rotation, mean_turn = rotation_terms(
+        grams[0],
+        grams[1:][kept],
+        squared[1:][kept].sqrt(),
+        options["theta_agg"],
+        options["conflict_aware"],
+        options["direction_weight"],
     )
-    merged_delta = rotation @ w - w + residual
-    return add_to_base(base, merged_delta.T if transposed else merged_delta, options["alpha"])
+    correction = rotation - torch.eye(rotation.shape[0], dtype=torch.float64) - mean_turn
+    return _apply(base, [deltas[i] for i in kept], correction, options["alpha"], transposed)
