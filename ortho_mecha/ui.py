@@ -1,6 +1,7 @@
 """Streamlit helpers shared by the dashboard's pages — the only ortho_mecha module that imports streamlit.
 
-- :data:`PAGES`: the page list ``streamlit_app.py`` navigates over (and the tests walk).
+- :data:`PAGES`: the page list ``streamlit_app.py`` navigates over (and the tests walk); each page starts
+  with :func:`require_app`, so it never runs without the app's password gate.
 - :func:`shown_errors`: a block whose failures appear as one ``st.error`` line, never a traceback.
 - :func:`job_panel`: a background job followed from the URL (``?job=…``), polled by an
   ``st.fragment(run_every=…)``, with progress, ETA and a cancel button; a reload or a second tab shows
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-from ortho_mecha import jobs
+from ortho_mecha import jobs, security
 from ortho_mecha.errors import OrthoMechaError
 
 if TYPE_CHECKING:
@@ -55,6 +56,33 @@ def navigation() -> Any:
     return st.navigation(
         [st.Page(str(APP_DIR / page.path), title=page.title, icon=page.icon, default=page.default) for page in PAGES]
     )
+
+
+AUTHENTICATED = "authenticated"  # the session-state flag the sign-in sets
+
+
+def gate_open() -> bool:
+    """Whether this session may see the dashboard: bound to this machine only, or signed in."""
+    return not security.password_required(st.get_option("server.address")) or bool(st.session_state.get(AUTHENTICATED))
+
+
+def require_app() -> None:
+    """Keep a page behind the app's password gate; call it first thing in every page.
+
+    Streamlit runs the scripts of a folder named ``pages/`` beside the main script on their own (its
+    legacy multipage mode) until some session has called ``st.navigation``: on a freshly started server, a
+    link straight to ``/merge`` would run ``pages/merge.py`` without ``streamlit_app.py`` and its gate.
+    This switches Streamlit to ``st.navigation`` mode (what ``st.navigation`` itself does, through the same
+    internal flag) and, when the gate is closed, starts over through the main script, which asks for the
+    password. (The browser then shows an empty page until it is reloaded.) With the gate open, a page run
+    on its own still shows; only that first view has Streamlit's plain page list in the sidebar.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    PagesManager.uses_pages_directory = False
+    if not gate_open():
+        logger.warning("a page was asked for before the password was given; running the app's sign-in instead")
+        st.rerun()
 
 
 @contextmanager

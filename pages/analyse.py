@@ -9,6 +9,7 @@ import streamlit as st
 from ortho_mecha import charts, jobs, ui, workspace
 from ortho_mecha.workspace import BASE_LABEL
 
+ui.require_app()
 st.title("Analyse")
 
 with ui.shown_errors():

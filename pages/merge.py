@@ -11,6 +11,7 @@ from ortho_mecha import recipe, security, ui, workspace
 from ortho_mecha.merge import summary
 from ortho_mecha.plan import load_plan
 
+ui.require_app()
 st.title("Merge")
 
 plan = st.session_state.get("plan")

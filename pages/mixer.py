@@ -12,6 +12,7 @@ from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
 from ortho_mecha.plan import ALPHA_RANGE, METHODS, REPEAT_RANGE
 from ortho_mecha.workspace import BASE_LABEL, TABLE_COLUMNS
 
+ui.require_app()
 st.title("Mixer")
 
 choices = workspace.ModelChoices.scan()

@@ -13,6 +13,7 @@ from ortho_mecha.workflows import BUILTIN_ARCHS, MAX_SEED, PreviewSettings
 BROWSER_INT_MAX = 2**53 - 1  # the largest whole number a browser number input holds exactly
 MIXER_PLAN = "the Mixer's plan"
 
+ui.require_app()
 st.title("Preview")
 
 with st.container(border=True):

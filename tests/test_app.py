@@ -186,3 +186,14 @@ def test_lan_gate_refuses_a_wrong_password_and_admits_the_right_one(
     at.button[0].click().run()
     assert not at.exception
     assert at.title[0].value == "Analyse"
+
+
+def test_lan_gate_holds_for_a_page_asked_for_directly(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORTHO_MECHA_PASSWORD", "s3cret")
+    config.set_option("server.address", "0.0.0.0")
+    for page in ui.PAGES:
+        at = _app()
+        at.switch_page(page.path).run()
+        assert not at.exception, page.title
+        assert not at.title, page.title
+        assert [box.label for box in at.text_input] == ["Password"]
