@@ -167,11 +167,24 @@ def combine(
     result is the plain sum).
     """
     rows = coefficients.shape[0]
-    inputs = list(tensors) if base is None else [base, *tensors]
     if dtype is None:
         dtype = torch.float64 if base is None else base.dtype
     out = torch.empty(tensors[0].shape, dtype=dtype)
     out_rows = out.view(rows, -1)
+    if rows == 1:  # one coefficient per tensor: accumulate into a float64 block, no stacked copy
+        weights = (alpha * coefficients[0]).tolist()
+        views = [t.reshape(1, -1) for t in tensors]
+        base_row = None if base is None else base.reshape(1, -1)
+        for _, col_slice in row_blocks(1, out_rows.shape[1]):
+            if base_row is None:
+                total = torch.zeros(col_slice.stop - col_slice.start, dtype=torch.float64)
+            else:
+                total = base_row[0, col_slice].to(torch.float64, copy=True)
+            for weight, view in zip(weights, views, strict=True):
+                total.add_(view[0, col_slice], alpha=weight)
+            out_rows[0, col_slice] = total
+        return out
+    inputs = list(tensors) if base is None else [base, *tensors]
     for row_slice, col_slice, block in float64_blocks(inputs, rows):
         deltas = block if base is None else block[:, 1:]
         total = (coefficients[row_slice].unsqueeze(1) @ deltas).squeeze(1)
