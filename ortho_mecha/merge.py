@@ -179,6 +179,8 @@ class _OutputWriter:
         wide = (
             tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
         )
+        if bool(torch.isfinite(wide.sum())):  # no NaN/Inf element: one cheap pass, no mask (rare overflow: below)
+            return tensor
         bad = ~torch.isfinite(wide)
         count = int(bad.sum())
         if not count:
@@ -309,6 +311,28 @@ def _check_device(device: str | None, threads: int | None) -> str:
         raise OrthoMechaError(f"unknown device '{device}': {exc}; use cpu, cuda, cuda:0, mps, ...") from exc
 
 
+def _merge_threads(threads: int | None, files: int) -> int:
+    """sd-mecha's merge threads: ``threads``, or sd-mecha 1.1.8's own default for this many input files."""
+    return threads if threads is not None else min(max(files, 2), os.cpu_count() or 1, 4)
+
+
+@contextlib.contextmanager
+def _torch_threads_per_worker(workers: int) -> Iterator[None]:
+    """Share torch's intra-op threads out among sd-mecha's ``workers`` merge threads while they run.
+
+    Every worker would otherwise run torch's full thread count, and torch's OpenMP threads spin between
+    operations: on 2 cores, 2 workers × 2 torch threads made orthomerge about 30 % slower than 2 × 1.
+    With ``workers`` = 0 (merge in this thread) torch keeps all its threads.
+    """
+    previous = torch.get_num_threads()
+    if workers:
+        torch.set_num_threads(max(1, previous // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _check_free_space(folder: Path, data_size: int) -> None:
     free = shutil.disk_usage(folder).free
     if data_size + DISK_MARGIN > free:
@@ -366,7 +390,8 @@ def execute(
         _remove_stale_partials(out)
         temp = partial_path(out)
         control = _Control()
-        with _stop_on_signals(control):
+        workers = _merge_threads(threads, len(inputs))
+        with _stop_on_signals(control), _torch_threads_per_worker(workers):
             writer = _OutputWriter(temp, layout, metadata, base_model)
             try:
                 sd_mecha.merge(
@@ -374,7 +399,7 @@ def execute(
                     merge_device=merge_device,
                     merge_dtype=TORCH_DTYPES[merge_dtype],
                     output_dtype=out_dtype,
-                    threads=threads,
+                    threads=workers,
                     output=writer,
                     tqdm=lambda total, desc="": _ProgressBar(progress, control, total, desc),
                     check_extra_keys=False,  # counted per input in the report instead
