@@ -1,105 +1,126 @@
 """Benchmark: ortho-mecha's merge methods against sd-mecha's ``n_average`` on the same inputs.
 
 Prints, for ``ortho_project``, ``ortho_superpose`` and ``orthomerge``: merge time ÷ the time of
-sd-mecha's ``n_average`` of the same models, and each merge's peak RSS (every merge runs in its own
-process; the RSS of a process that has only imported torch and sd-mecha is shown for reference). Models
-are synthetic fp16 files with SDXL-like key shapes (the generator of ``bench/analysis.py``); merges run
-through ``sd_mecha.merge`` with the recipes ortho-mecha builds, fp32 arithmetic, fp16 output.
+sd-mecha's ``n_average`` of the same models, and each merge's peak RSS and peak anonymous memory (every
+merge runs in its own process; a process that has only imported torch and sd-mecha is shown for
+reference). Models are synthetic fp16 files with SDXL-like key shapes (``bench/common.py``); fp32
+arithmetic, fp16 output.
+
+By default every merge, ``n_average`` included, runs the way ``ortho-mecha merge`` runs it:
+``ortho_mecha.merge.execute`` (its streaming writer and thread settings; the input hashes are cached
+before timing). ``--via sd-mecha`` calls ``sd_mecha.merge`` straight into a file instead, as a plain
+sd-mecha user would. ``--repeat N`` keeps each step's fastest of N runs (the machine may be shared).
 
     .venv/bin/python bench/merge.py                          # 4 × 32 MB, about a minute
+    .venv/bin/python bench/merge.py --size-mb 64 --repeat 3  # SDXL's largest keys (10240 × 1280) too
     .venv/bin/python bench/merge.py --models 8 --size-mb 512 --threads 4
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import subprocess
-import sys
-import time
+import os
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from common import generate, measured, run_and_report
+
 METHODS = ("ortho_project", "ortho_superpose", "orthomerge")
 
 
-def _generator():
-    """The analysis benchmark's model generator, loaded by path (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_analysis", HERE / "analysis.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.generate
-
-
-def run_step(step: str, paths: list[Path], threads: int) -> None:
-    """In the child process: one merge (or none, for the import baseline); print seconds and peak RSS."""
-    import resource
-
+def run_step(step: str, paths: list[Path], threads: int | None, via: str) -> None:
+    """In the child process: one merge (or none, for the import baseline); print seconds and peak memory."""
     import sd_mecha
     import torch
-    import tqdm
 
     import ortho_mecha  # noqa: F401 - registers the ortho-mecha methods with sd-mecha
+    from ortho_mecha.hashing import sha256_file
     from ortho_mecha.mecha_config import model_node, register_base_config
+    from ortho_mecha.merge import execute
     from ortho_mecha.plan import plan_from_dict
     from ortho_mecha.recipe import build_recipe
 
     config = register_base_config(paths[0])
+    if step == "import":
+        for path in paths:
+            sha256_file(path)  # fills the hash cache, so the timed merges only look their hashes up
+        run_and_report(step, lambda: None)
+        return
     if step == "n_average":
         recipe = sd_mecha.n_average(*[model_node(p, config) for p in paths[1:]])
-    elif step in METHODS:
+    else:
         rows = [{"model": str(p)} for p in paths[1:]]
-        recipe = build_recipe(plan_from_dict({"base": str(paths[0]), "method": step, "rows": rows}, paths[0].parent))
+        plan = {"base": str(paths[0]), "method": step, "rows": rows, "merge_dtype": "fp32", "output_dtype": "fp16"}
+        recipe = build_recipe(plan_from_dict(plan, paths[0].parent))
     out = paths[0].parent / f"{step}.out.safetensors"
     out.unlink(missing_ok=True)
-    started = time.perf_counter()
-    if step != "import":
-        sd_mecha.merge(
-            recipe,
-            output=out,
-            merge_dtype=torch.float32,
-            output_dtype=torch.float16,
-            threads=threads,
-            tqdm=lambda **kw: tqdm.tqdm(disable=True, **kw),
-        )
-    seconds = time.perf_counter() - started
+
+    def merge() -> None:
+        if via == "ortho":
+            execute(recipe, out, base=paths[0], merge_dtype="fp32", output_dtype="fp16", threads=threads)
+        else:
+            sd_mecha.merge(
+                recipe,
+                output=out,
+                merge_dtype=torch.float32,
+                output_dtype=torch.float16,
+                threads=threads,
+                tqdm=_silent,
+            )
+
+    run_and_report(step, merge)
     out.unlink(missing_ok=True)
-    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    print(json.dumps({"step": step, "seconds": seconds, "peak_rss_gib": rss_gib}))
 
 
-def measured(step: str, paths: list[Path], threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--step", step, "--threads", str(threads), *map(str, paths)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _silent(total: int, desc: str = "") -> object:
+    import tqdm
+
+    return tqdm.tqdm(total=total, desc=desc, disable=True)
+
+
+def best(step: str, paths: list[Path], args: argparse.Namespace) -> dict:
+    """The fastest of ``--repeat`` runs of ``step``, each in a fresh process."""
+    extra = ["--via", args.via] + (["--threads", args.threads] if args.threads is not None else [])
+    runs = [measured(__file__, step, *extra, *paths) for _ in range(args.repeat)]
+    return min(runs, key=lambda run: run["seconds"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=4, help="fine-tuned models besides the base (4)")
     parser.add_argument("--size-mb", type=int, default=32, help="size of each fp16 model in MB (32)")
-    parser.add_argument("--threads", type=int, default=2, help="sd-mecha merge threads (2)")
+    parser.add_argument("--threads", type=int, default=2, help="sd-mecha merge threads (2; 0 = the main thread)")
+    parser.add_argument("--via", choices=("ortho", "sd-mecha"), default="ortho", help="merge path (see above)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per step; the fastest counts (1)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to time")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ortho-mecha-bench"), help="where the models go")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
-        run_step(args.step, args.paths, args.threads)
+        run_step(args.step, args.paths, args.threads, args.via)
         return
-    paths = _generator()(args.dir / f"{args.models}x{args.size_mb}mb", args.models, args.size_mb)
+    folder = args.dir / f"{args.models}x{args.size_mb}mb"
+    paths = generate(folder, args.models, args.size_mb)
+    os.environ.setdefault("ORTHO_MECHA_CACHE", str(args.dir / "cache"))  # the children's hash cache
     total_gib = sum(p.stat().st_size for p in paths) / 2**30
-    print(f"{len(paths) - 1} models + base, {total_gib:.2f} GiB, SDXL-like fp16 shapes, {args.threads} threads")
-    baseline = measured("import", paths, args.threads)
+    print(
+        f"{len(paths) - 1} models + base, {total_gib:.2f} GiB, SDXL-like fp16 shapes, {args.threads} threads, "
+        f"via {args.via}, best of {args.repeat}"
+    )
+    baseline = measured(__file__, "import", *paths)
     print(f"RSS after importing torch + sd-mecha: {baseline['peak_rss_gib']:.2f} GiB")
-    reference = measured("n_average", paths, args.threads)
-    name, seconds, rss = "sd-mecha n_average", reference["seconds"], reference["peak_rss_gib"]
-    print(f"{name:<20} {seconds:8.2f} s   1.00 x   peak RSS {rss:.2f} GiB")
-    for method in METHODS:
-        result = measured(method, paths, args.threads)
+    reference = best("n_average", paths, args)
+
+    def line(name: str, result: dict) -> str:
         ratio = result["seconds"] / reference["seconds"]
-        print(f"{method:<20} {result['seconds']:8.2f} s {ratio:6.2f} x   peak RSS {result['peak_rss_gib']:.2f} GiB")
+        return (
+            f"{name:<20} {result['seconds']:8.2f} s {ratio:6.2f} x   peak RSS {result['peak_rss_gib']:.2f} GiB"
+            f"   peak anon {result['peak_anon_gib']:.2f} GiB"
+        )
+
+    print(line("sd-mecha n_average", reference))
+    for method in args.methods:
+        print(line(method, best(method, paths, args)))
 
 
 if __name__ == "__main__":
