@@ -22,9 +22,9 @@ def password_gate() -> None:
     Locked out, the navigation holds only the sign-in (or how-to-set-a-password) page, hidden, so no link
     to a dashboard page is shown before the password was given.
     """
-    address = st.get_option("server.address")
-    if not security.password_required(address) or st.session_state.get("authenticated"):
+    if ui.gate_open():
         return
+    address = st.get_option("server.address")
     st.navigation([st.Page(lambda: sign_in(address), title="Sign in")], position="hidden").run()
     st.stop()
 
@@ -41,7 +41,7 @@ def sign_in(address: str | None) -> None:
         submitted = st.form_submit_button("Sign in")
     if submitted:
         if security.check_password(given, password):
-            st.session_state["authenticated"] = True
+            st.session_state[ui.AUTHENTICATED] = True
             st.rerun()
         st.error("wrong password")
 

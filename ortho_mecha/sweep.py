@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ortho_mecha.comfy import ComfyClient, PreviewImage, run_preview, save_images
+from ortho_mecha.comfy import Progress as ComfyProgress
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_bytes
 from ortho_mecha.merge import merge_plan
@@ -47,9 +48,9 @@ def parse_alphas(text: str) -> list[float]:
     try:
         alphas = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
-        raise OrthoMechaError(f"--alphas takes numbers separated by commas, e.g. 0.5,1,1.5; got '{text}'") from exc
+        raise OrthoMechaError(f"alphas are numbers separated by commas, e.g. 0.5,1,1.5; got '{text}'") from exc
     if not alphas or any(not 0.0 <= a <= 2.0 for a in alphas):
-        raise OrthoMechaError(f"--alphas must be one or more values between 0 and 2; got '{text}'")
+        raise OrthoMechaError(f"alphas must be one or more values between 0 and 2; got '{text}'")
     return list(dict.fromkeys(alphas))
 
 
@@ -127,7 +128,12 @@ def alpha_sweep(
     for n, cell in enumerate(cells, start=1):
         if progress is not None:
             progress({"fraction": (n - 1) / len(cells), "message": f"previewing {cell.label}"})
-        result = run_preview(cell.model, arch, settings, client=client, comfy=comfy, time_limit=time_limit)
+        def polled(state: ComfyProgress, label: str = cell.label, done: int = n - 1) -> None:
+            if progress is not None:  # also where a cancelled job stops (its progress raises)
+                progress({"fraction": done / len(cells), "message": f"previewing {label}: {state.state}"})
+
+        result = run_preview(cell.model, arch, settings, client=client, comfy=comfy, time_limit=time_limit,
+                             progress=polled)
         images: list[PreviewImage] = result.images
         cell.images = save_images(images, folder, f"{stem}_{cell.label.replace(' ', '')}_seed{settings.seed}")
         columns.append((cell.label, [image.data for image in images]))
