@@ -173,6 +173,10 @@ class _OutputWriter:
                 raise OrthoMechaError(f"the merge produced {got} for '{key}', expected shape {list(shape)}")
             tensor = self._repaired(key, value.to(dtype))
         self._write(key, tensor)
+        if isinstance(value, torch.Tensor):
+            # sd-mecha 1.1.8 returns each key's result into a future that it keeps until the whole merge ends,
+            # which would gather the merged model in memory; written, the tensor lets go of its data
+            value.set_()
 
     def _repaired(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` with its NaN/Inf elements replaced by the base's values (counted)."""
