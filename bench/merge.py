@@ -41,9 +41,9 @@ def run_step(step: str, paths: list[Path], threads: int | None, via: str) -> Non
 
     config = register_base_config(paths[0])
     if step == "import":
+        run_and_report(step, lambda: None)
         for path in paths:
             sha256_file(path)  # fills the hash cache, so the timed merges only look their hashes up
-        run_and_report(step, lambda: None)
         return
     if step == "n_average":
         recipe = sd_mecha.n_average(*[model_node(p, config) for p in paths[1:]])
