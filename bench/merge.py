@@ -9,7 +9,9 @@ arithmetic, fp16 output.
 By default every merge, ``n_average`` included, runs the way ``ortho-mecha merge`` runs it:
 ``ortho_mecha.merge.execute`` (its streaming writer and thread settings; the input hashes are cached
 before timing). ``--via sd-mecha`` calls ``sd_mecha.merge`` straight into a file instead, as a plain
-sd-mecha user would. ``--repeat N`` keeps each step's fastest of N runs (the machine may be shared).
+sd-mecha user would. ``--repeat N`` keeps each step's fastest of N runs (the machine may be shared); the
+CPU seconds of each merge (all threads) are shown beside the wall time, as other processes' load moves
+them much less.
 
     .venv/bin/python bench/merge.py                          # 4 × 32 MB, about a minute
     .venv/bin/python bench/merge.py --size-mb 64 --repeat 3  # SDXL's largest keys (10240 × 1280) too
@@ -19,7 +21,11 @@ sd-mecha user would. ``--repeat N`` keeps each step's fastest of N runs (the mac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
+import resource
 from pathlib import Path
 
 from common import generate, measured, run_and_report
@@ -67,7 +73,18 @@ def run_step(step: str, paths: list[Path], threads: int | None, via: str) -> Non
                 tqdm=_silent,
             )
 
-    run_and_report(step, merge)
+    cpu = {}
+
+    def timed_merge() -> None:  # CPU seconds too: unlike wall time, barely moved by other processes' load
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        merge()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu["seconds"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_and_report(step, timed_merge)
+    print(json.dumps(json.loads(printed.getvalue().splitlines()[-1]) | {"cpu_seconds": cpu["seconds"]}))
     out.unlink(missing_ok=True)
 
 
@@ -113,9 +130,11 @@ def main() -> None:
 
     def line(name: str, result: dict) -> str:
         ratio = result["seconds"] / reference["seconds"]
+        cpu_ratio = result["cpu_seconds"] / reference["cpu_seconds"]
         return (
-            f"{name:<20} {result['seconds']:8.2f} s {ratio:6.2f} x   peak RSS {result['peak_rss_gib']:.2f} GiB"
-            f"   peak anon {result['peak_anon_gib']:.2f} GiB"
+            f"{name:<20} {result['seconds']:7.2f} s {ratio:6.2f} x"
+            f"   CPU {result['cpu_seconds']:6.2f} s {cpu_ratio:6.2f} x"
+            f"   peak RSS {result['peak_rss_gib']:.2f} GiB   peak anon {result['peak_anon_gib']:.2f} GiB"
         )
 
     print(line("sd-mecha n_average", reference))
