@@ -132,13 +132,16 @@ def row_blocks(rows: int, cols: int) -> Iterator[tuple[slice, slice]]:
 def float64_blocks(tensors: Sequence[Tensor], rows: int) -> Iterator[tuple[slice, slice, Tensor]]:
     """Same-shaped tensors viewed as (rows, cols), block by block as (row slice, column slice, block).
 
-    ``block`` is a fresh float64 tensor (block rows, n, block columns): block[:, i] is tensor i's part.
+    ``block`` is float64 (block rows, n, block columns), block[:, i] tensor i's part; one buffer serves
+    every block, so a block is only valid until the next one is drawn.
     """
     views = [t.reshape(rows, -1) for t in tensors]
+    buffer = None
     for row_slice, col_slice in row_blocks(rows, views[0].shape[1]):
-        block = torch.empty(
-            (row_slice.stop - row_slice.start, len(views), col_slice.stop - col_slice.start), dtype=torch.float64
-        )
+        if buffer is None:  # the first block is the largest
+            shape = (row_slice.stop - row_slice.start, len(views), col_slice.stop - col_slice.start)
+            buffer = torch.empty(shape, dtype=torch.float64)
+        block = buffer[: row_slice.stop - row_slice.start, :, : col_slice.stop - col_slice.start]
         for i, view in enumerate(views):
             block[:, i].copy_(view[row_slice, col_slice])
         yield row_slice, col_slice, block

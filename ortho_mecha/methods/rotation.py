@@ -204,18 +204,23 @@ def _matrix_blocks(matrices: Sequence[Tensor], transposed: bool) -> Iterator[tup
     """(m slice, float64 block (n, k, block width)) of the (out, in) ``matrices`` taken on their smaller side k.
 
     Transposed (out > in): blocks of whole rows, copied contiguously and handed out as transposed views.
+    One buffer serves every block, so a block is only valid until the next one is drawn.
     """
     out_features = matrices[0].shape[0]
     views = [t.reshape(out_features, -1) for t in matrices]
     k = views[0].shape[1] if transposed else out_features
+    buffer = None
     for part in _column_blocks(views[0].shape[0] if transposed else views[0].shape[1], k):
+        width = part.stop - part.start
+        if buffer is None:  # the first block is the widest
+            buffer = torch.empty((len(views), width, k) if transposed else (len(views), k, width), dtype=torch.float64)
         if transposed:
-            block = torch.empty((len(views), part.stop - part.start, k), dtype=torch.float64)
+            block = buffer[:, :width]
             for i, view in enumerate(views):
                 block[i].copy_(view[part])
             yield part, block.transpose(1, 2)
         else:
-            block = torch.empty((len(views), k, part.stop - part.start), dtype=torch.float64)
+            block = buffer[:, :, :width]
             for i, view in enumerate(views):
                 block[i].copy_(view[:, part])
             yield part, block
