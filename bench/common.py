@@ -73,14 +73,15 @@ def measured(script: str, step: str, *args: object) -> dict:
 def run_and_report(step: str, work: Callable[[], object], children: bool = False) -> None:
     """Run ``work`` in this (child) process and print seconds, peak RSS and peak anonymous memory as JSON
     (plus whatever dict ``work`` returns)."""
-    peak = {"anon_kib": 0}
+    peak = {"RssAnon": 0, "VmRSS": 0}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak["anon_kib"] = max(peak["anon_kib"], int(line.split()[1]))
+                name = line.split(":", 1)[0]
+                if name in peak:
+                    peak[name] = max(peak[name], int(line.split()[1]))
             stop.wait(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -88,12 +89,14 @@ def run_and_report(step: str, work: Callable[[], object], children: bool = False
     result = work()
     seconds = time.perf_counter() - started
     stop.set()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # RSS sampled from /proc (every 20 ms): getrusage's ru_maxrss counts the page cache of files read under
+    # some sandboxes (gVisor), which would charge the streamed models to the process
+    rss = peak["VmRSS"]
     if children:
         rss = max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     extra = result if isinstance(result, dict) else {}
     print(json.dumps({"step": step, "seconds": seconds, "peak_rss_gib": rss / 2**20,
-                      "peak_anon_gib": peak["anon_kib"] / 2**20, **extra}))
+                      "peak_anon_gib": peak["RssAnon"] / 2**20, **extra}))
 
 
 def read_files(paths: list[Path]) -> None:
