@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,11 +256,18 @@ def run_pass(
     total_elements = sum(_numel(alignment, c) for c in keys)
     done_elements = 0
     base_sq: dict[str, float] = {}
-    reader = _Reader(alignment, files, file_maps, dtype, chunk, keys)
     threads = torch.get_num_threads()
-    # one torch thread: the reader thread converts while this one multiplies; on 2 cores that beats torch's
-    # own threading, whose spinning workers slow the many small per-chunk operations down badly
+    # one torch thread per Python thread: the reader converts, this thread multiplies and a third computes
+    # the SVD signal of the largest keys; on 2 cores that beats torch's own threading, whose spinning
+    # OpenMP workers slow the many small per-chunk operations (and LAPACK) down badly
     torch.set_num_threads(1)
+    reader = _Reader(alignment, files, file_maps, dtype, chunk, keys)
+    stop_signal = threading.Event()
+    signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in key_index] if stat_rows else []
+    signal_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ortho-mecha-signal")
+    signal = signal_pool.submit(
+        _signal_rows, alignment, files, file_maps, rows_t, stat_rows, dtype, signal_keys, stop_signal
+    )
     try:
         current, acc, peaks = None, None, None
         for canon, start, stop, b, x in reader:
@@ -305,11 +313,12 @@ def run_pass(
             mask[stat_rows] = True
             both = np.where(mask[:, None], both, both.T)
             agree = np.where(mask[:, None], agree, agree.T)
-            signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in key_index]
-            # still one torch thread: torch's OpenMP workers would otherwise spin between operations and
-            # starve the LAPACK threads of the eigendecompositions (measured: 20× slower)
-            _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq, dtype, signal_keys)
+            _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq)
+            for r, per_key in signal.result().items():
+                stats[r].signal.update(per_key)
     finally:
+        stop_signal.set()
+        signal_pool.shutdown(wait=True)
         reader.close()
         torch.set_num_threads(threads)
     bytes_read = reader.bytes_read
@@ -344,27 +353,42 @@ def _finish_row_stats(
     stat_rows: list[int],
     stats: dict[int, RowStats],
     base_sq: dict[str, float],
-    dtype: torch.dtype,
-    signal_keys: list[str],
 ) -> None:
-    """Rounding-noise floor and SVD signal of the rows whose tensor figures were asked for."""
+    """Rounding-noise floor of the rows whose tensor figures were asked for."""
     rounding = [_file_rounding(alignment, m, mi) for m, mi in zip(files, file_maps, strict=True)]
     base_rounding = _file_rounding(alignment, alignment.base, 0)
     for r in stat_rows:
         terms = np.nonzero(rows_t[r])[0]
         stats[r].rounding_sq = sum(rounding[i] ** 2 for i in terms) + (base_rounding**2 if len(terms) == 1 else 0.0)
         stats[r].base_sq = dict(base_sq)
+
+
+def _signal_rows(
+    alignment: Alignment,
+    files: Sequence[Model],
+    file_maps: Sequence[int],
+    rows_t: np.ndarray,
+    stat_rows: list[int],
+    dtype: torch.dtype,
+    signal_keys: list[str],
+    stop: threading.Event,
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """SVD signal figures per row and signal key (runs beside the streaming pass; ``stop`` ends it early)."""
+    figures: dict[int, dict[str, tuple[float, float]]] = {r: {} for r in stat_rows}
     for canon in signal_keys:  # the base tensor once per key, then each row's delta x_m − x_b
         base_tensor = alignment.base.read_tensor(alignment.maps[0].keys[canon], dtype)
         small_side = min(base_tensor.shape[0], base_tensor[0].numel())
         for r in stat_rows:
+            if stop.is_set():
+                return figures
             delta = torch.zeros_like(base_tensor)
             for i in np.nonzero(rows_t[r])[0]:
                 name = alignment.maps[file_maps[i]].keys.get(canon)
                 if name is not None:  # a missing key is a zero delta
                     delta += float(rows_t[r, i]) * (files[i].read_tensor(name, dtype) - base_tensor)
             energies = singular_energy(delta, columns=SIGNAL_COLUMNS_PER_ROW * small_side)
-            stats[r].signal[canon] = signal_figures(energies)
+            figures[r][canon] = signal_figures(energies)
+    return figures
 
 
 def combine_passes(parts: Sequence[PassResult]) -> PassResult:

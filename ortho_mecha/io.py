@@ -20,6 +20,7 @@ import math
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -235,6 +236,7 @@ class Model:
         self._refuse_quantised(raw)
         self.tensors = self._attach_scales(raw)
         self._fds: dict[Path, int] = {}
+        self._fd_lock = threading.Lock()
 
     def _refuse_quantised(self, raw: dict[str, TensorInfo]) -> None:
         for name in raw:
@@ -296,13 +298,14 @@ class Model:
     # -- reading --------------------------------------------------------------------------------------
 
     def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = os.open(file, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):  # reads go front to back: let the kernel read ahead further
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._fds[file] = fd
-        return fd
+        with self._fd_lock:  # the analysis reads one model from several threads
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = os.open(file, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):  # reads go front to back: let the kernel read ahead further
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[file] = fd
+            return fd
 
     def _read_raw(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         size = info.itemsize
