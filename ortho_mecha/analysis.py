@@ -601,9 +601,8 @@ def conflict_ratio(both: np.ndarray, agree: np.ndarray) -> np.ndarray:
     return ratio
 
 
-def row_figures(a: Analysis, g_key_diag: dict[str, np.ndarray]) -> dict:
-    """Per-row tensor figures: null flags, outlier scores and keys, signal."""
-    g = a.gram()
+def row_figures(a: Analysis, g: np.ndarray, g_key_diag: dict[str, np.ndarray]) -> dict:
+    """Per-row tensor figures (null flags, outlier scores and keys, signal), given the rows' delta Gram ``g``."""
     null, max_out, out_keys = [], [], []
     for r, st in enumerate(a.stats):
         null.append(bool(g[r, r] <= st.noise_sq))
@@ -625,14 +624,15 @@ def report(a: Analysis) -> dict:
     """The JSON report (DESIGN.md §4, §6b): per-model fields are lists in ``models`` order, matrices N×N."""
     n = len(a.models)
     rows = list(range(n))
-    g = a.gram()
+    h = a.h  # the sum over every key's Gram, formed once for the whole report
+    g = a.gram(h=h)
     cos = cosine(g)
     blocks = {}
     for name, h_block in a.h_blocks().items():
         gb = delta_gram(h_block, rows, a.delta_from)
         blocks[name] = {"cos": _round(cosine(gb)), "norms": _round(np.sqrt(np.clip(np.diag(gb), 0, None)))}
     g_key_diag = {k: np.diag(delta_gram(h, rows, a.delta_from)) for k, h in a.h_key.items()}
-    figures = row_figures(a, g_key_diag)
+    figures = row_figures(a, g, g_key_diag)
     out = {
         "version": __import__("ortho_mecha").__version__,
         "base": a.base,
@@ -643,7 +643,7 @@ def report(a: Analysis) -> dict:
         "mode": "exact" if a.exact else "default",
         "rank_samples": a.rank_samples,
         "keys": len(a.keys),
-        "h": _round(a.h),
+        "h": _round(h),
         "gram": _round(g),
         "cos": _round(cos),
         "new_info": _round(1.0 - cos**2),
@@ -656,7 +656,7 @@ def report(a: Analysis) -> dict:
         "seconds": round(a.seconds, 3),
         "bytes_read": a.bytes_read,
     }
-    _add_proposals(out, np.asarray(a.h), g)
+    _add_proposals(out, h, g)
     return out
 
 
