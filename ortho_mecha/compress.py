@@ -47,7 +47,7 @@ import torch
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import refuse_existing, write_json
-from ortho_mecha.io import DTYPES, Model, expand_model_paths
+from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.lora import (
     LowRank,
     Uncaptured,
@@ -289,8 +289,8 @@ class StreamingFile:
         self._fh.write(len(encoded).to_bytes(8, "little") + encoded)
 
     def write(self, tensor: torch.Tensor) -> None:
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data))
+        data = tensor_bytes(tensor)
+        self._fh.write(data)
         self.written += data.nbytes
 
     def finish(self) -> Path:

@@ -84,6 +84,11 @@ class TensorInfo:
         return self.dtype in FLOAT_DTYPES
 
 
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's data as the bytes a safetensors file stores (row-major, native little-endian)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def refuse_unsupported(path: Path) -> None:
     """Refuse files that are not safetensors, with the reason and what to do instead."""
     suffix = path.suffix.lower()

@@ -54,7 +54,7 @@ from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import refuse_existing
 from ortho_mecha.hashing import sha256_file
-from ortho_mecha.io import DTYPES, Model
+from ortho_mecha.io import DTYPES, Model, tensor_bytes
 from ortho_mecha.mecha_config import check_model, register_base_config
 from ortho_mecha.plan import Plan, load_plan
 from ortho_mecha.recipe import build_recipe
@@ -112,10 +112,6 @@ def _remove_stale_partials(out: Path) -> None:
 def data_bytes(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
     """Bytes of tensor data in a file of this layout."""
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in layout.values())
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 class _OutputWriter:
@@ -193,7 +189,7 @@ class _OutputWriter:
         return torch.where(bad, self._base_tensor(key).to(wide.dtype), wide).to(tensor.dtype)
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
-        data = _tensor_bytes(tensor)
+        data = tensor_bytes(tensor)
         with self._lock:
             self._fh.write(data)
             self.entries[key] = (self._position, self._position + len(data))
