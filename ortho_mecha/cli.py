@@ -14,7 +14,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from ortho_mecha.arch import ALIASES, ARCH_IDS  # plain data: importing it loads neither torch nor sd-mecha
+
 EXIT_ERROR = 2
+ARCH_CHOICES = [*ARCH_IDS, *ALIASES]  # canonical ids, then the seed tool's aliases
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
@@ -39,7 +42,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help="fine-tuned models: .safetensors files, sharded index JSONs or folders")
     p.add_argument(
         "--arch",
-        choices=["sd1", "sdxl", "flux1", "flux2-klein", "chroma", "zimage", "custom", "chroma-flow", "zimage-base"],
+        choices=ARCH_CHOICES,
         help="architecture id (default: detected from the base's keys and shapes)",
     )
 
@@ -132,7 +135,7 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--arch",
         required=True,
-        choices=["sd1", "sdxl", "flux1", "flux2-klein", "chroma", "zimage", "custom", "chroma-flow", "zimage-base"],
+        choices=ARCH_CHOICES,
         help="architecture id: picks the built-in workflow (custom needs --workflow)",
     )
     p.add_argument("--prompt", required=True, help="the positive prompt")
