@@ -226,14 +226,23 @@ def test_delta_identity(seed: int, n_files: int, delta_from: list[int | None]) -
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(2, 5), zeros=st.floats(0, 0.6))
-def test_conflict_identity(seed: int, rows: int, zeros: float) -> None:
-    """conflicts = (|S||S|ᵀ − S Sᵀ)/2 counts exactly the element pairs of opposite sign."""
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(2, 5), length=st.integers(1, 300), zeros=st.floats(0, 0.6),
+       subset=st.integers(0, 31))
+def test_conflict_identity(seed: int, rows: int, length: int, zeros: float, subset: int) -> None:
+    """conflicts = (|S||S|ᵀ − S Sᵀ)/2 counts exactly the element pairs of opposite sign, and the pass's
+    bit-packed counting gives exactly |S||S|ᵀ and S Sᵀ for any chunk length and any subset of rows."""
     rng = np.random.default_rng(seed)
-    d = rng.normal(size=(rows, 200)) * (rng.random((rows, 200)) > zeros)
-    s = np.sign(d)
+    d = (rng.normal(size=(rows, length)) * (rng.random((rows, length)) > zeros)).astype(np.float32)
+    s = np.sign(d).astype(np.float64)
     counted = ((d[:, None, :] * d[None, :, :]) < 0).sum(-1)
     assert np.array_equal((np.abs(s) @ np.abs(s).T - s @ s.T) / 2, counted)
+    picked = [r for r in range(rows) if subset >> r & 1] or [0]
+    agree, both = np.full((rows, rows), 7.0), np.full((rows, rows), 7.0)
+    A.sign_counts(d, picked, agree, both)
+    assert np.array_equal(both[picked], 7.0 + (np.abs(s) @ np.abs(s).T)[picked])
+    assert np.array_equal(agree[picked], 7.0 + (s @ s.T)[picked])
+    others = [r for r in range(rows) if r not in picked]
+    assert (both[others] == 7.0).all() and (agree[others] == 7.0).all()
 
 
 def test_signal_figures_hand_computed() -> None:
