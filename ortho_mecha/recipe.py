@@ -2,7 +2,9 @@
 
 The recipe uses only sd-mecha's own nodes and the methods ortho-mecha registers, so any sd-mecha user
 can write it by hand. Every file is a ``sd_mecha.model`` node bound to the config derived from the
-base's header (:mod:`ortho_mecha.mecha_config`). Row i's delta is
+base's header (:mod:`ortho_mecha.mecha_config`), wrapped in ``read_once`` (sd-mecha reads and casts a
+model node again for each node that uses it: the base of four rows was read five times per key). Row i's
+delta is
 ``scale_delta(subtract(model_i, delta_from_i or base), c_i)``; what the coefficient c_i is and how
 often the row is listed depends on the method (``MethodSpec.repeat``):
 
@@ -86,7 +88,7 @@ def build_recipe(plan: Plan) -> sd_mecha.RecipeNode:
 
     def node(path: Path) -> sd_mecha.RecipeNode:
         if path not in nodes:
-            nodes[path] = model_node(path, config_id)
+            nodes[path] = _method("read_once")(model_node(path, config_id))
         return nodes[path]
 
     base = node(plan.base)

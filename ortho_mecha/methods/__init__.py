@@ -7,7 +7,7 @@ values, help — for up-front plan checks (:func:`validate_options`) and for bui
 - :mod:`.orthogonal`: ``ortho_project`` (ordered Gram–Schmidt), ``ortho_superpose`` (order-free)
 - :mod:`.rotation`: ``orthomerge`` (rotations averaged in skew space)
 - :mod:`.texture`: ``texture_boost``
-- :mod:`.deltas`: ``scale_delta`` and the shared helpers
+- :mod:`.deltas`: ``scale_delta``, ``read_once`` and the shared helpers
 """
 
 from __future__ import annotations

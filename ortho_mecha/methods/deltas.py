@@ -201,6 +201,16 @@ def add_to_base(base: Tensor, total: Tensor, alpha: float) -> Tensor:
 
 
 @merge_method
+def read_once(model: Parameter(Tensor, "weight")) -> Return(Tensor, "weight"):
+    """The model's tensor unchanged, read once per key however many nodes use it.
+
+    sd-mecha evaluates a model node once per consumer (each time read and cast again), while the output of
+    a merge node is computed once per key and handed to every consumer; the recipes wrap each model in this.
+    """
+    return model
+
+
+@merge_method
 def scale_delta(
     delta: Parameter(Tensor, "delta"),
     alpha: Parameter(float) = ALPHA.default,
