@@ -47,9 +47,8 @@ from typing import Any
 import torch
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.io import TensorInfo, parse_header
 from ortho_mecha.io import Model as FileModel
-from ortho_mecha.lora import PREFIX as UNET_PREFIX
+from ortho_mecha.io import TensorInfo, parse_header
 from ortho_mecha.lora import lora_name
 
 logger = logging.getLogger(__name__)
@@ -234,17 +233,18 @@ class Binding:
             "unmatched_examples": self.unmatched[:LISTED],
         }
 
-    def notes(self) -> list[str]:
-        """Human lines for the validation report."""
-        lines = [f"kohya LoRA (rank ≤ {max(self.ranks, default=0)}): {len(self.keys)} modules mapped to base keys, "
-                 "its delta is their product; untouched keys have delta 0"]
-        if self.set_aside:
-            lines.append(f"{len(self.set_aside)} text-encoder modules set aside (diffusion only), "
-                         f"e.g. {', '.join(self.set_aside[:3])}")
-        if self.unmatched:
-            lines.append(f"{len(self.unmatched)} modules match no base key (left out), "
-                         f"e.g. {', '.join(self.unmatched[:3])}")
-        return lines
+
+def summary_notes(summary: Mapping[str, Any]) -> list[str]:
+    """Human lines of a :meth:`Binding.summary`, for the validation report."""
+    lines = [f"kohya LoRA (rank ≤ {summary['rank']}): {summary['mapped_keys']} modules mapped to base keys, "
+             "its delta is their product; untouched keys have delta 0"]
+    if summary["set_aside"]:
+        lines.append(f"{summary['set_aside']} text-encoder modules set aside (diffusion only), "
+                     f"e.g. {', '.join(summary['set_aside_examples'][:3])}")
+    if summary["unmatched"]:
+        lines.append(f"{summary['unmatched']} modules match no base key (left out), "
+                     f"e.g. {', '.join(summary['unmatched_examples'][:3])}")
+    return lines
 
 
 def bind(file: FileModel, shapes: Mapping[str, tuple[int, ...]], base: str | Path) -> Binding:
@@ -440,9 +440,8 @@ def register_lora_config(base_config_id: str) -> str:
 
 
 def _register_conversion(base_config: Any, lora_config_id: str, module_of: dict[str, str]) -> None:
-    from torch import Tensor
-
     from sd_mecha.extensions.merge_methods import Parameter, Return, StateDict, merge_method
+    from torch import Tensor
 
     base_config_id = base_config.identifier
 
@@ -459,7 +458,7 @@ def _register_conversion(base_config: Any, lora_config_id: str, module_of: dict[
         def __call__(
             self,
             lora: Parameter(StateDict[Tensor], "weight", lora_config_id),
-            **kwargs,  # noqa: ANN003 — sd-mecha passes key, key_relation, cache (an annotation would be read)
+            **kwargs,  # sd-mecha passes key, key_relation, cache; not annotated, sd-mecha would read it
         ) -> Return(Tensor, "delta", base_config_id):
             relation = kwargs["key_relation"]
             up, down, *alpha = relation.inputs["lora"]

@@ -64,6 +64,15 @@ class MethodSpec:
         return {spec.name: spec.default for spec in self.options}
 
 
+def _is_lora(path: Path) -> bool:
+    """Whether a plan's file is a kohya LoRA (from its header). A plan checks paths, not contents: a file
+    whose header cannot be read counts as no LoRA here, and reading it for the merge reports why."""
+    try:
+        return is_lora_file(path)
+    except OrthoMechaError:
+        return False
+
+
 def _unit(name: str, default: float, help_text: str) -> OptionSpec:
     return OptionSpec(name, default, help_text, minimum=0.0, maximum=1.0)
 
@@ -289,7 +298,7 @@ class Plan:
 
     def _check_rows(self, method: MethodSpec) -> None:
         self._check_file(self.base, "base")
-        if is_lora_file(self.base):
+        if _is_lora(self.base):
             raise self._fail(f"base {self.base} is a LoRA; the base must be a full model (a LoRA can be a row)")
         enabled = [row for row in self.rows if row.enabled]
         if not enabled:
@@ -314,9 +323,9 @@ class Plan:
 
     def _check_lora_row(self, label: str, row: Row) -> None:
         """A kohya LoRA row's delta is its product, from the base; a LoRA is nobody's delta-from."""
-        from_lora = row.delta_from is not None and is_lora_file(row.delta_from)
+        from_lora = row.delta_from is not None and _is_lora(row.delta_from)
         try:
-            refuse_lora_delta_from(row.model, row.delta_from, is_lora_file(row.model), from_lora)
+            refuse_lora_delta_from(row.model, row.delta_from, _is_lora(row.model), from_lora)
         except OrthoMechaError as exc:
             raise self._fail(f"{label}: {str(exc).removeprefix(f'{exc.path}: ')}") from exc
 
@@ -346,7 +355,7 @@ class Plan:
             choices = list(TEXTURE_MODE.choices)
             raise self._fail(f"unknown texture mode '{self.texture.mode}'; {_suggest(str(self.texture.mode), choices)}")
         self._check_file(self.texture.model, "texture model")
-        if is_lora_file(self.texture.model):
+        if _is_lora(self.texture.model):
             raise self._fail(f"texture model {self.texture.model} is a LoRA; add it as a row instead")
 
     # -- derived -----------------------------------------------------------------------------------

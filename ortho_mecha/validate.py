@@ -99,11 +99,12 @@ class ModelCheck:
     scaled_fp8: bool
     missing_examples: list[str]
     lora: dict | None = None  # a kohya LoRA row: how its modules map (lora_rows.Binding.summary)
-    lora_notes: list[str] = field(default_factory=list)
 
     @property
     def messages(self) -> list[str]:
-        notes = list(self.lora_notes)
+        from ortho_mecha.lora_rows import summary_notes
+
+        notes = summary_notes(self.lora) if self.lora else []
         if self.prefix_stripped:
             notes.append(f"'{DIFFUSION_PREFIX}' prefix removed from {self.prefix_stripped} keys")
         if self.non_diffusion:
@@ -209,7 +210,6 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
                 scaled_fp8=model.scaled_fp8,
                 missing_examples=missing[:3],
                 lora=lora.binding.summary() if lora else None,
-                lora_notes=lora.binding.notes() if lora else [],
             )
         )
         maps.append(mapping)

@@ -28,8 +28,15 @@ from ortho_mecha.merge import META_RECIPE, execute, merge_plan
 from ortho_mecha.optimize import plan_from_report
 from ortho_mecha.plan import plan_from_dict
 from ortho_mecha.recipe import recipe_text, write_recipe
-from ortho_mecha.workspace import LORA_INFO, ModelChoices, lora_labels, mix_predictions, plan_from_table, row_gram
-from ortho_mecha.workspace import table_from_plan
+from ortho_mecha.workspace import (
+    LORA_INFO,
+    ModelChoices,
+    lora_labels,
+    mix_predictions,
+    plan_from_table,
+    row_gram,
+    table_from_plan,
+)
 
 PREFIX = "model.diffusion_model."
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,7 +246,7 @@ def test_lora_and_delta_from_are_refused_in_analysis(sdxl) -> None:
 
 
 def test_lora_for_another_model_names_unmatched_modules(sdxl, flux) -> None:
-    with pytest.raises(OrthoMechaError, match="match no key, e.g. lora_unet_") as error:
+    with pytest.raises(OrthoMechaError, match=r"match no key, e.g. lora_unet_") as error:
         analyse(sdxl["base"], [flux["lora"]], use_cache=False)
     assert str(flux["lora"]) in str(error.value) and "Give the base it was trained on" in str(error.value)
 
@@ -361,7 +368,7 @@ def test_plan_refuses_lora_delta_from_rules(sdxl) -> None:
     with pytest.raises(OrthoMechaError, match="is a LoRA; the base must be a full model"):
         plan_from_dict({"base": "hand_lora.safetensors", "method": "weighted_sum",
                         "rows": [{"model": "anime.safetensors"}]}, folder)
-    with pytest.raises(OrthoMechaError, match="texture model .* is a LoRA"):
+    with pytest.raises(OrthoMechaError, match=r"texture model .* is a LoRA"):
         plan_from_dict({"base": "base.safetensors", "method": "weighted_sum", "rows": [{"model": "anime.safetensors"}],
                         "texture": {"model": "hand_lora.safetensors"}}, folder)
 
@@ -407,3 +414,64 @@ def test_report_json_marks_lora_rows(sdxl, tmp_path, cli) -> None:
 def test_sdxl_layout_has_the_keys_the_hand_lora_names() -> None:
     shapes = {k.removeprefix(PREFIX) for k in sdxl_layout()}
     assert set(HAND) <= shapes
+
+
+def test_mixer_page_marks_and_plans_a_lora_row(flux, tmp_path, monkeypatch) -> None:
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    from ortho_mecha import ui
+
+    workspace = tmp_path / "workspace"
+    models = workspace / "models"
+    models.mkdir(parents=True)
+    for name in ("base", "tuned", "lora"):
+        (models / flux[name].name).write_bytes(flux[name].read_bytes())
+    monkeypatch.setenv("ORTHO_MECHA_WORKSPACE", str(workspace))
+    monkeypatch.setenv("ORTHO_MECHA_ROOTS", str(workspace))
+    monkeypatch.delenv("ORTHO_MECHA_PASSWORD", raising=False)
+    previous = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    try:
+        at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=120)
+        at.session_state["mix"] = {
+            "base": "models/base.safetensors", "method": "weighted_sum", "options": {}, "texture": None, "version": 1,
+            "rows": [{"enabled": True, "model": "models/tuned_lora.safetensors", "delta_from": "(base)",
+                      "alpha": 1.0, "repeat": 1, "info": ""}],
+        }
+        at.switch_page(ui.PAGES[1].path).run()
+        assert not at.exception and not [e.value for e in at.error]
+        assert any("LoRA rows (models/tuned_lora.safetensors)" in c.value for c in at.caption)
+        plan = at.session_state["plan"]
+        assert plan.rows[0].model.name == "tuned_lora.safetensors"
+        assert any("_kohya_lora-ortho_mecha" in str(block.value) for block in at.code)
+    finally:
+        config.set_option("server.address", previous)
+
+
+def test_key_sharded_worker_passes_bind_the_lora_like_the_client(sdxl) -> None:
+    # what each Dask worker runs (distributed.worker_pass re-opens the files by path and aligns them again)
+    from ortho_mecha.analysis import PassPlan, combine_passes, row_selection
+    from ortho_mecha.distributed import shard_keys, worker_pass
+    from ortho_mecha.io import Model
+    from ortho_mecha.validate import align
+
+    files = [str(sdxl["anime"]), str(sdxl["lora"])]
+    alignment = align(Model(sdxl["base"]), [Model(f) for f in files])
+    rows_t = row_selection(2, 2, [None, None])
+    plan = PassPlan(h_rows=[0, 1], stat_rows=[0, 1])
+    parts = [worker_pass(str(sdxl["base"]), files, alignment.arch, rows_t, plan, keys, True, 1 << 12, 0)
+             for keys in shard_keys(alignment, 3)]
+    h = np.sum(list(combine_passes(parts).h_key.values()), axis=0)
+    np.testing.assert_allclose(h, brute_force(sdxl, ["anime", "lora"]), rtol=1e-9)
+
+
+def test_measured_survival_of_a_lora_row_matches_the_prediction(sdxl, tmp_path) -> None:
+    from ortho_mecha.evaluate import measure
+
+    plan = plan_for(sdxl, "ortho_superpose", sdxl["lora"])
+    out = tmp_path / "merged.safetensors"
+    merge_plan(plan, out)
+    survival = measure(plan, out)
+    np.testing.assert_allclose(survival["measured"], survival["predicted"], atol=1e-5)
+    assert survival["measured"][0] == pytest.approx(0.7, abs=1e-5)  # its alpha: superpose keeps α·δ whole
