@@ -32,6 +32,7 @@ from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import cosine, delta_gram, selection_matrix
 from ortho_mecha.io import ROUNDING, Model, expand_model_paths
+from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
 from ortho_mecha.validate import Alignment
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ class _Reader:
                 continue
             model.read_into(name, start, stop, x[row])
             self.bytes_read += (stop - start) * model.tensors[name].itemsize
-            x[row].sub_(b)
+            if not model.is_delta:  # a LoRA row reads its delta (the product) directly
+                x[row].sub_(b)
         return b, x
 
     def __iter__(self):
@@ -430,7 +432,9 @@ class _SignalWork:
         for i in np.nonzero(self.rows_t[r])[0]:
             name = self.alignment.maps[self.file_maps[i]].keys.get(canon)
             if name is not None:  # a missing key is a zero delta
-                term = self.files[i].read_tensor(name, self.dtype).sub_(base_tensor)
+                term = self.files[i].read_tensor(name, self.dtype)
+                if not self.files[i].is_delta:  # a LoRA's values are its product, a delta already
+                    term.sub_(base_tensor)
                 delta.add_(term, alpha=float(self.rows_t[r, i]))
         small_side = min(base_tensor.shape[0], base_tensor[0].numel())
         return singular_energy(delta, columns=SIGNAL_COLUMNS_PER_ROW * small_side)
@@ -545,12 +549,17 @@ def _resolve_delta_from(models: list[Model], delta_from: dict[str, str]) -> tupl
         other_path = Path(other_arg).resolve()
         if other_path == models[model_index].path.resolve():
             raise OrthoMechaError("a model cannot be its own delta-from", model_arg)
+        existing = next((j for j, e in enumerate(extras) if e.path.resolve() == other_path), None)
+        if other_path in by_path:
+            other = models[by_path[other_path]]
+        else:
+            other = extras[existing] if existing is not None else Model(other_arg)
+        refuse_lora_delta_from(model_arg, other_arg, is_lora(models[model_index].tensors), is_lora(other.tensors))
         if other_path in by_path:
             row_from[model_index] = by_path[other_path]
             continue
-        existing = next((j for j, e in enumerate(extras) if e.path.resolve() == other_path), None)
         if existing is None:
-            extras.append(Model(other_arg))
+            extras.append(other)
             existing = len(extras) - 1
         row_from[model_index] = len(models) + existing
     return extras, row_from
@@ -685,6 +694,7 @@ def report(a: Analysis) -> dict:
         "models": a.models,
         "files": a.files,
         "delta_from": [None if b is None else a.files[b] for b in a.delta_from],
+        "lora": [a.validation["models"][i].get("lora") is not None for i in rows],  # kohya LoRA rows
         "mode": "exact" if a.exact else "default",
         "rank_samples": a.rank_samples,
         "keys": len(a.keys),

@@ -218,6 +218,8 @@ def _shard_files(path: Path) -> list[Path]:
 class Model:
     """A model on disk (one safetensors file, or the shards of one): lazily readable, key by key."""
 
+    is_delta = False  # its tensors are weights (a LoRA row's are deltas: ortho_mecha.lora_rows.LoraModel)
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if self.path.is_dir():

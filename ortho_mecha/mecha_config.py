@@ -28,7 +28,8 @@ from sd_mecha.extensions.model_configs import KeyMetadata, ModelComponent, Model
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.io import DTYPES, Model
-from ortho_mecha.validate import CHECKPOINT_MIN_PREFIXED, DIFFUSION_PREFIX, MIN_SHARED, canonical_key
+from ortho_mecha.lora_rows import LoraModel, is_lora_file, register_lora_config
+from ortho_mecha.validate import CHECKPOINT_MIN_PREFIXED, DIFFUSION_PREFIX, MIN_SHARED, canonical_key, key_map
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +46,21 @@ def _spellings(canon: str) -> set[str]:
     return forms | {DIFFUSION_PREFIX + form for form in forms}
 
 
+def canonical_spellings(keys: list[str]) -> dict[str, str]:
+    """Each diffusion key of a base → its canonical form (text-encoder / VAE keys of a checkpoint left out)."""
+    checkpoint = sum(k.startswith(DIFFUSION_PREFIX) for k in keys) > CHECKPOINT_MIN_PREFIXED
+    return {
+        key: canonical_key(key.removeprefix(DIFFUSION_PREFIX))
+        for key in keys
+        if not checkpoint or key.startswith(DIFFUSION_PREFIX)
+    }
+
+
 def key_aliases(keys: list[str]) -> dict[str, tuple[str, ...]]:
     """The other spellings each base key may have in a model file (never another base key, never shared)."""
-    checkpoint = sum(k.startswith(DIFFUSION_PREFIX) for k in keys) > CHECKPOINT_MIN_PREFIXED
-    candidates: dict[str, set[str]] = {}
-    for key in keys:
-        if checkpoint and not key.startswith(DIFFUSION_PREFIX):
-            candidates[key] = set()  # text encoder / VAE keys of a checkpoint keep their one name
-            continue
-        bare = key.removeprefix(DIFFUSION_PREFIX)
-        candidates[key] = _spellings(canonical_key(bare)) - {key}
+    canonical = canonical_spellings(keys)
+    # text encoder / VAE keys of a checkpoint keep their one name
+    candidates = {key: _spellings(canonical[key]) - {key} if key in canonical else set() for key in keys}
     taken = set(keys)
     claims = Counter(alias for aliases in candidates.values() for alias in aliases)
     return {
@@ -119,9 +125,10 @@ def register_base_config(base: str | Path) -> str:
     except KeyError:
         model_configs.register(config)
         logger.debug("registered sd-mecha config %s from %s", config.identifier, base)
-        return config.identifier
-    if _layout(known) != _layout(config):
-        raise OrthoMechaError(f"sd-mecha already has a different config named {config.identifier}", base)
+    else:
+        if _layout(known) != _layout(config):
+            raise OrthoMechaError(f"sd-mecha already has a different config named {config.identifier}", base)
+    register_lora_config(config.identifier)  # so a recipe (or .mecha file) with LoRA rows resolves too
     return config.identifier
 
 
@@ -137,7 +144,10 @@ class KeyCheck:
 
 def check_model(config_id: str, base: str | Path, path: str | Path) -> KeyCheck:
     """Line ``path`` up against the base config as sd-mecha will (key, then aliases); raise on any shape
-    mismatch, on fewer than half the base's keys shared, and on files sd-mecha cannot merge."""
+    mismatch, on fewer than half the base's keys shared, and on files sd-mecha cannot merge. A kohya LoRA
+    is checked against the base's keys instead (:mod:`ortho_mecha.lora_rows`)."""
+    if is_lora_file(path):
+        return _check_lora(base, path)
     config = model_configs.resolve(config_id)
     with _open(path) as model:
         tensors = model.tensors
@@ -163,6 +173,17 @@ def check_model(config_id: str, base: str | Path, path: str | Path) -> KeyCheck:
             path,
         )
     return KeyCheck(str(path), shared, total - shared, len(set(tensors) - claimed))
+
+
+def _check_lora(base: str | Path, path: str | Path) -> KeyCheck:
+    """A LoRA input: its modules bound to the base's keys (errors as :func:`ortho_mecha.lora_rows.bind`)."""
+    with _open(base) as base_model, _open(path) as file:
+        base_map = key_map(base_model)
+        shapes = {canon: tuple(base_model.tensors[name].shape) for canon, name in base_map.keys.items()}
+        binding = LoraModel(file, shapes, base).binding
+        total = len(base_model.tensors)
+    mapped = len(binding.keys)
+    return KeyCheck(str(path), mapped, total - mapped, len(binding.set_aside) + len(binding.unmatched))
 
 
 def model_node(path: str | Path, config_id: str, merge_space: str = "weight") -> sd_mecha.RecipeNode:

@@ -64,6 +64,7 @@ class _Family:
     names: list[str]
     dups: dict[int, int]
     d: np.ndarray
+    lora: np.ndarray  # per model: a kohya LoRA row (delta from the base only, never a delta-from)
 
     @property
     def active(self) -> list[int]:
@@ -72,13 +73,16 @@ class _Family:
 
     def allowed_from(self, i: int) -> list[int | None]:
         """Delta-froms allowed for model i: the base, then every other file that is not a duplicate, not a null
-        model, and not so close to i that ``D_iB < 0.01 · D_iC`` (that would leave a near-null delta)."""
+        model, not a LoRA, and not so close to i that ``D_iB < 0.01 · D_iC`` (that would leave a near-null
+        delta). A LoRA row's only delta-from is the base."""
+        if self.lora[i]:
+            return [None]
         files = [
             f
             for f in range(len(self.h))
             if f != i
             and f not in self.dups
-            and not (f < self.n and self.null[f])
+            and not (f < self.n and (self.null[f] or self.lora[f]))
             and self.d[i, f] >= DUPLICATE_RATIO * self.h[i, i]
         ]
         return [None, *files]
@@ -91,7 +95,8 @@ class _Family:
 
 
 def _family(
-    h: np.ndarray, n_models: int, quality: Sequence[float], null: Sequence[bool], names: Sequence[str] | None
+    h: np.ndarray, n_models: int, quality: Sequence[float], null: Sequence[bool], names: Sequence[str] | None,
+    lora: Sequence[bool] | None = None,
 ) -> _Family:
     h = np.asarray(h, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1] or h.shape[0] < n_models:
@@ -102,7 +107,11 @@ def _family(
     if len(labels) != len(h):
         raise ValueError(f"{len(labels)} names for {len(h)} files")
     q = np.asarray(quality, dtype=np.float64)
-    return _Family(h, n_models, q, np.asarray(null, dtype=bool), labels, duplicates(h, q), squared_distances(h))
+    lora_rows = np.zeros(n_models, dtype=bool) if lora is None else np.asarray(lora, dtype=bool)
+    if len(lora_rows) != n_models:
+        raise ValueError(f"{len(lora_rows)} LoRA flags for {n_models} models")
+    return _Family(h, n_models, q, np.asarray(null, dtype=bool), labels, duplicates(h, q), squared_distances(h),
+                   lora_rows)
 
 
 def orthogonality(g: np.ndarray, rows: Sequence[int]) -> float:
@@ -224,6 +233,8 @@ def _origin(fam: _Family, i: int, b: int | None, note: str | None) -> str:
     """Why row i takes its delta from b."""
     if note:
         return note
+    if fam.lora[i]:
+        return "LoRA: its product is its delta, from the base"
     if b is None:
         return "delta from the base"
     return f"delta from {fam.names[b]}"
@@ -235,10 +246,12 @@ def autofill(
     quality: Sequence[float],
     null: Sequence[bool],
     names: Sequence[str] | None = None,
+    lora: Sequence[bool] | None = None,
 ) -> list[RowChoice]:
     """The Mixer's auto-fill (DESIGN §4): every model's parent as delta-from, then the redundancy and repeat
-    rules. ``h``: F×F file Gram (models first); ``quality``, ``null``: per model; ``names``: per file."""
-    fam = _family(h, n_models, quality, null, names)
+    rules. ``h``: F×F file Gram (models first); ``quality``, ``null``, ``lora`` (kohya LoRA rows): per model;
+    ``names``: per file."""
+    fam = _family(h, n_models, quality, null, names, lora)
     delta_from: list[int | None] = [fam.start(i) if i in fam.active else None for i in range(fam.n)]
     notes = {i: f"delta from {fam.names[b]} (its parent)" for i, b in enumerate(delta_from) if b is not None}
     return _finish(fam, delta_from, notes)
@@ -251,10 +264,12 @@ def optimize(
     null: Sequence[bool],
     names: Sequence[str] | None = None,
     max_rounds: int = MAX_ROUNDS,
+    lora: Sequence[bool] | None = None,
 ) -> list[RowChoice]:
     """The optimizer (DESIGN §4): parent rule start, local search over delta-froms maximising the enabled rows'
-    orthogonality (≤ ``max_rounds`` rounds), cycle elimination, then the redundancy and repeat rules."""
-    fam = _family(h, n_models, quality, null, names)
+    orthogonality (≤ ``max_rounds`` rounds), cycle elimination, then the redundancy and repeat rules. LoRA
+    rows (``lora``) keep the base as delta-from and are never another row's."""
+    fam = _family(h, n_models, quality, null, names, lora)
     delta_from: list[int | None] = [fam.start(i) if i in fam.active else None for i in range(fam.n)]
     notes = {i: f"delta from {fam.names[b]} (its parent)" for i, b in enumerate(delta_from) if b is not None}
     rows = fam.active
@@ -322,7 +337,10 @@ def plan_from_report(
     )
     # a null flag means "no change against the analysed delta-from"; only against the base is the model null
     null_model = [x and (b is None or h[i, i] <= 0) for i, (x, b) in enumerate(zip(null, analysed_from, strict=True))]
-    choices = optimize(h, n, scores, null_model, names=[Path(f).name for f in files])
+    lora = [bool(x) for x in report.get("lora") or [False] * n]  # reports before LoRA rows have no such field
+    if len(lora) != n:
+        raise fail(f"'lora' has {len(lora)} entries for {n} models")
+    choices = optimize(h, n, scores, null_model, names=[Path(f).name for f in files], lora=lora)
     if not any(c.enabled for c in choices):
         raise fail("every model is null or a duplicate: there is nothing to merge")
     spec = plan_mod.METHODS[method]

@@ -28,6 +28,7 @@ from typing import Any
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_text
 from ortho_mecha.io import SHARD_RE, refuse_unsupported
+from ortho_mecha.lora_rows import is_lora_file, refuse_lora_delta_from
 from ortho_mecha.methods import METHOD_OPTIONS, OptionError, OptionSpec
 from ortho_mecha.methods.deltas import ALPHA
 from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
@@ -61,6 +62,15 @@ class MethodSpec:
 
     def defaults(self) -> dict[str, Any]:
         return {spec.name: spec.default for spec in self.options}
+
+
+def _is_lora(path: Path) -> bool:
+    """Whether a plan's file is a kohya LoRA (from its header). A plan checks paths, not contents: a file
+    whose header cannot be read counts as no LoRA here, and reading it for the merge reports why."""
+    try:
+        return is_lora_file(path)
+    except OrthoMechaError:
+        return False
 
 
 def _unit(name: str, default: float, help_text: str) -> OptionSpec:
@@ -288,6 +298,8 @@ class Plan:
 
     def _check_rows(self, method: MethodSpec) -> None:
         self._check_file(self.base, "base")
+        if _is_lora(self.base):
+            raise self._fail(f"base {self.base} is a LoRA; the base must be a full model (a LoRA can be a row)")
         enabled = [row for row in self.rows if row.enabled]
         if not enabled:
             raise self._fail("no enabled rows; enable at least one model")
@@ -306,7 +318,16 @@ class Plan:
             self._check_file(row.model, f"{label}: model")
             if row.delta_from is not None:
                 self._check_file(row.delta_from, f"{label}: delta_from")
+            self._check_lora_row(label, row)
         self._check_cycles(enabled)
+
+    def _check_lora_row(self, label: str, row: Row) -> None:
+        """A kohya LoRA row's delta is its product, from the base; a LoRA is nobody's delta-from."""
+        from_lora = row.delta_from is not None and _is_lora(row.delta_from)
+        try:
+            refuse_lora_delta_from(row.model, row.delta_from, _is_lora(row.model), from_lora)
+        except OrthoMechaError as exc:
+            raise self._fail(f"{label}: {str(exc).removeprefix(f'{exc.path}: ')}") from exc
 
     def _check_cycles(self, enabled: list[Row]) -> None:
         """Refuse delta-from chains through the rows' models that come back to where they started."""
@@ -334,6 +355,8 @@ class Plan:
             choices = list(TEXTURE_MODE.choices)
             raise self._fail(f"unknown texture mode '{self.texture.mode}'; {_suggest(str(self.texture.mode), choices)}")
         self._check_file(self.texture.model, "texture model")
+        if _is_lora(self.texture.model):
+            raise self._fail(f"texture model {self.texture.model} is a LoRA; add it as a row instead")
 
     # -- derived -----------------------------------------------------------------------------------
 

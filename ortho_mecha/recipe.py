@@ -4,9 +4,10 @@ The recipe uses only sd-mecha's own nodes and the methods ortho-mecha registers,
 can write it by hand. Every file is a ``sd_mecha.model`` node bound to the config derived from the
 base's header (:mod:`ortho_mecha.mecha_config`), wrapped in ``read_once`` (sd-mecha reads and casts a
 model node again for each node that uses it: the base of four rows was read five times per key). Row i's
-delta is
-``scale_delta(subtract(model_i, delta_from_i or base), c_i)``; what the coefficient c_i is and how
-often the row is listed depends on the method (``MethodSpec.repeat``):
+delta is ``scale_delta(subtract(model_i, delta_from_i or base), c_i)`` — for a kohya LoRA row
+``scale_delta(fallback(convert(lora_i, base config), subtract(base, base)), c_i)``, its product on the keys
+it touches and zero elsewhere (:func:`ortho_mecha.lora_rows.lora_delta_node`); what the coefficient c_i
+is and how often the row is listed depends on the method (``MethodSpec.repeat``):
 
 ================  ==================================================================================
 method            recipe (α_i, r_i: the row's alpha and repeat; ``alpha``: the global option)
@@ -46,8 +47,9 @@ from sd_mecha.extensions import merge_methods
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_text
+from ortho_mecha.lora_rows import is_lora_file, lora_delta_node
 from ortho_mecha.mecha_config import model_node, register_base_config
-from ortho_mecha.plan import Plan, load_plan
+from ortho_mecha.plan import Plan, Row, load_plan
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +95,14 @@ def build_recipe(plan: Plan) -> sd_mecha.RecipeNode:
 
     base = node(plan.base)
     rows = plan.enabled_rows
+
+    def delta(row: Row) -> sd_mecha.RecipeNode:
+        if is_lora_file(row.model):  # its delta is its product (plan checks: delta-from is the base)
+            return lora_delta_node(row.model, base, config_id)
+        return sd_mecha.subtract(node(row.model), node(row.delta_from or plan.base))
+
     row_deltas = [
-        _method("scale_delta")(sd_mecha.subtract(node(row.model), node(row.delta_from or plan.base)), alpha=coefficient)
+        _method("scale_delta")(delta(row), alpha=coefficient)
         for row, coefficient in zip(rows, _coefficients(plan), strict=True)
     ]
     if plan.spec.repeat == "list":

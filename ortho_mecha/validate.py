@@ -98,10 +98,13 @@ class ModelCheck:
     dtypes: dict[str, int]
     scaled_fp8: bool
     missing_examples: list[str]
+    lora: dict | None = None  # a kohya LoRA row: how its modules map (lora_rows.Binding.summary)
 
     @property
     def messages(self) -> list[str]:
-        notes = []
+        from ortho_mecha.lora_rows import summary_notes
+
+        notes = summary_notes(self.lora) if self.lora else []
         if self.prefix_stripped:
             notes.append(f"'{DIFFUSION_PREFIX}' prefix removed from {self.prefix_stripped} keys")
         if self.non_diffusion:
@@ -154,15 +157,24 @@ def _dtype_counts(model: Model, names: list[str]) -> dict[str, int]:
 
 
 def align(base: Model, models: list[Model], arch: str | None = None) -> Alignment:
-    """Line every model up against the base; raise on a model sharing fewer than half the base's keys."""
+    """Line every model up against the base; raise on a model sharing fewer than half the base's keys.
+
+    A kohya LoRA among ``models`` is replaced by a :class:`~ortho_mecha.lora_rows.LoraModel` bound to the
+    base (its keys: the base keys it touches, read as its product); the half-shared rule does not apply to it.
+    """
+    from ortho_mecha import lora_rows  # lora_rows → lora → validate: imported here, not at the top
+
     base_map = key_map(base)
     if not base_map.keys:
         raise OrthoMechaError("holds no floating-point tensors to analyse", base.path)
     base_shapes = canonical_shapes(base, base_map)
     detected = arch_mod.detect(base_shapes)
     arch = arch_mod.canonical_arch(arch) if arch else detected
-    maps, checks = [base_map], []
+    maps, checks, bound = [base_map], [], []
     for model in models:
+        lora = lora_rows.LoraModel(model, base_shapes, base.path) if lora_rows.is_lora(model.tensors) else None
+        model = lora or model
+        bound.append(model)
         mapping = key_map(model)
         shapes = canonical_shapes(model, mapping)
         mismatched = [k for k, s in shapes.items() if k in base_shapes and base_shapes[k] != s]
@@ -172,7 +184,7 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
         shared = [k for k in base_shapes if k in mapping.keys]
         missing = [k for k in base_shapes if k not in shapes]
         fraction = len(shared) / len(base_shapes)
-        if fraction < MIN_SHARED:
+        if fraction < MIN_SHARED and lora is None:
             raise OrthoMechaError(
                 f"shares only {len(shared)} of the {len(base_shapes)} diffusion keys of the base {base.path} "
                 f"({fraction:.0%} < 50%): is it the same architecture? (base: {detected}, "
@@ -183,7 +195,7 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
             ModelCheck(
                 path=str(model.path),
                 arch=arch_mod.detect(shapes),
-                keys=len(model.tensors),
+                keys=len((lora.file if lora else model).tensors),
                 shared=len(shared),
                 shared_fraction=round(fraction, 6),
                 missing=len(missing),
@@ -193,13 +205,15 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
                 renamed=mapping.renamed,
                 non_diffusion=mapping.non_diffusion,
                 non_float=len(mapping.non_float),
-                dtypes=_dtype_counts(model, list(mapping.keys.values())),
+                dtypes=_dtype_counts(lora.file, list(lora.file.tensors)) if lora else _dtype_counts(
+                    model, list(mapping.keys.values())),
                 scaled_fp8=model.scaled_fp8,
                 missing_examples=missing[:3],
+                lora=lora.binding.summary() if lora else None,
             )
         )
         maps.append(mapping)
-    return Alignment(base, models, maps, list(base_map.keys), arch, checks)
+    return Alignment(base, bound, maps, list(base_map.keys), arch, checks)
 
 
 def scan_finite(model: Model, keys: list[str], chunk: int = 1 << 20) -> None:
@@ -239,7 +253,7 @@ def cli_validate(args: argparse.Namespace) -> int:
     if args.json:
         refuse_input_as_output(Path(args.json), [base, *models])
     alignment = align(base, models, args.arch)
-    for index, model in enumerate([base, *models]):
+    for index, model in enumerate([alignment.base, *alignment.models]):  # a LoRA: its products are scanned
         mapping = alignment.maps[index]
         scan_finite(model, [mapping.keys[k] for k in alignment.keys if k in mapping.keys])
     report = alignment.report()

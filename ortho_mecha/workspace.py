@@ -31,6 +31,7 @@ BASE_LABEL = "(base)"  # the delta-from choice meaning "the plan's base"
 PRESET_SUFFIX = ".json"
 MAX_PRESET_NAME = 80
 TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "info")
+LORA_INFO = "LoRA: its product is its delta, from the base"  # a kohya LoRA row's mark in the info column
 
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ -]*")
 
@@ -117,15 +118,34 @@ def _labels(paths: Sequence[Path], roots: Sequence[Path]) -> dict[str, Path]:
 def table_rows_from_report(report: Mapping[str, Any], choices: ModelChoices) -> list[dict[str, Any]]:
     """Mixer rows for an analysis report: every model enabled, its analysed delta-from, alpha 1, repeat 1."""
     rows = []
-    for model, delta_from in zip(report["models"], report["delta_from"], strict=True):
+    lora = report.get("lora") or [False] * len(report["models"])  # reports before LoRA rows have no such field
+    for model, delta_from, is_lora in zip(report["models"], report["delta_from"], lora, strict=True):
         rows.append({
             "enabled": True,
             "model": choices.label(model),
             "delta_from": BASE_LABEL if delta_from is None else choices.label(delta_from),
             "alpha": 1.0,
             "repeat": 1,
-            "info": "",
+            "info": LORA_INFO if is_lora else "",
         })
+    return rows
+
+
+def lora_labels(rows: Sequence[Mapping[str, Any]], choices: ModelChoices) -> list[str]:
+    """The models of ``rows`` that are kohya LoRA files (read from their headers), in row order, once each."""
+    from ortho_mecha.lora_rows import is_lora_file
+
+    labels = dict.fromkeys(str(row["model"]) for row in rows if row.get("model"))
+    return [label for label in labels if is_lora_file(choices.path(label))]
+
+
+def _mark_lora(rows: list[dict[str, Any]], choices: ModelChoices) -> list[dict[str, Any]]:
+    """Mark every LoRA row in its info column (``LoRA: …``) unless its info already says so."""
+    lora = set(lora_labels(rows, choices))
+    for row in rows:
+        info = str(row.get("info") or "")
+        if row.get("model") in lora and "LoRA" not in info:
+            row["info"] = f"{LORA_INFO}; {info}" if info else LORA_INFO
     return rows
 
 
@@ -176,6 +196,7 @@ def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
         }
         for row in plan.rows
     ]
+    rows = _mark_lora(rows, choices)
     texture = None
     if plan.texture is not None:
         texture = {"model": choices.label(plan.texture.model), "alpha": plan.texture.alpha, "mode": plan.texture.mode}

@@ -72,6 +72,9 @@ edited = st.data_editor(
     },
 )
 rows = edited.to_dict("records")
+with ui.shown_errors():
+    if lora := workspace.lora_labels(rows, choices):
+        st.caption(f"LoRA rows ({', '.join(lora)}): the delta is the LoRA's product, always from the base.")
 
 method_column, texture_column = st.columns(2)
 with method_column, st.container(border=True):
