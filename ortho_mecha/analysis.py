@@ -41,6 +41,7 @@ DEFAULT_CHUNK = 1 << 17
 SNR_CAP = 1e4
 ENERGY = 0.90
 SIGNAL_COLUMNS_PER_ROW = 2  # signal Gram estimated from 2 × (short side) columns of the long side
+SIGNAL_BLOCK = 1 << 20  # elements per file read at a time for the signal (whole matrix rows)
 OUTLIER_KEYS_LISTED = 5
 
 Progress = Callable[[dict], None]
@@ -118,26 +119,47 @@ def _signal_keys(alignment: Alignment, k: int) -> list[str]:
     return sorted(candidates, key=lambda c: (-math.prod(shapes[c]), c))[:k]
 
 
-def singular_energy(delta: torch.Tensor, columns: int | None = None, seed: int = 0) -> np.ndarray:
-    """σ² of a matrix (conv kernels flattened to out × rest), descending, from the Gram of its smaller side.
+def sample_lines(shape: Sequence[int], columns: int | None, seed: int = 0) -> tuple[bool, torch.Tensor | None, float]:
+    """How a matrix (conv kernels flattened to out × rest) is sampled for its signal Gram.
 
-    With ``columns`` set and the long side longer than that, the Gram is estimated from that many
-    lines of the long side drawn at random (scaled by long/columns: an unbiased estimate of the
-    Gram, so of its spectrum's shape), which is what keeps the signal figures cheap on huge keys.
-    The eigenvalues are computed in the delta's dtype: the Gram of float32 deltas carries float32
+    (tall: whether the rows are the long side, so that the Gram of the smaller side is mᵀm; the sorted
+    indices of the long side's lines kept, None for all; the scale sqrt(long / kept) that makes the
+    sampled Gram an unbiased estimate of the whole Gram, so of its spectrum's shape).
+    """
+    rows, rest = shape[0], math.prod(shape[1:])
+    tall = rows > rest
+    long = rows if tall else rest
+    if columns is None or long <= columns:
+        return tall, None, 1.0
+    pick = torch.randperm(long, generator=torch.Generator().manual_seed(seed))[:columns].sort().values
+    return tall, pick, math.sqrt(long / columns)
+
+
+def sampled_energy(sampled: torch.Tensor, tall: bool) -> np.ndarray:
+    """σ², descending, of a (sampled) matrix from the Gram of its smaller side.
+
+    The eigenvalues are computed in the matrix's dtype: the Gram of float32 deltas carries float32
     rounding already, and float32 ``eigvalsh`` takes about half the time of float64 here.
     """
-    m = delta.reshape(delta.shape[0], -1)
-    tall = m.shape[0] > m.shape[1]  # Gram of the columns (mᵀm) when the rows are the long side
-    long = m.shape[0] if tall else m.shape[1]
-    if columns is not None and long > columns:
-        pick = torch.randperm(long, generator=torch.Generator().manual_seed(seed))[:columns].sort().values
-        m = (m[pick] if tall else m[:, pick]) * math.sqrt(long / columns)
-    gram = m.T @ m if tall else m @ m.T
+    gram = sampled.T @ sampled if tall else sampled @ sampled.T
     # torch's LAPACK, in the pass's single torch thread: scipy's own threaded BLAS, called from here, was
     # measured 25× slower than standalone (its threads fight torch's OpenMP runtime for the 2 cores)
     values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
     return values.to(torch.float64).numpy()
+
+
+def singular_energy(delta: torch.Tensor, columns: int | None = None, seed: int = 0) -> np.ndarray:
+    """σ² of a matrix (conv kernels flattened to out × rest), descending, from the Gram of its smaller side.
+
+    With ``columns`` set and the long side longer than that, the Gram is estimated from that many lines of
+    the long side drawn at random (:func:`sample_lines`), which is what keeps the signal figures cheap on
+    huge keys.
+    """
+    m = delta.reshape(delta.shape[0], -1)
+    tall, pick, scale = sample_lines(m.shape, columns, seed)
+    if pick is not None:
+        m = (m[pick] if tall else m[:, pick]) * scale
+    return sampled_energy(m, tall)
 
 
 def signal_figures(energies: np.ndarray) -> tuple[float, float]:
@@ -426,18 +448,38 @@ class _SignalWork:
             self.figures[r][canon] = signal_figures(self._energies(canon, r))
 
     def _energies(self, canon: str, r: int) -> np.ndarray:
-        """σ² of row ``r``'s delta on key ``canon``: Σ_i t_ri (x_i − x_base) over the row's files i."""
-        base_tensor = self.alignment.base.read_tensor(self.alignment.maps[0].keys[canon], self.dtype)
-        delta = torch.zeros_like(base_tensor)
-        for i in np.nonzero(self.rows_t[r])[0]:
-            name = self.alignment.maps[self.file_maps[i]].keys.get(canon)
-            if name is not None:  # a missing key is a zero delta
-                term = self.files[i].read_tensor(name, self.dtype)
-                if not self.files[i].is_delta:  # a LoRA's values are its product, a delta already
-                    term.sub_(base_tensor)
-                delta.add_(term, alpha=float(self.rows_t[r, i]))
-        small_side = min(base_tensor.shape[0], base_tensor[0].numel())
-        return singular_energy(delta, columns=SIGNAL_COLUMNS_PER_ROW * small_side)
+        """σ² of row ``r``'s delta Σ_i t_ri (x_i − x_base) on key ``canon`` (:func:`singular_energy` with
+        SIGNAL_COLUMNS_PER_ROW × the short side), streamed in blocks of whole matrix rows: only the sampled
+        lines are kept, so memory stays at a block per file plus the sample, whatever the key's size."""
+        base_name = self.alignment.maps[0].keys[canon]
+        shape = self.alignment.base.tensors[base_name].shape
+        rows, rest = shape[0], math.prod(shape[1:])
+        tall, pick, scale = sample_lines((rows, rest), SIGNAL_COLUMNS_PER_ROW * min(rows, rest))
+        terms = [(self.files[i], self.alignment.maps[self.file_maps[i]].keys.get(canon), float(self.rows_t[r, i]))
+                 for i in np.nonzero(self.rows_t[r])[0]]
+        kept = []
+        step = max(1, SIGNAL_BLOCK // rest)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            lines = pick[(pick >= r0) & (pick < r1)] - r0 if tall and pick is not None else None
+            if lines is not None and not len(lines):
+                continue
+            base = self.alignment.base.read(base_name, r0 * rest, r1 * rest, self.dtype).view(r1 - r0, rest)
+            block = torch.zeros_like(base)
+            for model, name, coefficient in terms:
+                if name is None:  # a missing key is a zero delta
+                    continue
+                term = model.read(name, r0 * rest, r1 * rest, self.dtype).view(r1 - r0, rest)
+                if not model.is_delta:  # a LoRA's values are its product, a delta already
+                    term.sub_(base)
+                block.add_(term, alpha=coefficient)
+            if lines is not None:
+                block = block[lines]
+            elif pick is not None:
+                block = block[:, pick]
+            kept.append(block)
+        sampled = torch.cat(kept) if kept else torch.zeros((0, rest), dtype=self.dtype)
+        return sampled_energy(sampled * scale if scale != 1.0 else sampled, tall)
 
 
 def combine_passes(parts: Sequence[PassResult]) -> PassResult:

@@ -251,3 +251,28 @@ def test_signal_figures_hand_computed() -> None:
     rank, snr = A.signal_figures(np.array([1.0] + [0.0] * 9))
     assert rank == 0.1 and snr == A.SNR_CAP
     assert A.signal_figures(np.zeros(3)) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300), (12, 4, 3, 3), (5, 7)])
+def test_streamed_signal_equals_the_sampled_whole_delta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        shape: tuple[int, ...]) -> None:
+    """The signal read in blocks of rows, keeping only the sampled lines, gives the σ² of the same sample of
+    the whole delta (row 1 = model b − model a, to cover a delta-from)."""
+    from safetensors.torch import save_file
+
+    from ortho_mecha.validate import align, open_models
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    tensors = {name: torch.randn(shape, generator=gen) for name in ("base", "a", "b")}
+    for name, tensor in tensors.items():
+        save_file({"blocks.0.weight": tensor, "blocks.0.bias": tensor.reshape(-1)[:5].clone()},
+                  str(tmp_path / f"{name}.safetensors"))
+    base, models = open_models(tmp_path / "base.safetensors", [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    alignment = align(base, models)
+    monkeypatch.setattr(A, "SIGNAL_BLOCK", 37)  # several blocks of whole rows per key
+    rows_t = np.array([[1.0, 0.0], [-1.0, 1.0]])
+    work = A._SignalWork(alignment, models, [1, 2], rows_t, [0, 1], torch.float32, ["blocks.0.weight"])
+    short = min(shape[0], int(np.prod(shape[1:])))
+    for r, delta in ((0, tensors["a"] - tensors["base"]), (1, tensors["b"] - tensors["a"])):
+        expected = A.singular_energy(delta, columns=A.SIGNAL_COLUMNS_PER_ROW * short)
+        assert np.allclose(work._energies("blocks.0.weight", r), expected, rtol=1e-4, atol=1e-4 * expected[0])
