@@ -88,6 +88,8 @@ LABELS = {spec.id: spec.label for spec in COMPONENTS}
 SOURCES = ("base", "model", "merge")
 FIELDS = ("source", "model", "method", "alpha")
 PLAN = "plan"  # the Mixer's choice meaning "not in the plan's components": merged with everything else
+SOURCE_LABELS = {PLAN: "merge with the plan", "base": "take from the base", "model": "take from a model",
+                 "merge": "own merge"}
 
 
 @dataclass(frozen=True)
