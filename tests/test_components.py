@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sd_mecha
@@ -312,3 +314,76 @@ def test_mecha_text_and_script_reproduce_the_cli_merge_bit_for_bit(sdxl, tmp_pat
         with safe_open(str(path), "pt") as f:
             assert f.metadata()[META_RECIPE] == reference_meta[META_RECIPE]
             assert f.metadata()[META_HASHES] == reference_meta[META_HASHES]
+
+
+# -- the Mixer ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def app_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A dashboard workspace holding an SDXL checkpoint family (no demo), bound to localhost."""
+    from streamlit import config
+
+    folder = tmp_path / "workspace"
+    write_checkpoint_family(folder / "models" / "ckpt", "sdxl", seed=2)
+    monkeypatch.setenv("ORTHO_MECHA_WORKSPACE", str(folder))
+    monkeypatch.setenv("ORTHO_MECHA_ROOTS", str(folder))
+    monkeypatch.delenv("ORTHO_MECHA_PASSWORD", raising=False)
+    previous = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield folder
+    config.set_option("server.address", previous)
+
+
+def test_mixer_text_encoder_controls_edit_the_plan_and_round_trip_through_presets(app_workspace) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from ortho_mecha import ui
+
+    models = app_workspace / "models" / "ckpt"
+    preset = {
+        "base": str(models / "base.safetensors"), "method": "orthomerge",
+        "rows": [{"model": str(models / "a.safetensors")}, {"model": str(models / "b.safetensors")}],
+        "components": {"clip_l": {"source": "model", "model": str(models / "b.safetensors")},
+                       "vae": {"source": "merge", "method": "weighted_sum", "alpha": 0.5}},
+    }
+    (app_workspace / "plans").mkdir()
+    (app_workspace / "plans" / "te.json").write_text(json.dumps(preset))
+    app = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+    at = AppTest.from_file(app, default_timeout=120)
+    at.switch_page(ui.PAGES[1].path).run()
+    assert not at.exception and not at.error
+    at.selectbox(key="mix_preset").set_value("te").run()
+    next(button for button in at.button if button.label == "Load").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    version = at.session_state["mix"]["version"]
+
+    def widget(name: str, part: str) -> Any:  # an AppTest element
+        kind = at.number_input if part == "alpha" else at.selectbox
+        return kind(key=f"mix_te_{version}_{name}_{part}")
+
+    # the preset's choices are shown, one line per component the base carries, and make the same plan
+    assert [widget(n, "source").value for n in ("clip_l", "clip_g", "vae")] == ["model", "plan", "merge"]
+    assert widget("clip_l", "model").value == "models/ckpt/b.safetensors"
+    assert (widget("vae", "method").value, widget("vae", "alpha").value) == ("weighted_sum", 0.5)
+    assert at.session_state["plan"] == load_plan(app_workspace / "plans" / "te.json")
+
+    widget("clip_l", "source").set_value("base").run()
+    widget("clip_g", "source").set_value("merge").run()
+    widget("clip_g", "alpha").set_value(0.3).run()
+    widget("vae", "source").set_value("plan").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    plan = at.session_state["plan"]
+    assert plan.components == {"clip_l": Component("base"), "clip_g": Component("merge", alpha=0.3)}
+    assert "pick_component" in recipe_text(plan)
+
+    at.text_input(key="mix_preset_name").set_value("te two").run()
+    at.button(key="mix_save").click().run()
+    saved = json.loads((app_workspace / "plans" / "te two.json").read_text())
+    assert saved["components"] == {"clip_l": {"source": "base"}, "clip_g": {"source": "merge", "alpha": 0.3}}
+
+    # a base without text encoders: no such controls, and the plan has no components
+    at.selectbox(key=f"mix_base_{version}").set_value("models/ckpt/diffusion_only.safetensors").run()
+    assert not at.exception
+    assert not [box for box in at.selectbox if box.key and box.key.startswith("mix_te_")]
+    assert at.session_state["plan"].components == {}
