@@ -174,6 +174,8 @@ def check(plan: Plan, fail: Callable[[str], OrthoMechaError], check_file: Callab
     """Check ``plan.components`` against its base, its models and its methods; raise ``fail(message)``."""
     if not plan.components:
         return
+    if not isinstance(plan.components, Mapping) or not all(isinstance(c, Component) for c in plan.components.values()):
+        raise fail(f"'components' must map component ids ({_ids()}) to choices")
     present = base_components(plan.base)
     for name, choice in plan.components.items():
         where = f"component '{name}'"

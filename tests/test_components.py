@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import sd_mecha
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -82,6 +84,21 @@ def test_split_needs_a_checkpoint_and_knows_the_refiner_and_sd2() -> None:
     # five prefixed keys are not a checkpoint (ComfyUI's rule): nothing is set apart
     assert split([*unet[:5], "first_stage_model.x"]) == {}
     assert split(["first_stage_model.x", "layers.0.weight"]) == {}
+
+
+@given(st.lists(st.sampled_from([
+    *(prefix + "w" for spec in COMPONENTS for prefix in spec.prefixes),
+    "conditioner.embedders.2.model.w", "cond_stage_model.other.w", "first_stage_model", "alphas_cumprod", "vae.w",
+]), max_size=12))
+def test_split_puts_each_key_in_at_most_one_component_by_its_prefix(extra: list[str]) -> None:
+    keys = list(dict.fromkeys([f"{DIFFUSION}k{i}" for i in range(6)] + extra))
+    found = split(keys)
+    assert list(found) == [spec.id for spec in COMPONENTS if spec.id in found]  # table order
+    listed = [key for group in found.values() for key in group]
+    assert len(listed) == len(set(listed))
+    prefixes = {spec.id: spec.prefixes for spec in COMPONENTS}
+    assert all(key.startswith(prefixes[name]) for name, group in found.items() for key in group)
+    assert {k for k in keys if components.component_of(k)} == set(listed)
 
 
 def test_derived_config_groups_the_components_and_keeps_its_identifier(sd1, family) -> None:
@@ -199,6 +216,24 @@ def test_own_merge_method_needs_its_rows(sd1) -> None:
     one_row = {"rows": [ROWS[0]], "components": {"vae": {"source": "merge", "method": "model_stock"}}}
     with pytest.raises(OrthoMechaError, match="component 'vae': method 'model_stock' needs at least 2 enabled rows"):
         plan_from_dict({"base": "base.safetensors", "method": "orthomerge", **one_row}, sd1["base"].parent)
+
+
+def test_mixer_state_and_plan_go_both_ways(sdxl) -> None:
+    from ortho_mecha import workspace
+
+    plan = make_plan(sdxl, components=CHOICES)
+    choices = workspace.ModelChoices.scan([sdxl["base"].parent])
+    table = workspace.table_from_plan(plan, choices)
+    assert table["components"]["clip_l"] == {"source": "model", "model": "a.safetensors", "method": None,
+                                             "alpha": None}
+    again = workspace.plan_from_table(table["base"], table["rows"], table["method"], table["options"],
+                                      table["texture"], choices, table["components"])
+    assert again.components == plan.components
+    # 'merge with the plan' is the absence of a choice; an empty alpha box is the plan's alpha
+    mixer = {"clip_l": {"source": "plan"}, "vae": {"source": "merge", "method": None, "alpha": float("nan")}}
+    assert components.from_table(mixer, choices) == {"vae": Component("merge")}
+    with pytest.raises(OrthoMechaError, match="CLIP-G text encoder: pick the model"):
+        components.from_table({"clip_g": {"source": "model", "model": None}}, choices)
 
 
 # -- real merges --------------------------------------------------------------------------------------
