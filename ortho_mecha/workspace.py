@@ -170,6 +170,7 @@ def plan_from_table(
 def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
     """The Mixer's state for a plan: base label, rows, method, options, texture and components."""
     from ortho_mecha import components
+
     rows = [
         {
             "enabled": row.enabled,

@@ -108,7 +108,7 @@ if carried:
         for name in carried:
             now = (mix.get("components") or {}).get(name) or {}
             key = f"mix_te_{mix['version']}_{name}"
-            source_column, model_column, method_column, alpha_column = st.columns([2, 3, 2, 1])
+            source_column, model_column, te_method_column, alpha_column = st.columns([2, 3, 2, 1])
             sources = [components.PLAN, *components.SOURCES]
             source = source_column.selectbox(
                 f"{components.LABELS[name]} ({name})", sources, format_func=components.SOURCE_LABELS.get,
@@ -119,7 +119,7 @@ if carried:
                     "from model", labels, index=labels.index(now["model"]) if now.get("model") in labels else None,
                     placeholder="pick a model", key=f"{key}_model")
             if source == "merge":
-                entry["method"] = method_column.selectbox(
+                entry["method"] = te_method_column.selectbox(
                     "method", method_choices, index=method_choices.index(now.get("method")),
                     format_func=lambda m: "the plan's" if m is None else m, key=f"{key}_method")
                 entry["alpha"] = alpha_column.number_input(
