@@ -107,14 +107,6 @@ def machine_speeds(sample: Path | None = None) -> Speeds:
     return Speeds(read, elements, flops, eigh)
 
 
-def _inputs(plan: Plan) -> list[Path]:
-    rows = [r for r in plan.rows if r.enabled]
-    paths = [plan.base, *(r.model for r in rows), *(r.delta_from for r in rows if r.delta_from)]
-    if plan.texture is not None:
-        paths.append(plan.texture.model)
-    return list(dict.fromkeys(paths))
-
-
 def _key_seconds(shape: tuple[int, ...], n_rows: int, method: str, speeds: Speeds) -> float:
     numel = math.prod(shape)
     if method in ORTHO_METHODS:
@@ -129,7 +121,7 @@ def _key_seconds(shape: tuple[int, ...], n_rows: int, method: str, speeds: Speed
 
 def forecast(plan: Plan, out: str | Path | None = None, threads: int = 1) -> Forecast:
     """Forecast the merge of ``plan`` (written to ``out``'s folder when given) from headers and speeds."""
-    paths = _inputs(plan)
+    paths = plan.input_files()  # a component taken from a model is one more input
     base = Model(plan.base)
     shapes = {canon: base.tensors[name].shape for canon, name in key_map(base).keys.items()}
     every = {name: info.shape for name, info in base.tensors.items()}

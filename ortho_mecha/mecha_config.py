@@ -7,6 +7,12 @@ from the architecture id and a hash of the key set and shapes, e.g. ``sdxl+1f0c�
 same layout always gives the same identifier, so a serialized recipe re-resolves it once
 :func:`register_base_config` has run on the same base (the generated script does exactly that).
 
+The config has one component, ``weights``, holding every key; for a full checkpoint the text encoders
+and the VAE are components of their own (``clip_l``, ``clip_g``, ``vae``, ... from
+:func:`ortho_mecha.components.split`), so a recipe can pick them with sd-mecha's ``pick_component``.
+The split follows from the key names, so it changes neither the identifier nor any merge that does not
+pick a component.
+
 Models whose keys differ from the base's only by the ``model.diffusion_model.`` prefix or by the
 ``*norm.scale`` ↔ ``*norm.weight`` rename merge through sd-mecha's key aliases: every base key lists
 its other spellings (the canonical forms of :mod:`ortho_mecha.validate`). Every key is optional: a
@@ -26,15 +32,16 @@ from sd_mecha.extensions import model_configs
 from sd_mecha.extensions.model_configs import KeyMetadata, ModelComponent, ModelConfig, ModelConfigImpl
 
 from ortho_mecha import arch as arch_mod
+from ortho_mecha import components
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.io import DTYPES, Model
 from ortho_mecha.lora_rows import LoraModel, is_lora_file, register_lora_config
-from ortho_mecha.validate import CHECKPOINT_MIN_PREFIXED, DIFFUSION_PREFIX, MIN_SHARED, canonical_key, key_map
+from ortho_mecha.validate import DIFFUSION_PREFIX, MIN_SHARED, canonical_key, is_checkpoint, key_map
 
 logger = logging.getLogger(__name__)
 
 IMPLEMENTATION = "ortho_mecha"
-COMPONENT = "weights"
+COMPONENT = "weights"  # every key outside a checkpoint's text encoders and VAE (ortho_mecha.components)
 
 
 def _spellings(canon: str) -> set[str]:
@@ -48,7 +55,7 @@ def _spellings(canon: str) -> set[str]:
 
 def canonical_spellings(keys: list[str]) -> dict[str, str]:
     """Each diffusion key of a base → its canonical form (text-encoder / VAE keys of a checkpoint left out)."""
-    checkpoint = sum(k.startswith(DIFFUSION_PREFIX) for k in keys) > CHECKPOINT_MIN_PREFIXED
+    checkpoint = is_checkpoint(keys)
     return {
         key: canonical_key(key.removeprefix(DIFFUSION_PREFIX))
         for key in keys
@@ -109,7 +116,12 @@ def derive_config(base: str | Path) -> ModelConfig:
         identifier = config_identifier(model)
     if not metadata:
         raise OrthoMechaError("holds no tensors", base)
-    return ModelConfigImpl(identifier, {COMPONENT: ModelComponent(metadata)})
+    grouped = components.split(keys)  # a checkpoint's text encoders and VAE, for sd-mecha's pick_component
+    inside = {key for group in grouped.values() for key in group}
+    parts = {COMPONENT: [key for key in keys if key not in inside], **grouped}
+    return ModelConfigImpl(
+        identifier, {name: ModelComponent({key: metadata[key] for key in part}) for name, part in parts.items() if part}
+    )
 
 
 def _layout(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:

@@ -9,6 +9,10 @@ enabled), an optional texture boost and the dtypes::
      "texture": {"model": "t.safetensors", "alpha": 0.2, "mode": "add"},
      "output_dtype": "bf16", "merge_dtype": "fp32"}
 
+A full checkpoint's text encoders and VAE may get their own choice in an optional ``"components"``
+object (take them from the base, from a model, or merge them with their own method and alpha; see
+:mod:`ortho_mecha.components`).
+
 Relative paths are resolved against the plan file's folder; options left out take the method's
 defaults (:data:`METHODS`, which also carries the bounds and help text the Mixer builds its widgets
 from). A :class:`Plan` is checked when it is built — every error names the plan file, the bad value
@@ -23,7 +27,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_text
@@ -32,6 +36,9 @@ from ortho_mecha.lora_rows import is_lora_file, refuse_lora_delta_from
 from ortho_mecha.methods import METHOD_OPTIONS, OptionError, OptionSpec
 from ortho_mecha.methods.deltas import ALPHA
 from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
+
+if TYPE_CHECKING:
+    from ortho_mecha.components import Component
 
 ALPHA_RANGE = (0.0, 2.0)
 REPEAT_RANGE = (1, 3)
@@ -195,7 +202,7 @@ def _allowed(spec: OptionSpec) -> str:
     return f"{kind} in {spec.range_text()}"
 
 
-_TOP_FIELDS = ("base", "method", "rows", "options", "texture", "output_dtype", "merge_dtype")
+_TOP_FIELDS = ("base", "method", "rows", "options", "texture", "output_dtype", "merge_dtype", "components")
 _ROW_FIELDS = ("model", "delta_from", "alpha", "repeat", "enabled", "info")
 _TEXTURE_FIELDS = ("model", "alpha", "mode")
 
@@ -241,6 +248,7 @@ class Plan:
     output_dtype: str = DEFAULT_OUTPUT_DTYPE
     merge_dtype: str = DEFAULT_MERGE_DTYPE
     source: Path | None = field(default=None, compare=False)  # the plan file, for messages
+    components: Mapping[str, Component] = field(default_factory=dict)  # text encoders / VAE of a checkpoint
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rows", tuple(self.rows))
@@ -249,6 +257,9 @@ class Plan:
         self._check_dtypes()
         self._check_rows(method)
         self._check_texture()
+        from ortho_mecha import components  # it imports this module's METHODS and helpers
+
+        components.check(self, self._fail, self._check_file)
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -375,6 +386,7 @@ class Plan:
             files += [row.model] + ([row.delta_from] if row.delta_from is not None else [])
         if self.texture is not None:
             files.append(self.texture.model)
+        files += [choice.model for choice in self.components.values() if choice.model is not None]
         return list(dict.fromkeys(files))
 
     def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
@@ -400,7 +412,7 @@ class Plan:
         texture = None
         if self.texture is not None:
             texture = {"model": show(self.texture.model), "alpha": self.texture.alpha, "mode": self.texture.mode}
-        return {
+        data = {
             "base": show(self.base),
             "method": self.method,
             "rows": rows,
@@ -409,6 +421,11 @@ class Plan:
             "output_dtype": self.output_dtype,
             "merge_dtype": self.merge_dtype,
         }
+        if not self.components:  # a plan without them reads exactly as before the field existed
+            return data
+        from ortho_mecha import components
+
+        return data | {"components": components.to_dict(self.components, show)}
 
     def to_json(self, relative_to: Path | None = None) -> str:
         return json.dumps(self.to_dict(relative_to), indent=1) + "\n"
@@ -473,6 +490,8 @@ def plan_from_dict(data: Any, folder: str | Path, source: str | Path | None = No
         texture = Texture(
             _resolve(raw["model"], folder, "texture 'model'", fail), raw.get("alpha", 0.2), raw.get("mode", "add")
         )
+    from ortho_mecha import components
+
     return Plan(
         base=_resolve(data["base"], folder, "'base'", fail),
         method=data["method"],
@@ -482,6 +501,7 @@ def plan_from_dict(data: Any, folder: str | Path, source: str | Path | None = No
         output_dtype=data.get("output_dtype", DEFAULT_OUTPUT_DTYPE),
         merge_dtype=data.get("merge_dtype", DEFAULT_MERGE_DTYPE),
         source=source_path,
+        components=components.parse(data.get("components"), folder, fail),
     )
 
 

@@ -26,7 +26,9 @@ geometric_median  ``add_difference(base, geometric_median(*δ, eps, maxiter, fto
 ================  ==================================================================================
 
 (n = the number of deltas.) A texture boost wraps the result:
-``texture_boost(merged, base, subtract(texture, base), beta, mode)``.
+``texture_boost(merged, base, subtract(texture, base), beta, mode)``. A checkpoint's text encoders and
+VAE chosen in the plan's ``components`` are put in front with ``pick_component(source, id) | merged``
+(:mod:`ortho_mecha.components`).
 
 ``add_difference`` above is sd-mecha's registered merge method: the public wrapper
 ``sd_mecha.add_difference(base, delta)`` of sd-mecha 1.1.8 raises on a delta node, so the method is
@@ -39,17 +41,19 @@ import argparse
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import sd_mecha
 from sd_mecha.extensions import merge_methods
 
-from ortho_mecha import __version__
+from ortho_mecha import __version__, components
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_text
 from ortho_mecha.lora_rows import is_lora_file, lora_delta_node
 from ortho_mecha.mecha_config import model_node, register_base_config
-from ortho_mecha.plan import Plan, Row, load_plan
+from ortho_mecha.plan import METHODS, Plan, Row, load_plan
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +73,46 @@ def _method(name: str) -> merge_methods.MergeMethod:
     return merge_methods.resolve(name)
 
 
-def _coefficients(plan: Plan) -> list[float]:
-    """Each enabled row's delta coefficient (see the module docstring)."""
+def _coefficients(plan: Plan, method: str) -> list[float]:
+    """Each enabled row's delta coefficient under ``method`` (see the module docstring)."""
     rows = plan.enabled_rows
-    if plan.spec.repeat == "list":
+    if METHODS[method].repeat == "list":
         return [float(row.alpha) for row in rows]
     weights = [float(row.alpha) * row.repeat for row in rows]
-    if plan.method == "weighted_sum":
+    if method == "weighted_sum":
         total = sum(weights)
         return [len(rows) * w / total if total else 0.0 for w in weights]
-    if plan.method == "add_difference":
+    if method == "add_difference":
         return [len(rows) * w for w in weights]
     return weights
+
+
+def _combine(
+    plan: Plan, method: str, options: dict[str, Any], node: Callable[[Path], sd_mecha.RecipeNode], config_id: str
+) -> sd_mecha.RecipeNode:
+    """The plan's enabled rows' deltas merged onto its base with ``method`` and its complete ``options``."""
+    base = node(plan.base)
+    rows = plan.enabled_rows
+
+    def delta(row: Row) -> sd_mecha.RecipeNode:
+        if is_lora_file(row.model):  # its delta is its product (plan checks: delta-from is the base)
+            return lora_delta_node(row.model, base, config_id)
+        return sd_mecha.subtract(node(row.model), node(row.delta_from or plan.base))
+
+    row_deltas = [
+        _method("scale_delta")(delta(row), alpha=coefficient)
+        for row, coefficient in zip(rows, _coefficients(plan, method), strict=True)
+    ]
+    if METHODS[method].repeat == "list":
+        deltas = [delta for row, delta in zip(rows, row_deltas, strict=True) for _ in range(row.repeat)]
+    else:
+        deltas = row_deltas
+    options = dict(options)
+    if method in ORTHO_METHODS:
+        return _method(method)(base, *deltas, **options)
+    alpha = options.pop("alpha")
+    combined = _method(CLASSIC_COMBINERS[method])(*deltas, **options)
+    return _method("add_difference")(base, combined, alpha=alpha)
 
 
 def build_recipe(plan: Plan) -> sd_mecha.RecipeNode:
@@ -94,32 +126,15 @@ def build_recipe(plan: Plan) -> sd_mecha.RecipeNode:
         return nodes[path]
 
     base = node(plan.base)
-    rows = plan.enabled_rows
-
-    def delta(row: Row) -> sd_mecha.RecipeNode:
-        if is_lora_file(row.model):  # its delta is its product (plan checks: delta-from is the base)
-            return lora_delta_node(row.model, base, config_id)
-        return sd_mecha.subtract(node(row.model), node(row.delta_from or plan.base))
-
-    row_deltas = [
-        _method("scale_delta")(delta(row), alpha=coefficient)
-        for row, coefficient in zip(rows, _coefficients(plan), strict=True)
-    ]
-    if plan.spec.repeat == "list":
-        deltas = [delta for row, delta in zip(rows, row_deltas, strict=True) for _ in range(row.repeat)]
-    else:
-        deltas = row_deltas
-    options = dict(plan.options)
-    if plan.method in ORTHO_METHODS:
-        merged = _method(plan.method)(base, *deltas, **options)
-    else:
-        alpha = options.pop("alpha")
-        combined = _method(CLASSIC_COMBINERS[plan.method])(*deltas, **options)
-        merged = _method("add_difference")(base, combined, alpha=alpha)
+    merged = _combine(plan, plan.method, dict(plan.options), node, config_id)
     if plan.texture is not None:
         texture = sd_mecha.subtract(node(plan.texture.model), base)
         merged = _method("texture_boost")(merged, base, texture, beta=plan.texture.alpha, mode=plan.texture.mode)
-    return merged
+
+    def combine(method: str, options: dict[str, Any]) -> sd_mecha.RecipeNode:
+        return _combine(plan, method, options, node, config_id)
+
+    return components.choose(plan, merged, base, node, combine)
 
 
 def recipe_text(plan: Plan) -> str:

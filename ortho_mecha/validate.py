@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,12 @@ DIFFUSION_PREFIX = "model.diffusion_model."
 CHECKPOINT_MIN_PREFIXED = 5  # ComfyUI treats a file as a checkpoint when more than 5 keys carry the prefix
 MIN_SHARED = 0.5
 LISTED = 10  # how many key names a report lists before it only counts
+
+
+def is_checkpoint(names: Iterable[str]) -> bool:
+    """Whether a file's keys make it a full checkpoint (diffusion keys under the prefix, maybe text encoders
+    and a VAE beside them): more than ``CHECKPOINT_MIN_PREFIXED`` keys carry the prefix, ComfyUI's rule."""
+    return sum(name.startswith(DIFFUSION_PREFIX) for name in names) > CHECKPOINT_MIN_PREFIXED
 
 
 def canonical_key(key: str) -> str:
@@ -52,7 +59,7 @@ class KeyMap:
 def key_map(model: Model) -> KeyMap:
     """Map a model's keys to canonical diffusion keys (see the module docstring)."""
     names = list(model.tensors)
-    checkpoint = sum(n.startswith(DIFFUSION_PREFIX) for n in names) > CHECKPOINT_MIN_PREFIXED
+    checkpoint = is_checkpoint(names)
     mapping = KeyMap(keys={})
     for name in names:
         if checkpoint:

@@ -9,7 +9,8 @@ name files inside the allowed roots.
 
 The Mixer edits a table of rows (``enabled``, ``model``, ``delta_from``, ``alpha``, ``repeat``,
 ``info``) with labels for files; :func:`plan_from_table` builds the validated :class:`~ortho_mecha.plan.Plan`
-from it and :func:`table_from_plan` goes back.
+from it and :func:`table_from_plan` goes back. When the base is a full checkpoint, the Mixer's choices for
+its text encoders and VAE travel with them (:func:`ortho_mecha.components.from_table` / ``to_table``).
 """
 
 from __future__ import annotations
@@ -156,8 +157,11 @@ def plan_from_table(
     options: Mapping[str, Any],
     texture: Mapping[str, Any] | None,
     choices: ModelChoices,
+    components: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Any:
-    """The validated plan of the Mixer's state; ``base``, row models, delta-froms and texture are labels."""
+    """The validated plan of the Mixer's state; ``base``, row models, delta-froms and texture are labels;
+    ``components`` is the text-encoder / VAE state of :func:`ortho_mecha.components.from_table`."""
+    from ortho_mecha import components as components_mod
     from ortho_mecha.plan import Plan, Row, Texture
 
     plan_rows = []
@@ -180,11 +184,13 @@ def plan_from_table(
         plan_texture = Texture(choices.path(texture["model"]), float(texture.get("alpha", 0.2)),
                                str(texture.get("mode", "add")))
     return Plan(base=choices.path(base), method=method, rows=tuple(plan_rows), options=dict(options),
-                texture=plan_texture)
+                texture=plan_texture, components=components_mod.from_table(components, choices))
 
 
 def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
-    """The Mixer's state for a plan: base label, rows, method, options and texture."""
+    """The Mixer's state for a plan: base label, rows, method, options, texture and components."""
+    from ortho_mecha import components
+
     rows = [
         {
             "enabled": row.enabled,
@@ -201,21 +207,22 @@ def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
     if plan.texture is not None:
         texture = {"model": choices.label(plan.texture.model), "alpha": plan.texture.alpha, "mode": plan.texture.mode}
     return {"base": choices.label(plan.base), "rows": rows, "method": plan.method, "options": dict(plan.options),
-            "texture": texture}
+            "texture": texture, "components": components.to_table(plan.components, choices)}
 
 
 def optimized_mix(report: Mapping[str, Any], method: str, mix: Mapping[str, Any], choices: ModelChoices) -> dict:
     """The Mixer's state with the optimizer's rows for ``report`` (:func:`ortho_mecha.optimize.plan_from_report`).
 
-    Base and rows come from the proposal (each row's reason in ``info``); the method, its options and the
-    texture stay as ``mix`` has them. Deterministic: the same report gives the same rows.
+    Base and rows come from the proposal (each row's reason in ``info``); the method, its options, the
+    texture and the components stay as ``mix`` has them. Deterministic: the same report gives the same rows.
     """
     from ortho_mecha.optimize import plan_from_report
     from ortho_mecha.plan import plan_from_dict
 
     proposed = plan_from_dict(plan_from_report(report, method), Path(report["base"]).parent)
     table = table_from_plan(proposed, choices)
-    return {**table, "method": method, "options": dict(mix["options"]), "texture": mix["texture"]}
+    return {**table, "method": method, "options": dict(mix["options"]), "texture": mix["texture"],
+            "components": dict(mix.get("components") or {})}
 
 
 def _number(value: Any, default: float) -> float:

@@ -1,7 +1,8 @@
 """Tiny safetensors models for tests: planted families in several key layouts and dtypes.
 
 Built on ``ortho_mecha.demo`` (the same generator the demo uses), plus helpers for the awkward files
-tests need: scaled fp8, shards, and brute-force float64 deltas to check the analysis against.
+tests need: scaled fp8, shards, full checkpoints with text encoders and a VAE, and brute-force float64
+deltas to check the analysis against.
 """
 
 from __future__ import annotations
@@ -12,9 +13,68 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ortho_mecha.demo import DTYPES, family_weights, write_model
+from ortho_mecha.demo import DTYPES, Shapes, family_weights, low_rank_delta, random_base, sdxl_layout, write_model
 
-__all__ = ["DTYPES", "family_weights", "flat_delta", "write_family_files", "write_scaled_fp8", "write_sharded"]
+__all__ = [
+    "DTYPES",
+    "family_weights",
+    "flat_delta",
+    "write_checkpoint_family",
+    "write_family_files",
+    "write_scaled_fp8",
+    "write_sharded",
+]
+
+SD1_TEXT = "cond_stage_model.transformer.text_model."
+POSITION_IDS = f"{SD1_TEXT}embeddings.position_ids"  # an int64 key, as real SD1.5 checkpoints carry
+
+
+def sd1_checkpoint_layout(channels: int = 16, text: int = 32) -> Shapes:
+    """SD1.5-checkpoint-style keys: a small UNet under ``model.diffusion_model.`` (cross-attention width 768,
+    which architecture detection checks), a CLIP-L text encoder under ``cond_stage_model.`` and a VAE under
+    ``first_stage_model.``."""
+    c, p = channels, "model.diffusion_model."
+    shapes: Shapes = {
+        f"{p}input_blocks.0.0.weight": (c, 4, 3, 3),
+        f"{p}input_blocks.0.0.bias": (c,),
+        f"{p}input_blocks.1.1.proj_in.weight": (c, c),
+        f"{p}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (c, 768),
+        f"{p}middle_block.1.proj_in.weight": (c, c),
+        f"{p}time_embed.0.weight": (4 * c, c),
+        f"{p}out.2.weight": (4, c, 3, 3),
+    }
+    return shapes | {
+        f"{SD1_TEXT}embeddings.token_embedding.weight": (50, text),
+        f"{SD1_TEXT}encoder.layers.0.self_attn.q_proj.weight": (text, text),
+        f"{SD1_TEXT}encoder.layers.0.layer_norm1.weight": (text,),
+        f"{SD1_TEXT}final_layer_norm.weight": (text,),
+        "first_stage_model.encoder.conv_in.weight": (c, 3, 3, 3),
+        "first_stage_model.decoder.conv_out.weight": (3, c, 3, 3),
+        "first_stage_model.decoder.conv_out.bias": (3,),
+    }
+
+
+CHECKPOINT_LAYOUTS = {"sd1": sd1_checkpoint_layout, "sdxl": lambda: sdxl_layout(channels=16, text=32)}
+
+
+def write_checkpoint_family(folder: Path, layout: str = "sd1", dtype: str = "fp32", seed: int = 0) -> dict[str, Path]:
+    """A base checkpoint and fine-tunes ``a``, ``b``, ``c`` (low-rank deltas on every key, text encoders and
+    VAE included), plus ``diffusion_only`` (the base without its text encoders and VAE). SD1 files also
+    carry the int64 ``position_ids`` key."""
+    generator = torch.Generator().manual_seed(seed)
+    base = random_base(CHECKPOINT_LAYOUTS[layout](), generator)
+    members = {"base": base} | {name: {k: w + d[k] for k, w in base.items()}
+                                for name, d in ((n, low_rank_delta(base, generator)) for n in ("a", "b", "c"))}
+    members["diffusion_only"] = {k: v for k, v in base.items() if k.startswith("model.diffusion_model.")}
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, tensors in members.items():
+        data = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+        if layout == "sd1" and name != "diffusion_only":
+            data[POSITION_IDS] = torch.arange(77, dtype=torch.int64).reshape(1, 77)
+        paths[name] = folder / f"{name}.safetensors"
+        save_file(data, str(paths[name]))
+    return paths
 
 
 def write_family_files(folder: Path, layout: str = "flux", dtype: str = "fp16", seed: int = 0,
