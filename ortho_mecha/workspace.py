@@ -303,13 +303,10 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
     import pandas as pd
 
     from ortho_mecha import metrics
-    from ortho_mecha.plan import METHODS
+    from ortho_mecha.compare import row_weights
 
     alphas, repeats = np.asarray(rows.alphas), np.asarray(rows.repeats)
-    if METHODS[method].repeat == "list":
-        weights, listed = alphas, repeats
-    else:
-        weights, listed = alphas * repeats, None
+    weights, listed = row_weights(method, alphas, repeats)
     predicted = metrics.predicted_survival(rows.key_grams, method, weights, options, listed)
     survival = pd.DataFrame({
         "model": rows.labels,
