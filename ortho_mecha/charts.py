@@ -192,7 +192,9 @@ def survival_bars(rows: pd.DataFrame, title: str = "predicted survival per row a
     missing = {"method", "row", "survival", "basis", "current"} - set(rows.columns)
     if missing:
         raise OrthoMechaError(f"a survival table needs the columns {', '.join(sorted(missing))}")
-    frame = rows.assign(row=short_names(list(rows["row"])),
+    labels = list(dict.fromkeys(rows["row"]))
+    short = dict(zip(labels, short_names(labels), strict=True))
+    frame = rows.assign(row=[short[label] for label in rows["row"]],
                         prediction=[f"{basis}{' (current)' if now else ''}"
                                     for basis, now in zip(rows["basis"], rows["current"], strict=True)])
     methods = list(dict.fromkeys(frame["method"]))

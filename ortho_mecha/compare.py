@@ -9,10 +9,13 @@ every method of :data:`ortho_mecha.plan.METHODS` turns the rows into a merged de
 
 - survival of row i: ``s_i = Σ_k (G_k a_k)_i / Σ_k (G_k)_ii`` (1: the merge carries the row's whole delta
   along its direction; 0: none of it; above 1: more than it, e.g. when rows double count one change);
-- interference: ``Σ_{i≠j} a_i a_j G_ij / Σ_i a_i² G_ii`` summed over keys — the share of the merged
-  delta's energy made by the overlaps of the rows as the method weighs them (positive: rows double
-  count a change; negative: they cancel; 0 for orthogonal rows whatever the method). For the linear
-  methods it is the Mixer's row interference summed over pairs (``a ∝ w``);
+- interference: ``Σ_i cos²(Δ, δ_i) − 1 = Σ_i s_i² ‖δ_i‖² / ‖Δ‖² − 1`` — how many rows beyond one carry
+  the merged direction: 0 when the rows split it without overlap (orthogonal rows, whatever the method),
+  ``n − 1`` when n rows all carry it (they double count one change), negative when the merge points where
+  rows cancel (it is made of their differences). It depends on the merged delta only, not on how it is
+  written as a combination of dependent rows; for two rows of equal weighted norm at cosine c under
+  ``add_difference`` it is c, the Mixer's row interference summed over the pair. Not defined (NaN) when
+  the merged delta is zero;
 - norm ratio: ``‖Δ‖ / sqrt(Σ_i ‖w_i δ_i‖²)`` with ``‖Δ‖² = Σ_k a_kᵀ G_k a_k`` and ``w_i = α_i r_i`` the
   row's weight in the Mixer: 1 when the merge is as large as the weighted rows laid side by side at right
   angles (orthogonal rows under ``add_difference``), below 1 when it averages or cancels them, above 1 when
@@ -40,6 +43,8 @@ from ortho_mecha.gram import cosine
 from ortho_mecha.plan import METHODS
 
 ROW_COLUMNS = ("method", "row", "survival", "basis", "current")
+# a merged delta whose energy is below this fraction of the weighted rows' counts as zero (float64 rounding of G)
+ZERO_ENERGY = 1e-12
 SUMMARY_COLUMNS = (
     "method", "basis", "options", "mean survival", "min survival", "interference", "norm ratio", "current", "note",
 )
@@ -90,12 +95,12 @@ def _unique(labels: Sequence[str]) -> list[str]:
 def _figures(key_grams: np.ndarray, coefficients: np.ndarray, reference: float) -> tuple[np.ndarray, float, float]:
     """(survival per row, interference, norm ratio) of the merged delta with per-key ``coefficients``."""
     survival = metrics.survival_of(key_grams, coefficients)
-    energy = float(np.einsum("kij,ki,kj->", key_grams, coefficients, coefficients))  # ‖Δ‖²
-    own = np.diagonal(key_grams, axis1=-2, axis2=-1)
-    diagonal = float((coefficients**2 * own).sum())  # Σ_k Σ_i a_ki² G_k,ii
-    interference = (energy - diagonal) / diagonal if diagonal > 0 else 0.0
-    ratio = math.sqrt(max(energy, 0.0) / reference) if reference > 0 else 0.0
-    return survival, interference, ratio
+    energy = max(float(np.einsum("kij,ki,kj->", key_grams, coefficients, coefficients)), 0.0)  # ‖Δ‖²
+    own = np.diagonal(key_grams, axis1=-2, axis2=-1).sum(axis=0)  # ‖δ_i‖²
+    if reference <= 0 or energy <= ZERO_ENERGY * reference:
+        return survival, math.nan, 0.0
+    interference = float((survival**2 * own).sum()) / energy - 1.0
+    return survival, interference, math.sqrt(energy / reference)
 
 
 def compare_methods(
@@ -141,6 +146,8 @@ def compare_methods(
         w, listed = row_weights(name, alphas, repeats)
         coefficients = metrics.merged_coefficients(grams, name, w, chosen, listed)
         survival, interference, ratio = _figures(grams, coefficients, reference)
+        if math.isnan(interference):
+            line["note"] = "; ".join(filter(None, [line["note"], "the merged delta is zero"]))
         per_row += [{"method": name, "row": label, "survival": float(value), "basis": basis, "current": name == current}
                     for label, value in zip(labels, survival, strict=True)]
         summary.append(line | {"basis": basis, "mean survival": float(survival.mean()),
