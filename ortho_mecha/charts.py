@@ -21,6 +21,7 @@ from ortho_mecha.errors import OrthoMechaError
 TEXT_LIMIT = 20  # above this many models, cell text is hidden (tooltips stay)
 ALL_KEYS = "all keys"
 HEATMAP_WIDTH = 620  # pixels the matrix may take at most
+BARS_WIDTH = 560  # pixels the bars of a grouped bar chart may take (its legend goes beside them)
 
 
 @dataclass(frozen=True)
@@ -214,4 +215,5 @@ def survival_bars(rows: pd.DataFrame, title: str = "predicted survival per row a
     full = alt.Chart(pd.DataFrame({"survival": [1.0]})).mark_rule(strokeDash=[4, 4], color="grey").encode(
         y="survival:Q"
     )
-    return alt.layer(bars, full).properties(width=alt.Step(14), height=300)
+    step = max(3, min(14, BARS_WIDTH // max(len(frame), 1)))  # one step per bar; a wide table still fits a page
+    return alt.layer(bars, full).properties(width=alt.Step(step), height=300)

@@ -275,7 +275,7 @@ def method_comparison(analysis: tuple[dict[str, Any], dict[str, Any]], mix: Mapp
     numbers = ["mean survival", "min survival", "interference", "norm ratio", *result.summary["method"]]
     three_places = {name: st.column_config.NumberColumn(name, format="%.3f") for name in numbers}
     st.dataframe(result.summary, hide_index=True, column_config=three_places)
-    st.altair_chart(charts.survival_bars(result.rows), width="content")
+    st.container(key="mix_compare").altair_chart(charts.survival_bars(result.rows), width="content")
     st.dataframe(result.survival_table(), hide_index=True, column_config=three_places)
 
 
@@ -337,7 +337,7 @@ def extract_lora_panel(choices: Any, base: str) -> None:
     rank = left.number_input("Rank", min_value=1, value=workspace.LORA_RANK, step=1, key="lora_rank",
                              help="LoRA rank, clamped per key to the smaller side of the matrix")
     stem = Path(model).stem if model else "merged"
-    name = middle.text_input("LoRA file name", value=f"{stem}-lora-r{rank}.safetensors", key=f"lora_name_{stem}_{rank}",
+    name = middle.text_input("LoRA file name", value=f"{stem}-lora.safetensors", key=f"lora_name_{stem}",
                              help=f"written to {workspace.loras_dir()}; letters, digits, '.', '_', '-' and spaces")
     if right.button("Extract LoRA", icon=":material/compress:", key="lora_start", disabled=model is None):
         start_job("extract-lora", workspace.lora_job_params(model, lora_base, int(rank), name, choices), LORA_URL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from ortho_mecha import charts, compare, metrics, workspace
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.merge import merge_plan
-from ortho_mecha.plan import METHODS, load_plan
+from ortho_mecha.plan import METHODS
 from tests.modelgen import write_family_files
 
 LINEAR_LIKE = ("add_difference", "ortho_superpose", "ortho_project")
@@ -156,7 +157,8 @@ def test_survival_chart_groups_methods_and_marks_current_and_estimates() -> None
 
 
 def test_exact_figures_match_a_real_merge(tmp_path: Path) -> None:
-    """ortho_superpose's and add_difference's survival from the analysis equal those measured on merged files."""
+    """ortho_superpose's and add_difference's survival and merged norm from the analysis equal those measured on
+    the merged files."""
     from ortho_mecha import evaluate
     from ortho_mecha.analysis import analyse
 
@@ -169,16 +171,19 @@ def test_exact_figures_match_a_real_merge(tmp_path: Path) -> None:
         {"enabled": True, "model": "anime_v2.safetensors", "delta_from": "anime.safetensors", "alpha": 1.0,
          "repeat": 1},
     ]
-    analysis = analyse(paths["base"], [paths[m] for m in members[1:]])
-    gram = workspace.row_gram(analysis, rows, choices)
+    models = [paths[m] for m in members[1:]]
+    gram = workspace.row_gram(analyse(paths["base"], models), rows, choices)
     result = compare.compare_rows(gram, "ortho_superpose", {"alpha": 0.9})
+    weighted = float((np.square([1.0, 1.6, 1.0]) * np.diag(gram.gram)).sum())  # Σ ‖α_i r_i δ_i‖²
     for method, options in (("ortho_superpose", {"alpha": 0.9}), ("add_difference", {})):
         plan = workspace.plan_from_table("base.safetensors", rows, method, options, None, choices)
-        plan_path = tmp_path / f"{method}.json"
-        plan_path.write_text(plan.to_json())
-        plan = load_plan(plan_path)  # as the merge job reads it
+        plan = replace(plan, output_dtype="fp32", merge_dtype="fp64")
         out = tmp_path / f"{method}.safetensors"
         merge_plan(plan, out)
         measured = np.array(evaluate.measure(plan, out)["measured"])
         np.testing.assert_allclose(survival(result, method), measured, atol=0.02, err_msg=method)
+        merged = analyse(paths["base"], [*models, out])  # the rows are cached: only the output is read
+        at = [Path(f).resolve() for f in merged.files].index(out.resolve())
+        norm = math.sqrt(merged.h[at, at] / weighted)  # ‖out − base‖ / sqrt(Σ ‖α_i r_i δ_i‖²)
+        assert summary(result, method)["norm ratio"] == pytest.approx(norm, rel=0.01), method
     assert summary(result, "add_difference")["mean survival"] > summary(result, "weighted_sum")["mean survival"]

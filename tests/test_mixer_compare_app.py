@@ -53,6 +53,7 @@ def analysed(workspace: Path) -> Path:  # noqa: F811 - the fixture imported abov
     return workspace
 
 
+@pytest.mark.slow
 def test_compare_methods_and_extract_lora(analysed: Path) -> None:
     at = _app()
     at.switch_page(MIXER).run()
@@ -79,7 +80,7 @@ def test_compare_methods_and_extract_lora(analysed: Path) -> None:
     assert _by_label(at.selectbox, "Its base").value == "models/fam/base.safetensors"
     assert at.number_input(key="lora_rank").value == space.LORA_RANK
     model.set_value("models/fam/anime.safetensors").run()
-    assert _by_label(at.text_input, "LoRA file name").value == f"anime-lora-r{space.LORA_RANK}.safetensors"
+    assert _by_label(at.text_input, "LoRA file name").value == "anime-lora.safetensors"
     at.number_input(key="lora_rank").set_value(2).run()
     _by_label(at.text_input, "LoRA file name").set_value("../escape").run()
     at.button(key="lora_start").click().run()
@@ -97,6 +98,7 @@ def test_compare_methods_and_extract_lora(analysed: Path) -> None:
     assert [m.label for m in at.metric] == ["energy kept (matrix keys)", "energy kept (all keys)", "keys in the LoRA"]
 
 
+@pytest.mark.slow
 def test_extract_lora_defaults_to_the_latest_merge(analysed: Path) -> None:
     choices = space.ModelChoices.scan()
     rows = space.table_rows_from_report(jobs.list_jobs()[0]["result"], choices)
@@ -106,4 +108,4 @@ def test_extract_lora_defaults_to_the_latest_merge(analysed: Path) -> None:
     at.switch_page(MIXER).run()
     assert not at.exception and not _errors(at)
     assert _by_label(at.selectbox, "Model to extract").value == "merges/two.safetensors"
-    assert _by_label(at.text_input, "LoRA file name").value == f"two-lora-r{space.LORA_RANK}.safetensors"
+    assert _by_label(at.text_input, "LoRA file name").value == "two-lora.safetensors"
