@@ -21,7 +21,7 @@ from ortho_mecha.errors import OrthoMechaError
 TEXT_LIMIT = 20  # above this many models, cell text is hidden (tooltips stay)
 ALL_KEYS = "all keys"
 HEATMAP_WIDTH = 620  # pixels the matrix may take at most
-BARS_WIDTH = 560  # pixels the bars of a grouped bar chart may take (its legend goes beside them)
+BARS_HEIGHT = 440  # pixels of a grouped bar chart with its legends above and below
 
 
 @dataclass(frozen=True)
@@ -201,12 +201,14 @@ def survival_bars(rows: pd.DataFrame, title: str = "predicted survival per row a
     methods = list(dict.fromkeys(frame["method"]))
     base = alt.Chart(frame, title=title)
     bars = base.mark_bar().encode(
-        x=alt.X("row:N", sort=list(dict.fromkeys(frame["row"])), title=None, axis=alt.Axis(labelAngle=-30)),
+        x=alt.X("row:N", sort=list(dict.fromkeys(frame["row"])), title=None,
+                axis=alt.Axis(labelAngle=-30, labelOverlap=False, labelLimit=160)),
         xOffset=alt.XOffset("method:N", sort=methods),
         y=alt.Y("survival:Q", title="survival"),
-        color=alt.Color("method:N", sort=methods, scale=alt.Scale(scheme="tableau10")),
-        opacity=alt.Opacity("basis:N", title="prediction", scale=alt.Scale(domain=["exact", "estimate"],
-                                                                            range=[1.0, 0.4])),
+        color=alt.Color("method:N", sort=methods, scale=alt.Scale(scheme="tableau10"),
+                        legend=alt.Legend(orient="bottom", columns=4)),
+        opacity=alt.Opacity("basis:N", title="prediction", legend=alt.Legend(orient="top"),
+                            scale=alt.Scale(domain=["exact", "estimate"], range=[1.0, 0.4])),
         stroke=alt.condition("datum.current", alt.value("black"), alt.value(None)),
         strokeWidth=alt.condition("datum.current", alt.value(2), alt.value(0)),
         tooltip=[alt.Tooltip("row:N"), alt.Tooltip("method:N"), alt.Tooltip("survival:Q", format=".3f"),
@@ -215,5 +217,5 @@ def survival_bars(rows: pd.DataFrame, title: str = "predicted survival per row a
     full = alt.Chart(pd.DataFrame({"survival": [1.0]})).mark_rule(strokeDash=[4, 4], color="grey").encode(
         y="survival:Q"
     )
-    step = max(3, min(14, BARS_WIDTH // max(len(frame), 1)))  # one step per bar; a wide table still fits a page
-    return alt.layer(bars, full).properties(width=alt.Step(step), height=300)
+    # Streamlit fits the whole chart, legends included, into this height (and the page's width when stretched).
+    return alt.layer(bars, full).properties(height=BARS_HEIGHT)

@@ -275,7 +275,7 @@ def method_comparison(analysis: tuple[dict[str, Any], dict[str, Any]], mix: Mapp
     numbers = ["mean survival", "min survival", "interference", "norm ratio", *result.summary["method"]]
     three_places = {name: st.column_config.NumberColumn(name, format="%.3f") for name in numbers}
     st.dataframe(result.summary, hide_index=True, column_config=three_places)
-    st.container(key="mix_compare").altair_chart(charts.survival_bars(result.rows), width="content")
+    st.container(key="mix_compare").altair_chart(charts.survival_bars(result.rows), width="stretch")
     st.dataframe(result.survival_table(), hide_index=True, column_config=three_places)
 
 
