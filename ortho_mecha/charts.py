@@ -21,6 +21,7 @@ from ortho_mecha.errors import OrthoMechaError
 TEXT_LIMIT = 20  # above this many models, cell text is hidden (tooltips stay)
 ALL_KEYS = "all keys"
 HEATMAP_WIDTH = 620  # pixels the matrix may take at most
+BARS_HEIGHT = 440  # pixels of a grouped bar chart with its legends above and below
 
 
 @dataclass(frozen=True)
@@ -183,3 +184,38 @@ def outlier_frame(report: Mapping[str, Any]) -> pd.DataFrame:
     ]
     return pd.DataFrame(rows, columns=["model", "max outlier", "outlier keys"])
 
+
+
+def survival_bars(rows: pd.DataFrame, title: str = "predicted survival per row and method") -> alt.LayerChart:
+    """Grouped bars of survival (a :class:`~ortho_mecha.compare.Comparison`'s ``rows``): one group per row, one
+    bar per method; the current method outlined in black, estimates pale (the "prediction" legend and the
+    tooltip say which); a dashed rule at 1 (the row's whole delta survives)."""
+    missing = {"method", "row", "survival", "basis", "current"} - set(rows.columns)
+    if missing:
+        raise OrthoMechaError(f"a survival table needs the columns {', '.join(sorted(missing))}")
+    labels = list(dict.fromkeys(rows["row"]))
+    short = dict(zip(labels, short_names(labels), strict=True))
+    frame = rows.assign(row=[short[label] for label in rows["row"]],
+                        prediction=[f"{basis}{' (current)' if now else ''}"
+                                    for basis, now in zip(rows["basis"], rows["current"], strict=True)])
+    methods = list(dict.fromkeys(frame["method"]))
+    base = alt.Chart(frame, title=title)
+    bars = base.mark_bar().encode(
+        x=alt.X("row:N", sort=list(dict.fromkeys(frame["row"])), title=None,
+                axis=alt.Axis(labelAngle=-30, labelOverlap=False, labelLimit=160)),
+        xOffset=alt.XOffset("method:N", sort=methods),
+        y=alt.Y("survival:Q", title="survival"),
+        color=alt.Color("method:N", sort=methods, scale=alt.Scale(scheme="tableau10"),
+                        legend=alt.Legend(orient="bottom", columns=4)),
+        opacity=alt.Opacity("basis:N", title="prediction", legend=alt.Legend(orient="top"),
+                            scale=alt.Scale(domain=["exact", "estimate"], range=[1.0, 0.4])),
+        stroke=alt.condition("datum.current", alt.value("black"), alt.value(None)),
+        strokeWidth=alt.condition("datum.current", alt.value(2), alt.value(0)),
+        tooltip=[alt.Tooltip("row:N"), alt.Tooltip("method:N"), alt.Tooltip("survival:Q", format=".3f"),
+                 alt.Tooltip("prediction:N")],
+    )
+    full = alt.Chart(pd.DataFrame({"survival": [1.0]})).mark_rule(strokeDash=[4, 4], color="grey").encode(
+        y="survival:Q"
+    )
+    # Streamlit fits the whole chart, legends included, into this height (and the page's width when stretched).
+    return alt.layer(bars, full).properties(height=BARS_HEIGHT)

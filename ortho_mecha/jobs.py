@@ -1,4 +1,4 @@
-"""Long work (analysis, merge, preview sweep) in a detached worker process, its state in diskcache.
+"""Long work (analysis, merge, preview sweep, LoRA extraction) in a detached worker process, its state in diskcache.
 
 ``submit(kind, params)`` records a job in ``open_cache("jobs")`` and starts
 ``python -m ortho_mecha.jobs JOB_ID`` in a session of its own, so the worker outlives a Streamlit
@@ -50,6 +50,7 @@ JOB_KINDS: dict[str, str] = {
     "merge": "ortho_mecha.merge:run_job",
     "preview": "ortho_mecha.preview_job:run_job",
     "sweep": "ortho_mecha.preview_job:sweep_job",
+    "extract-lora": "ortho_mecha.lora:run_job",
 }
 
 FINISHED_STATES = frozenset({"done", "failed", "cancelled"})

@@ -35,6 +35,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.linalg
@@ -46,6 +47,9 @@ from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_bytes, refuse_existing, write_json
 from ortho_mecha.io import Model
 from ortho_mecha.validate import align, key_map, refuse_input_as_output
+
+if TYPE_CHECKING:
+    from ortho_mecha.jobs import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -284,8 +288,13 @@ def extract_lora(
     out: str | Path,
     dtype: str = "fp16",
     overwrite: bool = False,
+    progress: Progress | None = None,
 ) -> ExtractReport:
-    """Write ``MERGED − BASE`` as a rank-``rank`` kohya LoRA to ``out``; return what was kept and lost."""
+    """Write ``MERGED − BASE`` as a rank-``rank`` kohya LoRA to ``out``; return what was kept and lost.
+
+    ``progress`` is told each key (fraction, keys done and total) before it is read; it may raise to stop
+    (a background job's cancel), and then nothing is written — the file is written in one piece at the end.
+    """
     check_rank(rank)
     torch_dtype = lora_dtype(dtype)
     base_model, merged_model = Model(base), Model(merged)
@@ -307,7 +316,9 @@ def extract_lora(
     one_d, unnamed = Uncaptured(), Uncaptured()
     zero = missing = 0
     kept_sum = total_sum = 0.0
-    for canon in alignment.keys:
+    for done, canon in enumerate(alignment.keys):
+        if progress is not None:
+            progress({"fraction": done / len(alignment.keys), "keys_done": done, "keys_total": len(alignment.keys)})
         merged_key = alignment.file_key(1, canon)
         if merged_key is None:
             missing += 1
@@ -351,6 +362,24 @@ def extract_lora(
         only_in_merged=check.extra,
         non_diffusion=alignment.maps[1].non_diffusion,
     )
+
+
+def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Background-job entry (kind ``extract-lora``): ``{"model", "base", "rank", "out"}`` (optional ``dtype``).
+
+    Never overwrites: an existing ``out`` is refused before the first key is read and again just before the
+    finished file is renamed into place. The result is :meth:`ExtractReport.to_dict` (``out`` the written
+    path, ``keys`` each key's kept energy) plus ``summary``, its lines.
+    """
+    for name in ("model", "base", "out"):
+        if not isinstance(params.get(name), str):
+            raise OrthoMechaError(f"extract-lora job: '{name}' must be a file path")
+    rank = params.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise OrthoMechaError(f"extract-lora job: 'rank' must be a whole number ≥ 1, got {rank!r}")
+    report = extract_lora(params["model"], params["base"], rank, params["out"], dtype=params.get("dtype", "fp16"),
+                          progress=progress)
+    return report.to_dict() | {"summary": report.summary_lines()}
 
 
 def cli_extract_lora(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ recomputes it instantly when a row's delta-from, alpha or repeat changes; no fil
 - :func:`predicted_survival` — ``<Δ_out, δ_i> / ‖δ_i‖²`` under a merge method and row weights, exact for
   the linear methods, ``ortho_superpose`` and ``ortho_project``, an estimate for the others
   (:func:`survival_label` says which).
+- :func:`merged_coefficients` — the merged delta as a combination of the rows' deltas, behind the survival.
 - :func:`interference` — how much each pair of rows overlaps, as a share of the rows' own energy.
 """
 
@@ -235,6 +236,35 @@ def _estimate_coefficients(
     return alpha * magnitude * direction / math.sqrt(size_sq)
 
 
+def merged_coefficients(
+    g: np.ndarray,
+    method: str,
+    weights: Sequence[float],
+    options: Mapping[str, Any] | None = None,
+    repeats: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Coefficients a with ``Δ_out = Σ_i a_i δ_i`` (per key for a stack of Grams: shape ``g.shape[:-1]``).
+
+    Arguments as :func:`predicted_survival`, which is ``Σ_k (G_k a_k)_i / Σ_k (G_k)_ii``; exact or an
+    estimate as :func:`survival_label` says. For the estimated methods one set of coefficients, from the
+    Gram summed over keys, serves every key.
+    """
+    g = _as_gram(g)
+    options = dict(options or {})
+    w = np.asarray(weights, dtype=np.float64)
+    n = g.shape[-1]
+    if w.shape != (n,):
+        raise ValueError(f"{len(w)} weights for {n} rows")
+    if survival_label(method) == "exact":
+        return _output_coefficients(g, method, w, options)
+    reps = np.ones(n) if repeats is None else np.asarray(repeats, dtype=np.float64)
+    if reps.shape != (n,):
+        raise ValueError(f"{len(reps)} repeats for {n} rows")
+    reps = np.where(w != 0, reps, 0.0)
+    g_total = g.reshape(-1, n, n).sum(axis=0)
+    return np.broadcast_to(_estimate_coefficients(g_total, method, w, reps, options), g.shape[:-1]).copy()
+
+
 def predicted_survival(
     g: np.ndarray,
     method: str,
@@ -256,22 +286,14 @@ def predicted_survival(
     granularity ``key``) and ``ortho_project``; an estimate for the others. A row with a zero delta gets 0.
     """
     g = _as_gram(g)
-    options = dict(options or {})
-    w = np.asarray(weights, dtype=np.float64)
+    return survival_of(g, merged_coefficients(g, method, weights, options, repeats))
+
+
+def survival_of(g: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """``Σ_k (G_k a_k)_i / Σ_k (G_k)_ii`` for the merged delta ``Δ_k = Σ_i a_ki δ_ik`` (one Gram or a stack);
+    0 for a row with a zero delta."""
+    g = _as_gram(g)
     n = g.shape[-1]
-    if w.shape != (n,):
-        raise ValueError(f"{len(w)} weights for {n} rows")
-    label = survival_label(method)
-    if label == "exact":
-        coefficients = _output_coefficients(g, method, w, options)
-    else:
-        reps = np.ones(n) if repeats is None else np.asarray(repeats, dtype=np.float64)
-        if reps.shape != (n,):
-            raise ValueError(f"{len(reps)} repeats for {n} rows")
-        reps = np.where(w != 0, reps, 0.0)
-        g_total = g.reshape(-1, n, n).sum(axis=0)
-        coefficients = _estimate_coefficients(g_total, method, w, reps, options)
-        coefficients = np.broadcast_to(coefficients, g.shape[:-1])
     along = np.einsum("...ij,...j->...i", g, coefficients).reshape(-1, n).sum(axis=0)  # Σ_k <Δ_k, δ_ik>
     own = np.diagonal(g, axis1=-2, axis2=-1).reshape(-1, n).sum(axis=0)
     return np.where(own > 0, along / np.where(own > 0, own, 1.0), 0.0)

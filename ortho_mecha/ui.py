@@ -183,6 +183,7 @@ ANALYSIS_URL = "analysis"
 MERGE_URL = "merge"
 PREVIEW_URL = "preview"
 SWEEP_URL = "sweep"
+LORA_URL = "lora"
 
 
 def remember_analysis(record: Mapping[str, Any]) -> None:
@@ -247,6 +248,37 @@ def _int(bound: float | None) -> int | None:
     return None if bound is None else int(bound)
 
 
+def mix_rows(analysis: tuple[dict[str, Any], dict[str, Any]], mix: Mapping[str, Any], choices: Any) -> Any:
+    """The :class:`~ortho_mecha.workspace.RowGram` of the Mixer's enabled rows from the cached analysis; None
+    when the analysis was made against another base."""
+    from ortho_mecha import workspace
+
+    params, report = analysis
+    if choices.path(mix["base"]) != Path(report["base"]).resolve():
+        return None
+    return workspace.row_gram(loaded_analysis(params), mix["rows"], choices)
+
+
+def method_comparison(analysis: tuple[dict[str, Any], dict[str, Any]], mix: Mapping[str, Any], choices: Any) -> None:
+    """Every method's predicted survival and interference for the Mixer's rows (:mod:`ortho_mecha.compare`):
+    the per-method summary, the grouped survival chart and the survival per row and method."""
+    from ortho_mecha import charts, compare
+
+    rows = mix_rows(analysis, mix, choices)
+    if rows is None or not rows.labels:
+        st.info("No enabled row of the analysed models against this base to compare the methods on.")
+        return
+    result = compare.compare_rows(rows, mix["method"], mix["options"])
+    st.caption(f"The rows themselves: orthogonality {result.orthogonality:.3f} (mean 1 − cos² over pairs), "
+               f"interference in a plain sum {result.row_interference:+.3f}. Each method at its default options, "
+               f"**{mix['method']}** (outlined) at yours; pale bars are estimates, the others exact.")
+    numbers = ["mean survival", "min survival", "interference", "norm ratio", *result.summary["method"]]
+    three_places = {name: st.column_config.NumberColumn(name, format="%.3f") for name in numbers}
+    st.dataframe(result.summary, hide_index=True, column_config=three_places)
+    st.container(key="mix_compare").altair_chart(charts.survival_bars(result.rows), width="stretch")
+    st.dataframe(result.survival_table(), hide_index=True, column_config=three_places)
+
+
 @dataclass(frozen=True)
 class MixFigures:
     labels: list[str]
@@ -260,11 +292,10 @@ def mix_figures(
     """Predicted survival and interference of the Mixer's enabled rows, from the cached analysis; None if none fit."""
     from ortho_mecha import workspace
 
-    params, report = analysis
-    if choices.path(mix["base"]) != Path(report["base"]).resolve():
+    rows = mix_rows(analysis, mix, choices)
+    if rows is None:
         st.info("The analysis was made against another base; analyse with this base to see predicted figures.")
         return None
-    rows = workspace.row_gram(loaded_analysis(params), mix["rows"], choices)
     if rows.missing:
         st.warning(
             f"Left out of the figures (model or delta-from not in the analysis): {', '.join(rows.missing)}; "
@@ -274,6 +305,54 @@ def mix_figures(
         return None
     survival, interference = workspace.mix_predictions(rows, mix["method"], mix["options"])
     return MixFigures(rows.labels, survival, interference)
+
+
+def latest_merge(choices: Any) -> str | None:
+    """The label of the newest merge's output: the merge job the URL names when it is done, else the newest
+    finished merge job's; None when there is none whose output is still a model file under the roots."""
+    named = job_in_url(MERGE_URL)
+    records = [r for r in jobs.list_jobs() if r["kind"] == "merge" and r["state"] == "done"]
+    records.sort(key=lambda record: record["id"] != named)  # the URL's job first, then newest first
+    for record in records:
+        try:
+            return choices.label(record["result"]["output"])
+        except OrthoMechaError:  # moved, deleted or outside the roots now: try the next one
+            continue
+    return None
+
+
+def extract_lora_panel(choices: Any, base: str) -> None:
+    """The Mixer's "Extract LoRA": model (default the latest merge), base (default the Mixer's), rank, output
+    name; starts an ``extract-lora`` job named in the URL and shows its progress and result."""
+    from ortho_mecha import workspace
+
+    labels = choices.labels
+    latest = latest_merge(choices)
+    left, middle = st.columns(2)
+    model = left.selectbox("Model to extract", labels, index=labels.index(latest) if latest else None,
+                           placeholder="choose the merged model", key=f"lora_model_{latest}",
+                           help="the difference of this model from the base becomes the LoRA")
+    lora_base = middle.selectbox("Its base", labels, index=labels.index(base), key=f"lora_base_{base}")
+    left, middle, right = st.columns([1, 3, 1], vertical_alignment="bottom")
+    rank = left.number_input("Rank", min_value=1, value=workspace.LORA_RANK, step=1, key="lora_rank",
+                             help="LoRA rank, clamped per key to the smaller side of the matrix")
+    stem = Path(model).stem if model else "merged"
+    name = middle.text_input("LoRA file name", value=f"{stem}-lora.safetensors", key=f"lora_name_{stem}",
+                             help=f"written to {workspace.loras_dir()}; letters, digits, '.', '_', '-' and spaces")
+    if right.button("Extract LoRA", icon=":material/compress:", key="lora_start", disabled=model is None):
+        start_job("extract-lora", workspace.lora_job_params(model, lora_base, int(rank), name, choices), LORA_URL)
+        st.rerun()
+    record = job_panel(LORA_URL, "LoRA extraction")
+    if record is not None and record["state"] == "done":
+        result = record["result"]
+        st.success(f"wrote {result['out']}")
+        columns = st.columns(3)
+        columns[0].metric("energy kept (matrix keys)", f"{result['energy_kept']:.2%}")
+        columns[1].metric("energy kept (all keys)", f"{result['energy_kept_all']:.2%}")
+        columns[2].metric("keys in the LoRA", len(result["keys"]))
+        st.caption("\n\n".join(result["summary"][1:]))
+        st.dataframe(workspace.lora_key_frame(result), hide_index=True,
+                     column_config={"energy kept": st.column_config.ProgressColumn("energy kept", format="percent")})
 
 
 # --- the Merge page --------------------------------------------------------------------------------

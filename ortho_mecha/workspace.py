@@ -1,11 +1,11 @@
 """The dashboard's workspace: its folders, the first-run demo models, saved plans and the Mixer table.
 
 The workspace (``security.workspace_dir()``) holds ``models/`` (the demo family is written to
-``models/demo`` on first start), ``plans/`` (Mixer presets, one JSON plan per name) and ``merges/``
-(merge outputs). Model files are shown in the dashboard by a label — their path relative to the root
-they lie in — and every label a browser sends back is turned into a path through
-:class:`ModelChoices`, which re-checks it with ``security.resolve_model_path``, so a page can only
-name files inside the allowed roots.
+``models/demo`` on first start), ``plans/`` (Mixer presets, one JSON plan per name), ``merges/``
+(merge outputs) and ``loras/`` (LoRAs extracted by the Mixer). Model files are shown in the dashboard by
+a label — their path relative to the root they lie in — and every label a browser sends back is turned
+into a path through :class:`ModelChoices`, which re-checks it with ``security.resolve_model_path``, so a
+page can only name files inside the allowed roots.
 
 The Mixer edits a table of rows (``enabled``, ``model``, ``delta_from``, ``alpha``, ``repeat``,
 ``info``) with labels for files; :func:`plan_from_table` builds the validated :class:`~ortho_mecha.plan.Plan`
@@ -33,6 +33,7 @@ PRESET_SUFFIX = ".json"
 MAX_PRESET_NAME = 80
 TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "info")
 LORA_INFO = "LoRA: its product is its delta, from the base"  # a kohya LoRA row's mark in the info column
+LORA_RANK = 32  # the Mixer's default rank for "Extract LoRA"
 
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ -]*")
 
@@ -47,6 +48,10 @@ def plans_dir(workspace: Path | None = None) -> Path:
 
 def merges_dir(workspace: Path | None = None) -> Path:
     return (workspace or security.workspace_dir()) / "merges"
+
+
+def loras_dir(workspace: Path | None = None) -> Path:
+    return (workspace or security.workspace_dir()) / "loras"
 
 
 def ensure_demo(workspace: Path | None = None) -> dict[str, Path]:
@@ -331,13 +336,10 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
     import pandas as pd
 
     from ortho_mecha import metrics
-    from ortho_mecha.plan import METHODS
+    from ortho_mecha.compare import row_weights
 
     alphas, repeats = np.asarray(rows.alphas), np.asarray(rows.repeats)
-    if METHODS[method].repeat == "list":
-        weights, listed = alphas, repeats
-    else:
-        weights, listed = alphas * repeats, None
+    weights, listed = row_weights(method, alphas, repeats)
     predicted = metrics.predicted_survival(rows.key_grams, method, weights, options, listed)
     survival = pd.DataFrame({
         "model": rows.labels,
@@ -378,3 +380,33 @@ def merge_job_params(plan: Any, output_name: str, overwrite: bool = False, works
         raise OrthoMechaError("already exists; choose another output name or allow replacing it", out)
     plan_path = save_plan(plan, folder / f"{Path(name).stem}.plan.json", overwrite=True)
     return {"plan": str(plan_path), "out": str(out), "overwrite": overwrite}
+
+
+def lora_job_params(model: str, base: str, rank: int, output_name: str, choices: ModelChoices,
+                    workspace: Path | None = None) -> dict:
+    """The ``extract-lora`` job's parameters: ``model`` − ``base`` (labels, re-checked against the roots) at
+    ``rank`` into ``loras/<output_name>``; the name is checked with ``security.validate_output_name`` and an
+    existing file is refused (the job never overwrites)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise OrthoMechaError(f"the LoRA rank must be a whole number ≥ 1, got {rank!r}")
+    model_path, base_path = choices.path(model), choices.path(base)
+    if model_path == base_path:
+        raise OrthoMechaError(f"{model!r} is the base itself: choose the merged model to extract and its base")
+    folder = loras_dir(workspace)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / security.validate_output_name(output_name)
+    if out.exists():
+        raise OrthoMechaError("already exists; choose another output name", out)
+    return {"model": str(model_path), "base": str(base_path), "rank": rank, "out": str(out)}
+
+
+def lora_key_frame(result: Mapping[str, Any]) -> Any:
+    """The ``extract-lora`` job's per-key results as a table: key, shape, written rank, kept energy, tail error."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        [{"key": k["key"], "shape": " × ".join(map(str, k["shape"])), "rank": k["rank"],
+          "energy kept": k["energy_kept"], "delta norm": k["delta_norm"], "error": k["error"]}
+         for k in result["keys"]],
+        columns=["key", "shape", "rank", "energy kept", "delta norm", "error"],
+    )

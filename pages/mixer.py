@@ -174,3 +174,14 @@ if plan is not None:
             text = plan.to_json()
             st.download_button("Download plan", text, f"{stem}.json", icon=":material/download:")
             st.code(text, language="json")
+
+with st.expander("Compare methods", icon=":material/compare_arrows:"):
+    if analysis is None:
+        st.info("Analyse the models first (Analyse page): the comparison is predicted from the analysis.")
+    else:
+        with ui.shown_errors():
+            ui.method_comparison(analysis, mix, choices)
+
+lora_open = ui.job_in_url(ui.LORA_URL) is not None
+with st.expander("Extract LoRA", icon=":material/compress:", expanded=lora_open), ui.shown_errors():
+    ui.extract_lora_panel(choices, base)

@@ -182,7 +182,7 @@ def _heatmap(page: Page):
 
 def _nav(page: Page, title: str) -> None:
     page.get_by_role("link", name=title).click()
-    expect(page.get_by_role("heading", name=title).first).to_be_visible()
+    expect(page.get_by_role("heading", name=title).first).to_be_visible(timeout=60_000)  # a first visit imports torch
 
 
 def test_demo_opens_on_analyse_with_heatmap_and_every_page_renders(server: Server, page: Page) -> None:
@@ -224,6 +224,32 @@ def test_merge_runs_to_done_and_a_reload_shows_the_same_job(server: Server, page
     expect(page.get_by_text("browser-merge.safetensors").first).to_be_visible()
     expect(page.get_by_role("button", name="Download script (.py)")).to_be_visible()
     page.screenshot(path=ARTIFACTS / "merge-done.png", full_page=True)
+    assert not page.locator('[data-testid="stException"]').count()
+
+
+def test_mixer_compares_methods_and_extracts_a_lora(server: Server, page: Page) -> None:
+    page.goto(server.url)
+    expect(_heatmap(page)).to_be_visible(timeout=90_000)
+    _nav(page, "Mixer")
+    page.get_by_text("Compare methods", exact=True).click()
+    expect(page.get_by_text("pale bars are estimates", exact=False)).to_be_visible(timeout=60_000)
+    bars = page.locator(".st-key-mix_compare .vega-embed svg, .st-key-mix_compare .vega-embed canvas").first
+    expect(bars).to_be_visible(timeout=30_000)
+    page.get_by_text("Extract LoRA", exact=True).first.click()
+    page.get_by_role("combobox", name="Model to extract").click()
+    page.get_by_role("option", name="models/demo/anime.safetensors").click()
+    page.get_by_role("spinbutton", name="Rank").fill("4")
+    page.get_by_role("spinbutton", name="Rank").press("Enter")
+    name = page.get_by_role("textbox", name="LoRA file name")
+    expect(name).to_have_value("anime-lora.safetensors", timeout=30_000)
+    name.fill("browser-lora")
+    name.press("Enter")
+    page.locator(".st-key-lora_start button").click()
+    page.wait_for_url(re.compile(r"lora=[0-9a-f]{32}"))
+    expect(page.get_by_text("wrote", exact=False).first).to_be_visible(timeout=90_000)
+    assert (server.workspace / "loras" / "browser-lora.safetensors").is_file()
+    expect(page.get_by_text("energy kept (matrix keys)")).to_be_visible(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "mixer-compare-lora.png", full_page=True)
     assert not page.locator('[data-testid="stException"]').count()
 
 

@@ -1,0 +1,111 @@
+"""The Mixer's "Compare methods" and "Extract LoRA" sections under Streamlit's AppTest, with real jobs.
+
+The models are a small planted family in the workspace; the analysis, the merge and the extraction run as
+the app runs them, in detached worker processes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from ortho_mecha import jobs, ui
+from ortho_mecha import workspace as space
+from ortho_mecha.plan import METHODS
+from tests.modelgen import write_family_files
+from tests.test_app import (
+    _app,
+    _errors,
+    _until,
+    workspace,  # noqa: F401 - the fixture
+)
+
+MIXER = ui.PAGES[1].path
+MEMBERS = ["base", "anime", "photo", "anime_v2"]
+
+
+def _run_job(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    job_id = jobs.submit(kind, params)
+    deadline = time.monotonic() + 120
+    while (record := jobs.status(job_id))["state"] not in jobs.FINISHED_STATES:
+        assert time.monotonic() < deadline, record
+        time.sleep(0.2)
+    assert record["state"] == "done", record["error"]
+    return record
+
+
+def _by_label(widgets: Any, label: str) -> Any:
+    return next(widget for widget in widgets if widget.label == label)
+
+
+def _frame_with(at: AppTest, column: str) -> Any:
+    return next(frame.value for frame in at.dataframe if column in frame.value.columns)
+
+
+@pytest.fixture()
+def analysed(workspace: Path) -> Path:  # noqa: F811 - the fixture imported above
+    paths = write_family_files(workspace / "models" / "fam", "custom", "fp32", members=MEMBERS)
+    _run_job("analyse", {"base": str(paths["base"]), "models": [str(paths[m]) for m in MEMBERS[1:]]})
+    return workspace
+
+
+@pytest.mark.slow
+def test_compare_methods_and_extract_lora(analysed: Path) -> None:
+    at = _app()
+    at.switch_page(MIXER).run()
+    assert not at.exception and not _errors(at)
+    assert [e.label for e in at.expander][-2:] == ["Compare methods", "Extract LoRA"]
+
+    # Compare: one summary line per method, the Mixer's method marked current, a survival column per method.
+    summary = _frame_with(at, "norm ratio")
+    assert list(summary["method"]) == list(METHODS)
+    assert list(summary.loc[summary["current"], "method"]) == ["ortho_superpose"]
+    survival = _frame_with(at, "geometric_median")
+    assert list(survival["row"]) == [f"models/fam/{m}.safetensors" for m in MEMBERS[1:]]
+    assert survival["ortho_superpose"].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+    assert any("pale bars are estimates" in caption.value for caption in at.caption)
+    charts = [chart for chart in at.get("vega_lite_chart") if "xOffset" in chart.proto.spec]
+    assert len(charts) == 1
+    at.selectbox(key="mix_method_1").set_value("add_difference").run()
+    summary = _frame_with(at, "norm ratio")
+    assert list(summary.loc[summary["current"], "method"]) == ["add_difference"]
+
+    # Extract LoRA: no merge yet, so the model is chosen; the base follows the Mixer's.
+    model = _by_label(at.selectbox, "Model to extract")
+    assert model.value is None
+    assert _by_label(at.selectbox, "Its base").value == "models/fam/base.safetensors"
+    assert at.number_input(key="lora_rank").value == space.LORA_RANK
+    model.set_value("models/fam/anime.safetensors").run()
+    assert _by_label(at.text_input, "LoRA file name").value == "anime-lora.safetensors"
+    at.number_input(key="lora_rank").set_value(2).run()
+    _by_label(at.text_input, "LoRA file name").set_value("../escape").run()
+    at.button(key="lora_start").click().run()
+    assert any("must be a file name" in error or "must not contain" in error for error in _errors(at))
+    assert "lora" not in at.query_params
+    _by_label(at.text_input, "LoRA file name").set_value("anime r2").run()
+    at.button(key="lora_start").click().run()
+    assert not _errors(at)
+    assert len(at.query_params["lora"]) == 32
+    _until(at, lambda a: any("wrote" in s.value for s in a.success), "the LoRA extraction")
+    assert (analysed / "loras" / "anime r2.safetensors").is_file()
+    keys = _frame_with(at, "energy kept")
+    assert len(keys) > 0 and ((keys["energy kept"] > 0) & (keys["energy kept"] <= 1 + 1e-9)).all()
+    assert (keys["rank"] <= 2).all()
+    assert [m.label for m in at.metric] == ["energy kept (matrix keys)", "energy kept (all keys)", "keys in the LoRA"]
+
+
+@pytest.mark.slow
+def test_extract_lora_defaults_to_the_latest_merge(analysed: Path) -> None:
+    choices = space.ModelChoices.scan()
+    rows = space.table_rows_from_report(jobs.list_jobs()[0]["result"], choices)
+    plan = space.plan_from_table("models/fam/base.safetensors", rows[:2], "add_difference", {}, None, choices)
+    _run_job("merge", space.merge_job_params(plan, "two"))
+    at = _app()
+    at.switch_page(MIXER).run()
+    assert not at.exception and not _errors(at)
+    assert _by_label(at.selectbox, "Model to extract").value == "merges/two.safetensors"
+    assert _by_label(at.text_input, "LoRA file name").value == "two-lora.safetensors"
