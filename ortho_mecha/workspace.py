@@ -8,8 +8,8 @@ they lie in — and every label a browser sends back is turned into a path throu
 name files inside the allowed roots.
 
 The Mixer edits a table of rows (``enabled``, ``model``, ``delta_from``, ``alpha``, ``repeat``,
-``info``) with labels for files; :func:`plan_from_table` builds the validated :class:`~ortho_mecha.plan.Plan`
-from it and :func:`table_from_plan` goes back.
+``block_alphas`` as text ``"in=1, out=0"``, ``info``) with labels for files; :func:`plan_from_table`
+builds the validated :class:`~ortho_mecha.plan.Plan` from it and :func:`table_from_plan` goes back.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ DEMO_FOLDER = "demo"
 BASE_LABEL = "(base)"  # the delta-from choice meaning "the plan's base"
 PRESET_SUFFIX = ".json"
 MAX_PRESET_NAME = 80
-TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "info")
+TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "block_alphas", "info")
 
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ -]*")
 
@@ -124,6 +124,7 @@ def table_rows_from_report(report: Mapping[str, Any], choices: ModelChoices) -> 
             "delta_from": BASE_LABEL if delta_from is None else choices.label(delta_from),
             "alpha": 1.0,
             "repeat": 1,
+            "block_alphas": "",
             "info": "",
         })
     return rows
@@ -138,6 +139,7 @@ def plan_from_table(
     choices: ModelChoices,
 ) -> Any:
     """The validated plan of the Mixer's state; ``base``, row models, delta-froms and texture are labels."""
+    from ortho_mecha.blocks import parse_cell
     from ortho_mecha.plan import Plan, Row, Texture
 
     plan_rows = []
@@ -153,6 +155,7 @@ def plan_from_table(
                 repeat=int(_number(row.get("repeat"), 1)),
                 enabled=bool(row.get("enabled", True)),
                 info=str(row.get("info") or ""),
+                block_alphas=parse_cell(row.get("block_alphas"), f"row {number} block alphas"),
             )
         )
     plan_texture = None
@@ -165,6 +168,8 @@ def plan_from_table(
 
 def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
     """The Mixer's state for a plan: base label, rows, method, options and texture."""
+    from ortho_mecha.blocks import format_cell
+
     rows = [
         {
             "enabled": row.enabled,
@@ -172,6 +177,7 @@ def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
             "delta_from": BASE_LABEL if row.delta_from is None else choices.label(row.delta_from),
             "alpha": float(row.alpha),
             "repeat": int(row.repeat),
+            "block_alphas": format_cell(row.block_alphas),
             "info": row.info,
         }
         for row in plan.rows
@@ -263,20 +269,30 @@ class RowGram:
     alphas: list[float]
     repeats: list[int]
     missing: list[str]  # enabled rows left out: their model or delta-from was not analysed
+    keys: list[str] = field(default_factory=list)  # the canonical keys of ``key_grams``
+    block_alphas: list[dict[str, float]] = field(default_factory=list)
+    layout: Any = None  # blocks.BlockLayout of the base when a row has block alphas, else None
 
     @property
     def gram(self) -> Any:
         return self.key_grams.sum(axis=0)
+
+    def key_alphas(self) -> Any:
+        """(keys, rows) alphas: each row's block alpha on the keys of its listed groups (None without any)."""
+        from ortho_mecha.blocks import key_alphas
+
+        return None if self.layout is None else key_alphas(self.keys, self.layout, self.alphas, self.block_alphas)
 
 
 def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelChoices) -> RowGram:
     """The enabled rows' Grams from ``analysis`` (no file read); rows naming files it did not read are listed."""
     import numpy as np
 
+    from ortho_mecha import blocks
     from ortho_mecha.gram import delta_gram
 
     index = {Path(f).resolve(): i for i, f in enumerate(analysis.files)}
-    labels, models, froms, alphas, repeats, missing = [], [], [], [], [], []
+    labels, models, froms, alphas, repeats, missing, listed = [], [], [], [], [], [], []
     for row in rows:
         if not row.get("enabled") or not row.get("model"):
             continue
@@ -291,9 +307,12 @@ def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelCho
         froms.append(other)
         alphas.append(_number(row.get("alpha"), 1.0))
         repeats.append(int(_number(row.get("repeat"), 1)))
+        listed.append(blocks.parse_cell(row.get("block_alphas"), f"{row['model']} block alphas"))
     n = len(models)
     grams = [delta_gram(h, models, froms) for h in analysis.h_key.values()] if n else []
-    return RowGram(labels, np.stack(grams) if grams else np.zeros((0, n, n)), alphas, repeats, missing)
+    layout = blocks.base_layout(analysis.base) if any(listed) else None
+    return RowGram(labels, np.stack(grams) if grams else np.zeros((0, n, n)), alphas, repeats, missing,
+                   list(analysis.h_key), listed, layout)
 
 
 def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -305,7 +324,9 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
     from ortho_mecha import metrics
     from ortho_mecha.plan import METHODS
 
-    alphas, repeats = np.asarray(rows.alphas), np.asarray(rows.repeats)
+    repeats = np.asarray(rows.repeats)
+    per_key = rows.key_alphas()
+    alphas = np.asarray(rows.alphas) if per_key is None else per_key
     if METHODS[method].repeat == "list":
         weights, listed = alphas, repeats
     else:
@@ -318,7 +339,11 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
         f"survival ({metrics.survival_label(method)})": predicted,
         "survival (plain average)": metrics.survival_plain(rows.gram),
     })
-    return survival, metrics.interference(rows.gram, alphas * repeats)
+    if per_key is None:
+        return survival, metrics.interference(rows.gram, alphas * repeats)
+    scaled = per_key * repeats  # per key: the Gram of the rows' deltas as weighted there, summed over the keys
+    weighted = np.einsum("kij,ki,kj->ij", rows.key_grams, scaled, scaled)
+    return survival, metrics.interference(weighted, np.ones(len(rows.labels)))
 
 
 def survival_frame(survival: Mapping[str, Any]) -> Any:
