@@ -375,3 +375,37 @@ def merge_job_params(plan: Any, output_name: str, overwrite: bool = False, works
         raise OrthoMechaError("already exists; choose another output name or allow replacing it", out)
     plan_path = save_plan(plan, folder / f"{Path(name).stem}.plan.json", overwrite=True)
     return {"plan": str(plan_path), "out": str(out), "overwrite": overwrite}
+
+
+# --- per-block alphas in the Mixer ----------------------------------------------------------------------
+
+
+def with_block_alphas(mix: Mapping[str, Any], index: int, block_alphas: Mapping[str, float]) -> dict[str, Any]:
+    """The Mixer's state with row ``index``'s block alphas replaced (kept as the table's text form)."""
+    from ortho_mecha.blocks import format_cell
+
+    rows = [dict(row) for row in mix["rows"]]
+    rows[index]["block_alphas"] = format_cell({g: float(v) for g, v in block_alphas.items()})
+    return {**mix, "rows": rows}
+
+
+def with_block_preset(mix: Mapping[str, Any], index: int, preset: str, layout: Any) -> dict[str, Any]:
+    """The Mixer's state with row ``index``'s block alphas set by ``preset`` (``blocks.preset_alphas`` of its alpha)."""
+    from ortho_mecha.blocks import preset_alphas
+
+    alpha = _number(mix["rows"][index].get("alpha"), 1.0)
+    return with_block_alphas(mix, index, preset_alphas(preset, layout, alpha))
+
+
+def block_alpha_frame(rows: Sequence[Mapping[str, Any]], layout: Any) -> Any:
+    """Each enabled row's alpha per block group of ``layout`` (a long table for ``blocks.alpha_chart``); rows are
+    labelled by their number and model file's stem."""
+    from ortho_mecha import blocks
+
+    numbered = [(n, row) for n, row in enumerate(rows, start=1) if row.get("enabled") and row.get("model")]
+    return blocks.alpha_frame(
+        [f"{n}: {Path(row['model']).stem}" for n, row in numbered],
+        [_number(row.get("alpha"), 1.0) for _, row in numbered],
+        [blocks.parse_cell(row.get("block_alphas"), f"row {n} block alphas") for n, row in numbered],
+        layout,
+    )

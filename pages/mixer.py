@@ -1,4 +1,5 @@
-"""Mixer: edit the merge plan — rows, method and its options, texture — see its predicted figures, save presets."""
+"""Mixer: edit the merge plan — rows, block alphas, method and its options, texture — see its predicted figures, save
+presets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ortho_mecha import charts, recipe, ui, workspace
+from ortho_mecha import blocks, charts, recipe, ui, workspace
 from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
 from ortho_mecha.plan import ALPHA_RANGE, METHODS, REPEAT_RANGE
 from ortho_mecha.workspace import BASE_LABEL, TABLE_COLUMNS
@@ -68,6 +69,9 @@ edited = st.data_editor(
                                                step=0.05, default=1.0, format="%.2f"),
         "repeat": st.column_config.NumberColumn("repeat", min_value=REPEAT_RANGE[0], max_value=REPEAT_RANGE[1],
                                                 step=1, default=1),
+        "block_alphas": st.column_config.TextColumn(
+            "block alphas", width="medium", help="per block group: group=alpha, … (set them under Block alphas)"
+        ),
         "info": st.column_config.TextColumn("info", width="large"),
     },
 )
@@ -93,6 +97,38 @@ with texture_column, st.container(border=True):
                                 key=f"mix_texture_mode_{mix['version']}", help=TEXTURE_MODE.help)
 texture = {"model": texture_model, "alpha": texture_alpha, "mode": texture_mode} if texture_model else None
 mix.update(base=base, rows=rows, method=method, options=options, texture=texture)
+
+st.subheader("Block alphas")
+with ui.shown_errors():
+    layout = blocks.base_layout(choices.path(base))
+    numbered = [i for i, row in enumerate(rows) if row.get("model")]
+    if not layout.groups or not numbered:
+        st.info("Add rows first; each row's alpha can then differ by block group of the base's architecture.")
+    else:
+        st.caption(f"{layout.arch} groups: {', '.join(layout.groups)}. A group's alpha replaces the row's alpha on "
+                   "that group's keys; empty means the row's alpha. Presets scale the row's alpha per group.")
+        pick, preset_column, apply_column = st.columns([2, 1, 1], vertical_alignment="bottom")
+        index = pick.selectbox("Row", numbered, format_func=lambda i: f"{i + 1}: {rows[i]['model']}",
+                               key="mix_block_row")
+        preset = preset_column.selectbox("Block preset", list(blocks.PRESETS), key="mix_block_preset",
+                                         help=" · ".join(f"{name}: {text}" for name, text in blocks.PRESETS.items()))
+        if apply_column.button("Apply preset", key="mix_block_apply", width="stretch"):
+            ui.set_mix(workspace.with_block_preset(mix, index, preset, layout))
+            st.rerun()
+        current = layout.check(blocks.parse_cell(rows[index].get("block_alphas")), f"row {index + 1}", *ALPHA_RANGE)
+        edited_alphas = {}
+        for column, group in zip(st.columns(min(len(layout.groups), 6)) * len(layout.groups), layout.groups,
+                                 strict=False):
+            value = column.number_input(group, min_value=ALPHA_RANGE[0], max_value=ALPHA_RANGE[1],
+                                        value=current.get(group), step=0.05, format="%.2f", placeholder="row alpha",
+                                        key=f"mix_block_{mix['version']}_{index}_{group}")
+            if value is not None:
+                edited_alphas[group] = value
+        if edited_alphas != current:
+            ui.set_mix(workspace.with_block_alphas(mix, index, edited_alphas))
+            st.rerun()
+        st.altair_chart(blocks.alpha_chart(workspace.block_alpha_frame(rows, layout), layout.groups),
+                        width="content")
 
 st.subheader("Predicted figures")
 if analysis is None:

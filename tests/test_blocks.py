@@ -7,6 +7,7 @@ import functools
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import tqdm
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
+from streamlit import config
+from streamlit.testing.v1 import AppTest
 
 from ortho_mecha import blocks, evaluate, metrics, workspace
 from ortho_mecha.cli import main
@@ -365,3 +368,71 @@ def test_table_round_trips_block_alphas_and_figures_follow_them(flux) -> None:
     np.testing.assert_allclose(with_blocks[0][column], along / own, rtol=1e-9)
     assert with_blocks[0][column][0] < plain[0][column][0] - 0.1
     assert not np.allclose(with_blocks[1], plain[1])  # interference follows the per-key weights too
+
+
+# --- the Mixer's Block alphas section under AppTest -----------------------------------------------------------
+
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+
+
+@pytest.fixture()
+def dashboard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A workspace with a small SDXL family and a saved two-row plan; the app bound to loopback."""
+    root = tmp_path / "workspace"
+    monkeypatch.setenv("ORTHO_MECHA_WORKSPACE", str(root))
+    monkeypatch.setenv("ORTHO_MECHA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ORTHO_MECHA_ROOTS", str(root))
+    monkeypatch.delenv("ORTHO_MECHA_PASSWORD", raising=False)
+    write_family_files(root / "models" / "fam", "sdxl", "fp16", members=["base", "anime", "photo"])
+    (root / "plans").mkdir(parents=True)
+    rows = [{"model": "../models/fam/anime.safetensors", "alpha": 0.8}, {"model": "../models/fam/photo.safetensors"}]
+    (root / "plans" / "start.json").write_text(json.dumps(
+        {"base": "../models/fam/base.safetensors", "method": "add_difference", "rows": rows}))
+    previous = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield root
+    config.set_option("server.address", previous)
+
+
+def _load(at: AppTest, preset: str) -> None:
+    at.selectbox(key="mix_preset").set_value(preset).run()
+    next(button for button in at.button if button.label == "Load").click().run()
+    assert not at.exception and not [e.value for e in at.error]
+
+
+def test_mixer_block_alphas_presets_inputs_chart_and_preset_round_trip(dashboard: Path) -> None:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.switch_page("pages/mixer.py").run()
+    _load(at, "start")
+    assert [row.block_alphas for row in at.session_state["plan"].rows] == [{}, {}]
+    assert any("sdxl groups: in, mid, out" in caption.value for caption in at.caption)
+
+    at.selectbox(key="mix_block_preset").set_value("structure").run()
+    at.button(key="mix_block_apply").click().run()  # row 1 (anime, alpha 0.8)
+    at.selectbox(key="mix_block_row").set_value(1).run()
+    at.selectbox(key="mix_block_preset").set_value("style").run()
+    at.button(key="mix_block_apply").click().run()
+    assert not at.exception and not [e.value for e in at.error]
+    plan = at.session_state["plan"]
+    assert [row.block_alphas for row in plan.rows] == [{"in": 0.8, "mid": 0.8, "out": 0.0},
+                                                       {"in": 0.0, "mid": 0.0, "out": 1.0}]
+
+    version = at.session_state["mix"]["version"]
+    assert at.number_input(key=f"mix_block_{version}_1_out").value == 1.0
+    at.number_input(key=f"mix_block_{version}_1_mid").set_value(0.5).run()
+    at.number_input(key=f"mix_block_{at.session_state['mix']['version']}_1_in").set_value(1.5).run()
+    assert at.session_state["plan"].rows[1].block_alphas == {"in": 1.5, "mid": 0.5, "out": 1.0}
+    charts = [chart for chart in at.get("vega_lite_chart") if "alpha per block group" in chart.proto.spec]
+    assert len(charts) == 1
+    assert '"mid"' in charts[0].proto.spec or "mid" in str(charts[0].proto.datasets)
+
+    at.text_input(key="mix_preset_name").set_value("blocks").run()
+    at.button(key="mix_save").click().run()
+    saved = json.loads((dashboard / "plans" / "blocks.json").read_text())
+    assert [row.get("block_alphas") for row in saved["rows"]] == [{"in": 0.8, "mid": 0.8, "out": 0.0},
+                                                                 {"in": 1.5, "mid": 0.5, "out": 1.0}]
+    expected = at.session_state["plan"]
+    _load(at, "start")
+    assert at.session_state["plan"].rows[0].block_alphas == {}
+    _load(at, "blocks")
+    assert at.session_state["plan"] == expected
