@@ -211,7 +211,8 @@ def _ramps(groups: Sequence[str], ordered: bool) -> dict[str, float]:
 
 
 def preset_alphas(preset: str, layout: BlockLayout, alpha: float) -> dict[str, float]:
-    """A row's block alphas under ``preset``: each set group's weight times the row's ``alpha``."""
+    """A row's block alphas under ``preset``: each set group's weight times the row's ``alpha``, rounded to 6
+    decimals (a ramp's thirds read 0.333333 in the table, not 0.3333333333333333)."""
     return {g: round(w * alpha, 6) for g, w in preset_weights(preset, layout).items()}
 
 
@@ -219,8 +220,14 @@ def preset_alphas(preset: str, layout: BlockLayout, alpha: float) -> dict[str, f
 
 
 def format_cell(block_alphas: Mapping[str, float]) -> str:
-    """``{"in": 1, "out": 0}`` → ``"in=1, out=0"`` (empty text for none)."""
-    return ", ".join(f"{group}={value:g}" for group, value in block_alphas.items())
+    """``{"in": 1, "out": 0.25}`` → ``"in=1, out=0.25"`` (empty text for none); each value reads back exactly."""
+    return ", ".join(f"{group}={_exact_text(float(value))}" for group, value in block_alphas.items())
+
+
+def _exact_text(value: float) -> str:
+    """The short form (``1``, ``0.8``) when it reads back as the same float, else the full repr."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def parse_cell(text: Any, where: str = "block alphas") -> dict[str, float]:
