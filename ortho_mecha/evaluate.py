@@ -3,8 +3,9 @@
 A row's survival is ``<Δ_out, δ_i> / ‖δ_i‖²`` for its raw delta ``δ_i = M_i − B_i``: 1 means the merge
 carries the row's whole delta along its direction. The prediction comes from the rows' per-key Grams
 (:func:`metrics.predicted_survival`, exact for linear methods, ``ortho_project`` and key-wise
-``ortho_superpose``). The measurement adds the merged file to the same cached analysis: the pass only
-computes its one new Gram row, and ``<Δ_out, δ_i>`` follows from H by the delta identity.
+``ortho_superpose``; rows with block alphas weigh each key by its group's alpha). The measurement adds
+the merged file to the same cached analysis: the pass only computes its one new Gram row, and
+``<Δ_out, δ_i>`` follows from H by the delta identity.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ortho_mecha import blocks
 from ortho_mecha.analysis import Analysis, Progress, analyse
 from ortho_mecha.gram import selection_matrix
 from ortho_mecha.metrics import predicted_survival, survival_label
@@ -31,11 +33,15 @@ def _row_files(plan: Plan, extra: list[Path]) -> tuple[list[Path], list[tuple[in
     return files, pairs
 
 
-def _weights(plan: Plan) -> tuple[list[float], list[int]]:
+def _weights(plan: Plan, keys: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Each enabled row's weight for :func:`predicted_survival`, per key of ``keys`` when a row has block alphas."""
     rows = [r for r in plan.rows if r.enabled]
+    alphas = np.asarray([float(r.alpha) for r in rows])
+    if any(r.block_alphas for r in rows):
+        alphas = blocks.key_alphas(keys, blocks.base_layout(plan.base), alphas, [r.block_alphas for r in rows])
     if plan.spec.repeat == "list":
-        return [float(r.alpha) for r in rows], [int(r.repeat) for r in rows]
-    return [float(r.alpha) * r.repeat for r in rows], [1] * len(rows)
+        return alphas, [int(r.repeat) for r in rows]
+    return alphas * np.asarray([r.repeat for r in rows]), [1] * len(rows)
 
 
 def _rows(plan: Plan, extra: list[Path], progress: Progress | None) -> tuple[Analysis, np.ndarray, np.ndarray]:
@@ -50,15 +56,15 @@ def _rows(plan: Plan, extra: list[Path], progress: Progress | None) -> tuple[Ana
     return result, t, np.stack([t @ h @ t.T for h in result.h_key.values()])
 
 
-def _predicted(plan: Plan, per_key: np.ndarray) -> np.ndarray:
-    weights, repeats = _weights(plan)
+def _predicted(plan: Plan, result: Analysis, per_key: np.ndarray) -> np.ndarray:
+    weights, repeats = _weights(plan, list(result.h_key))
     return predicted_survival(per_key, plan.method, weights, dict(plan.options), repeats)
 
 
 def predict(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
     """Predicted survival of each enabled row of ``plan`` (no merge; a cached analysis reads nothing)."""
-    _, _, per_key = _rows(plan, [], progress)
-    return {"predicted": _predicted(plan, per_key).tolist(), "label": survival_label(plan.method)}
+    result, _, per_key = _rows(plan, [], progress)
+    return {"predicted": _predicted(plan, result, per_key).tolist(), "label": survival_label(plan.method)}
 
 
 def measure(plan: Plan, output: str | Path, progress: Progress | None = None) -> dict[str, Any]:
@@ -71,7 +77,7 @@ def measure(plan: Plan, output: str | Path, progress: Progress | None = None) ->
     along = t @ h[:, out_index]
     return {
         "rows": [str(r.model) for r in plan.rows if r.enabled],
-        "predicted": _predicted(plan, per_key).tolist(),
+        "predicted": _predicted(plan, result, per_key).tolist(),
         "measured": np.where(own > 0, along / np.where(own > 0, own, 1.0), 0.0).tolist(),
         "label": survival_label(plan.method),
     }

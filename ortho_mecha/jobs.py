@@ -363,6 +363,8 @@ def _worker_alive(pid: int, job_id: str) -> bool:
     for child_pid, child in list(_children.items()):
         if child.poll() is not None:
             _children.pop(child_pid, None)
+    if pid in _children:  # this process's own running child: alive even before its exec shows the job id
+        return True
     if _HAVE_PROC:
         try:
             arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -170,9 +170,10 @@ def _output_coefficients(g: np.ndarray, method: str, w: np.ndarray, options: Map
     if method == "add_difference":
         return np.broadcast_to(alpha * w, g.shape[:-1]).copy()
     if method == "weighted_sum":
-        total = w.sum()
-        return np.broadcast_to(alpha * w / total if total else 0.0 * w, g.shape[:-1]).copy()
-    gw = g * w[:, None] * w[None, :]  # Gram of the weighted deltas w_i δ_i
+        total = w.sum(axis=-1, keepdims=True)
+        share = np.where(total != 0, w / np.where(total != 0, total, 1.0), 0.0)
+        return np.broadcast_to(alpha * share, g.shape[:-1]).copy()
+    gw = g * w[..., :, None] * w[..., None, :]  # Gram of the weighted deltas w_i δ_i
     if method == "ortho_superpose":
         if options.get("granularity", "key") != "key":
             raise ValueError(
@@ -247,28 +248,33 @@ def merged_coefficients(
 
     Arguments as :func:`predicted_survival`, which is ``Σ_k (G_k a_k)_i / Σ_k (G_k)_ii``; exact or an
     estimate as :func:`survival_label` says. For the estimated methods one set of coefficients, from the
-    Gram summed over keys, serves every key.
+    Gram summed over the keys that share the same weights (all keys, or a block group's), serves those keys.
     """
     g = _as_gram(g)
     options = dict(options or {})
     w = np.asarray(weights, dtype=np.float64)
     n = g.shape[-1]
-    if w.shape != (n,):
-        raise ValueError(f"{len(w)} weights for {n} rows")
+    if w.shape != (n,) and not (g.ndim == 3 and w.shape == g.shape[:-1]):
+        raise ValueError(f"weights of shape {w.shape} for {n} rows and Grams of shape {g.shape}")
     if survival_label(method) == "exact":
         return _output_coefficients(g, method, w, options)
     reps = np.ones(n) if repeats is None else np.asarray(repeats, dtype=np.float64)
     if reps.shape != (n,):
         raise ValueError(f"{len(reps)} repeats for {n} rows")
-    reps = np.where(w != 0, reps, 0.0)
-    g_total = g.reshape(-1, n, n).sum(axis=0)
-    return np.broadcast_to(_estimate_coefficients(g_total, method, w, reps, options), g.shape[:-1]).copy()
+    keyed = g.reshape(-1, n, n)
+    zones, zone_of = np.unique(np.broadcast_to(w, keyed.shape[:-1]), axis=0, return_inverse=True)
+    coefficients = np.zeros(keyed.shape[:-1])
+    for z, zone in enumerate(zones):  # the keys sharing one set of weights (a block group) share one estimate
+        members = zone_of.ravel() == z
+        listed = np.where(zone != 0, reps, 0.0)
+        coefficients[members] = _estimate_coefficients(keyed[members].sum(axis=0), method, zone, listed, options)
+    return coefficients.reshape(g.shape[:-1])
 
 
 def predicted_survival(
     g: np.ndarray,
     method: str,
-    weights: Sequence[float],
+    weights: Sequence[float] | np.ndarray,
     options: Mapping[str, Any] | None = None,
     repeats: Sequence[int] | None = None,
 ) -> np.ndarray:
@@ -276,14 +282,17 @@ def predicted_survival(
 
     ``g``: the rows' delta Gram (n, n), or a stack of per-key Grams (k, n, n) — then each key is merged on
     its own, as the methods do, and the survival is ``Σ_k <Δ_k, δ_ik> / Σ_k ‖δ_ik‖²``.
-    ``weights``: each row's weight, α_i · r_i for the methods that scale a row by its repeat (all but
-    ``orthomerge``, ``ties``, ``dare``, ``model_stock``, ``geometric_median``, which list a row r_i times:
-    for those pass α_i as the weight and r_i as ``repeats``); 0 for a disabled row. ``options``: the
+    ``weights``: each row's weight (n,), or per key (k, n) for per-key Grams (block alphas): α_i · r_i for
+    the methods that scale a row by its repeat (all but ``orthomerge``, ``ties``, ``dare``, ``model_stock``,
+    ``geometric_median``, which list a row r_i times: for those pass α_i as the weight and r_i as
+    ``repeats``); 0 for a disabled row. ``options``: the
     method's options (``alpha``, ``rcond``, ``theta_agg``, ``direction_weight``; others are ignored).
 
     1 means the merge carries the row's whole delta along its direction, 0.5 half of it, 2 twice it.
     Exact (:func:`survival_label`) for ``weighted_sum``, ``add_difference``, ``ortho_superpose`` (at
     granularity ``key``) and ``ortho_project``; an estimate for the others. A row with a zero delta gets 0.
+    With per-key weights the exact methods stay exact (each key merged with its own weights); the estimates
+    are made per set of keys sharing the same weights (a block group) on that set's summed Gram.
     """
     g = _as_gram(g)
     return survival_of(g, merged_coefficients(g, method, weights, options, repeats))

@@ -4,14 +4,17 @@ A plan names the base, the method with its options, the mixer rows (model, delta
 enabled), an optional texture boost and the dtypes::
 
     {"base": "base.safetensors", "method": "orthomerge",
-     "rows": [{"model": "a.safetensors", "delta_from": null, "alpha": 1.0, "repeat": 1, "enabled": true}],
+     "rows": [{"model": "a.safetensors", "delta_from": null, "alpha": 1.0, "repeat": 1, "enabled": true,
+               "block_alphas": {"out": 0.0}}],
      "options": {"alpha": 1.0, "theta_agg": "mean"},
      "texture": {"model": "t.safetensors", "alpha": 0.2, "mode": "add"},
      "output_dtype": "bf16", "merge_dtype": "fp32"}
 
 A full checkpoint's text encoders and VAE may get their own choice in an optional ``"components"``
 object (take them from the base, from a model, or merge them with their own method and alpha; see
-:mod:`ortho_mecha.components`).
+:mod:`ortho_mecha.components`). A row's optional ``block_alphas`` gives some block groups of the base's
+architecture their own alpha (:mod:`ortho_mecha.blocks`); without it the row's alpha holds for every key,
+as before.
 
 Relative paths are resolved against the plan file's folder; options left out take the method's
 defaults (:data:`METHODS`, which also carries the bounds and help text the Mixer builds its widgets
@@ -25,10 +28,11 @@ import difflib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ortho_mecha import blocks
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_text
 from ortho_mecha.io import SHARD_RE, refuse_unsupported
@@ -203,7 +207,7 @@ def _allowed(spec: OptionSpec) -> str:
 
 
 _TOP_FIELDS = ("base", "method", "rows", "options", "texture", "output_dtype", "merge_dtype", "components")
-_ROW_FIELDS = ("model", "delta_from", "alpha", "repeat", "enabled", "info")
+_ROW_FIELDS = ("model", "delta_from", "alpha", "repeat", "enabled", "block_alphas", "info")
 _TEXTURE_FIELDS = ("model", "alpha", "mode")
 
 
@@ -215,7 +219,8 @@ def _suggest(value: str, valid: tuple[str, ...] | list[str]) -> str:
 
 @dataclass(frozen=True)
 class Row:
-    """One mixer row: its delta is ``alpha × (model − delta_from)`` (delta_from None: the plan's base)."""
+    """One mixer row: its delta is ``alpha × (model − delta_from)`` (delta_from None: the plan's base);
+    ``block_alphas`` {group: alpha} replaces ``alpha`` on the keys of those block groups."""
 
     model: Path
     delta_from: Path | None = None
@@ -223,6 +228,7 @@ class Row:
     repeat: int = 1
     enabled: bool = True
     info: str = ""
+    block_alphas: Mapping[str, float] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,7 @@ class Plan:
         object.__setattr__(self, "options", self._check_options(method))
         self._check_dtypes()
         self._check_rows(method)
+        self._check_block_alphas()
         self._check_texture()
         from ortho_mecha import components  # it imports this module's METHODS and helpers
 
@@ -324,6 +331,8 @@ class Plan:
                 raise self._fail(f"{label}: alpha {row.alpha!r} is outside {ALPHA_RANGE[0]:g}–{ALPHA_RANGE[1]:g}")
             if not isinstance(row.repeat, int) or not _number_in(row.repeat, *REPEAT_RANGE):
                 raise self._fail(f"{label}: repeat {row.repeat!r} must be an integer 1, 2 or 3")
+            if not isinstance(row.block_alphas, Mapping):
+                raise self._fail(f"{label}: 'block_alphas' must be an object of block group → alpha")
             if not row.enabled:
                 continue
             self._check_file(row.model, f"{label}: model")
@@ -339,6 +348,21 @@ class Plan:
             refuse_lora_delta_from(row.model, row.delta_from, _is_lora(row.model), from_lora)
         except OrthoMechaError as exc:
             raise self._fail(f"{label}: {str(exc).removeprefix(f'{exc.path}: ')}") from exc
+
+    def _check_block_alphas(self) -> None:
+        """Block alphas name block groups of the base's architecture (read from its header only when a row
+        has some), each in the alpha range; stored as floats."""
+        if not any(row.block_alphas for row in self.rows):
+            return
+        layout = blocks.base_layout(self.base)
+        rows = []
+        for number, row in enumerate(self.rows, start=1):
+            try:
+                checked = layout.check(row.block_alphas, f"row {number} ({row.model.name})", *ALPHA_RANGE)
+            except OrthoMechaError as exc:
+                raise self._fail(str(exc)) from exc
+            rows.append(replace(row, block_alphas=checked))
+        object.__setattr__(self, "rows", tuple(rows))
 
     def _check_cycles(self, enabled: list[Row]) -> None:
         """Refuse delta-from chains through the rows' models that come back to where they started."""
@@ -408,6 +432,8 @@ class Plan:
                 "repeat": row.repeat,
                 "enabled": row.enabled,
             }
+            if row.block_alphas:
+                data["block_alphas"] = dict(row.block_alphas)
             rows.append(data | ({"info": row.info} if row.info else {}))
         texture = None
         if self.texture is not None:
@@ -479,6 +505,7 @@ def plan_from_dict(data: Any, folder: str | Path, source: str | Path | None = No
                 repeat=raw.get("repeat", 1),
                 enabled=enabled,
                 info=str(raw.get("info") or ""),
+                block_alphas={} if raw.get("block_alphas") is None else raw["block_alphas"],
             )
         )
     texture = None

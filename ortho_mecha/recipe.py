@@ -25,7 +25,21 @@ model_stock       ``add_difference(base, model_stock(*δ, cos_eps), alpha)``, c_
 geometric_median  ``add_difference(base, geometric_median(*δ, eps, maxiter, ftol), alpha)``, listed r_i times
 ================  ==================================================================================
 
-(n = the number of deltas.) A texture boost wraps the result:
+(n = the number of deltas.) A row with ``block_alphas`` (:mod:`ortho_mecha.blocks`) has a coefficient per block
+group: in group g every row takes its block alpha for g where it lists one, its alpha otherwise, and the
+coefficients of that group follow the table from those alphas. So what couples the rows couples them within
+each group: weighted_sum stays a weighted mean in every block (a row with ``out`` 0 leaves the out blocks to
+the other rows; if every row's weight there is 0 they get the base), add_difference and the ortho methods
+scale each row's delta per block. The per-key coefficient is sd-mecha's own per-key value, a
+``sd_mecha.literal`` dict of the base config's keys whose coefficient differs from the row's, with
+sd-mecha's ``fallback`` to the row's plain coefficient for every other key::
+
+    scale_delta(δ, alpha=fallback(literal({"output_blocks.0.0.weight": 0.0, …}, config), c_i))
+
+(sd-mecha 1.1.8 has no key patterns in literals, so the group's keys are listed one by one.) A row
+without block alphas, or whose coefficients equal its plain one everywhere, keeps the plain float.
+
+A texture boost wraps the result:
 ``texture_boost(merged, base, subtract(texture, base), beta, mode)``. A checkpoint's text encoders and
 VAE chosen in the plan's ``components`` are put in front with ``pick_component(source, id) | merged``
 (:mod:`ortho_mecha.components`).
@@ -48,7 +62,7 @@ from typing import Any
 import sd_mecha
 from sd_mecha.extensions import merge_methods
 
-from ortho_mecha import __version__, components
+from ortho_mecha import __version__, blocks, components
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_text
 from ortho_mecha.lora_rows import is_lora_file, lora_delta_node
@@ -73,18 +87,40 @@ def _method(name: str) -> merge_methods.MergeMethod:
     return merge_methods.resolve(name)
 
 
-def _coefficients(plan: Plan, method: str) -> list[float]:
-    """Each enabled row's delta coefficient under ``method`` (see the module docstring)."""
+def _coefficients(plan: Plan, method: str, alphas: list[float] | None = None) -> list[float]:
+    """Each enabled row's delta coefficient under ``method`` (see the module docstring), from the rows'
+    alphas or ``alphas``."""
     rows = plan.enabled_rows
+    alphas = [float(row.alpha) for row in rows] if alphas is None else alphas
     if METHODS[method].repeat == "list":
-        return [float(row.alpha) for row in rows]
-    weights = [float(row.alpha) * row.repeat for row in rows]
+        return [float(alpha) for alpha in alphas]
+    weights = [float(alpha) * row.repeat for alpha, row in zip(alphas, rows, strict=True)]
     if method == "weighted_sum":
         total = sum(weights)
         return [len(rows) * w / total if total else 0.0 for w in weights]
     if method == "add_difference":
         return [len(rows) * w for w in weights]
     return weights
+
+
+def _row_coefficients(plan: Plan, method: str, config_id: str) -> list[float | sd_mecha.RecipeNode]:
+    """Each enabled row's coefficient: a float, or per key with block alphas (see the module docstring)."""
+    rows = plan.enabled_rows
+    plain, overrides = blocks.zone_coefficients(
+        [float(row.alpha) for row in rows], [row.block_alphas for row in rows],
+        lambda a: _coefficients(plan, method, a),
+    )
+    if not any(overrides):
+        return plain
+    layout = blocks.base_layout(plan.base)
+    out: list[float | sd_mecha.RecipeNode] = []
+    for coefficient, groups in zip(plain, overrides, strict=True):
+        per_key = {key: value for group, value in groups.items() for key in layout.file_keys(group)}
+        if not per_key:
+            out.append(coefficient)
+            continue
+        out.append(_method("fallback")(sd_mecha.literal(per_key, config=config_id), coefficient))
+    return out
 
 
 def _combine(
@@ -101,7 +137,7 @@ def _combine(
 
     row_deltas = [
         _method("scale_delta")(delta(row), alpha=coefficient)
-        for row, coefficient in zip(rows, _coefficients(plan, method), strict=True)
+        for row, coefficient in zip(rows, _row_coefficients(plan, method, config_id), strict=True)
     ]
     if METHODS[method].repeat == "list":
         deltas = [delta for row, delta in zip(rows, row_deltas, strict=True) for _ in range(row.repeat)]

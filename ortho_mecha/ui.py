@@ -248,6 +248,84 @@ def _int(bound: float | None) -> int | None:
     return None if bound is None else int(bound)
 
 
+def components_panel(mix: Mapping[str, Any], choices: Any, base: str) -> dict[str, dict[str, Any]]:
+    """The Mixer's "Text encoders" box when ``base`` is a full checkpoint: per component, where it comes from
+    (:mod:`ortho_mecha.components`); the choices as ``components.from_table`` takes them ({} otherwise)."""
+    from ortho_mecha import components
+    from ortho_mecha.plan import METHODS
+
+    carried: dict = {}
+    with shown_errors():
+        carried = components.base_components(choices.path(base))
+    chosen_components: dict[str, dict[str, Any]] = {}
+    if not carried:
+        return chosen_components
+    labels = choices.labels
+    with st.container(border=True):
+        st.markdown("**Text encoders**")
+        st.caption("The base is a full checkpoint: choose where each of its text encoders and its VAE come from. "
+                   "'merge with the plan' treats it like the diffusion model; 'own merge' merges the rows' deltas "
+                   "on it with its own method and alpha (empty: the plan's).")
+        method_choices = [None, *METHODS]
+        for name in carried:
+            now = (mix.get("components") or {}).get(name) or {}
+            key = f"mix_te_{mix['version']}_{name}"
+            source_column, model_column, te_method_column, alpha_column = st.columns([2, 3, 2, 1])
+            sources = [components.PLAN, *components.SOURCES]
+            source = source_column.selectbox(
+                f"{components.LABELS[name]} ({name})", sources, format_func=components.SOURCE_LABELS.get,
+                index=sources.index(now.get("source") or components.PLAN), key=f"{key}_source")
+            entry = {"source": source}
+            if source == "model":
+                entry["model"] = model_column.selectbox(
+                    "from model", labels, index=labels.index(now["model"]) if now.get("model") in labels else None,
+                    placeholder="pick a model", key=f"{key}_model")
+            if source == "merge":
+                entry["method"] = te_method_column.selectbox(
+                    "method", method_choices, index=method_choices.index(now.get("method")),
+                    format_func=lambda m: "the plan's" if m is None else m, key=f"{key}_method")
+                entry["alpha"] = alpha_column.number_input(
+                    "alpha", min_value=0.0, value=now.get("alpha"), step=0.05, placeholder="plan's", key=f"{key}_alpha")
+            chosen_components[name] = entry
+    return chosen_components
+
+
+def block_alphas_panel(mix: Mapping[str, Any], rows: list[dict[str, Any]], choices: Any, base: str) -> None:
+    """The Mixer's "Block alphas" section: a row, a preset, each block group's alpha, and every row's alpha per
+    group as a chart (:mod:`ortho_mecha.blocks`)."""
+    from ortho_mecha import blocks, workspace
+    from ortho_mecha.plan import ALPHA_RANGE
+
+    with shown_errors():
+        layout = blocks.base_layout(choices.path(base))
+        numbered = [i for i, row in enumerate(rows) if row.get("model")]
+        if not layout.groups or not numbered:
+            st.info("Add rows first; each row's alpha can then differ by block group of the base's architecture.")
+            return
+        st.caption(f"{layout.arch} groups: {', '.join(layout.groups)}. A group's alpha replaces the row's alpha on "
+                   "that group's keys; empty means the row's alpha. Presets scale the row's alpha per group.")
+        pick, preset_column, apply_column = st.columns([2, 1, 1], vertical_alignment="bottom")
+        index = pick.selectbox("Row", numbered, format_func=lambda i: f"{i + 1}: {rows[i]['model']}",
+                               key="mix_block_row")
+        preset = preset_column.selectbox("Block preset", list(blocks.PRESETS), key="mix_block_preset",
+                                         help=" · ".join(f"{name}: {text}" for name, text in blocks.PRESETS.items()))
+        if apply_column.button("Apply preset", key="mix_block_apply", width="stretch"):
+            set_mix(workspace.with_block_preset(mix, index, preset, layout))
+            st.rerun()
+        current = layout.check(blocks.parse_cell(rows[index].get("block_alphas")), f"row {index + 1}", *ALPHA_RANGE)
+        edited_alphas = {}
+        for column, group in zip(st.columns(min(len(layout.groups), 6)) * len(layout.groups), layout.groups,
+                                 strict=False):
+            value = column.number_input(group, min_value=ALPHA_RANGE[0], max_value=ALPHA_RANGE[1],
+                                        value=current.get(group), step=0.05, format="%.2f", placeholder="row alpha",
+                                        key=f"mix_block_{mix['version']}_{index}_{group}")
+            if value is not None:
+                edited_alphas[group] = value
+        if edited_alphas != current:
+            set_mix(workspace.with_block_alphas(mix, index, edited_alphas))
+            st.rerun()
+        st.altair_chart(blocks.alpha_chart(workspace.block_alpha_frame(rows, layout), layout.groups), width="content")
+
 def mix_rows(analysis: tuple[dict[str, Any], dict[str, Any]], mix: Mapping[str, Any], choices: Any) -> Any:
     """The :class:`~ortho_mecha.workspace.RowGram` of the Mixer's enabled rows from the cached analysis; None
     when the analysis was made against another base."""

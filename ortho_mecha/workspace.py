@@ -8,9 +8,10 @@ into a path through :class:`ModelChoices`, which re-checks it with ``security.re
 page can only name files inside the allowed roots.
 
 The Mixer edits a table of rows (``enabled``, ``model``, ``delta_from``, ``alpha``, ``repeat``,
-``info``) with labels for files; :func:`plan_from_table` builds the validated :class:`~ortho_mecha.plan.Plan`
-from it and :func:`table_from_plan` goes back. When the base is a full checkpoint, the Mixer's choices for
-its text encoders and VAE travel with them (:func:`ortho_mecha.components.from_table` / ``to_table``).
+``block_alphas`` as text ``"in=1, out=0"``, ``info``) with labels for files; :func:`plan_from_table`
+builds the validated :class:`~ortho_mecha.plan.Plan` from it and :func:`table_from_plan` goes back. When the
+base is a full checkpoint, the Mixer's choices for its text encoders and VAE travel with them
+(:func:`ortho_mecha.components.from_table` / ``to_table``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ DEMO_FOLDER = "demo"
 BASE_LABEL = "(base)"  # the delta-from choice meaning "the plan's base"
 PRESET_SUFFIX = ".json"
 MAX_PRESET_NAME = 80
-TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "info")
+TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "block_alphas", "info")
 LORA_INFO = "LoRA: its product is its delta, from the base"  # a kohya LoRA row's mark in the info column
 LORA_RANK = 32  # the Mixer's default rank for "Extract LoRA"
 
@@ -132,9 +133,21 @@ def table_rows_from_report(report: Mapping[str, Any], choices: ModelChoices) -> 
             "delta_from": BASE_LABEL if delta_from is None else choices.label(delta_from),
             "alpha": 1.0,
             "repeat": 1,
+            "block_alphas": "",
             "info": LORA_INFO if is_lora else "",
         })
     return rows
+
+
+def table_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The Mixer's rows as the editable table: every :data:`TABLE_COLUMNS` column, the text columns as text
+    (rows from older state or presets may lack ``block_alphas``)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows), columns=list(TABLE_COLUMNS))
+    for column in ("block_alphas", "info"):
+        frame[column] = frame[column].fillna("").astype(str)
+    return frame
 
 
 def lora_labels(rows: Sequence[Mapping[str, Any]], choices: ModelChoices) -> list[str]:
@@ -167,6 +180,7 @@ def plan_from_table(
     """The validated plan of the Mixer's state; ``base``, row models, delta-froms and texture are labels;
     ``components`` is the text-encoder / VAE state of :func:`ortho_mecha.components.from_table`."""
     from ortho_mecha import components as components_mod
+    from ortho_mecha.blocks import parse_cell
     from ortho_mecha.plan import Plan, Row, Texture
 
     plan_rows = []
@@ -182,6 +196,7 @@ def plan_from_table(
                 repeat=int(_number(row.get("repeat"), 1)),
                 enabled=bool(row.get("enabled", True)),
                 info=str(row.get("info") or ""),
+                block_alphas=parse_cell(row.get("block_alphas"), f"row {number} block alphas"),
             )
         )
     plan_texture = None
@@ -195,6 +210,7 @@ def plan_from_table(
 def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
     """The Mixer's state for a plan: base label, rows, method, options, texture and components."""
     from ortho_mecha import components
+    from ortho_mecha.blocks import format_cell
 
     rows = [
         {
@@ -203,6 +219,7 @@ def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
             "delta_from": BASE_LABEL if row.delta_from is None else choices.label(row.delta_from),
             "alpha": float(row.alpha),
             "repeat": int(row.repeat),
+            "block_alphas": format_cell(row.block_alphas),
             "info": row.info,
         }
         for row in plan.rows
@@ -296,20 +313,30 @@ class RowGram:
     alphas: list[float]
     repeats: list[int]
     missing: list[str]  # enabled rows left out: their model or delta-from was not analysed
+    keys: list[str] = field(default_factory=list)  # the canonical keys of ``key_grams``
+    block_alphas: list[dict[str, float]] = field(default_factory=list)
+    layout: Any = None  # blocks.BlockLayout of the base when a row has block alphas, else None
 
     @property
     def gram(self) -> Any:
         return self.key_grams.sum(axis=0)
+
+    def key_alphas(self) -> Any:
+        """(keys, rows) alphas: each row's block alpha on the keys of its listed groups (None without any)."""
+        from ortho_mecha.blocks import key_alphas
+
+        return None if self.layout is None else key_alphas(self.keys, self.layout, self.alphas, self.block_alphas)
 
 
 def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelChoices) -> RowGram:
     """The enabled rows' Grams from ``analysis`` (no file read); rows naming files it did not read are listed."""
     import numpy as np
 
+    from ortho_mecha import blocks
     from ortho_mecha.gram import delta_gram
 
     index = {Path(f).resolve(): i for i, f in enumerate(analysis.files)}
-    labels, models, froms, alphas, repeats, missing = [], [], [], [], [], []
+    labels, models, froms, alphas, repeats, missing, listed = [], [], [], [], [], [], []
     for row in rows:
         if not row.get("enabled") or not row.get("model"):
             continue
@@ -324,9 +351,12 @@ def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelCho
         froms.append(other)
         alphas.append(_number(row.get("alpha"), 1.0))
         repeats.append(int(_number(row.get("repeat"), 1)))
+        listed.append(blocks.parse_cell(row.get("block_alphas"), f"{row['model']} block alphas"))
     n = len(models)
     grams = [delta_gram(h, models, froms) for h in analysis.h_key.values()] if n else []
-    return RowGram(labels, np.stack(grams) if grams else np.zeros((0, n, n)), alphas, repeats, missing)
+    layout = blocks.base_layout(analysis.base) if any(listed) else None
+    return RowGram(labels, np.stack(grams) if grams else np.zeros((0, n, n)), alphas, repeats, missing,
+                   list(analysis.h_key), listed, layout)
 
 
 def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -338,8 +368,9 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
     from ortho_mecha import metrics
     from ortho_mecha.compare import row_weights
 
-    alphas, repeats = np.asarray(rows.alphas), np.asarray(rows.repeats)
-    weights, listed = row_weights(method, alphas, repeats)
+    repeats = np.asarray(rows.repeats)
+    per_key = rows.key_alphas()
+    weights, listed = row_weights(method, np.asarray(rows.alphas) if per_key is None else per_key, repeats)
     predicted = metrics.predicted_survival(rows.key_grams, method, weights, options, listed)
     survival = pd.DataFrame({
         "model": rows.labels,
@@ -348,7 +379,11 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
         f"survival ({metrics.survival_label(method)})": predicted,
         "survival (plain average)": metrics.survival_plain(rows.gram),
     })
-    return survival, metrics.interference(rows.gram, alphas * repeats)
+    if per_key is None:
+        return survival, metrics.interference(rows.gram, np.asarray(rows.alphas) * repeats)
+    scaled = per_key * repeats  # per key: the Gram of the rows' deltas as weighted there, summed over the keys
+    weighted = np.einsum("kij,ki,kj->ij", rows.key_grams, scaled, scaled)
+    return survival, metrics.interference(weighted, np.ones(len(rows.labels)))
 
 
 def survival_frame(survival: Mapping[str, Any]) -> Any:
@@ -409,4 +444,38 @@ def lora_key_frame(result: Mapping[str, Any]) -> Any:
           "energy kept": k["energy_kept"], "delta norm": k["delta_norm"], "error": k["error"]}
          for k in result["keys"]],
         columns=["key", "shape", "rank", "energy kept", "delta norm", "error"],
+    )
+
+
+# --- per-block alphas in the Mixer ----------------------------------------------------------------------
+
+
+def with_block_alphas(mix: Mapping[str, Any], index: int, block_alphas: Mapping[str, float]) -> dict[str, Any]:
+    """The Mixer's state with row ``index``'s block alphas replaced (kept as the table's text form)."""
+    from ortho_mecha.blocks import format_cell
+
+    rows = [dict(row) for row in mix["rows"]]
+    rows[index]["block_alphas"] = format_cell({g: float(v) for g, v in block_alphas.items()})
+    return {**mix, "rows": rows}
+
+
+def with_block_preset(mix: Mapping[str, Any], index: int, preset: str, layout: Any) -> dict[str, Any]:
+    """The Mixer's state with row ``index``'s block alphas set by ``preset`` (``blocks.preset_alphas`` of its alpha)."""
+    from ortho_mecha.blocks import preset_alphas
+
+    alpha = _number(mix["rows"][index].get("alpha"), 1.0)
+    return with_block_alphas(mix, index, preset_alphas(preset, layout, alpha))
+
+
+def block_alpha_frame(rows: Sequence[Mapping[str, Any]], layout: Any) -> Any:
+    """Each enabled row's alpha per block group of ``layout`` (a long table for ``blocks.alpha_chart``); rows are
+    labelled by their number and model file's stem."""
+    from ortho_mecha import blocks
+
+    numbered = [(n, row) for n, row in enumerate(rows, start=1) if row.get("enabled") and row.get("model")]
+    return blocks.alpha_frame(
+        [f"{n}: {Path(row['model']).stem}" for n, row in numbered],
+        [_number(row.get("alpha"), 1.0) for _, row in numbered],
+        [blocks.parse_cell(row.get("block_alphas"), f"row {n} block alphas") for n, row in numbered],
+        layout,
     )

@@ -1,17 +1,16 @@
-"""Mixer: edit the merge plan — rows, method and its options, texture, a checkpoint's text encoders — see its
-predicted figures, save presets."""
+"""Mixer: edit the merge plan — rows, block alphas, method and its options, texture, a checkpoint's text
+encoders — see its predicted figures, compare methods, save presets, extract a LoRA."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
-from ortho_mecha import charts, components, recipe, ui, workspace
+from ortho_mecha import charts, recipe, ui, workspace
 from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
 from ortho_mecha.plan import ALPHA_RANGE, METHODS, REPEAT_RANGE
-from ortho_mecha.workspace import BASE_LABEL, TABLE_COLUMNS
+from ortho_mecha.workspace import BASE_LABEL
 
 ui.require_app()
 st.title("Mixer")
@@ -55,7 +54,7 @@ if optimize_column.button("Optimize rows", icon=":material/auto_fix_high:", key=
         ui.set_mix(workspace.optimized_mix(analysis[1], mix["method"], mix, choices))
         st.rerun()
 edited = st.data_editor(
-    pd.DataFrame(mix["rows"], columns=list(TABLE_COLUMNS)),
+    workspace.table_frame(mix["rows"]),
     key=f"mix_rows_{mix['version']}",
     num_rows="dynamic",
     hide_index=True,
@@ -69,6 +68,9 @@ edited = st.data_editor(
                                                step=0.05, default=1.0, format="%.2f"),
         "repeat": st.column_config.NumberColumn("repeat", min_value=REPEAT_RANGE[0], max_value=REPEAT_RANGE[1],
                                                 step=1, default=1),
+        "block_alphas": st.column_config.TextColumn(
+            "block alphas", width="medium", help="per block group: group=alpha, … (set them under Block alphas)"
+        ),
         "info": st.column_config.TextColumn("info", width="large"),
     },
 )
@@ -97,38 +99,11 @@ with texture_column, st.container(border=True):
                                 key=f"mix_texture_mode_{mix['version']}", help=TEXTURE_MODE.help)
 texture = {"model": texture_model, "alpha": texture_alpha, "mode": texture_mode} if texture_model else None
 
-carried: dict = {}
-with ui.shown_errors():
-    carried = components.base_components(choices.path(base))
-chosen_components = {}
-if carried:
-    with st.container(border=True):
-        st.markdown("**Text encoders**")
-        st.caption("The base is a full checkpoint: choose where each of its text encoders and its VAE come from. "
-                   "'merge with the plan' treats it like the diffusion model; 'own merge' merges the rows' deltas "
-                   "on it with its own method and alpha (empty: the plan's).")
-        method_choices = [None, *METHODS]
-        for name in carried:
-            now = (mix.get("components") or {}).get(name) or {}
-            key = f"mix_te_{mix['version']}_{name}"
-            source_column, model_column, te_method_column, alpha_column = st.columns([2, 3, 2, 1])
-            sources = [components.PLAN, *components.SOURCES]
-            source = source_column.selectbox(
-                f"{components.LABELS[name]} ({name})", sources, format_func=components.SOURCE_LABELS.get,
-                index=sources.index(now.get("source") or components.PLAN), key=f"{key}_source")
-            entry = {"source": source}
-            if source == "model":
-                entry["model"] = model_column.selectbox(
-                    "from model", labels, index=labels.index(now["model"]) if now.get("model") in labels else None,
-                    placeholder="pick a model", key=f"{key}_model")
-            if source == "merge":
-                entry["method"] = te_method_column.selectbox(
-                    "method", method_choices, index=method_choices.index(now.get("method")),
-                    format_func=lambda m: "the plan's" if m is None else m, key=f"{key}_method")
-                entry["alpha"] = alpha_column.number_input(
-                    "alpha", min_value=0.0, value=now.get("alpha"), step=0.05, placeholder="plan's", key=f"{key}_alpha")
-            chosen_components[name] = entry
+chosen_components = ui.components_panel(mix, choices, base)
 mix.update(base=base, rows=rows, method=method, options=options, texture=texture, components=chosen_components)
+
+st.subheader("Block alphas")
+ui.block_alphas_panel(mix, rows, choices, base)
 
 st.subheader("Predicted figures")
 if analysis is None:

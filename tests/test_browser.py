@@ -315,3 +315,24 @@ def test_password_gate_refuses_a_wrong_password(tmp_path: Path, browser: Browser
     finally:
         context.close()
         gated.stop()
+
+
+def test_mixer_block_alphas_preset_and_input_reach_the_plan(server: Server, page: Page) -> None:
+    page.goto(server.url)
+    expect(_heatmap(page)).to_be_visible(timeout=90_000)
+    page.get_by_role("link", name="Mixer").click()  # the demo is Flux-style: block groups double and single
+    expect(page.get_by_text("flux1 groups: double, single", exact=False)).to_be_visible(timeout=60_000)
+    page.get_by_role("combobox", name="Block preset").click()
+    page.get_by_role("option", name="structure").click()
+    page.get_by_role("button", name="Apply preset").click()
+    expect(page.get_by_role("spinbutton", name="single", exact=True)).to_have_value("0.00")
+    page.get_by_role("spinbutton", name="double", exact=True).fill("0.5")
+    page.get_by_role("spinbutton", name="double", exact=True).press("Enter")
+    expect(page.get_by_role("spinbutton", name="double", exact=True)).to_have_value("0.50")
+    page.get_by_role("tab", name="Plan (.json)").click()
+    plan = page.get_by_role("tabpanel", name="Plan (.json)").get_by_test_id("stCode")
+    expect(plan).to_contain_text('"double": 0.5')
+    expect(plan).to_contain_text('"single": 0.0')
+    page.get_by_role("heading", name="Block alphas").scroll_into_view_if_needed()
+    page.screenshot(path=ARTIFACTS / "mixer-blocks.png", full_page=True)
+    assert not page.locator('[data-testid="stException"]').count()
