@@ -363,6 +363,16 @@ def sign_counts(d: np.ndarray, rows: Sequence[int], agree: np.ndarray, both: np.
     def count(row: np.ndarray, others: np.ndarray) -> np.ndarray:
         return np.bitwise_count(row & others).sum(axis=1, dtype=np.int64)
 
+    n = d.shape[0]
+    if len(rows) == n:  # every row: the overlaps are symmetric and the conflicts are C + Cᵀ, C_ab = |P_a ∧ N_b|
+        overlap, c = np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)
+        for a in range(n):
+            overlap[a, a:] = count(nonzero[a], nonzero[a:])
+            c[a] = count(pos[a], neg)
+        overlap = np.triu(overlap) + np.triu(overlap, 1).T
+        both += overlap
+        agree += overlap - 2 * (c + c.T)
+        return
     for a in rows:
         overlap = count(nonzero[a], nonzero)
         both[a] += overlap
