@@ -76,19 +76,26 @@ def run_and_report(step: str, work: Callable[[], object], children: bool = False
     peak = {"RssAnon": 0, "VmRSS": 0}
     stop = threading.Event()
 
+    def read() -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name = line.split(":", 1)[0]
+            if name in peak:
+                peak[name] = max(peak[name], int(line.split()[1]))
+
     def sample() -> None:
         while not stop.is_set():
-            for line in Path("/proc/self/status").read_text().splitlines():
-                name = line.split(":", 1)[0]
-                if name in peak:
-                    peak[name] = max(peak[name], int(line.split()[1]))
+            read()
             stop.wait(0.02)
 
-    threading.Thread(target=sample, daemon=True).start()
+    read()  # also counts what is resident before a step too short for the sampler to see
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     started = time.perf_counter()
     result = work()
     seconds = time.perf_counter() - started
     stop.set()
+    sampler.join()
+    read()
     # RSS sampled from /proc (every 20 ms): getrusage's ru_maxrss counts the page cache of files read under
     # some sandboxes (gVisor), which would charge the streamed models to the process
     rss = peak["VmRSS"]
