@@ -146,7 +146,7 @@ def table_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
 
     frame = pd.DataFrame(list(rows), columns=list(TABLE_COLUMNS))
     for column in ("block_alphas", "info"):
-        frame[column] = frame[column].fillna("").astype(str)
+        frame[column] = [value if isinstance(value, str) else "" for value in frame[column]]
     return frame
 
 
