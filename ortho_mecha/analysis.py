@@ -30,7 +30,7 @@ import torch
 
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.gram import cosine, delta_gram, selection_matrix
+from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, selection_matrix
 from ortho_mecha.io import ROUNDING, Model, expand_model_paths
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
 from ortho_mecha.validate import Alignment
@@ -540,6 +540,18 @@ class Analysis:
     seconds: float = 0.0
     bytes_read: int = 0
     numels: dict[str, int] = field(default_factory=dict)
+
+    def noise_floors(self) -> np.ndarray:
+        """Per key of ``h_key``: the rounding-noise energy of deltas of the base's stored dtype
+        (:func:`ortho_mecha.gram.noise_floor`), below which ``ortho_superpose`` drops a direction; 0 where
+        the base's energy on the key is not known."""
+        from ortho_mecha.validate import key_map
+
+        base_sq = next((st.base_sq for st in self.stats if st.base_sq), {})
+        with Model(self.base) as base:
+            names = key_map(base).keys
+            units = [UNIT_ROUNDOFF.get(base.tensors[names[k]].dtype, 0.0) if k in names else 0.0 for k in self.h_key]
+        return noise_floor(np.array([base_sq.get(k, 0.0) for k in self.h_key]), np.array(units))
 
     @property
     def h(self) -> np.ndarray:

@@ -110,12 +110,14 @@ def compare_methods(
     repeats: Sequence[int],
     current: str,
     options: Mapping[str, Any],
+    floors: np.ndarray | float = 0.0,
 ) -> Comparison:
     """Every method of :data:`METHODS` on the same rows (module docstring for the figures).
 
     ``key_grams``: the rows' per-key delta Grams (keys, n, n) — or one Gram (n, n); ``labels``, ``alphas``,
     ``repeats``: each row's name, alpha and repeat; ``current``/``options``: the Mixer's method and its
-    options (other methods take their defaults).
+    options (other methods take their defaults); ``floors``: per key, ``ortho_superpose``'s rounding-noise
+    floor (:meth:`ortho_mecha.analysis.Analysis.noise_floors`).
     """
     if current not in METHODS:
         raise OrthoMechaError(f"unknown method {current!r}; valid: {', '.join(METHODS)}")
@@ -144,7 +146,7 @@ def compare_methods(
             chosen, basis = {**chosen, "granularity": "key"}, "estimate"
             line["note"] = "granularity 'row' predicted per key"
         w, listed = row_weights(name, alphas, repeats)
-        coefficients = metrics.merged_coefficients(grams, name, w, chosen, listed)
+        coefficients = metrics.merged_coefficients(grams, name, w, chosen, listed, floors)
         survival, interference, ratio = _figures(grams, coefficients, reference)
         if math.isnan(interference):
             line["note"] = "; ".join(filter(None, [line["note"], "the merged delta is zero"]))
@@ -166,4 +168,4 @@ def compare_methods(
 
 def compare_rows(rows: Any, method: str, options: Mapping[str, Any]) -> Comparison:
     """:func:`compare_methods` for the Mixer's :class:`~ortho_mecha.workspace.RowGram`."""
-    return compare_methods(rows.key_grams, rows.labels, rows.alphas, rows.repeats, method, options)
+    return compare_methods(rows.key_grams, rows.labels, rows.alphas, rows.repeats, method, options, rows.floors)

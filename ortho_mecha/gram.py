@@ -14,6 +14,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# unit roundoff u of the dtypes models are stored in (safetensors names); a stored weight w is off by up to
+# u·|w|, uniformly, so a delta of two stored tensors carries rounding noise of energy about (2/3)·u²·‖W‖²
+UNIT_ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-9}
+NOISE_MARGIN = 10.0  # a combination of deltas whose energy is under this many times that noise is noise
+
+
+def noise_floor(base_sq: np.ndarray | float, unit: np.ndarray | float) -> np.ndarray:
+    """The energy ``NOISE_MARGIN · (2/3) · u² · ‖W_C‖²`` below which a combination of deltas of weights stored
+    with unit roundoff ``u`` (base energy ``‖W_C‖²``) is indistinguishable from their rounding noise.
+
+    ``ortho_superpose`` drops such directions of the delta Gram: fitting them would blow the rows' rounding
+    noise up (two fp16 copies of one model differ only by it, and an exact opposite or a merge of other rows
+    leaves only it), where in exact arithmetic the direction would not exist at all.
+    """
+    return NOISE_MARGIN * (2.0 / 3.0) * np.square(unit) * np.asarray(base_sq, dtype=np.float64)
+
 
 def selection_matrix(n_files: int, models: Sequence[int], delta_from: Sequence[int | None]) -> np.ndarray:
     """The rows × files matrix T whose row i picks ``x_{models[i]} − x_{delta_from[i]}`` (None: the base)."""

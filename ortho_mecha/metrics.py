@@ -128,11 +128,13 @@ def survival_label(method: str) -> str:
     )
 
 
-def superpose_coefficients(g: np.ndarray, rcond: float = DEFAULT_RCOND) -> np.ndarray:
+def superpose_coefficients(g: np.ndarray, rcond: float = DEFAULT_RCOND, floor: np.ndarray | float = 0.0) -> np.ndarray:
     """Minimum-norm least-squares c of ``G c = diag(G)`` over the last two axes (DESIGN §5): eigenvalues at or
-    below ``rcond · λmax`` (and non-positive ones) are dropped, as ``ortho_superpose`` does."""
+    below ``rcond · λmax``, at or below ``floor`` (per Gram: the inputs' rounding noise,
+    :func:`ortho_mecha.gram.noise_floor`) and non-positive ones are dropped, as ``ortho_superpose`` does."""
     eigenvalues, eigenvectors = np.linalg.eigh(g)
-    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & (eigenvalues > 0)
+    floor = np.asarray(floor, dtype=np.float64)[..., None]
+    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & (eigenvalues > floor) & (eigenvalues > 0)
     inverse = np.where(keep, 1.0 / np.where(keep, eigenvalues, 1.0), 0.0)
     target = np.diagonal(g, axis1=-2, axis2=-1)
     projected = np.einsum("...ji,...j->...i", eigenvectors, target)
@@ -164,7 +166,8 @@ def gram_schmidt_coefficients(g: np.ndarray) -> np.ndarray:
     return total
 
 
-def _output_coefficients(g: np.ndarray, method: str, w: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
+def _output_coefficients(g: np.ndarray, method: str, w: np.ndarray, options: Mapping[str, Any],
+                         floors: np.ndarray | float = 0.0) -> np.ndarray:
     """Coefficients a (per Gram in the batch) with ``Δ_out = Σ_i a_i δ_i`` for the raw row deltas δ_i."""
     alpha = float(options.get("alpha", 1.0))
     if method == "add_difference":
@@ -179,7 +182,7 @@ def _output_coefficients(g: np.ndarray, method: str, w: np.ndarray, options: Map
             raise ValueError(
                 "predicted survival for ortho_superpose needs granularity 'key' (per-row Grams are not kept)"
             )
-        return alpha * w * superpose_coefficients(gw, float(options.get("rcond", DEFAULT_RCOND)))
+        return alpha * w * superpose_coefficients(gw, float(options.get("rcond", DEFAULT_RCOND)), floors)
     if method == "ortho_project":
         flat = gw.reshape(-1, *gw.shape[-2:])
         return alpha * w * np.stack([gram_schmidt_coefficients(one) for one in flat]).reshape(g.shape[:-1])
@@ -243,6 +246,7 @@ def merged_coefficients(
     weights: Sequence[float],
     options: Mapping[str, Any] | None = None,
     repeats: Sequence[int] | None = None,
+    floors: np.ndarray | float = 0.0,
 ) -> np.ndarray:
     """Coefficients a with ``Δ_out = Σ_i a_i δ_i`` (per key for a stack of Grams: shape ``g.shape[:-1]``).
 
@@ -257,7 +261,7 @@ def merged_coefficients(
     if w.shape != (n,) and not (g.ndim == 3 and w.shape == g.shape[:-1]):
         raise ValueError(f"weights of shape {w.shape} for {n} rows and Grams of shape {g.shape}")
     if survival_label(method) == "exact":
-        return _output_coefficients(g, method, w, options)
+        return _output_coefficients(g, method, w, options, floors)
     reps = np.ones(n) if repeats is None else np.asarray(repeats, dtype=np.float64)
     if reps.shape != (n,):
         raise ValueError(f"{len(reps)} repeats for {n} rows")
@@ -277,6 +281,7 @@ def predicted_survival(
     weights: Sequence[float] | np.ndarray,
     options: Mapping[str, Any] | None = None,
     repeats: Sequence[int] | None = None,
+    floors: np.ndarray | float = 0.0,
 ) -> np.ndarray:
     """Predicted survival ``<Δ_out, δ_i> / ‖δ_i‖²`` of each row's raw delta δ_i = M_i − B_i in the merge.
 
@@ -287,6 +292,8 @@ def predicted_survival(
     ``geometric_median``, which list a row r_i times: for those pass α_i as the weight and r_i as
     ``repeats``); 0 for a disabled row. ``options``: the
     method's options (``alpha``, ``rcond``, ``theta_agg``, ``direction_weight``; others are ignored).
+    ``floors``: per key (or one number), the inputs' rounding-noise energy below which ``ortho_superpose``
+    drops a direction (:meth:`ortho_mecha.analysis.Analysis.noise_floors`); 0 keeps every direction.
 
     1 means the merge carries the row's whole delta along its direction, 0.5 half of it, 2 twice it.
     Exact (:func:`survival_label`) for ``weighted_sum``, ``add_difference``, ``ortho_superpose`` (at
@@ -295,7 +302,7 @@ def predicted_survival(
     are made per set of keys sharing the same weights (a block group) on that set's summed Gram.
     """
     g = _as_gram(g)
-    return survival_of(g, merged_coefficients(g, method, weights, options, repeats))
+    return survival_of(g, merged_coefficients(g, method, weights, options, repeats, floors))
 
 
 def survival_of(g: np.ndarray, coefficients: np.ndarray) -> np.ndarray:

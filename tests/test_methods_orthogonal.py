@@ -130,6 +130,45 @@ def test_superpose_identical_deltas_count_once(gen: torch.Generator) -> None:
     torch.testing.assert_close(superpose_method(base, a, a, a), base + a, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["key", "row"])
+def test_superpose_stored_copies_opposites_and_merges_fit_no_rounding_noise(gen: torch.Generator,
+                                                                           stored: torch.dtype,
+                                                                           granularity: str) -> None:
+    """Models stored in fp16/bf16: a copy, an exact opposite and a 0.5/0.5 merge of two rows differ from the exact
+    relation only by rounding. Those directions are rounding noise (below ``gram.noise_floor``) and are dropped:
+    the copy counts once, the opposite cancels, the merge row acts as the exact 0.5/0.5 merge — no row's noise is
+    blown up."""
+    def stored_as(t: torch.Tensor) -> torch.Tensor:
+        return t.to(stored).to(torch.float32)
+
+    base = stored_as(randn(gen, (64, 48)))
+    a_model, b_model = stored_as(base + randn(gen, (64, 48), 0.02)), stored_as(base + randn(gen, (64, 48), 0.02))
+    a, b = a_model - base, b_model - base
+    copy = stored_as(a_model + randn(gen, (64, 48), 1e-6)) - base
+    opposite = stored_as(base - a) - base
+    merge = stored_as(base + 0.5 * a + 0.5 * b) - base
+    plain = superpose_method(base, a, b, granularity=granularity)
+    exact_merge = superpose_method(base, a, b, 0.5 * a + 0.5 * b, granularity=granularity)  # the relation exact
+    scale = float((plain - base).norm())
+    for rows, expected in (((a, copy, b), plain), ((a, b, merge), exact_merge), ((a, opposite), base)):
+        out = superpose_method(base, *rows, granularity=granularity)
+        assert float((out - expected).norm()) < 0.05 * scale, [float(r.norm()) for r in rows]
+    blown = superpose(list((a, opposite)), 1, 1e-6)  # no floor (the method before): fits the rounding noise
+    assert float(blown.norm()) > 5 * float(a.norm())
+
+
+def test_storage_unit_is_read_off_the_values(gen: torch.Generator) -> None:
+    from ortho_mecha.gram import UNIT_ROUNDOFF
+    from ortho_mecha.methods.orthogonal import storage_unit
+
+    values = randn(gen, (5, 7))
+    assert storage_unit(values.to(torch.bfloat16).to(torch.float32)) == UNIT_ROUNDOFF["BF16"]
+    assert storage_unit(values.to(torch.float16).to(torch.float32)) == UNIT_ROUNDOFF["F16"]
+    assert storage_unit(values.to(torch.float32)) == UNIT_ROUNDOFF["F32"]
+    assert storage_unit(values) == UNIT_ROUNDOFF["F64"]
+
+
 def test_superpose_zero_deltas_and_alpha(gen: torch.Generator) -> None:
     base, a, b = randn(gen, (10, 6)), randn(gen, (10, 6), 0.01), randn(gen, (10, 6), 0.01)
     zero = torch.zeros_like(a)

@@ -19,6 +19,7 @@ import torch
 from sd_mecha import Parameter, Return, merge_method
 from torch import Tensor
 
+from ortho_mecha.gram import UNIT_ROUNDOFF, noise_floor
 from ortho_mecha.methods.deltas import (
     ALPHA,
     OptionSpec,
@@ -99,18 +100,30 @@ def project_coefficients(gram: Tensor) -> Tensor | None:
     return torch.linalg.solve_triangular(factor.T, pivots.unsqueeze(1), upper=True).squeeze(1)
 
 
-def superpose_coefficients(gram: Tensor, rcond: float) -> Tensor:
+def superpose_coefficients(gram: Tensor, rcond: float, floor: Tensor | float = 0.0) -> Tensor:
     """Minimum-norm least-squares c of G c = diag(G), batched over leading dims of ``gram`` (..., n, n).
 
-    From the eigendecomposition G = V Λ Vᵀ with eigenvalues at or below ``rcond · λmax`` dropped:
-    c = V Λ⁺ Vᵀ diag(G). A batch entry whose G is zero gets c = 0.
+    From the eigendecomposition G = V Λ Vᵀ with eigenvalues at or below ``rcond · λmax`` or at or below
+    ``floor`` (per batch entry: the inputs' rounding-noise energy, :func:`ortho_mecha.gram.noise_floor`)
+    dropped: c = V Λ⁺ Vᵀ diag(G). A batch entry whose G is zero gets c = 0.
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & (eigenvalues > 0)
+    floor = torch.as_tensor(floor, dtype=eigenvalues.dtype)
+    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & (eigenvalues > floor.unsqueeze(-1)) & (eigenvalues > 0)
     inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, 1.0), 0.0)
     target = torch.diagonal(gram, dim1=-2, dim2=-1)
     projected = (eigenvectors.transpose(-2, -1) @ target.unsqueeze(-1)).squeeze(-1)
     return (eigenvectors @ (inverse * projected).unsqueeze(-1)).squeeze(-1)
+
+
+def storage_unit(base: Tensor) -> float:
+    """The unit roundoff of the dtype ``base``'s values were stored in: the coarsest of bf16, fp16 and fp32 in
+    which every value is exactly representable (as after loading such a file into the merge dtype), else
+    float64's."""
+    for dtype, name in ((torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, "F32")):
+        if torch.equal(base, base.to(dtype).to(base.dtype)):
+            return UNIT_ROUNDOFF[name]
+    return UNIT_ROUNDOFF["F64"]
 
 
 def superpose(deltas: Sequence[Tensor], rows: int, rcond: float) -> Tensor:
@@ -165,9 +178,11 @@ def ortho_superpose(
 
     With X the stacked deltas and G = X Xᵀ: ``out = base + alpha · Xᵀ c``, c the minimum-norm
     least-squares solution of ``G c = diag(G)``, from the eigendecomposition of G with eigenvalues below
-    ``rcond · λmax`` dropped. Whenever G's condition number is below 1/rcond, ``<Δ, δ_i> = ‖δ_i‖²`` for
-    every i: orthogonal deltas add in full, partial overlaps are not double counted, identical deltas
-    count once and opposite deltas cancel.
+    ``rcond · λmax`` dropped, and those below the rounding noise of the stored inputs
+    (:func:`ortho_mecha.gram.noise_floor`; the storage dtype is read off the base's values). Whenever no
+    eigenvalue is dropped, ``<Δ, δ_i> = ‖δ_i‖²`` for every i: orthogonal deltas add in full, partial
+    overlaps are not double counted, identical deltas count once and opposite deltas cancel (also when
+    stored in fp16, where they differ by rounding).
 
     alpha ∈ [0, ∞): 0 returns the base; one delta with alpha 1 returns its model.
     granularity: ``"key"`` solves once per key; ``"row"`` once per output row of each matrix (conv
@@ -184,5 +199,7 @@ def ortho_superpose(
     kept = nonzero_indices(deltas, torch.diagonal(gram, dim1=1, dim2=2).sum(dim=0))
     if not kept:
         return base
-    coefficients = superpose_coefficients(gram[:, kept][:, :, kept], options["rcond"])
+    base_sq = base.to(torch.float64).reshape(rows, -1).square().sum(dim=1)  # per solve: ‖W_C‖² of its part
+    floor = torch.from_numpy(noise_floor(base_sq.numpy(), storage_unit(base)))
+    coefficients = superpose_coefficients(gram[:, kept][:, :, kept], options["rcond"], floor)
     return combine(coefficients, [deltas[i] for i in kept], base, options["alpha"])
