@@ -146,7 +146,8 @@ def table_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
 
     frame = pd.DataFrame(list(rows), columns=list(TABLE_COLUMNS))
     for column in ("block_alphas", "info"):
-        frame[column] = [value if isinstance(value, str) else "" for value in frame[column]]
+        frame[column] = pd.Series([value if isinstance(value, str) else "" for value in frame[column]],
+                                  index=frame.index, dtype="string")  # text even with no row at all
     return frame
 
 
