@@ -16,6 +16,7 @@ a cached analysis cost one row, not the whole matrix.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import queue
@@ -146,20 +147,6 @@ def sampled_energy(sampled: torch.Tensor, tall: bool) -> np.ndarray:
     # measured 25× slower than standalone (its threads fight torch's OpenMP runtime for the 2 cores)
     values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
     return values.to(torch.float64).numpy()
-
-
-def singular_energy(delta: torch.Tensor, columns: int | None = None, seed: int = 0) -> np.ndarray:
-    """σ² of a matrix (conv kernels flattened to out × rest), descending, from the Gram of its smaller side.
-
-    With ``columns`` set and the long side longer than that, the Gram is estimated from that many lines of
-    the long side drawn at random (:func:`sample_lines`), which is what keeps the signal figures cheap on
-    huge keys.
-    """
-    m = delta.reshape(delta.shape[0], -1)
-    tall, pick, scale = sample_lines(m.shape, columns, seed)
-    if pick is not None:
-        m = (m[pick] if tall else m[:, pick]) * scale
-    return sampled_energy(m, tall)
 
 
 def signal_figures(energies: np.ndarray) -> tuple[float, float]:
@@ -458,9 +445,11 @@ class _SignalWork:
             self.figures[r][canon] = signal_figures(self._energies(canon, r))
 
     def _energies(self, canon: str, r: int) -> np.ndarray:
-        """σ² of row ``r``'s delta Σ_i t_ri (x_i − x_base) on key ``canon`` (:func:`singular_energy` with
-        SIGNAL_COLUMNS_PER_ROW × the short side), streamed in blocks of whole matrix rows: only the sampled
-        lines are kept, so memory stays at a block per file plus the sample, whatever the key's size."""
+        """σ² of row ``r``'s delta Σ_i t_ri (x_i − x_base) on key ``canon``, from the lines :func:`sample_lines`
+        picks (SIGNAL_COLUMNS_PER_ROW × the short side) through :func:`sampled_energy`, streamed in blocks of
+        whole matrix rows: only the sampled lines are kept, so memory stays at a block per file plus the
+        sample, whatever the key's size. The base's block is read again for each row (a task is one row and
+        key, so two threads can share them)."""
         base_name = self.alignment.maps[0].keys[canon]
         shape = self.alignment.base.tensors[base_name].shape
         rows, rest = shape[0], math.prod(shape[1:])
@@ -541,10 +530,11 @@ class Analysis:
     bytes_read: int = 0
     numels: dict[str, int] = field(default_factory=dict)
 
+    @functools.cached_property
     def noise_floors(self) -> np.ndarray:
         """Per key of ``h_key``: the rounding-noise energy of deltas of the base's stored dtype
         (:func:`ortho_mecha.gram.noise_floor`), below which ``ortho_superpose`` drops a direction; 0 where
-        the base's energy on the key is not known."""
+        the base's energy on the key is not known. Computed once per analysis (the Mixer asks on every rerun)."""
         from ortho_mecha.validate import key_map
 
         base_sq = next((st.base_sq for st in self.stats if st.base_sq), {})

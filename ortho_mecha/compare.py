@@ -117,7 +117,7 @@ def compare_methods(
     ``key_grams``: the rows' per-key delta Grams (keys, n, n) — or one Gram (n, n); ``labels``, ``alphas``,
     ``repeats``: each row's name, alpha and repeat; ``current``/``options``: the Mixer's method and its
     options (other methods take their defaults); ``floors``: per key, ``ortho_superpose``'s rounding-noise
-    floor (:meth:`ortho_mecha.analysis.Analysis.noise_floors`).
+    floor (:attr:`ortho_mecha.analysis.Analysis.noise_floors`).
     """
     if current not in METHODS:
         raise OrthoMechaError(f"unknown method {current!r}; valid: {', '.join(METHODS)}")

@@ -293,7 +293,7 @@ def predicted_survival(
     ``repeats``); 0 for a disabled row. ``options``: the
     method's options (``alpha``, ``rcond``, ``theta_agg``, ``direction_weight``; others are ignored).
     ``floors``: per key (or one number), the inputs' rounding-noise energy below which ``ortho_superpose``
-    drops a direction (:meth:`ortho_mecha.analysis.Analysis.noise_floors`); 0 keeps every direction.
+    drops a direction (:attr:`ortho_mecha.analysis.Analysis.noise_floors`); 0 keeps every direction.
 
     1 means the merge carries the row's whole delta along its direction, 0.5 half of it, 2 twice it.
     Exact (:func:`survival_label`) for ``weighted_sum``, ``add_difference``, ``ortho_superpose`` (at

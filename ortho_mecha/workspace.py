@@ -358,7 +358,7 @@ def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelCho
     grams = [delta_gram(h, models, froms) for h in analysis.h_key.values()] if n else []
     layout = blocks.base_layout(analysis.base) if any(listed) else None
     return RowGram(labels, np.stack(grams) if grams else np.zeros((0, n, n)), alphas, repeats, missing,
-                   list(analysis.h_key), listed, layout, analysis.noise_floors())
+                   list(analysis.h_key), listed, layout, analysis.noise_floors)
 
 
 def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
