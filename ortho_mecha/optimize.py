@@ -34,6 +34,8 @@ from ortho_mecha.gram import cosine, delta_gram, selection_matrix, squared_dista
 from ortho_mecha.lineage import DUPLICATE_RATIO, duplicates, parent
 from ortho_mecha.metrics import quality, survival_plain
 
+LORA_INFO = "LoRA: its product is its delta, from the base"  # a kohya LoRA row's reason / info mark
+
 logger = logging.getLogger(__name__)
 
 REDUNDANT_COS = 0.8  # cos above this to an already kept row: disabled
@@ -234,7 +236,7 @@ def _origin(fam: _Family, i: int, b: int | None, note: str | None) -> str:
     if note:
         return note
     if fam.lora[i]:
-        return "LoRA: its product is its delta, from the base"
+        return LORA_INFO
     if b is None:
         return "delta from the base"
     return f"delta from {fam.names[b]}"

@@ -25,6 +25,7 @@ from typing import Any
 
 from ortho_mecha import security
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.optimize import LORA_INFO  # a kohya LoRA row's mark in the info column, as the optimizer writes it
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ BASE_LABEL = "(base)"  # the delta-from choice meaning "the plan's base"
 PRESET_SUFFIX = ".json"
 MAX_PRESET_NAME = 80
 TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "block_alphas", "info")
-LORA_INFO = "LoRA: its product is its delta, from the base"  # a kohya LoRA row's mark in the info column
 LORA_RANK = 32  # the Mixer's default rank for "Extract LoRA"
 
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ -]*")
