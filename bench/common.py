@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -71,16 +73,21 @@ def measured(script: str, step: str, *args: object) -> dict:
 
 
 def run_and_report(step: str, work: Callable[[], object], children: bool = False) -> None:
-    """Run ``work`` in this (child) process and print seconds, peak RSS and peak anonymous memory as JSON
-    (plus whatever dict ``work`` returns)."""
+    """Run ``work`` in this (child) process and print seconds, peak RSS and peak anonymous memory of it and
+    its own children as JSON (plus whatever dict ``work`` returns)."""
     peak = {"RssAnon": 0, "VmRSS": 0}
     stop = threading.Event()
 
-    def read() -> None:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            name = line.split(":", 1)[0]
-            if name in peak:
-                peak[name] = max(peak[name], int(line.split()[1]))
+    def read() -> None:  # this process and its children (the analysis's helper process), sampled together
+        total = dict.fromkeys(peak, 0)
+        for pid in _process_tree(os.getpid()):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    name = line.split(":", 1)[0]
+                    if name in total:
+                        total[name] += int(line.split()[1])
+        for name, value in total.items():
+            peak[name] = max(peak[name], value)
 
     def sample() -> None:
         while not stop.is_set():
@@ -104,6 +111,17 @@ def run_and_report(step: str, work: Callable[[], object], children: bool = False
     extra = result if isinstance(result, dict) else {}
     print(json.dumps({"step": step, "seconds": seconds, "peak_rss_gib": rss / 2**20,
                       "peak_anon_gib": peak["RssAnon"] / 2**20, **extra}))
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc."""
+    found, i = [pid], 0
+    while i < len(found):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{found[i]}/task").iterdir():
+                found += [int(child) for child in (task / "children").read_text().split()]
+        i += 1
+    return found
 
 
 def read_files(paths: list[Path]) -> None:

@@ -19,26 +19,37 @@ import argparse
 import functools
 import logging
 import math
-import queue
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
+import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, selection_matrix
-from ortho_mecha.io import ROUNDING, Model, expand_model_paths
+from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, expand_model_paths
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
-from ortho_mecha.validate import Alignment
+from ortho_mecha.validate import Alignment, align
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1 << 17
+T = TypeVar("T")
+HELPER_MIN_BYTES = 1 << 30  # streams from this size on are shared with a helper process
+PROGRESS_EVERY = 0.25  # seconds between progress reports of a pass
+SIGN_BLOCK_WORDS = 1 << 17  # bound of the temporaries of sign counting (uint64 words)
 SNR_CAP = 1e4
 ENERGY = 0.90
 SIGNAL_COLUMNS_PER_ROW = 2  # signal Gram estimated from 2 × (short side) columns of the long side
@@ -140,13 +151,14 @@ def sampled_energy(sampled: torch.Tensor, tall: bool) -> np.ndarray:
     """σ², descending, of a (sampled) matrix from the Gram of its smaller side.
 
     The eigenvalues are computed in the matrix's dtype: the Gram of float32 deltas carries float32
-    rounding already, and float32 ``eigvalsh`` takes about half the time of float64 here.
+    rounding already, and float32 eigenvalues take about half the time of float64 here. Both steps use
+    numpy's and scipy's OpenBLAS (a symmetric product, LAPACK's ``syevr``): 1.6× torch's MKL here, on one
+    thread as the pass limits them (their own threads fight the pass's for the cores).
     """
-    gram = sampled.T @ sampled if tall else sampled @ sampled.T
-    # torch's LAPACK, in the pass's single torch thread: scipy's own threaded BLAS, called from here, was
-    # measured 25× slower than standalone (its threads fight torch's OpenMP runtime for the 2 cores)
-    values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
-    return values.to(torch.float64).numpy()
+    m = sampled.numpy()
+    gram = m.T @ m if tall else m @ m.T
+    values = scipy.linalg.eigh(gram, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
+    return np.clip(values[::-1], 0.0, None).astype(np.float64)
 
 
 def signal_figures(energies: np.ndarray) -> tuple[float, float]:
@@ -163,70 +175,267 @@ def signal_figures(energies: np.ndarray) -> tuple[float, float]:
     return min(r, n) / n, snr
 
 
-class _Reader:
-    """Reads the chunks of the files a pass needs in a background thread, one key chunk ahead."""
+class _Buffers:
+    """A worker's preallocated chunk tensors (fresh multi-MB tensors per chunk cost page faults)."""
 
-    def __init__(self, alignment: Alignment, files: Sequence[Model], file_maps: Sequence[int], dtype: torch.dtype,
-                 chunk: int, keys: Sequence[str]) -> None:
-        self.alignment, self.files, self.file_maps = alignment, files, file_maps
-        self.dtype, self.chunk, self.keys = dtype, chunk, keys
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
+    def __init__(self, n_files: int, n_rows: int, chunk: int, dtype: torch.dtype) -> None:
+        self.scratch = torch.empty(chunk * 8, dtype=torch.uint8)  # a chunk's stored bytes, before conversion
+        self.stored = torch.empty((n_files, chunk * 8), dtype=torch.uint8)  # every file's, converted at once
+        self.base = torch.empty(chunk, dtype=dtype)
+        self.deltas = torch.empty((n_files, chunk), dtype=dtype)
+        words = -(-chunk // 64)
+        self.pos = np.zeros((n_rows, words), dtype=np.uint64)
+        self.neg = np.zeros((n_rows, words), dtype=np.uint64)
+
+
+@dataclass
+class _KeyTotals:
+    """What the workers add up for one key."""
+
+    gram: np.ndarray  # computed H rows × files
+    peaks: np.ndarray  # per stat row: max |d_r| (numpy: a torch tensor would be sent between processes in
+    # shared memory that is gone once the helper has exited)
+    base_sq: float = 0.0
+    chunks_left: int = 0
+
+
+class _Reducer:
+    """Reduces whole chunks of every file on one thread (delta, Gram rows, sign bits and counts, peaks),
+    so a chunk never leaves its core's cache, into per-key totals. The pass runs one in its own process
+    and, for a large stream, one in a helper process (:func:`helper_main`): threads of one process spent
+    most of their time handing the GIL to each other over the many operations of a chunk."""
+
+    def __init__(self, alignment: Alignment, file_maps: Sequence[int], dtype: torch.dtype, chunk: int,
+                 keys: Sequence[str], rows_t: np.ndarray, h_rows: list[int], stat_rows: list[int]) -> None:
+        self.alignment, self.file_maps = alignment, file_maps
+        self.files = [([alignment.base, *alignment.models])[i] for i in file_maps]
+        self.h_rows, self.stat_rows = h_rows, stat_rows
+        self.all_h = len(h_rows) == len(file_maps)
+        self.n_rows = rows_t.shape[0] if stat_rows else 0  # rows whose sign bits are packed (none: no stats)
+        # rows that are plain "model − base" need no selection product: they are the first rows of X
+        plain = np.array_equal(rows_t, np.eye(rows_t.shape[0], len(file_maps)))
+        self.selection = None if plain else torch.from_numpy(rows_t).to(dtype)
+        self.all_stats = len(stat_rows) == rows_t.shape[0]
+        self.uniform = {c: self._uniform_dtype(c) for c in keys}
+        self.buffers = _Buffers(len(file_maps), self.n_rows, chunk, dtype)
+        self.totals: dict[str, _KeyTotals] = {}
+        self.both = np.zeros((rows_t.shape[0],) * 2)
+        self.agree = np.zeros((rows_t.shape[0],) * 2)
         self.bytes_read = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="ortho-mecha-reader", daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        try:
-            base_key = self.alignment.maps[0].keys
-            for canon in self.keys:
-                numel = self.alignment.base.tensors[base_key[canon]].numel
-                for start in range(0, numel, self.chunk):
-                    stop = min(numel, start + self.chunk)
-                    block = self._read_chunk(canon, start, stop)
-                    while not self.stop.is_set():
-                        try:
-                            self.queue.put((canon, start, stop, *block), timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if self.stop.is_set():
-                        return
-            self.queue.put(None)
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            self.error = exc
-            self.queue.put(None)
+    def _uniform_dtype(self, canon: str) -> str | None:
+        """The stored dtype of key ``canon`` when every file holds it, in that dtype, as plain weights (no
+        fp8 scale, no LoRA product): then a chunk of all files is converted in one operation."""
+        dtypes = set()
+        for model, map_index in zip(self.files, self.file_maps, strict=True):
+            name = self.alignment.maps[map_index].keys.get(canon)
+            if name is None or model.is_delta or model.tensors[name].scale is not None:
+                return None
+            dtypes.add(model.tensors[name].dtype)
+        return dtypes.pop() if len(dtypes) == 1 else None
 
-    def _read_chunk(self, canon: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce(self, canon: str, start: int, stop: int) -> None:
+        """Read elements [start, stop) of key ``canon`` from every file and add the chunk's figures."""
+        buffers = self.buffers
+        totals = self.totals.get(canon)
+        if totals is None:
+            totals = self.totals[canon] = _KeyTotals(np.zeros((len(self.h_rows), len(self.files))),
+                                                     np.zeros(len(self.stat_rows)))
         base = self.alignment.base
         base_name = self.alignment.maps[0].keys[canon]
-        b = base.read(base_name, start, stop, self.dtype)
-        self.bytes_read += (stop - start) * base.tensors[base_name].itemsize
-        x = torch.empty((len(self.files), stop - start), dtype=self.dtype)
-        for row, (model, map_index) in enumerate(zip(self.files, self.file_maps, strict=True)):
-            name = self.alignment.maps[map_index].keys.get(canon)
-            if name is None:  # key missing or of another shape in this file: its delta counts as zero
-                x[row].zero_()
-                continue
-            model.read_into(name, start, stop, x[row])
-            self.bytes_read += (stop - start) * model.tensors[name].itemsize
-            if not model.is_delta:  # a LoRA row reads its delta (the product) directly
-                x[row].sub_(b)
-        return b, x
+        n = stop - start
+        b = base.read_into(base_name, start, stop, buffers.base[:n], buffers.scratch)
+        self.bytes_read += n * base.tensors[base_name].itemsize
+        totals.base_sq += float(torch.dot(b, b))
+        x = buffers.deltas[:, :n]
+        words = -(-n // 64)
+        pos, neg = buffers.pos[:, :words], buffers.neg[:, :words]
+        # whole-chunk operations where possible: each operation's fixed cost adds up over the chunks
+        uniform = self.uniform[canon]
+        if uniform is not None:
+            stored = buffers.stored[:, : n * ITEMSIZES[uniform]]
+            for row, (model, map_index) in enumerate(zip(self.files, self.file_maps, strict=True)):
+                model.read_stored(self.alignment.maps[map_index].keys[canon], start, stop, stored[row])
+            self.bytes_read += stored.numel()
+            x.copy_(stored.view(DTYPES[uniform])).sub_(b)
+        else:
+            for row, (model, map_index) in enumerate(zip(self.files, self.file_maps, strict=True)):
+                name = self.alignment.maps[map_index].keys.get(canon)
+                if name is None:  # key missing or of another shape in this file: its delta counts as zero
+                    x[row].zero_()
+                    continue
+                model.read_into(name, start, stop, x[row], buffers.scratch)
+                self.bytes_read += n * model.tensors[name].itemsize
+                if not model.is_delta:  # a LoRA row reads its delta (the product) directly
+                    x[row].sub_(b)
+        if self.n_rows:
+            d = x[: self.n_rows] if self.selection is None else self.selection @ x
+            pack_signs(d.numpy(), pos, neg)
+            if n:  # amax and amin apart: several times faster here than torch.aminmax
+                picked = d if self.all_stats else d[self.stat_rows]
+                peaks = torch.maximum(picked.amax(dim=1), picked.amin(dim=1).neg_())
+                np.maximum(totals.peaks, peaks.numpy(), out=totals.peaks)
+            count_signs(pos, neg, self.stat_rows, self.agree, self.both)
+        if self.h_rows:  # OpenBLAS's syrk on one thread: ~1.6× torch's (MKL's) general product here
+            values = x.numpy()
+            totals.gram += values @ values.T if self.all_h else values[self.h_rows] @ values.T
 
-    def __iter__(self):
-        while True:
-            item = self.queue.get()
-            if item is None:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
+    def add(self, other: _Reducer | HelperResult) -> None:
+        """Add another reducer's totals (over other chunks of the same keys) into this one's."""
+        for key, part in other.totals.items():
+            totals = self.totals.get(key)
+            if totals is None:
+                self.totals[key] = part
+                continue
+            totals.gram += part.gram
+            np.maximum(totals.peaks, part.peaks, out=totals.peaks)
+            totals.base_sq += part.base_sq
+        self.both += other.both
+        self.agree += other.agree
+        self.bytes_read += other.bytes_read
+
+
+@dataclass
+class HelperResult:
+    """What a helper process sends back: its reducer's totals."""
+
+    totals: dict[str, _KeyTotals]
+    both: np.ndarray
+    agree: np.ndarray
+    bytes_read: int
+    signal: dict[int, dict[str, tuple[float, float]]]  # figures of the signal tasks it took
+
+
+@dataclass
+class HelperSpec:
+    """What a helper process needs to line the files up as the pass did and reduce chunks of it."""
+
+    base: str
+    models: list[str]
+    arch: str
+    file_maps: list[int]
+    exact: bool
+    chunk: int
+    keys: list[str]
+    rows_t: np.ndarray
+    h_rows: list[int]
+    stat_rows: list[int]
+    signal_keys: list[str]
+    chunks_fd: int  # the pass's chunk queue, inherited
+    signal_fd: int  # its signal task queue, inherited
+
+
+class _SharedQueue(Generic[T]):
+    """Tasks handed to whichever thread or process asks first. Their indices are read, 4 bytes at a time,
+    from one open file shared with the helper process: the kernel advances a shared file offset
+    atomically, so no task is handed out twice. Moving the offset to the end stops every taker."""
+
+    def __init__(self, tasks: list[T], fd: int | None = None) -> None:
+        self.tasks = tasks
+        if fd is None:
+            with tempfile.TemporaryFile() as file:
+                file.write(np.arange(len(tasks), dtype="<u4").tobytes())
+                file.flush()
+                fd = os.dup(file.fileno())  # shares the file's offset; the file is deleted once fd closes
+            os.lseek(fd, 0, os.SEEK_SET)
+        self.fd = fd
+
+    def take(self) -> T | None:
+        data = os.read(self.fd, 4)
+        return self.tasks[int.from_bytes(data, "little")] if len(data) == 4 else None
+
+    def taken(self) -> int:
+        """Tasks handed out so far (to every taker)."""
+        return min(len(self.tasks), os.lseek(self.fd, 0, os.SEEK_CUR) // 4)
+
+    def stop(self) -> None:
+        os.lseek(self.fd, 0, os.SEEK_END)
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+        os.close(self.fd)
+
+
+def _reduce_chunks(chunks: _SharedQueue[tuple[str, int, int]], reducer: _Reducer,
+                   between: Callable[[], None] = lambda: None) -> None:
+    """Reduce chunks until none is left (or the queue is stopped), calling ``between`` after each."""
+    while (task := chunks.take()) is not None:
+        reducer.reduce(*task)
+        between()
+
+
+def _elements_before(tasks: list[tuple[str, int, int]], i: int, sizes: np.ndarray, keys: Sequence[str]) -> int:
+    """Elements of the pass before chunk ``i``."""
+    canon, start, _ = tasks[i]
+    k = keys.index(canon)
+    return (int(sizes[k - 1]) if k else 0) + start
+
+
+def _chunk_tasks(alignment: Alignment, keys: Sequence[str], chunk: int) -> list[tuple[str, int, int]]:
+    """(key, start, stop) of every chunk of a pass over ``keys``, in file order."""
+    return [(c, start, min(_numel(alignment, c), start + chunk))
+            for c in keys for start in range(0, _numel(alignment, c), chunk)]
+
+
+class _Helper:
+    """A helper process (``python -m ortho_mecha.pass_helper``) reducing chunks of the same queue: it gets
+    its :class:`HelperSpec` on stdin and sends its totals back, pickled, on stdout. A subprocess rather than
+    multiprocessing, whose spawn would import the caller's main script again."""
+
+    def __init__(self, spec: HelperSpec) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "ortho_mecha.pass_helper"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, pass_fds=(spec.chunks_fd, spec.signal_fd))
+        self.output: list[bytes] = []
+        self.reader = threading.Thread(target=lambda: self.output.append(self.process.stdout.read()),
+                                       name="ortho-mecha-helper-output", daemon=True)
+        self.reader.start()
+        with self.process.stdin:
+            pickle.dump(spec, self.process.stdin)
+
+    def result(self, waiting: Callable[[], None]) -> HelperResult:
+        """The helper's totals (calling ``waiting`` while it works); its failure raised here."""
+        while self.reader.is_alive():
+            self.reader.join(PROGRESS_EVERY)
+            waiting()
+        code = self.process.wait()
+        answer = pickle.loads(self.output[0]) if self.output and self.output[0] else None
+        if isinstance(answer, HelperResult):
+            return answer
+        if isinstance(answer, str):
+            raise OrthoMechaError(f"the analysis helper process failed: {answer}")
+        raise OrthoMechaError(f"the analysis helper process ended without a result (exit code {code})")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.reader.join()
+
+
+def _stream_bytes(alignment: Alignment, keys: Sequence[str]) -> int:
+    """Bytes a pass over ``keys`` reads from every file (what the base and the models store of them)."""
+    streamed = 0
+    for model, keymap in zip([alignment.base, *alignment.models], alignment.maps, strict=True):
+        for canon in keys:
+            name = keymap.keys.get(canon)
+            if name is not None:
+                streamed += model.tensors[name].numel * model.tensors[name].itemsize
+    return streamed
+
+
+def helper_main(spec: HelperSpec) -> HelperResult:
+    """In a helper process: line the files up as the pass did, reduce chunks from its queue, then take
+    signal tasks from its other queue."""
+    torch.set_num_threads(1)
+    threadpool_limits(limits=1)
+    alignment = align(Model(spec.base), [Model(path) for path in spec.models], spec.arch)
+    dtype = _compute_dtype(spec.exact)
+    reducer = _Reducer(alignment, spec.file_maps, dtype, spec.chunk, spec.keys, spec.rows_t, spec.h_rows,
+                       spec.stat_rows)
+    _reduce_chunks(_SharedQueue(_chunk_tasks(alignment, spec.keys, spec.chunk), spec.chunks_fd), reducer)
+    signal = _SignalWork(alignment, reducer.files, spec.file_maps, spec.rows_t, spec.stat_rows, dtype,
+                         spec.signal_keys, spec.signal_fd)
+    signal.drain()
+    return HelperResult(reducer.totals, reducer.both, reducer.agree, reducer.bytes_read, signal.figures)
 
 
 def run_pass(
@@ -243,6 +452,9 @@ def run_pass(
 ) -> PassResult:
     """Stream the files once and compute what ``plan`` asks for, over ``keys`` (default: every analysed key).
 
+    A stream of at least HELPER_MIN_BYTES is shared with a helper process, which takes about two seconds of
+    CPU to start (importing torch).
+
     ``file_maps[f]`` is the alignment index (1-based model maps) of analysed file f; ``rows_t`` is the
     rows × files selection matrix of the analysed deltas (:func:`ortho_mecha.gram.selection_matrix`).
     Passes over disjoint key sets add up (:func:`combine_passes`) to the pass over their union.
@@ -253,136 +465,150 @@ def run_pass(
     files = [([alignment.base, *alignment.models])[i] for i in file_maps]
     h_rows = sorted(plan.h_rows)
     stat_rows = sorted(plan.stat_rows)
-    t = torch.from_numpy(rows_t).to(dtype)
-    # rows that are plain "model − base" need no selection product: they are the first rows of X
-    plain_rows = np.array_equal(rows_t, np.eye(n_rows, n_files))
-    all_h = len(h_rows) == n_files
-    all_stats = len(stat_rows) == n_rows
     h_key: dict[str, np.ndarray] = {}
-    both = np.zeros((n_rows, n_rows))
-    agree = np.zeros((n_rows, n_rows))
     stats = {r: RowStats() for r in stat_rows}
     keys = list(alignment.keys if keys is None else keys)
-    key_index = {k: i for i, k in enumerate(keys)}
-    total_elements = sum(_numel(alignment, c) for c in keys)
-    done_elements = 0
-    base_sq: dict[str, float] = {}
+    sizes = np.cumsum([_numel(alignment, c) for c in keys])
+    total_elements = int(sizes[-1]) if keys else 0
     threads = torch.get_num_threads()
-    # one torch thread per Python thread: the reader converts, this thread multiplies and a third computes
-    # the SVD signal of the largest keys; on 2 cores that beats torch's own threading, whose spinning
-    # OpenMP workers slow the many small per-chunk operations (and LAPACK) down badly
+    # one torch (and BLAS) thread per Python thread or process: this thread and a helper process reduce
+    # chunks, another thread computes the SVD signal of the largest keys; on 2 cores that beats torch's
+    # own threading, whose spinning OpenMP workers slow the many small per-chunk operations down badly
     torch.set_num_threads(1)
-    reader = _Reader(alignment, files, file_maps, dtype, chunk, keys)
-    signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in key_index] if stat_rows else []
+    blas_threads = threadpool_limits(limits=1)
+    chunks = _SharedQueue(_chunk_tasks(alignment, keys, chunk))
+    reducer = _Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows)
+    signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in reducer.uniform] if stat_rows else []
     signal = _SignalWork(alignment, files, file_maps, rows_t, stat_rows, dtype, signal_keys)
     signal_thread = threading.Thread(target=signal.run, name="ortho-mecha-signal", daemon=True)
-    signal_thread.start()
+    helper: _Helper | None = None
+    last_report = 0.0
+
+    def report(force: bool = False) -> None:
+        nonlocal last_report
+        now = time.perf_counter()
+        if progress is None or (not force and now - last_report < PROGRESS_EVERY):
+            return
+        last_report = now
+        taken = chunks.taken()
+        done = int(sizes[-1]) if taken == len(chunks.tasks) else _elements_before(chunks.tasks, taken, sizes, keys)
+        fraction = done / max(total_elements, 1)
+        keys_done = int(np.searchsorted(sizes, done, side="right"))
+        progress({
+            "fraction": fraction,
+            "files": len(files) + 1,
+            "key": keys[min(keys_done, len(keys) - 1)] if keys else "",
+            "keys_done": keys_done,
+            "keys_total": len(keys),
+            "bytes": round(stream_bytes * fraction),
+            "eta_s": (now - started) / fraction * (1 - fraction) if fraction > 0 else None,
+        })
+
+    stream_bytes = _stream_bytes(alignment, keys)
     try:
-        current, acc, peaks = None, None, None
-        for canon, start, stop, b, x in reader:
-            if canon != current:
-                if current is not None:
-                    h_key[current] = _finish_key(acc, n_files, h_rows)
-                    _store_peaks(stats, stat_rows, current, peaks)
-                current = canon
-                acc = torch.zeros((len(h_rows), n_files), dtype=torch.float64)
-                peaks = torch.zeros(len(stat_rows), dtype=dtype)
-                base_sq[canon] = 0.0
-            if h_rows:
-                acc += ((x if all_h else x[h_rows]) @ x.T).to(torch.float64)
-            base_sq[canon] += float(torch.dot(b, b))
-            if stat_rows:
-                d_all = x[:n_rows] if plain_rows else t @ x
-                d = d_all if all_stats else d_all[stat_rows]
-                sign_counts(d_all.numpy(), stat_rows, agree, both)
-                if d.shape[1]:  # amax and amin apart: several times faster here than torch.aminmax
-                    torch.maximum(peaks, torch.maximum(d.amax(dim=1), d.amin(dim=1).neg_()), out=peaks)
-            done_elements += stop - start
-            if progress is not None:
-                elapsed = time.perf_counter() - started
-                fraction = done_elements / max(total_elements, 1)
-                progress({
-                    "fraction": fraction,
-                    "files": len(files) + 1,
-                    "key": canon,
-                    "keys_done": key_index[canon] + (stop == _numel(alignment, canon)),
-                    "keys_total": len(keys),
-                    "bytes": reader.bytes_read,
-                    "eta_s": elapsed / fraction * (1 - fraction) if fraction > 0 else None,
-                })
-        if current is not None:
-            h_key[current] = _finish_key(acc, n_files, h_rows)
-            _store_peaks(stats, stat_rows, current, peaks)
+        if stream_bytes >= HELPER_MIN_BYTES and not any(m.is_delta for m in files):  # a helper rebuilds no LoRA
+            helper = _Helper(HelperSpec(str(alignment.base.path), [str(m.path) for m in alignment.models],
+                                        alignment.arch, list(file_maps), exact, chunk, keys, rows_t, h_rows,
+                                        stat_rows, signal_keys, chunks.fd, signal.tasks.fd))
+        signal_thread.start()
+        _reduce_chunks(chunks, reducer, report)
+        if helper is not None:  # this thread helps with the signal, then waits for the helper's totals
+            signal.drain()
+            answer = helper.result(report)
+            reducer.add(answer)
+            for r, per_key in answer.signal.items():
+                signal.figures[r].update(per_key)
+        report(force=True)
+        for canon in keys:
+            totals = reducer.totals.get(canon)
+            h_key[canon] = _finish_key(None if totals is None else totals.gram, n_files, h_rows)
+            if totals is not None:
+                _store_peaks(stats, stat_rows, canon, totals.peaks)
         # symmetric completion of the conflict counts: rows computed against all, mirror them
+        both, agree = reducer.both, reducer.agree
         if stat_rows:
             mask = np.zeros(n_rows, dtype=bool)
             mask[stat_rows] = True
             both = np.where(mask[:, None], both, both.T)
             agree = np.where(mask[:, None], agree, agree.T)
+            base_sq = {canon: reducer.totals[canon].base_sq for canon in keys if canon in reducer.totals}
             _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq)
-            for r, per_key in signal.finish(signal_thread).items():  # this thread helps once the stream is done
+            for r, per_key in signal.finish(signal_thread).items():  # this thread helps too
                 stats[r].signal.update(per_key)
     finally:
+        chunks.stop()
         signal.stop.set()
-        signal_thread.join()
-        reader.close()
+        if signal_thread.is_alive():
+            signal_thread.join()
+        if helper is not None:
+            helper.close()
+        chunks.close()
+        signal.tasks.close()
         torch.set_num_threads(threads)
-    bytes_read = reader.bytes_read
+        blas_threads.restore_original_limits()
+    bytes_read = reducer.bytes_read
     return PassResult(h_key, both, agree, stats, bytes_read, time.perf_counter() - started)
 
 
-def sign_counts(d: np.ndarray, rows: Sequence[int], agree: np.ndarray, both: np.ndarray) -> None:
-    """Add the sign products of the chunk ``d`` (all rows × elements) for ``rows`` against every row.
+def pack_signs(d: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> None:
+    """Bit-pack (d > 0) into ``pos`` and (d < 0) into ``neg``: uint64 words, zero-padded past len(d)."""
+    nbytes = -(-d.shape[-1] // 8)
+    pos_bytes, neg_bytes = pos.view(np.uint8), neg.view(np.uint8)
+    pos_bytes[..., nbytes:] = 0
+    neg_bytes[..., nbytes:] = 0
+    pos_bytes[..., :nbytes] = np.packbits(d > 0, axis=-1)
+    neg_bytes[..., :nbytes] = np.packbits(d < 0, axis=-1)
+
+
+def count_signs(pos: np.ndarray, neg: np.ndarray, rows: Sequence[int], agree: np.ndarray, both: np.ndarray) -> None:
+    """Add the sign products of a chunk, given as :func:`pack_signs` masks (all rows), for ``rows`` against
+    every row.
 
     With S = sign(d) and Z = |S|: ``both[a] += Z_a Zᵀ`` (elements where both deltas are non-zero) and
-    ``agree[a] += S_a Sᵀ`` (agreeing minus disagreeing signs), so conflicts = (both − agree) / 2. Counted
-    on bit-packed masks P = (d > 0), N = (d < 0): ``Z_a Zᵀ = popcount((P_a|N_a) & (P|N))`` and the
-    conflicts ``popcount(P_a & N) + popcount(N_a & P)``, which is about three times faster here than the
-    two float products (exact integers either way).
+    ``agree[a] += S_a Sᵀ`` (agreeing minus disagreeing signs), so conflicts = (both − agree) / 2. On the
+    masks P = (d > 0), N = (d < 0): ``Z_a Zᵀ = popcount((P_a|N_a) & (P|N))`` and the conflicts
+    ``C_ab + C'_ab`` with C = popcount(P_a & N_b), C' = popcount(N_a & P_b) (C' = Cᵀ when every row is
+    asked for). Exact integers, several times faster here than two float products; a few rows at a time
+    are done in one broadcast operation.
     """
-    words = -(-d.shape[1] // 64) * 8  # bytes per row, padded to whole 64-bit words
-    pos, neg = (np.zeros((d.shape[0], words), dtype=np.uint8) for _ in range(2))
-    pos[:, : -(-d.shape[1] // 8)] = np.packbits(d > 0, axis=1)
-    neg[:, : -(-d.shape[1] // 8)] = np.packbits(d < 0, axis=1)
-    pos, neg = pos.view(np.uint64), neg.view(np.uint64)
+    n, words = pos.shape
     nonzero = pos | neg
+    rows = np.asarray(rows, dtype=np.intp)
+    symmetric = len(rows) == n
 
-    def count(row: np.ndarray, others: np.ndarray) -> np.ndarray:
-        return np.bitwise_count(row & others).sum(axis=1, dtype=np.int64)
+    def count(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # (r, words) against (n, words) → (r, n)
+        return np.bitwise_count(a[:, None, :] & b[None, :, :]).sum(axis=-1, dtype=np.int64)
 
-    n = d.shape[0]
-    if len(rows) == n:  # every row: the overlaps are symmetric and the conflicts are C + Cᵀ, C_ab = |P_a ∧ N_b|
-        overlap, c = np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)
-        for a in range(n):
-            overlap[a, a:] = count(nonzero[a], nonzero[a:])
-            c[a] = count(pos[a], neg)
-        overlap = np.triu(overlap) + np.triu(overlap, 1).T
-        both += overlap
-        agree += overlap - 2 * (c + c.T)
-        return
-    for a in rows:
-        overlap = count(nonzero[a], nonzero)
-        both[a] += overlap
-        agree[a] += overlap - 2 * (count(pos[a], neg) + count(neg[a], pos))
+    block = max(1, SIGN_BLOCK_WORDS // max(1, n * words))
+    overlap = np.empty((len(rows), n), dtype=np.int64)
+    conflicts = np.empty((len(rows), n), dtype=np.int64)
+    for i in range(0, len(rows), block):
+        picked = rows[i: i + block]
+        overlap[i: i + block] = count(nonzero[picked], nonzero)
+        conflicts[i: i + block] = count(pos[picked], neg)
+        if not symmetric:
+            conflicts[i: i + block] += count(neg[picked], pos)
+    if symmetric:
+        conflicts += conflicts.T
+    both[rows] += overlap
+    agree[rows] += overlap - 2 * conflicts
 
 
-def _store_peaks(stats: dict[int, RowStats], stat_rows: list[int], key: str, peaks: torch.Tensor | None) -> None:
-    if peaks is not None:
-        for r, peak in zip(stat_rows, peaks.tolist(), strict=True):
-            stats[r].max_abs[key] = float(peak)
+def _store_peaks(stats: dict[int, RowStats], stat_rows: list[int], key: str, peaks: np.ndarray) -> None:
+    for r, peak in zip(stat_rows, peaks.tolist(), strict=True):
+        stats[r].max_abs[key] = float(peak)
 
 
 def _numel(alignment: Alignment, canon: str) -> int:
     return alignment.base.tensors[alignment.maps[0].keys[canon]].numel
 
 
-def _finish_key(acc: torch.Tensor | None, n_files: int, h_rows: list[int]) -> np.ndarray:
+def _finish_key(acc: np.ndarray | None, n_files: int, h_rows: list[int]) -> np.ndarray:
     """The key's F×F Gram with the computed rows filled in (and mirrored); other entries NaN."""
     h = np.full((n_files, n_files), np.nan)
     if acc is not None and h_rows:
-        values = acc.numpy()
-        h[h_rows, :] = values
-        h[:, h_rows] = values.T
+        h[h_rows, :] = acc
+        h[:, h_rows] = acc.T
     return h
 
 
@@ -405,17 +631,16 @@ def _finish_row_stats(
 
 
 class _SignalWork:
-    """The SVD signal figures of every (signal key, row), as tasks any thread can take: a worker thread starts
-    on them beside the streaming pass and the pass's thread joins in once its stream is done."""
+    """The SVD signal figures of every (signal key, row), as tasks any thread or process can take: a worker
+    thread starts on them beside the streaming pass; the pass's thread and its helper process join in once
+    the stream is done."""
 
     def __init__(self, alignment: Alignment, files: Sequence[Model], file_maps: Sequence[int], rows_t: np.ndarray,
-                 stat_rows: list[int], dtype: torch.dtype, signal_keys: list[str]) -> None:
+                 stat_rows: list[int], dtype: torch.dtype, signal_keys: list[str], fd: int | None = None) -> None:
         self.alignment, self.files, self.file_maps, self.rows_t = alignment, files, file_maps, rows_t
         self.dtype = dtype
-        self.tasks: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
-        for canon in signal_keys:
-            for r in stat_rows:
-                self.tasks.put((canon, r))
+        # shared with a helper process, when the pass has one (fd: the pass's queue, in the helper)
+        self.tasks = _SharedQueue([(canon, r) for canon in signal_keys for r in stat_rows], fd)
         self.figures: dict[int, dict[str, tuple[float, float]]] = {r: {} for r in stat_rows}
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -437,11 +662,8 @@ class _SignalWork:
 
     def drain(self) -> None:
         """Compute tasks until none is left (or ``stop`` is set)."""
-        while not self.stop.is_set():
-            try:
-                canon, r = self.tasks.get_nowait()
-            except queue.Empty:
-                return
+        while not self.stop.is_set() and (task := self.tasks.take()) is not None:
+            canon, r = task
             self.figures[r][canon] = signal_figures(self._energies(canon, r))
 
     def _energies(self, canon: str, r: int) -> np.ndarray:

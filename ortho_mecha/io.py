@@ -50,6 +50,7 @@ DTYPES: dict[str, torch.dtype] = {
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 # Relative rounding step of each storage dtype (half an ulp at 1.0): the noise floor of a stored weight.
+ITEMSIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 ROUNDING = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F8_E4M3": 2.0**-4, "F8_E5M2": 2.0**-3}
 
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -77,7 +78,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return ITEMSIZES[self.dtype]
 
     @property
     def is_float(self) -> bool:
@@ -314,11 +315,14 @@ class Model:
                 self._fds[file] = fd
             return fd
 
-    def _read_raw(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def _read_raw(self, info: TensorInfo, start: int, stop: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of ``info`` as stored, in ``scratch`` (uint8, large enough) when given."""
         size = info.itemsize
         nbytes = (stop - start) * size
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
+        if nbytes == 0:
+            return torch.empty(0, dtype=DTYPES[info.dtype])
+        raw = torch.empty(nbytes, dtype=torch.uint8) if scratch is None else scratch[:nbytes]
+        view = memoryview(raw.numpy())
         offset, got = info.start + start * size, 0
         fd = self._fd(info.file)
         while got < nbytes:
@@ -326,9 +330,7 @@ class Model:
             if n <= 0:
                 raise OrthoMechaError(f"truncated while reading '{info.name}'", info.file)
             got += n
-        if nbytes == 0:
-            return torch.empty(0, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype])
+        return raw.view(DTYPES[info.dtype])
 
     def read(
         self, key: str, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
@@ -338,10 +340,19 @@ class Model:
         stop = info.numel if stop is None else stop
         return self.read_into(key, start, stop, torch.empty(stop - start, dtype=dtype))
 
-    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Read elements [start, stop) of ``key`` into the 1-D tensor ``out`` (converting to its dtype)."""
+    def read_stored(self, key: str, start: int, stop: int, into: torch.Tensor) -> torch.Tensor:
+        """Elements [start, stop) of ``key`` as stored (no conversion, no fp8 scale), in the uint8 buffer ``into``."""
+        return self._read_raw(self.tensors[key], start, stop, into)
+
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Read elements [start, stop) of ``key`` into the 1-D tensor ``out`` (converting to its dtype).
+
+        ``scratch``: a uint8 buffer of at least (stop − start) × 8 bytes the stored bytes are read into first;
+        a streaming reader reuses one, as fresh buffers per read cost page faults.
+        """
         info = self.tensors[key]
-        out.copy_(self._read_raw(info, start, stop))
+        out.copy_(self._read_raw(info, start, stop, scratch))
         if info.scale is not None:
             scale_info = self._scales[info.scale]
             scale = self._read_raw(scale_info, 0, scale_info.numel).to(out.dtype)

@@ -333,7 +333,8 @@ class LoraModel:
             self._current = (canon, value)
             return value
 
-    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
         return out.copy_(self.delta(key).reshape(-1)[start:stop])
 
     def read(self, key: str, start: int = 0, stop: int | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,65 @@ def test_conflict_counts_match_brute_force(tmp_path: Path) -> None:
     assert np.array_equal((result.both - result.agree) / 2, conflicts)
 
 
+@pytest.mark.parametrize("delta_from", [False, True])
+def test_helper_process_gives_the_single_process_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        delta_from: bool) -> None:
+    """A large stream is shared with a helper process (a real one, here forced on small files): chunks and
+    signal tasks split between the processes, the report is the single-process one."""
+    paths = write_family_files(tmp_path / "m", "flux", "bf16", members=MEMBERS)
+    names = MEMBERS[1:]
+    froms = {paths["anime_v2"]: paths["anime"]} if delta_from else None
+
+    helped: list[A.HelperResult] = []
+    real_result, real_reduce, real_energies = A._Helper.result, A._Reducer.reduce, A._SignalWork._energies
+
+    def result(self: A._Helper, waiting: object) -> A.HelperResult:
+        helped.append(real_result(self, waiting))
+        return helped[-1]
+
+    def slow(real: object, seconds: float) -> object:  # this process only: the helper, started later, gets work
+        def call(*args: object) -> object:
+            time.sleep(seconds)
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(A._Helper, "result", result)
+
+    def run(min_bytes: int) -> dict:
+        monkeypatch.setattr(A, "HELPER_MIN_BYTES", min_bytes)
+        if min_bytes == 0:
+            monkeypatch.setattr(A._Reducer, "reduce", slow(real_reduce, 0.02))
+            monkeypatch.setattr(A._SignalWork, "_energies", slow(real_energies, 0.3))
+        progress: list[dict] = []
+        result = A.analyse(paths["base"], [paths[n] for n in names], delta_from=froms, chunk=512, use_cache=False,
+                           progress=progress.append)
+        assert progress and progress[-1]["fraction"] == 1.0
+        return A.report(result)
+
+    alone, shared = run(2**62), run(0)
+    assert len(helped) == 1 and helped[0].bytes_read > 0 and any(helped[0].signal.values())
+    for field in ("conflict_ratio", "outliers", "signal"):
+        assert shared[field] == alone[field], field
+    assert np.allclose(shared["gram"], alone["gram"], rtol=1e-12, atol=0)
+
+
+def test_helper_process_failure_names_the_problem(tmp_path: Path) -> None:
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
+    missing = tmp_path / "gone.safetensors"
+    chunks = A._SharedQueue([("k", 0, 1)])
+    signal = A._SharedQueue([])
+    spec = A.HelperSpec(str(missing), [str(paths["anime"])], "custom", [1], False, 512, ["k"], np.eye(1), [0], [0],
+                        [], chunks.fd, signal.fd)
+    helper = A._Helper(spec)
+    try:
+        with pytest.raises(A.OrthoMechaError, match=r"gone\.safetensors"):
+            helper.result(lambda: None)
+    finally:
+        helper.close()
+        chunks.close()
+        signal.close()
+
+
 def test_delta_from_and_regram_without_reading(tmp_path: Path) -> None:
     paths = write_family_files(tmp_path / "m", "flux", "fp32", members=MEMBERS)
     names = ["anime", "anime_v2", "photo"]
@@ -195,15 +255,14 @@ def test_memory_is_bounded_by_chunk(tmp_path: Path) -> None:
     sizes: list[int] = []
     from ortho_mecha.io import Model
 
-    real_read = Model.read
+    real_read = Model._read_raw  # every read of a file's bytes goes through it
 
-    def spy(self, key, start=0, stop=None, dtype=torch.float32):
-        stop_ = self.tensors[key].numel if stop is None else stop
-        sizes.append(stop_ - start)
-        return real_read(self, key, start, stop, dtype)
+    def spy(self, info, start, stop, scratch=None):
+        sizes.append(stop - start)
+        return real_read(self, info, start, stop, scratch)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Model, "read", spy)
+        mp.setattr(Model, "_read_raw", spy)
         A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:4]], chunk=512, rank_samples=0, use_cache=False)
     assert sizes and max(sizes) <= 512
 
@@ -240,7 +299,10 @@ def test_conflict_identity(seed: int, rows: int, length: int, zeros: float, subs
     assert np.array_equal((np.abs(s) @ np.abs(s).T - s @ s.T) / 2, counted)
     picked = [r for r in range(rows) if subset >> r & 1] or [0]
     agree, both = np.full((rows, rows), 7.0), np.full((rows, rows), 7.0)
-    A.sign_counts(d, picked, agree, both)
+    words = -(-length // 64)
+    pos, neg = np.full((rows, words), 2**64 - 1, dtype=np.uint64), np.full((rows, words), 2**64 - 1, dtype=np.uint64)
+    A.pack_signs(d, pos, neg)  # stale bits in the buffers must not count
+    A.count_signs(pos, neg, picked, agree, both)
     assert np.array_equal(both[picked], 7.0 + (np.abs(s) @ np.abs(s).T)[picked])
     assert np.array_equal(agree[picked], 7.0 + (s @ s.T)[picked])
     others = [r for r in range(rows) if r not in picked]
