@@ -1,6 +1,7 @@
 """Benchmark: ortho-mecha's merge methods against sd-mecha's ``n_average`` on the same inputs.
 
-Prints, for ``ortho_project``, ``ortho_superpose`` and ``orthomerge``: merge time ÷ the time of
+Prints, for ``ortho_project``, ``ortho_superpose``, ``orthomerge`` and ``orthomerge`` with
+``precision="float32"`` (its explicit approximation): merge time ÷ the time of
 sd-mecha's ``n_average`` of the same models, and each merge's peak RSS and peak anonymous memory (every
 merge runs in its own process; a process that has only imported torch and sd-mecha is shown for
 reference). Models are synthetic fp16 files with SDXL-like key shapes (``bench/common.py``); fp32
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from common import generate, measured, run_and_report
 
-METHODS = ("ortho_project", "ortho_superpose", "orthomerge")
+METHODS = ("ortho_project", "ortho_superpose", "orthomerge", "orthomerge_float32")
+VARIANTS = {"orthomerge_float32": ("orthomerge", {"precision": "float32"})}  # step: (method, options)
 
 
 def run_step(step: str, paths: list[Path], threads: int | None, via: str) -> None:
@@ -55,7 +57,9 @@ def run_step(step: str, paths: list[Path], threads: int | None, via: str) -> Non
         recipe = sd_mecha.n_average(*[model_node(p, config) for p in paths[1:]])
     else:
         rows = [{"model": str(p)} for p in paths[1:]]
-        plan = {"base": str(paths[0]), "method": step, "rows": rows, "merge_dtype": "fp32", "output_dtype": "fp16"}
+        method, options = VARIANTS.get(step, (step, {}))
+        plan = {"base": str(paths[0]), "method": method, "options": options, "rows": rows, "merge_dtype": "fp32",
+                "output_dtype": "fp16"}
         recipe = build_recipe(plan_from_dict(plan, paths[0].parent))
     out = paths[0].parent / f"{step}.out.safetensors"
     out.unlink(missing_ok=True)

@@ -40,7 +40,8 @@ def test_relative_paths_resolve_against_the_plan_folder_and_defaults_fill_in(fam
     assert plan.base == family["base"].resolve()
     assert [row.model for row in plan.rows] == [family["a"].resolve(), family["b"].resolve()]
     assert plan.rows[1].delta_from is None and plan.rows[1].enabled and plan.rows[1].repeat == 2
-    assert plan.options == {"alpha": 1.0, "theta_agg": "median", "conflict_aware": False, "direction_weight": "theta"}
+    assert plan.options == {"alpha": 1.0, "theta_agg": "median", "conflict_aware": False, "direction_weight": "theta",
+                            "precision": "float64"}
     assert plan.texture == Texture(family["tex"].resolve(), 0.2, "add")
     assert plan.input_files() == [family[n].resolve() for n in ("base", "a", "b", "tex")]
 
