@@ -339,10 +339,16 @@ class _SharedQueue(Generic[T]):
                 fd = os.dup(file.fileno())  # shares the file's offset; the file is deleted once fd closes
             os.lseek(fd, 0, os.SEEK_SET)
         self.fd = fd
+        self.mine = 0  # tasks this process took
+        self._lock = threading.Lock()
 
     def take(self) -> T | None:
         data = os.read(self.fd, 4)
-        return self.tasks[int.from_bytes(data, "little")] if len(data) == 4 else None
+        if len(data) < 4:
+            return None
+        with self._lock:
+            self.mine += 1
+        return self.tasks[int.from_bytes(data, "little")]
 
     def taken(self) -> int:
         """Tasks handed out so far (to every taker)."""
@@ -514,10 +520,16 @@ def run_pass(
         _reduce_chunks(chunks, reducer, report)
         if helper is not None:  # this thread helps with the signal, then waits for the helper's totals
             signal.drain()
-            answer = helper.result(report)
-            reducer.add(answer)
-            for r, per_key in answer.signal.items():
-                signal.figures[r].update(per_key)
+            try:
+                answer = helper.result(report)
+            except OrthoMechaError as exc:
+                if chunks.mine < len(chunks.tasks) or signal.tasks.mine < len(signal.tasks.tasks):
+                    raise
+                logger.warning("%s; the analysis went on without it", exc)  # it failed before taking any task
+            else:
+                reducer.add(answer)
+                for r, per_key in answer.signal.items():
+                    signal.figures[r].update(per_key)
         report(force=True)
         for canon in keys:
             totals = reducer.totals.get(canon)

@@ -143,6 +143,22 @@ def test_helper_process_gives_the_single_process_report(tmp_path: Path, monkeypa
     assert np.allclose(shared["gram"], alone["gram"], rtol=1e-12, atol=0)
 
 
+def test_a_helper_that_fails_before_taking_work_leaves_the_pass_whole(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A helper process that cannot start its work (here: the files moved away under it) took no chunk: the
+    pass does every chunk itself and the report is the single-process one."""
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:4])
+    names = MEMBERS[1:4]
+    alone = A.report(A.analyse(paths["base"], [paths[n] for n in names], chunk=512, use_cache=False))
+    monkeypatch.setattr(A, "HELPER_MIN_BYTES", 0)
+    monkeypatch.setattr(A.HelperSpec, "__getstate__", lambda self: {**vars(self), "base": str(tmp_path / "gone")},
+                        raising=False)
+    shared = A.report(A.analyse(paths["base"], [paths[n] for n in names], chunk=512, use_cache=False))
+    assert shared["gram"] == alone["gram"] and shared["conflict_ratio"] == alone["conflict_ratio"]
+    assert "gone" in caplog.text and "went on without it" in caplog.text
+
+
 def test_helper_process_failure_names_the_problem(tmp_path: Path) -> None:
     paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
     missing = tmp_path / "gone.safetensors"
