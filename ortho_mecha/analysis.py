@@ -455,11 +455,12 @@ def run_pass(
     rank_samples: int = 5,
     keys: Sequence[str] | None = None,
     progress: Progress | None = None,
+    single_process: bool = False,
 ) -> PassResult:
     """Stream the files once and compute what ``plan`` asks for, over ``keys`` (default: every analysed key).
 
-    A stream of at least HELPER_MIN_BYTES is shared with a helper process, which takes about two seconds of
-    CPU to start (importing torch).
+    A stream of at least HELPER_MIN_BYTES is shared with a helper process (unless ``single_process``), which
+    takes about two seconds of CPU and 0.25 GiB to start (importing torch).
 
     ``file_maps[f]`` is the alignment index (1-based model maps) of analysed file f; ``rows_t`` is the
     rows × files selection matrix of the analysed deltas (:func:`ortho_mecha.gram.selection_matrix`).
@@ -512,7 +513,8 @@ def run_pass(
 
     stream_bytes = _stream_bytes(alignment, keys)
     try:
-        if stream_bytes >= HELPER_MIN_BYTES and not any(m.is_delta for m in files):  # a helper rebuilds no LoRA
+        if not single_process and stream_bytes >= HELPER_MIN_BYTES and not any(m.is_delta for m in files):
+            # (a helper rebuilds no LoRA rows)
             helper = _Helper(HelperSpec(str(alignment.base.path), [str(m.path) for m in alignment.models],
                                         alignment.arch, list(file_maps), exact, chunk, keys, rows_t, h_rows,
                                         stat_rows, signal_keys, chunks.fd, signal.tasks.fd))
@@ -592,15 +594,19 @@ def count_signs(pos: np.ndarray, neg: np.ndarray, rows: Sequence[int], agree: np
         return np.bitwise_count(a[:, None, :] & b[None, :, :]).sum(axis=-1, dtype=np.int64)
 
     block = max(1, SIGN_BLOCK_WORDS // max(1, n * words))
-    overlap = np.empty((len(rows), n), dtype=np.int64)
+    overlap = np.zeros((len(rows), n), dtype=np.int64)
     conflicts = np.empty((len(rows), n), dtype=np.int64)
     for i in range(0, len(rows), block):
         picked = rows[i: i + block]
-        overlap[i: i + block] = count(nonzero[picked], nonzero)
+        if symmetric:  # the overlaps' upper triangle, mirrored below
+            overlap[i: i + block, i:] = count(nonzero[picked], nonzero[i:])
+        else:
+            overlap[i: i + block] = count(nonzero[picked], nonzero)
         conflicts[i: i + block] = count(pos[picked], neg)
         if not symmetric:
             conflicts[i: i + block] += count(neg[picked], pos)
     if symmetric:
+        overlap = np.triu(overlap) + np.triu(overlap, 1).T
         conflicts += conflicts.T
     both[rows] += overlap
     agree[rows] += overlap - 2 * conflicts
@@ -865,10 +871,12 @@ def analyse(
     use_cache: bool = True,
     scheduler: str | None = None,
     progress: Progress | None = None,
+    single_process: bool = False,
 ) -> Analysis:
     """Analyse ``models`` against ``base`` in one streaming pass (or none, when the cache has it all).
 
-    With ``scheduler`` (a Dask address or ``local:N``) the pass is sharded by key over Dask workers.
+    With ``scheduler`` (a Dask address or ``local:N``) the pass is sharded by key over Dask workers. A large
+    local pass shares its work with a helper process unless ``single_process`` (less memory, slower).
     """
     from ortho_mecha import analysis_cache
     from ortho_mecha.validate import align, open_models
@@ -899,7 +907,7 @@ def analyse(
                                       rank_samples=rank_samples, progress=progress)
         else:
             result = run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk,
-                              rank_samples=rank_samples, progress=progress)
+                              rank_samples=rank_samples, progress=progress, single_process=single_process)
         known.fill(result)
         store.save(alignment.keys, fps, row_sigs, known)
         seconds, bytes_read = result.seconds, result.bytes_read
@@ -1096,6 +1104,7 @@ def cli_analyse(args: argparse.Namespace) -> int:
             use_cache=not args.no_cache,
             scheduler=args.scheduler,
             progress=bar.update,
+            single_process=args.single_process,
         )
     rep = report(result)
     for line in summary_lines(rep):

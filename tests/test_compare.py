@@ -96,7 +96,7 @@ def test_every_method_matches_metrics_on_per_key_grams(seed: int) -> None:
     options = {"alpha": 0.6, "theta_agg": "max", "direction_weight": "equal"}
     result = compare.compare_methods(grams, list("abcd"), alphas, repeats, "orthomerge", options)
     assert summary(result, "orthomerge")["options"] == "alpha=0.6, theta_agg=max, conflict_aware=False, " \
-        "direction_weight=equal"
+        "direction_weight=equal, precision=float64"
     for name, spec in METHODS.items():
         chosen = {**spec.defaults(), **options} if name == "orthomerge" else spec.defaults()
         w, listed = compare.row_weights(name, alphas, repeats)
