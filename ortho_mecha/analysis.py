@@ -433,11 +433,17 @@ def helper_main(spec: HelperSpec) -> HelperResult:
     signal tasks from its other queue."""
     torch.set_num_threads(1)
     threadpool_limits(limits=1)
+    parent = os.getppid()
+
+    def check_parent() -> None:  # a pass killed outright cannot stop its helper: the helper notices instead
+        if os.getppid() != parent:
+            raise OrthoMechaError("the analysis pass that started this helper process is gone")
+
     alignment = align(Model(spec.base), [Model(path) for path in spec.models], spec.arch)
     dtype = _compute_dtype(spec.exact)
     reducer = _Reducer(alignment, spec.file_maps, dtype, spec.chunk, spec.keys, spec.rows_t, spec.h_rows,
                        spec.stat_rows)
-    _reduce_chunks(_SharedQueue(_chunk_tasks(alignment, spec.keys, spec.chunk), spec.chunks_fd), reducer)
+    _reduce_chunks(_SharedQueue(_chunk_tasks(alignment, spec.keys, spec.chunk), spec.chunks_fd), reducer, check_parent)
     signal = _SignalWork(alignment, reducer.files, spec.file_maps, spec.rows_t, spec.stat_rows, dtype,
                          spec.signal_keys, spec.signal_fd)
     signal.drain()

@@ -7,11 +7,15 @@ the pass's shared queues (file descriptors it inherits) and writes its pickled
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import sys
 
 
 def main() -> int:
+    # Ctrl-C reaches the whole process group: the pass that started this helper handles it (and ends it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ortho_mecha.analysis import helper_main
 
     try:
@@ -19,8 +23,12 @@ def main() -> int:
         code = 0
     except Exception as exc:  # the pass raises it, with this text
         answer, code = f"{type(exc).__name__}: {exc}", 1
-    pickle.dump(answer, sys.stdout.buffer)
-    sys.stdout.buffer.flush()
+    try:
+        pickle.dump(answer, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:  # the pass is gone: nobody to answer
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor to flush to at exit
+        return 1
     return code
 
 
