@@ -666,6 +666,8 @@ class _SignalWork:
         # shared with a helper process, when the pass has one (fd: the pass's queue, in the helper)
         self.tasks = _SharedQueue([(canon, r) for canon in signal_keys for r in stat_rows], fd)
         self.figures: dict[int, dict[str, tuple[float, float]]] = {r: {} for r in stat_rows}
+        self._base_cache: dict[str, torch.Tensor] = {}
+        self._base_lock = threading.Lock()
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
@@ -692,39 +694,54 @@ class _SignalWork:
 
     def _energies(self, canon: str, r: int) -> np.ndarray:
         """σ² of row ``r``'s delta Σ_i t_ri (x_i − x_base) on key ``canon``, from the lines :func:`sample_lines`
-        picks (SIGNAL_COLUMNS_PER_ROW × the short side) through :func:`sampled_energy`, streamed in blocks of
-        whole matrix rows: only the sampled lines are kept, so memory stays at a block per file plus the
-        sample, whatever the key's size. The base's block is read again for each row (a task is one row and
-        key, so two threads can share them)."""
+        picks (SIGNAL_COLUMNS_PER_ROW × the short side) through :func:`sampled_energy`. Each file's lines
+        are kept from a stream of blocks of whole matrix rows, so memory stays at a block plus the samples,
+        whatever the key's size; the base's lines are kept once per key (:meth:`_base_lines`)."""
         base_name = self.alignment.maps[0].keys[canon]
         shape = self.alignment.base.tensors[base_name].shape
-        rows, rest = shape[0], math.prod(shape[1:])
-        tall, pick, scale = sample_lines((rows, rest), SIGNAL_COLUMNS_PER_ROW * min(rows, rest))
-        terms = [(self.files[i], self.alignment.maps[self.file_maps[i]].keys.get(canon), float(self.rows_t[r, i]))
-                 for i in np.nonzero(self.rows_t[r])[0]]
-        kept = []
-        step = max(1, SIGNAL_BLOCK // rest)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            lines = pick[(pick >= r0) & (pick < r1)] - r0 if tall and pick is not None else None
-            if lines is not None and not len(lines):
+        tall, pick, scale = sample_lines(shape, SIGNAL_COLUMNS_PER_ROW * min(shape[0], math.prod(shape[1:])))
+        base = self._base_lines(canon, tall, pick)
+        sampled = torch.zeros_like(base)
+        for i in np.nonzero(self.rows_t[r])[0]:
+            name = self.alignment.maps[self.file_maps[i]].keys.get(canon)
+            if name is None:  # a missing key is a zero delta
                 continue
-            base = self.alignment.base.read(base_name, r0 * rest, r1 * rest, self.dtype).view(r1 - r0, rest)
-            block = torch.zeros_like(base)
-            for model, name, coefficient in terms:
-                if name is None:  # a missing key is a zero delta
-                    continue
-                term = model.read(name, r0 * rest, r1 * rest, self.dtype).view(r1 - r0, rest)
-                if not model.is_delta:  # a LoRA's values are its product, a delta already
-                    term.sub_(base)
-                block.add_(term, alpha=coefficient)
-            if lines is not None:
-                block = block[lines]
-            elif pick is not None:
-                block = block[:, pick]
-            kept.append(block)
-        sampled = torch.cat(kept) if kept else torch.zeros((0, rest), dtype=self.dtype)
-        return sampled_energy(sampled * scale if scale != 1.0 else sampled, tall)
+            lines = _sampled_lines(self.files[i], name, shape, tall, pick, self.dtype)
+            if not self.files[i].is_delta:  # a LoRA's values are its product, a delta already
+                lines.sub_(base)
+            sampled.add_(lines, alpha=float(self.rows_t[r, i]))
+        return sampled_energy(sampled.mul_(scale) if scale != 1.0 else sampled, tall)
+
+    def _base_lines(self, canon: str, tall: bool, pick: torch.Tensor | None) -> torch.Tensor:
+        """The base's sampled lines of key ``canon``, kept for the last few keys (the tasks come key by key)."""
+        with self._base_lock:
+            lines = self._base_cache.pop(canon, None)
+            if lines is None:
+                shape = self.alignment.base.tensors[self.alignment.maps[0].keys[canon]].shape
+                lines = _sampled_lines(self.alignment.base, self.alignment.maps[0].keys[canon], shape, tall, pick,
+                                       self.dtype)
+            self._base_cache[canon] = lines  # most recent last
+            while len(self._base_cache) > 2:
+                self._base_cache.pop(next(iter(self._base_cache)))
+            return lines
+
+
+def _sampled_lines(model: Model, name: str, shape: Sequence[int], tall: bool, pick: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The lines :func:`sample_lines` picked of ``model``'s tensor ``name`` (conv kernels flattened), read in
+    blocks of whole matrix rows of about SIGNAL_BLOCK elements: sampled rows of a tall matrix, sampled
+    columns of a wide one, all of it when nothing is sampled."""
+    rows, rest = shape[0], math.prod(shape[1:])
+    step = max(1, SIGNAL_BLOCK // rest)
+    kept = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        lines = pick[(pick >= r0) & (pick < r1)] - r0 if tall and pick is not None else None
+        if lines is not None and not len(lines):
+            continue
+        block = model.read(name, r0 * rest, r1 * rest, dtype).view(r1 - r0, rest)
+        kept.append(block[lines] if lines is not None else block[:, pick] if pick is not None else block)
+    return torch.cat(kept) if kept else torch.zeros((0, rest), dtype=dtype)
 
 
 def combine_passes(parts: Sequence[PassResult]) -> PassResult:
