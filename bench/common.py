@@ -21,10 +21,20 @@ SDXL_SHAPES: list[tuple[int, ...]] = [
 ]
 
 
-def layout(size_mb: float) -> dict[str, tuple[int, ...]]:
-    """SDXL-like keys and shapes adding up to about ``size_mb`` of fp16."""
+# shapes of Flux.1 transformer tensors (attention, MLP, modulation, single-block linears), cycled likewise
+FLUX_SHAPES: list[tuple[int, ...]] = [
+    (3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (18432, 3072), (21504, 3072), (3072, 15360),
+    (3072,), (128,),
+]
+SHAPES = {"sdxl": SDXL_SHAPES, "flux": FLUX_SHAPES}
+
+
+def layout(size_mb: float, family: str = "sdxl") -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of ``family`` (sdxl, flux) adding up to about ``size_mb`` of fp16; an SDXL model
+    under 64 MB keeps to its smaller keys."""
     shapes, total, i = {}, 0, 0
-    small = [s for s in SDXL_SHAPES if len(s) == 1 or s[0] * s[1] <= 2**20] if size_mb < 64 else SDXL_SHAPES
+    every = SHAPES[family]
+    small = [s for s in every if len(s) == 1 or s[0] * s[1] <= 2**20] if size_mb < 64 and family == "sdxl" else every
     while total < size_mb * 2**20 / 2:
         shape = small[i % len(small)]
         shapes[f"model.diffusion_model.input_blocks.{i // len(small)}.{i % len(small)}.weight"] = shape
@@ -36,19 +46,20 @@ def layout(size_mb: float) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generate(folder: Path, models: int, size_mb: float, seed: int = 0) -> list[Path]:
-    """Base + ``models`` fp16 fine-tunes (small random deltas), reused when already on disk."""
+def generate(folder: Path, models: int, size_mb: float, seed: int = 0, family: str = "sdxl") -> list[Path]:
+    """Base + ``models`` fp16 fine-tunes (small random deltas) of ``family``'s shapes, reused when already
+    on disk."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     spec = folder / "spec.json"
     paths = [folder / "base.safetensors"] + [folder / f"model_{i:03d}.safetensors" for i in range(models)]
-    wanted = {"models": models, "size_mb": size_mb, "seed": seed}
+    wanted = {"models": models, "size_mb": size_mb, "seed": seed} | ({"family": family} if family != "sdxl" else {})
     if spec.exists() and json.loads(spec.read_text()) == wanted and all(p.exists() for p in paths):
         return paths
     g = torch.Generator().manual_seed(seed)
-    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in layout(size_mb).items()}
+    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in layout(size_mb, family).items()}
     save_file({k: v.half() for k, v in base.items()}, str(paths[0]))
     for p in paths[1:]:
         save_file({k: (v + torch.randn(v.shape, generator=g) * 0.002).half() for k, v in base.items()}, str(p))

@@ -17,6 +17,7 @@ them much less.
     .venv/bin/python bench/merge.py                          # 4 × 32 MB, about a minute
     .venv/bin/python bench/merge.py --size-mb 64 --repeat 3  # SDXL's largest keys (10240 × 1280) too
     .venv/bin/python bench/merge.py --models 8 --size-mb 512 --threads 4
+    .venv/bin/python bench/merge.py --shapes flux --size-mb 256 --methods orthomerge   # Flux.1-shaped keys
 """
 
 from __future__ import annotations
@@ -114,19 +115,21 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per step; the fastest counts (1)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to time")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ortho-mecha-bench"), help="where the models go")
+    parser.add_argument("--shapes", choices=("sdxl", "flux"), default="sdxl",
+                        help="key shapes: SDXL's (default) or Flux.1's, for extrapolating to Flux-size models")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
         run_step(args.step, args.paths, args.threads, args.via)
         return
-    folder = args.dir / f"{args.models}x{args.size_mb}mb"
-    paths = generate(folder, args.models, args.size_mb)
+    folder = args.dir / (f"{args.models}x{args.size_mb}mb" + ("" if args.shapes == "sdxl" else f"-{args.shapes}"))
+    paths = generate(folder, args.models, args.size_mb, family=args.shapes)
     os.environ.setdefault("ORTHO_MECHA_CACHE", str(args.dir / "cache"))  # the children's hash cache
     total_gib = sum(p.stat().st_size for p in paths) / 2**30
     print(
-        f"{len(paths) - 1} models + base, {total_gib:.2f} GiB, SDXL-like fp16 shapes, {args.threads} threads, "
-        f"via {args.via}, best of {args.repeat}"
+        f"{len(paths) - 1} models + base, {total_gib:.2f} GiB, {args.shapes.upper()}-like fp16 shapes, "
+        f"{args.threads} threads, via {args.via}, best of {args.repeat}"
     )
     baseline = measured(__file__, "import", *paths)
     print(f"RSS after importing torch + sd-mecha: {baseline['peak_rss_gib']:.2f} GiB")
