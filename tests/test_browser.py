@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("playwright")
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.comfy_stub import ComfyStub
 from tests.test_preview_page import write_model
@@ -185,6 +186,22 @@ def _nav(page: Page, title: str) -> None:
     expect(page.get_by_role("heading", name=title).first).to_be_visible(timeout=60_000)  # a first visit imports torch
 
 
+def _choose(page: Page, label: str, option: str, typed: str = "") -> None:
+    """Pick ``option`` in the select box ``label`` (typing ``typed`` first to filter a long list). A rerun
+    still under way can re-render the list under the click: the choice is then made again."""
+    for _ in range(3):
+        chooser = page.get_by_role("combobox", name=label)
+        chooser.click()
+        if typed:
+            chooser.press_sequentially(typed)
+        try:
+            page.get_by_role("option", name=option).click(timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    pytest.fail(f"could not choose {option!r} in {label!r}")
+
+
 def test_demo_opens_on_analyse_with_heatmap_and_every_page_renders(server: Server, page: Page) -> None:
     page.goto(server.url)
     expect(page.get_by_role("heading", name="Analyse").first).to_be_visible()
@@ -236,10 +253,7 @@ def test_mixer_compares_methods_and_extracts_a_lora(server: Server, page: Page) 
     bars = page.locator(".st-key-mix_compare .vega-embed svg, .st-key-mix_compare .vega-embed canvas").first
     expect(bars).to_be_visible(timeout=30_000)
     page.get_by_text("Extract LoRA", exact=True).first.click()
-    chooser = page.get_by_role("combobox", name="Model to extract")
-    chooser.click()
-    chooser.press_sequentially("demo/anime.safetensors")  # filters the list down to the one file
-    page.get_by_role("option", name="models/demo/anime.safetensors").click()
+    _choose(page, "Model to extract", "models/demo/anime.safetensors", typed="demo/anime.safetensors")
     page.get_by_role("spinbutton", name="Rank").fill("4")
     page.get_by_role("spinbutton", name="Rank").press("Enter")
     name = page.get_by_role("textbox", name="LoRA file name")
@@ -324,8 +338,7 @@ def test_mixer_block_alphas_preset_and_input_reach_the_plan(server: Server, page
     expect(_heatmap(page)).to_be_visible(timeout=90_000)
     page.get_by_role("link", name="Mixer").click()  # the demo is Flux-style: block groups double and single
     expect(page.get_by_text("flux1 groups: double, single", exact=False)).to_be_visible(timeout=60_000)
-    page.get_by_role("combobox", name="Block preset").click()
-    page.get_by_role("option", name="structure").click()
+    _choose(page, "Block preset", "structure")
     page.get_by_role("button", name="Apply preset").click()
     expect(page.get_by_role("spinbutton", name="single", exact=True)).to_have_value("0.00")
     page.get_by_role("spinbutton", name="double", exact=True).fill("0.5")
