@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ SHAPES: dict[str, tuple[int, ...]] = {
     NORM_SCALE: (4,),
 }
 INT_KEY = "position_ids"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def base_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -97,3 +101,43 @@ def write_plan(folder: Path, data: dict, name: str = "plan.json") -> Path:
     path = folder / name
     path.write_text(json.dumps(data))
     return path
+
+
+def merge_three_ways(plan_path: Path, base: Path, folder: Path, *merge_options: str) -> tuple[Path, Path, Path, str]:
+    """The plan merged by ``ortho-mecha merge`` (with ``merge_options``), by the ``.mecha`` recipe that
+    ``ortho-mecha recipe`` writes (through the executor, fp64) and by the script it writes (run in a fresh
+    interpreter): the three output files, and the script's stdout."""
+    import sd_mecha
+
+    from ortho_mecha.cli import main
+    from ortho_mecha.mecha_config import register_base_config
+    from ortho_mecha.merge import execute
+
+    first, from_mecha, from_script = (folder / f"{n}.safetensors" for n in ("first", "mecha", "script"))
+    mecha, script = folder / "recipe.mecha", folder / "merge.py"
+    assert main(["merge", str(plan_path), "--out", str(first), *merge_options]) == 0
+    assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--script", str(script)]) == 0
+    register_base_config(base)
+    execute(sd_mecha.deserialize_path(mecha), from_mecha, base=base, merge_dtype="fp64", output_dtype="fp32")
+    run = subprocess.run([sys.executable, str(script), str(from_script)], capture_output=True, text=True,
+                         timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    return first, from_mecha, from_script, run.stdout
+
+
+def assert_same_merge(reference: Path, *others: Path) -> None:
+    """Each of ``others`` holds ``reference``'s tensors bit for bit, and its recipe and input hashes."""
+    from safetensors import safe_open
+
+    from ortho_mecha.merge import META_HASHES, META_RECIPE
+
+    with safe_open(str(reference), "pt") as f:
+        expected, expected_meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    assert expected
+    for path in others:
+        with safe_open(str(path), "pt") as f:
+            assert set(f.keys()) == set(expected), path
+            for key, tensor in expected.items():
+                assert torch.equal(f.get_tensor(key).view(torch.uint8), tensor.view(torch.uint8)), (path, key)
+            assert f.metadata()[META_RECIPE] == expected_meta[META_RECIPE], path
+            assert f.metadata()[META_HASHES] == expected_meta[META_HASHES], path

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,13 +20,12 @@ from streamlit import config
 from streamlit.testing.v1 import AppTest
 
 from ortho_mecha import blocks, evaluate, metrics, workspace
-from ortho_mecha.cli import main
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.mecha_config import register_base_config
-from ortho_mecha.merge import META_PLAN, execute, merge_plan
+from ortho_mecha.merge import META_PLAN, merge_plan
 from ortho_mecha.plan import METHODS, Plan, load_plan, plan_from_dict
 from ortho_mecha.recipe import build_recipe, recipe_text
 from ortho_mecha.validate import DIFFUSION_PREFIX, canonical_key
+from tests.merge_fixtures import assert_same_merge, merge_three_ways
 from tests.modelgen import write_family_files
 
 QUIET = functools.partial(tqdm.tqdm, disable=True)
@@ -278,23 +275,11 @@ def test_cli_merge_mecha_file_and_script_agree_bit_for_bit(sdxl, tmp_path) -> No
     plan = make_plan(sdxl, "orthomerge", rows, output_dtype="fp32")
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(plan.to_json())
-    first, from_mecha, from_script = (tmp_path / f"{n}.safetensors" for n in ("first", "mecha", "script"))
-    mecha, script = tmp_path / "recipe.mecha", tmp_path / "merge.py"
-    assert main(["merge", str(plan_path), "--out", str(first)]) == 0
-    assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--script", str(script)]) == 0
-    register_base_config(sdxl["base"])
-    execute(sd_mecha.deserialize_path(mecha), from_mecha, base=sdxl["base"], merge_dtype="fp64", output_dtype="fp32")
-    run = subprocess.run([sys.executable, str(script), str(from_script)], capture_output=True, text=True,
-                         timeout=300, cwd=Path(__file__).resolve().parent.parent)
-    assert run.returncode == 0, run.stderr
+    first, from_mecha, from_script, _ = merge_three_ways(plan_path, sdxl["base"], tmp_path)
     with safe_open(str(first), "pt") as f:
         reference = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not iterable
         assert json.loads(f.metadata()[META_PLAN])["rows"][1]["block_alphas"] == {"mid": 0.0}
-    for path in (from_mecha, from_script):
-        with safe_open(str(path), "pt") as f:
-            assert set(f.keys()) == set(reference)
-            assert all(torch.equal(f.get_tensor(k).view(torch.uint8), reference[k].view(torch.uint8))
-                       for k in reference)
+    assert_same_merge(first, from_mecha, from_script)
     plain = tmp_path / "plain.safetensors"
     merge_plan(make_plan(sdxl, "orthomerge", [{k: v for k, v in r.items() if k != "block_alphas"} for r in rows],
                          output_dtype="fp32"), plain)

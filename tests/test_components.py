@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sd_mecha
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,10 +17,11 @@ from safetensors.torch import load_file, save_file
 from ortho_mecha import components
 from ortho_mecha.components import COMPONENTS, Component, merge_settings, split
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.mecha_config import COMPONENT, derive_config, register_base_config
-from ortho_mecha.merge import META_HASHES, META_PLAN, META_RECIPE, execute, merge_plan
+from ortho_mecha.mecha_config import COMPONENT, derive_config
+from ortho_mecha.merge import META_PLAN, merge_plan
 from ortho_mecha.plan import Plan, load_plan, plan_from_dict, save_plan
 from ortho_mecha.recipe import recipe_text
+from tests.merge_fixtures import assert_same_merge, merge_three_ways
 from tests.modelgen import POSITION_IDS, write_checkpoint_family
 
 DIFFUSION = "model.diffusion_model."
@@ -327,28 +324,12 @@ def test_mecha_text_and_script_reproduce_the_cli_merge_bit_for_bit(sdxl, tmp_pat
                      texture={"model": "c.safetensors", "alpha": 0.1, "mode": "orthogonal"})
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(plan.to_json())
-    first, from_mecha, from_script = (tmp_path / f"{n}.safetensors" for n in ("first", "mecha", "script"))
-    mecha, script = tmp_path / "recipe.mecha", tmp_path / "merge.py"
-    assert cli("merge", plan_path, "--out", first, "--no-survival").code == 0
-    assert cli("recipe", plan_path, "--mecha", mecha, "--script", script).code == 0
-    assert 'merge "pick_component"' in mecha.read_text() and 'merge "fallback"' in mecha.read_text()
-    register_base_config(sdxl["base"])
-    execute(sd_mecha.deserialize_path(mecha), from_mecha, base=sdxl["base"], merge_dtype="fp64", output_dtype="fp32")
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    run = subprocess.run([sys.executable, str(script), str(from_script)], capture_output=True, text=True, timeout=300,
-                         env=env)
-    assert run.returncode == 0, run.stderr
-    reference = load_file(str(first))
+    first, from_mecha, from_script, _ = merge_three_ways(plan_path, sdxl["base"], tmp_path, "--no-survival")
+    mecha = (tmp_path / "recipe.mecha").read_text()
+    assert 'merge "pick_component"' in mecha and 'merge "fallback"' in mecha
     with safe_open(str(first), "pt") as f:
-        reference_meta = f.metadata()
-    assert json.loads(reference_meta[META_PLAN])["components"] == json.loads(plan.to_json())["components"]
-    for path in (from_mecha, from_script):
-        tensors = load_file(str(path))
-        assert tensors.keys() == reference.keys()
-        assert_equal_on(tensors, reference, list(reference))
-        with safe_open(str(path), "pt") as f:
-            assert f.metadata()[META_RECIPE] == reference_meta[META_RECIPE]
-            assert f.metadata()[META_HASHES] == reference_meta[META_HASHES]
+        assert json.loads(f.metadata()[META_PLAN])["components"] == json.loads(plan.to_json())["components"]
+    assert_same_merge(first, from_mecha, from_script)
 
 
 # -- the Mixer ----------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import sd_mecha
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,24 +18,29 @@ from safetensors.torch import save_file
 from ortho_mecha.cli import main
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.hashing import sha256_file
-from ortho_mecha.mecha_config import register_base_config
 from ortho_mecha.merge import (
     META_HASHES,
     META_PLAN,
     META_RECIPE,
     MergeInterrupted,
     _check_free_space,
-    execute,
     merge_plan,
     partial_path,
     run_job,
 )
 from ortho_mecha.plan import Plan, plan_from_dict
 from ortho_mecha.recipe import recipe_text
-from tests.merge_fixtures import INT_KEY, base_state, finetune, read, sha256, write_family, write_plan
-
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = ROOT / ".venv" / "bin" / "python"
+from tests.merge_fixtures import (
+    INT_KEY,
+    assert_same_merge,
+    base_state,
+    finetune,
+    merge_three_ways,
+    read,
+    sha256,
+    write_family,
+    write_plan,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -120,23 +124,10 @@ def test_values_are_the_recipes_values(family, tmp_path) -> None:
 
 def test_mecha_file_and_script_reproduce_the_merge_bit_for_bit(family, tmp_path) -> None:
     plan_path = write_plan(tmp_path, make_plan(family, "orthomerge", merge_dtype="fp64").to_dict())
-    first, from_mecha, from_script = (tmp_path / f"{n}.safetensors" for n in ("first", "mecha", "script"))
-    mecha, script = tmp_path / "recipe.mecha", tmp_path / "merge.py"
-    assert main(["merge", str(plan_path), "--out", str(first)]) == 0
-    assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--script", str(script)]) == 0
-    register_base_config(family["base"])
-    execute(sd_mecha.deserialize_path(mecha), from_mecha, base=family["base"], merge_dtype="fp64", output_dtype="fp32")
-    run = subprocess.run([str(PYTHON), str(script), str(from_script)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["output"] == str(from_script)
-    reference, reference_meta = header(first)
-    for path in (from_mecha, from_script):
-        tensors, metadata = header(path)
-        assert tensors.keys() == reference.keys()
-        assert all(torch.equal(tensors[k].view(torch.uint8), reference[k].view(torch.uint8)) for k in reference)
-        assert metadata[META_RECIPE] == reference_meta[META_RECIPE]
-        assert metadata[META_HASHES] == reference_meta[META_HASHES]
-    assert header(from_script)[1][META_PLAN] == reference_meta[META_PLAN]
+    first, from_mecha, from_script, printed = merge_three_ways(plan_path, family["base"], tmp_path)
+    assert json.loads(printed)["output"] == str(from_script)
+    assert_same_merge(first, from_mecha, from_script)
+    assert header(from_script)[1][META_PLAN] == header(first)[1][META_PLAN]
 
 
 def test_nan_elements_are_replaced_by_the_base_values(family, tmp_path) -> None:
