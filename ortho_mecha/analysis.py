@@ -196,7 +196,6 @@ class _KeyTotals:
     peaks: np.ndarray  # per stat row: max |d_r| (numpy: a torch tensor would be sent between processes in
     # shared memory that is gone once the helper has exited)
     base_sq: float = 0.0
-    chunks_left: int = 0
 
 
 class _Reducer:
@@ -271,17 +270,17 @@ class _Reducer:
         if self.n_rows:
             d = x[: self.n_rows] if self.selection is None else self.selection @ x
             pack_signs(d.numpy(), pos, neg)
-            if n:  # amax and amin apart: several times faster here than torch.aminmax
-                picked = d if self.all_stats else d[self.stat_rows]
-                peaks = torch.maximum(picked.amax(dim=1), picked.amin(dim=1).neg_())
-                np.maximum(totals.peaks, peaks.numpy(), out=totals.peaks)
+            # amax and amin apart: several times faster here than torch.aminmax (a chunk is never empty)
+            picked = d if self.all_stats else d[self.stat_rows]
+            peaks = torch.maximum(picked.amax(dim=1), picked.amin(dim=1).neg_())
+            np.maximum(totals.peaks, peaks.numpy(), out=totals.peaks)
             count_signs(pos, neg, self.stat_rows, self.agree, self.both)
         if self.h_rows:  # OpenBLAS's syrk on one thread: ~1.6× torch's (MKL's) general product here
             values = x.numpy()
             totals.gram += values @ values.T if self.all_h else values[self.h_rows] @ values.T
 
-    def add(self, other: _Reducer | HelperResult) -> None:
-        """Add another reducer's totals (over other chunks of the same keys) into this one's."""
+    def add(self, other: HelperResult) -> None:
+        """Add a helper process's totals (over other chunks of the same keys) into this reducer's."""
         for key, part in other.totals.items():
             totals = self.totals.get(key)
             if totals is None:
@@ -369,13 +368,6 @@ def _reduce_chunks(chunks: _SharedQueue[tuple[str, int, int]], reducer: _Reducer
         between()
 
 
-def _elements_before(tasks: list[tuple[str, int, int]], i: int, sizes: np.ndarray, keys: Sequence[str]) -> int:
-    """Elements of the pass before chunk ``i``."""
-    canon, start, _ = tasks[i]
-    k = keys.index(canon)
-    return (int(sizes[k - 1]) if k else 0) + start
-
-
 def _chunk_tasks(alignment: Alignment, keys: Sequence[str], chunk: int) -> list[tuple[str, int, int]]:
     """(key, start, stop) of every chunk of a pass over ``keys``, in file order."""
     return [(c, start, min(_numel(alignment, c), start + chunk))
@@ -417,10 +409,11 @@ class _Helper:
         self.reader.join()
 
 
-def _stream_bytes(alignment: Alignment, keys: Sequence[str]) -> int:
-    """Bytes a pass over ``keys`` reads from every file (what the base and the models store of them)."""
+def _stream_bytes(alignment: Alignment, file_maps: Sequence[int], keys: Sequence[str]) -> int:
+    """Bytes a pass over ``keys`` reads from the base and the analysed files (what they store of them)."""
     streamed = 0
-    for model, keymap in zip([alignment.base, *alignment.models], alignment.maps, strict=True):
+    for map_index in (0, *file_maps):
+        model, keymap = ([alignment.base, *alignment.models])[map_index], alignment.maps[map_index]
         for canon in keys:
             name = keymap.keys.get(canon)
             if name is not None:
@@ -490,8 +483,9 @@ def run_pass(
     torch.set_num_threads(1)
     blas_threads = threadpool_limits(limits=1)
     chunks = _SharedQueue(_chunk_tasks(alignment, keys, chunk))
+    chunk_ends = np.cumsum([stop - start for _, start, stop in chunks.tasks])  # elements done with each chunk
     reducer = _Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows)
-    signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in reducer.uniform] if stat_rows else []
+    signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in set(keys)] if stat_rows else []
     signal = _SignalWork(alignment, files, file_maps, rows_t, stat_rows, dtype, signal_keys)
     signal_thread = threading.Thread(target=signal.run, name="ortho-mecha-signal", daemon=True)
     helper: _Helper | None = None
@@ -504,7 +498,7 @@ def run_pass(
             return
         last_report = now
         taken = chunks.taken()
-        done = int(sizes[-1]) if taken == len(chunks.tasks) else _elements_before(chunks.tasks, taken, sizes, keys)
+        done = int(chunk_ends[taken - 1]) if taken else 0
         fraction = done / max(total_elements, 1)
         keys_done = int(np.searchsorted(sizes, done, side="right"))
         progress({
@@ -517,7 +511,7 @@ def run_pass(
             "eta_s": (now - started) / fraction * (1 - fraction) if fraction > 0 else None,
         })
 
-    stream_bytes = _stream_bytes(alignment, keys)
+    stream_bytes = _stream_bytes(alignment, file_maps, keys)
     try:
         if not single_process and stream_bytes >= HELPER_MIN_BYTES and not any(m.is_delta for m in files):
             # (a helper rebuilds no LoRA rows)

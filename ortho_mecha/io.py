@@ -49,8 +49,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
-# Relative rounding step of each storage dtype (half an ulp at 1.0): the noise floor of a stored weight.
 ITEMSIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+# Relative rounding step of each storage dtype (half an ulp at 1.0): the noise floor of a stored weight.
 ROUNDING = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F8_E4M3": 2.0**-4, "F8_E5M2": 2.0**-3}
 
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")

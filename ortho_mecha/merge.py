@@ -330,8 +330,9 @@ def _torch_threads_per_worker(workers: int) -> Iterator[None]:
     if not workers:
         yield
         return
-    torch.set_num_threads(max(1, previous // workers))
-    with threadpool_limits(limits=max(1, previous // workers)):  # numpy's and scipy's BLAS (orthomerge's LAPACK)
+    each = max(1, previous // workers)
+    torch.set_num_threads(each)
+    with threadpool_limits(limits=each):  # numpy's and scipy's BLAS (orthomerge's LAPACK)
         try:
             yield
         finally:
