@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -188,6 +190,54 @@ def test_helper_process_failure_names_the_problem(tmp_path: Path) -> None:
         helper.close()
         chunks.close()
         signal.close()
+
+
+ORPHAN_PASS = """
+import sys, time
+import numpy as np
+from ortho_mecha import analysis as A
+from ortho_mecha.validate import align, open_models
+
+base, (model,) = open_models(sys.argv[1], [sys.argv[2]])
+alignment = align(base, [model])
+keys = list(alignment.keys) * 2000  # minutes of work in chunks of 64 elements
+chunks, signal = A._SharedQueue(A._chunk_tasks(alignment, keys, 64)), A._SharedQueue([])
+spec = A.HelperSpec(str(base.path), [str(model.path)], alignment.arch, [1], False, 64, keys, np.eye(1), [0], [0],
+                    [], chunks.fd, signal.fd)
+helper = A._Helper(spec)
+while not chunks.taken():  # the helper is at work
+    time.sleep(0.01)
+print(helper.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an orphan's reaper may be slow to reap it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_a_helper_whose_pass_is_killed_stops(tmp_path: Path) -> None:
+    """A pass killed outright (SIGKILL: no clean-up runs) leaves no helper process working on."""
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
+    script = tmp_path / "orphan_pass.py"
+    script.write_text(ORPHAN_PASS)
+    pass_process = subprocess.Popen([sys.executable, str(script), str(paths["base"]), str(paths["anime"])],
+                                    stdout=subprocess.PIPE, text=True)
+    try:
+        helper = int(pass_process.stdout.readline())  # once it has taken chunks
+        assert _running(helper)
+    finally:
+        pass_process.kill()
+        pass_process.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(helper):
+        time.sleep(0.05)
+    assert not _running(helper), "the helper went on working for a pass that is gone"
 
 
 def test_delta_from_and_regram_without_reading(tmp_path: Path) -> None:
