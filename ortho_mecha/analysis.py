@@ -931,9 +931,9 @@ def analyse(
     elif progress is not None:
         progress({"fraction": 1.0, "cached": True, "files": len(fps) + 1, "bytes": 0})
     return Analysis(
-        base=str(base_model.path),
-        models=[str(m.path) for m in opened],
-        files=[str(m.path) for m in file_models],
+        base=os.path.abspath(base_model.path),  # absolute: a plan made from the report may live elsewhere
+        models=[os.path.abspath(m.path) for m in opened],
+        files=[os.path.abspath(m.path) for m in file_models],
         delta_from=row_from,
         arch=alignment.arch,
         keys=list(alignment.keys),

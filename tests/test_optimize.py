@@ -234,3 +234,24 @@ def test_cli_plan_error_lines(tmp_path: Path, cli_error: Callable[..., str]) -> 
     missing = cli_error("plan", report, "--json", tmp_path / "p.json")  # the report's model files do not exist
     assert "does not exist" in missing
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_plan_from_a_report_of_relative_paths_loads_from_another_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable[..., object]
+) -> None:
+    """The report holds absolute paths, so a plan written beside it (not in the folder ``analyse`` ran in)
+    finds its models."""
+    from ortho_mecha.plan import load_plan
+
+    monkeypatch.chdir(tmp_path)
+    assert cli("demo", "demo").code == 0
+    analysed = cli("analyse", "--no-cache", "--base", "demo/base.safetensors", "demo", "--json", "demo/report.json")
+    assert analysed.code == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["base"] == str(tmp_path / "demo" / "base.safetensors")
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in [*report["models"], *report["files"]])
+    result = cli("plan", "demo/report.json", "--json", "demo/plan.json")
+    assert result.code == 0, result.err
+    plan = load_plan(tmp_path / "demo" / "plan.json")
+    assert plan.base == tmp_path / "demo" / "base.safetensors"
+    assert {row.model.parent for row in plan.rows} == {tmp_path / "demo"}
