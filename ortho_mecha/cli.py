@@ -144,8 +144,9 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
         help="architecture id: picks the built-in workflow (custom needs --workflow)",
     )
     p.add_argument("--prompt", required=True, help="the positive prompt")
-    p.add_argument("--negative", default="", help="the negative prompt (default: empty)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0: previews of different merges compare)")
+    p.add_argument("--negative", help="the negative prompt (default: empty; with --workflow, the workflow's own)")
+    p.add_argument("--seed", type=int, help="noise seed (default 0, so previews of different merges compare; with "
+                   "--workflow, the workflow's own)")
     p.add_argument("--workflow", metavar="FILE.json", help='your own workflow, exported from ComfyUI with "Save (API)"')
     for role, example in (("model", "4.unet_name"), ("prompt", "6.text"), ("negative", "7.text"), ("seed", "3.seed")):
         p.add_argument(

@@ -33,6 +33,8 @@ import requests
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.workflows import (
     FILE_FOLDERS,
+    FOLDER_ALIASES,
+    MODEL_INPUTS,
     Bindings,
     Graph,
     ModelFacts,
@@ -41,6 +43,7 @@ from ortho_mecha.workflows import (
     apply_bindings,
     arch_id,
     arch_spec,
+    bound_seed,
     find_bindings,
     load_workflow,
     parse_size,
@@ -142,17 +145,27 @@ class ComfyClient:
         except requests.RequestException as exc:
             raise OrthoMechaError(f"ComfyUI at {self.base_url}: {method} {path} failed ({exc})") from None
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _json(self, method: str, path: str, expect: type = dict, **kwargs: Any) -> Any:
         response = self._request(method, path, **kwargs)
         if response.status_code != 200:
             raise self._http_error(method, path, response)
+        return self._payload(response, method, path, expect)
+
+    def _payload(self, response: requests.Response, method: str, path: str, expect: type) -> Any:
+        """The response's JSON, which must be an ``expect`` (a dict, or a list): ComfyUI's shape for ``path``."""
         try:
-            return response.json()
+            payload = response.json()
         except ValueError:
             raise OrthoMechaError(
                 f"ComfyUI at {self.base_url} sent something that is not JSON for {method} {path}; is that address "
                 "a ComfyUI server?"
             ) from None
+        if not isinstance(payload, expect):
+            raise OrthoMechaError(
+                f"ComfyUI at {self.base_url} answered {method} {path} with a JSON {type(payload).__name__} where "
+                f"ComfyUI sends {'an object' if expect is dict else 'a list'}; is that address a ComfyUI server?"
+            )
+        return payload
 
     def _post(self, path: str, body: Mapping[str, Any]) -> None:
         response = self._request("POST", path, json=body)
@@ -175,7 +188,7 @@ class ComfyClient:
 
     def models(self, folder: str) -> list[str]:
         """The files ComfyUI lists in one models folder (``checkpoints``, ``diffusion_models``, ...)."""
-        return self._json("GET", f"/models/{folder}")
+        return self._json("GET", f"/models/{folder}", expect=list)
 
     def system_stats(self) -> dict[str, Any]:
         return self._json("GET", "/system_stats")
@@ -188,10 +201,17 @@ class ComfyClient:
                 payload = response.json()
             except ValueError:
                 raise self._http_error("POST", "/prompt", response) from None
+            if not isinstance(payload, dict):
+                raise self._http_error("POST", "/prompt", response)
             raise OrthoMechaError(describe_prompt_error(payload, self.base_url))
         if response.status_code != 200:
             raise self._http_error("POST", "/prompt", response)
-        payload = response.json()
+        payload = self._payload(response, "POST", "/prompt", dict)
+        if "prompt_id" not in payload:
+            raise OrthoMechaError(
+                f"ComfyUI at {self.base_url} accepted POST /prompt but sent no prompt_id; is that address a ComfyUI "
+                "server?"
+            )
         if payload.get("node_errors"):
             logger.warning("ComfyUI runs only part of the workflow: %s", _node_errors(payload["node_errors"]))
         return str(payload["prompt_id"])
@@ -320,13 +340,31 @@ class Problem:
     options: tuple[str, ...] = ()
 
 
+def _run_nodes(graph: Graph, info: Mapping[str, Any]) -> set[str]:
+    """The nodes ComfyUI runs, so validates: the output nodes (``output_node`` in /object_info) and every node
+    they depend on. Every node when the graph has no output node ComfyUI knows."""
+    stack = [n for n, node in graph.items() if (info.get(node["class_type"]) or {}).get("output_node") is True]
+    if not stack:
+        return set(graph)
+    needed: set[str] = set()
+    while stack:
+        node_id = stack.pop()
+        if node_id in needed or node_id not in graph:
+            continue
+        needed.add(node_id)
+        stack += [str(v[0]) for v in graph[node_id].get("inputs", {}).values() if isinstance(v, list) and v]
+    return needed
+
+
 def find_problems(graph: Graph, info: Mapping[str, Any]) -> list[Problem]:
-    """Check every node class exists, required inputs are set, links point at nodes and combo values are offered."""
-    problems: list[Problem] = []
+    """What ComfyUI would refuse: a node class it lacks (anywhere in the graph), and, in the nodes it runs, a
+    required input left out, a link to no node, or a combo value it does not offer (a file it does not list)."""
+    problems = [Problem("missing_class", n, node["class_type"]) for n, node in graph.items()
+                if node["class_type"] not in info]
+    run = _run_nodes(graph, info)
     for node_id, node in graph.items():
         class_type = node["class_type"]
-        if class_type not in info:
-            problems.append(Problem("missing_class", node_id, class_type))
+        if class_type not in info or node_id not in run:
             continue
         inputs = node.get("inputs", {})
         for name in info[class_type].get("input", {}).get("required", {}):
@@ -513,7 +551,7 @@ class PreviewResult:
     arch: str
     prompt_id: str
     graph: Graph
-    seed: int
+    seed: int | None  # None: the user's workflow sets its own noise
     resolved: Resolved | None  # None for the user's own workflow
     images: list[PreviewImage]
     link: LinkResult | None  # None when COMFYUI_DIR is not set
@@ -611,6 +649,77 @@ def read_model_facts(model: Path, arch: str) -> ModelFacts:
     return ModelFacts(text_dim=text_dim, guidance=find("guidance_in.in_layer.weight") is not None)
 
 
+def _user_workflow_check(settings: PreviewSettings) -> None:
+    overridden = [
+        flag
+        for flag, value in (("--steps", settings.steps), ("--cfg", settings.cfg), ("--size", settings.size),
+                            ("--vae", settings.vae))
+        if value is not None
+    ]
+    overridden += ["--clip"] if settings.clip else []
+    if overridden:
+        raise OrthoMechaError(
+            f"{', '.join(overridden)} cannot be applied to your own workflow; set those values in ComfyUI and "
+            'export it again with "Save (API)"'
+        )
+
+
+def check_arch(model: Path, arch: str) -> None:
+    """Refuse to render ``model`` with the built-in workflow of another architecture than its keys show."""
+    if model.suffix.lower() != ".safetensors":
+        return
+    from ortho_mecha.io import parse_header  # imports torch; only needed here
+    from ortho_mecha.validate import file_arch
+
+    found = file_arch(parse_header(model)[0])
+    if found not in ("custom", arch):
+        raise OrthoMechaError(
+            f"its keys are those of a {found} model, not {arch}: preview it as {found} (or with your own workflow)",
+            model,
+        )
+
+
+def _builtin_graph(model: Path, model_name: str, arch: str, settings: PreviewSettings, info: Mapping[str, Any],
+                   url: str) -> tuple[Graph, Resolved]:
+    """``arch``'s built-in graph for ``model`` (listed as ``model_name``), its files chosen from ``info``."""
+    spec = arch_spec(arch)
+    check_arch(model, spec.arch)
+    te_options: list[str] = []
+    if len(spec.text_encoders) == 2:
+        te_options = _options(info, "DualCLIPLoader", "clip_name1", url)
+    elif spec.text_encoders:
+        te_options = _options(info, "CLIPLoader", "clip_name", url)
+    vae_options = _options(info, "VAELoader", "vae_name", url) if spec.vae or settings.vae else []
+    resolved = resolve(spec, settings, te_options, vae_options, read_model_facts(model, arch))
+    return spec.build(model_name, resolved), resolved
+
+
+def _listed_name(model: Path, folder: str | None, options: Sequence[str]) -> str | None:
+    """The name ComfyUI lists ``model`` under when the file lies in a ``models/<folder>`` tree (a subfolder
+    name such as ``flux/x.safetensors``), found without COMFYUI_DIR: the listed name must be the path's tail."""
+    if folder is None:
+        return None
+    tail = model.absolute().as_posix()
+    for option in sorted(options, key=len, reverse=True):
+        name = option.replace("\\", "/")
+        if any(tail.endswith(f"/{where}/{name}") for where in (folder, *FOLDER_ALIASES.get(folder, ()))):
+            return option
+    return None
+
+
+def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comfy: Path | None, model: Path) -> None:
+    """Check, before any merge is written, that ComfyUI answers and can run ``arch``'s built-in graph: its node
+    classes, text encoders and VAE (the model itself, not made yet, is left out). ``model`` is a file of the
+    same variant (the plan's base) for the choices that depend on it."""
+    if comfy is not None:
+        _require_models(comfy)
+    info = client.object_info()
+    graph, _ = _builtin_graph(model, model.name, arch, settings, info, client.base_url)
+    problems = [p for p in find_problems(graph, info) if not (p.kind == "not_in_list" and p.input in MODEL_INPUTS)]
+    if problems:
+        raise OrthoMechaError("; ".join(describe_problem(p, client.base_url, "") for p in problems))
+
+
 def run_preview(
     model: str | Path,
     arch: str,
@@ -628,7 +737,8 @@ def run_preview(
     """Render ``model`` with ``arch``'s built-in workflow, or with the user's own ``workflow``.
 
     With ``comfy`` (ComfyUI's folder) the model is linked into its models folder first and, unless
-    ``keep_link``, unlinked afterwards (only if this call made the link). Returns the image bytes.
+    ``keep_link``, unlinked afterwards (only if this call made the link), whatever fails in between.
+    Without it, the model must be where ComfyUI lists it already. Returns the image bytes.
     """
     model = Path(model)
     if not model.is_file():
@@ -639,60 +749,41 @@ def run_preview(
         spec = arch_spec(arch)
         model_class, model_input = spec.loader, spec.model_input
     else:
-        overridden = [
-            flag
-            for flag, value in (
-                ("--steps", settings.steps),
-                ("--cfg", settings.cfg),
-                ("--size", settings.size),
-                ("--vae", settings.vae),
-            )
-            if value is not None
-        ]
-        overridden += ["--clip"] if settings.clip else []
-        if overridden:
-            raise OrthoMechaError(
-                f"{', '.join(overridden)} cannot be applied to your own workflow; set those values in ComfyUI and "
-                'export it again with "Save (API)"'
-            )
+        _user_workflow_check(settings)
         bindings = bindings or find_bindings(workflow)
         model_class, model_input = workflow[bindings.model.node]["class_type"], bindings.model.input
     folder = FILE_FOLDERS.get(model_input)
+    if comfy is not None and folder is None:
+        raise OrthoMechaError(
+            f"cannot tell which ComfyUI models folder {model_class}.{model_input} reads; put the model there "
+            "yourself and unset COMFYUI_DIR"
+        )
     info = client.object_info()
     link: LinkResult | None = None
-    if comfy is not None:
-        if folder is None:
-            raise OrthoMechaError(
-                f"cannot tell which ComfyUI models folder {model_class}.{model_input} reads; put the model there "
-                "yourself and unset COMFYUI_DIR"
-            )
-        link = link_model(model, comfy, folder)
-        model_name = link.name
-        if link.created:
-            info = client.object_info()  # the file lists changed
-        model_hint = (
-            f"it is linked as {link.path}, yet ComfyUI does not list it: is COMFYUI_DIR ({comfy}) the folder of the "
-            f"ComfyUI at {url}?"
-        )
-    else:
-        model_name = model.name
-        model_hint = (
-            "set COMFYUI_DIR so ortho-mecha can link it, or copy it to <ComfyUI folder>/models/"
-            f"{folder or '<the loader folder>'}"
-        )
     try:
+        if comfy is not None:
+            link = link_model(model, comfy, folder)
+            model_name = link.name
+            if link.created:
+                info = client.object_info()  # the file lists changed
+            model_hint = (
+                f"it is linked as {link.path}, yet ComfyUI does not list it: is COMFYUI_DIR ({comfy}) the folder of "
+                f"the ComfyUI at {url}?"
+            )
+        else:
+            listed = _listed_name(model, folder, combo_options(input_spec(info, model_class, model_input)) or [])
+            model_name = listed or model.name
+            model_hint = (
+                "set COMFYUI_DIR so ortho-mecha can link it, or copy it to <ComfyUI folder>/models/"
+                f"{folder or '<the loader folder>'}"
+            )
         resolved: Resolved | None = None
         if workflow is None:
-            te_options: list[str] = []
-            if len(spec.text_encoders) == 2:
-                te_options = _options(info, "DualCLIPLoader", "clip_name1", url)
-            elif spec.text_encoders:
-                te_options = _options(info, "CLIPLoader", "clip_name", url)
-            vae_options = _options(info, "VAELoader", "vae_name", url) if spec.vae or settings.vae else []
-            resolved = resolve(spec, settings, te_options, vae_options, read_model_facts(model, arch))
-            graph = spec.build(model_name, resolved)
+            graph, resolved = _builtin_graph(model, model_name, arch, settings, info, url)
+            seed: int | None = resolved.seed
         else:
             graph = apply_bindings(workflow, bindings, model_name, settings)
+            seed = bound_seed(graph, bindings)
         problems = find_problems(graph, info)
         if problems:
             raise OrthoMechaError("; ".join(describe_problem(p, url, model_hint) for p in problems))
@@ -709,7 +800,7 @@ def run_preview(
     finally:
         if link is not None and link.created and not keep_link:
             unlink_model(model, comfy, folder)
-    return PreviewResult(model, model_name, arch, prompt_id, graph, settings.seed, resolved, images, link)
+    return PreviewResult(model, model_name, arch, prompt_id, graph, seed, resolved, images, link)
 
 
 def save_images(images: Sequence[PreviewImage], out_dir: str | Path, stem: str) -> list[Path]:
@@ -810,6 +901,7 @@ def cli_preview(args: argparse.Namespace) -> int:
             f"text encoders/VAE: {files}",
             file=sys.stderr,
         )
-    for path in save_images(result.images, args.out, f"{result.model.stem}_seed{result.seed}"):
+    seed = "" if result.seed is None else f"_seed{result.seed}"
+    for path in save_images(result.images, args.out, f"{result.model.stem}{seed}"):
         print(path)
     return 0

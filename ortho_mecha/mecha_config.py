@@ -31,12 +31,11 @@ import sd_mecha
 from sd_mecha.extensions import model_configs
 from sd_mecha.extensions.model_configs import KeyMetadata, ModelComponent, ModelConfig, ModelConfigImpl
 
-from ortho_mecha import arch as arch_mod
 from ortho_mecha import components
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.io import DTYPES, Model
 from ortho_mecha.lora_rows import LoraModel, is_lora_file, register_lora_config
-from ortho_mecha.validate import DIFFUSION_PREFIX, MIN_SHARED, canonical_key, is_checkpoint, key_map
+from ortho_mecha.validate import DIFFUSION_PREFIX, MIN_SHARED, canonical_key, file_arch, is_checkpoint, key_map
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +80,7 @@ def config_identifier(model: Model) -> str:
     digest = hashlib.sha256()
     for key in sorted(model.tensors):
         digest.update(f"{key}\t{list(model.tensors[key].shape)}\n".encode())
-    canonical = {canonical_key(k.removeprefix(DIFFUSION_PREFIX)): t.shape for k, t in model.tensors.items()}
-    arch = arch_mod.detect(canonical).replace("-", "_")
+    arch = file_arch(model.tensors).replace("-", "_")
     return f"{arch}+{digest.hexdigest()[:16]}-{IMPLEMENTATION}"
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ortho_mecha.comfy import ComfyClient, PreviewImage, run_preview, save_images
+from ortho_mecha.comfy import ComfyClient, PreviewImage, preflight, run_preview, save_images
 from ortho_mecha.comfy import Progress as ComfyProgress
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_bytes
@@ -117,6 +117,7 @@ def alpha_sweep(
     grid_path = folder / f"{stem}.png"
     if grid_path.exists():
         raise OrthoMechaError("already exists; choose another folder or move it away", grid_path)
+    preflight(arch, settings, client=client, comfy=comfy, model=plan.base)  # before any merge is written
     cells: list[Cell] = []
     for alpha in alphas:
         model, plan_path = _merged(plan, alpha, folder, stem, progress)
@@ -125,6 +126,7 @@ def alpha_sweep(
         cells.append(Cell("base", plan.base))
         cells += [Cell(row.model.stem, row.model) for row in plan.rows if row.enabled]
     columns: list[tuple[str, list[bytes]]] = []
+    seed = None
     for n, cell in enumerate(cells, start=1):
         if progress is not None:
             progress({"fraction": (n - 1) / len(cells), "message": f"previewing {cell.label}"})
@@ -135,12 +137,13 @@ def alpha_sweep(
         result = run_preview(cell.model, arch, settings, client=client, comfy=comfy, time_limit=time_limit,
                              progress=polled)
         images: list[PreviewImage] = result.images
-        cell.images = save_images(images, folder, f"{stem}_{cell.label.replace(' ', '')}_seed{settings.seed}")
+        cell.images = save_images(images, folder, f"{stem}_{cell.label.replace(' ', '')}_seed{result.seed}")
+        seed = result.seed
         columns.append((cell.label, [image.data for image in images]))
     atomic_write_bytes(grid_path, grid(columns))
     return {
         "grid": str(grid_path),
-        "seed": settings.seed,
+        "seed": seed,
         "cells": [
             {"label": c.label, "model": str(c.model), "alpha": c.alpha, "plan": None if c.plan is None else str(c.plan),
              "images": [str(p) for p in c.images]}

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,12 @@ def canonical_key(key: str) -> str:
     if last == "scale" and "norm" in stem.rsplit(".", 1)[-1]:
         return f"{stem}.weight"
     return key
+
+
+def file_arch(tensors: Mapping[str, Any]) -> str:
+    """The architecture id of one file from its tensors (name → :class:`~ortho_mecha.io.TensorInfo`), its keys
+    taken as the analysis takes them (prefix removed, canonical spelling)."""
+    return arch_mod.detect({canonical_key(k.removeprefix(DIFFUSION_PREFIX)): t.shape for k, t in tensors.items()})
 
 
 @dataclass

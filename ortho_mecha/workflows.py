@@ -64,6 +64,7 @@ FILE_FOLDERS = {
     "vae_name": "vae",
     "lora_name": "loras",
 }
+FOLDER_ALIASES = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}  # ComfyUI's older folder names
 MODEL_INPUTS = ("unet_name", "ckpt_name")
 SEED_INPUTS = ("seed", "noise_seed")
 
@@ -87,6 +88,7 @@ FLUX1_VAE = Wanted("ae.safetensors", (r"^ae\.(safetensors|sft)$", r"^flux_?1?[-_
 FLUX2_VAE = Wanted("flux2-vae.safetensors", (r"^flux2[-_]vae", r"full_encoder_small_decoder"))
 # Flux.2 txt_in input width → its text encoder (3 stacked hidden layers of the LLM).
 FLUX2_TEXT_DIMS = {7680: QWEN3_4B, 12288: QWEN3_8B, 15360: MISTRAL3}
+FLUX2_DEV_GUIDANCE = 4.0  # the Flux.2 dev template's FluxGuidance
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,8 @@ class PreviewSettings:
     """What the user asks for; ``None`` means the architecture's default, empty ``clip`` means auto."""
 
     prompt: str
-    negative: str = ""
-    seed: int = 0
+    negative: str | None = None  # built-in workflows: empty; the user's own: its own text
+    seed: int | None = None  # built-in workflows: 0; the user's own: its own seed
     steps: int | None = None
     cfg: float | None = None
     size: tuple[int, int] | None = None
@@ -124,6 +126,7 @@ class Resolved:
     height: int
     text_encoders: tuple[str, ...]
     vae: str | None  # None: the checkpoint's own VAE
+    guided: bool = False  # Flux.2 dev: cfg is the FluxGuidance value into a BasicGuider (no negative)
 
 
 @dataclass(frozen=True)
@@ -271,8 +274,9 @@ def resolve(
     facts: ModelFacts = ModelFacts(),
 ) -> Resolved:
     """Fill in ``spec``'s defaults, check the numbers, and choose the files."""
+    guided = spec.arch == "flux2-klein" and facts.guidance is True
     steps = settings.steps if settings.steps is not None else _default_steps(spec, facts)
-    cfg = settings.cfg if settings.cfg is not None else spec.cfg
+    cfg = settings.cfg if settings.cfg is not None else FLUX2_DEV_GUIDANCE if guided else spec.cfg
     width, height = settings.size if settings.size is not None else (spec.size, spec.size)
     if not 1 <= steps <= 10000:
         raise OrthoMechaError(f"steps must be between 1 and 10000, got {steps}")
@@ -283,10 +287,15 @@ def resolve(
             raise OrthoMechaError(
                 f"{name} {value} does not fit {spec.arch}: use a multiple of {spec.size_step} between 16 and 16384"
             )
-    if not 0 <= settings.seed <= MAX_SEED:
-        raise OrthoMechaError(f"seed must be between 0 and {MAX_SEED}, got {settings.seed}")
+    seed = 0 if settings.seed is None else settings.seed
+    _check_seed(seed)
     encoders, vae = choose_files(spec, settings, text_encoder_options, vae_options, facts)
-    return Resolved(settings.prompt, settings.negative, settings.seed, steps, cfg, width, height, encoders, vae)
+    return Resolved(settings.prompt, settings.negative or "", seed, steps, cfg, width, height, encoders, vae, guided)
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise OrthoMechaError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
 def _default_steps(spec: ArchSpec, facts: ModelFacts) -> int:
@@ -425,8 +434,13 @@ def _custom_sampler_graph(model_name: str, s: Resolved, *, flux2: bool) -> Graph
     if not flux2:
         clip = _out(g.add("T5TokenizerOptions", clip=clip, min_padding=0, min_length=0))
         model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=1.0))
-    positive, negative = _prompts(g, clip, s, zero_negative=flux2)
-    guider = g.add("CFGGuider", model=model, positive=positive, negative=negative, cfg=s.cfg)
+    if s.guided:  # Flux.2 dev: guidance distilled into the model, no negative
+        positive = g.add("CLIPTextEncode", "Positive prompt", text=s.prompt, clip=clip)
+        guided = g.add("FluxGuidance", conditioning=_out(positive), guidance=s.cfg)
+        guider = g.add("BasicGuider", model=model, conditioning=_out(guided))
+    else:
+        positive_link, negative_link = _prompts(g, clip, s, zero_negative=flux2)
+        guider = g.add("CFGGuider", model=model, positive=positive_link, negative=negative_link, cfg=s.cfg)
     sampler = g.add("KSamplerSelect", sampler_name="euler")
     if flux2:
         sigmas = g.add("Flux2Scheduler", steps=s.steps, width=s.width, height=s.height)
@@ -447,7 +461,8 @@ def _custom_sampler_graph(model_name: str, s: Resolved, *, flux2: bool) -> Graph
 
 
 def build_flux2_klein(model_name: str, s: Resolved) -> Graph:
-    """Flux.2 Klein: image_flux2_klein_text_to_image (CFGGuider, Flux2Scheduler, EmptyFlux2LatentImage)."""
+    """Flux.2 Klein: image_flux2_klein_text_to_image (CFGGuider, Flux2Scheduler, EmptyFlux2LatentImage); Flux.2
+    dev (a model with guidance_in): FluxGuidance 4 into BasicGuider instead of CFGGuider."""
     return _custom_sampler_graph(model_name, s, flux2=True)
 
 
@@ -535,13 +550,32 @@ def _is_link(value: object) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def _literal_inputs(graph: Graph, names: Sequence[str], kind: type | tuple[type, ...]) -> list[Target]:
-    return [
-        Target(node_id, name)
+def _is_kind(value: object, kind: type) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _value_target(graph: Graph, node_id: str, name: str, kind: type) -> Target | None:
+    """Where the value of input ``node_id.name`` is set: that input when it holds a ``kind``, else, when it is
+    linked, the one ``kind`` input of the node it links to (a primitive such as PrimitiveInt's ``value``)."""
+    value = graph[node_id].get("inputs", {}).get(name)
+    if _is_kind(value, kind):
+        return Target(node_id, name)
+    if not _is_link(value) or str(value[0]) not in graph:
+        return None
+    source = str(value[0])
+    held = [n for n, v in graph[source].get("inputs", {}).items() if _is_kind(v, kind)]
+    return Target(source, held[0]) if len(held) == 1 else None
+
+
+def _value_inputs(graph: Graph, names: Sequence[str], kind: type) -> list[Target]:
+    """The distinct places the values of every input named in ``names`` are set (see :func:`_value_target`)."""
+    found = (
+        _value_target(graph, node_id, name, kind)
         for node_id, node in graph.items()
-        for name, value in node.get("inputs", {}).items()
-        if name in names and isinstance(value, kind) and not isinstance(value, bool)
-    ]
+        for name in node.get("inputs", {})
+        if name in names
+    )
+    return list(dict.fromkeys(t for t in found if t is not None))
 
 
 def _text_encoders_feeding(graph: Graph, start: object) -> set[str]:
@@ -593,11 +627,14 @@ def _parse_target(graph: Graph, text: str, role: str, path: Path | None) -> Targ
             path,
         )
     if _is_link(inputs[name]):
-        raise OrthoMechaError(
-            f"--set-{role} '{text}' is linked to node {inputs[name][0]}, not a value; mark the input that holds the "
-            "value",
-            path,
-        )
+        target = _value_target(graph, node_id, name, int if role == "seed" else str)
+        if target is None:
+            raise OrthoMechaError(
+                f"--set-{role} '{text}' is linked to node {inputs[name][0]}, not a value; mark the input that holds "
+                "the value",
+                path,
+            )
+        return target
     return Target(node_id, name)
 
 
@@ -622,12 +659,13 @@ def find_bindings(
 
     Detection takes the single UNETLoader/CheckpointLoaderSimple file input, the CLIPTextEncode texts
     feeding the samplers' positive and negative inputs, and the single ``seed``/``noise_seed`` input; it
-    raises, naming the candidates, when there are several.
+    raises, naming the candidates, when there are several. An input fed by a primitive node (PrimitiveInt,
+    a string primitive) is set on that node.
     """
     model_target = (
         _parse_target(graph, model, "model", path)
         if model
-        else _single(_literal_inputs(graph, MODEL_INPUTS, str), "model", "model loaders", path)
+        else _single(_value_inputs(graph, MODEL_INPUTS, str), "model", "model loaders", path)
     )
     if model_target is None:
         raise OrthoMechaError(
@@ -645,7 +683,8 @@ def find_bindings(
         )
 
     def texts(nodes: set[str]) -> list[Target]:
-        return [Target(n, "text") for n in sorted(nodes) if isinstance(graph[n]["inputs"].get("text"), str)]
+        found = (_value_target(graph, n, "text", str) for n in sorted(nodes))
+        return list(dict.fromkeys(t for t in found if t is not None))
 
     prompt_target = (
         _parse_target(graph, prompt, "prompt", path)
@@ -660,7 +699,7 @@ def find_bindings(
     seed_target = (
         _parse_target(graph, seed, "seed", path)
         if seed
-        else _single(_literal_inputs(graph, SEED_INPUTS, int), "seed", "seed inputs", path)
+        else _single(_value_inputs(graph, SEED_INPUTS, int), "seed", "seed inputs", path)
     )
     return Bindings(model_target, prompt_target, negative_target, seed_target)
 
@@ -671,8 +710,8 @@ def apply_bindings(graph: Graph, bindings: Bindings, model_name: str, settings: 
     A prompt, a negative text or a seed the user gave but the workflow has no place for is an error;
     one the user did not give leaves the workflow's own value.
     """
-    if not 0 <= settings.seed <= MAX_SEED:
-        raise OrthoMechaError(f"seed must be between 0 and {MAX_SEED}, got {settings.seed}")
+    if settings.seed is not None:
+        _check_seed(settings.seed)
     out = copy.deepcopy(graph)
     values: list[tuple[Target | None, object, str]] = [
         (bindings.model, model_name, "model"),
@@ -681,14 +720,20 @@ def apply_bindings(graph: Graph, bindings: Bindings, model_name: str, settings: 
         (bindings.seed, settings.seed, "seed"),
     ]
     for target, value, role in values:
+        if value is None or (role != "seed" and value == "" and target is None):
+            continue  # not given: the workflow keeps its own
         if target is None:
-            if role != "seed" and value:
-                raise OrthoMechaError(
-                    f"the workflow has no {role} prompt input that ortho-mecha can find; mark it with "
-                    f"--set-{role} NODE.INPUT"
-                )
-            if role == "seed":
-                logger.info("the workflow has no seed input; keeping its own noise settings")
-            continue
+            what = "seed input" if role == "seed" else f"{role} prompt input"
+            raise OrthoMechaError(
+                f"the workflow has no {what} that ortho-mecha can find; mark it with --set-{role} NODE.INPUT"
+            )
         out[target.node]["inputs"][target.input] = value
     return out
+
+
+def bound_seed(graph: Graph, bindings: Bindings) -> int | None:
+    """The seed ``graph`` samples with, where ``bindings`` finds one as a plain number."""
+    if bindings.seed is None:
+        return None
+    value = graph[bindings.seed.node]["inputs"].get(bindings.seed.input)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

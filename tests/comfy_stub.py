@@ -405,6 +405,9 @@ class ComfyStub:
                 (root / "models" / directory).mkdir(parents=True, exist_ok=True)
         self.delay, self.mode, self.answer_delay = delay, mode, answer_delay
         self.missing_classes: set[str] = set()
+        self.object_info_calls = 0
+        self.object_info_fails_after: int | None = None  # answer 500 to GET /object_info after this many
+        self.prompt_answer: bytes | None = None  # POST /prompt answers 200 with these bytes (a proxy's HTML page)
         self.received: list[dict[str, Any]] = []  # every POST /prompt body that parsed
         self.interrupts: list[dict[str, Any]] = []
         self.cond = threading.Condition()
@@ -592,6 +595,8 @@ class ComfyStub:
     def _image(self, prompt: dict[str, Any], node_id: str) -> dict[str, str]:
         node = prompt[node_id]
         seed = next((v for n in prompt.values() for k, v in n["inputs"].items() if k in ("seed", "noise_seed")), 0)
+        if isinstance(seed, list):  # linked to a primitive node
+            seed = prompt[str(seed[0])]["inputs"].get("value", 0)
         if node["class_type"] == "SaveImage":
             prefix = node["inputs"].get("filename_prefix", "ComfyUI")
             subfolder, _, stem = prefix.rpartition("/")
@@ -641,7 +646,11 @@ def _handler(stub: ComfyStub) -> type[BaseHTTPRequestHandler]:
             parts = [p for p in url.path.split("/") if p]
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             if parts == ["object_info"]:
-                self._json(stub.object_info())
+                stub.object_info_calls += 1
+                if stub.object_info_fails_after is not None and stub.object_info_calls > stub.object_info_fails_after:
+                    self._send(500, b"500 Internal Server Error\n\nServer got itself in trouble", "text/plain")
+                else:
+                    self._json(stub.object_info())
             elif len(parts) == 2 and parts[0] == "object_info":
                 info = stub.object_info()
                 self._json({parts[1]: info[parts[1]]} if parts[1] in info else {})
@@ -679,6 +688,9 @@ def _handler(stub: ComfyStub) -> type[BaseHTTPRequestHandler]:
                 body = self._body()
             except json.JSONDecodeError:
                 self._send(500, b"500 Internal Server Error\n\nServer got itself in trouble", "text/plain")
+                return
+            if path == "/prompt" and stub.prompt_answer is not None:
+                self._send(200, stub.prompt_answer, "text/html")
                 return
             if path == "/prompt":
                 status, payload = stub.queue_prompt(body)

@@ -62,6 +62,7 @@ def client_for(stub: ComfyStub, timeout: float = 5.0) -> ComfyClient:
 def preview(stub: ComfyStub, model: Path, arch: str = "sd1", **kwargs: object):
     kwargs.setdefault("comfy", stub.root)
     kwargs.setdefault("poll_interval", 0.01)
+    kwargs.setdefault("time_limit", 60.0)  # a stand-in that stops answering fails the test, not the suite's clock
     return run_preview(model, arch, kwargs.pop("settings", SETTINGS), client=client_for(stub), **kwargs)
 
 
@@ -92,13 +93,29 @@ def test_find_problems_names_each_problem(comfy_stub: ComfyStub) -> None:
         "4": {"class_type": "VAEDecode", "inputs": {"samples": ["99", 0]}},
     }
     assert find_problems(graph, info) == [
-        Problem("not_in_list", "1", "CheckpointLoaderSimple", "ckpt_name", "absent.safetensors", ()),
         Problem("missing_class", "2", "NoSuchNodeXYZ"),
+        Problem("not_in_list", "1", "CheckpointLoaderSimple", "ckpt_name", "absent.safetensors", ()),
         Problem("not_in_list", "3", "KSamplerSelect", "sampler_name", "eulerx", tuple(combo_options(
             info["KSamplerSelect"]["input"]["required"]["sampler_name"]))),
         Problem("missing_input", "4", "VAEDecode", "vae"),
         Problem("dangling_link", "4", "VAEDecode", "samples", "99"),
     ]  # fmt: skip
+
+
+def test_find_problems_checks_only_what_comfyui_runs(comfy_stub: ComfyStub) -> None:
+    """ComfyUI validates the output nodes and what they depend on; a node feeding nothing (here a LoRA loader
+    naming a file it lacks) is not run, so not refused. A node class it lacks is refused anywhere."""
+    info = comfy_stub.object_info()
+    graph = {
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": "absent-vae.safetensors"}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
+        "5": {"class_type": "VAELoader", "inputs": {"vae_name": "unused-absent.safetensors"}},
+    }
+    assert [(p.kind, p.node) for p in find_problems(graph, info)] == [("not_in_list", "2")]
+    graph["6"] = {"class_type": "NoSuchNodeXYZ", "inputs": {}}
+    assert [(p.kind, p.node) for p in find_problems(graph, info)] == [("missing_class", "6"), ("not_in_list", "2")]
 
 
 def test_stub_lists_files_like_comfyui(comfy_stub: ComfyStub) -> None:
@@ -181,6 +198,88 @@ def test_user_workflow_end_to_end(comfy_stub: ComfyStub, tmp_path: Path) -> None
     assert graph["ckpt"]["inputs"]["ckpt_name"] == "placeholder.safetensors"
     with pytest.raises(OrthoMechaError, match=r"--steps, --clip cannot be applied to your own workflow"):
         preview(comfy_stub, model, "custom", workflow=graph, settings=PreviewSettings("p", steps=3, clip=("a",)))
+
+
+def user_graph(seed: object = 1) -> dict:
+    """An SD1.5 API-format workflow of the user's: its own negative text and seed (or a link to a PrimitiveInt)."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "placeholder.safetensors"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "old", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["ckpt", 1]}},
+        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "ks": {"class_type": "KSampler", "inputs": {
+            "model": ["ckpt", 0], "seed": seed, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "karras",
+            "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
+        "show": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "mine"}},
+    }  # fmt: skip
+
+
+def test_user_workflow_keeps_what_is_not_given(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    """No --negative, no --seed: the workflow's own negative text and seed are sent unchanged."""
+    model = write_model(tmp_path / "mine.safetensors")
+    result = preview(comfy_stub, model, "custom", workflow=user_graph(seed=123), settings=PreviewSettings("new"))
+    sent = comfy_stub.received[-1]["prompt"]
+    assert (sent["pos"]["inputs"]["text"], sent["neg"]["inputs"]["text"]) == ("new", "text, watermark")
+    assert sent["ks"]["inputs"]["seed"] == 123 and result.seed == 123
+
+
+def test_user_workflow_seed_from_a_primitive_node(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    """A seed input linked to a PrimitiveInt is set on that node; a seed with no place to go is an error."""
+    model = write_model(tmp_path / "mine.safetensors")
+    graph = user_graph(seed=["seed", 0])
+    graph["seed"] = {"class_type": "PrimitiveInt", "inputs": {"value": 219670278747233}}
+    result = preview(comfy_stub, model, "custom", workflow=graph, settings=PreviewSettings("new", seed=42))
+    sent = comfy_stub.received[-1]["prompt"]
+    assert sent["seed"]["inputs"]["value"] == 42 and sent["ks"]["inputs"]["seed"] == ["seed", 0] and result.seed == 42
+    graph["seed"] = {"class_type": "PrimitiveInt", "inputs": {"value": ["ckpt", 0]}}  # no number to set anywhere
+    with pytest.raises(OrthoMechaError, match=r"no seed input that ortho-mecha can find.*--set-seed"):
+        preview(comfy_stub, model, "custom", workflow=graph, settings=PreviewSettings("new", seed=42))
+
+
+def test_link_is_removed_when_comfyui_fails_after_linking(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "merged.safetensors")
+    comfy_stub.object_info_fails_after = 1  # the file lists, asked again once the model is linked, fail
+    with pytest.raises(OrthoMechaError, match=r"answered 500 to GET /object_info"):
+        preview(comfy_stub, model)
+    assert not (comfy_stub.root / "models" / "checkpoints" / "merged.safetensors").exists()
+    assert model.is_file()
+
+
+def test_a_page_that_is_not_comfyuis_answer_is_named(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    comfy_stub.prompt_answer = b"<html><body>Sign in to continue</body></html>"
+    with pytest.raises(OrthoMechaError, match=r"at http://127\.0\.0\.1:\d+ sent something that is not JSON for POST "
+                       r"/prompt; is that address a ComfyUI server\?"):
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors"))
+
+
+def test_a_model_comfyui_lists_in_a_subfolder_is_found_without_comfy_dir(comfy_stub: ComfyStub) -> None:
+    comfy_stub.add_standard_files()
+    model = write_model(comfy_stub.root / "models" / "unet" / "flux" / "mine.safetensors", {"img_in.weight": (2, 4)})
+    result = preview(comfy_stub, model, "flux1", comfy=None)
+    assert result.model_name == "flux/mine.safetensors" and result.link is None
+    assert comfy_stub.received[-1]["prompt"]["1"]["inputs"]["unet_name"] == "flux/mine.safetensors"
+
+
+def test_flux2_dev_gets_guidance_not_cfg(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    """Flux.2 dev (guidance_in, Mistral-width txt_in): FluxGuidance 4 into BasicGuider, as its template."""
+    comfy_stub.add_file("text_encoders", "mistral_3_small_flux2_bf16.safetensors")
+    keys = {"txt_in.weight": (2, 15360), "guidance_in.in_layer.weight": (2, 4)}
+    model = write_model(tmp_path / "dev.safetensors", keys)
+    result = preview(comfy_stub, model, "flux2-klein")
+    sent = comfy_stub.received[-1]["prompt"]
+    classes = {node["class_type"]: node["inputs"] for node in sent.values()}
+    assert classes["FluxGuidance"]["guidance"] == 4.0 and "BasicGuider" in classes and "CFGGuider" not in classes
+    assert classes["CLIPLoader"]["clip_name"] == "mistral_3_small_flux2_bf16.safetensors"
+    assert result.resolved is not None and result.resolved.guided
+
+
+def test_a_model_of_another_architecture_is_refused(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    flux = write_model(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.norm.key_norm.weight": (4,),
+                                                        "img_in.weight": (2, 4)})
+    with pytest.raises(OrthoMechaError, match=r"flux\.safetensors: its keys are those of a flux1 model, not sd1"):
+        preview(comfy_stub, flux, "sd1")
+    assert not comfy_stub.received
 
 
 def test_custom_arch_needs_a_workflow(comfy_stub: ComfyStub, tmp_path: Path) -> None:

@@ -77,3 +77,15 @@ def test_grid_lays_out_columns() -> None:
     assert sheet.getpixel((5, 28 + 5)) == (255, 0, 0)
     assert sheet.getpixel((32 + 5, 28 + 5)) == (0, 0, 255)
     assert sheet.getpixel((32 + 5, 28 + 24 + 5)) == (255, 255, 255)  # the shorter column stays blank
+
+
+def test_sweep_checks_comfyui_before_merging(comfy_stub: ComfyStub, tmp_path: Path, cli_error: Callable) -> None:
+    """ComfyUI down, or unable to run the workflow: the sweep stops before writing any merge."""
+    plan = write_plan(tmp_path)
+    out = tmp_path / "sweep"
+    common = ["preview", "--plan", plan, "--alphas", "0.5,1", "--arch", "sdxl", "--prompt", "p", "--out", out]
+    comfy_stub.missing_classes.add("KSamplerAdvanced")
+    assert "KSamplerAdvanced" in cli_error(*common, "--api", comfy_stub.url)
+    comfy_stub.stop()
+    assert "connection refused" in cli_error(*common, "--api", comfy_stub.url)
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("*.plan.json"))
