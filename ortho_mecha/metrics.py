@@ -182,7 +182,9 @@ def _output_coefficients(g: np.ndarray, method: str, w: np.ndarray, options: Map
             raise ValueError(
                 "predicted survival for ortho_superpose needs granularity 'key' (per-row Grams are not kept)"
             )
-        return alpha * w * superpose_coefficients(gw, float(options.get("rcond", DEFAULT_RCOND)), floors)
+        # the method's floor scales with the rows' largest coefficient, as their rounding noise did
+        scaled = np.asarray(floors, dtype=np.float64) * np.max(np.abs(w), axis=-1) ** 2
+        return alpha * w * superpose_coefficients(gw, float(options.get("rcond", DEFAULT_RCOND)), scaled)
     if method == "ortho_project":
         flat = gw.reshape(-1, *gw.shape[-2:])
         return alpha * w * np.stack([gram_schmidt_coefficients(one) for one in flat]).reshape(g.shape[:-1])

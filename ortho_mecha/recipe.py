@@ -13,7 +13,8 @@ is and how often the row is listed depends on the method (``MethodSpec.repeat``)
 method            recipe (α_i, r_i: the row's alpha and repeat; ``alpha``: the global option)
 ================  ==================================================================================
 ortho_project     ``ortho_project(base, *δ, alpha)``, c_i = α_i·r_i
-ortho_superpose   ``ortho_superpose(base, *δ, alpha, granularity, rcond)``, c_i = α_i·r_i
+ortho_superpose   ``ortho_superpose(base, *δ, alpha, granularity, rcond, noise_scale)``, c_i = α_i·r_i,
+                  noise_scale = max_i |c_i| (per key with block alphas)
 orthomerge        ``orthomerge(base, *δ, …)``, c_i = α_i, row listed r_i times
 weighted_sum      ``add_difference(base, n_average(*δ), alpha)``, c_i = n·α_i·r_i / Σ α_j·r_j
                   (a weighted mean of the deltas; with every delta-from the base, Σ w_i M_i / Σ w_i)
@@ -103,13 +104,18 @@ def _coefficients(plan: Plan, method: str, alphas: list[float] | None = None) ->
     return weights
 
 
-def _row_coefficients(plan: Plan, method: str, config_id: str) -> list[float | sd_mecha.RecipeNode]:
-    """Each enabled row's coefficient: a float, or per key with block alphas (see the module docstring)."""
+def _zones(plan: Plan, method: str) -> tuple[list[float], list[dict[str, float]]]:
+    """Each enabled row's plain coefficient and its per-group ones (:func:`ortho_mecha.blocks.zone_coefficients`)."""
     rows = plan.enabled_rows
-    plain, overrides = blocks.zone_coefficients(
+    return blocks.zone_coefficients(
         [float(row.alpha) for row in rows], [row.block_alphas for row in rows],
         lambda a: _coefficients(plan, method, a),
     )
+
+
+def _row_coefficients(plan: Plan, method: str, config_id: str) -> list[float | sd_mecha.RecipeNode]:
+    """Each enabled row's coefficient: a float, or per key with block alphas (see the module docstring)."""
+    plain, overrides = _zones(plan, method)
     if not any(overrides):
         return plain
     layout = blocks.base_layout(plan.base)
@@ -121,6 +127,22 @@ def _row_coefficients(plan: Plan, method: str, config_id: str) -> list[float | s
             continue
         out.append(_method("fallback")(sd_mecha.literal(per_key, config=config_id), coefficient))
     return out
+
+
+def _noise_scale(plan: Plan, method: str, config_id: str) -> float | sd_mecha.RecipeNode:
+    """The rows' largest |coefficient|, per key with block alphas: ortho_superpose's ``noise_scale``."""
+    plain, overrides = _zones(plan, method)
+    largest = max(abs(c) for c in plain)
+    groups = list(dict.fromkeys(g for listed in overrides for g in listed))
+    if not groups:
+        return largest
+    layout = blocks.base_layout(plan.base)
+    per_key = {
+        key: max(abs(listed.get(group, c)) for c, listed in zip(plain, overrides, strict=True))
+        for group in groups
+        for key in layout.file_keys(group)
+    }
+    return _method("fallback")(sd_mecha.literal(per_key, config=config_id), largest) if per_key else largest
 
 
 def _combine(
@@ -144,6 +166,8 @@ def _combine(
     else:
         deltas = row_deltas
     options = dict(options)
+    if method == "ortho_superpose":
+        options["noise_scale"] = _noise_scale(plan, method, config_id)
     if method in ORTHO_METHODS:
         return _method(method)(base, *deltas, **options)
     alpha = options.pop("alpha")

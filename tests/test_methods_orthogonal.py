@@ -158,6 +158,18 @@ def test_superpose_stored_copies_opposites_and_merges_fit_no_rounding_noise(gen:
     assert float(blown.norm()) > 5 * float(a.norm())
 
 
+def test_superpose_floor_scales_with_the_rows_scale(gen: torch.Generator) -> None:
+    """A real bf16 delta (0.6 % of the weights' RMS) scaled by 0.5 is below the stored inputs' rounding floor,
+    but its rounding noise was scaled with it: with noise_scale 0.5 the half delta is kept, not dropped."""
+    base = torch.randn((64, 64), generator=gen, dtype=torch.float64).to(torch.bfloat16).to(torch.float64)
+    model = (base * (1 + 0.006 * torch.randn((64, 64), generator=gen, dtype=torch.float64))).to(torch.bfloat16)
+    half = 0.5 * (model.to(torch.float64) - base)
+    assert torch.equal(superpose_method(base, half), base)  # as if unscaled: under the floor
+    assert torch.allclose(superpose_method(base, half, noise_scale=0.5), base + half, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="noise_scale"):
+        superpose_method(base, half, noise_scale=-1.0)
+
+
 def test_storage_unit_is_read_off_the_values(gen: torch.Generator) -> None:
     from ortho_mecha.gram import UNIT_ROUNDOFF
     from ortho_mecha.methods.orthogonal import storage_unit

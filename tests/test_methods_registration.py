@@ -15,6 +15,7 @@ from sd_mecha.extensions import merge_methods
 from ortho_mecha.mecha_config import register_base_config
 from ortho_mecha.methods import (
     METHOD_OPTIONS,
+    RECIPE_PARAMETERS,
     OptionError,
     ortho_project,
     ortho_superpose,
@@ -78,8 +79,9 @@ def test_option_specs_match_the_signature(identifier: str) -> None:
     names = method.get_param_names()
     signature_defaults = dict(defaults.kwargs)
     signature_defaults.update(zip(names.args[len(names.args) - len(defaults.args) :], defaults.args, strict=True))
-    assert signature_defaults == {spec.name: spec.default for spec in METHOD_OPTIONS[identifier]}
-    assert validate_options(identifier, {}) == signature_defaults
+    options = {spec.name: spec.default for spec in METHOD_OPTIONS[identifier]}
+    assert signature_defaults == options | RECIPE_PARAMETERS.get(identifier, {})
+    assert validate_options(identifier, {}) == options
 
 
 def test_validate_options_up_front() -> None:

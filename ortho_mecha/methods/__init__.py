@@ -34,6 +34,9 @@ METHOD_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
     "scale_delta": (ALPHA,),
 }
 
+# parameters a plan's recipe computes (never a user's option): ortho_superpose's rows' largest coefficient
+RECIPE_PARAMETERS: dict[str, dict[str, OptionValue]] = {"ortho_superpose": {"noise_scale": 1.0}}
+
 
 def validate_options(method: str, options: Mapping[str, OptionValue]) -> dict[str, OptionValue]:
     """Check a method's options before any tensor is read; returns them with defaults filled in.
@@ -47,6 +50,7 @@ def validate_options(method: str, options: Mapping[str, OptionValue]) -> dict[st
 
 __all__ = [
     "METHOD_OPTIONS",
+    "RECIPE_PARAMETERS",
     "OptionError",
     "OptionSpec",
     "ortho_project",

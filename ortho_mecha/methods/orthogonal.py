@@ -13,6 +13,7 @@ delta lies (nearly) in the span of the earlier ones, which the Gram cannot resol
 # No `from __future__ import annotations`: sd-mecha reads the Parameter(...) annotations as objects.
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -173,6 +174,7 @@ def ortho_superpose(
     alpha: Parameter(float) = ALPHA.default,
     granularity: Parameter(str) = GRANULARITY.default,
     rcond: Parameter(float) = RCOND.default,
+    noise_scale: Parameter(float) = 1.0,
 ) -> Return(Tensor, "weight"):
     """Order-free orthogonal superposition: every delta keeps exactly its own magnitude along its direction.
 
@@ -188,6 +190,9 @@ def ortho_superpose(
     granularity: ``"key"`` solves once per key; ``"row"`` once per output row of each matrix (conv
     weights: per output channel), batched; 1-D keys are always solved per key.
     rcond ∈ (0, 1), default 1e-6 (exactly opposite deltas stored in fp32 reach about 1e-11).
+    noise_scale ≥ 0: the largest factor the deltas were scaled by before this method (a plan's row alphas,
+    per key with block alphas; what ``ortho-mecha recipe`` passes): their rounding noise was scaled with them,
+    so the floor is ``noise_scale²`` times the stored inputs'. Default 1: unscaled deltas.
     """
     options = check_options(
         "ortho_superpose", SUPERPOSE_OPTIONS, {"alpha": alpha, "granularity": granularity, "rcond": rcond}
@@ -200,6 +205,8 @@ def ortho_superpose(
     if not kept:
         return base
     base_sq = base.to(torch.float64).reshape(rows, -1).square().sum(dim=1)  # per solve: ‖W_C‖² of its part
-    floor = torch.from_numpy(noise_floor(base_sq.numpy(), storage_unit(base)))
+    if not math.isfinite(noise_scale) or noise_scale < 0:
+        raise ValueError(f"ortho_superpose: noise_scale must be a finite number ≥ 0, got {noise_scale}")
+    floor = torch.from_numpy(noise_floor(base_sq.numpy(), storage_unit(base)) * noise_scale**2)
     coefficients = superpose_coefficients(gram[:, kept][:, :, kept], options["rcond"], floor)
     return combine(coefficients, [deltas[i] for i in kept], base, options["alpha"])
