@@ -301,3 +301,35 @@ def test_superpose_keeps_a_small_delta_at_a_row_alpha_under_one(tmp_path: Path) 
             delta = model[key].double() - w.double()
             share = float(((merged[key].double() - w.double()) * delta).sum() / delta.square().sum())
             assert share == pytest.approx(expected[key.split("_blocks")[0].removesuffix(".weight")], abs=1e-6), key
+
+
+@pytest.mark.parametrize("method", ["ortho_superpose", "ortho_project", "orthomerge"])
+def test_a_nan_in_one_row_costs_only_its_elements(family, tmp_path, method) -> None:
+    """The methods that mix elements (Grams, rotations) merge the finite rest of a key whose input has a NaN
+    or Inf; only those elements are repaired (the base's values, counted), the other row's delta is kept."""
+    state = finetune(base_state(), 11)
+    state["time_embed.0.weight"][3, 5] = float("nan")
+    state["time_embed.0.bias"][0] = float("inf")
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad))
+    rows = [{"model": str(bad)}, {"model": str(family["a"])}]
+    clean_rows = [{"model": str(bad.with_name("clean.safetensors"))}, {"model": str(family["a"])}]
+    state["time_embed.0.weight"][3, 5] = base_state()["time_embed.0.weight"][3, 5]
+    state["time_embed.0.bias"][0] = base_state()["time_embed.0.bias"][0]
+    save_file(state, str(bad.with_name("clean.safetensors")))
+    reports, merged = [], []
+    for name, plan_rows in (("bad", rows), ("clean", clean_rows)):
+        plan = plan_from_dict({"base": str(family["base"]), "method": method, "rows": plan_rows,
+                               "output_dtype": "fp32"}, tmp_path)
+        reports.append(merge_plan(plan, tmp_path / f"{method}-{name}.safetensors"))
+        merged.append(read(tmp_path / f"{method}-{name}.safetensors"))
+    assert reports[0]["repairs"]["nonfinite"] == {"time_embed.0.weight": 1, "time_embed.0.bias": 1}
+    base = read(family["base"])
+    for key in ("time_embed.0.weight", "time_embed.0.bias"):
+        bad_element = (3, 5) if key.endswith("weight") else (0,)
+        assert merged[0][key][bad_element] == base[key][bad_element]
+        keep = torch.ones_like(merged[0][key], dtype=torch.bool)
+        keep[bad_element] = False
+        assert not torch.equal(merged[0][key][keep], base[key][keep])  # the key was merged, not reset
+        # as if the bad elements held the base's values (a zero delta there)
+        assert torch.allclose(merged[0][key][keep], merged[1][key][keep], rtol=1e-5, atol=1e-7)

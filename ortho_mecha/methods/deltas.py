@@ -97,6 +97,32 @@ def check_options(
 BLOCK_ELEMENTS = 1 << 16
 
 
+def finite_deltas(deltas: Sequence[Tensor]) -> tuple[list[Tensor], Tensor | None]:
+    """The deltas with their NaN/Inf elements zeroed, and the mask of where any delta had one (None: nowhere).
+
+    The methods that mix elements (a Gram, a rotation) would turn one bad element into a whole bad key;
+    with :func:`mark_nonfinite` only those elements stay bad, for the merge's repair to put the base there.
+    """
+    bad: Tensor | None = None
+    clean = []
+    for delta in deltas:
+        if delta.is_floating_point() and not bool(torch.isfinite(delta.sum())):  # cheap: one pass, no mask
+            mask = ~torch.isfinite(delta)
+            if bool(mask.any()):  # (else only the sum overflowed)
+                bad = mask if bad is None else bad | mask
+                delta = torch.where(mask, torch.zeros((), dtype=delta.dtype), delta)
+        clean.append(delta)
+    return clean, bad
+
+
+def mark_nonfinite(out: Tensor, bad: Tensor | None) -> Tensor:
+    """``out`` with NaN where an input delta had NaN/Inf (:func:`finite_deltas`), so the merge repairs and
+    counts exactly those elements."""
+    if bad is None:
+        return out
+    return torch.where(bad, torch.full((), float("nan"), dtype=out.dtype), out)
+
+
 def nonzero(deltas: Sequence[Tensor]) -> list[Tensor]:
     """The deltas that are not exactly zero: a zero delta has no direction and carries nothing."""
     return [d for d in deltas if bool(torch.any(d != 0))]

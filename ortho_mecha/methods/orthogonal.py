@@ -27,7 +27,9 @@ from ortho_mecha.methods.deltas import (
     add_to_base,
     check_options,
     combine,
+    finite_deltas,
     gram64,
+    mark_nonfinite,
     nonzero_indices,
     stack_float64,
 )
@@ -155,6 +157,11 @@ def ortho_project(
     options = check_options("ortho_project", PROJECT_OPTIONS, {"alpha": alpha})
     if not deltas or options["alpha"] == 0:
         return base
+    clean, bad = finite_deltas(deltas)
+    return mark_nonfinite(_project(base, clean, options["alpha"]), bad)
+
+
+def _project(base: Tensor, deltas: Sequence[Tensor], alpha: float) -> Tensor:
     gram = gram64(deltas, 1)[0]
     kept = nonzero_indices(deltas, torch.diagonal(gram))
     if not kept:
@@ -163,8 +170,8 @@ def ortho_project(
     coefficients = project_coefficients(gram[kept][:, kept])
     if coefficients is None:
         logger.debug("a delta lies (nearly) in the span of the earlier ones: vector Gram–Schmidt for this key")
-        return add_to_base(base, gram_schmidt_sum(stack_float64(deltas, 1).squeeze(1)), options["alpha"])
-    return combine(coefficients.unsqueeze(0), deltas, base, options["alpha"])
+        return add_to_base(base, gram_schmidt_sum(stack_float64(deltas, 1).squeeze(1)), alpha)
+    return combine(coefficients.unsqueeze(0), deltas, base, alpha)
 
 
 @merge_method
@@ -197,16 +204,21 @@ def ortho_superpose(
     options = check_options(
         "ortho_superpose", SUPERPOSE_OPTIONS, {"alpha": alpha, "granularity": granularity, "rcond": rcond}
     )
+    if not math.isfinite(noise_scale) or noise_scale < 0:
+        raise ValueError(f"ortho_superpose: noise_scale must be a finite number ≥ 0, got {noise_scale}")
     if not deltas or options["alpha"] == 0:
         return base
+    clean, bad = finite_deltas(deltas)
+    return mark_nonfinite(_superpose(base, clean, options, noise_scale), bad)
+
+
+def _superpose(base: Tensor, deltas: Sequence[Tensor], options: dict, noise_scale: float) -> Tensor:
     rows = base.shape[0] if options["granularity"] == "row" and base.dim() >= 2 else 1
     gram = gram64(deltas, rows)
     kept = nonzero_indices(deltas, torch.diagonal(gram, dim1=1, dim2=2).sum(dim=0))
     if not kept:
         return base
     base_sq = base.to(torch.float64).reshape(rows, -1).square().sum(dim=1)  # per solve: ‖W_C‖² of its part
-    if not math.isfinite(noise_scale) or noise_scale < 0:
-        raise ValueError(f"ortho_superpose: noise_scale must be a finite number ≥ 0, got {noise_scale}")
     floor = torch.from_numpy(noise_floor(base_sq.numpy(), storage_unit(base)) * noise_scale**2)
     coefficients = superpose_coefficients(gram[:, kept][:, :, kept], options["rcond"], floor)
     return combine(coefficients, [deltas[i] for i in kept], base, options["alpha"])

@@ -29,6 +29,8 @@ from ortho_mecha.methods.deltas import (
     OptionSpec,
     check_options,
     combine,
+    finite_deltas,
+    mark_nonfinite,
     nonzero,
     nonzero_indices,
 )
@@ -315,6 +317,11 @@ def orthomerge(
     )
     if not deltas or options["alpha"] == 0:
         return base
+    clean, bad = finite_deltas(deltas)
+    return mark_nonfinite(_orthomerge(base, clean, options), bad)
+
+
+def _orthomerge(base: Tensor, deltas: Sequence[Tensor], options: dict) -> Tensor:
     if base.dim() < 2:
         kept = nonzero(deltas)
         if not kept:
