@@ -165,9 +165,13 @@ class _OutputWriter:
             tensor = self._base_tensor(key)
             self.non_float.append(key)
         else:
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and math.prod(shape) == 1:
+                value = value.reshape(shape)  # sd-mecha's dare and model_stock give a 0-d key (logit_scale) as [1]
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise OrthoMechaError(f"the merge produced {got} for '{key}', expected shape {list(shape)}")
+                raise OrthoMechaError(
+                    f"the merge produced {got} for '{key}', expected shape {list(shape)} (the base's)", self.base.path
+                )
             tensor = self._repaired(key, value.to(dtype))
         self._write(key, tensor)
         if isinstance(value, torch.Tensor):

@@ -333,3 +333,17 @@ def test_a_nan_in_one_row_costs_only_its_elements(family, tmp_path, method) -> N
         assert not torch.equal(merged[0][key][keep], base[key][keep])  # the key was merged, not reset
         # as if the bad elements held the base's values (a zero delta there)
         assert torch.allclose(merged[0][key][keep], merged[1][key][keep], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["dare", "model_stock"])
+def test_a_zero_dimensional_key_merges_with_sd_mechas_methods(tmp_path, method) -> None:
+    """sd-mecha's dare and model_stock return a 0-d key (SDXL's logit_scale) as shape [1]: written as the base's []."""
+    states = [base_state(), finetune(base_state(), 1), finetune(base_state(), 2)]
+    for i, state in enumerate(states):
+        state["logit_scale"] = torch.tensor(4.6 + 0.01 * i)
+        save_file(state, str(tmp_path / f"m{i}.safetensors"))
+    plan = plan_from_dict({"base": "m0.safetensors", "method": method, "output_dtype": "fp32",
+                           "rows": [{"model": "m1.safetensors"}, {"model": "m2.safetensors"}]}, tmp_path)
+    merge_plan(plan, tmp_path / "out.safetensors")
+    merged = read(tmp_path / "out.safetensors")
+    assert merged["logit_scale"].shape == () and torch.isfinite(merged["logit_scale"])
