@@ -17,12 +17,13 @@ previews; a preview of a sweep that is already in ComfyUI when the sweep is canc
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ortho_mecha import comfy, workspace
+from ortho_mecha import comfy, security, workspace
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.jobs import Cancelled, Progress
 from ortho_mecha.workflows import PreviewSettings, arch_id
@@ -31,6 +32,16 @@ logger = logging.getLogger(__name__)
 
 SWEEPS_FOLDER = "sweeps"  # under the workspace's merges/
 CONNECT_TIMEOUT = 5.0  # seconds the up-front check of the server may take
+
+
+def comfy_settings(server_address: str | None, api: str, folder: str) -> tuple[str, str]:
+    """The ComfyUI address and folder a preview uses: the page's fields when the dashboard serves this machine
+    only; on a LAN, the server's own ``COMFYUI_API`` and ``COMFYUI_DIR`` whatever a browser sends, since a
+    typed address would let any LAN user make the server send requests anywhere, and a typed folder would
+    have it write links (or copies) outside the allowed folders."""
+    if security.is_lan_address(server_address):
+        return comfy.comfy_api(), os.environ.get(security.COMFYUI_VARIABLE, "")
+    return api, folder
 
 
 def connect(api: str, folder: str) -> tuple[str, str | None]:

@@ -22,6 +22,9 @@ if not choices.labels:
     )
     st.stop()
 
+# Back from another page (which drops this page's URL): follow the analysis this session followed here.
+if ui.job_in_url(ui.ANALYSIS_URL) is None and st.session_state.get("an_job"):
+    st.query_params[ui.ANALYSIS_URL] = st.session_state["an_job"]
 # First visit in this session: follow the newest analysis (or start one on the demo models).
 if ui.job_in_url(ui.ANALYSIS_URL) is None and not st.session_state.get("analyse_visited"):
     with ui.shown_errors():
@@ -35,7 +38,9 @@ st.session_state["analyse_visited"] = True
 
 # Widgets start from the analysis the URL shows, when its files are still under the roots.
 job_id = ui.job_in_url(ui.ANALYSIS_URL)
-if job_id and st.session_state.get("analyse_widgets_from") != job_id:
+st.session_state["an_job"] = job_id
+# (Streamlit forgets a page's widget values once another page is shown: they start from the analysis again.)
+if job_id and (st.session_state.get("analyse_widgets_from") != job_id or "an_base" not in st.session_state):
     with ui.shown_errors():
         params = jobs.status(job_id)["params"]
         st.session_state["an_base"] = choices.label(params["base"])

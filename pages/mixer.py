@@ -85,8 +85,12 @@ with method_column, st.container(border=True):
     method = st.selectbox("Method", method_names, index=method_names.index(mix["method"]),
                           key=f"mix_method_{mix['version']}", help=METHODS[mix["method"]].summary)
     st.caption(METHODS[method].summary)
-    options = {spec.name: ui.option_widget(spec, mix["options"].get(spec.name), f"mix_{mix['version']}_{method}")
+    # each method keeps its own settings while another is tried (its widgets are gone meanwhile)
+    by_method = mix.setdefault("options_by_method", {mix["method"]: mix["options"]})
+    options = {spec.name: ui.option_widget(spec, by_method.get(method, {}).get(spec.name),
+                                           f"mix_{mix['version']}_{method}")
                for spec in METHODS[method].options}
+    by_method[method] = options
 with texture_column, st.container(border=True):
     texture_now = mix["texture"] or {}
     texture_model = st.selectbox("Texture model", labels, index=labels.index(texture_now["model"])
@@ -120,6 +124,7 @@ else:
 
 st.subheader("Plan")
 plan = None
+st.session_state.pop("plan", None)  # the Merge and Preview pages take the plan shown here, or none
 if not rows:
     st.info("Add a row per model to the table above (or analyse models first: the Mixer starts from the analysis).")
 else:

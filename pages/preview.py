@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ortho_mecha import comfy, preview_job, ui, workspace
+from ortho_mecha import comfy, preview_job, security, ui, workspace
 from ortho_mecha.workflows import BUILTIN_ARCHS, MAX_SEED, PreviewSettings
 
 BROWSER_INT_MAX = 2**53 - 1  # the largest whole number a browser number input holds exactly
@@ -18,13 +18,19 @@ st.title("Preview")
 
 with st.container(border=True):
     st.markdown("**ComfyUI**")
+    served_here = not security.is_lan_address(st.get_option("server.address"))
     left, right = st.columns(2)
-    api = left.text_input("Server address (COMFYUI_API)", value=comfy.comfy_api(), key="pv_api")
+    api = left.text_input("Server address (COMFYUI_API)", value=comfy.comfy_api(), key="pv_api",
+                          disabled=not served_here)
     folder = right.text_input(
         "ComfyUI folder (COMFYUI_DIR)", value=os.environ.get("COMFYUI_DIR", ""), key="pv_dir",
         placeholder="e.g. /opt/ComfyUI", help="the folder holding ComfyUI's models/: the model is linked into it "
         "for the render and unlinked afterwards; leave empty to copy the model into ComfyUI's models folder yourself",
+        disabled=not served_here,
     )
+    if not served_here:
+        st.caption("Shared on the network: the address and folder are the server's COMFYUI_API and COMFYUI_DIR.")
+    api, folder = preview_job.comfy_settings(st.get_option("server.address"), api, folder)
 
 with st.container(border=True):
     st.markdown("**Render settings**")

@@ -197,3 +197,57 @@ def test_lan_gate_holds_for_a_page_asked_for_directly(workspace: Path, monkeypat
         assert not at.exception, page.title
         assert not at.title, page.title
         assert [box.label for box in at.text_input] == ["Password"]
+
+
+def test_on_a_lan_the_preview_page_uses_the_servers_comfyui_settings(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shared on the network, a browser cannot point the server at another address or folder."""
+    from ortho_mecha import preview_job
+
+    monkeypatch.setenv("COMFYUI_API", "http://127.0.0.1:8188")
+    monkeypatch.setenv("COMFYUI_DIR", str(workspace / "comfy"))
+    assert preview_job.comfy_settings("0.0.0.0", "http://10.0.0.5:22", "/etc") == (
+        "http://127.0.0.1:8188", str(workspace / "comfy"))
+    assert preview_job.comfy_settings("127.0.0.1", "http://10.0.0.5:8188", "/opt/ComfyUI") == (
+        "http://10.0.0.5:8188", "/opt/ComfyUI")
+    monkeypatch.setenv("ORTHO_MECHA_PASSWORD", "s3cret")
+    config.set_option("server.address", "0.0.0.0")
+    at = _app().run()
+    at.text_input[0].set_value("s3cret")
+    at.button[0].click().run()
+    at.switch_page(ui.PAGES[3].path).run()
+    assert not at.exception
+    assert at.text_input(key="pv_api").disabled and at.text_input(key="pv_dir").disabled
+
+
+@pytest.mark.slow
+def test_analyse_comes_back_after_another_page_and_an_empty_mixer_leaves_no_plan(workspace: Path) -> None:
+    at = _app().run()
+    _until(at, lambda a: len(_charts(a)) >= 3, "the analysis heatmaps")
+    at.switch_page(ui.PAGES[1].path).run()
+    assert at.session_state["plan"] is not None
+    del at.query_params["analysis"]  # a browser drops the page's URL parameters on the way to another page
+    at.switch_page(ui.PAGES[0].path).run()
+    assert not at.exception and not _errors(at)
+    assert len(_charts(at)) >= 3
+    assert at.selectbox(key="an_base").value == "models/demo/base.safetensors"
+    assert len(at.multiselect(key="an_models").value) == 7
+    # the Mixer with every row deleted shows no plan, and the Merge page has none to merge
+    at.switch_page(ui.PAGES[1].path).run()
+    mix = at.session_state["mix"]
+    ui_rows_key = f"mix_rows_{mix['version']}"
+    at.session_state[ui_rows_key] = {"edited_rows": {}, "added_rows": [], "deleted_rows": list(range(7))}
+    at.run()
+    assert "plan" not in at.session_state
+    at.switch_page(ui.PAGES[2].path).run()
+    assert not at.exception and any("plan" in info.value for info in at.info)
+    # a method's settings stay while another method is tried
+    at.switch_page(ui.PAGES[1].path).run()
+    version = at.session_state["mix"]["version"]
+    at.selectbox(key=f"mix_method_{version}").set_value("orthomerge").run()
+    at.selectbox(key=f"mix_{version}_orthomerge_theta_agg").set_value("max").run()
+    at.selectbox(key=f"mix_method_{version}").set_value("ties").run()
+    at.selectbox(key=f"mix_method_{version}").set_value("orthomerge").run()
+    assert not at.exception
+    assert at.selectbox(key=f"mix_{version}_orthomerge_theta_agg").value == "max"
