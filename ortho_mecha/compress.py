@@ -71,6 +71,7 @@ ZERO_RTOL = 1e-13  # a residual Gram eigenvalue below this fraction of the key's
 DIRECTIONS = (1, 2)
 WRITTEN_DTYPES = {"F64", "F32", "F16", "BF16"}  # the average keeps these; other (fp8) keys are written as F16
 SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+NEVER_OVERWRITTEN = "compress never replaces a file: choose another --out folder (or --json) or move it away"
 
 
 # -- the models lined up ---------------------------------------------------------------------------
@@ -271,7 +272,7 @@ class StreamingFile:
     then the data as it comes, into ``.NAME.partial-<pid>`` beside the target, renamed into place at the end."""
 
     def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
-        refuse_existing(path, overwrite=False)
+        refuse_existing(path, overwrite=False, remedy=NEVER_OVERWRITTEN)
         self.path = path
         self.partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
         header: dict[str, object] = {"__metadata__": metadata}
@@ -299,7 +300,7 @@ class StreamingFile:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
-        refuse_existing(self.path, overwrite=False)
+        refuse_existing(self.path, overwrite=False, remedy=NEVER_OVERWRITTEN)
         os.replace(self.partial, self.path)
         return self.path
 
@@ -316,7 +317,7 @@ def output_paths(out_dir: Path, models: list[str], average: bool) -> tuple[Path 
         raise OrthoMechaError("two models would write the same LoRA; give the models distinct file names", clash)
     average_path = out_dir / AVERAGE_FILE if average else None
     for path in [*([average_path] if average_path else []), *loras]:
-        refuse_existing(path, overwrite=False)
+        refuse_existing(path, overwrite=False, remedy=NEVER_OVERWRITTEN)
     return average_path, loras
 
 
@@ -452,7 +453,7 @@ def cli_compress(args: argparse.Namespace) -> int:
         report_path = Path(args.json)
         inputs = [Model(p) for p in models] + ([] if args.base == AVERAGE else [Model(args.base)])
         refuse_input_as_output(report_path, inputs)
-        refuse_existing(report_path, overwrite=False)
+        refuse_existing(report_path, overwrite=False, remedy=NEVER_OVERWRITTEN)
     result = fit(models, args.base, args.directions, args.rounds)
     written = export(result, out, args.rank, args.dtype)
     for line in written.summary_lines():

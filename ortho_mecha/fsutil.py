@@ -11,10 +11,10 @@ from pathlib import Path
 from ortho_mecha.errors import OrthoMechaError
 
 
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    """Raise if ``path`` exists and the user did not ask to overwrite it."""
+def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another name or pass --overwrite") -> None:
+    """Raise if ``path`` exists and the user did not ask to overwrite it; ``remedy`` says how to go on."""
     if path.exists() and not overwrite:
-        raise OrthoMechaError("already exists; choose another name or pass --overwrite", path)
+        raise OrthoMechaError(f"already exists; {remedy}", path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> Path:

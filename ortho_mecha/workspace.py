@@ -284,6 +284,9 @@ def save_preset(name: str, plan: Any, overwrite: bool = False, workspace: Path |
 
     path = plans_dir(workspace) / f"{validate_preset_name(name)}{PRESET_SUFFIX}"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise OrthoMechaError(f"a preset named {name!r} exists; choose another name or tick 'Replace a preset of "
+                              "that name'")
     return save_plan(plan, path, overwrite=overwrite)
 
 

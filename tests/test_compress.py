@@ -263,7 +263,7 @@ def test_cli_compress_errors_are_one_line_and_never_overwrite(tmp_path, cli, cli
     assert cli("compress", "--base", base, *models, "--out", out, "--rank", 2).code == 0
     written = digests(out)
     line = cli_error("compress", "--base", base, *models, "--out", out, "--rank", 2)
-    assert "m0_lora.safetensors" in line and "already exists" in line
+    assert "m0_lora.safetensors" in line and "already exists" in line and "--overwrite" not in line
     assert digests(out) == written
     line = cli_error("compress", "--base", tmp_path / "nope.safetensors", *models, "--out", tmp_path / "o2")
     assert "nope.safetensors" in line and "no such file" in line

@@ -82,8 +82,8 @@ def test_presets_save_and_load_under_validated_names(models: tuple[dict[str, Pat
     assert saved == ws / "plans" / "my mix-2.json"
     assert workspace.list_presets(ws) == ["my mix-2"]
     assert workspace.load_preset("my mix-2", choices, workspace=ws) == plan
-    with pytest.raises(OrthoMechaError):
-        workspace.save_preset("my mix-2", plan, workspace=ws)  # no silent overwrite
+    with pytest.raises(OrthoMechaError, match="tick 'Replace a preset of that name'"):
+        workspace.save_preset("my mix-2", plan, workspace=ws)  # no silent overwrite, and the page's remedy
     workspace.save_preset("my mix-2", plan, overwrite=True, workspace=ws)
     for bad in ("", "../up", "a/b", "-dash", "x" * 81, "semi;colon"):
         with pytest.raises(OrthoMechaError, match="preset"):
