@@ -59,6 +59,7 @@ from ortho_mecha.lora import (
     lora_tensors,
     write_lora,
 )
+from ortho_mecha.lora_rows import refuse_lora
 from ortho_mecha.validate import Alignment, align, refuse_input_as_output
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class Family:
                 paths[0] if paths else None,
             )
         self.models = [Model(p) for p in paths]
+        for model in [*self.models, *([self.base] if self.base else [])]:
+            refuse_lora(model, "compress fits full models (a LoRA row belongs in a plan)")
         if self.base is None:  # the first model is the reference the others are lined up against
             self.alignment: Alignment = align(self.models[0], self.models[1:])
             self._index = list(range(len(self.models)))
@@ -134,6 +137,10 @@ class Family:
                 base = stack.mean(0).to(DTYPES[average_dtype]).to(torch.float64)  # as written
             else:
                 base = self.base.read(self.alignment.maps[0].keys[canon], start, stop, torch.float64)
+            if not bool(torch.isfinite(stack.sum() + base.sum())):
+                rows = zip(self.models, stack, strict=True)
+                bad = next((m for m, row in rows if not bool(torch.isfinite(row).all())), self.base)
+                raise OrthoMechaError(f"key '{canon}' holds NaN or Inf values", None if bad is None else bad.path)
             yield start, stop, stack - base, base
 
     def close(self) -> None:

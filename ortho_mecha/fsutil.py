@@ -11,6 +11,24 @@ from pathlib import Path
 from ortho_mecha.errors import OrthoMechaError
 
 
+def read_json(path: Path, what: str, missing: str) -> object:
+    """The JSON document in ``path`` (a ``what``: "plan", "report"); ``missing`` is the message when there is
+    no such file. Unreadable, non-UTF-8 (a model file given by mistake) or invalid JSON: one clear error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise OrthoMechaError(missing, path) from exc
+    except UnicodeDecodeError as exc:
+        suffix = f" (a {path.suffix} file?)" if path.suffix and path.suffix != ".json" else ""
+        raise OrthoMechaError(f"not a {what}: not JSON text{suffix}", path) from exc
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot read the {what}: {exc.strerror or exc}", path) from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OrthoMechaError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path) from exc
+
+
 def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another name or pass --overwrite") -> None:
     """Raise if ``path`` exists and the user did not ask to overwrite it; ``remedy`` says how to go on."""
     if path.exists() and not overwrite:

@@ -297,7 +297,11 @@ def extract_lora(
     """
     check_rank(rank)
     torch_dtype = lora_dtype(dtype)
+    from ortho_mecha.lora_rows import refuse_lora  # lora_rows imports this module
+
     base_model, merged_model = Model(base), Model(merged)
+    refuse_lora(merged_model, "extract-lora takes the merged model and its base")
+    refuse_lora(base_model, "extract-lora takes the merged model and its base")
     out_path = check_output(Path(out), [base_model, merged_model], overwrite)
     alignment = align(base_model, [merged_model])
     check = alignment.checks[0]
@@ -326,6 +330,9 @@ def extract_lora(
         base_key = alignment.file_key(0, canon)
         delta = read_delta(merged_model, merged_key, base_model, base_key)
         norm2 = float(delta.to(torch.float64).pow(2).sum())
+        if not math.isfinite(norm2):
+            raise OrthoMechaError(f"key '{merged_key}' holds NaN or Inf values (here or in the base {base_model.path})",
+                                  merged_model.path)
         name = lora_name(canon)
         if delta.ndim < 2 or name is None:
             (one_d if delta.ndim < 2 else unnamed).add(canon, norm2)

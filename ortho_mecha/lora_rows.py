@@ -66,6 +66,12 @@ def is_lora(tensors: Mapping[str, Any]) -> bool:
     return any(name.startswith("lora_") and name.endswith((f".{DOWN}", f".{UP}")) for name in tensors)
 
 
+def refuse_lora(model: Any, role: str) -> None:
+    """Refuse a kohya LoRA ``model`` (an :class:`~ortho_mecha.io.Model`) where a full model is needed as ``role``."""
+    if is_lora(model.tensors):
+        raise OrthoMechaError(f"is a kohya LoRA, not a full model: {role}", model.path)
+
+
 def is_lora_file(path: str | Path) -> bool:
     """:func:`is_lora` from a file's header alone (no tensor read; one file, shards are never LoRAs)."""
     path = Path(path)

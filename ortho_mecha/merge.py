@@ -311,9 +311,14 @@ def _check_device(device: str | None, threads: int | None) -> str:
     if threads is not None and threads < 0:
         raise OrthoMechaError(f"threads must be 0 (merge in this thread) or more, got {threads}")
     try:
-        return str(torch.device(device or "cpu"))
+        chosen = torch.device(device or "cpu")
     except RuntimeError as exc:
         raise OrthoMechaError(f"unknown device '{device}': {exc}; use cpu, cuda, cuda:0, mps, ...") from exc
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not available.get(chosen.type, lambda: True)():
+        raise OrthoMechaError(f"device '{device}' is not available to this PyTorch ({torch.__version__}); merge on "
+                              "the CPU (leave --device out) or install a PyTorch build for it")
+    return str(chosen)
 
 
 def _merge_threads(threads: int | None, files: int) -> int:

@@ -19,7 +19,6 @@ Every row carries a one-line reason. Results are deterministic: ties go to the l
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -369,22 +368,13 @@ def plan_from_report(
 
 def cli_plan(args: argparse.Namespace) -> int:
     """``ortho-mecha plan REPORT.json --json PLAN.json [--method NAME] [--overwrite]``."""
-    from ortho_mecha.fsutil import refuse_existing, write_json
+    from ortho_mecha.fsutil import read_json, refuse_existing, write_json
     from ortho_mecha.plan import plan_from_dict
 
     report_path = Path(args.report)
     out = Path(args.json)
     refuse_existing(out, args.overwrite)
-    try:
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise OrthoMechaError("no such report; write one with `ortho-mecha analyse --json`", report_path) from exc
-    except OSError as exc:
-        raise OrthoMechaError(f"cannot read the report: {exc.strerror or exc}", report_path) from exc
-    except json.JSONDecodeError as exc:
-        raise OrthoMechaError(
-            f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", report_path
-        ) from exc
+    report = read_json(report_path, "report", "no such report; write one with `ortho-mecha analyse --json`")
     if not isinstance(report, dict):
         raise OrthoMechaError("a report must be a JSON object", report_path)
     plan = plan_from_report(report, args.method, source=report_path)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ortho_mecha import blocks
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_text
+from ortho_mecha.fsutil import atomic_write_text, read_json
 from ortho_mecha.io import SHARD_RE, refuse_unsupported
 from ortho_mecha.lora_rows import is_lora_file, refuse_lora_delta_from
 from ortho_mecha.methods import METHOD_OPTIONS, OptionError, OptionSpec
@@ -535,16 +535,7 @@ def plan_from_dict(data: Any, folder: str | Path, source: str | Path | None = No
 def load_plan(path: str | Path) -> Plan:
     """Read a plan file; relative paths inside it are resolved against its folder."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise OrthoMechaError("no such plan file", path) from exc
-    except OSError as exc:
-        raise OrthoMechaError(f"cannot read the plan: {exc.strerror or exc}", path) from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise OrthoMechaError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path) from exc
+    data = read_json(path, "plan", "no such plan file")
     return plan_from_dict(data, path.resolve().parent, path)
 
 

@@ -656,3 +656,36 @@ def test_validate_never_writes_to_inputs(tmp_path: Path, cli, digests) -> None:
     assert result.out.count("OK") == 4
     assert digests(folder) == before
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stats
+
+
+def test_lora_nan_binary_plan_and_absent_device_are_one_clear_line(tmp_path: Path, cli_error: Callable,
+                                                                    digests: Callable) -> None:
+    """extract-lora and compress refuse a kohya LoRA and name a NaN key's file; a model given as a plan or a
+    report, and a device this PyTorch lacks, are named as such."""
+    base, a = save(tmp_path / "base.safetensors", state(0)), save(tmp_path / "a.safetensors", state(1))
+    lora = save(tmp_path / "lora.safetensors", {"lora_unet_layers_0_attn_qkv.lora_down.weight": torch.ones(2, 4),
+                                                "lora_unet_layers_0_attn_qkv.lora_up.weight": torch.ones(6, 2)})
+    nan = state(2)
+    nan["layers.1.attn.qkv.weight"][0, 0] = float("nan")
+    b = save(tmp_path / "nan.safetensors", nan)
+    before = digests(base, a, b, lora)
+    out = tmp_path / "out.safetensors"
+    assert "lora.safetensors: is a kohya LoRA, not a full model" in cli_error(
+        "extract-lora", lora, base, "--rank", "2", "--out", out)
+    assert "nan.safetensors: key 'layers.1.attn.qkv.weight' holds NaN or Inf" in cli_error(
+        "extract-lora", b, base, "--rank", "2", "--out", out)
+    assert "lora.safetensors: is a kohya LoRA" in cli_error(
+        "compress", "--base", base, a, lora, "--out", tmp_path / "c")
+    assert "nan.safetensors: key 'layers.1.attn.qkv.weight' holds NaN or Inf" in cli_error(
+        "compress", "--base", base, a, b, "--out", tmp_path / "c")
+    assert "base.safetensors: not a report: not JSON text (a .safetensors file?)" in cli_error(
+        "plan", base, "--json", tmp_path / "p.json")
+    assert "base.safetensors: not a plan: not JSON text" in cli_error("merge", base, "--out", out)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": "base.safetensors", "method": "ortho_superpose",
+                                "rows": [{"model": "a.safetensors"}]}))
+    if not torch.cuda.is_available():
+        assert "device 'cuda' is not available to this PyTorch" in cli_error("merge", plan, "--out", out,
+                                                                           "--device", "cuda")
+    assert digests(base, a, b, lora) == before
+    assert not out.exists() and not (tmp_path / "c").exists() and not (tmp_path / "p.json").exists()
