@@ -82,7 +82,8 @@ class RowStats:
 
     @property
     def effective_rank(self) -> float:
-        return float(np.mean([v[0] for v in self.signal.values()])) if self.signal else 0.0
+        """Mean over the measured keys; 1 (full rank: no credit for focus) when none was (--rank-samples 0)."""
+        return float(np.mean([v[0] for v in self.signal.values()])) if self.signal else 1.0
 
     @property
     def snr(self) -> float:

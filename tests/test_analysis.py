@@ -320,6 +320,14 @@ def test_store_is_keyed_by_mode_and_rank_samples(tmp_path: Path) -> None:
     assert store.lookup(["k"], ["a"], [("a", None)]).missing_files == [0]
 
 
+def test_without_signal_samples_no_model_gets_credit_for_focus(tmp_path: Path) -> None:
+    """--rank-samples 0 measures no signal: effective rank counts as full (1), so noise does not grade well."""
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=["base", "anime", "unrelated"])
+    rep = A.report(A.analyse(paths["base"], [paths["anime"], paths["unrelated"]], rank_samples=0, use_cache=False))
+    assert rep["signal"]["effective_rank"] == [1.0, 1.0]
+    assert all(score < 0.35 for score in rep["quality"]["score"]) and set(rep["quality"]["grade"]) == {"D"}
+
+
 def test_identical_model_is_a_null_delta(tmp_path: Path) -> None:
     paths = write_family_files(tmp_path / "m", "custom", "fp16", members=["base", "anime"])
     same = tmp_path / "m" / "same.safetensors"
