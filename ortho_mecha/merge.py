@@ -436,6 +436,7 @@ def execute(
         "merge_dtype": merge_dtype,
         "output_dtype": output_dtype,
         "sha256": hashes,
+        "output_sha256": sha256_file(out),  # (cached by fingerprint: a later preview or check reads no byte again)
         "inputs": [asdict(check) for check in checks],
         "extra_keys_ignored": sum(check.extra for check in checks),
         "repairs": {"nonfinite": dict(writer.nonfinite), "missing": writer.missing, "non_float": writer.non_float},
@@ -521,6 +522,7 @@ def summary(report: Mapping[str, Any]) -> str:
     if report["extra_keys_ignored"]:
         lines.append(f"ignored: {report['extra_keys_ignored']} keys of the inputs that the base does not have")
     lines += ["sha256:"] + [f"  {digest}  {path}" for path, digest in report["sha256"].items()]
+    lines.append(f"  {report['output_sha256']}  {report['output']} (output)")
     return "\n".join(lines)
 
 

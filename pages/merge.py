@@ -57,7 +57,8 @@ if record is not None and record["state"] == "done":
     st.subheader("Repair report")
     st.code(summary(report), language=None)
     st.subheader("Input and output hashes (sha256)")
-    hashes = pd.DataFrame({"file": list(report["sha256"]), "sha256": list(report["sha256"].values())})
+    hashes = pd.DataFrame({"file": [*report["sha256"], f"{report['output']} (output)"],
+                           "sha256": [*report["sha256"].values(), report["output_sha256"]]})
     st.dataframe(hashes, hide_index=True)
     with ui.shown_errors():
         merged_plan = load_plan(record["params"]["plan"])

@@ -96,6 +96,7 @@ def test_plan_merges_into_a_file_shaped_like_the_base_with_full_metadata(family,
         str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in plan.input_files()
     }
     assert report["sha256"] == json.loads(metadata[META_HASHES])
+    assert report["output_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert report["repairs"] == {"nonfinite": {}, "missing": [], "non_float": [INT_KEY]}
     assert report["output"] == str(out) and report["keys"] == len(base) and report["rows"] == 5
     assert seen[-1]["fraction"] == 1.0 and seen[-1]["keys_total"] == len(base)
