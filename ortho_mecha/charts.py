@@ -1,8 +1,8 @@
 """Charts and tables of an analysis report for the dashboard: pure functions from report data to Altair/pandas.
 
-Nothing here imports streamlit. Heatmaps carry their values in cell text (up to ``TEXT_LIMIT`` models;
-beyond that the text would be unreadable, so only the tooltips keep the values) and in tooltips, and
-size their cells so 50 models still fit a page.
+Nothing here imports streamlit. Heatmaps carry their values in cell text and in tooltips; their cells
+shrink to fit a page, down to ``MIN_CELL`` pixels, where a value and a row label stay readable (50 models:
+a matrix about 1,200 pixels wide, scrolled sideways).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pandas as pd
 
 from ortho_mecha.errors import OrthoMechaError
 
-TEXT_LIMIT = 20  # above this many models, cell text is hidden (tooltips stay)
+MIN_CELL = 24  # pixels: a cell still holds its value ("-0.93" at 7 px) and a row label fits beside it
 ALL_KEYS = "all keys"
 HEATMAP_WIDTH = 620  # pixels the matrix may take at most
 BARS_HEIGHT = 440  # pixels of a grouped bar chart with its legends above and below
@@ -79,7 +79,7 @@ def metric_matrix(report: Mapping[str, Any], metric: str, block: str = ALL_KEYS)
 
 
 def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str = "") -> alt.LayerChart:
-    """A labelled heatmap of a square matrix: colour by value, value in each cell (≤ TEXT_LIMIT) and tooltip."""
+    """A labelled heatmap of a square matrix: colour by value, value in each cell, and tooltip."""
     matrix = np.asarray(matrix, dtype=np.float64)
     n = len(labels)
     if matrix.shape != (n, n):
@@ -90,7 +90,7 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str 
         "column": np.asarray(labels, dtype=object)[cols.ravel()],
         "value": matrix.ravel(),
     })
-    cell = max(12, min(48, HEATMAP_WIDTH // max(n, 1)))
+    cell = max(MIN_CELL, min(48, HEATMAP_WIDTH // max(n, 1)))
     order = list(labels)
     base = alt.Chart(frame, title=title or spec.title).encode(
         x=alt.X("column:N", sort=order, title=None, axis=alt.Axis(labelAngle=-45, labelLimit=160, labelOverlap=False)),
@@ -101,19 +101,15 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str 
         tooltip=[alt.Tooltip("row:N", title="model"), alt.Tooltip("column:N", title="against"),
                  alt.Tooltip("value:Q", title=spec.title, format=".3f")],
     )
-    layers: list[alt.Chart] = [rects]
-    if n <= TEXT_LIMIT:
-        middle = sum(spec.domain) / 2
-        spread = (spec.domain[1] - spec.domain[0]) / 2
-        # Text dark on pale cells, white on strong ones; which cells are strong depends on the scheme's shape.
-        strong = f"abs(datum.value - {middle}) > {0.55 * spread}" if spec.domain[0] < 0 else "datum.value > 0.6"
-        layers.append(
-            base.mark_text(fontSize=max(8, min(12, cell // 4))).encode(
-                text=alt.Text("value:Q", format=".2f"),
-                color=alt.condition(strong, alt.value("white"), alt.value("black")),
-            )
-        )
-    return alt.layer(*layers).properties(width=alt.Step(cell), height=alt.Step(cell))
+    middle = sum(spec.domain) / 2
+    spread = (spec.domain[1] - spec.domain[0]) / 2
+    # Text dark on pale cells, white on strong ones; which cells are strong depends on the scheme's shape.
+    strong = f"abs(datum.value - {middle}) > {0.55 * spread}" if spec.domain[0] < 0 else "datum.value > 0.6"
+    text = base.mark_text(fontSize=max(7, min(12, cell // 4))).encode(
+        text=alt.Text("value:Q", format=".2f"),
+        color=alt.condition(strong, alt.value("white"), alt.value("black")),
+    )
+    return alt.layer(rects, text).properties(width=alt.Step(cell), height=alt.Step(cell))
 
 
 def model_map(report: Mapping[str, Any]) -> alt.LayerChart:

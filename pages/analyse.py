@@ -90,8 +90,8 @@ similarity, quality, lineage, model_map, outliers, validation = st.tabs(
 )
 with similarity:
     block = st.selectbox("Keys", charts.blocks_of(report), help="all keys, or one block of the model")
-    if len(names) > charts.TEXT_LIMIT:
-        st.caption(f"More than {charts.TEXT_LIMIT} models: values are in the tooltips (hover a cell).")
+    if len(names) * charts.MIN_CELL > charts.HEATMAP_WIDTH:
+        st.caption("Many models: the matrices are wider than the page; scroll them sideways.")
     for tab, metric in zip(st.tabs([m.title for m in charts.METRICS.values()]), charts.METRICS.values(), strict=True):
         with tab:
             st.caption(metric.help)

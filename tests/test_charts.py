@@ -37,17 +37,18 @@ def test_conflicts_exist_over_all_keys_only_and_unknown_names_are_refused() -> N
         charts.metric_matrix(_report(2), "cosine")
 
 
-@pytest.mark.parametrize(
-    ("n", "text"), [(3, True), (charts.TEXT_LIMIT, True), (charts.TEXT_LIMIT + 1, False), (50, False)]
-)
-def test_cell_text_up_to_the_limit_tooltips_always(n: int, text: bool) -> None:
+@pytest.mark.parametrize("n", [3, 20, 25, 50])
+def test_cell_text_and_tooltips_at_every_size(n: int) -> None:
+    """Values in the cells and in tooltips; cells fit the page down to MIN_CELL (50 models: readable, wider)."""
     report = _report(n)
     spec = charts.heatmap(np.asarray(report["cos"]), charts.short_names(report["models"]), charts.METRICS["cos"])
     layers = spec.to_dict()["layer"]
-    assert [layer["mark"]["type"] for layer in layers] == (["rect", "text"] if text else ["rect"])
+    assert [layer["mark"]["type"] for layer in layers] == ["rect", "text"]
     assert layers[0]["encoding"]["tooltip"][2]["field"] == "value"
     size = spec.to_dict()["width"]["step"]
-    assert size == spec.to_dict()["height"]["step"] and n * size <= charts.HEATMAP_WIDTH  # square cells, 50 fit
+    assert size == spec.to_dict()["height"]["step"] and size >= charts.MIN_CELL  # square cells, a value fits
+    assert n * size <= max(charts.HEATMAP_WIDTH, n * charts.MIN_CELL)
+    assert layers[1]["mark"]["fontSize"] * 5 * 0.6 <= size  # "-0.93" in the cell
 
 
 def test_a_matrix_that_does_not_fit_the_names_is_refused() -> None:
