@@ -901,7 +901,7 @@ def analyse(
 
     if rank_samples < 0:
         raise OrthoMechaError(f"--rank-samples must be 0 or more, got {rank_samples}")
-    chunk = chunk or DEFAULT_CHUNK
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
     if chunk < 1:
         raise OrthoMechaError(f"--chunk must be positive, got {chunk}")
     base_model, opened = open_models(base, list(models))
@@ -1110,6 +1110,8 @@ def cli_analyse(args: argparse.Namespace) -> int:
     if args.json:
         inputs = [args.base, *expand_model_paths(args.models), *delta_from.values()]
         refuse_input_as_output(Path(args.json), [Model(p) for p in inputs])
+        if not Path(args.json).parent.is_dir():  # said now, not after the pass
+            raise OrthoMechaError("the folder for the report does not exist", Path(args.json).parent)
     with TqdmProgress("analysing") as bar:
         result = analyse(
             args.base,

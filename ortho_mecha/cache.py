@@ -11,6 +11,8 @@ from pathlib import Path
 
 import diskcache
 
+from ortho_mecha.errors import OrthoMechaError
+
 
 def cache_dir() -> Path:
     """The cache root: ``$ORTHO_MECHA_CACHE`` or ``~/.cache/ortho-mecha``."""
@@ -21,8 +23,14 @@ def cache_dir() -> Path:
 def open_cache(name: str) -> diskcache.Cache:
     """The named sub-cache (``analysis``, ``hashes``, ``jobs``, ...), created on first use."""
     path = cache_dir() / name
-    path.mkdir(parents=True, exist_ok=True)
-    return diskcache.Cache(str(path), size_limit=2**40, eviction_policy="least-recently-used")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return diskcache.Cache(str(path), size_limit=2**40, eviction_policy="least-recently-used")
+    except OSError as exc:
+        raise OrthoMechaError(
+            f"cannot use the cache folder ({exc.strerror or exc}); set ORTHO_MECHA_CACHE to a writable folder "
+            "(analyse --no-cache runs without it)", path
+        ) from exc
 
 
 CLEARED = ("analysis", "hashes")

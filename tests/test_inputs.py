@@ -689,3 +689,32 @@ def test_lora_nan_binary_plan_and_absent_device_are_one_clear_line(tmp_path: Pat
                                                                            "--device", "cuda")
     assert digests(base, a, b, lora) == before
     assert not out.exists() and not (tmp_path / "c").exists() and not (tmp_path / "p.json").exists()
+
+
+def test_cache_folder_chunk_and_report_folder_errors(tmp_path: Path, cli_error: Callable,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    base, a = save(tmp_path / "base.safetensors", state(0)), save(tmp_path / "a.safetensors", state(1))
+    common = ["analyse", "--base", base, a]
+    assert "--chunk must be positive, got 0" in cli_error(*common, "--no-cache", "--chunk", "0")
+    assert "missing: the folder for the report does not exist" in cli_error(
+        *common, "--no-cache", "--json", tmp_path / "missing" / "r.json")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("ORTHO_MECHA_CACHE", str(blocker))
+    line = cli_error(*common)
+    assert "not-a-folder" in line and "cannot use the cache folder" in line and "ORTHO_MECHA_CACHE" in line
+
+
+def test_a_reader_that_leaves_the_pipe_gets_no_error(tmp_path: Path) -> None:
+    """``ortho-mecha … | head -1``: the command ends quietly, with a SIGPIPE'd tool's status (141)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom ortho_mecha.cli import main\n"
+              "sys.stdout = open(sys.stdout.fileno(), 'w', buffering=1)\nraise SystemExit(main(sys.argv[1:]))\n")
+    run = subprocess.Popen([sys.executable, "-c", script, "cache", "show"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env={**os.environ, "ORTHO_MECHA_CACHE": str(tmp_path / "cache")})
+    run.stdout.close()  # the reader is gone before the first line
+    _, err = run.communicate(timeout=60)
+    assert (run.returncode, err) == (141, b"")
