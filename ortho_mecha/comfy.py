@@ -633,13 +633,20 @@ def image_refs(entry: Mapping[str, Any]) -> list[ImageRef]:
     return refs
 
 
-def read_model_facts(model: Path, arch: str) -> ModelFacts:
-    """The variant hints the built-in workflows use (Flux.2 text width, Flux.1 guidance), from the file's header."""
-    if arch not in ("flux1", "flux2-klein") or model.suffix.lower() != ".safetensors":
-        return ModelFacts()
+def header_tensors(model: Path) -> Mapping[str, Any] | None:
+    """The tensors a model file's safetensors header lists (None for another kind of file)."""
+    if model.suffix.lower() != ".safetensors":
+        return None
     from ortho_mecha.io import parse_header  # imports torch; only needed here
 
-    tensors, _ = parse_header(model)
+    return parse_header(model)[0]
+
+
+def model_facts(tensors: Mapping[str, Any] | None, arch: str) -> ModelFacts:
+    """The variant hints the built-in workflows use (Flux.2 text width, Flux.1 guidance), from the file's header
+    tensors (:func:`header_tensors`)."""
+    if tensors is None or arch not in ("flux1", "flux2-klein"):
+        return ModelFacts()
 
     def find(key: str) -> Any:  # a bare diffusion model, or a checkpoint's
         return tensors.get(key) or tensors.get(f"model.diffusion_model.{key}")
@@ -664,14 +671,14 @@ def _user_workflow_check(settings: PreviewSettings) -> None:
         )
 
 
-def check_arch(model: Path, arch: str) -> None:
-    """Refuse to render ``model`` with the built-in workflow of another architecture than its keys show."""
-    if model.suffix.lower() != ".safetensors":
+def check_arch(model: Path, tensors: Mapping[str, Any] | None, arch: str) -> None:
+    """Refuse to render ``model`` (its header ``tensors``) with the built-in workflow of another architecture
+    than its keys show."""
+    if tensors is None:
         return
-    from ortho_mecha.io import parse_header  # imports torch; only needed here
-    from ortho_mecha.validate import file_arch
+    from ortho_mecha.validate import file_arch  # imports torch; only needed here
 
-    found = file_arch(parse_header(model)[0])
+    found = file_arch(tensors)
     if found not in ("custom", arch):
         raise OrthoMechaError(
             f"its keys are those of a {found} model, not {arch}: preview it as {found} (or with your own workflow)",
@@ -683,14 +690,15 @@ def _builtin_graph(model: Path, model_name: str, arch: str, settings: PreviewSet
                    url: str) -> tuple[Graph, Resolved]:
     """``arch``'s built-in graph for ``model`` (listed as ``model_name``), its files chosen from ``info``."""
     spec = arch_spec(arch)
-    check_arch(model, spec.arch)
+    tensors = header_tensors(model)  # read once, for the check and the variant hints
+    check_arch(model, tensors, spec.arch)
     te_options: list[str] = []
     if len(spec.text_encoders) == 2:
         te_options = _options(info, "DualCLIPLoader", "clip_name1", url)
     elif spec.text_encoders:
         te_options = _options(info, "CLIPLoader", "clip_name", url)
     vae_options = _options(info, "VAELoader", "vae_name", url) if spec.vae or settings.vae else []
-    resolved = resolve(spec, settings, te_options, vae_options, read_model_facts(model, arch))
+    resolved = resolve(spec, settings, te_options, vae_options, model_facts(tensors, spec.arch))
     return spec.build(model_name, resolved), resolved
 
 

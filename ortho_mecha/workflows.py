@@ -736,4 +736,4 @@ def bound_seed(graph: Graph, bindings: Bindings) -> int | None:
     if bindings.seed is None:
         return None
     value = graph[bindings.seed.node]["inputs"].get(bindings.seed.input)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if _is_kind(value, int) else None
