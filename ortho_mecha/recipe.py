@@ -57,6 +57,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,45 +105,53 @@ def _coefficients(plan: Plan, method: str, alphas: list[float] | None = None) ->
     return weights
 
 
-def _zones(plan: Plan, method: str) -> tuple[list[float], list[dict[str, float]]]:
-    """Each enabled row's plain coefficient and its per-group ones (:func:`ortho_mecha.blocks.zone_coefficients`)."""
+@dataclass(frozen=True)
+class _Zones:
+    """Each enabled row's plain coefficient and its per-group ones (:func:`ortho_mecha.blocks.zone_coefficients`),
+    with the base's block layout when some row has group coefficients."""
+
+    plain: list[float]
+    overrides: list[dict[str, float]]
+    layout: blocks.BlockLayout | None
+
+
+def _zones(plan: Plan, method: str) -> _Zones:
     rows = plan.enabled_rows
-    return blocks.zone_coefficients(
+    plain, overrides = blocks.zone_coefficients(
         [float(row.alpha) for row in rows], [row.block_alphas for row in rows],
         lambda a: _coefficients(plan, method, a),
     )
+    return _Zones(plain, overrides, blocks.base_layout(plan.base) if any(overrides) else None)
 
 
-def _row_coefficients(plan: Plan, method: str, config_id: str) -> list[float | sd_mecha.RecipeNode]:
+def _per_key(values: dict[str, float], default: float, config_id: str) -> float | sd_mecha.RecipeNode:
+    """``values`` on their keys and ``default`` elsewhere, as a recipe value (the plain float without keys)."""
+    return _method("fallback")(sd_mecha.literal(values, config=config_id), default) if values else default
+
+
+def _row_coefficients(zones: _Zones, config_id: str) -> list[float | sd_mecha.RecipeNode]:
     """Each enabled row's coefficient: a float, or per key with block alphas (see the module docstring)."""
-    plain, overrides = _zones(plan, method)
-    if not any(overrides):
-        return plain
-    layout = blocks.base_layout(plan.base)
-    out: list[float | sd_mecha.RecipeNode] = []
-    for coefficient, groups in zip(plain, overrides, strict=True):
-        per_key = {key: value for group, value in groups.items() for key in layout.file_keys(group)}
-        if not per_key:
-            out.append(coefficient)
-            continue
-        out.append(_method("fallback")(sd_mecha.literal(per_key, config=config_id), coefficient))
-    return out
+    if zones.layout is None:
+        return list(zones.plain)
+    return [
+        _per_key({key: value for group, value in groups.items() for key in zones.layout.file_keys(group)},
+                 coefficient, config_id)
+        for coefficient, groups in zip(zones.plain, zones.overrides, strict=True)
+    ]
 
 
-def _noise_scale(plan: Plan, method: str, config_id: str) -> float | sd_mecha.RecipeNode:
+def _noise_scale(zones: _Zones, config_id: str) -> float | sd_mecha.RecipeNode:
     """The rows' largest |coefficient|, per key with block alphas: ortho_superpose's ``noise_scale``."""
-    plain, overrides = _zones(plan, method)
-    largest = max(abs(c) for c in plain)
-    groups = list(dict.fromkeys(g for listed in overrides for g in listed))
-    if not groups:
+    largest = max(abs(c) for c in zones.plain)
+    if zones.layout is None:
         return largest
-    layout = blocks.base_layout(plan.base)
+    groups = dict.fromkeys(g for listed in zones.overrides for g in listed)
     per_key = {
-        key: max(abs(listed.get(group, c)) for c, listed in zip(plain, overrides, strict=True))
+        key: max(abs(listed.get(group, c)) for c, listed in zip(zones.plain, zones.overrides, strict=True))
         for group in groups
-        for key in layout.file_keys(group)
+        for key in zones.layout.file_keys(group)
     }
-    return _method("fallback")(sd_mecha.literal(per_key, config=config_id), largest) if per_key else largest
+    return _per_key(per_key, largest, config_id)
 
 
 def _combine(
@@ -157,9 +166,10 @@ def _combine(
             return lora_delta_node(row.model, base, config_id)
         return sd_mecha.subtract(node(row.model), node(row.delta_from or plan.base))
 
+    zones = _zones(plan, method)
     row_deltas = [
         _method("scale_delta")(delta(row), alpha=coefficient)
-        for row, coefficient in zip(rows, _row_coefficients(plan, method, config_id), strict=True)
+        for row, coefficient in zip(rows, _row_coefficients(zones, config_id), strict=True)
     ]
     if METHODS[method].repeat == "list":
         deltas = [delta for row, delta in zip(rows, row_deltas, strict=True) for _ in range(row.repeat)]
@@ -167,7 +177,7 @@ def _combine(
         deltas = row_deltas
     options = dict(options)
     if method == "ortho_superpose":
-        options["noise_scale"] = _noise_scale(plan, method, config_id)
+        options["noise_scale"] = _noise_scale(zones, config_id)
     if method in ORTHO_METHODS:
         return _method(method)(base, *deltas, **options)
     alpha = options.pop("alpha")
