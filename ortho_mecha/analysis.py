@@ -486,7 +486,8 @@ def run_pass(
     chunks = _SharedQueue(_chunk_tasks(alignment, keys, chunk))
     chunk_ends = np.cumsum([stop - start for _, start, stop in chunks.tasks])  # elements done with each chunk
     reducer = _Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows)
-    signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in set(keys)] if stat_rows else []
+    passed = set(keys)
+    signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in passed] if stat_rows else []
     signal = _SignalWork(alignment, files, file_maps, rows_t, stat_rows, dtype, signal_keys)
     signal_thread = threading.Thread(target=signal.run, name="ortho-mecha-signal", daemon=True)
     helper: _Helper | None = None
@@ -695,7 +696,7 @@ class _SignalWork:
         base_name = self.alignment.maps[0].keys[canon]
         shape = self.alignment.base.tensors[base_name].shape
         tall, pick, scale = sample_lines(shape, SIGNAL_COLUMNS_PER_ROW * min(shape[0], math.prod(shape[1:])))
-        base = self._base_lines(canon, tall, pick)
+        base = self._base_lines(canon, base_name, shape, tall, pick)
         sampled = torch.zeros_like(base)
         for i in np.nonzero(self.rows_t[r])[0]:
             name = self.alignment.maps[self.file_maps[i]].keys.get(canon)
@@ -707,14 +708,14 @@ class _SignalWork:
             sampled.add_(lines, alpha=float(self.rows_t[r, i]))
         return sampled_energy(sampled.mul_(scale) if scale != 1.0 else sampled, tall)
 
-    def _base_lines(self, canon: str, tall: bool, pick: torch.Tensor | None) -> torch.Tensor:
-        """The base's sampled lines of key ``canon``, kept for the last few keys (the tasks come key by key)."""
+    def _base_lines(self, canon: str, name: str, shape: Sequence[int], tall: bool,
+                    pick: torch.Tensor | None) -> torch.Tensor:
+        """The base's sampled lines of key ``canon`` (its tensor ``name``), kept for the last few keys (the tasks
+        come key by key)."""
         with self._base_lock:
             lines = self._base_cache.pop(canon, None)
             if lines is None:
-                shape = self.alignment.base.tensors[self.alignment.maps[0].keys[canon]].shape
-                lines = _sampled_lines(self.alignment.base, self.alignment.maps[0].keys[canon], shape, tall, pick,
-                                       self.dtype)
+                lines = _sampled_lines(self.alignment.base, name, shape, tall, pick, self.dtype)
             self._base_cache[canon] = lines  # most recent last
             while len(self._base_cache) > 2:
                 self._base_cache.pop(next(iter(self._base_cache)))
