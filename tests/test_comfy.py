@@ -175,19 +175,25 @@ def test_model_facts_come_from_the_file(comfy_stub: ComfyStub, tmp_path: Path) -
     assert preview(comfy_stub, schnell, "flux1").resolved.steps == 4
 
 
-def test_user_workflow_end_to_end(comfy_stub: ComfyStub, tmp_path: Path) -> None:
-    model = write_model(tmp_path / "mine.safetensors")
-    graph = {
+def user_graph(seed: object = 1, output: dict | None = None) -> dict:
+    """An SD1.5 API-format workflow of the user's: its own negative text and seed (or a link to a PrimitiveInt),
+    ending in ``output`` (default: SaveImage)."""
+    return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "placeholder.safetensors"}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "old", "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "old negative", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["ckpt", 1]}},
         "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "ks": {"class_type": "KSampler", "inputs": {
-            "model": ["ckpt", 0], "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "karras",
+            "model": ["ckpt", 0], "seed": seed, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "karras",
             "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
-        "show": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}},
+        "show": output or {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "mine"}},
     }  # fmt: skip
+
+
+def test_user_workflow_end_to_end(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "mine.safetensors")
+    graph = user_graph(output={"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}})
     settings_ = PreviewSettings("new prompt", negative="new negative", seed=42)
     result = preview(comfy_stub, model, "custom", workflow=graph, settings=settings_)
     sent = comfy_stub.received[-1]["prompt"]
@@ -198,21 +204,6 @@ def test_user_workflow_end_to_end(comfy_stub: ComfyStub, tmp_path: Path) -> None
     assert graph["ckpt"]["inputs"]["ckpt_name"] == "placeholder.safetensors"
     with pytest.raises(OrthoMechaError, match=r"--steps, --clip cannot be applied to your own workflow"):
         preview(comfy_stub, model, "custom", workflow=graph, settings=PreviewSettings("p", steps=3, clip=("a",)))
-
-
-def user_graph(seed: object = 1) -> dict:
-    """An SD1.5 API-format workflow of the user's: its own negative text and seed (or a link to a PrimitiveInt)."""
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "placeholder.safetensors"}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "old", "clip": ["ckpt", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["ckpt", 1]}},
-        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "ks": {"class_type": "KSampler", "inputs": {
-            "model": ["ckpt", 0], "seed": seed, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "karras",
-            "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
-        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
-        "show": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "mine"}},
-    }  # fmt: skip
 
 
 def test_user_workflow_keeps_what_is_not_given(comfy_stub: ComfyStub, tmp_path: Path) -> None:
