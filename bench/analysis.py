@@ -3,8 +3,8 @@
 Prints, from one run on the same files: analysis time ÷ time to just read them (``cat`` to /dev/null),
 warm page cache and, where the page cache can be dropped (root), cold; analysis time ÷ sd-mecha's
 ``n_average`` merge of the same models; peak RSS and peak anonymous memory of each step (each step runs
-in its own process; a step's figures include its helper process), and the same warm run with
-``--single-process``. Models are synthetic fp16 files with SDXL-like key shapes.
+in its own process), and the same warm run with ``--one-thread``. Models are synthetic fp16 files with
+SDXL-like key shapes.
 
     .venv/bin/python bench/analysis.py --models 8 --size-mb 1024     # the 8 × 1 GB figure
     .venv/bin/python bench/analysis.py                               # a quicker 8 × 256 MB run
@@ -21,11 +21,11 @@ from common import drop_page_cache, generate, measured, read_files, run_and_repo
 def run_step(step: str, paths: list[Path], rank_samples: int, chunk: int | None) -> None:
     if step == "read":
         run_and_report(step, lambda: read_files(paths), children=True)
-    elif step in ("analyse", "analyse_single"):
+    elif step in ("analyse", "analyse_one_thread"):
         from ortho_mecha.analysis import analyse
 
         run_and_report(step, lambda: analyse(paths[0], paths[1:], use_cache=False, rank_samples=rank_samples,
-                                             chunk=chunk, single_process=step == "analyse_single"))
+                                             chunk=chunk, one_thread=step == "analyse_one_thread"))
     elif step == "n_average":
         run_and_report(step, lambda: n_average(paths))
 
@@ -76,9 +76,9 @@ def main() -> None:
     else:
         print("cold: page cache cannot be dropped here (needs root); skipped")
     print(f"analysis peak RSS {analyse_warm['peak_rss_gib']:.2f} GiB, peak anonymous "
-          f"{analyse_warm['peak_anon_gib']:.2f} GiB, its helper process included (target < 0.5)")
-    single = measured(__file__, "analyse_single", *paths, *extra)
-    print(f"--single-process: warm analysis {single['seconds']:.2f} s -> ratio "
+          f"{analyse_warm['peak_anon_gib']:.2f} GiB (target < 0.5)")
+    single = measured(__file__, "analyse_one_thread", *paths, *extra)
+    print(f"--one-thread: warm analysis {single['seconds']:.2f} s -> ratio "
           f"{single['seconds'] / read_warm['seconds']:.2f}, peak RSS {single['peak_rss_gib']:.2f} GiB, "
           f"anonymous {single['peak_anon_gib']:.2f} GiB")
     if not args.skip_mecha:

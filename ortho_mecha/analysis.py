@@ -20,10 +20,6 @@ import functools
 import logging
 import math
 import os
-import pickle
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,13 +37,13 @@ from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, selection_matrix
 from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, expand_model_paths
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
-from ortho_mecha.validate import Alignment, align
+from ortho_mecha.validate import Alignment
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1 << 17
 T = TypeVar("T")
-HELPER_MIN_BYTES = 1 << 30  # streams from this size on are shared with a helper process
+PARALLEL_MIN_BYTES = 1 << 30  # streams from this size on are reduced by two threads
 PROGRESS_EVERY = 0.25  # seconds between progress reports of a pass
 SIGN_BLOCK_WORDS = 1 << 17  # bound of the temporaries of sign counting (uint64 words)
 SNR_CAP = 1e4
@@ -187,6 +183,7 @@ class _Buffers:
         words = -(-chunk // 64)
         self.pos = np.zeros((n_rows, words), dtype=np.uint64)
         self.neg = np.zeros((n_rows, words), dtype=np.uint64)
+        self.gram = torch.empty((n_files, n_files), dtype=dtype)
 
 
 @dataclass
@@ -194,16 +191,14 @@ class _KeyTotals:
     """What the workers add up for one key."""
 
     gram: np.ndarray  # computed H rows × files
-    peaks: np.ndarray  # per stat row: max |d_r| (numpy: a torch tensor would be sent between processes in
-    # shared memory that is gone once the helper has exited)
+    peaks: np.ndarray  # per stat row: max |d_r|
     base_sq: float = 0.0
 
 
 class _Reducer:
     """Reduces whole chunks of every file on one thread (delta, Gram rows, sign bits and counts, peaks),
-    so a chunk never leaves its core's cache, into per-key totals. The pass runs one in its own process
-    and, for a large stream, one in a helper process (:func:`helper_main`): threads of one process spent
-    most of their time handing the GIL to each other over the many operations of a chunk."""
+    so a chunk never leaves its core's cache, into per-key totals. A large pass runs two, each on its own
+    thread and its own buffers, taking chunks from one queue; their totals add up (:meth:`add`)."""
 
     def __init__(self, alignment: Alignment, file_maps: Sequence[int], dtype: torch.dtype, chunk: int,
                  keys: Sequence[str], rows_t: np.ndarray, h_rows: list[int], stat_rows: list[int]) -> None:
@@ -271,17 +266,17 @@ class _Reducer:
         if self.n_rows:
             d = x[: self.n_rows] if self.selection is None else self.selection @ x
             pack_signs(d.numpy(), pos, neg)
-            # amax and amin apart: several times faster here than torch.aminmax (a chunk is never empty)
-            picked = d if self.all_stats else d[self.stat_rows]
-            peaks = torch.maximum(picked.amax(dim=1), picked.amin(dim=1).neg_())
-            np.maximum(totals.peaks, peaks.numpy(), out=totals.peaks)
+            # max and min apart: several times faster here than torch.aminmax (a chunk is never empty)
+            picked = (d if self.all_stats else d[self.stat_rows]).numpy()
+            np.maximum(totals.peaks, np.maximum(picked.max(axis=1), -picked.min(axis=1)), out=totals.peaks)
             count_signs(pos, neg, self.stat_rows, self.agree, self.both)
-        if self.h_rows:  # OpenBLAS's syrk on one thread: ~1.6× torch's (MKL's) general product here
-            values = x.numpy()
-            totals.gram += values @ values.T if self.all_h else values[self.h_rows] @ values.T
+        if self.h_rows:
+            # torch's (MKL's) product: OpenBLAS's, as fast on one thread, is no faster on two at once here
+            product = torch.mm(x if self.all_h else x[self.h_rows], x.T, out=buffers.gram[: len(self.h_rows)])
+            totals.gram += product.numpy()
 
-    def add(self, other: HelperResult) -> None:
-        """Add a helper process's totals (over other chunks of the same keys) into this reducer's."""
+    def add(self, other: _Reducer) -> None:
+        """Add another reducer's totals (over other chunks of the same keys) into this one's."""
         for key, part in other.totals.items():
             totals = self.totals.get(key)
             if totals is None:
@@ -295,73 +290,57 @@ class _Reducer:
         self.bytes_read += other.bytes_read
 
 
-@dataclass
-class HelperResult:
-    """What a helper process sends back: its reducer's totals."""
+class _TaskQueue(Generic[T]):
+    """Tasks handed to whichever thread asks first, each once; :meth:`stop` ends the handing out."""
 
-    totals: dict[str, _KeyTotals]
-    both: np.ndarray
-    agree: np.ndarray
-    bytes_read: int
-    signal: dict[int, dict[str, tuple[float, float]]]  # figures of the signal tasks it took
-
-
-@dataclass
-class HelperSpec:
-    """What a helper process needs to line the files up as the pass did and reduce chunks of it."""
-
-    base: str
-    models: list[str]
-    arch: str
-    file_maps: list[int]
-    exact: bool
-    chunk: int
-    keys: list[str]
-    rows_t: np.ndarray
-    h_rows: list[int]
-    stat_rows: list[int]
-    signal_keys: list[str]
-    chunks_fd: int  # the pass's chunk queue, inherited
-    signal_fd: int  # its signal task queue, inherited
-
-
-class _SharedQueue(Generic[T]):
-    """Tasks handed to whichever thread or process asks first. Their indices are read, 4 bytes at a time,
-    from one open file shared with the helper process: the kernel advances a shared file offset
-    atomically, so no task is handed out twice. Moving the offset to the end stops every taker."""
-
-    def __init__(self, tasks: list[T], fd: int | None = None) -> None:
+    def __init__(self, tasks: list[T]) -> None:
         self.tasks = tasks
-        if fd is None:
-            with tempfile.TemporaryFile() as file:
-                file.write(np.arange(len(tasks), dtype="<u4").tobytes())
-                file.flush()
-                fd = os.dup(file.fileno())  # shares the file's offset; the file is deleted once fd closes
-            os.lseek(fd, 0, os.SEEK_SET)
-        self.fd = fd
-        self.mine = 0  # tasks this process took
+        self._next = 0
         self._lock = threading.Lock()
 
     def take(self) -> T | None:
-        data = os.read(self.fd, 4)
-        if len(data) < 4:
-            return None
         with self._lock:
-            self.mine += 1
-        return self.tasks[int.from_bytes(data, "little")]
+            if self._next >= len(self.tasks):
+                return None
+            self._next += 1
+            return self.tasks[self._next - 1]
 
     def taken(self) -> int:
-        """Tasks handed out so far (to every taker)."""
-        return min(len(self.tasks), os.lseek(self.fd, 0, os.SEEK_CUR) // 4)
+        """Tasks handed out so far."""
+        return self._next
 
     def stop(self) -> None:
-        os.lseek(self.fd, 0, os.SEEK_END)
-
-    def close(self) -> None:
-        os.close(self.fd)
+        with self._lock:
+            self._next = len(self.tasks)
 
 
-def _reduce_chunks(chunks: _SharedQueue[tuple[str, int, int]], reducer: _Reducer,
+class _Worker:
+    """A daemon thread running ``target`` with one torch thread (torch's thread count is per thread), its
+    error kept for :meth:`join` to raise; ``on_error`` runs first (to stop the other workers)."""
+
+    def __init__(self, name: str, target: Callable[[], None], on_error: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(target, on_error), name=name, daemon=True)
+
+    def _run(self, target: Callable[[], None], on_error: Callable[[], None]) -> None:
+        torch.set_num_threads(1)
+        try:
+            target()
+        except BaseException as exc:  # re-raised by join() in the pass's thread
+            self.error = exc
+            on_error()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        if self.thread.ident is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _reduce_chunks(chunks: _TaskQueue[tuple[str, int, int]], reducer: _Reducer,
                    between: Callable[[], None] = lambda: None) -> None:
     """Reduce chunks until none is left (or the queue is stopped), calling ``between`` after each."""
     while (task := chunks.take()) is not None:
@@ -373,41 +352,6 @@ def _chunk_tasks(alignment: Alignment, keys: Sequence[str], chunk: int) -> list[
     """(key, start, stop) of every chunk of a pass over ``keys``, in file order."""
     return [(c, start, min(_numel(alignment, c), start + chunk))
             for c in keys for start in range(0, _numel(alignment, c), chunk)]
-
-
-class _Helper:
-    """A helper process (``python -m ortho_mecha.pass_helper``) reducing chunks of the same queue: it gets
-    its :class:`HelperSpec` on stdin and sends its totals back, pickled, on stdout. A subprocess rather than
-    multiprocessing, whose spawn would import the caller's main script again."""
-
-    def __init__(self, spec: HelperSpec) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "ortho_mecha.pass_helper"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, pass_fds=(spec.chunks_fd, spec.signal_fd))
-        self.output: list[bytes] = []
-        self.reader = threading.Thread(target=lambda: self.output.append(self.process.stdout.read()),
-                                       name="ortho-mecha-helper-output", daemon=True)
-        self.reader.start()
-        with self.process.stdin:
-            pickle.dump(spec, self.process.stdin)
-
-    def result(self, waiting: Callable[[], None]) -> HelperResult:
-        """The helper's totals (calling ``waiting`` while it works); its failure raised here."""
-        while self.reader.is_alive():
-            self.reader.join(PROGRESS_EVERY)
-            waiting()
-        code = self.process.wait()
-        answer = pickle.loads(self.output[0]) if self.output and self.output[0] else None
-        if isinstance(answer, HelperResult):
-            return answer
-        if isinstance(answer, str):
-            raise OrthoMechaError(f"the analysis helper process failed: {answer}")
-        raise OrthoMechaError(f"the analysis helper process ended without a result (exit code {code})")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.reader.join()
 
 
 def _stream_bytes(alignment: Alignment, file_maps: Sequence[int], keys: Sequence[str]) -> int:
@@ -422,28 +366,6 @@ def _stream_bytes(alignment: Alignment, file_maps: Sequence[int], keys: Sequence
     return streamed
 
 
-def helper_main(spec: HelperSpec) -> HelperResult:
-    """In a helper process: line the files up as the pass did, reduce chunks from its queue, then take
-    signal tasks from its other queue."""
-    torch.set_num_threads(1)
-    threadpool_limits(limits=1)
-    parent = os.getppid()
-
-    def check_parent() -> None:  # a pass killed outright cannot stop its helper: the helper notices instead
-        if os.getppid() != parent:
-            raise OrthoMechaError("the analysis pass that started this helper process is gone")
-
-    alignment = align(Model(spec.base), [Model(path) for path in spec.models], spec.arch)
-    dtype = _compute_dtype(spec.exact)
-    reducer = _Reducer(alignment, spec.file_maps, dtype, spec.chunk, spec.keys, spec.rows_t, spec.h_rows,
-                       spec.stat_rows)
-    _reduce_chunks(_SharedQueue(_chunk_tasks(alignment, spec.keys, spec.chunk), spec.chunks_fd), reducer, check_parent)
-    signal = _SignalWork(alignment, reducer.files, spec.file_maps, spec.rows_t, spec.stat_rows, dtype,
-                         spec.signal_keys, spec.signal_fd)
-    signal.drain()
-    return HelperResult(reducer.totals, reducer.both, reducer.agree, reducer.bytes_read, signal.figures)
-
-
 def run_pass(
     alignment: Alignment,
     file_maps: Sequence[int],
@@ -455,12 +377,13 @@ def run_pass(
     rank_samples: int = 5,
     keys: Sequence[str] | None = None,
     progress: Progress | None = None,
-    single_process: bool = False,
+    one_thread: bool = False,
 ) -> PassResult:
     """Stream the files once and compute what ``plan`` asks for, over ``keys`` (default: every analysed key).
 
-    A stream of at least HELPER_MIN_BYTES is shared with a helper process (unless ``single_process``), which
-    takes about two seconds of CPU and 0.25 GiB to start (importing torch).
+    This thread reduces chunks while a worker thread starts on the signal; a stream of at least
+    PARALLEL_MIN_BYTES is reduced by a second thread too (unless ``one_thread``). Then all of them take
+    the signal tasks left.
 
     ``file_maps[f]`` is the alignment index (1-based model maps) of analysed file f; ``rows_t`` is the
     rows × files selection matrix of the analysed deltas (:func:`ortho_mecha.gram.selection_matrix`).
@@ -478,19 +401,16 @@ def run_pass(
     sizes = np.cumsum([_numel(alignment, c) for c in keys])
     total_elements = int(sizes[-1]) if keys else 0
     threads = torch.get_num_threads()
-    # one torch (and BLAS) thread per Python thread or process: this thread and a helper process reduce
-    # chunks, another thread computes the SVD signal of the largest keys; on 2 cores that beats torch's
-    # own threading, whose spinning OpenMP workers slow the many small per-chunk operations down badly
+    # one torch (and BLAS) thread per worker thread: on 2 cores that beats torch's own threading, whose
+    # spinning OpenMP workers slow the many small per-chunk operations down badly
     torch.set_num_threads(1)
     blas_threads = threadpool_limits(limits=1)
-    chunks = _SharedQueue(_chunk_tasks(alignment, keys, chunk))
+    chunks = _TaskQueue(_chunk_tasks(alignment, keys, chunk))
     chunk_ends = np.cumsum([stop - start for _, start, stop in chunks.tasks])  # elements done with each chunk
-    reducer = _Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows)
+    reducers = [_Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows)]
     passed = set(keys)
     signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in passed] if stat_rows else []
     signal = _SignalWork(alignment, files, file_maps, rows_t, stat_rows, dtype, signal_keys)
-    signal_thread = threading.Thread(target=signal.run, name="ortho-mecha-signal", daemon=True)
-    helper: _Helper | None = None
     last_report = 0.0
 
     def report(force: bool = False) -> None:
@@ -513,27 +433,32 @@ def run_pass(
             "eta_s": (now - started) / fraction * (1 - fraction) if fraction > 0 else None,
         })
 
+    def stop() -> None:
+        chunks.stop()
+        signal.tasks.stop()
+
+    def reduce_then_signal(reducer: _Reducer) -> None:
+        _reduce_chunks(chunks, reducer)
+        signal.drain()
+
     stream_bytes = _stream_bytes(alignment, file_maps, keys)
+    workers = [_Worker("ortho-mecha-signal", signal.drain, stop)]
+    if not one_thread and stream_bytes >= PARALLEL_MIN_BYTES:
+        reducers.append(_Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows))
+        workers.append(_Worker("ortho-mecha-chunks", functools.partial(reduce_then_signal, reducers[1]), stop))
+    reducer = reducers[0]
     try:
-        if not single_process and stream_bytes >= HELPER_MIN_BYTES and not any(m.is_delta for m in files):
-            # (a helper rebuilds no LoRA rows)
-            helper = _Helper(HelperSpec(str(alignment.base.path), [str(m.path) for m in alignment.models],
-                                        alignment.arch, list(file_maps), exact, chunk, keys, rows_t, h_rows,
-                                        stat_rows, signal_keys, chunks.fd, signal.tasks.fd))
-        signal_thread.start()
+        for worker in workers:
+            worker.start()
         _reduce_chunks(chunks, reducer, report)
-        if helper is not None:  # this thread helps with the signal, then waits for the helper's totals
-            signal.drain()
-            try:
-                answer = helper.result(report)
-            except OrthoMechaError as exc:
-                if chunks.mine < len(chunks.tasks) or signal.tasks.mine < len(signal.tasks.tasks):
-                    raise
-                logger.warning("%s; the analysis went on without it", exc)  # it failed before taking any task
-            else:
-                reducer.add(answer)
-                for r, per_key in answer.signal.items():
-                    signal.figures[r].update(per_key)
+        signal.drain()  # this thread helps with the signal too
+        for worker in workers:
+            while worker.thread.is_alive():
+                worker.thread.join(PROGRESS_EVERY)
+                report()
+            worker.join()  # its error raised here
+        for other in reducers[1:]:
+            reducer.add(other)
         report(force=True)
         for canon in keys:
             totals = reducer.totals.get(canon)
@@ -549,17 +474,13 @@ def run_pass(
             agree = np.where(mask[:, None], agree, agree.T)
             base_sq = {canon: reducer.totals[canon].base_sq for canon in keys if canon in reducer.totals}
             _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq)
-            for r, per_key in signal.finish(signal_thread).items():  # this thread helps too
+            for r, per_key in signal.figures.items():
                 stats[r].signal.update(per_key)
     finally:
-        chunks.stop()
-        signal.stop.set()
-        if signal_thread.is_alive():
-            signal_thread.join()
-        if helper is not None:
-            helper.close()
-        chunks.close()
-        signal.tasks.close()
+        stop()
+        for worker in workers:
+            if worker.thread.ident is not None:
+                worker.thread.join()
         torch.set_num_threads(threads)
         blas_threads.restore_original_limits()
     bytes_read = reducer.bytes_read
@@ -651,40 +572,21 @@ def _finish_row_stats(
 
 
 class _SignalWork:
-    """The SVD signal figures of every (signal key, row), as tasks any thread or process can take: a worker
-    thread starts on them beside the streaming pass; the pass's thread and its helper process join in once
-    the stream is done."""
+    """The SVD signal figures of every (signal key, row), as tasks any thread can take: a worker thread starts
+    on them beside the streaming pass; the pass's reducing threads join in once the chunks are gone."""
 
     def __init__(self, alignment: Alignment, files: Sequence[Model], file_maps: Sequence[int], rows_t: np.ndarray,
-                 stat_rows: list[int], dtype: torch.dtype, signal_keys: list[str], fd: int | None = None) -> None:
+                 stat_rows: list[int], dtype: torch.dtype, signal_keys: list[str]) -> None:
         self.alignment, self.files, self.file_maps, self.rows_t = alignment, files, file_maps, rows_t
         self.dtype = dtype
-        # shared with a helper process, when the pass has one (fd: the pass's queue, in the helper)
-        self.tasks = _SharedQueue([(canon, r) for canon in signal_keys for r in stat_rows], fd)
+        self.tasks = _TaskQueue([(canon, r) for canon in signal_keys for r in stat_rows])
         self.figures: dict[int, dict[str, tuple[float, float]]] = {r: {} for r in stat_rows}
         self._base_cache: dict[str, torch.Tensor] = {}
         self._base_lock = threading.Lock()
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        """:meth:`drain` in a worker thread, keeping its error for :meth:`finish`."""
-        try:
-            self.drain()
-        except BaseException as exc:  # re-raised by finish() in the pass's thread
-            self.error = exc
-
-    def finish(self, worker: threading.Thread) -> dict[int, dict[str, tuple[float, float]]]:
-        """Take the tasks left, wait for ``worker``, re-raise its error; the figures per row and key."""
-        self.drain()
-        worker.join()
-        if self.error is not None:
-            raise self.error
-        return self.figures
 
     def drain(self) -> None:
-        """Compute tasks until none is left (or ``stop`` is set)."""
-        while not self.stop.is_set() and (task := self.tasks.take()) is not None:
+        """Compute tasks until none is left (or the queue is stopped)."""
+        while (task := self.tasks.take()) is not None:
             canon, r = task
             self.figures[r][canon] = signal_figures(self._energies(canon, r))
 
@@ -890,12 +792,12 @@ def analyse(
     use_cache: bool = True,
     scheduler: str | None = None,
     progress: Progress | None = None,
-    single_process: bool = False,
+    one_thread: bool = False,
 ) -> Analysis:
     """Analyse ``models`` against ``base`` in one streaming pass (or none, when the cache has it all).
 
     With ``scheduler`` (a Dask address or ``local:N``) the pass is sharded by key over Dask workers. A large
-    local pass shares its work with a helper process unless ``single_process`` (less memory, slower).
+    local pass over 1 GiB or more is reduced by two threads unless ``one_thread``.
     """
     from ortho_mecha import analysis_cache
     from ortho_mecha.validate import align, open_models
@@ -926,7 +828,7 @@ def analyse(
                                       rank_samples=rank_samples, progress=progress)
         else:
             result = run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk,
-                              rank_samples=rank_samples, progress=progress, single_process=single_process)
+                              rank_samples=rank_samples, progress=progress, one_thread=one_thread)
         known.fill(result)
         store.save(alignment.keys, fps, row_sigs, known)
         seconds, bytes_read = result.seconds, result.bytes_read
@@ -1125,7 +1027,7 @@ def cli_analyse(args: argparse.Namespace) -> int:
             use_cache=not args.no_cache,
             scheduler=args.scheduler,
             progress=bar.update,
-            single_process=args.single_process,
+            one_thread=args.one_thread,
         )
     rep = report(result)
     for line in summary_lines(rep):

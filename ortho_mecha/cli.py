@@ -73,9 +73,11 @@ def _add_analyse(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the analysis cache")
     p.add_argument("--chunk", type=int, default=None, metavar="N", help="elements per streamed chunk (tuning)")
     p.add_argument(
-        "--single-process",
+        "--one-thread",
+        "--single-process",  # its name while a second process did what the second thread does
+        dest="one_thread",
         action="store_true",
-        help="no helper process for a large pass (from 1 GiB): about 0.3 GiB less memory, slower",
+        help="reduce a large pass (from 1 GiB) on one thread, not two: slower, leaves a core free",
     )
     p.add_argument(
         "--scheduler",

@@ -52,7 +52,7 @@ def worker_pass(
     alignment = align(Model(base), [Model(f) for f in files], arch)
     file_maps = list(range(1, len(files) + 1))
     return run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk, rank_samples=rank_samples,
-                    keys=keys)
+                    keys=keys, one_thread=True)  # a worker has one core
 
 
 def _client(scheduler: str, stack: ExitStack):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,140 +103,86 @@ def test_conflict_counts_match_brute_force(tmp_path: Path) -> None:
     assert np.array_equal((result.both - result.agree) / 2, conflicts)
 
 
+def _slowed(real: Callable, seconds: float, threads: set[str]) -> Callable:
+    """``real``, sleeping first and noting the calling thread's name: every thread then gets some tasks."""
+    def call(*args: object) -> object:
+        threads.add(threading.current_thread().name)
+        time.sleep(seconds)
+        return real(*args)
+    return call
+
+
 @pytest.mark.parametrize("delta_from", [False, True])
-def test_helper_process_gives_the_single_process_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        delta_from: bool) -> None:
-    """A large stream is shared with a helper process (a real one, here forced on small files): chunks and
-    signal tasks split between the processes, the report is the single-process one."""
+def test_second_thread_gives_the_one_thread_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   delta_from: bool) -> None:
+    """A large stream is reduced by two threads (here forced on small files): chunks and signal tasks split
+    between them, the report is the one-thread one."""
     paths = write_family_files(tmp_path / "m", "flux", "bf16", members=MEMBERS)
     names = MEMBERS[1:]
     froms = {paths["anime_v2"]: paths["anime"]} if delta_from else None
-
-    helped: list[A.HelperResult] = []
-    real_result, real_reduce, real_energies = A._Helper.result, A._Reducer.reduce, A._SignalWork._energies
-
-    def result(self: A._Helper, waiting: object) -> A.HelperResult:
-        helped.append(real_result(self, waiting))
-        return helped[-1]
-
-    def slow(real: object, seconds: float) -> object:  # this process only: the helper, started later, gets work
-        def call(*args: object) -> object:
-            time.sleep(seconds)
-            return real(*args)
-        return call
-
-    monkeypatch.setattr(A._Helper, "result", result)
+    reducing: set[str] = set()
+    signalling: set[str] = set()
 
     def run(min_bytes: int) -> dict:
-        monkeypatch.setattr(A, "HELPER_MIN_BYTES", min_bytes)
-        if min_bytes == 0:
-            monkeypatch.setattr(A._Reducer, "reduce", slow(real_reduce, 0.02))
-            monkeypatch.setattr(A._SignalWork, "_energies", slow(real_energies, 0.3))
+        monkeypatch.setattr(A, "PARALLEL_MIN_BYTES", min_bytes)
         progress: list[dict] = []
         result = A.analyse(paths["base"], [paths[n] for n in names], delta_from=froms, chunk=512, use_cache=False,
                            progress=progress.append)
         assert progress and progress[-1]["fraction"] == 1.0
         return A.report(result)
 
-    alone, shared = run(2**62), run(0)
-    assert len(helped) == 1 and helped[0].bytes_read > 0 and any(helped[0].signal.values())
+    alone = run(2**62)
+    monkeypatch.setattr(A._Reducer, "reduce", _slowed(A._Reducer.reduce, 0.001, reducing))
+    monkeypatch.setattr(A._SignalWork, "_energies", _slowed(A._SignalWork._energies, 0.1, signalling))
+    shared = run(0)
+    assert reducing == {threading.main_thread().name, "ortho-mecha-chunks"}
+    assert len(signalling) >= 2
     for field in ("conflict_ratio", "outliers"):
         assert shared[field] == alone[field], field
-    for figure in ("effective_rank", "snr"):  # the same arithmetic; BLAS may round differently in another process
+    for figure in ("effective_rank", "snr"):
         assert np.allclose(shared["signal"][figure], alone["signal"][figure], rtol=1e-12, atol=0)
     assert np.allclose(shared["gram"], alone["gram"], rtol=1e-12, atol=0)
 
 
-def test_a_helper_that_fails_before_taking_work_leaves_the_pass_whole(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    """A helper process that cannot start its work (here: the files moved away under it) took no chunk: the
-    pass does every chunk itself and the report is the single-process one."""
+@pytest.mark.parametrize(("where", "parallel_from"), [("ortho-mecha-chunks", 0), ("ortho-mecha-signal", 0),
+                                                      ("ortho-mecha-signal", 2**62)])
+def test_a_worker_thread_error_ends_the_pass_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     where: str, parallel_from: int) -> None:
+    """An error in a worker thread (a file gone bad mid-pass) stops the other threads and is the pass's error."""
     paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:4])
-    names = MEMBERS[1:4]
-    alone = A.report(A.analyse(paths["base"], [paths[n] for n in names], chunk=512, use_cache=False))
-    monkeypatch.setattr(A, "HELPER_MIN_BYTES", 0)
-    monkeypatch.setattr(A.HelperSpec, "__getstate__", lambda self: {**vars(self), "base": str(tmp_path / "gone")},
-                        raising=False)
-    shared = A.report(A.analyse(paths["base"], [paths[n] for n in names], chunk=512, use_cache=False))
-    assert shared["gram"] == alone["gram"] and shared["conflict_ratio"] == alone["conflict_ratio"]
-    assert "gone" in caplog.text and "went on without it" in caplog.text
+    monkeypatch.setattr(A, "PARALLEL_MIN_BYTES", parallel_from)
+
+    def failing(real: Callable) -> Callable:
+        def call(*args: object) -> object:
+            time.sleep(0.002)
+            if threading.current_thread().name == where:
+                raise A.OrthoMechaError("truncated while reading 'k'", paths["anime"])
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(A._Reducer, "reduce", failing(A._Reducer.reduce))
+    monkeypatch.setattr(A._SignalWork, "_energies", failing(A._SignalWork._energies))
+    with pytest.raises(A.OrthoMechaError, match="truncated while reading") as raised:
+        A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:4]], chunk=256, use_cache=False)
+    assert str(paths["anime"]) in str(raised.value)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ortho-mecha-")]
 
 
-def test_single_process_starts_no_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable) -> None:
+@pytest.mark.parametrize("flag", ["--one-thread", "--single-process"])
+def test_one_thread_starts_no_second_reducer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable,
+                                             flag: str) -> None:
     paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:3])
-    started: list[A.HelperSpec] = []
-    monkeypatch.setattr(A, "HELPER_MIN_BYTES", 0)
-    monkeypatch.setattr(A._Helper, "__init__", lambda self, spec: started.append(spec) or pytest.fail("helper"))
+    started: list[str] = []
+    real_init = A._Worker.__init__
+    monkeypatch.setattr(A, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(A._Worker, "__init__", lambda self, name, *rest: started.append(name) or real_init(
+        self, name, *rest))
     report_file = tmp_path / "report.json"
-    result = cli("analyse", "--single-process", "--no-cache", "--base", paths["base"], paths["anime"], paths["photo"],
+    result = cli("analyse", flag, "--no-cache", "--base", paths["base"], paths["anime"], paths["photo"],
                  "--json", report_file)
-    assert result.code == 0 and report_file.exists() and not started
-
-
-def test_helper_process_failure_names_the_problem(tmp_path: Path) -> None:
-    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
-    missing = tmp_path / "gone.safetensors"
-    chunks = A._SharedQueue([("k", 0, 1)])
-    signal = A._SharedQueue([])
-    spec = A.HelperSpec(str(missing), [str(paths["anime"])], "custom", [1], False, 512, ["k"], np.eye(1), [0], [0],
-                        [], chunks.fd, signal.fd)
-    helper = A._Helper(spec)
-    try:
-        with pytest.raises(A.OrthoMechaError, match=r"gone\.safetensors"):
-            helper.result(lambda: None)
-    finally:
-        helper.close()
-        chunks.close()
-        signal.close()
-
-
-ORPHAN_PASS = """
-import sys, time
-import numpy as np
-from ortho_mecha import analysis as A
-from ortho_mecha.validate import align, open_models
-
-base, (model,) = open_models(sys.argv[1], [sys.argv[2]])
-alignment = align(base, [model])
-keys = list(alignment.keys) * 2000  # minutes of work in chunks of 64 elements
-chunks, signal = A._SharedQueue(A._chunk_tasks(alignment, keys, 64)), A._SharedQueue([])
-spec = A.HelperSpec(str(base.path), [str(model.path)], alignment.arch, [1], False, 64, keys, np.eye(1), [0], [0],
-                    [], chunks.fd, signal.fd)
-helper = A._Helper(spec)
-while not chunks.taken():  # the helper is at work
-    time.sleep(0.01)
-print(helper.process.pid, flush=True)
-time.sleep(600)
-"""
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (an orphan's reaper may be slow to reap it)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
-
-
-def test_a_helper_whose_pass_is_killed_stops(tmp_path: Path) -> None:
-    """A pass killed outright (SIGKILL: no clean-up runs) leaves no helper process working on."""
-    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
-    script = tmp_path / "orphan_pass.py"
-    script.write_text(ORPHAN_PASS)
-    pass_process = subprocess.Popen([sys.executable, str(script), str(paths["base"]), str(paths["anime"])],
-                                    stdout=subprocess.PIPE, text=True)
-    try:
-        helper = int(pass_process.stdout.readline())  # once it has taken chunks
-        assert _running(helper)
-    finally:
-        pass_process.kill()
-        pass_process.wait()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _running(helper):
-        time.sleep(0.05)
-    assert not _running(helper), "the helper went on working for a pass that is gone"
+    assert result.code == 0 and report_file.exists() and started == ["ortho-mecha-signal"]
+    assert cli("analyse", "--no-cache", "--base", paths["base"], paths["anime"], paths["photo"]).code == 0
+    assert started[1:] == ["ortho-mecha-signal", "ortho-mecha-chunks"]
 
 
 def test_delta_from_and_regram_without_reading(tmp_path: Path) -> None:
