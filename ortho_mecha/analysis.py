@@ -175,9 +175,10 @@ def signal_figures(energies: np.ndarray) -> tuple[float, float]:
 class _Buffers:
     """A worker's preallocated chunk tensors (fresh multi-MB tensors per chunk cost page faults)."""
 
-    def __init__(self, n_files: int, n_rows: int, chunk: int, dtype: torch.dtype) -> None:
+    def __init__(self, n_files: int, n_rows: int, chunk: int, dtype: torch.dtype, itemsize: int) -> None:
+        """``itemsize``: the largest stored element size of the keys passed over."""
         self.scratch = torch.empty(chunk * 8, dtype=torch.uint8)  # a chunk's stored bytes, before conversion
-        self.stored = torch.empty((n_files, chunk * 8), dtype=torch.uint8)  # every file's, converted at once
+        self.stored = torch.empty((n_files, chunk * itemsize), dtype=torch.uint8)  # every file's, converted at once
         self.base = torch.empty(chunk, dtype=dtype)
         self.deltas = torch.empty((n_files, chunk), dtype=dtype)
         words = -(-chunk // 64)
@@ -212,7 +213,8 @@ class _Reducer:
         self.selection = None if plain else torch.from_numpy(rows_t).to(dtype)
         self.all_stats = len(stat_rows) == rows_t.shape[0]
         self.uniform = {c: self._uniform_dtype(c) for c in keys}
-        self.buffers = _Buffers(len(file_maps), self.n_rows, chunk, dtype)
+        itemsize = max((ITEMSIZES[d] for d in self.uniform.values() if d is not None), default=1)
+        self.buffers = _Buffers(len(file_maps), self.n_rows, chunk, dtype, itemsize)
         self.totals: dict[str, _KeyTotals] = {}
         self.both = np.zeros((rows_t.shape[0],) * 2)
         self.agree = np.zeros((rows_t.shape[0],) * 2)
@@ -437,15 +439,11 @@ def run_pass(
         chunks.stop()
         signal.tasks.stop()
 
-    def reduce_then_signal(reducer: _Reducer) -> None:
-        _reduce_chunks(chunks, reducer)
-        signal.drain()
-
     stream_bytes = _stream_bytes(alignment, file_maps, keys)
     workers = [_Worker("ortho-mecha-signal", signal.drain, stop)]
     if not one_thread and stream_bytes >= PARALLEL_MIN_BYTES:
         reducers.append(_Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows))
-        workers.append(_Worker("ortho-mecha-chunks", functools.partial(reduce_then_signal, reducers[1]), stop))
+        workers.append(_Worker("ortho-mecha-chunks", functools.partial(_reduce_chunks, chunks, reducers[1]), stop))
     reducer = reducers[0]
     try:
         for worker in workers:
@@ -628,18 +626,25 @@ def _sampled_lines(model: Model, name: str, shape: Sequence[int], tall: bool, pi
                    dtype: torch.dtype) -> torch.Tensor:
     """The lines :func:`sample_lines` picked of ``model``'s tensor ``name`` (conv kernels flattened), read in
     blocks of whole matrix rows of about SIGNAL_BLOCK elements: sampled rows of a tall matrix, sampled
-    columns of a wide one, all of it when nothing is sampled."""
+    columns of a wide one, all of it when nothing is sampled; gathered into one preallocated matrix."""
     rows, rest = shape[0], math.prod(shape[1:])
+    if pick is None:
+        return model.read(name, 0, rows * rest, dtype).view(rows, rest)
+    out = torch.empty((len(pick), rest) if tall else (rows, len(pick)), dtype=dtype)
     step = max(1, SIGNAL_BLOCK // rest)
-    kept = []
+    filled = 0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        lines = pick[(pick >= r0) & (pick < r1)] - r0 if tall and pick is not None else None
+        lines = pick[(pick >= r0) & (pick < r1)] - r0 if tall else None
         if lines is not None and not len(lines):
             continue
         block = model.read(name, r0 * rest, r1 * rest, dtype).view(r1 - r0, rest)
-        kept.append(block[lines] if lines is not None else block[:, pick] if pick is not None else block)
-    return torch.cat(kept) if kept else torch.zeros((0, rest), dtype=dtype)
+        if lines is not None:
+            out[filled: filled + len(lines)] = block[lines]
+            filled += len(lines)
+        else:
+            out[r0:r1] = block[:, pick]
+    return out
 
 
 def combine_passes(parts: Sequence[PassResult]) -> PassResult:
