@@ -89,7 +89,7 @@ def run_and_report(step: str, work: Callable[[], object], children: bool = False
     peak = {"RssAnon": 0, "VmRSS": 0}
     stop = threading.Event()
 
-    def read() -> None:  # this process and its children (the analysis's helper process), sampled together
+    def read() -> None:  # this process and its children (``cat``, Dask workers), sampled together
         total = dict.fromkeys(peak, 0)
         for pid in _process_tree(os.getpid()):
             with contextlib.suppress(OSError):

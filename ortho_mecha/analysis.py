@@ -335,9 +335,17 @@ class _Worker:
     def start(self) -> None:
         self.thread.start()
 
-    def join(self) -> None:
-        if self.thread.ident is not None:
-            self.thread.join()
+    def wait(self, waiting: Callable[[], None] = lambda: None) -> None:
+        """Wait for the thread, if it was started, calling ``waiting`` every PROGRESS_EVERY seconds."""
+        if self.thread.ident is None:
+            return
+        while self.thread.is_alive():
+            self.thread.join(PROGRESS_EVERY)
+            waiting()
+
+    def join(self, waiting: Callable[[], None] = lambda: None) -> None:
+        """:meth:`wait`, then raise the thread's error."""
+        self.wait(waiting)
         if self.error is not None:
             raise self.error
 
@@ -384,8 +392,8 @@ def run_pass(
     """Stream the files once and compute what ``plan`` asks for, over ``keys`` (default: every analysed key).
 
     This thread reduces chunks while a worker thread starts on the signal; a stream of at least
-    PARALLEL_MIN_BYTES is reduced by a second thread too (unless ``one_thread``). Then all of them take
-    the signal tasks left.
+    PARALLEL_MIN_BYTES is reduced by a second thread too (unless ``one_thread``), which stops with the
+    chunks. Then this thread joins the signal thread on the tasks left.
 
     ``file_maps[f]`` is the alignment index (1-based model maps) of analysed file f; ``rows_t`` is the
     rows × files selection matrix of the analysed deltas (:func:`ortho_mecha.gram.selection_matrix`).
@@ -451,10 +459,7 @@ def run_pass(
         _reduce_chunks(chunks, reducer, report)
         signal.drain()  # this thread helps with the signal too
         for worker in workers:
-            while worker.thread.is_alive():
-                worker.thread.join(PROGRESS_EVERY)
-                report()
-            worker.join()  # its error raised here
+            worker.join(report)  # its error raised here
         for other in reducers[1:]:
             reducer.add(other)
         report(force=True)
@@ -477,8 +482,7 @@ def run_pass(
     finally:
         stop()
         for worker in workers:
-            if worker.thread.ident is not None:
-                worker.thread.join()
+            worker.wait()
         torch.set_num_threads(threads)
         blas_threads.restore_original_limits()
     bytes_read = reducer.bytes_read
@@ -571,7 +575,7 @@ def _finish_row_stats(
 
 class _SignalWork:
     """The SVD signal figures of every (signal key, row), as tasks any thread can take: a worker thread starts
-    on them beside the streaming pass; the pass's reducing threads join in once the chunks are gone."""
+    on them beside the streaming pass; the pass's own thread joins in once the chunks are gone."""
 
     def __init__(self, alignment: Alignment, files: Sequence[Model], file_maps: Sequence[int], rows_t: np.ndarray,
                  stat_rows: list[int], dtype: torch.dtype, signal_keys: list[str]) -> None:
