@@ -3,7 +3,7 @@
 Run with ``streamlit run streamlit_app.py``. Bound to this machine only (the default in
 ``.streamlit/config.toml``) it opens straight away; bound to any other address it first asks for the
 password set in ``ORTHO_MECHA_PASSWORD`` (or ``.streamlit/secrets.toml``), and without one it only says
-how to set it.
+how to set it. Repeated wrong passwords from one address make it wait (``security.SignInLimiter``).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ def sign_in(address: str | None) -> None:
         given = st.text_input("Password", type="password")
         submitted = st.form_submit_button("Sign in")
     if submitted:
-        if security.check_password(given, password):
+        refused = security.attempt_sign_in(given, password, ui.client_address())
+        if refused is None:
             st.session_state[ui.AUTHENTICATED] = True
             st.rerun()
-        st.error("wrong password")
+        st.error(refused)
 
 
 password_gate()

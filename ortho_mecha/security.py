@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ortho_mecha.errors import OrthoMechaError
+
+logger = logging.getLogger(__name__)
 
 PASSWORD_VARIABLE = "ORTHO_MECHA_PASSWORD"
 ROOTS_VARIABLE = "ORTHO_MECHA_ROOTS"
@@ -105,6 +112,73 @@ def check_password(given: str, expected: str) -> bool:
     if not expected:
         return False
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+class SignInLimiter:
+    """Slows password guessing down, per client (its IP address): the first ``free`` wrong passwords in a row
+    cost nothing; from then on each attempt must wait ``first_wait`` seconds, doubling with every further
+    wrong one, up to ``max_wait``. A right password clears the client's count; so does ``forget_after``
+    seconds without an attempt. At most ``max_clients`` clients are remembered (the longest quiet dropped
+    first), so a flood of addresses cannot grow the server's memory. Thread-safe: sessions run on their
+    own threads.
+    """
+
+    def __init__(self, free: int = 5, first_wait: float = 2.0, max_wait: float = 300.0,
+                 forget_after: float = 3600.0, max_clients: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.first_wait, self.max_wait = free, first_wait, max_wait
+        self.forget_after, self.max_clients, self.clock = forget_after, max_clients, clock
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # client → (count, last failure)
+        self._lock = threading.Lock()
+
+    def wait_seconds(self, client: str) -> float:
+        """How long ``client`` must wait before its next attempt is checked (0: it may try now)."""
+        with self._lock:
+            count, last = self._current(client)
+            if count < self.free:
+                return 0.0
+            wait = min(self.max_wait, self.first_wait * 2 ** (count - self.free))
+            return max(0.0, last + wait - self.clock())
+
+    def failed(self, client: str) -> None:
+        """Count a wrong password from ``client``."""
+        with self._lock:
+            count, _ = self._current(client)
+            self._failures[client] = (count + 1, self.clock())
+            self._failures.move_to_end(client)
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        """A right password from ``client``: its count starts over."""
+        with self._lock:
+            self._failures.pop(client, None)
+
+    def _current(self, client: str) -> tuple[int, float]:
+        count, last = self._failures.get(client, (0, 0.0))
+        if count and self.clock() - last > self.forget_after:
+            del self._failures[client]
+            return 0, 0.0
+        return count, last
+
+
+SIGN_IN_LIMITER = SignInLimiter()  # the dashboard server's, shared by all its sessions
+
+
+def attempt_sign_in(given: str, expected: str, client: str, limiter: SignInLimiter | None = None) -> str | None:
+    """Check a password typed by ``client`` (its IP address) against ``limiter`` (default: the server's
+    :data:`SIGN_IN_LIMITER`): None when it is let in, else the message to show. While the client must wait,
+    even the right password is not checked."""
+    limiter = SIGN_IN_LIMITER if limiter is None else limiter
+    wait = limiter.wait_seconds(client)
+    if wait > 0:
+        return f"too many wrong passwords from this address: try again in {math.ceil(wait)} s"
+    if check_password(given, expected):
+        limiter.succeeded(client)
+        return None
+    limiter.failed(client)
+    logger.warning("wrong dashboard password from %s", client)
+    return "wrong password"
 
 
 # --- model folders -------------------------------------------------------------------------------

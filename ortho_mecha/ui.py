@@ -66,6 +66,13 @@ def gate_open() -> bool:
     return not security.password_required(st.get_option("server.address")) or bool(st.session_state.get(AUTHENTICATED))
 
 
+def client_address() -> str:
+    """The IP address of this session's browser, "localhost" when it is this machine (Streamlit gives None
+    then; anything but text, e.g. under AppTest, counts the same)."""
+    address = st.context.ip_address
+    return address if isinstance(address, str) and address else "localhost"
+
+
 def require_app() -> None:
     """Keep a page behind the app's password gate; call it first thing in every page.
 

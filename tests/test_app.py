@@ -188,6 +188,23 @@ def test_lan_gate_refuses_a_wrong_password_and_admits_the_right_one(
     assert at.title[0].value == "Analyse"
 
 
+def test_lan_gate_makes_a_guesser_wait(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ortho_mecha import security
+
+    monkeypatch.setattr(security, "SIGN_IN_LIMITER", security.SignInLimiter(free=2, first_wait=60.0))
+    monkeypatch.setenv("ORTHO_MECHA_PASSWORD", "s3cret")
+    config.set_option("server.address", "0.0.0.0")
+    at = _app().run()
+    for _ in range(2):
+        at.text_input[0].set_value("guess")
+        at.button[0].click().run()
+        assert _errors(at) == ["wrong password"]
+    at.text_input[0].set_value("s3cret")
+    at.button[0].click().run()
+    assert _errors(at) == ["too many wrong passwords from this address: try again in 60 s"]
+    assert not at.title
+
+
 def test_lan_gate_holds_for_a_page_asked_for_directly(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORTHO_MECHA_PASSWORD", "s3cret")
     config.set_option("server.address", "0.0.0.0")

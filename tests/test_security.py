@@ -113,6 +113,48 @@ def test_check_password() -> None:
     assert not security.check_password("", "")  # no password set never lets anyone in
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_wrong_passwords_make_the_client_wait_longer_and_longer() -> None:
+    clock = _Clock()
+    limiter = security.SignInLimiter(free=3, first_wait=2.0, max_wait=10.0, clock=clock)
+    for _ in range(3):
+        assert security.attempt_sign_in("guess", "right", "10.0.0.9", limiter) == "wrong password"
+    assert limiter.wait_seconds("10.0.0.9") == 2.0
+    assert limiter.wait_seconds("10.0.0.7") == 0.0  # another address is not held up
+    refused = security.attempt_sign_in("right", "right", "10.0.0.9", limiter)
+    assert refused == "too many wrong passwords from this address: try again in 2 s"  # not even checked
+    clock.now += 2.0
+    assert security.attempt_sign_in("guess", "right", "10.0.0.9", limiter) == "wrong password"
+    assert limiter.wait_seconds("10.0.0.9") == 4.0  # doubled
+    for _ in range(5):
+        clock.now += limiter.wait_seconds("10.0.0.9")
+        limiter.failed("10.0.0.9")
+    assert limiter.wait_seconds("10.0.0.9") == 10.0  # capped
+    clock.now += 10.0
+    assert security.attempt_sign_in("right", "right", "10.0.0.9", limiter) is None
+    limiter.failed("10.0.0.9")
+    assert limiter.wait_seconds("10.0.0.9") == 0.0  # a right password started the count over
+
+
+def test_the_sign_in_limiter_forgets_quiet_clients_and_stays_bounded() -> None:
+    clock = _Clock()
+    limiter = security.SignInLimiter(free=1, first_wait=5.0, forget_after=60.0, max_clients=3, clock=clock)
+    limiter.failed("a")
+    assert limiter.wait_seconds("a") == 5.0
+    clock.now += 61.0
+    assert limiter.wait_seconds("a") == 0.0
+    for client in ("b", "c", "d", "e"):
+        limiter.failed(client)
+    assert [limiter.wait_seconds(client) > 0 for client in "bcde"] == [False, True, True, True]
+
+
 # --- model folders -------------------------------------------------------------------------------
 
 
