@@ -50,6 +50,7 @@ SNR_CAP = 1e4
 ENERGY = 0.90
 SIGNAL_COLUMNS_PER_ROW = 2  # signal Gram estimated from 2 × (short side) columns of the long side
 SIGNAL_BLOCK = 1 << 20  # elements per file read at a time for the signal (whole matrix rows)
+SIGNAL_TASK_COST = 4  # a signal task's time ≈ reading and reducing its key's elements from this many files
 OUTLIER_KEYS_LISTED = 5
 
 Progress = Callable[[dict], None]
@@ -421,6 +422,11 @@ def run_pass(
     passed = set(keys)
     signal_keys = [k for k in _signal_keys(alignment, rank_samples) if k in passed] if stat_rows else []
     signal = _SignalWork(alignment, files, file_maps, rows_t, stat_rows, dtype, signal_keys)
+    # progress counts work in element-reads: a chunk of n elements costs n × (files + base); a signal task,
+    # about SIGNAL_TASK_COST × its key's elements (its sampled Gram and eigenvalues, measured on SDXL keys)
+    files_read = n_files + 1
+    signal_ends = np.cumsum([SIGNAL_TASK_COST * _numel(alignment, canon) for canon, _ in signal.tasks.tasks])
+    total_work = total_elements * files_read + (int(signal_ends[-1]) if len(signal_ends) else 0)
     last_report = 0.0
 
     def report(force: bool = False) -> None:
@@ -429,9 +435,10 @@ def run_pass(
         if progress is None or (not force and now - last_report < PROGRESS_EVERY):
             return
         last_report = now
-        taken = chunks.taken()
+        taken, signal_taken = chunks.taken(), signal.tasks.taken()
         done = int(chunk_ends[taken - 1]) if taken else 0
-        fraction = done / max(total_elements, 1)
+        work = done * files_read + (int(signal_ends[signal_taken - 1]) if signal_taken else 0)
+        fraction = work / max(total_work, 1)
         keys_done = int(np.searchsorted(sizes, done, side="right"))
         progress({
             "fraction": fraction,
@@ -439,7 +446,9 @@ def run_pass(
             "key": keys[min(keys_done, len(keys) - 1)] if keys else "",
             "keys_done": keys_done,
             "keys_total": len(keys),
-            "bytes": round(stream_bytes * fraction),
+            "signal_done": signal_taken,
+            "signal_total": len(signal.tasks.tasks),
+            "bytes": round(stream_bytes * done / max(total_elements, 1)),
             "eta_s": (now - started) / fraction * (1 - fraction) if fraction > 0 else None,
         })
 
@@ -457,7 +466,7 @@ def run_pass(
         for worker in workers:
             worker.start()
         _reduce_chunks(chunks, reducer, report)
-        signal.drain()  # this thread helps with the signal too
+        signal.drain(report)  # this thread helps with the signal too
         for worker in workers:
             worker.join(report)  # its error raised here
         for other in reducers[1:]:
@@ -586,11 +595,12 @@ class _SignalWork:
         self._base_cache: dict[str, torch.Tensor] = {}
         self._base_lock = threading.Lock()
 
-    def drain(self) -> None:
-        """Compute tasks until none is left (or the queue is stopped)."""
+    def drain(self, after_each: Callable[[], None] = lambda: None) -> None:
+        """Compute tasks until none is left (or the queue is stopped), calling ``after_each`` after each."""
         while (task := self.tasks.take()) is not None:
             canon, r = task
             self.figures[r][canon] = signal_figures(self._energies(canon, r))
+            after_each()
 
     def _energies(self, canon: str, r: int) -> np.ndarray:
         """σ² of row ``r``'s delta Σ_i t_ri (x_i − x_base) on key ``canon``, from the lines :func:`sample_lines`

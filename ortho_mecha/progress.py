@@ -8,7 +8,8 @@ from tqdm import tqdm
 
 
 class TqdmProgress:
-    """A context manager whose ``update(dict)`` drives a tqdm bar from ``fraction`` (and shows bytes, key)."""
+    """A context manager whose ``update(dict)`` drives a tqdm bar from ``fraction`` (and shows files, keys,
+    signal SVDs and bytes read)."""
 
     def __init__(self, description: str, total: int = 1000) -> None:
         self.total = total
@@ -23,6 +24,8 @@ class TqdmProgress:
             postfix["files"] = info["files"]
         if "keys_total" in info:
             postfix["keys"] = f"{info.get('keys_done', 0)}/{info['keys_total']}"
+        if info.get("signal_total"):
+            postfix["svd"] = f"{info.get('signal_done', 0)}/{info['signal_total']}"
         if info.get("bytes"):
             postfix["read"] = f"{info['bytes'] / 2**20:.0f} MiB"
         if postfix:

@@ -108,7 +108,7 @@ def shown_errors() -> Iterator[None]:
 
 
 def describe_progress(progress: Mapping[str, Any] | None) -> str:
-    """One line from a job's progress report: files, keys, bytes read, ETA, message."""
+    """One line from a job's progress report: files, keys, signal SVDs, bytes read, ETA, message."""
     if not progress:
         return "starting…"
     parts = []
@@ -118,6 +118,8 @@ def describe_progress(progress: Mapping[str, Any] | None) -> str:
         parts.append(f"{progress['files']} files")
     if progress.get("keys_total"):
         parts.append(f"key {progress.get('keys_done', 0)} of {progress['keys_total']}")
+    if progress.get("signal_total"):
+        parts.append(f"SVD signal {progress.get('signal_done', 0)} of {progress['signal_total']}")
     if progress.get("bytes"):
         parts.append(f"{progress['bytes'] / 2**20:.1f} MiB read")
     if progress.get("eta_s") is not None:

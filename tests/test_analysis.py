@@ -144,6 +144,20 @@ def test_second_thread_gives_the_one_thread_report(tmp_path: Path, monkeypatch: 
     assert np.allclose(shared["gram"], alone["gram"], rtol=1e-12, atol=0)
 
 
+def test_progress_moves_on_while_the_signal_is_computed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the chunks are read, the bar still moves with each signal SVD, and reaches 1 only at the end."""
+    paths = write_family_files(tmp_path / "m", "flux", "bf16", members=MEMBERS)
+    monkeypatch.setattr(A._SignalWork, "_energies", _slowed(A._SignalWork._energies, 0.3, set()))
+    seen: list[dict] = []
+    A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:]], rank_samples=2, use_cache=False, progress=seen.append)
+    fractions = [info["fraction"] for info in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    read_all = [info for info in seen if info["keys_done"] == info["keys_total"]]
+    waiting = [info for info in read_all if info["fraction"] < 1.0]
+    assert len({info["signal_done"] for info in waiting}) >= 2, waiting
+    assert seen[-1]["signal_done"] == seen[-1]["signal_total"] == 2 * (len(MEMBERS) - 1)
+
+
 @pytest.mark.parametrize(("where", "parallel_from"), [("ortho-mecha-chunks", 0), ("ortho-mecha-signal", 0),
                                                       ("ortho-mecha-signal", 2**62)])
 def test_a_worker_thread_error_ends_the_pass_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
