@@ -129,6 +129,23 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_lazy("ortho_mecha.merge:cli_merge"))
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="write a sharded or scaled-fp8 model as one plain .safetensors file that merge (sd-mecha) can read",
+    )
+    p.add_argument("model", help="the model: a .safetensors file, a shard or its index JSON")
+    p.add_argument("--out", required=True, metavar="OUT.safetensors", help="the single-file copy to write")
+    p.add_argument(
+        "--dtype",
+        choices=["keep", "fp32", "fp16", "bf16"],
+        default="keep",
+        help="float tensors' dtype (default keep: as stored; scaled fp8 weights become bf16)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(handler=_lazy("ortho_mecha.merge:cli_convert"))
+
+
 def _add_preview(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "preview",
@@ -209,6 +226,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_plan,
     _add_recipe,
     _add_merge,
+    _add_convert,
     _add_preview,
     _add_extract_lora,
     _add_compress,

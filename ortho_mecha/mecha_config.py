@@ -89,11 +89,16 @@ def _open(path: str | Path) -> Model:
     if model.scaled_fp8:
         raise OrthoMechaError(
             "scaled fp8 model (fp8 weights with per-key scale tensors): sd-mecha would read the raw fp8 values "
-            "without their scales. Analysis handles it, but to merge it save a dequantised bf16/fp16 copy first",
+            "without their scales. Analysis handles it; to merge it, write a dequantised copy with "
+            f"'ortho-mecha convert {model.path} --out COPY.safetensors' and use that",
             model.path,
         )
     if len(model.files) > 1:
-        raise OrthoMechaError("sharded model: merging needs a single .safetensors file", model.path)
+        raise OrthoMechaError(
+            "sharded model: merging needs a single .safetensors file; write one with "
+            f"'ortho-mecha convert {model.path} --out COPY.safetensors' and use that",
+            model.path,
+        )
     return model
 
 

@@ -76,6 +76,8 @@ META_RECIPE = "mecha_recipe"  # the key sd-mecha itself writes the recipe under
 META_PLAN = "ortho_mecha_plan"
 META_HASHES = "ortho_mecha_sha256"
 META_VERSION = "ortho_mecha_version"
+META_CONVERTED = "ortho_mecha_converted_from"
+SCALED_FP8_AS = torch.bfloat16  # what convert's "keep" makes of a scaled fp8 weight (fp8 × scale fits bf16's range)
 DISK_MARGIN = 64 * 2**20
 _PARTIAL = re.compile(r"\.partial-(\d+)$")
 
@@ -302,7 +304,7 @@ def _check_output(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
     if not out.parent.is_dir():
         raise OrthoMechaError("the output folder does not exist", out.parent)
     if out.resolve() in {p.resolve() for p in inputs}:
-        raise OrthoMechaError("the output would replace one of the merge's inputs; choose another name", out)
+        raise OrthoMechaError("the output would replace one of its own inputs; choose another name", out)
     refuse_existing(out, overwrite)
     return out
 
@@ -452,6 +454,72 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "keep",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write ``source`` (one file or the shards of one) as one plain ``.safetensors`` file sd-mecha reads as is.
+
+    Scaled fp8 weights are dequantised (w × scale, per tensor or per row) and their scale tensors and
+    marker keys dropped; float tensors are stored in ``dtype`` ("keep": as stored, scaled fp8 as bf16),
+    other tensors as they are; the file's metadata is kept, with ``ortho_mecha_converted_from`` added.
+    Written like a merge: the output is checked first, streamed key by key into a temporary file and
+    renamed into place, so a failure or Ctrl-C leaves nothing under ``out``. Returns a small report.
+    """
+    started = time.monotonic()
+    if dtype != "keep" and dtype not in ("fp32", "fp16", "bf16"):
+        raise OrthoMechaError(f"unknown dtype '{dtype}' for convert: use keep, fp32, fp16 or bf16")
+    with Model(source) as model:
+        out = _check_output(out, overwrite, [p.resolve() for p in (model.path, *model.files)])
+
+        def stored_as(info: Any) -> torch.dtype:
+            if not info.is_float:
+                return DTYPES[info.dtype]
+            if dtype != "keep":
+                return TORCH_DTYPES[dtype]
+            return SCALED_FP8_AS if info.scale is not None else DTYPES[info.dtype]
+
+        layout = {key: (stored_as(info), tuple(info.shape)) for key, info in model.tensors.items()}
+        _check_free_space(out.parent, data_bytes(layout))
+        metadata = dict(model.metadata) | {META_CONVERTED: model.path.name, META_VERSION: __version__}
+        _remove_stale_partials(out)
+        temp = partial_path(out)
+        with _stop_on_signals(_Control()):
+            writer = _OutputWriter(temp, layout, metadata, model)
+            try:
+                for done, (key, info) in enumerate(model.tensors.items(), start=1):
+                    # non-float keys the writer copies itself; scaled fp8 is dequantised in float32 first
+                    read_as = torch.float32 if info.scale else layout[key][0]
+                    writer[key] = model.read_tensor(key, read_as) if info.is_float else None
+                    if progress is not None:
+                        progress({"fraction": done / len(layout), "keys_done": done, "keys_total": len(layout)})
+                writer.finish()
+                os.replace(temp, out)
+            except BaseException:
+                writer.abort()
+                raise
+        report = {"source": str(model.path), "files": len(model.files), "output": str(out), "keys": len(layout),
+                  "dequantised": sum(info.scale is not None for info in model.tensors.values())}
+    _fsync_dir(out.parent)
+    return report | {"bytes": out.stat().st_size, "seconds": round(time.monotonic() - started, 3)}
+
+
+def cli_convert(args: argparse.Namespace) -> int:
+    from ortho_mecha.progress import TqdmProgress
+
+    with TqdmProgress("converting") as bar:
+        report = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=bar.update)
+    shards = f" from {report['files']} shards" if report["files"] > 1 else ""
+    scaled = f", {report['dequantised']} scaled fp8 weights dequantised" if report["dequantised"] else ""
+    print(f"wrote {report['output']}{shards}: {report['keys']} keys{scaled}, {report['bytes'] / 2**20:.1f} MiB, "
+          f"{report['seconds']:.1f} s")
+    return 0
 
 
 def merge_plan(

@@ -113,6 +113,20 @@ class ModelCheck:
     scaled_fp8: bool
     missing_examples: list[str]
     lora: dict | None = None  # a kohya LoRA row: how its modules map (lora_rows.Binding.summary)
+    shards: int = 1
+
+    @property
+    def merge_refusals(self) -> list[str]:
+        """Why ``ortho-mecha merge`` would refuse this file although the analysis reads it (empty: it would not)."""
+        reasons = []
+        if self.shape_mismatch:
+            reasons.append(f"{len(self.shape_mismatch)} keys have a shape unlike the base's")
+        if self.scaled_fp8:
+            reasons.append("scaled fp8 (sd-mecha reads fp8 without its scales): merge the copy "
+                           "'ortho-mecha convert' writes")
+        if self.shards > 1:
+            reasons.append(f"sharded in {self.shards} files: merge the single file 'ortho-mecha convert' writes")
+        return reasons
 
     @property
     def messages(self) -> list[str]:
@@ -158,7 +172,7 @@ class Alignment:
             "base": str(self.base.path),
             "arch": self.arch,
             "keys": len(self.keys),
-            "models": [asdict(c) | {"notes": c.messages} for c in self.checks],
+            "models": [asdict(c) | {"notes": c.messages, "merge_refusals": c.merge_refusals} for c in self.checks],
         }
 
 
@@ -184,6 +198,9 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
     base_shapes = canonical_shapes(base, base_map)
     detected = arch_mod.detect(base_shapes)
     arch = arch_mod.canonical_arch(arch) if arch else detected
+    if arch != detected and detected != "custom":
+        logger.warning("%s: --arch %s given, but its keys and shapes are those of %s; the report, plans and "
+                       "previews will use %s", base.path, arch, detected, arch)
     maps, checks, bound = [base_map], [], []
     for model in models:
         lora = lora_rows.LoraModel(model, base_shapes, base.path) if lora_rows.is_lora(model.tensors) else None
@@ -224,6 +241,7 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
                 scaled_fp8=model.scaled_fp8,
                 missing_examples=missing[:3],
                 lora=lora.binding.summary() if lora else None,
+                shards=len(model.files),
             )
         )
         maps.append(mapping)
@@ -273,7 +291,10 @@ def cli_validate(args: argparse.Namespace) -> int:
     report = alignment.report()
     print(f"base {base.path}: {alignment.arch}, {len(alignment.keys)} diffusion keys")
     for check in alignment.checks:
-        print(f"  {check.path}: {check.shared}/{len(alignment.keys)} keys shared ({check.shared_fraction:.0%}), OK")
+        refusals = check.merge_refusals
+        verdict = f"OK for analysis; merge refuses it: {'; '.join(refusals)}" if refusals else "OK"
+        shared = f"{check.shared}/{len(alignment.keys)} keys shared ({check.shared_fraction:.0%})"
+        print(f"  {check.path}: {shared}, {verdict}")
         for note in check.messages:
             print(f"    - {note}")
     if args.json:

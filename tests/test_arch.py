@@ -194,6 +194,17 @@ def test_arch_option_overrides_detection(make_family) -> None:
         assert align(base, [anime]).arch == "custom"
 
 
+def test_arch_option_against_another_detected_arch_is_warned_about(make_family,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    paths = make_family("flux", "fp16", members=["base", "anime"])
+    with Model(paths["base"]) as base, Model(paths["anime"]) as anime, caplog.at_level("WARNING"):
+        assert align(base, [anime], arch="sdxl").arch == "sdxl"
+        assert align(base, [anime], arch="flux1").arch == "flux1"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{paths['base']}: --arch sdxl given, but its keys and shapes are those of flux1; the report, "
+                        "plans and previews will use sdxl"]
+
+
 def test_unknown_arch_option_is_refused_listing_the_choices(make_family, capsys: pytest.CaptureFixture[str]) -> None:
     from ortho_mecha.cli import main
 

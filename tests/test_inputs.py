@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ortho_mecha.errors import OrthoMechaError
@@ -446,7 +447,8 @@ def test_scaled_fp8_validates_against_an_fp16_base(read_files, tmp_path: Path, c
     result = cli("validate", "--base", base, path)
     assert result.code == 0, result.err
     assert "scaled fp8: dequantised with its per-key scales" in result.out
-    assert f"{path}: 3/3 keys shared (100%), OK" in result.out
+    assert (f"{path}: 3/3 keys shared (100%), OK for analysis; merge refuses it: scaled fp8 (sd-mecha reads fp8 "
+            "without its scales): merge the copy 'ortho-mecha convert' writes") in result.out
 
 
 # -- shards ------------------------------------------------------------------------------------------------
@@ -498,6 +500,8 @@ def test_folder_of_shards_counts_as_one_model(sharded: tuple[Path, Path], cli) -
     result = cli("validate", "--base", single, folder)
     assert result.code == 0, result.err
     assert result.out.count("10/10 keys shared (100%), OK") == 2
+    assert result.out.count("merge refuses it: sharded in 3 files: merge the single file 'ortho-mecha convert' "
+                            "writes") == 1
 
 
 def test_key_in_two_shards_is_an_error(tmp_path: Path) -> None:
@@ -578,8 +582,15 @@ def test_shape_mismatch_is_reported_and_left_out(tmp_path: Path, cli) -> None:
     result = cli("validate", "--base", base, model, "--json", report)
     assert result.code == 0, result.err
     assert "1 keys with a shape unlike the base's (left out): layers.1.attn.qkv.weight" in result.out
+    assert (f"{model}: 5/6 keys shared (83%), OK for analysis; merge refuses it: 1 keys have a shape unlike the "
+            "base's") in result.out
     check = json.loads(report.read_text())["models"][0]
     assert check["shape_mismatch"] == ["layers.1.attn.qkv.weight"]
+    assert check["merge_refusals"] == ["1 keys have a shape unlike the base's"]
+    from ortho_mecha.mecha_config import check_model, register_base_config
+
+    with pytest.raises(OrthoMechaError, match=r"key 'layers\.1\.attn\.qkv\.weight' has shape \[6, 5\]"):
+        check_model(register_base_config(base), base, model)  # what merge runs: the refusal validate announced
     assert (check["shared"], check["missing"]) == (5, 0)
     with Model(base) as b, Model(model) as m:
         alignment = align(b, [m])
@@ -594,6 +605,78 @@ def test_exactly_half_the_keys_is_enough(tmp_path: Path) -> None:
         check = align(b, [m]).checks[0]
     assert (check.shared, check.missing, check.shared_fraction) == (3, 3, 0.5)
     assert "3 base keys missing (delta taken as 0)" in check.messages[0]
+
+
+# -- convert: one plain file that merge (sd-mecha) reads --------------------------------------------------------
+
+
+def test_a_converted_scaled_fp8_model_merges_as_what_it_represents(read_files, tmp_path: Path, cli, digests) -> None:
+    path, expected = read_files["per_row"]
+    base = save(tmp_path / "base.safetensors", {k: (v * 0.9).to(torch.float16) for k, v in expected.items()})
+    before = digests(path)
+    plan = {"base": str(base), "method": "ortho_superpose", "rows": [{"model": str(path)}], "output_dtype": "fp32"}
+    (tmp_path / "scaled.json").write_text(json.dumps(plan))
+    refused = cli("merge", tmp_path / "scaled.json", "--out", tmp_path / "no.safetensors", "--no-survival")
+    assert refused.code == 2 and f"'ortho-mecha convert {path} --out COPY.safetensors'" in refused.err
+    copy = tmp_path / "copy.safetensors"
+    result = cli("convert", path, "--out", copy, "--dtype", "fp32")
+    assert result.code == 0, result.err
+    assert result.out.startswith(f"wrote {copy}: 3 keys, 2 scaled fp8 weights dequantised, ")
+    assert digests(path) == before
+    with safe_open(str(copy), "pt") as f:
+        assert sorted(f.keys()) == sorted(expected)  # scale tensors and the marker key are gone
+        assert f.metadata()["ortho_mecha_converted_from"] == path.name
+        for key, value in expected.items():
+            assert torch.equal(f.get_tensor(key), value.to(torch.float32)), key
+    plan["rows"] = [{"model": str(copy)}]
+    (tmp_path / "copy.json").write_text(json.dumps(plan))
+    merged = tmp_path / "merged.safetensors"
+    assert cli("merge", tmp_path / "copy.json", "--out", merged, "--no-survival").code == 0
+    with safe_open(str(merged), "pt") as f:
+        for key, value in expected.items():
+            assert torch.allclose(f.get_tensor(key).double(), value, rtol=1e-5, atol=1e-6), key
+
+
+def test_convert_keeps_dtypes_by_default_and_joins_shards(sharded: tuple[Path, Path], read_files, tmp_path: Path,
+                                                          cli) -> None:
+    single, folder = sharded
+    joined = tmp_path / "joined.safetensors"
+    result = cli("convert", folder / "model.safetensors.index.json", "--out", joined)
+    assert result.code == 0, result.err
+    assert "from 3 shards: 10 keys" in result.out
+    expected = stored(single)
+    got = stored(joined)
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    path, _ = read_files["per_row"]
+    kept = tmp_path / "kept.safetensors"
+    assert cli("convert", path, "--out", kept).code == 0
+    with safe_open(str(kept), "pt") as f:
+        names = f.keys()
+        assert {k: f.get_slice(k).get_dtype() for k in names} == {
+            "wide.weight": "BF16", "conv.weight": "BF16", "bias": "F16"}
+
+
+def test_convert_refuses_to_overwrite_and_leaves_nothing_when_it_fails(read_files, tmp_path: Path, cli_error,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = read_files["plain"]
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    assert "already exists" in cli_error("convert", path, "--out", out)
+    assert out.read_bytes() == b"precious"
+    assert "would replace one of its own inputs" in cli_error("convert", path, "--out", path, "--overwrite")
+    calls = []
+
+    def failing(self: Model, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        calls.append(key)
+        if len(calls) == 2:
+            raise OrthoMechaError("read failed", self.path)
+        return real(self, key, dtype)
+
+    real = Model.read_tensor
+    monkeypatch.setattr(Model, "read_tensor", failing)
+    fresh = tmp_path / "fresh.safetensors"
+    assert "read failed" in cli_error("convert", path, "--out", fresh)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 
 
 # -- the validate command -------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def test_existing_output_is_refused_before_merging(family, tmp_path, capsys) -> 
 
 
 def test_output_may_not_replace_an_input(family) -> None:
-    with pytest.raises(OrthoMechaError, match="would replace one of the merge's inputs"):
+    with pytest.raises(OrthoMechaError, match="would replace one of its own inputs"):
         merge_plan(make_plan(family), family["b"], overwrite=True)
 
 
