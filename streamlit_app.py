@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ortho_mecha import security, ui
-from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha import ui
 
-st.set_page_config(page_title="ortho-mecha", page_icon=":material/join_inner:", layout="wide")
+st.set_page_config(page_title="ortho-mecha", page_icon=ui.page_icon(), layout="wide")
 
 
 def password_gate() -> None:
@@ -25,26 +24,8 @@ def password_gate() -> None:
     if ui.gate_open():
         return
     address = st.get_option("server.address")
-    st.navigation([st.Page(lambda: sign_in(address), title="Sign in")], position="hidden").run()
+    st.navigation([st.Page(lambda: ui.sign_in(address), title="Sign in")], position="hidden").run()
     st.stop()
-
-
-def sign_in(address: str | None) -> None:
-    try:
-        password = security.configured_password(st.secrets)
-        security.require_password_for_lan(address, password)
-    except OrthoMechaError as error:
-        st.error(str(error))
-        return
-    with st.form("login"):
-        given = st.text_input("Password", type="password")
-        submitted = st.form_submit_button("Sign in")
-    if submitted:
-        refused = security.attempt_sign_in(given, password, ui.client_address())
-        if refused is None:
-            st.session_state[ui.AUTHENTICATED] = True
-            st.rerun()
-        st.error(refused)
 
 
 password_gate()

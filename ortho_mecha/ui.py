@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import streamlit as st
+from PIL import Image, ImageChops, ImageDraw
 
 from ortho_mecha import jobs, security
 from ortho_mecha.errors import OrthoMechaError
@@ -58,6 +60,24 @@ def navigation() -> Any:
     )
 
 
+@functools.cache
+def page_icon() -> Image.Image:
+    """The browser-tab icon: two overlapping discs, their overlap filled (a merge). Drawn here, so the tab
+    asks no outside server for it (a material-symbol icon is fetched from fonts.gstatic.com)."""
+    size = 64
+    left, right = (4, 14, 44, 54), (20, 14, 60, 54)
+    overlap = Image.new("L", (size, size))
+    ImageDraw.Draw(overlap).ellipse(left, fill=255)
+    other = Image.new("L", (size, size))
+    ImageDraw.Draw(other).ellipse(right, fill=255)
+    icon = Image.new("RGBA", (size, size))
+    icon.paste((124, 77, 255, 255), mask=ImageChops.multiply(overlap, other))
+    draw = ImageDraw.Draw(icon)
+    for box in (left, right):
+        draw.ellipse(box, outline=(124, 77, 255, 255), width=4)
+    return icon
+
+
 AUTHENTICATED = "authenticated"  # the session-state flag the sign-in sets
 
 
@@ -80,16 +100,35 @@ def require_app() -> None:
     legacy multipage mode) until some session has called ``st.navigation``: on a freshly started server, a
     link straight to ``/merge`` would run ``pages/merge.py`` without ``streamlit_app.py`` and its gate.
     This switches Streamlit to ``st.navigation`` mode (what ``st.navigation`` itself does, through the same
-    internal flag) and, when the gate is closed, starts over through the main script, which asks for the
-    password. (The browser then shows an empty page until it is reloaded.) With the gate open, a page run
-    on its own still shows; only that first view has Streamlit's plain page list in the sidebar.
+    internal flag) and, when the gate is closed, switches to the main script, which shows the sign-in and
+    then the dashboard's first page. With the gate open, a page run on its own still shows; only that first
+    view has Streamlit's plain page list in the sidebar.
     """
     from streamlit.runtime.pages_manager import PagesManager
 
     PagesManager.uses_pages_directory = False
     if not gate_open():
-        logger.warning("a page was asked for before the password was given; running the app's sign-in instead")
-        st.rerun()
+        logger.warning("a page was asked for before the password was given; switching to the sign-in")
+        st.switch_page(str(APP_DIR / "streamlit_app.py"))
+
+
+def sign_in(address: str | None) -> None:
+    """The sign-in form (or, with no password set on a LAN address, how to set one)."""
+    try:
+        password = security.configured_password(st.secrets)
+        security.require_password_for_lan(address, password)
+    except OrthoMechaError as error:
+        st.error(str(error))
+        return
+    with st.form("login"):
+        given = st.text_input("Password", type="password")
+        submitted = st.form_submit_button("Sign in")
+    if submitted:
+        refused = security.attempt_sign_in(given, password, client_address())
+        if refused is None:
+            st.session_state[AUTHENTICATED] = True
+            st.rerun()
+        st.error(refused)
 
 
 @contextmanager
