@@ -64,10 +64,14 @@ edited = st.data_editor(
         "delta_from": st.column_config.SelectboxColumn(
             "delta-from", options=[BASE_LABEL, *labels], default=BASE_LABEL, required=True, width="medium"
         ),
-        "alpha": st.column_config.NumberColumn("alpha", min_value=ALPHA_RANGE[0], max_value=ALPHA_RANGE[1],
-                                               step=0.05, default=1.0, format="%.2f"),
-        "repeat": st.column_config.NumberColumn("repeat", min_value=REPEAT_RANGE[0], max_value=REPEAT_RANGE[1],
-                                                step=1, default=1),
+        "alpha": st.column_config.NumberColumn(
+            "alpha", min_value=ALPHA_RANGE[0], max_value=ALPHA_RANGE[1], step=0.05, default=1.0, format="%.2f",
+            help=f"the row's weight, {ALPHA_RANGE[0]:g} to {ALPHA_RANGE[1]:g} (outside: the nearest end)",
+        ),
+        "repeat": st.column_config.NumberColumn(
+            "repeat", min_value=REPEAT_RANGE[0], max_value=REPEAT_RANGE[1], step=1, default=1,
+            help=f"list the row this many times, {REPEAT_RANGE[0]} to {REPEAT_RANGE[1]}",
+        ),
         "block_alphas": st.column_config.TextColumn(
             "block alphas", width="medium", help="per block group: group=alpha, … (set them under Block alphas)"
         ),
