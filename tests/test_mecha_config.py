@@ -125,7 +125,7 @@ def test_scaled_fp8_is_refused_with_the_reason(family: dict[str, Path], tmp_path
     state["time_embed.0.scale_weight"] = torch.tensor([2.0])
     path = tmp_path / "scaled.safetensors"
     save_file(state, str(path))
-    with pytest.raises(OrthoMechaError, match=r"scaled fp8 model .* save a dequantised bf16/fp16 copy first"):
+    with pytest.raises(OrthoMechaError, match=r"scaled fp8 model .* a dequantised copy with .ortho-mecha convert "):
         check_model(register_base_config(family["base"]), family["base"], path)
     with pytest.raises(OrthoMechaError, match=r"scaled fp8"):
         derive_config(path)
