@@ -492,8 +492,8 @@ def run_pass(
         stop()
         for worker in workers:
             worker.wait()
-        torch.set_num_threads(threads)
         blas_threads.restore_original_limits()
+        torch.set_num_threads(threads)  # after: threadpoolctl's restore also sets OpenMP's count (torch's)
     bytes_read = reducer.bytes_read
     return PassResult(h_key, both, agree, stats, bytes_read, time.perf_counter() - started)
 

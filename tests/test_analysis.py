@@ -199,6 +199,16 @@ def test_one_thread_starts_no_second_reducer(tmp_path: Path, monkeypatch: pytest
     assert started[1:] == ["ortho-mecha-signal", "ortho-mecha-chunks"]
 
 
+def test_the_pass_gives_torch_and_blas_their_thread_counts_back(tmp_path: Path) -> None:
+    from threadpoolctl import threadpool_info
+
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:3])
+    torch.set_num_threads(2)
+    before = (torch.get_num_threads(), [pool["num_threads"] for pool in threadpool_info()])
+    A.analyse(paths["base"], [paths["anime"], paths["photo"]], use_cache=False)
+    assert (torch.get_num_threads(), [pool["num_threads"] for pool in threadpool_info()]) == before
+
+
 def test_delta_from_and_regram_without_reading(tmp_path: Path) -> None:
     paths = write_family_files(tmp_path / "m", "flux", "fp32", members=MEMBERS)
     names = ["anime", "anime_v2", "photo"]
