@@ -4,7 +4,8 @@ Configuration: ``COMFYUI_API`` (default ``http://127.0.0.1:8188``) is the server
 install folder (the one holding ``models/``). With ``COMFYUI_DIR`` set, the model file is made visible
 to ComfyUI by a symbolic link under its own name in ``models/diffusion_models`` (UNETLoader families)
 or ``models/checkpoints`` (SD1.5, SDXL) — a hard link or a copy where links are not allowed — and the
-user's file is never moved or changed; :func:`unlink_model` removes it again.
+user's file is never moved or changed; :func:`model_linked` removes it again once the last preview
+using it (in any process) is done.
 
 A preview is: ``GET /object_info`` (every node class and every file name the graph uses is checked
 against it, both combo encodings understood), ``POST /prompt``, polling ``/history/{id}`` and
@@ -23,14 +24,17 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
+from filelock import FileLock
 
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import process_exists
 from ortho_mecha.workflows import (
     FILE_FOLDERS,
     FOLDER_ALIASES,
@@ -56,6 +60,7 @@ DEFAULT_API = "http://127.0.0.1:8188"
 HTTP_TIMEOUT = 30.0
 DEFAULT_TIME_LIMIT = 600.0
 LIST_LIMIT = 12  # options quoted in a message
+LINK_USERS = ".ortho-mecha-previews"  # in ComfyUI's models/<folder>: the previews using each link (not a model)
 
 
 def comfy_api(override: str | None = None) -> str:
@@ -516,6 +521,57 @@ def unlink_model(model: str | Path, comfy: str | Path, folder: str) -> bool:
     return True
 
 
+@contextmanager
+def model_linked(model: str | Path, comfy: str | Path, folder: str, keep_link: bool = False) -> Iterator[LinkResult]:
+    """:func:`link_model` for as long as a preview needs it.
+
+    Previews of the same model at the same time (in other processes too, e.g. two dashboard jobs) share
+    its link; the last one to finish removes it, if ortho-mecha made it and none asked to ``keep_link`` (a
+    kept link is the user's from then on). Each preview using a link is an empty file named after its
+    process in ``models/<folder>/.ortho-mecha-previews/<name>/``, and one whose process is gone no longer
+    counts, so a killed preview's link goes with the next preview of that model. A file lock beside those
+    files keeps one process's linking and another's unlinking apart. A model ComfyUI lists in place is
+    neither linked nor tracked.
+    """
+    model, comfy = Path(model).absolute(), Path(comfy)
+    folder_dir = _models_folder(comfy, folder)
+    if _in_place_name(model, folder_dir) is not None:
+        yield link_model(model, comfy, folder)
+        return
+    users = folder_dir / LINK_USERS / model.name
+    users.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(users) + ".lock")
+    made = users / "made-by-ortho-mecha"
+    me = users / f"preview-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with lock:
+        link = link_model(model, comfy, folder)
+        if link.created:
+            made.touch()
+        me.touch()
+    try:
+        yield link
+    finally:
+        with lock:
+            me.unlink(missing_ok=True)
+            if keep_link:
+                made.unlink(missing_ok=True)
+            elif made.exists() and not _live_users(users):
+                unlink_model(model, comfy, folder)
+                made.unlink()
+
+
+def _live_users(users: Path) -> list[Path]:
+    """The previews still using a link (files ``preview-<pid>-<id>``); those of gone processes are removed."""
+    live = []
+    for entry in users.glob("preview-*"):
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and process_exists(int(pid)):
+            live.append(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    return live
+
+
 # --------------------------------------------------------------------------------------------------
 # Running one preview
 
@@ -745,7 +801,7 @@ def run_preview(
     """Render ``model`` with ``arch``'s built-in workflow, or with the user's own ``workflow``.
 
     With ``comfy`` (ComfyUI's folder) the model is linked into its models folder first and, unless
-    ``keep_link``, unlinked afterwards (only if this call made the link), whatever fails in between.
+    ``keep_link``, unlinked afterwards (see :func:`model_linked`), whatever fails in between.
     Without it, the model must be where ComfyUI lists it already. Returns the image bytes.
     """
     model = Path(model)
@@ -768,9 +824,9 @@ def run_preview(
         )
     info = client.object_info()
     link: LinkResult | None = None
-    try:
+    with ExitStack() as linked:
         if comfy is not None:
-            link = link_model(model, comfy, folder)
+            link = linked.enter_context(model_linked(model, comfy, folder, keep_link))
             model_name = link.name
             if link.created:
                 info = client.object_info()  # the file lists changed
@@ -805,9 +861,6 @@ def run_preview(
                 "PreviewImage?"
             )
         images = [PreviewImage(client.view(ref), ref) for ref in refs]
-    finally:
-        if link is not None and link.created and not keep_link:
-            unlink_model(model, comfy, folder)
     return PreviewResult(model, model_name, arch, prompt_id, graph, seed, resolved, images, link)
 
 

@@ -85,3 +85,14 @@ def _finite(value: object) -> object:
 def write_json(path: str | Path, data: object, overwrite: bool = False) -> Path:
     """Write ``data`` as JSON atomically (NaN/Inf become null)."""
     return atomic_write_text(path, json.dumps(_finite(data), indent=1, default=_json_default) + "\n", overwrite)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts), so a file it left is still in use."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

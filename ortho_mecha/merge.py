@@ -53,7 +53,7 @@ from threadpoolctl import threadpool_limits
 
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import refuse_existing
+from ortho_mecha.fsutil import process_exists, refuse_existing
 from ortho_mecha.hashing import sha256_file
 from ortho_mecha.io import DTYPES, Model, tensor_bytes
 from ortho_mecha.mecha_config import check_model, register_base_config
@@ -103,13 +103,9 @@ def _remove_stale_partials(out: Path) -> None:
         match = _PARTIAL.search(candidate.name)
         if match is None or int(match[1]) == os.getpid():
             continue
-        try:
-            os.kill(int(match[1]), 0)
-        except ProcessLookupError:
+        if not process_exists(int(match[1])):
             logger.info("removing %s, left by a merge that was killed", candidate)
             candidate.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # the process exists (another user's): leave its file alone
 
 
 def data_bytes(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
@@ -343,11 +339,12 @@ def _torch_threads_per_worker(workers: int) -> Iterator[None]:
         return
     each = max(1, previous // workers)
     torch.set_num_threads(each)
-    with threadpool_limits(limits=each):  # numpy's and scipy's BLAS (orthomerge's LAPACK)
-        try:
+    try:
+        with threadpool_limits(limits=each):  # numpy's and scipy's BLAS (orthomerge's LAPACK)
             yield
-        finally:
-            torch.set_num_threads(previous)
+    finally:
+        # after threadpoolctl's own restore: it also sets OpenMP's count, torch's included, to what it found
+        torch.set_num_threads(previous)
 
 
 def _check_free_space(folder: Path, data_size: int) -> None:

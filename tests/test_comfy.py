@@ -8,6 +8,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from ortho_mecha.comfy import (
+    LINK_USERS,
     ComfyClient,
     ImageRef,
     PreviewImage,
@@ -30,6 +33,7 @@ from ortho_mecha.comfy import (
     describe_prompt_error,
     find_problems,
     link_model,
+    model_linked,
     run_preview,
     save_images,
     unlink_model,
@@ -446,6 +450,54 @@ def test_link_and_unlink_leave_the_source_untouched(comfy_stub: ComfyStub, tmp_p
     assert not entry.exists() and not entry.is_symlink()
     assert unlink_model(model, comfy_stub.root, "diffusion_models") is False
     assert model.is_file() and sha256(model) == before
+
+
+def test_previews_of_one_model_share_its_link_and_the_last_one_removes_it(comfy_stub: ComfyStub,
+                                                                         tmp_path: Path) -> None:
+    model = write_model(tmp_path / "merge.safetensors")
+    entry = comfy_stub.root / "models" / "checkpoints" / "merge.safetensors"
+    with model_linked(model, comfy_stub.root, "checkpoints") as first:
+        assert first.created
+        with model_linked(model, comfy_stub.root, "checkpoints") as second:
+            assert not second.created and second.path == entry
+        assert entry.is_symlink()  # the first preview still renders with it
+    assert not entry.is_symlink() and not entry.exists() and model.is_file()
+    assert client_for(comfy_stub).models("checkpoints") == []  # the bookkeeping files are no models
+
+
+def test_a_link_stays_while_a_preview_in_another_process_uses_it(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "merge.safetensors")
+    entry = comfy_stub.root / "models" / "checkpoints" / "merge.safetensors"
+    users = entry.parent / LINK_USERS / model.name
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with model_linked(model, comfy_stub.root, "checkpoints"):
+            (users / f"preview-{other.pid}-0000").touch()  # another process previewing the same model
+            (users / "preview-999999999-0000").touch()  # a killed one's
+        assert entry.is_symlink()
+        assert sorted(p.name for p in users.iterdir()) == ["made-by-ortho-mecha", f"preview-{other.pid}-0000"]
+    finally:
+        other.kill()
+        other.wait()
+    with model_linked(model, comfy_stub.root, "checkpoints") as again:  # once it is gone, the next preview
+        assert not again.created
+    assert not entry.is_symlink() and model.is_file()  # ... removes the link ortho-mecha made
+
+
+def test_a_kept_link_and_a_users_own_link_are_never_removed(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    model = write_model(tmp_path / "merge.safetensors")
+    entry = comfy_stub.root / "models" / "checkpoints" / "merge.safetensors"
+    with model_linked(model, comfy_stub.root, "checkpoints", keep_link=True):
+        pass
+    with model_linked(model, comfy_stub.root, "checkpoints"):
+        pass
+    assert entry.is_symlink()  # kept: the user's from then on
+    other = write_model(tmp_path / "own.safetensors")
+    own = entry.with_name("own.safetensors")
+    own.symlink_to(other)
+    with model_linked(other, comfy_stub.root, "checkpoints") as link:
+        assert not link.created
+    assert own.is_symlink()
 
 
 @pytest.mark.parametrize("refused", [("symlink",), ("symlink", "link")])
