@@ -124,6 +124,7 @@ def model_map(report: Mapping[str, Any]) -> alt.LayerChart:
         "grade": grades,
         "norm": report["norms"],
     })
+    frame["label"] = map_labels(names, frame["x"].to_numpy(), frame["y"].to_numpy())
     base = alt.Chart(frame, title="model map (distances between models)").encode(
         x=alt.X("x:Q", title=None, axis=alt.Axis(labels=False)),
         y=alt.Y("y:Q", title=None, axis=alt.Axis(labels=False)),
@@ -132,8 +133,25 @@ def model_map(report: Mapping[str, Any]) -> alt.LayerChart:
         color=alt.Color("grade:N", sort=["A+", "A", "B", "C", "D"]),
         tooltip=["model:N", "grade:N", alt.Tooltip("norm:Q", format=".4g", title="delta norm")],
     )
-    text = base.mark_text(dx=8, align="left").encode(text="model:N")
+    text = base.mark_text(dx=8, align="left").encode(text="label:N")
     return alt.layer(dots, text).properties(width=560, height=420)
+
+
+def map_labels(names: Sequence[str], x: np.ndarray, y: np.ndarray, near: float = 0.04) -> list[str]:
+    """The model map's point labels: models within ``near`` × the map's extent of one another (duplicates,
+    near-copies) share one label, their names joined, on the first of them; the others get none, so no
+    two labels are drawn over each other there."""
+    extent = float(max(np.ptp(x), np.ptp(y))) if len(names) else 0.0
+    radius = near * (extent or 1.0)
+    labels = [""] * len(names)
+    grouped = np.zeros(len(names), dtype=bool)
+    for i in range(len(names)):
+        if grouped[i]:
+            continue
+        group = np.nonzero(~grouped & (np.hypot(x - x[i], y - y[i]) <= radius))[0]
+        grouped[group] = True
+        labels[i] = ", ".join(names[j] for j in group)
+    return labels
 
 
 def quality_frame(report: Mapping[str, Any]) -> pd.DataFrame:

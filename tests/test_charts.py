@@ -56,6 +56,14 @@ def test_a_matrix_that_does_not_fit_the_names_is_refused() -> None:
         charts.heatmap(np.eye(2), ["a", "b", "c"], charts.METRICS["cos"])
 
 
+def test_model_map_points_close_together_share_one_label() -> None:
+    x = np.array([0.0, 1.0, 0.01, 0.5, 1.0])
+    y = np.array([0.0, 1.0, 0.0, 0.5, 1.02])
+    labels = charts.map_labels(["a", "b", "a_copy", "c", "b2"], x, y)
+    assert labels == ["a, a_copy", "b, b2", "", "c", ""]
+    assert charts.map_labels(["only"], np.zeros(1), np.zeros(1)) == ["only"]
+
+
 def test_short_names_tell_equal_stems_apart() -> None:
     assert charts.short_names(["/x/a.safetensors", "/y/a.safetensors", "/y/b.safetensors"]) == ["x/a", "y/a", "b"]
 
