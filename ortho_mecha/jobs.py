@@ -40,6 +40,7 @@ import diskcache
 
 from ortho_mecha.cache import cache_dir, open_cache
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import process_exists
 
 logger = logging.getLogger(__name__)
 
@@ -371,13 +372,7 @@ def _worker_alive(pid: int, job_id: str) -> bool:
         except OSError:
             return False
         return job_id.encode() in arguments  # a zombie's command line is empty
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_exists(pid)
 
 
 def _stop_worker(pid: int, job_id: str) -> None:
