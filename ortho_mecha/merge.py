@@ -401,33 +401,27 @@ def execute(
             META_HASHES: json.dumps(hashes),
             META_VERSION: __version__,
         } | ({META_PLAN: plan_json} if plan_json is not None else {})
-        _remove_stale_partials(out)
-        temp = partial_path(out)
         control = _Control()
         workers = _merge_threads(threads, len(inputs))
         with _stop_on_signals(control), _torch_threads_per_worker(workers):
-            writer = _OutputWriter(temp, layout, metadata, base_model)
             try:
-                sd_mecha.merge(
-                    recipe,
-                    merge_device=merge_device,
-                    merge_dtype=TORCH_DTYPES[merge_dtype],
-                    output_dtype=out_dtype,
-                    threads=workers,
-                    output=writer,
-                    tqdm=lambda total, desc="": _ProgressBar(progress, control, total, desc),
-                    check_extra_keys=False,  # counted per input in the report instead
-                    check_finite_output=False,  # repaired and counted by the writer
-                    omit_non_finite_inputs=False,  # a NaN in one input costs its elements, not the whole key
-                )
-                writer.finish()
-                os.replace(temp, out)
-            except BaseException as exc:
-                writer.abort()
-                if isinstance(exc, _Stopped) and control.error is not None:
+                with _written(out, layout, metadata, base_model) as writer:
+                    sd_mecha.merge(
+                        recipe,
+                        merge_device=merge_device,
+                        merge_dtype=TORCH_DTYPES[merge_dtype],
+                        output_dtype=out_dtype,
+                        threads=workers,
+                        output=writer,
+                        tqdm=lambda total, desc="": _ProgressBar(progress, control, total, desc),
+                        check_extra_keys=False,  # counted per input in the report instead
+                        check_finite_output=False,  # repaired and counted by the writer
+                        omit_non_finite_inputs=False,  # a NaN in one input costs its elements, not the whole key
+                    )
+            except _Stopped:
+                if control.error is not None:
                     raise control.error from None  # what stopped the merge, not a key that stopped after it
                 raise
-    _fsync_dir(out.parent)
     report = {
         "output": str(out),
         "bytes": out.stat().st_size,
@@ -453,6 +447,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _written(out: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
+             base: Model) -> Iterator[_OutputWriter]:
+    """The writer of ``out``, streaming into ``.OUT.partial-<pid>`` (stale ones of killed processes removed
+    first): finished, renamed into place and the folder fsynced when the block ends; removed if it raises."""
+    _remove_stale_partials(out)
+    temp = partial_path(out)
+    writer = _OutputWriter(temp, layout, metadata, base)
+    try:
+        yield writer
+        writer.finish()
+        os.replace(temp, out)
+    except BaseException:
+        writer.abort()
+        raise
+    _fsync_dir(out.parent)
+
+
 def convert(
     source: str | Path,
     out: str | Path,
@@ -473,7 +485,7 @@ def convert(
     if dtype != "keep" and dtype not in ("fp32", "fp16", "bf16"):
         raise OrthoMechaError(f"unknown dtype '{dtype}' for convert: use keep, fp32, fp16 or bf16")
     with Model(source) as model:
-        out = _check_output(out, overwrite, [p.resolve() for p in (model.path, *model.files)])
+        out = _check_output(out, overwrite, [model.path, *model.files])
 
         def stored_as(info: Any) -> torch.dtype:
             if not info.is_float:
@@ -485,25 +497,15 @@ def convert(
         layout = {key: (stored_as(info), tuple(info.shape)) for key, info in model.tensors.items()}
         _check_free_space(out.parent, data_bytes(layout))
         metadata = dict(model.metadata) | {META_CONVERTED: model.path.name, META_VERSION: __version__}
-        _remove_stale_partials(out)
-        temp = partial_path(out)
-        with _stop_on_signals(_Control()):
-            writer = _OutputWriter(temp, layout, metadata, model)
-            try:
-                for done, (key, info) in enumerate(model.tensors.items(), start=1):
-                    # non-float keys the writer copies itself; scaled fp8 is dequantised in float32 first
-                    read_as = torch.float32 if info.scale else layout[key][0]
-                    writer[key] = model.read_tensor(key, read_as) if info.is_float else None
-                    if progress is not None:
-                        progress({"fraction": done / len(layout), "keys_done": done, "keys_total": len(layout)})
-                writer.finish()
-                os.replace(temp, out)
-            except BaseException:
-                writer.abort()
-                raise
+        with _stop_on_signals(_Control()), _written(out, layout, metadata, model) as writer:
+            for done, (key, info) in enumerate(model.tensors.items(), start=1):
+                # non-float keys the writer copies itself; scaled fp8 is dequantised in float32 first
+                read_as = torch.float32 if info.scale else layout[key][0]
+                writer[key] = model.read_tensor(key, read_as) if info.is_float else None
+                if progress is not None:
+                    progress({"fraction": done / len(layout), "keys_done": done, "keys_total": len(layout)})
         report = {"source": str(model.path), "files": len(model.files), "output": str(out), "keys": len(layout),
                   "dequantised": sum(info.scale is not None for info in model.tensors.values())}
-    _fsync_dir(out.parent)
     return report | {"bytes": out.stat().st_size, "seconds": round(time.monotonic() - started, 3)}
 
 
