@@ -529,22 +529,23 @@ def model_linked(model: str | Path, comfy: str | Path, folder: str, keep_link: b
     its link; the last one to finish removes it, if ortho-mecha made it and none asked to ``keep_link`` (a
     kept link is the user's from then on). Each preview using a link is an empty file named after its
     process in ``models/<folder>/.ortho-mecha-previews/<name>/``, and one whose process is gone no longer
-    counts, so a killed preview's link goes with the next preview of that model. A file lock beside those
-    files keeps one process's linking and another's unlinking apart. A model ComfyUI lists in place is
-    neither linked nor tracked.
+    counts, so a killed preview's link goes with the next preview of that model; the folder goes with the
+    last preview. One file lock per models folder keeps one process's linking and another's unlinking
+    apart. A model ComfyUI lists in place is neither linked nor tracked.
     """
     model, comfy = Path(model).absolute(), Path(comfy)
     folder_dir = _models_folder(comfy, folder)
     if _in_place_name(model, folder_dir) is not None:
         yield link_model(model, comfy, folder)
         return
+    (folder_dir / LINK_USERS).mkdir(exist_ok=True)
+    lock = FileLock(folder_dir / LINK_USERS / "lock")
     users = folder_dir / LINK_USERS / model.name
-    users.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(users) + ".lock")
     made = users / "made-by-ortho-mecha"
     me = users / f"preview-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with lock:
         link = link_model(model, comfy, folder)
+        users.mkdir(exist_ok=True)
         if link.created:
             made.touch()
         me.touch()
@@ -558,6 +559,8 @@ def model_linked(model: str | Path, comfy: str | Path, folder: str, keep_link: b
             elif made.exists() and not _live_users(users):
                 unlink_model(model, comfy, folder)
                 made.unlink()
+            if not any(users.iterdir()):
+                users.rmdir()
 
 
 def _live_users(users: Path) -> list[Path]:

@@ -462,6 +462,7 @@ def test_previews_of_one_model_share_its_link_and_the_last_one_removes_it(comfy_
             assert not second.created and second.path == entry
         assert entry.is_symlink()  # the first preview still renders with it
     assert not entry.is_symlink() and not entry.exists() and model.is_file()
+    assert not (entry.parent / LINK_USERS / model.name).exists()  # nor its bookkeeping
     assert client_for(comfy_stub).models("checkpoints") == []  # the bookkeeping files are no models
 
 
