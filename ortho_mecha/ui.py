@@ -66,12 +66,12 @@ def page_icon() -> Image.Image:
     asks no outside server for it (a material-symbol icon is fetched from fonts.gstatic.com)."""
     size = 64
     left, right = (4, 14, 44, 54), (20, 14, 60, 54)
-    overlap = Image.new("L", (size, size))
-    ImageDraw.Draw(overlap).ellipse(left, fill=255)
-    other = Image.new("L", (size, size))
-    ImageDraw.Draw(other).ellipse(right, fill=255)
+    left_disc = Image.new("L", (size, size))
+    ImageDraw.Draw(left_disc).ellipse(left, fill=255)
+    right_disc = Image.new("L", (size, size))
+    ImageDraw.Draw(right_disc).ellipse(right, fill=255)
     icon = Image.new("RGBA", (size, size))
-    icon.paste((124, 77, 255, 255), mask=ImageChops.multiply(overlap, other))
+    icon.paste((124, 77, 255, 255), mask=ImageChops.multiply(left_disc, right_disc))  # their overlap
     draw = ImageDraw.Draw(icon)
     for box in (left, right):
         draw.ellipse(box, outline=(124, 77, 255, 255), width=4)
