@@ -39,6 +39,11 @@ from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, expand_model_path
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
 from ortho_mecha.validate import Alignment
 
+try:
+    from ortho_mecha import _kernels
+except ImportError:  # built without a C compiler: torch and numpy do the same work, slower
+    _kernels = None
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1 << 17
@@ -52,6 +57,8 @@ SIGNAL_COLUMNS_PER_ROW = 2  # signal Gram estimated from 2 × (short side) colum
 SIGNAL_BLOCK = 1 << 20  # elements per file read at a time for the signal (whole matrix rows)
 SIGNAL_TASK_COST = 4  # a signal task's time ≈ reading and reducing its key's elements from this many files
 OUTLIER_KEYS_LISTED = 5
+FUSED_DTYPES = ("F32", "F16", "BF16")  # stored dtypes the kernel converts itself
+NO_ROWS = np.zeros(0, dtype=np.int64)
 
 Progress = Callable[[dict], None]
 
@@ -151,11 +158,16 @@ def sampled_energy(sampled: torch.Tensor, tall: bool) -> np.ndarray:
     The eigenvalues are computed in the matrix's dtype: the Gram of float32 deltas carries float32
     rounding already, and float32 eigenvalues take about half the time of float64 here. Both steps use
     numpy's and scipy's OpenBLAS (a symmetric product, LAPACK's ``syevr``): 1.6× torch's MKL here, on one
-    thread as the pass limits them (their own threads fight the pass's for the cores).
+    thread as the pass limits them (their own threads fight the pass's for the cores). ``syevr`` is called
+    through the kernels' :func:`eigvalsh`, which releases the GIL that scipy's wrapper holds.
     """
     m = sampled.numpy()
     gram = m.T @ m if tall else m @ m.T
-    values = scipy.linalg.eigh(gram, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
+    if _kernels is None:
+        values = scipy.linalg.eigh(gram, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
+    else:  # the same LAPACK routine, without holding the GIL (scipy's wrapper holds it, stalling the pass)
+        values = np.empty(len(gram), dtype=gram.dtype)
+        _kernels.eigvalsh(np.ascontiguousarray(gram), values)
     return np.clip(values[::-1], 0.0, None).astype(np.float64)
 
 
@@ -207,11 +219,15 @@ class _Reducer:
         self.alignment, self.file_maps = alignment, file_maps
         self.files = [([alignment.base, *alignment.models])[i] for i in file_maps]
         self.h_rows, self.stat_rows = h_rows, stat_rows
+        self.h_index, self.stat_index = np.array(h_rows, dtype=np.int64), np.array(stat_rows, dtype=np.int64)
         self.all_h = len(h_rows) == len(file_maps)
         self.n_rows = rows_t.shape[0] if stat_rows else 0  # rows whose sign bits are packed (none: no stats)
         # rows that are plain "model − base" need no selection product: they are the first rows of X
         plain = np.array_equal(rows_t, np.eye(rows_t.shape[0], len(file_maps)))
         self.selection = None if plain else torch.from_numpy(rows_t).to(dtype)
+        self.dtype = dtype
+        # the compiled kernel reduces float32 chunks of plain rows in one pass (signs: of the first rows)
+        self.fused = _kernels is not None and dtype == torch.float32 and plain
         self.all_stats = len(stat_rows) == rows_t.shape[0]
         self.uniform = {c: self._uniform_dtype(c) for c in keys}
         itemsize = max((ITEMSIZES[d] for d in self.uniform.values() if d is not None), default=1)
@@ -245,9 +261,6 @@ class _Reducer:
         b = base.read_into(base_name, start, stop, buffers.base[:n], buffers.scratch)
         self.bytes_read += n * base.tensors[base_name].itemsize
         totals.base_sq += float(torch.dot(b, b))
-        x = buffers.deltas[:, :n]
-        words = -(-n // 64)
-        pos, neg = buffers.pos[:, :words], buffers.neg[:, :words]
         # whole-chunk operations where possible: each operation's fixed cost adds up over the chunks
         uniform = self.uniform[canon]
         if uniform is not None:
@@ -255,6 +268,12 @@ class _Reducer:
             for row, (model, map_index) in enumerate(zip(self.files, self.file_maps, strict=True)):
                 model.read_stored(self.alignment.maps[map_index].keys[canon], start, stop, stored[row])
             self.bytes_read += stored.numel()
+            if self.fused and uniform in FUSED_DTYPES:  # the kernel forms the deltas itself, a tile at a time
+                _kernels.reduce_chunk(buffers.stored.numpy(), uniform, buffers.base.numpy(), n, self.h_index,
+                                      totals.gram, self.stat_index, self.agree, self.both, totals.peaks)
+                return
+        x = buffers.deltas[:, :n]
+        if uniform is not None:
             x.copy_(stored.view(DTYPES[uniform])).sub_(b)
         else:
             for row, (model, map_index) in enumerate(zip(self.files, self.file_maps, strict=True)):
@@ -266,7 +285,24 @@ class _Reducer:
                 self.bytes_read += n * model.tensors[name].itemsize
                 if not model.is_delta:  # a LoRA row reads its delta (the product) directly
                     x[row].sub_(b)
+        if self.fused:  # the selection is plain: the rows are the first deltas
+            _kernels.reduce_chunk(buffers.deltas.numpy(), "F32", None, n, self.h_index, totals.gram,
+                                  self.stat_index, self.agree, self.both, totals.peaks)
+        elif _kernels is not None and self.dtype == torch.float32:
+            d = self.selection @ x
+            _kernels.reduce_chunk(d.numpy(), "F32", None, n, NO_ROWS, None, self.stat_index, self.agree, self.both,
+                                  totals.peaks)
+            _kernels.reduce_chunk(buffers.deltas.numpy(), "F32", None, n, self.h_index, totals.gram, NO_ROWS,
+                                  None, None, None)
+        else:
+            self._reduce_torch(x, n, totals)
+
+    def _reduce_torch(self, x: torch.Tensor, n: int, totals: _KeyTotals) -> None:
+        """The chunk's figures from its deltas ``x`` by torch and numpy: ``exact`` (float64) passes, and every
+        pass where the kernels were not built."""
         if self.n_rows:
+            words = -(-n // 64)
+            pos, neg = self.buffers.pos[:, :words], self.buffers.neg[:, :words]
             d = x[: self.n_rows] if self.selection is None else self.selection @ x
             pack_signs(d.numpy(), pos, neg)
             # max and min apart: several times faster here than torch.aminmax (a chunk is never empty)
@@ -275,7 +311,7 @@ class _Reducer:
             count_signs(pos, neg, self.stat_rows, self.agree, self.both)
         if self.h_rows:
             # torch's (MKL's) product: OpenBLAS's, as fast on one thread, is no faster on two at once here
-            product = torch.mm(x if self.all_h else x[self.h_rows], x.T, out=buffers.gram[: len(self.h_rows)])
+            product = torch.mm(x if self.all_h else x[self.h_rows], x.T, out=self.buffers.gram[: len(self.h_rows)])
             totals.gram += product.numpy()
 
     def add(self, other: _Reducer) -> None:
