@@ -19,9 +19,11 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define LANES 8
 #define BLOCK 256  /* columns packed into one sign block: LANES lanes × 32 bits */
@@ -73,22 +75,27 @@ INLINE float half_float(uint16_t h)
     return bits_float(f >= 0x1p16f ? u | 0x7f800000u : u);
 }
 
-/* out[k] = stored[k] − base[k] for k < len, as float32. */
+/* out[k] = stored[k] − base[k] for k < len, as float32 (stored[k] alone when base is NULL). */
+#define CONVERT_LOOP(value)                                                                                           \
+    do {                                                                                                              \
+        if (base)                                                                                                     \
+            for (Py_ssize_t k = 0; k < len; k++)                                                                      \
+                out[k] = (value) - base[k];                                                                           \
+        else                                                                                                          \
+            for (Py_ssize_t k = 0; k < len; k++)                                                                      \
+                out[k] = (value);                                                                                     \
+    } while (0)
+
 CLONES static void convert(const void *stored, enum kind kind, const float *base, Py_ssize_t len, float *out)
 {
-    if (kind == F16) {
-        const uint16_t *h = stored;
-        for (Py_ssize_t k = 0; k < len; k++)
-            out[k] = half_float(h[k]) - base[k];
-    } else if (kind == BF16) {
-        const uint16_t *h = stored;
-        for (Py_ssize_t k = 0; k < len; k++)
-            out[k] = bits_float((uint32_t)h[k] << 16) - base[k];
-    } else {
-        const float *f = stored;
-        for (Py_ssize_t k = 0; k < len; k++)
-            out[k] = f[k] - base[k];
-    }
+    const uint16_t *h = stored;
+    const float *f = stored;
+    if (kind == F16)
+        CONVERT_LOOP(half_float(h[k]));
+    else if (kind == BF16)
+        CONVERT_LOOP(bits_float((uint32_t)h[k] << 16));
+    else
+        CONVERT_LOOP(f[k]);
 }
 
 /* acc[j*LANES + l] += lane l of Σ_k a[k] p[j][k], for j < g, over len columns (a multiple of LANES). */
@@ -421,6 +428,107 @@ static PyObject *reduce_chunk(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* nbytes from fd at offset into buf: 0, or −1 when the file ends first or a read fails (errno set). */
+static int read_full(int fd, char *buf, size_t nbytes, off_t offset)
+{
+    while (nbytes) {
+        ssize_t got = pread(fd, buf, nbytes, offset);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0) {
+            if (got == 0)
+                errno = 0;
+            return -1;
+        }
+        buf += got, nbytes -= (size_t)got, offset += got;
+    }
+    return 0;
+}
+
+static Py_ssize_t kind_size(enum kind kind) { return kind == F16 || kind == BF16 ? 2 : 4; }
+
+static int parse_kind(PyObject *name, enum kind *kind)
+{
+    const char *s = PyUnicode_AsUTF8(name);
+    if (!s)
+        return -1;
+    if (!strcmp(s, "F32") || !strcmp(s, "F16") || !strcmp(s, "BF16")) {
+        *kind = !strcmp(s, "F32") ? F32 : !strcmp(s, "F16") ? F16 : BF16;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "unsupported kind '%s' (F32, F16 or BF16)", s);
+    return -1;
+}
+
+static PyObject *read_reduce_chunk(PyObject *self, PyObject *args)
+{
+    PyObject *fds_obj, *offsets_obj, *base_kind_obj, *src, *kind, *base, *h_rows, *gram, *stat_rows, *agree, *both, *peaks;
+    long long base_fd, base_offset;
+    Py_buffer fds = {0}, offsets = {0};
+    enum kind base_kind;
+    Args a;
+    Shape sh;
+    Scratch w;
+    (void)self;
+    memset(&a, 0, sizeof a);
+    memset(&sh, 0, sizeof sh);
+    if (!PyArg_ParseTuple(args, "OOLLUOUOnOOOOOO", &fds_obj, &offsets_obj, &base_fd, &base_offset, &base_kind_obj,
+                          &src, &kind, &base, &sh.n, &h_rows, &gram, &stat_rows, &agree, &both, &peaks))
+        return NULL;
+    int failed = parse_kind(base_kind_obj, &base_kind) < 0 || get(fds_obj, &fds, "lq", 8, 1, 0, 0, "fds") < 0 ||
+                 get(offsets_obj, &offsets, "lq", 8, 1, 0, 0, "offsets") < 0;
+    failed = failed || get(src, &a.src, "B", 1, 2, 1, 0, "src") < 0 || get(base, &a.base, "f", 4, 1, 1, 0, "base") < 0 ||
+             get(h_rows, &a.h_rows, "lq", 8, 1, 0, 0, "h_rows") < 0 || get(gram, &a.gram, "d", 8, 2, 1, 1, "gram") < 0 ||
+             get(stat_rows, &a.stat_rows, "lq", 8, 1, 0, 0, "stat_rows") < 0 ||
+             get(agree, &a.agree, "d", 8, 2, 1, 1, "agree") < 0 || get(both, &a.both, "d", 8, 2, 1, 1, "both") < 0 ||
+             get(peaks, &a.peaks, "d", 8, 1, 1, 1, "peaks") < 0 || check(kind, &a, &sh) < 0;
+    if (!failed && (fds.shape[0] != sh.nf || offsets.shape[0] != sh.nf)) {
+        PyErr_SetString(PyExc_ValueError, "one file descriptor and offset per row expected");
+        failed = 1;
+    }
+    char *staged = failed ? NULL : malloc((size_t)(sh.n * kind_size(base_kind)));
+    if (!failed && !staged) {
+        PyErr_NoMemory();
+        failed = 1;
+    }
+    if (failed || scratch_alloc(&w, &sh) < 0) {
+        free(staged), release(&a);
+        if (fds.obj)
+            PyBuffer_Release(&fds);
+        if (offsets.obj)
+            PyBuffer_Release(&offsets);
+        return NULL;
+    }
+    const int64_t *fd = fds.buf, *offset = offsets.buf;
+    Py_ssize_t row_bytes = sh.n * kind_size(sh.kind), bad = -2;  /* the row whose read failed; −1: the base */
+    double base_sq = 0.0;
+    int error = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (read_full((int)base_fd, staged, (size_t)(sh.n * kind_size(base_kind)), (off_t)base_offset) < 0)
+        bad = -1, error = errno;
+    for (Py_ssize_t r = 0; bad == -2 && r < sh.nf; r++)
+        if (read_full((int)fd[r], (char *)a.src.buf + r * a.src.shape[1], (size_t)row_bytes, (off_t)offset[r]) < 0)
+            bad = r, error = errno;
+    if (bad == -2) {
+        float *b = a.base.buf;
+        convert(staged, base_kind, NULL, sh.n, b);
+        for (Py_ssize_t k = 0; k < sh.n; k++)
+            base_sq += (double)b[k] * b[k];
+        reduce(&a, &sh, &w);
+    }
+    Py_END_ALLOW_THREADS
+    free(staged), scratch_free(&w), release(&a), PyBuffer_Release(&fds), PyBuffer_Release(&offsets);
+    if (bad != -2) {  /* (errno, message, row): the caller names the file */
+        PyObject *exc = Py_BuildValue("(isn)", error, error ? strerror(error) : "file ends early", bad);
+        if (exc) {
+            PyErr_SetObject(PyExc_OSError, exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    return PyFloat_FromDouble(base_sq);
+}
+
 /* ---- eigenvalues without the GIL ---- */
 
 /* LAPACK's ?syevr as scipy.linalg.cython_lapack exports it (scipy's own OpenBLAS): s and d differ only in
@@ -510,6 +618,13 @@ static PyMethodDef methods[] = {
      "columns are used. gram (len(h_rows) × rows) += rows h_rows against all; agree, both (R' × R') and\n"
      "peaks (len(stat_rows)) for rows stat_rows against the first R' rows. An output may be None when its\n"
      "rows are empty."},
+    {"read_reduce_chunk", read_reduce_chunk, METH_VARARGS,
+     "read_reduce_chunk(fds, offsets, base_fd, base_offset, base_kind, src, kind, base, n, h_rows, gram, stat_rows,\n"
+     "                  agree, both, peaks) -> base_sq\n\n"
+     "reduce_chunk on n values of each row read here (GIL released): row r's stored bytes from file descriptor\n"
+     "fds[r] at byte offsets[r] into src's row r, the base's (of base_kind) into base as float32. Returns the\n"
+     "sum of the base values' squares; a failed or short read raises OSError(errno, message, row): the row\n"
+     "(−1: the base) is its filename."},
     {"eigvalsh", eigvalsh, METH_VARARGS,
      "eigvalsh(a, w)\n\n"
      "The eigenvalues of the symmetric float32 or float64 matrix a (overwritten), ascending, into w: LAPACK's\n"

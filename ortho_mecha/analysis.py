@@ -200,6 +200,18 @@ class _Buffers:
         self.gram = torch.empty((n_files, n_files), dtype=dtype)
 
 
+@dataclass(frozen=True)
+class _Located:
+    """Where the kernel reads one key: per analysed file a descriptor and the byte offset of element 0, and the
+    base's, with its stored dtype."""
+
+    fds: np.ndarray
+    offsets: np.ndarray
+    base_fd: int
+    base_offset: int
+    base_dtype: str
+
+
 @dataclass
 class _KeyTotals:
     """What the workers add up for one key."""
@@ -233,6 +245,7 @@ class _Reducer:
         itemsize = max((ITEMSIZES[d] for d in self.uniform.values() if d is not None), default=1)
         self.buffers = _Buffers(len(file_maps), self.n_rows, chunk, dtype, itemsize)
         self.totals: dict[str, _KeyTotals] = {}
+        self.located: dict[str, _Located | None] = {}
         self.both = np.zeros((rows_t.shape[0],) * 2)
         self.agree = np.zeros((rows_t.shape[0],) * 2)
         self.bytes_read = 0
@@ -255,9 +268,13 @@ class _Reducer:
         if totals is None:
             totals = self.totals[canon] = _KeyTotals(np.zeros((len(self.h_rows), len(self.files))),
                                                      np.zeros(len(self.stat_rows)))
+        n = stop - start
+        located = self.located.get(canon) if canon in self.located else self._locate(canon)
+        if located is not None:  # the kernel reads the files itself: no Python per file and chunk
+            self._read_reduce(located, canon, start, n, totals)
+            return
         base = self.alignment.base
         base_name = self.alignment.maps[0].keys[canon]
-        n = stop - start
         b = base.read_into(base_name, start, stop, buffers.base[:n], buffers.scratch)
         self.bytes_read += n * base.tensors[base_name].itemsize
         totals.base_sq += float(torch.dot(b, b))
@@ -296,6 +313,39 @@ class _Reducer:
                                   None, None, None)
         else:
             self._reduce_torch(x, n, totals)
+
+    def _locate(self, canon: str) -> _Located | None:
+        """Where the kernel reads key ``canon`` from, when it can (plain F32/F16/BF16 weights in every file and
+        the base, the rows plain deltas), else None; remembered per key."""
+        base = self.alignment.base
+        base_info = base.tensors[self.alignment.maps[0].keys[canon]]
+        located = None
+        if (self.fused and self.uniform[canon] in FUSED_DTYPES and base_info.scale is None
+                and base_info.dtype in FUSED_DTYPES):
+            where = [model.location(self.alignment.maps[map_index].keys[canon])
+                     for model, map_index in zip(self.files, self.file_maps, strict=True)]
+            located = _Located(np.array([fd for fd, _ in where], dtype=np.int64),
+                               np.array([offset for _, offset in where], dtype=np.int64),
+                               *base.location(base_info.name), base_info.dtype)
+        self.located[canon] = located
+        return located
+
+    def _read_reduce(self, located: _Located, canon: str, start: int, n: int, totals: _KeyTotals) -> None:
+        uniform = self.uniform[canon]
+        itemsize, base_itemsize = ITEMSIZES[uniform], ITEMSIZES[located.base_dtype]
+        try:
+            totals.base_sq += _kernels.read_reduce_chunk(
+                located.fds, located.offsets + start * itemsize, located.base_fd,
+                located.base_offset + start * base_itemsize, located.base_dtype, self.buffers.stored.numpy(),
+                uniform, self.buffers.base.numpy(), n, self.h_index, totals.gram, self.stat_index, self.agree,
+                self.both, totals.peaks)
+        except OSError as exc:  # OSError(errno, message, row): the row as its filename; −1 is the base
+            row = exc.filename
+            model, name = ((self.alignment.base, self.alignment.maps[0].keys[canon]) if row < 0 else
+                           (self.files[row], self.alignment.maps[self.file_maps[row]].keys[canon]))
+            file = model.tensors[name].file
+            raise OrthoMechaError(f"truncated while reading '{name}' ({exc.strerror})", file) from None
+        self.bytes_read += n * (base_itemsize + len(self.files) * itemsize)
 
     def _reduce_torch(self, x: torch.Tensor, n: int, totals: _KeyTotals) -> None:
         """The chunk's figures from its deltas ``x`` by torch and numpy: ``exact`` (float64) passes, and every
@@ -647,7 +697,7 @@ class _SignalWork:
         shape = self.alignment.base.tensors[base_name].shape
         tall, pick, scale = sample_lines(shape, SIGNAL_COLUMNS_PER_ROW * min(shape[0], math.prod(shape[1:])))
         base = self._base_lines(canon, base_name, shape, tall, pick)
-        sampled = torch.zeros_like(base)
+        sampled = None  # the first term's lines themselves: a plain row holds one sample matrix, not two
         for i in np.nonzero(self.rows_t[r])[0]:
             name = self.alignment.maps[self.file_maps[i]].keys.get(canon)
             if name is None:  # a missing key is a zero delta
@@ -655,7 +705,12 @@ class _SignalWork:
             lines = _sampled_lines(self.files[i], name, shape, tall, pick, self.dtype)
             if not self.files[i].is_delta:  # a LoRA's values are its product, a delta already
                 lines.sub_(base)
-            sampled.add_(lines, alpha=float(self.rows_t[r, i]))
+            if sampled is None:
+                sampled = lines if self.rows_t[r, i] == 1.0 else lines.mul_(float(self.rows_t[r, i]))
+            else:
+                sampled.add_(lines, alpha=float(self.rows_t[r, i]))
+        if sampled is None:
+            sampled = torch.zeros_like(base)
         return sampled_energy(sampled.mul_(scale) if scale != 1.0 else sampled, tall)
 
     def _base_lines(self, canon: str, name: str, shape: Sequence[int], tall: bool,

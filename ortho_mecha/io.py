@@ -332,6 +332,12 @@ class Model:
             got += n
         return raw.view(DTYPES[info.dtype])
 
+    def location(self, key: str) -> tuple[int, int]:
+        """(an open read-only file descriptor, the byte offset in it of element 0) of ``key`` as stored: for
+        readers that read the stored bytes themselves (the analysis kernel). The model keeps the descriptor."""
+        info = self.tensors[key]
+        return self._fd(info.file), info.start
+
     def read(
         self, key: str, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:

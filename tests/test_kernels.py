@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,36 @@ def test_the_pass_without_the_kernels_gives_the_same_figures(tmp_path: Path, mon
     assert np.all(np.abs(gram - other) <= 1e-5 * scale)  # cosines within 1e-5
     for figure in ("effective_rank", "snr"):
         assert np.allclose(fast["signal"][figure], slow["signal"][figure], rtol=1e-4), figure
+
+
+def test_read_reduce_chunk_reads_what_reduce_chunk_is_given_and_names_the_short_row(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    n, rows = 1000, 3
+    base = rng.normal(size=n).astype(np.float16)
+    models = (base + rng.normal(size=(rows, n)) * 0.01).astype(np.float16)
+    path = tmp_path / "raw.bin"
+    path.write_bytes(b"x" * 24 + base.tobytes() + models.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offsets = np.array([24 + (1 + r) * 2 * n for r in range(rows)], dtype=np.int64)
+        everything = np.arange(rows, dtype=np.int64)
+
+        def outputs() -> tuple[np.ndarray, ...]:
+            return np.zeros((rows, rows)), np.zeros((rows, rows)), np.zeros((rows, rows)), np.zeros(rows)
+
+        read = outputs()
+        stored, base_values = np.zeros((rows, 4 * n), dtype=np.uint8), np.zeros(n, dtype=np.float32)
+        base_sq = kernels.read_reduce_chunk(np.full(rows, fd), offsets, fd, 24, "F16", stored, "F16", base_values,
+                                            n, everything, read[0], everything, *read[1:])
+        given = outputs()
+        kernels.reduce_chunk(models.view(np.uint8), "F16", base.astype(np.float32), n, everything, given[0],
+                             everything, *given[1:])
+        for a, b in zip(read, given, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert base_sq == pytest.approx(float(np.sum(base.astype(np.float64) ** 2)), rel=1e-12)
+        with pytest.raises(OSError) as short:  # row 2 runs past the end of the file
+            kernels.read_reduce_chunk(np.full(rows, fd), offsets + 2 * n * np.array([0, 0, 1]), fd, 24, "F16",
+                                      stored, "F16", base_values, n, everything, read[0], everything, *read[1:])
+        assert short.value.filename == 2 and short.value.strerror == "file ends early"
+    finally:
+        os.close(fd)
