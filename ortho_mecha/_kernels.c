@@ -258,24 +258,33 @@ typedef struct {
     int upper_h, upper_s;
 } Shape;
 
+static Py_ssize_t kind_size(enum kind kind) { return kind == F16 || kind == BF16 ? 2 : 4; }
+
+static int parse_kind(PyObject *name, enum kind *kind)
+{
+    const char *s = PyUnicode_AsUTF8(name);
+    if (!s)
+        return -1;
+    if (!strcmp(s, "F32") || !strcmp(s, "F16") || !strcmp(s, "BF16")) {
+        *kind = !strcmp(s, "F32") ? F32 : !strcmp(s, "F16") ? F16 : BF16;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "unsupported kind '%s' (F32, F16 or BF16)", s);
+    return -1;
+}
+
 static int check(PyObject *kind_name, Args *a, Shape *sh)
 {
-    const char *kind = PyUnicode_AsUTF8(kind_name);
-    if (!kind)
+    if (parse_kind(kind_name, &sh->kind) < 0)
         return -1;
-    Py_ssize_t itemsize;
-    if (!a->base.obj && !strcmp(kind, "F32"))
-        sh->kind = DELTAS, itemsize = 4;
-    else if (a->base.obj && !strcmp(kind, "F32"))
-        sh->kind = F32, itemsize = 4;
-    else if (a->base.obj && !strcmp(kind, "F16"))
-        sh->kind = F16, itemsize = 2;
-    else if (a->base.obj && !strcmp(kind, "BF16"))
-        sh->kind = BF16, itemsize = 2;
-    else {
-        PyErr_Format(PyExc_ValueError, "unsupported kind '%s' (F32 deltas, or F32, F16, BF16 with a base)", kind);
-        return -1;
+    if (!a->base.obj) {
+        if (sh->kind != F32) {
+            PyErr_SetString(PyExc_ValueError, "deltas (no base) are float32: kind 'F32'");
+            return -1;
+        }
+        sh->kind = DELTAS;
     }
+    Py_ssize_t itemsize = kind_size(sh->kind);
     /* stored bytes are uint8 rows; deltas float32 rows */
     Py_ssize_t width = sh->kind == DELTAS ? a->src.shape[1] : a->src.shape[1] / itemsize;
     if ((sh->kind == DELTAS) != (a->src.itemsize == 4)) {
@@ -400,26 +409,32 @@ static void reduce(const Args *a, const Shape *sh, Scratch *w)
     }
 }
 
+/* The chunk's buffers (src, base, h_rows, gram, stat_rows, agree, both, peaks, in that order), checked into a
+   and sh, and the scratch for them; 0, or −1 with an error set and nothing held. */
+static int chunk_args(PyObject *const objs[8], PyObject *kind, int src_writable, Args *a, Shape *sh, Scratch *w)
+{
+    if (get(objs[0], &a->src, src_writable ? "B" : "fB", -1, 2, src_writable, 0, "src") < 0 ||
+        get(objs[1], &a->base, "f", 4, 1, src_writable, !src_writable, "base") < 0 ||
+        get(objs[2], &a->h_rows, "lq", 8, 1, 0, 0, "h_rows") < 0 || get(objs[3], &a->gram, "d", 8, 2, 1, 1, "gram") < 0 ||
+        get(objs[4], &a->stat_rows, "lq", 8, 1, 0, 0, "stat_rows") < 0 ||
+        get(objs[5], &a->agree, "d", 8, 2, 1, 1, "agree") < 0 || get(objs[6], &a->both, "d", 8, 2, 1, 1, "both") < 0 ||
+        get(objs[7], &a->peaks, "d", 8, 1, 1, 1, "peaks") < 0 || check(kind, a, sh) < 0 || scratch_alloc(w, sh) < 0) {
+        release(a);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *reduce_chunk(PyObject *self, PyObject *args)
 {
-    PyObject *src, *kind, *base, *h_rows, *gram, *stat_rows, *agree, *both, *peaks;
-    Args a;
-    Shape sh;
+    PyObject *o[8], *kind;
+    Args a = {0};
+    Shape sh = {0};
     Scratch w;
     (void)self;
-    memset(&a, 0, sizeof a);
-    memset(&sh, 0, sizeof sh);
-    if (!PyArg_ParseTuple(args, "OUOnOOOOOO", &src, &kind, &base, &sh.n, &h_rows, &gram, &stat_rows, &agree, &both,
-                          &peaks))
+    if (!PyArg_ParseTuple(args, "OUOnOOOOOO", &o[0], &kind, &o[1], &sh.n, &o[2], &o[3], &o[4], &o[5], &o[6], &o[7]) ||
+        chunk_args(o, kind, 0, &a, &sh, &w) < 0)
         return NULL;
-    if (get(src, &a.src, "fB", -1, 2, 0, 0, "src") < 0 || get(base, &a.base, "f", 4, 1, 0, 1, "base") < 0 ||
-        get(h_rows, &a.h_rows, "lq", 8, 1, 0, 0, "h_rows") < 0 || get(gram, &a.gram, "d", 8, 2, 1, 1, "gram") < 0 ||
-        get(stat_rows, &a.stat_rows, "lq", 8, 1, 0, 0, "stat_rows") < 0 ||
-        get(agree, &a.agree, "d", 8, 2, 1, 1, "agree") < 0 || get(both, &a.both, "d", 8, 2, 1, 1, "both") < 0 ||
-        get(peaks, &a.peaks, "d", 8, 1, 1, 1, "peaks") < 0 || check(kind, &a, &sh) < 0 || scratch_alloc(&w, &sh) < 0) {
-        release(&a);
-        return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     reduce(&a, &sh, &w);
     Py_END_ALLOW_THREADS
@@ -445,58 +460,36 @@ static int read_full(int fd, char *buf, size_t nbytes, off_t offset)
     return 0;
 }
 
-static Py_ssize_t kind_size(enum kind kind) { return kind == F16 || kind == BF16 ? 2 : 4; }
-
-static int parse_kind(PyObject *name, enum kind *kind)
-{
-    const char *s = PyUnicode_AsUTF8(name);
-    if (!s)
-        return -1;
-    if (!strcmp(s, "F32") || !strcmp(s, "F16") || !strcmp(s, "BF16")) {
-        *kind = !strcmp(s, "F32") ? F32 : !strcmp(s, "F16") ? F16 : BF16;
-        return 0;
-    }
-    PyErr_Format(PyExc_ValueError, "unsupported kind '%s' (F32, F16 or BF16)", s);
-    return -1;
-}
-
 static PyObject *read_reduce_chunk(PyObject *self, PyObject *args)
 {
-    PyObject *fds_obj, *offsets_obj, *base_kind_obj, *src, *kind, *base, *h_rows, *gram, *stat_rows, *agree, *both, *peaks;
+    PyObject *fds_obj, *offsets_obj, *base_kind_obj, *o[8], *kind;
     long long base_fd, base_offset;
     Py_buffer fds = {0}, offsets = {0};
     enum kind base_kind;
-    Args a;
-    Shape sh;
+    Args a = {0};
+    Shape sh = {0};
     Scratch w;
     (void)self;
-    memset(&a, 0, sizeof a);
-    memset(&sh, 0, sizeof sh);
     if (!PyArg_ParseTuple(args, "OOLLUOUOnOOOOOO", &fds_obj, &offsets_obj, &base_fd, &base_offset, &base_kind_obj,
-                          &src, &kind, &base, &sh.n, &h_rows, &gram, &stat_rows, &agree, &both, &peaks))
+                          &o[0], &kind, &o[1], &sh.n, &o[2], &o[3], &o[4], &o[5], &o[6], &o[7]))
         return NULL;
-    int failed = parse_kind(base_kind_obj, &base_kind) < 0 || get(fds_obj, &fds, "lq", 8, 1, 0, 0, "fds") < 0 ||
-                 get(offsets_obj, &offsets, "lq", 8, 1, 0, 0, "offsets") < 0;
-    failed = failed || get(src, &a.src, "B", 1, 2, 1, 0, "src") < 0 || get(base, &a.base, "f", 4, 1, 1, 0, "base") < 0 ||
-             get(h_rows, &a.h_rows, "lq", 8, 1, 0, 0, "h_rows") < 0 || get(gram, &a.gram, "d", 8, 2, 1, 1, "gram") < 0 ||
-             get(stat_rows, &a.stat_rows, "lq", 8, 1, 0, 0, "stat_rows") < 0 ||
-             get(agree, &a.agree, "d", 8, 2, 1, 1, "agree") < 0 || get(both, &a.both, "d", 8, 2, 1, 1, "both") < 0 ||
-             get(peaks, &a.peaks, "d", 8, 1, 1, 1, "peaks") < 0 || check(kind, &a, &sh) < 0;
-    if (!failed && (fds.shape[0] != sh.nf || offsets.shape[0] != sh.nf)) {
-        PyErr_SetString(PyExc_ValueError, "one file descriptor and offset per row expected");
-        failed = 1;
+    if (parse_kind(base_kind_obj, &base_kind) < 0 || get(fds_obj, &fds, "lq", 8, 1, 0, 0, "fds") < 0)
+        return NULL;
+    if (get(offsets_obj, &offsets, "lq", 8, 1, 0, 0, "offsets") < 0) {
+        PyBuffer_Release(&fds);
+        return NULL;
     }
-    char *staged = failed ? NULL : malloc((size_t)(sh.n * kind_size(base_kind)));
-    if (!failed && !staged) {
-        PyErr_NoMemory();
-        failed = 1;
+    if (chunk_args(o, kind, 1, &a, &sh, &w) < 0) {
+        PyBuffer_Release(&fds), PyBuffer_Release(&offsets);
+        return NULL;
     }
-    if (failed || scratch_alloc(&w, &sh) < 0) {
-        free(staged), release(&a);
-        if (fds.obj)
-            PyBuffer_Release(&fds);
-        if (offsets.obj)
-            PyBuffer_Release(&offsets);
+    char *staged = malloc((size_t)(sh.n * kind_size(base_kind)));
+    if (fds.shape[0] != sh.nf || offsets.shape[0] != sh.nf || !staged) {
+        if (staged)
+            PyErr_SetString(PyExc_ValueError, "one file descriptor and offset per row expected");
+        else
+            PyErr_NoMemory();
+        free(staged), scratch_free(&w), release(&a), PyBuffer_Release(&fds), PyBuffer_Release(&offsets);
         return NULL;
     }
     const int64_t *fd = fds.buf, *offset = offsets.buf;
