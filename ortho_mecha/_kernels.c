@@ -33,7 +33,6 @@
 
 typedef float v8f __attribute__((vector_size(LANES * sizeof(float))));
 typedef uint32_t v8u __attribute__((vector_size(LANES * sizeof(uint32_t))));
-typedef int32_t v8i __attribute__((vector_size(LANES * sizeof(int32_t))));
 
 /* On x86-64, an AVX2+FMA copy of each hot function is chosen at load time where the CPU has it. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -365,7 +364,7 @@ static Py_ssize_t load_tile(const Args *a, const Shape *sh, Py_ssize_t t, Scratc
         if (sh->kind == DELTAS)
             memcpy(buf, (const float *)row + t, (size_t)len * sizeof(float));
         else
-            convert(row + t * (sh->kind == F32 ? 4 : 2), sh->kind, (const float *)a->base.buf + t, len, buf);
+            convert(row + t * kind_size(sh->kind), sh->kind, (const float *)a->base.buf + t, len, buf);
         memset(buf + len, 0, (size_t)(padded - len) * sizeof(float));
         w->tile[r] = buf;
     }
