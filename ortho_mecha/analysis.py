@@ -46,7 +46,11 @@ except ImportError:  # built without a C compiler: torch and numpy do the same w
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 1 << 17
+DEFAULT_CHUNK = 1 << 17  # elements per chunk, at most
+MIN_CHUNK = 1 << 14
+# A chunk of every file stays near the size of a core's cache share: with many files, reading a 13 MB chunk
+# (51 × 128K fp16) and converting it a tile at a time cost ~20 % more than 4 chunks of 3 MB.
+CHUNK_BYTES = 4 << 20
 T = TypeVar("T")
 PARALLEL_MIN_BYTES = 1 << 30  # streams from this size on are reduced by two threads
 PROGRESS_EVERY = 0.25  # seconds between progress reports of a pass
@@ -480,7 +484,8 @@ def run_pass(
 
     This thread reduces chunks while a worker thread starts on the signal; a stream of at least
     PARALLEL_MIN_BYTES is reduced by a second thread too (unless ``one_thread``), which stops with the
-    chunks. Then this thread joins the signal thread on the tasks left.
+    chunks. Then this thread joins the signal thread on the tasks left. On a shorter stream the signal
+    thread, once the signal is done, reduces the chunks left beside this one (unless ``one_thread``).
 
     ``file_maps[f]`` is the alignment index (1-based model maps) of analysed file f; ``rows_t`` is the
     rows × files selection matrix of the analysed deltas (:func:`ortho_mecha.gram.selection_matrix`).
@@ -542,11 +547,22 @@ def run_pass(
         chunks.stop()
         signal.tasks.stop()
 
+    def signal_then_chunks() -> None:
+        """The signal, then (a short stream's second reducing thread) the chunks still left, if any."""
+        signal.drain()
+        if chunks.taken() < len(chunks.tasks):
+            reducers.append(_Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows))
+            _reduce_chunks(chunks, reducers[-1])
+
     stream_bytes = _stream_bytes(alignment, file_maps, keys)
-    workers = [_Worker("ortho-mecha-signal", signal.drain, stop)]
-    if not one_thread and stream_bytes >= PARALLEL_MIN_BYTES:
+    if one_thread:
+        workers = [_Worker("ortho-mecha-signal", signal.drain, stop)]
+    elif stream_bytes >= PARALLEL_MIN_BYTES:
         reducers.append(_Reducer(alignment, file_maps, dtype, chunk, keys, rows_t, h_rows, stat_rows))
-        workers.append(_Worker("ortho-mecha-chunks", functools.partial(_reduce_chunks, chunks, reducers[1]), stop))
+        workers = [_Worker("ortho-mecha-signal", signal.drain, stop),
+                   _Worker("ortho-mecha-chunks", functools.partial(_reduce_chunks, chunks, reducers[1]), stop)]
+    else:
+        workers = [_Worker("ortho-mecha-signal", signal_then_chunks, stop)]
     reducer = reducers[0]
     try:
         for worker in workers:
@@ -890,6 +906,16 @@ def _resolve_delta_from(models: list[Model], delta_from: dict[str, str]) -> tupl
     return extras, row_from
 
 
+def default_chunk(base: Model, files: Sequence[Model]) -> int:
+    """Elements per chunk: DEFAULT_CHUNK, or less (a power of two, at least MIN_CHUNK) where a chunk of the
+    base and every file would pass CHUNK_BYTES (each file at its mean stored bytes per element)."""
+    per_element = sum(
+        sum(t.numel * t.itemsize for t in m.tensors.values()) / max(1, sum(t.numel for t in m.tensors.values()))
+        for m in (base, *files))
+    fit = int(CHUNK_BYTES / max(per_element, 1.0))
+    return max(MIN_CHUNK, min(DEFAULT_CHUNK, 1 << (max(fit, 1).bit_length() - 1)))
+
+
 def analyse(
     base: str | Path,
     models: Sequence[str | Path],
@@ -914,13 +940,13 @@ def analyse(
 
     if rank_samples < 0:
         raise OrthoMechaError(f"--rank-samples must be 0 or more, got {rank_samples}")
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise OrthoMechaError(f"--chunk must be positive, got {chunk}")
     base_model, opened = open_models(base, list(models))
     extras, row_from = _resolve_delta_from(opened, dict(delta_from or {}))
     alignment = align(base_model, [*opened, *extras], arch)
     file_models = [*opened, *extras]
+    chunk = default_chunk(base_model, file_models) if chunk is None else chunk
     file_maps = list(range(1, len(file_models) + 1))
     rows_t = row_selection(len(file_models), len(opened), row_from)
     store = analysis_cache.Store.open(base_model, exact, rank_samples, enabled=use_cache)

@@ -123,15 +123,15 @@ def test_second_thread_gives_the_one_thread_report(tmp_path: Path, monkeypatch: 
     reducing: set[str] = set()
     signalling: set[str] = set()
 
-    def run(min_bytes: int) -> dict:
+    def run(min_bytes: int, one_thread: bool = False) -> dict:
         monkeypatch.setattr(A, "PARALLEL_MIN_BYTES", min_bytes)
         progress: list[dict] = []
         result = A.analyse(paths["base"], [paths[n] for n in names], delta_from=froms, chunk=512, use_cache=False,
-                           progress=progress.append)
+                           progress=progress.append, one_thread=one_thread)
         assert progress and progress[-1]["fraction"] == 1.0
         return A.report(result)
 
-    alone = run(2**62)
+    alone = run(0, one_thread=True)
     monkeypatch.setattr(A._Reducer, "reduce", _slowed(A._Reducer.reduce, 0.001, reducing))
     monkeypatch.setattr(A._SignalWork, "_energies", _slowed(A._SignalWork._energies, 0.1, signalling))
     shared = run(0)
@@ -156,6 +156,20 @@ def test_progress_moves_on_while_the_signal_is_computed(tmp_path: Path, monkeypa
     waiting = [info for info in read_all if info["fraction"] < 1.0]
     assert len({info["signal_done"] for info in waiting}) >= 2, waiting
     assert seen[-1]["signal_done"] == seen[-1]["signal_total"] == 2 * (len(MEMBERS) - 1)
+
+
+def test_on_a_short_stream_the_signal_thread_then_takes_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below PARALLEL_MIN_BYTES there is no second chunk thread, but the signal thread reduces the chunks left
+    once the signal is done (here at once: no signal keys); the report is the one-thread one."""
+    paths = write_family_files(tmp_path / "m", "sdxl", "fp16", members=MEMBERS)
+    models = [paths[n] for n in MEMBERS[1:]]
+    alone = A.report(A.analyse(paths["base"], models, chunk=512, rank_samples=0, use_cache=False, one_thread=True))
+    reducing: set[str] = set()
+    monkeypatch.setattr(A._Reducer, "reduce", _slowed(A._Reducer.reduce, 0.001, reducing))
+    shared = A.report(A.analyse(paths["base"], models, chunk=512, rank_samples=0, use_cache=False))
+    assert reducing == {threading.main_thread().name, "ortho-mecha-signal"}
+    assert shared["conflict_ratio"] == alone["conflict_ratio"] and shared["outliers"] == alone["outliers"]
+    assert np.allclose(shared["gram"], alone["gram"], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(("where", "parallel_from"), [("ortho-mecha-chunks", 0), ("ortho-mecha-signal", 0),
@@ -417,3 +431,20 @@ def test_streamed_signal_equals_the_sampled_whole_delta(tmp_path: Path, monkeypa
     for r, delta in ((0, tensors["a"] - tensors["base"]), (1, tensors["b"] - tensors["a"])):
         expected = whole_delta_energy(delta, columns=A.SIGNAL_COLUMNS_PER_ROW * short)
         assert np.allclose(work._energies("blocks.0.weight", r), expected, rtol=1e-4, atol=1e-4 * expected[0])
+
+
+def test_the_default_chunk_keeps_a_chunk_of_every_file_near_the_cache(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few files: DEFAULT_CHUNK elements; more files (or wider elements): a smaller power of two whose chunk of
+    every file fits CHUNK_BYTES, never under MIN_CHUNK."""
+    from ortho_mecha.io import Model
+
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:3])
+    base, files = Model(paths["base"]), [Model(paths[n]) for n in MEMBERS[1:3]]
+    assert A.default_chunk(base, files) == A.DEFAULT_CHUNK
+    monkeypatch.setattr(A, "CHUNK_BYTES", 3 * 2 * 5000)  # 3 fp16 files: 5000 elements fit
+    assert A.default_chunk(base, files) == max(A.MIN_CHUNK, 4096)
+    monkeypatch.setattr(A, "MIN_CHUNK", 1024)
+    assert A.default_chunk(base, files) == 4096
+    fp32 = write_family_files(tmp_path / "w", "custom", "fp32", members=MEMBERS[:3])
+    assert A.default_chunk(Model(fp32["base"]), [Model(fp32[n]) for n in MEMBERS[1:3]]) == 2048
