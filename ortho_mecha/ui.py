@@ -54,10 +54,20 @@ APP_DIR = Path(__file__).resolve().parent.parent
 
 
 def navigation() -> Any:
-    """``st.navigation`` over :data:`PAGES` (paths taken from the app's folder, so any working directory works)."""
-    return st.navigation(
-        [st.Page(str(APP_DIR / page.path), title=page.title, icon=page.icon, default=page.default) for page in PAGES]
-    )
+    """``st.navigation`` over :data:`PAGES` (paths taken from the app's folder, so any working directory works).
+
+    Every page has its own address (``/analyse``, ``/mixer``, …); the app's root, a hidden page, opens the
+    default one with the same query (Streamlit serves its default page at the root only, so a default
+    page would answer its own address with "page not found").
+    """
+    pages = [st.Page(str(APP_DIR / page.path), title=page.title, icon=page.icon) for page in PAGES]
+    start = next(p for p, spec in zip(pages, PAGES, strict=True) if spec.default)
+
+    def open_default_page() -> None:
+        st.switch_page(start, query_params=st.query_params.to_dict())
+
+    root = st.Page(open_default_page, title=start.title, url_path="root", default=True, visibility="hidden")
+    return st.navigation([root, *pages])
 
 
 @functools.cache

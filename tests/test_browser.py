@@ -25,6 +25,7 @@ pytest.importorskip("playwright")
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from ortho_mecha import ui
 from tests.comfy_stub import ComfyStub
 from tests.test_preview_page import write_model
 
@@ -226,6 +227,17 @@ def test_demo_opens_on_analyse_with_heatmap_and_every_page_renders(server: Serve
     page.screenshot(path=ARTIFACTS / "preview.png", full_page=True)
     assert not page.locator('[data-testid="stException"]').count()
     assert not outside, outside
+
+
+def test_every_page_answers_at_its_own_address(server: Server, page: Page) -> None:
+    page.goto(server.url)  # the root opens the default page at its own address (a shown job may add a query)
+    expect(page).to_have_url(re.compile(r"/analyse(\?.*)?$"))
+    for spec in ui.PAGES:
+        address = Path(spec.path).stem
+        page.goto(f"{server.url}/{address}")
+        expect(page.get_by_role("heading", name=spec.title).first).to_be_visible()
+        expect(page).to_have_url(re.compile(f"/{address}(\\?.*)?$"))
+        assert not page.get_by_text("Page not found").count(), address
 
 
 def test_merge_runs_to_done_and_a_reload_shows_the_same_job(server: Server, page: Page) -> None:
