@@ -171,12 +171,30 @@ def test_missing_keys_come_from_the_base_and_extra_keys_are_counted(family, tmp_
         tmp_path,
     )
     report = merge_plan(plan, tmp_path / "filled.safetensors")
-    assert report["repairs"]["missing"] == ["out.2.weight"]
+    assert report["repairs"]["missing"] == []  # the row's delta is zero there: the merge makes the key
     assert report["extra_keys_ignored"] == 1
     assert report["inputs"][0]["missing"] == 1
     tensors, _ = header(tmp_path / "filled.safetensors")
     assert torch.equal(tensors["out.2.weight"], read(family["base"])["out.2.weight"])
     assert "extra.weight" not in tensors
+
+
+@pytest.mark.parametrize("method", ["add_difference", "ortho_superpose", "orthomerge"])
+def test_a_key_missing_from_one_row_is_a_zero_delta_of_that_row_only(family, tmp_path, method) -> None:
+    state = finetune(base_state(), 12)
+    del state["out.2.weight"]
+    partial = tmp_path / "partial.safetensors"
+    save_file(state, str(partial))
+    rows = [{"model": str(partial)}, {"model": str(family["a"])}]
+    plan = plan_from_dict({"base": str(family["base"]), "method": method, "rows": rows, "output_dtype": "fp32"},
+                          tmp_path)
+    report = merge_plan(plan, tmp_path / "merged.safetensors")
+    assert report["repairs"]["missing"] == []
+    tensors, _ = header(tmp_path / "merged.safetensors")
+    base, other = read(family["base"])["out.2.weight"], read(family["a"])["out.2.weight"]
+    # the other row's delta alone: every method returns a single non-zero delta in full
+    torch.testing.assert_close(tensors["out.2.weight"], other, rtol=0, atol=1e-6)
+    assert not torch.equal(tensors["out.2.weight"], base)
 
 
 def test_existing_output_is_refused_before_merging(family, tmp_path, capsys) -> None:
