@@ -61,12 +61,12 @@ def navigation() -> Any:
     page would answer its own address with "page not found").
     """
     pages = [st.Page(str(APP_DIR / page.path), title=page.title, icon=page.icon) for page in PAGES]
-    start = next(p for p, spec in zip(pages, PAGES, strict=True) if spec.default)
+    start, spec = next((p, spec) for p, spec in zip(pages, PAGES, strict=True) if spec.default)
 
     def open_default_page() -> None:
         st.switch_page(start, query_params=st.query_params.to_dict())
 
-    root = st.Page(open_default_page, title=start.title, url_path="root", default=True, visibility="hidden")
+    root = st.Page(open_default_page, title=spec.title, url_path="root", default=True, visibility="hidden")
     return st.navigation([root, *pages])
 
 
