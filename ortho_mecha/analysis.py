@@ -1143,14 +1143,12 @@ def _parse_delta_from(items: list[str]) -> dict[str, str]:
 def cli_analyse(args: argparse.Namespace) -> int:
     from ortho_mecha.fsutil import write_json
     from ortho_mecha.progress import TqdmProgress
-    from ortho_mecha.validate import refuse_input_as_output
+    from ortho_mecha.validate import check_report_output
 
     delta_from = _parse_delta_from(args.delta_from)
-    if args.json:
+    if args.json:  # said now, not after the pass
         inputs = [args.base, *expand_model_paths(args.models), *delta_from.values()]
-        refuse_input_as_output(Path(args.json), [Model(p) for p in inputs])
-        if not Path(args.json).parent.is_dir():  # said now, not after the pass
-            raise OrthoMechaError("the folder for the report does not exist", Path(args.json).parent)
+        check_report_output(Path(args.json), [Model(p) for p in inputs], args.overwrite)
     with TqdmProgress("analysing") as bar:
         result = analyse(
             args.base,
@@ -1169,7 +1167,7 @@ def cli_analyse(args: argparse.Namespace) -> int:
     for line in summary_lines(rep):
         print(line)
     if args.json:
-        write_json(args.json, rep, overwrite=True)
+        write_json(args.json, rep, overwrite=args.overwrite)
         print(f"report written to {args.json}")
     return 0
 

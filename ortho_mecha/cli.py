@@ -52,6 +52,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check models against a base and report the key mapping")
     _add_model_arguments(p)
     p.add_argument("--json", metavar="REPORT.json", help="also write the validation report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace REPORT.json if it exists")
     p.set_defaults(handler=_lazy("ortho_mecha.validate:cli_validate"))
 
 
@@ -70,6 +71,7 @@ def _add_analyse(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-samples", type=int, default=5, metavar="K", help="largest keys used for SVD signal (5)")
     p.add_argument("--exact", action="store_true", help="float64 throughout (cosines within 1e-9)")
     p.add_argument("--json", metavar="REPORT.json", help="write the full report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace REPORT.json if it exists")
     p.add_argument("--no-cache", action="store_true", help="ignore and do not update the analysis cache")
     p.add_argument("--chunk", type=int, default=None, metavar="N", help="elements per streamed chunk (tuning)")
     p.add_argument(

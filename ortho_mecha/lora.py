@@ -185,7 +185,7 @@ def check_output(out: Path, inputs: list[Model], overwrite: bool) -> Path:
         raise OrthoMechaError("the LoRA must be written to a .safetensors file", out)
     if not out.parent.is_dir():
         raise OrthoMechaError("the folder for this output does not exist", out.parent)
-    refuse_input_as_output(out, inputs)
+    refuse_input_as_output(out, inputs, "the LoRA")
     refuse_existing(out, overwrite)
     return out
 

@@ -21,7 +21,7 @@ import torch
 
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import write_json
+from ortho_mecha.fsutil import refuse_existing, write_json
 from ortho_mecha.io import Model, expand_model_paths
 
 logger = logging.getLogger(__name__)
@@ -273,17 +273,31 @@ def open_models(base: str | Path, models: list[str | Path]) -> tuple[Model, list
     return base_model, opened
 
 
-def refuse_input_as_output(output: Path, models: list[Model]) -> None:
-    """Raise if ``output`` is one of the inputs' files, shards included (a report must never overwrite a model)."""
+def refuse_input_as_output(output: Path, models: list[Model], what: str = "the report") -> None:
+    """Raise if ``output`` is one of the inputs' files, shards included (an output must never overwrite a model)."""
     inputs = {p.resolve() for m in models for p in (m.path, *m.files)}
     if output.resolve() in inputs:
-        raise OrthoMechaError("is an input model; write the report to another file", output)
+        raise OrthoMechaError(f"is an input model; write {what} to another file", output)
+
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+
+
+def check_report_output(output: Path, models: list[Model], overwrite: bool) -> None:
+    """Raise, before any work, unless the JSON report can be written to ``output``: not an input, not named like
+    a model file, in an existing folder, and not an existing file unless ``overwrite``."""
+    refuse_input_as_output(output, models)
+    if output.suffix.lower() in MODEL_SUFFIXES:
+        raise OrthoMechaError("is named like a model file; a report is JSON (e.g. report.json)", output)
+    if not output.parent.is_dir():
+        raise OrthoMechaError("the folder for the report does not exist", output.parent)
+    refuse_existing(output, overwrite)
 
 
 def cli_validate(args: argparse.Namespace) -> int:
     base, models = open_models(args.base, args.models)
     if args.json:
-        refuse_input_as_output(Path(args.json), [base, *models])
+        check_report_output(Path(args.json), [base, *models], args.overwrite)
     alignment = align(base, models, args.arch)
     for index, model in enumerate([alignment.base, *alignment.models]):  # a LoRA: its products are scanned
         mapping = alignment.maps[index]
@@ -298,5 +312,5 @@ def cli_validate(args: argparse.Namespace) -> int:
         for note in check.messages:
             print(f"    - {note}")
     if args.json:
-        write_json(Path(args.json), report, overwrite=True)
+        write_json(Path(args.json), report, overwrite=args.overwrite)
     return 0

@@ -350,6 +350,25 @@ def test_bad_input_is_one_clear_line(case: str, tmp_path: Path, cli_error, diges
     assert not (folder / "UNPICKLED").exists()
 
 
+@pytest.mark.parametrize("command", ["validate", "analyse"])
+def test_a_report_never_replaces_a_file_unasked(command: str, tmp_path: Path, cli, cli_error, digests) -> None:
+    base, model = _base(tmp_path), save(tmp_path / "a.safetensors", state(1))
+    other = save(tmp_path / "other.safetensors", state(2))  # not an input: a model all the same
+    existing = tmp_path / "notes.json"
+    existing.write_text('{"mine": true}')
+    common = [command, "--base", base, model] + (["--no-cache"] if command == "analyse" else [])
+    before = digests(tmp_path)
+
+    line = cli_error(*common, "--json", existing)
+    assert f"{existing}: already exists; choose another name or pass --overwrite" in line
+    line = cli_error(*common, "--json", other, "--overwrite")
+    assert f"{other}: is named like a model file; a report is JSON" in line
+    assert digests(tmp_path) == before
+
+    assert cli(*common, "--json", existing, "--overwrite").code == 0
+    assert json.loads(existing.read_text())["models"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
 @pytest.mark.parametrize("role", ["base", "model"])
 def test_unreadable_file_is_one_clear_line(role: str, tmp_path: Path, cli_error, digests) -> None:
