@@ -141,9 +141,8 @@ def compare_methods(
                                    "interference": math.nan, "norm ratio": math.nan,
                                    "note": f"needs at least {spec.min_rows} rows"})
             continue
-        basis = metrics.survival_label(name)
+        basis = metrics.survival_label(name, chosen)
         if chosen.get("granularity") == "row":
-            chosen, basis = {**chosen, "granularity": "key"}, "estimate"
             line["note"] = "granularity 'row' predicted per key"
         w, listed = row_weights(name, alphas, repeats)
         coefficients = metrics.merged_coefficients(grams, name, w, chosen, listed, floors)

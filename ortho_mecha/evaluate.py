@@ -64,7 +64,7 @@ def _predicted(plan: Plan, result: Analysis, per_key: np.ndarray) -> np.ndarray:
 def predict(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
     """Predicted survival of each enabled row of ``plan`` (no merge; a cached analysis reads nothing)."""
     result, _, per_key = _rows(plan, [], progress)
-    return {"predicted": _predicted(plan, result, per_key).tolist(), "label": survival_label(plan.method)}
+    return {"predicted": _predicted(plan, result, per_key).tolist(), "label": survival_label(plan.method, plan.options)}
 
 
 def measure(plan: Plan, output: str | Path, progress: Progress | None = None) -> dict[str, Any]:
@@ -79,5 +79,5 @@ def measure(plan: Plan, output: str | Path, progress: Progress | None = None) ->
         "rows": [str(r.model) for r in plan.rows if r.enabled],
         "predicted": _predicted(plan, result, per_key).tolist(),
         "measured": np.where(own > 0, along / np.where(own > 0, own, 1.0), 0.0).tolist(),
-        "label": survival_label(plan.method),
+        "label": survival_label(plan.method, plan.options),
     }

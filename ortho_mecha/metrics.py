@@ -116,9 +116,12 @@ def quality(
 # -- predicted survival ----------------------------------------------------------------------------------
 
 
-def survival_label(method: str) -> str:
-    """``"exact"`` when :func:`predicted_survival` is exact for ``method`` (given the G the method sees,
-    i.e. per-key Grams for per-key methods), ``"estimate"`` otherwise."""
+def survival_label(method: str, options: Mapping[str, Any] | None = None) -> str:
+    """``"exact"`` when :func:`predicted_survival` is exact for ``method`` with ``options`` (given the G the
+    method sees, i.e. per-key Grams for per-key methods), ``"estimate"`` otherwise: ``ortho_superpose`` at
+    granularity ``row`` (each matrix row superposed on its own) is predicted by its per-key formula."""
+    if method == "ortho_superpose" and (options or {}).get("granularity", "key") != "key":
+        return "estimate"
     if method in EXACT_METHODS:
         return "exact"
     if method in ESTIMATED_METHODS:
@@ -178,10 +181,7 @@ def _output_coefficients(g: np.ndarray, method: str, w: np.ndarray, options: Map
         return np.broadcast_to(alpha * share, g.shape[:-1]).copy()
     gw = g * w[..., :, None] * w[..., None, :]  # Gram of the weighted deltas w_i δ_i
     if method == "ortho_superpose":
-        if options.get("granularity", "key") != "key":
-            raise ValueError(
-                "predicted survival for ortho_superpose needs granularity 'key' (per-row Grams are not kept)"
-            )
+        # (at granularity 'row' the per-key formula is an estimate: per-row Grams are not kept)
         # the method's floor scales with the rows' largest coefficient, as their rounding noise did
         scaled = np.asarray(floors, dtype=np.float64) * np.max(np.abs(w), axis=-1) ** 2
         return alpha * w * superpose_coefficients(gw, float(options.get("rcond", DEFAULT_RCOND)), scaled)
@@ -262,7 +262,7 @@ def merged_coefficients(
     n = g.shape[-1]
     if w.shape != (n,) and not (g.ndim == 3 and w.shape == g.shape[:-1]):
         raise ValueError(f"weights of shape {w.shape} for {n} rows and Grams of shape {g.shape}")
-    if survival_label(method) == "exact":
+    if survival_label(method) == "exact":  # ortho_superpose at granularity 'row' too, as its estimate
         return _output_coefficients(g, method, w, options, floors)
     reps = np.ones(n) if repeats is None else np.asarray(repeats, dtype=np.float64)
     if reps.shape != (n,):

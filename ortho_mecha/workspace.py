@@ -381,7 +381,7 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
         "model": rows.labels,
         "alpha": rows.alphas,
         "repeat": rows.repeats,
-        f"survival ({metrics.survival_label(method)})": predicted,
+        f"survival ({metrics.survival_label(method, options)})": predicted,
         "survival (plain average)": metrics.survival_plain(rows.gram),
     })
     if per_key is None:

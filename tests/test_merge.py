@@ -274,6 +274,14 @@ def test_run_job_merges_and_checks_its_params(family, tmp_path) -> None:
         run_job({"plan": str(plan_path)}, seen.append)
 
 
+def test_superpose_by_matrix_row_merges_and_reports_an_estimated_survival(family, tmp_path, capsys) -> None:
+    data = {"base": "base.safetensors", "method": "ortho_superpose", "rows": ROWS[:3],
+            "options": {"granularity": "row"}}
+    plan = write_plan(family["base"].parent, data, "row_plan.json")
+    assert main(["merge", str(plan), "--out", str(tmp_path / "rows.safetensors")]) == 0
+    assert "survival (predicted: estimate)" in capsys.readouterr().out
+
+
 def test_cli_reports_a_bad_plan_in_one_line(tmp_path, capsys) -> None:
     plan_path = write_plan(tmp_path, {"base": "none.safetensors", "method": "orthomerge", "rows": []})
     assert main(["merge", str(plan_path), "--out", str(tmp_path / "o.safetensors")]) == 2

@@ -190,6 +190,15 @@ def test_orthomerge_estimate_is_labelled_and_exact_for_one_or_identical_rows() -
     )
 
 
+def test_superpose_at_granularity_row_is_estimated_by_the_per_key_formula() -> None:
+    x = np.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    row = {"granularity": "row"}
+    assert metrics.survival_label("ortho_superpose", row) == "estimate"
+    assert metrics.survival_label("ortho_superpose", {"granularity": "key"}) == "exact"
+    np.testing.assert_allclose(metrics.predicted_survival(gram(x), "ortho_superpose", [1.0, 1.0], row),
+                               metrics.predicted_survival(gram(x), "ortho_superpose", [1.0, 1.0]))
+
+
 def test_listed_methods_take_repeats_as_copies() -> None:
     x = np.eye(2) * np.array([[2.0], [1.0]])
     # mean of the listed deltas: row 0 listed twice → Δ = (2δ_0 + δ_1) / 3
