@@ -68,7 +68,7 @@ from sd_mecha.extensions import merge_methods
 
 from ortho_mecha import __version__, blocks, components
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_text
+from ortho_mecha.fsutil import atomic_write_text, refuse_existing
 from ortho_mecha.lora_rows import is_lora_file, lora_delta_node
 from ortho_mecha.mecha_config import model_node, register_base_config
 from ortho_mecha.plan import METHODS, Plan, Row, load_plan
@@ -277,7 +277,16 @@ if __name__ == "__main__":
 
 
 def write_recipe(plan: Plan, mecha: Path | None, script: Path | None, overwrite: bool = False) -> list[Path]:
-    """Write the ``.mecha`` file and/or the script (atomically; existing files only with ``overwrite``)."""
+    """Write the ``.mecha`` file and/or the script (atomically; existing files only with ``overwrite``).
+
+    Both outputs are checked before either is written, so a refusal leaves nothing behind."""
+    if mecha is not None and script is not None and mecha.resolve() == script.resolve():
+        raise OrthoMechaError("given for both --mecha and --script; the recipe and the script need two files", mecha)
+    for path in (mecha, script):
+        if path is not None:
+            refuse_existing(path, overwrite)
+            if not path.parent.is_dir():
+                raise OrthoMechaError("the folder for this output does not exist", path.parent)
     written = []
     if mecha is not None:
         written.append(atomic_write_text(mecha, recipe_text(plan), overwrite))

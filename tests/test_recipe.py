@@ -215,3 +215,20 @@ def test_recipe_cli_writes_both_files_and_refuses_to_overwrite(family, tmp_path,
     assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--overwrite"]) == 0
     assert main(["recipe", str(plan_path)]) == 2
     assert "give --mecha OUT.mecha and/or --script OUT.py" in capsys.readouterr().err
+
+
+def test_recipe_checks_both_outputs_before_writing_either(family, tmp_path, capsys) -> None:
+    plan_path = write_plan(
+        family["base"].parent,
+        {"base": "base.safetensors", "method": "orthomerge", "rows": [{"model": "a.safetensors"}]},
+        name="both_plan.json",
+    )
+    mecha, script = tmp_path / "new.mecha", tmp_path / "old.py"
+    script.write_text("# mine\n")
+    assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--script", str(script)]) == 2
+    assert f"{script}: already exists" in capsys.readouterr().err
+    assert not mecha.exists() and script.read_text() == "# mine\n"
+    same = tmp_path / "same.x"
+    assert main(["recipe", str(plan_path), "--mecha", str(same), "--script", str(same)]) == 2
+    assert "given for both --mecha and --script" in capsys.readouterr().err
+    assert not same.exists()
