@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -245,7 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    for command in set(sub.choices.values()):  # also after the command; absent, it leaves the first's value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show a traceback on errors, and every library's log")
     return parser
+
+
+class _OwnRecords(logging.Filter):
+    """Lets ortho-mecha's records through, and other libraries' errors (sd-mecha logs warnings of its own
+    about keys and memory on the root logger, which ortho-mecha reports in its own words)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] == "ortho_mecha" or record.levelno >= logging.ERROR
+
+
+def _configure_logging(debug: bool) -> None:
+    """One stderr handler on the root logger: warnings as ``ortho-mecha: warning: …``; everything with ``debug``."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("ortho-mecha: %(levelname)s: %(message)s" if not debug else
+                                           "%(levelname)s %(name)s: %(message)s"))
+    if not debug:
+        handler.addFilter(_OwnRecords())
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, "ortho_mecha", False)]
+    handler.ortho_mecha = True  # type: ignore[attr-defined]  # replaced, not stacked, by a second main()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool its pipe's reader left
@@ -262,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_ERROR
+    _configure_logging(args.debug)
     try:
         return int(args.handler(args) or 0)
     except BrokenPipeError:  # the reader went away (``… | head``): quiet, with the status of a SIGPIPE'd tool

@@ -77,6 +77,20 @@ def test_debug_shows_the_traceback(cli, tmp_path: Path) -> None:
     assert debug.code == 2
     assert "Traceback (most recent call last)" in debug.err
     assert f"OrthoMechaError: {missing}: no such file" in debug.err
+    after = cli("validate", "--debug", "--base", missing, missing)  # after the command too
+    assert after.code == 2 and "Traceback (most recent call last)" in after.err
+
+
+def test_other_libraries_warnings_stay_out_of_the_terminal(cli, capsys) -> None:
+    import logging
+
+    assert cli("cache", "show").code == 0  # any command sets the terminal's logging up
+    logging.warning("a library's warning on the root logger")  # what sd-mecha does about keys and memory
+    logging.getLogger("ortho_mecha.test").warning("our own")
+    logging.getLogger("sd_mecha").error("a library's error")
+    err = capsys.readouterr().err
+    assert "a library's warning" not in err
+    assert "ortho-mecha: WARNING: our own" in err and "a library's error" in err
 
 
 # -- demo ----------------------------------------------------------------------------------------------------
