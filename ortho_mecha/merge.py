@@ -362,6 +362,17 @@ def _input_files(recipe: sd_mecha.RecipeNode, base: Path) -> list[Path]:
     return list(dict.fromkeys([base, *paths]))
 
 
+def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:
+    """What ``merge`` checks before it reads any tensor, for ``merge --dry-run``: the output (a new
+    ``.safetensors`` in an existing folder, not an input) and every input against the base (shapes, shared
+    keys, files sd-mecha cannot merge)."""
+    inputs = [Path(p).resolve() for p in plan.input_files()]
+    _check_output(out, overwrite, inputs)
+    config_id = register_base_config(inputs[0])
+    for path in inputs[1:]:
+        check_model(config_id, inputs[0], path)
+
+
 def execute(
     recipe: sd_mecha.RecipeNode,
     out: str | Path,
@@ -608,6 +619,8 @@ def cli_merge(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     if args.dry_run:
         from ortho_mecha.forecast import forecast
+
+        check_plan(plan, args.out, args.overwrite)
 
         for line in forecast(plan, args.out, threads=args.threads or 1).lines():
             print(line)

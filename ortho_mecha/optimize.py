@@ -223,7 +223,8 @@ def _finish(fam: _Family, delta_from: list[int | None], notes: Mapping[int, str]
         repeat = 1
         if others and min(new_info) > REPEAT_NEW_INFO:
             repeat = 2
-            parts.append(f"new info ≥ {min(new_info):.2f} against every other enabled row → repeat 2")
+            least = math.floor(min(new_info) * 100) / 100  # a bound: 0.999 reads "≥ 0.99", not "≥ 1.00"
+            parts.append(f"new info ≥ {least:.2f} against every other enabled row → repeat 2")
         opposed = [j for j in others if cos[i, j] < OPPOSED_COS]
         parts += [f"opposes {fam.names[j]} (cos {cos[i, j]:.2f}): their deltas largely cancel" for j in opposed]
         choices.append(RowChoice(delta_from[i], 1.0, repeat, True, "enabled: " + "; ".join(parts)))
@@ -298,6 +299,18 @@ def _field(report: Mapping[str, Any], path: str, fail: Any) -> Any:
     return value
 
 
+def _merge_refusals(report: Mapping[str, Any], files: list[str]) -> dict[int, list[str]]:
+    """file index → why ``merge`` would refuse that file (shape mismatches, scaled fp8, shards), from the
+    report's validation, whose models come in the report's file order (as the user named them)."""
+    checks = (report.get("validation") or {}).get("models") or []
+    return {
+        i: list(check.get("merge_refusals") or [])
+        for i, check in enumerate(checks[: len(files)])
+        if isinstance(check, Mapping) and Path(str(check.get("path"))).name == Path(files[i]).name
+        and check.get("merge_refusals")
+    }
+
+
 def plan_from_report(
     report: Mapping[str, Any], method: str = "ortho_superpose", source: str | Path | None = None
 ) -> dict[str, Any]:
@@ -342,8 +355,9 @@ def plan_from_report(
     if len(lora) != n:
         raise fail(f"'lora' has {len(lora)} entries for {n} models")
     choices = optimize(h, n, scores, null_model, names=[Path(f).name for f in files], lora=lora)
-    if not any(c.enabled for c in choices):
-        raise fail("every model is null or a duplicate: there is nothing to merge")
+    refused = _merge_refusals(report, files)
+    if not any(c.enabled and not refused.get(i) for i, c in enumerate(choices)):
+        raise fail("every model is null, a duplicate or refused by merge: there is nothing to merge")
     spec = plan_mod.METHODS[method]
     return {
         "base": _field(report, "base", fail),
@@ -354,8 +368,8 @@ def plan_from_report(
                 "delta_from": None if c.delta_from is None else files[c.delta_from],
                 "alpha": c.alpha,
                 "repeat": c.repeat,
-                "enabled": c.enabled,
-                "info": c.info,
+                "enabled": c.enabled and not refused.get(i),
+                "info": f"disabled: merge refuses it ({'; '.join(refused[i])})" if refused.get(i) else c.info,
             }
             for i, c in enumerate(choices)
         ],

@@ -282,6 +282,24 @@ def test_superpose_by_matrix_row_merges_and_reports_an_estimated_survival(family
     assert "survival (predicted: estimate)" in capsys.readouterr().out
 
 
+def test_dry_run_checks_what_the_merge_would_refuse(family, tmp_path, capsys) -> None:
+    state = finetune(base_state(), 13)
+    state["time_embed.0.weight"] = torch.zeros(16, 9)
+    odd = tmp_path / "odd.safetensors"
+    save_file(state, str(odd))
+    data = {"base": str(family["base"]), "method": "add_difference", "rows": [{"model": str(odd)}]}
+    plan = write_plan(tmp_path, data, "odd_plan.json")
+    assert main(["merge", str(plan), "--out", str(tmp_path / "never.safetensors"), "--dry-run"]) == 2
+    assert f"{odd}: key 'time_embed.0.weight' has shape [16, 9]" in capsys.readouterr().err
+    fine = write_plan(tmp_path, make_plan(family).to_dict(), "fine_plan.json")
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"mine")
+    assert main(["merge", str(fine), "--out", str(taken), "--dry-run"]) == 2
+    assert f"{taken}: already exists" in capsys.readouterr().err
+    assert main(["merge", str(fine), "--out", str(taken), "--dry-run", "--overwrite"]) == 0
+    assert taken.read_bytes() == b"mine"
+
+
 def test_cli_reports_a_bad_plan_in_one_line(tmp_path, capsys) -> None:
     plan_path = write_plan(tmp_path, {"base": "none.safetensors", "method": "orthomerge", "rows": []})
     assert main(["merge", str(plan_path), "--out", str(tmp_path / "o.safetensors")]) == 2

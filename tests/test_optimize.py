@@ -186,6 +186,18 @@ def test_plan_from_report_can_take_an_extra_file_as_delta_from(tmp_path: Path) -
     assert plan["method"] == "weighted_sum"
 
 
+def test_plan_disables_a_model_that_merge_would_refuse(tmp_path: Path) -> None:
+    report = report_for(planted(), tmp_path)
+    reason = "1 keys have a shape unlike the base's"
+    report["validation"] = {"models": [
+        {"path": f"models/{Path(f).name}", "merge_refusals": [reason] if Path(f).stem == "a" else []}
+        for f in report["files"]
+    ]}
+    rows = dict(zip(NAMES, optimize.plan_from_report(report)["rows"], strict=True))
+    assert rows["a"]["enabled"] is False and rows["a"]["info"] == f"disabled: merge refuses it ({reason})"
+    assert rows["u"]["enabled"] is True
+
+
 def test_plan_from_report_errors(tmp_path: Path) -> None:
     report = report_for(planted(), tmp_path)
     with pytest.raises(OrthoMechaError, match=r"unknown method 'superpose'; allowed: .*ortho_superpose"):
