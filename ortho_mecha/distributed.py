@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -55,12 +56,17 @@ def worker_pass(
                     keys=keys, one_thread=True)  # a worker has one core
 
 
+SCHEDULER_FORMS = "local:N, tcp://HOST:PORT or HOST:PORT"
+
+
 def _client(scheduler: str, stack: ExitStack):
+    if not (scheduler.startswith("local:") or "://" in scheduler or re.fullmatch(r"[\w.\-\[\]:]+:\d+", scheduler)):
+        raise OrthoMechaError(f"--scheduler '{scheduler}' is not a scheduler: give {SCHEDULER_FORMS}")
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError as exc:
         raise OrthoMechaError(
-            "--scheduler needs Dask distributed: pip install \"ortho-mecha[distributed]\""
+            "--scheduler needs Dask distributed, which is not installed: pip install \"ortho-mecha[distributed]\""
         ) from exc
     if scheduler.startswith("local:"):
         try:
@@ -91,12 +97,11 @@ def distributed_pass(
     progress: Progress | None = None,
 ) -> PassResult:
     """The pass of :func:`analysis.run_pass`, sharded by key over the workers of ``scheduler``."""
-    from dask.distributed import as_completed
-
     files = [str(Path(m.path).resolve()) for m in alignment.models]
     base = str(Path(alignment.base.path).resolve())
     with ExitStack() as stack:
         client = _client(scheduler, stack)
+        from dask.distributed import as_completed  # installed: the client says so
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         shards = shard_keys(alignment, workers * SHARDS_PER_WORKER)
         logger.info("distributing %d keys in %d shards over %d workers", len(alignment.keys), len(shards), workers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,14 @@ def test_bad_scheduler_is_a_clear_error(tmp_path: Path) -> None:
         A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler="local:two")
     with pytest.raises(OrthoMechaError, match="cannot reach the Dask scheduler"):
         A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler="tcp://127.0.0.1:9")
+    with pytest.raises(OrthoMechaError, match="'bogus' is not a scheduler: give local:N"):
+        A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler="bogus")
+
+
+def test_without_dask_the_error_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ortho_mecha.errors import OrthoMechaError
+
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # what an install without the extra has
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
+    with pytest.raises(OrthoMechaError, match=r'not installed: pip install "ortho-mecha\[distributed\]"'):
+        A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler="local:1")
