@@ -383,8 +383,10 @@ def plan_from_report(
 def cli_plan(args: argparse.Namespace) -> int:
     """``ortho-mecha plan REPORT.json --json PLAN.json [--method NAME] [--overwrite]``."""
     from ortho_mecha.fsutil import read_json, refuse_existing, write_json
-    from ortho_mecha.plan import plan_from_dict
+    from ortho_mecha.plan import METHODS, plan_from_dict
 
+    if args.method not in METHODS:  # the option's fault, not the report's
+        raise OrthoMechaError(f"--method: unknown method '{args.method}'; allowed: {', '.join(METHODS)}")
     report_path = Path(args.report)
     out = Path(args.json)
     refuse_existing(out, args.overwrite)

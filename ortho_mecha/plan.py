@@ -328,7 +328,10 @@ class Plan:
         for number, row in enumerate(self.rows, start=1):
             label = f"row {number} ({row.model.name})"
             if not _number_in(row.alpha, *ALPHA_RANGE):
-                raise self._fail(f"{label}: alpha {row.alpha!r} is outside {ALPHA_RANGE[0]:g}–{ALPHA_RANGE[1]:g}")
+                problem = "is outside" if _number_in(row.alpha, -math.inf, math.inf) else "must be a number in"
+                raise self._fail(
+                    f"{label}: alpha {json.dumps(row.alpha)} {problem} {ALPHA_RANGE[0]:g}–{ALPHA_RANGE[1]:g}"
+                )
             if not isinstance(row.repeat, int) or not _number_in(row.repeat, *REPEAT_RANGE):
                 raise self._fail(f"{label}: repeat {row.repeat!r} must be an integer 1, 2 or 3")
             if not isinstance(row.block_alphas, Mapping):
@@ -385,7 +388,8 @@ class Plan:
             return
         alpha = self.texture.alpha
         if not _option_ok("texture", BETA, alpha):
-            raise self._fail(f"texture alpha {json.dumps(alpha)} is outside {BETA.minimum:g}–{BETA.maximum:g}")
+            problem = "is outside" if _number_in(alpha, -math.inf, math.inf) else "must be a number in"
+            raise self._fail(f"texture alpha {json.dumps(alpha)} {problem} {BETA.minimum:g}–{BETA.maximum:g}")
         if self.texture.mode not in TEXTURE_MODE.choices:
             choices = list(TEXTURE_MODE.choices)
             raise self._fail(f"unknown texture mode '{self.texture.mode}'; {_suggest(str(self.texture.mode), choices)}")

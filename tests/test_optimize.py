@@ -242,7 +242,7 @@ def test_cli_plan_error_lines(tmp_path: Path, cli_error: Callable[..., str]) -> 
     report = tmp_path / "report.json"
     report.write_text(json.dumps(report_for(planted(), tmp_path)))
     line = cli_error("plan", report, "--json", tmp_path / "p.json", "--method", "slerp")
-    assert "unknown method 'slerp'" in line and "orthomerge" in line
+    assert "--method: unknown method 'slerp'" in line and "orthomerge" in line and str(report) not in line
     missing = cli_error("plan", report, "--json", tmp_path / "p.json")  # the report's model files do not exist
     assert "does not exist" in missing
     assert not (tmp_path / "p.json").exists()
