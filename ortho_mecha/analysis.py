@@ -1118,6 +1118,8 @@ def summary_lines(rep: dict) -> list[str]:
             flags.append(f"outlier keys: {', '.join(rep['outliers']['keys'][i][:2])}")
         if rep.get("lineage") and rep["lineage"][i]["parent"]:
             flags.append(f"parent {Path(rep['lineage'][i]['parent']).name}")
+        if rep["delta_from"][i]:
+            flags.append(f"delta from {Path(rep['delta_from'][i]).name}")
         lines.append(f"  {name:<{width}}  norm {rep['norms'][i]:.4g}  grade {grades[i]:<2}  {'; '.join(flags)}")
     cos = np.asarray(rep["cos"])
     if len(names) > 1:
@@ -1126,7 +1128,9 @@ def summary_lines(rep: dict) -> list[str]:
         a, b = iu[0][hi], iu[1][hi]
         lines.append(f"  most similar: {names[a]} ~ {names[b]} (cos {cos[a, b]:.3f})")
         a, b = iu[0][lo], iu[1][lo]
-        lines.append(f"  most opposed: {names[a]} ~ {names[b]} (cos {cos[a, b]:.3f})")
+        if len(names) > 2:  # with one pair, that pair is all there is to say
+            label = "most opposed" if cos[a, b] < 0 else "least similar"
+            lines.append(f"  {label}: {names[a]} ~ {names[b]} (cos {cos[a, b]:.3f})")
     return lines
 
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -31,6 +32,8 @@ import torch
 from ortho_mecha.errors import OrthoMechaError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+logger = logging.getLogger(__name__)
+
 HEADER_LIMIT = 256 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
@@ -394,7 +397,8 @@ class Model:
 
 
 def expand_model_paths(paths: list[str | Path]) -> list[Path]:
-    """Expand folders into their models (shards grouped into one), keep files as given, in order."""
+    """Expand folders into their models (shards grouped into one), keep files as given, in order; a file
+    named twice (also through a folder, or a link) is kept once, where it first comes, with a warning."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -405,7 +409,13 @@ def expand_model_paths(paths: list[str | Path]) -> list[Path]:
             out.extend(found)
         else:
             out.append(path)
-    return out
+    kept: dict[Path, Path] = {}
+    for path in out:
+        if path.resolve() in kept:
+            logger.warning("%s: given more than once; taken once", path)
+        else:
+            kept[path.resolve()] = path
+    return list(kept.values())
 
 
 def _models_in_dir(folder: Path) -> Iterator[Path]:

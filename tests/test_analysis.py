@@ -448,3 +448,21 @@ def test_the_default_chunk_keeps_a_chunk_of_every_file_near_the_cache(tmp_path: 
     assert A.default_chunk(base, files) == 4096
     fp32 = write_family_files(tmp_path / "w", "custom", "fp32", members=MEMBERS[:3])
     assert A.default_chunk(Model(fp32["base"]), [Model(fp32[n]) for n in MEMBERS[1:3]]) == 2048
+
+
+def test_summary_names_the_least_similar_pair_as_opposed_only_when_it_is() -> None:
+    def rep(cos: list[list[float]], delta_from: list[str | None]) -> dict:
+        n = len(cos)
+        return {"models": [f"/m/{c}.safetensors" for c in "abc"[:n]], "bytes_read": 0, "seconds": 0.0,
+                "arch": "custom", "base": "/m/base.safetensors", "keys": 3, "null": [False] * n,
+                "outliers": {"keys": [[] for _ in range(n)]}, "norms": [1.0] * n, "cos": cos,
+                "delta_from": delta_from}
+
+    apart = A.summary_lines(rep([[1, 0.9, 0.2], [0.9, 1, 0.5], [0.2, 0.5, 1]], [None, None, "/m/a.safetensors"]))
+    assert "  most similar: a.safetensors ~ b.safetensors (cos 0.900)" in apart
+    assert "  least similar: a.safetensors ~ c.safetensors (cos 0.200)" in apart
+    assert any(line.startswith("  c.safetensors") and "delta from a.safetensors" in line for line in apart)
+    opposed = A.summary_lines(rep([[1, 0.9, -0.7], [0.9, 1, 0.5], [-0.7, 0.5, 1]], [None] * 3))
+    assert "  most opposed: a.safetensors ~ c.safetensors (cos -0.700)" in opposed
+    pair = A.summary_lines(rep([[1, 0.3], [0.3, 1]], [None] * 2))
+    assert sum("similar" in line or "opposed" in line for line in pair) == 1

@@ -736,6 +736,15 @@ def test_validate_accepts_a_folder_and_skips_the_base_in_it(family: dict[str, Pa
     assert not any(str(family["base"]) + ":" in line for line in shared_lines)
 
 
+def test_a_model_named_twice_is_taken_once(family: dict[str, Path], cli) -> None:
+    folder = family["base"].parent
+    result = cli("validate", "--base", family["base"], family["anime"], folder, family["anime"])
+    assert result.code == 0, result.err
+    shared_lines = [line for line in result.out.splitlines() if "keys shared" in line]
+    assert len(shared_lines) == len(family) - 1
+    assert f"{folder / 'anime.safetensors'}: given more than once; taken once" in result.err
+
+
 def test_validate_arch_option_is_reported(family: dict[str, Path], cli) -> None:
     result = cli("validate", "--base", family["base"], family["anime"], "--arch", "zimage-base")
     assert result.code == 0, result.err
