@@ -55,7 +55,7 @@ from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import process_exists, refuse_existing
 from ortho_mecha.hashing import sha256_file
-from ortho_mecha.io import DTYPES, Model, tensor_bytes
+from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.mecha_config import check_model, register_base_config
 from ortho_mecha.plan import Plan, load_plan
 from ortho_mecha.recipe import build_recipe
@@ -495,6 +495,11 @@ def convert(
     started = time.monotonic()
     if dtype != "keep" and dtype not in ("fp32", "fp16", "bf16"):
         raise OrthoMechaError(f"unknown dtype '{dtype}' for convert: use keep, fp32, fp16 or bf16")
+    if Path(source).is_dir():  # a folder holding one model (e.g. its shards and index) stands for it
+        found = expand_model_paths([source])
+        if len(found) > 1:
+            raise OrthoMechaError(f"holds {len(found)} models; name the one to convert", source)
+        source = found[0]
     with Model(source) as model:
         out = _check_output(out, overwrite, [model.path, *model.files])
 

@@ -666,6 +666,15 @@ def test_convert_keeps_dtypes_by_default_and_joins_shards(sharded: tuple[Path, P
     expected = stored(single)
     got = stored(joined)
     assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    from_folder = tmp_path / "from_folder.safetensors"  # the shards' folder stands for the model, as in analyse
+    assert cli("convert", folder, "--out", from_folder).code == 0
+    again = stored(from_folder)
+    assert sorted(again) == sorted(expected) and all(torch.equal(again[k], expected[k]) for k in expected)
+    two = tmp_path / "two"
+    two.mkdir()
+    save(two / "a.safetensors", state(1))
+    save(two / "b.safetensors", state(2))
+    assert "holds 2 models; name the one to convert" in cli("convert", two, "--out", tmp_path / "x.safetensors").err
     path, _ = read_files["per_row"]
     kept = tmp_path / "kept.safetensors"
     assert cli("convert", path, "--out", kept).code == 0
