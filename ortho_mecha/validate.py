@@ -192,6 +192,8 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
     """
     from ortho_mecha import lora_rows  # lora_rows → lora → validate: imported here, not at the top
 
+    if lora_rows.is_lora(base.tensors):
+        raise OrthoMechaError("is a LoRA; the base must be a full model (a LoRA can be one of the models)", base.path)
     base_map = key_map(base)
     if not base_map.keys:
         raise OrthoMechaError("holds no floating-point tensors to analyse", base.path)

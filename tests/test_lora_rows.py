@@ -240,6 +240,9 @@ def test_lora_and_delta_from_are_refused_in_analysis(sdxl) -> None:
         analyse(sdxl["base"], [sdxl["anime"], sdxl["lora"]], {str(sdxl["anime"]): str(sdxl["lora"])})
     with pytest.raises(OrthoMechaError, match="a LoRA \\(a delta, not a model\\)"):  # as an extra delta-from file
         analyse(sdxl["base"], [sdxl["anime"]], {str(sdxl["anime"]): str(sdxl["lora"])})
+    with pytest.raises(OrthoMechaError, match="is a LoRA; the base must be a full model") as refused:
+        analyse(sdxl["lora"], [sdxl["anime"]], use_cache=False)
+    assert refused.value.path == str(sdxl["lora"])
 
 
 # -- errors on the file itself ----------------------------------------------------------------------------------
