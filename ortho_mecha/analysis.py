@@ -830,6 +830,17 @@ class Analysis:
             units = [UNIT_ROUNDOFF.get(base.tensors[names[k]].dtype, 0.0) if k in names else 0.0 for k in self.h_key]
         return noise_floor(np.array([base_sq.get(k, 0.0) for k in self.h_key]), np.array(units))
 
+    @functools.cached_property
+    def rotation_shares(self) -> np.ndarray:
+        """Per key of ``h_key``: the share of a delta ``orthomerge``'s rotation carries on that key's shape
+        (:func:`ortho_mecha.metrics.rotation_share`), for its survival estimate."""
+        from ortho_mecha.metrics import rotation_share
+        from ortho_mecha.validate import key_map
+
+        with Model(self.base) as base:
+            names = key_map(base).keys
+            return np.array([rotation_share(base.tensors[names[k]].shape) if k in names else 0.0 for k in self.h_key])
+
     @property
     def h(self) -> np.ndarray:
         return np.sum(list(self.h_key.values()), axis=0) if self.h_key else np.zeros((len(self.files),) * 2)

@@ -111,13 +111,15 @@ def compare_methods(
     current: str,
     options: Mapping[str, Any],
     floors: np.ndarray | float = 0.0,
+    rotation_shares: np.ndarray | float = 1.0,
 ) -> Comparison:
     """Every method of :data:`METHODS` on the same rows (module docstring for the figures).
 
     ``key_grams``: the rows' per-key delta Grams (keys, n, n) — or one Gram (n, n); ``labels``, ``alphas``,
     ``repeats``: each row's name, alpha and repeat; ``current``/``options``: the Mixer's method and its
     options (other methods take their defaults); ``floors``: per key, ``ortho_superpose``'s rounding-noise
-    floor (:attr:`ortho_mecha.analysis.Analysis.noise_floors`).
+    floor (:attr:`ortho_mecha.analysis.Analysis.noise_floors`); ``rotation_shares``: per key, what
+    ``orthomerge``'s rotation carries (:attr:`ortho_mecha.analysis.Analysis.rotation_shares`).
     """
     if current not in METHODS:
         raise OrthoMechaError(f"unknown method {current!r}; valid: {', '.join(METHODS)}")
@@ -145,7 +147,7 @@ def compare_methods(
         if chosen.get("granularity") == "row":
             line["note"] = "granularity 'row' predicted per key"
         w, listed = row_weights(name, alphas, repeats)
-        coefficients = metrics.merged_coefficients(grams, name, w, chosen, listed, floors)
+        coefficients = metrics.merged_coefficients(grams, name, w, chosen, listed, floors, rotation_shares)
         survival, interference, ratio = _figures(grams, coefficients, reference)
         if math.isnan(interference):
             line["note"] = "; ".join(filter(None, [line["note"], "the merged delta is zero"]))
@@ -167,4 +169,5 @@ def compare_methods(
 
 def compare_rows(rows: Any, method: str, options: Mapping[str, Any]) -> Comparison:
     """:func:`compare_methods` for the Mixer's :class:`~ortho_mecha.workspace.RowGram`."""
-    return compare_methods(rows.key_grams, rows.labels, rows.alphas, rows.repeats, method, options, rows.floors)
+    return compare_methods(rows.key_grams, rows.labels, rows.alphas, rows.repeats, method, options, rows.floors,
+                           rows.rotation_shares)

@@ -58,7 +58,8 @@ def _rows(plan: Plan, extra: list[Path], progress: Progress | None) -> tuple[Ana
 
 def _predicted(plan: Plan, result: Analysis, per_key: np.ndarray) -> np.ndarray:
     weights, repeats = _weights(plan, list(result.h_key))
-    return predicted_survival(per_key, plan.method, weights, dict(plan.options), repeats, result.noise_floors)
+    return predicted_survival(per_key, plan.method, weights, dict(plan.options), repeats, result.noise_floors,
+                              result.rotation_shares)
 
 
 def predict(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:

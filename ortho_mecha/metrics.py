@@ -199,8 +199,9 @@ def _estimate_coefficients(
     - ``orthomerge``: a rotation moves each weight along its delta with magnitude θ_i ≈ ‖δ_i‖ (small
       rotations), the merged rotation has magnitude agg(θ_i) along the normalised weighted sum of the
       generators; estimated as ``agg(‖α_i δ_i‖) · normalise(Σ v_i α_i δ_i)`` with rows listed r_i times and
-      v_i the direction weights (θ and magnitude both ∝ ‖α_i δ_i‖ here). Exact for one row and for
-      identical rows; the rotation/residual split and ``conflict_aware`` are not visible in G.
+      v_i the direction weights (θ and magnitude both ∝ ‖α_i δ_i‖ here): the rotation's part. The rest of
+      each delta (the residual ρ_i) is averaged; :func:`merged_coefficients` mixes the two by each key's
+      rotation share. Exact for one row and for identical rows; ``conflict_aware`` is not visible in G.
     - ``ties``, ``dare``, ``geometric_median``: the mean of the listed deltas (what they reduce to when the
       deltas agree in sign everywhere and nothing is dropped).
     - ``model_stock``: the mean scaled by Model Stock's ``t = k·cos / (1 + (k − 1)·cos)``, cos the mean
@@ -249,6 +250,7 @@ def merged_coefficients(
     options: Mapping[str, Any] | None = None,
     repeats: Sequence[int] | None = None,
     floors: np.ndarray | float = 0.0,
+    rotation_shares: np.ndarray | float = 1.0,
 ) -> np.ndarray:
     """Coefficients a with ``Δ_out = Σ_i a_i δ_i`` (per key for a stack of Grams: shape ``g.shape[:-1]``).
 
@@ -270,11 +272,29 @@ def merged_coefficients(
     keyed = g.reshape(-1, n, n)
     zones, zone_of = np.unique(np.broadcast_to(w, keyed.shape[:-1]), axis=0, return_inverse=True)
     coefficients = np.zeros(keyed.shape[:-1])
+    shares = np.broadcast_to(np.asarray(rotation_shares, dtype=np.float64), keyed.shape[:1])
     for z, zone in enumerate(zones):  # the keys sharing one set of weights (a block group) share one estimate
         members = zone_of.ravel() == z
         listed = np.where(zone != 0, reps, 0.0)
-        coefficients[members] = _estimate_coefficients(keyed[members].sum(axis=0), method, zone, listed, options)
+        estimate = _estimate_coefficients(keyed[members].sum(axis=0), method, zone, listed, options)
+        if method == "orthomerge":  # the rotation carries a key's share of each delta, the mean the rest
+            mean = float(options.get("alpha", 1.0)) * zone * listed / max(float(listed.sum()), 1.0)
+            share = shares[members, None]
+            estimate = share * estimate + (1.0 - share) * mean
+        coefficients[members] = estimate
     return coefficients.reshape(g.shape[:-1])
+
+
+def rotation_share(shape: Sequence[int]) -> float:
+    """The share of a delta's energy that ``orthomerge``'s rotation carries on a key of ``shape`` (conv kernels
+    flattened to out × rest), for a delta with no preferred direction: the rotations' tangent space
+    {A W : A skew, k × k} has k(k − 1)/2 of the k·m dimensions of the k × m (k ≤ m) matrix, and the best
+    rotation (Procrustes) is, to first order, the delta's projection on it; 0 for 1-D keys (a plain mean)."""
+    if len(shape) < 2:
+        return 0.0
+    rows, rest = int(shape[0]), math.prod(int(d) for d in shape[1:])
+    k, m = min(rows, rest), max(rows, rest)
+    return (k - 1) / (2 * m) if m else 0.0
 
 
 def predicted_survival(
@@ -284,6 +304,7 @@ def predicted_survival(
     options: Mapping[str, Any] | None = None,
     repeats: Sequence[int] | None = None,
     floors: np.ndarray | float = 0.0,
+    rotation_shares: np.ndarray | float = 1.0,
 ) -> np.ndarray:
     """Predicted survival ``<Δ_out, δ_i> / ‖δ_i‖²`` of each row's raw delta δ_i = M_i − B_i in the merge.
 
@@ -296,6 +317,9 @@ def predicted_survival(
     method's options (``alpha``, ``rcond``, ``theta_agg``, ``direction_weight``; others are ignored).
     ``floors``: per key (or one number), the inputs' rounding-noise energy below which ``ortho_superpose``
     drops a direction (:attr:`ortho_mecha.analysis.Analysis.noise_floors`); 0 keeps every direction.
+    ``rotation_shares``: per key (or one number), the share of a delta ``orthomerge``'s rotation carries
+    (:func:`rotation_share` of the key's shape; :attr:`ortho_mecha.analysis.Analysis.rotation_shares`); the
+    rest is averaged. 1 treats every key as all rotation.
 
     1 means the merge carries the row's whole delta along its direction, 0.5 half of it, 2 twice it.
     Exact (:func:`survival_label`) for ``weighted_sum``, ``add_difference``, ``ortho_superpose`` (at
@@ -304,7 +328,7 @@ def predicted_survival(
     are made per set of keys sharing the same weights (a block group) on that set's summed Gram.
     """
     g = _as_gram(g)
-    return survival_of(g, merged_coefficients(g, method, weights, options, repeats, floors))
+    return survival_of(g, merged_coefficients(g, method, weights, options, repeats, floors, rotation_shares))
 
 
 def survival_of(g: np.ndarray, coefficients: np.ndarray) -> np.ndarray:

@@ -321,6 +321,7 @@ class RowGram:
     block_alphas: list[dict[str, float]] = field(default_factory=list)
     layout: Any = None  # blocks.BlockLayout of the base when a row has block alphas, else None
     floors: Any = 0.0  # per key: ortho_superpose's rounding-noise floor (Analysis.noise_floors)
+    rotation_shares: Any = 1.0  # per key: what orthomerge's rotation carries (Analysis.rotation_shares)
 
     @property
     def gram(self) -> Any:
@@ -361,7 +362,7 @@ def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelCho
     grams = [delta_gram(h, models, froms) for h in analysis.h_key.values()] if n else []
     layout = blocks.base_layout(analysis.base) if any(listed) else None
     return RowGram(labels, np.stack(grams) if grams else np.zeros((0, n, n)), alphas, repeats, missing,
-                   list(analysis.h_key), listed, layout, analysis.noise_floors)
+                   list(analysis.h_key), listed, layout, analysis.noise_floors, analysis.rotation_shares)
 
 
 def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -376,7 +377,8 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
     repeats = np.asarray(rows.repeats)
     per_key = rows.key_alphas()
     weights, listed = row_weights(method, np.asarray(rows.alphas) if per_key is None else per_key, repeats)
-    predicted = metrics.predicted_survival(rows.key_grams, method, weights, options, listed, rows.floors)
+    predicted = metrics.predicted_survival(rows.key_grams, method, weights, options, listed, rows.floors,
+                                           rows.rotation_shares)
     survival = pd.DataFrame({
         "model": rows.labels,
         "alpha": rows.alphas,

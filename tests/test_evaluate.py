@@ -41,3 +41,19 @@ def test_predicted_survival_matches_measured(tmp_path: Path, method: str, option
     assert np.allclose(after["predicted"], before["predicted"])
     assert np.abs(np.array(after["measured"]) - np.array(after["predicted"])).max() < 0.02
     assert len(after["measured"]) == 4  # the disabled row is not a row of the merge
+
+
+def test_orthomerge_estimate_follows_the_measured_survival_of_independent_deltas(tmp_path: Path) -> None:
+    """Independent random deltas: the rotation carries its key's share of each, the rest is averaged; the
+    estimate that counted every delta as all rotation said 1/√n where the merge gives about 1/n."""
+    paths = write_family_files(tmp_path / "m", "flux", "fp32", members=["base", "anime", "photo", "unrelated"])
+    rows = [{"model": str(paths[name])} for name in ("anime", "photo", "unrelated")]
+    plan = plan_from_dict({"base": str(paths["base"]), "method": "orthomerge", "rows": rows,
+                           "output_dtype": "fp32", "merge_dtype": "fp64"}, tmp_path)
+    out = tmp_path / "merged.safetensors"
+    merge_plan(plan, out)
+    after = evaluate.measure(plan, out)
+    assert after["label"] == "estimate"
+    measured, predicted = np.array(after["measured"]), np.array(after["predicted"])
+    assert np.abs(measured - predicted).max() < 0.05, (measured, predicted)
+    assert np.all(predicted < 1 / np.sqrt(3) - 0.1)  # not the all-rotation figure

@@ -199,6 +199,25 @@ def test_superpose_at_granularity_row_is_estimated_by_the_per_key_formula() -> N
                                metrics.predicted_survival(gram(x), "ortho_superpose", [1.0, 1.0]))
 
 
+def test_rotation_share_is_the_tangent_spaces_share_of_a_key() -> None:
+    assert metrics.rotation_share((64,)) == 0.0  # a bias: a plain mean
+    assert metrics.rotation_share((8, 8)) == 7 / 16  # square: about half
+    assert metrics.rotation_share((4, 8, 3, 3)) == 3 / 144  # conv: 4 × 72
+    assert metrics.rotation_share((40, 10)) == 9 / 80  # the smaller side rotates
+
+
+def test_orthomerge_estimate_mixes_rotation_and_mean_by_the_rotation_share() -> None:
+    g = np.eye(3)  # three orthogonal unit deltas
+    rotation = metrics.predicted_survival(g, "orthomerge", [1.0] * 3)
+    mean = metrics.predicted_survival(g, "orthomerge", [1.0] * 3, rotation_shares=0.0)
+    np.testing.assert_allclose(rotation, [1 / np.sqrt(3)] * 3)
+    np.testing.assert_allclose(mean, [1 / 3] * 3)
+    mixed = metrics.predicted_survival(g, "orthomerge", [1.0] * 3, rotation_shares=0.25)
+    np.testing.assert_allclose(mixed, 0.25 * rotation + 0.75 * mean)
+    one = metrics.predicted_survival(np.eye(1), "orthomerge", [1.0], rotation_shares=0.1)
+    np.testing.assert_allclose(one, [1.0])  # one row is returned in full whatever the share
+
+
 def test_listed_methods_take_repeats_as_copies() -> None:
     x = np.eye(2) * np.array([[2.0], [1.0]])
     # mean of the listed deltas: row 0 listed twice → Δ = (2δ_0 + δ_1) / 3
