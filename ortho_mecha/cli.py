@@ -249,7 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     for command in set(sub.choices.values()):  # also after the command; absent, it leaves the first's value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show a traceback on errors, and every library's log")
+    parser.set_defaults(debug=False)
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # name (aliases too) → its parser
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with a command's options also between its models
+    (``analyse --base B a.safetensors --delta-from a.safetensors=x.safetensors b.safetensors``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extras = parser.parse_known_args(argv)
+    command = getattr(args, "command", None)
+    if extras and command is not None:
+        top = argparse.Namespace(debug=args.debug, version=args.version, command=command)
+        try:
+            return parser.commands[command].parse_intermixed_args(argv[argv.index(command) + 1:], top)
+        except TypeError:  # a command argparse cannot intermix: its usual error below
+            pass
+    return parser.parse_args(argv)
 
 
 class _OwnRecords(logging.Filter):
@@ -279,7 +296,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool its pip
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if args.version:
         from ortho_mecha import __version__
 

@@ -152,3 +152,18 @@ def test_cache_lives_where_ORTHO_MECHA_CACHE_says(
     assert cleared.code == 0, cleared.err
     assert str(private_cache) in cleared.out
     assert not home.exists()  # nothing under ~/.cache
+
+
+def test_options_may_come_between_a_commands_models(cli, tmp_path: Path) -> None:
+    assert cli("demo", tmp_path).code == 0
+    base, anime, v2, photo = (tmp_path / f"{n}.safetensors" for n in ("base", "anime", "anime_v2", "photo"))
+    report = tmp_path / "r.json"
+    result = cli("analyse", "--base", base, anime, "--delta-from", f"{v2}={anime}", v2, "--no-cache", photo,
+                 "--json", report)
+    assert result.code == 0, result.err
+    data = json.loads(report.read_text())
+    assert [Path(m).name for m in data["models"]] == ["anime.safetensors", "anime_v2.safetensors", "photo.safetensors"]
+    assert [d and Path(d).name for d in data["delta_from"]] == [None, "anime.safetensors", None]
+    with pytest.raises(SystemExit) as refused:  # an unknown option stays argparse's usage error
+        cli("validate", "--base", base, anime, "--bogus", photo)
+    assert refused.value.code == 2
