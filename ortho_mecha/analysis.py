@@ -914,6 +914,10 @@ def _resolve_delta_from(models: list[Model], delta_from: dict[str, str]) -> tupl
             extras.append(other)
             existing = len(extras) - 1
         row_from[model_index] = len(models) + existing
+    for i, j in enumerate(row_from):
+        if j is not None and j < i and row_from[j] == i:  # allowed (two opposite deltas), rarely meant
+            logger.warning("%s and %s are each other's delta-from: their deltas are exact opposites",
+                           models[j].path, models[i].path)
     return extras, row_from
 
 

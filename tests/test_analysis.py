@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -466,3 +467,13 @@ def test_summary_names_the_least_similar_pair_as_opposed_only_when_it_is() -> No
     assert "  most opposed: a.safetensors ~ c.safetensors (cos -0.700)" in opposed
     pair = A.summary_lines(rep([[1, 0.3], [0.3, 1]], [None] * 2))
     assert sum("similar" in line or "opposed" in line for line in pair) == 1
+
+
+def test_two_models_each_others_delta_from_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    paths = write_family_files(tmp_path, "custom", "fp32", members=["base", "anime", "photo"])
+    anime, photo = str(paths["anime"]), str(paths["photo"])
+    with caplog.at_level(logging.WARNING, logger="ortho_mecha"):
+        result = A.analyse(paths["base"], [anime, photo], {anime: photo, photo: anime}, use_cache=False)
+    assert "are each other's delta-from" in caplog.text
+    g = result.gram()
+    np.testing.assert_allclose(g[0, 1], -g[0, 0], rtol=1e-5)
