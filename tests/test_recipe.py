@@ -193,20 +193,14 @@ def test_script_is_valid_python_naming_the_recipe(family) -> None:
     assert namespace["BASE"] == str(plan.base)
 
 
+ONE_ROW_PLAN = {"base": "base.safetensors", "method": "orthomerge", "rows": [{"model": "a.safetensors"}]}
+
+
 def test_recipe_cli_writes_both_files_and_refuses_to_overwrite(family, tmp_path, capsys) -> None:
-    plan_path = write_plan(
-        family["base"].parent,
-        {"base": "base.safetensors", "method": "orthomerge", "rows": [{"model": "a.safetensors"}]},
-        name="cli_plan.json",
-    )
+    plan_path = write_plan(family["base"].parent, ONE_ROW_PLAN, name="cli_plan.json")
     mecha, script = tmp_path / "out.mecha", tmp_path / "out.py"
     assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--script", str(script)]) == 0
-    assert mecha.read_text() == recipe_text(
-        plan_from_dict(
-            {"base": "base.safetensors", "method": "orthomerge", "rows": [{"model": "a.safetensors"}]},
-            family["base"].parent,
-        )
-    )
+    assert mecha.read_text() == recipe_text(plan_from_dict(ONE_ROW_PLAN, family["base"].parent))
     assert os.stat(script).st_mode & stat.S_IXUSR
     capsys.readouterr()
     assert main(["recipe", str(plan_path), "--mecha", str(mecha)]) == 2
@@ -218,11 +212,7 @@ def test_recipe_cli_writes_both_files_and_refuses_to_overwrite(family, tmp_path,
 
 
 def test_recipe_checks_both_outputs_before_writing_either(family, tmp_path, capsys) -> None:
-    plan_path = write_plan(
-        family["base"].parent,
-        {"base": "base.safetensors", "method": "orthomerge", "rows": [{"model": "a.safetensors"}]},
-        name="both_plan.json",
-    )
+    plan_path = write_plan(family["base"].parent, ONE_ROW_PLAN, name="both_plan.json")
     mecha, script = tmp_path / "new.mecha", tmp_path / "old.py"
     script.write_text("# mine\n")
     assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--script", str(script)]) == 2
