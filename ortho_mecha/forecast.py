@@ -61,7 +61,8 @@ class Forecast:
             f"output: {_size(self.output_bytes)}{disk}",
             f"inputs: {_size(self.inputs_bytes)} read once",
             f"peak RAM: about {_size(self.peak_ram_bytes)} (largest key {self.largest_key})",
-            f"time: about {_duration(self.seconds)} on this machine (estimate)",
+            f"time: about {_duration(self.seconds)} on this machine for the merge itself (estimate; "
+            "starting up, hashing new inputs and measuring survival come on top)",
         ]
 
 
@@ -70,6 +71,8 @@ def _size(n: int) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:  # "about 0 s" read as a broken estimate
+        return "under a second"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
