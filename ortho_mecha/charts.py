@@ -34,6 +34,7 @@ class Metric:
     scheme: str
     per_block: bool
     help: str
+    dark_at: str = "ends"  # where the scheme's colours are dark (white text there): "ends", "high" or "low"
 
 
 METRICS: dict[str, Metric] = {
@@ -42,9 +43,10 @@ METRICS: dict[str, Metric] = {
         Metric("cos", "cosine similarity", (-1.0, 1.0), "redblue", True,
                "cos of the two deltas: 1 same direction, 0 unrelated, −1 opposite"),
         Metric("new_info", "new information", (0.0, 1.0), "viridis", True,
-               "1 − cos²: how much of one delta the other does not already carry"),
+               "1 − cos²: how much of one delta the other does not already carry", dark_at="low"),
         Metric("conflict_ratio", "conflict ratio", (0.0, 1.0), "orangered", False,
-               "share of the elements both change where they change them in opposite directions (all keys only)"),
+               "share of the elements both change where they change them in opposite directions (all keys only)",
+               dark_at="high"),
     )
 }
 INTERFERENCE = Metric("interference", "interference", (-0.5, 0.5), "redblue", False,
@@ -101,10 +103,14 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str 
         tooltip=[alt.Tooltip("row:N", title="model"), alt.Tooltip("column:N", title="against"),
                  alt.Tooltip("value:Q", title=spec.title, format=".3f")],
     )
-    middle = sum(spec.domain) / 2
-    spread = (spec.domain[1] - spec.domain[0]) / 2
-    # Text dark on pale cells, white on strong ones; which cells are strong depends on the scheme's shape.
-    strong = f"abs(datum.value - {middle}) > {0.55 * spread}" if spec.domain[0] < 0 else "datum.value > 0.6"
+    low, high = spec.domain
+    middle, spread = (low + high) / 2, (high - low) / 2
+    # Text black on pale cells, white on dark ones; where the scheme is dark depends on its shape.
+    strong = {
+        "ends": f"abs(datum.value - {middle}) > {0.55 * spread}",  # diverging: dark at both ends
+        "high": f"datum.value > {low + 0.6 * (high - low)}",
+        "low": f"datum.value < {low + 0.45 * (high - low)}",  # viridis: purple at the low end, yellow at the top
+    }[spec.dark_at]
     text = base.mark_text(fontSize=max(7, min(12, cell // 4))).encode(
         text=alt.Text("value:Q", format=".2f"),
         color=alt.condition(strong, alt.value("white"), alt.value("black")),

@@ -73,3 +73,16 @@ def test_outlier_table_lists_only_models_with_outlier_keys() -> None:
               "outliers": {"max_outlier": [3.0, 9.5], "keys": [[], ["k1", "k2"]]}}
     frame = charts.outlier_frame(report)
     assert frame.to_dict("records") == [{"model": "b", "max outlier": 9.5, "outlier keys": "k1, k2"}]
+
+
+@pytest.mark.parametrize(("metric", "white_at", "black_at"), [
+    ("cos", [-1.0, 1.0], [0.0]), ("new_info", [0.0, 0.2], [0.8, 1.0]), ("conflict_ratio", [1.0], [0.0, 0.3])])
+def test_cell_text_is_white_only_where_the_scheme_is_dark(metric: str, white_at: list, black_at: list) -> None:
+    spec = charts.METRICS[metric]
+    chart = charts.heatmap(np.eye(2), ["a", "b"], spec).to_dict()
+    test = chart["layer"][1]["encoding"]["color"]["condition"]["test"]
+
+    def white(value: float) -> bool:  # the Vega expression is plain arithmetic on datum.value
+        return bool(eval(test.replace("datum.value", repr(value))))
+
+    assert all(white(v) for v in white_at) and not any(white(v) for v in black_at)
