@@ -76,7 +76,8 @@ def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, 
 
 def sweep_folder(name: str, workspace_dir: Path | None = None) -> Path:
     """Where the sweep ``name`` writes: ``merges/sweeps/<name>/`` (a name follows the preset-name rules)."""
-    return workspace.merges_dir(workspace_dir) / SWEEPS_FOLDER / workspace.validate_preset_name(name)
+    folder = workspace.validate_preset_name(name, "sweep", "alpha-sweep")
+    return workspace.merges_dir(workspace_dir) / SWEEPS_FOLDER / folder
 
 
 def sweep_params(

@@ -258,16 +258,17 @@ def _number(value: Any, default: float) -> float:
 # --- presets -----------------------------------------------------------------------------------------
 
 
-def validate_preset_name(name: str) -> str:
-    """A preset name: letters, digits, ``_ -`` and spaces, starting with a letter or digit."""
+def validate_preset_name(name: str, what: str = "preset", example: str = "my-mix") -> str:
+    """A name for a saved ``what`` (a preset, a sweep): letters, digits, ``_ -`` and spaces, starting with a
+    letter or digit (it becomes a file or folder name)."""
     name = name.strip()
     if not name:
-        raise OrthoMechaError("the preset needs a name, e.g. my-mix")
+        raise OrthoMechaError(f"the {what} needs a name, e.g. {example}")
     if len(name) > MAX_PRESET_NAME:
-        raise OrthoMechaError(f"preset name {name!r} is {len(name)} characters long; use at most {MAX_PRESET_NAME}")
+        raise OrthoMechaError(f"{what} name {name!r} is {len(name)} characters long; use at most {MAX_PRESET_NAME}")
     if not _PRESET_NAME.fullmatch(name):
         raise OrthoMechaError(
-            f"preset name {name!r} may only use letters A-Z a-z, digits, '_', '-' and spaces, "
+            f"{what} name {name!r} may only use letters A-Z a-z, digits, '_', '-' and spaces, "
             "starting with a letter or a digit"
         )
     return name

@@ -108,8 +108,10 @@ def test_sweep_parameters_are_checked_before_the_job(tmp_path: Path, make_family
     assert (folder / "first try.json").is_file()
     with pytest.raises(OrthoMechaError, match="between 0 and 2"):
         preview_job.sweep_params(plan, "x", "3", "sdxl", SETTINGS, "http://h", None, False, workspace_dir=ws)
-    with pytest.raises(OrthoMechaError, match="preset name"):
+    with pytest.raises(OrthoMechaError, match=r"sweep name '\.\./up' may only use letters"):
         preview_job.sweep_params(plan, "../up", "1", "sdxl", SETTINGS, "http://h", None, False, workspace_dir=ws)
+    with pytest.raises(OrthoMechaError, match="the sweep needs a name"):
+        preview_job.sweep_params(plan, " ", "1", "sdxl", SETTINGS, "http://h", None, False, workspace_dir=ws)
     (folder / "first try_sweep.png").write_bytes(PNG_SIGNATURE)
     with pytest.raises(OrthoMechaError, match="done already"):
         preview_job.sweep_params(plan, "first try", "1", "sdxl", SETTINGS, "http://h", None, False, workspace_dir=ws)
