@@ -189,6 +189,18 @@ def job_in_url(name: str) -> str | None:
     return value or None
 
 
+def followed_job(name: str) -> str | None:
+    """:func:`job_in_url`, and when the URL names none — back from another page, whose links drop this page's
+    query — the job this session last followed under ``name``, put back into the URL."""
+    remembered = f"followed_job_{name}"
+    job_id = job_in_url(name)
+    if job_id is None and st.session_state.get(remembered):
+        job_id = st.session_state[remembered]
+        st.query_params[name] = job_id
+    st.session_state[remembered] = job_id
+    return job_id
+
+
 def start_job(kind: str, params: Mapping[str, Any], url_name: str, heavy: bool = True) -> str:
     """Submit a background job (a heavy one waits for the running heavy job) and put its id in the URL."""
     job_id = jobs.submit(kind, params, heavy=heavy)
@@ -197,8 +209,9 @@ def start_job(kind: str, params: Mapping[str, Any], url_name: str, heavy: bool =
 
 
 def job_panel(url_name: str, what: str) -> dict[str, Any] | None:
-    """Follow the job named in the URL: progress while it runs; its record once it has ended (None before)."""
-    job_id = job_in_url(url_name)
+    """Follow the job named in the URL (or last followed here, :func:`followed_job`): progress while it runs;
+    its record once it has ended (None before)."""
+    job_id = followed_job(url_name)
     if job_id is None:
         return None
     try:

@@ -23,8 +23,7 @@ if not choices.labels:
     st.stop()
 
 # Back from another page (which drops this page's URL): follow the analysis this session followed here.
-if ui.job_in_url(ui.ANALYSIS_URL) is None and st.session_state.get("an_job"):
-    st.query_params[ui.ANALYSIS_URL] = st.session_state["an_job"]
+ui.followed_job(ui.ANALYSIS_URL)
 # First visit in this session: follow the newest analysis (or start one on the demo models).
 if ui.job_in_url(ui.ANALYSIS_URL) is None and not st.session_state.get("analyse_visited"):
     with ui.shown_errors():
@@ -37,8 +36,7 @@ if ui.job_in_url(ui.ANALYSIS_URL) is None and not st.session_state.get("analyse_
 st.session_state["analyse_visited"] = True
 
 # Widgets start from the analysis the URL shows, when its files are still under the roots.
-job_id = ui.job_in_url(ui.ANALYSIS_URL)
-st.session_state["an_job"] = job_id
+job_id = ui.followed_job(ui.ANALYSIS_URL)
 # (Streamlit forgets a page's widget values once another page is shown: they start from the analysis again.)
 if job_id and (st.session_state.get("analyse_widgets_from") != job_id or "an_base" not in st.session_state):
     with ui.shown_errors():

@@ -15,7 +15,7 @@ ui.require_app()
 st.title("Merge")
 
 plan = st.session_state.get("plan")
-merge_job = ui.job_in_url(ui.MERGE_URL)
+merge_job = ui.followed_job(ui.MERGE_URL)
 if plan is None and merge_job is not None:  # a reload or a new tab: the plan the job in the URL merged
     with ui.shown_errors():
         plan = ui.restore_merged_plan(merge_job)

@@ -127,6 +127,13 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert reloaded.session_state["plan"] == optimized
     assert any("written" in s.value for s in reloaded.success)
 
+    # Back from another page, whose links drop the page's query: the merge this session followed shows again.
+    at.switch_page(ui.PAGES[1].path).run()
+    at.query_params.pop("merge", None)
+    at.switch_page(ui.PAGES[2].path).run()
+    assert any("written" in s.value for s in at.success)
+    assert at.query_params.get("merge") == reloaded.query_params["merge"]
+
     # Preview: an alpha sweep of the Mixer's plan through the stand-in ComfyUI, as a job, ends in the grid.
     monkeypatch.setenv("COMFYUI_API", comfy_stub.url)
     monkeypatch.setenv("COMFYUI_DIR", str(comfy_stub.root))
