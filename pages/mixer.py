@@ -114,17 +114,7 @@ st.subheader("Block alphas")
 ui.block_alphas_panel(mix, rows, choices, base)
 
 st.subheader("Predicted figures")
-if analysis is None:
-    st.info("Analyse the models first (Analyse page): survival and interference are predicted from the analysis.")
-else:
-    with ui.shown_errors():
-        figures = ui.mix_figures(analysis, mix, choices)
-        if figures is not None:
-            st.dataframe(figures.survival, hide_index=True)
-            if len(figures.labels) > 1:
-                names = charts.short_names(figures.labels)
-                st.altair_chart(charts.heatmap(figures.interference, names, charts.INTERFERENCE, "row interference"),
-                                width="content")
+predicted = st.container()  # filled once the plan below is known to be valid
 
 st.subheader("Plan")
 plan = None
@@ -135,6 +125,21 @@ else:
     with ui.shown_errors():
         plan = workspace.plan_from_table(base, rows, method, options, texture, choices, chosen_components)
         st.session_state["plan"] = plan
+
+with predicted:
+    if analysis is None:
+        st.info("Analyse the models first (Analyse page): survival and interference are predicted from the analysis.")
+    elif rows and plan is None:
+        st.info("The plan has a problem (see Plan below); figures are predicted for a plan that can be merged.")
+    else:
+        with ui.shown_errors():
+            figures = ui.mix_figures(analysis, mix, choices)
+            if figures is not None:
+                st.dataframe(figures.survival, hide_index=True)
+                if len(figures.labels) > 1:
+                    names = charts.short_names(figures.labels)
+                    st.altair_chart(charts.heatmap(figures.interference, names, charts.INTERFERENCE,
+                                                   "row interference"), width="content")
 if plan is not None:
     save_column, name_column = st.columns([1, 2], vertical_alignment="bottom")
     name = name_column.text_input("Preset name", value=chosen or "", placeholder="my-mix", key="mix_preset_name")

@@ -109,3 +109,16 @@ def test_extract_lora_defaults_to_the_latest_merge(analysed: Path) -> None:
     assert not at.exception and not _errors(at)
     assert _by_label(at.selectbox, "Model to extract").value == "merges/two.safetensors"
     assert _by_label(at.text_input, "LoRA file name").value == "two-lora.safetensors"
+
+
+def test_no_predicted_figures_for_a_plan_that_cannot_be_merged(analysed: Path) -> None:
+    at = _app()
+    at.switch_page(MIXER).run()
+    assert not _errors(at) and _frame_with(at, "model") is not None  # the survival table is shown
+    mix = at.session_state["mix"]
+    mix["rows"][0]["block_alphas"] = "nowhere=1"  # a group the base does not have: the plan is refused
+    mix["version"] += 1  # a new table, from the rows
+    at.run()
+    assert any("nowhere" in error for error in _errors(at))
+    assert any("predicted for a plan that can be merged" in info.value for info in at.info)
+    assert "plan" not in at.session_state
