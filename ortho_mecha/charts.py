@@ -176,15 +176,26 @@ def quality_frame(report: Mapping[str, Any]) -> pd.DataFrame:
     })
 
 
+LINEAGE_HELP = (
+    "parent: the file the model's delta is nearest to (the base when no file is nearer than half the way); "
+    "merge of: the files whose deltas, weighted, explain it (what the weights miss of 1 is the base's share); "
+    "duplicate of: a model it copies. Confidence: how clearly the evidence clears the rule that decided, "
+    "1 for an exact copy or mix, 0 on the rule's threshold."
+)
+
+
 def lineage_frame(report: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per model: its parent, or the merge it is explained by, and the confidence."""
+    """One row per model: its parent, or the merge it is explained by, the model it duplicates, and the
+    confidence (:data:`LINEAGE_HELP`)."""
     rows = []
     for name, item in zip(short_names(report["models"]), report["lineage"], strict=True):
         mix = item.get("mix")
+        duplicate = item.get("duplicate_of")
         rows.append({
             "model": name,
             "parent": "base" if item["parent"] is None else Path(item["parent"]).stem,
             "merge of": ", ".join(f"{Path(f).stem} × {w:.2f}" for f, w in mix.items()) if mix else "",
+            "duplicate of": Path(duplicate).stem if duplicate else "",
             "confidence": item["confidence"],
         })
     return pd.DataFrame(rows)

@@ -108,6 +108,7 @@ with quality:
     )
     st.caption("Grades: A+ > 0.80, A 0.65–0.80, B 0.50–0.65, C 0.35–0.50, D < 0.35; a null delta is graded D.")
 with lineage:
+    st.caption(charts.LINEAGE_HELP)
     st.dataframe(charts.lineage_frame(report), hide_index=True)
 with model_map:
     st.altair_chart(charts.model_map(report), width="content")

@@ -86,3 +86,22 @@ def test_cell_text_is_white_only_where_the_scheme_is_dark(metric: str, white_at:
         return bool(eval(test.replace("datum.value", repr(value))))
 
     assert all(white(v) for v in white_at) and not any(white(v) for v in black_at)
+
+
+def test_lineage_table_names_parents_mixes_and_duplicates() -> None:
+    report = {
+        "models": [f"/m/{name}.safetensors" for name in ("a", "a2", "ab", "b", "b_copy")],
+        "lineage": [
+            {"parent": None, "mix": None, "confidence": 0.9, "duplicate_of": None},
+            {"parent": "/m/a.safetensors", "mix": None, "confidence": 0.6, "duplicate_of": None},
+            {"parent": None, "mix": {"/m/a.safetensors": 0.5, "/m/b.safetensors": 0.5}, "confidence": 0.95,
+             "duplicate_of": None},
+            {"parent": None, "mix": None, "confidence": 0.01, "duplicate_of": "/m/b_copy.safetensors"},
+            {"parent": None, "mix": None, "confidence": 0.01, "duplicate_of": None},
+        ],
+    }
+    frame = charts.lineage_frame(report)
+    assert list(frame.columns) == ["model", "parent", "merge of", "duplicate of", "confidence"]
+    assert frame["parent"].tolist() == ["base", "a", "base", "base", "base"]
+    assert frame["merge of"][2] == "a × 0.50, b × 0.50"
+    assert frame["duplicate of"].tolist() == ["", "", "", "b_copy", ""]
