@@ -297,6 +297,9 @@ def _listing(roots: list[Path]) -> str:
 # --- output names --------------------------------------------------------------------------------
 
 
+OTHER_MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")  # a name meant for another format
+
+
 def validate_output_name(name: str) -> str:
     """A safe output file name: plain (no folders), letters, digits, ``._ -``, ending in ``.safetensors``.
 
@@ -318,6 +321,10 @@ def validate_output_name(name: str) -> str:
         raise OrthoMechaError(f"output name {name!r} must start with a letter or a digit (no leading dot or dash)")
     if name[-1] in ". ":
         raise OrthoMechaError(f"output name {name!r} must not end with a dot or a space")
+    suffix = Path(name).suffix.lower()
+    if suffix in OTHER_MODEL_SUFFIXES:
+        raise OrthoMechaError(f"output name {name!r}: merges are written as safetensors; name it "
+                              f"{Path(name).stem}{MODEL_SUFFIX}")
     if not name.lower().endswith(MODEL_SUFFIX):
         name += MODEL_SUFFIX
     if len(name) > MAX_OUTPUT_NAME:

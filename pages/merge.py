@@ -30,10 +30,13 @@ else:
                                help="a plain file name; letters, digits, '.', '_', '-' and spaces")
         overwrite = right.checkbox("Replace an existing file", key="merge_overwrite")
         with ui.shown_errors():
-            ahead = ui.plan_forecast(plan, workspace.merges_dir() / security.validate_output_name(name))
-            st.caption("Dry-run forecast: " + " · ".join(ahead.lines()))
+            target = workspace.merges_dir() / security.validate_output_name(name)
+            ahead = ui.plan_forecast(plan, target)
+            st.caption(f"Dry-run forecast for `{target.name}`: " + " · ".join(ahead.lines()))
             if ahead.fits_disk is False:
                 st.warning("Not enough free disk space for the output there; free some space first.")
+            if target.exists() and not overwrite:
+                st.warning(f"{target.name} exists already: choose another name, or tick 'Replace an existing file'.")
         if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start"):
             with ui.shown_errors():
                 ui.start_job("merge", workspace.merge_job_params(plan, name, overwrite), ui.MERGE_URL)

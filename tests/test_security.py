@@ -356,6 +356,8 @@ def test_good_output_names(name: str, expected: str) -> None:
         ("naïve", "contains 'ï'"),
         ("line\nbreak", "contains '\\n'"),
         ("m" * 190, "use at most 200"),
+        ("out.ckpt", "merges are written as safetensors; name it out.safetensors"),
+        ("out.PT", "name it out.safetensors"),
     ],
 )
 def test_bad_output_names(name: str, message: str) -> None:
