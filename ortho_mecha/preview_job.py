@@ -16,17 +16,18 @@ previews; a preview of a sweep that is already in ComfyUI when the sweep is canc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ortho_mecha import comfy, security, workspace
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.jobs import Cancelled, Progress
-from ortho_mecha.workflows import PreviewSettings, arch_id
+from ortho_mecha.workflows import PreviewSettings, arch_id, check_api_format, find_bindings
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +64,50 @@ def settings_params(settings: PreviewSettings) -> dict[str, Any]:
     return data
 
 
-def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, folder: str | None) -> dict[str, Any]:
-    """The ``preview`` job's parameters: render ``model`` with ``arch``'s built-in workflow."""
-    return {
-        "model": str(model),
-        "arch": arch_id(arch),
-        "settings": settings_params(settings),
-        "api": api,
-        "comfy_dir": folder,
-    }
+MARK_ROLES = ("model", "prompt", "negative", "seed")  # what a user's workflow takes, each at one NODE.INPUT
+
+
+@dataclass(frozen=True)
+class UserWorkflow:
+    """An uploaded API-format workflow and the user's ``NODE.INPUT`` marks (role → mark, None: detected)."""
+
+    graph: dict[str, Any]
+    marks: dict[str, str | None]
+
+
+def user_workflow(data: bytes, name: str, marks: Mapping[str, str | None] | None = None) -> UserWorkflow:
+    """Check an uploaded workflow now, on the page, as ``preview --workflow`` checks its file: JSON, API format,
+    and where the model name, prompts and seed go (the marks given, else detected; several candidates or a
+    mark that names no input are errors naming the upload)."""
+    try:
+        graph = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OrthoMechaError(f"not valid JSON ({exc})", name) from None
+    graph = check_api_format(graph, name)
+    unknown = sorted(set(marks or {}) - set(MARK_ROLES))
+    if unknown:
+        raise OrthoMechaError(f"unknown input role(s) {', '.join(unknown)}; allowed: {', '.join(MARK_ROLES)}")
+    clean = {role: ((marks or {}).get(role) or "").strip() or None for role in MARK_ROLES}
+    find_bindings(graph, **clean, path=Path(name))
+    return UserWorkflow(graph, clean)
+
+
+def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, folder: str | None,
+                   workflow: UserWorkflow | None = None) -> dict[str, Any]:
+    """The ``preview`` job's parameters: render ``model`` with ``arch``'s built-in workflow, or with the user's
+    own ``workflow`` (its prompt, negative prompt and seed are set where it takes them; a negative prompt or
+    seed it has no input for is left out)."""
+    params = {"model": str(model), "arch": arch_id(arch), "settings": settings_params(settings), "api": api,
+              "comfy_dir": folder}
+    if workflow is not None:
+        if settings.steps is not None or settings.cfg is not None:
+            raise OrthoMechaError("steps and CFG come from your own workflow: clear them here, or set them in "
+                                  'ComfyUI and export the workflow again with "Save (API)"')
+        bindings = find_bindings(workflow.graph, **workflow.marks)
+        params["settings"] |= {"negative": settings.negative if bindings.negative else None,
+                               "seed": settings.seed if bindings.seed else None}
+        params |= {"workflow": workflow.graph, "marks": workflow.marks}
+    return params
 
 
 def sweep_folder(name: str, workspace_dir: Path | None = None) -> Path:
@@ -157,6 +193,11 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     arch = _text(params, "arch", "preview")
     settings = _settings(params.get("settings"), "preview")
     client, comfy_folder = _client(params, "preview")
+    workflow = bindings = None
+    if params.get("workflow") is not None:
+        workflow = check_api_format(params["workflow"], "the preview job's workflow")
+        marks = params.get("marks") or {}
+        bindings = find_bindings(workflow, **{role: marks.get(role) for role in MARK_ROLES})
 
     def report(place: comfy.Progress) -> None:
         where = "rendering in ComfyUI" if place.state == "running" else f"queued in ComfyUI, {place.ahead} ahead"
@@ -167,7 +208,8 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
             raise
 
     progress({"message": f"sending {model.name} to ComfyUI at {client.base_url}"})
-    result = comfy.run_preview(model, arch, settings, client=client, comfy=comfy_folder, progress=report)
+    result = comfy.run_preview(model, arch, settings, client=client, comfy=comfy_folder, workflow=workflow,
+                               bindings=bindings, progress=report)
     paths = comfy.save_images(result.images, model.parent, f"{model.stem}_seed{result.seed}")
     return {
         "images": [str(path) for path in paths],

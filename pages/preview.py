@@ -8,6 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from ortho_mecha import comfy, preview_job, security, ui, workspace
+from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.workflows import BUILTIN_ARCHS, MAX_SEED, PreviewSettings
 
 BROWSER_INT_MAX = 2**53 - 1  # the largest whole number a browser number input holds exactly
@@ -59,10 +60,25 @@ with one:
     else:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         model = left.selectbox("Merged model", merges.labels, key="pv_model")
+        with st.expander("Your own workflow (optional)", icon=":material/account_tree:"):
+            st.caption('A workflow exported from ComfyUI with "Save (API)". The model, prompt, negative prompt '
+                       "and seed go where it takes them: found by ortho-mecha, or the NODE.INPUT you mark "
+                       "(e.g. 4.ckpt_name). Architecture, steps and CFG above do not apply to it.")
+            uploaded = st.file_uploader("Workflow (API format, .json)", type=["json"], key="pv_workflow")
+            mark_columns = st.columns(len(preview_job.MARK_ROLES))
+            marks = {role: column.text_input(f"{role} input", key=f"pv_mark_{role}", placeholder="detected")
+                     for role, column in zip(preview_job.MARK_ROLES, mark_columns, strict=True)}
+            own = None
+            if uploaded is not None:
+                with ui.shown_errors():
+                    own = preview_job.user_workflow(uploaded.getvalue(), uploaded.name, marks)
+                    st.caption(f"{uploaded.name}: {len(own.graph)} nodes; it will be used for this render.")
         if right.button("Render", type="primary", icon=":material/image:", key="pv_render", width="stretch"):
             with ui.shown_errors():
+                if uploaded is not None and own is None:
+                    raise OrthoMechaError(f"{uploaded.name}: fix the workflow (see above) or remove it")
                 server, comfy_folder = preview_job.connect(api, folder)
-                params = preview_job.preview_params(merges.path(model), arch, settings, server, comfy_folder)
+                params = preview_job.preview_params(merges.path(model), arch, settings, server, comfy_folder, own)
                 ui.start_job("preview", params, ui.PREVIEW_URL, heavy=False)
                 st.rerun()
     record = ui.job_panel(ui.PREVIEW_URL, "preview")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -68,6 +69,31 @@ def test_preview_job_saves_images_beside_the_model(comfy_stub: ComfyStub, tmp_pa
     assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (7, 4, 2.5)
     assert not (comfy_stub.root / "models" / "checkpoints" / model.name).exists()  # the link is gone again
     assert messages[0].startswith("sending mix.safetensors")
+
+
+def test_preview_job_renders_with_an_uploaded_workflow(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    from tests.test_comfy import user_graph
+
+    model = write_model(tmp_path / "merges" / "mix.safetensors")
+    graph = user_graph(seed=["prim", 0]) | {"prim": {"class_type": "PrimitiveInt", "inputs": {"value": 3}}}
+    upload = json.dumps(graph).encode()
+    with pytest.raises(OrthoMechaError, match=r"mine\.json: .*not valid JSON"):
+        preview_job.user_workflow(b"{nope", "mine.json")
+    with pytest.raises(OrthoMechaError, match=r"mine\.json"):  # a mark that names no input of the workflow
+        preview_job.user_workflow(upload, "mine.json", {"seed": "nowhere.seed"})
+    own = preview_job.user_workflow(upload, "mine.json", {"prompt": "pos.text", "seed": " "})
+    settings = PreviewSettings("a red fox", negative="blurry", seed=11)
+    with pytest.raises(OrthoMechaError, match="steps and CFG come from your own workflow"):
+        preview_job.preview_params(model, "sd1", SETTINGS, comfy_stub.url, str(comfy_stub.root), own)
+    params = preview_job.preview_params(model, "sd1", settings, comfy_stub.url, str(comfy_stub.root), own)
+    assert params["settings"]["negative"] == "blurry" and params["marks"]["prompt"] == "pos.text"
+    json.dumps(params)  # a job's parameters are plain JSON
+    result = preview_job.run_job(params, lambda info: None)
+    sent = comfy_stub.received[-1]["prompt"]
+    assert sent["ckpt"]["inputs"]["ckpt_name"] == "mix.safetensors"
+    assert sent["pos"]["inputs"]["text"] == "a red fox" and sent["prim"]["inputs"]["value"] == 11
+    assert sent["neg"]["inputs"]["text"] == "blurry"
+    assert [Path(p).name for p in result["images"]] == ["mix_seed11_001.png"]
 
 
 def test_cancelling_a_preview_job_cancels_the_prompt_in_comfyui(tmp_path: Path) -> None:
@@ -141,6 +167,27 @@ def test_preview_page_renders_a_merge_in_the_background(
     assert not _errors(at)
     assert (workspace / "merges" / "tiny_seed0_001.png").read_bytes().startswith(PNG_SIGNATURE)
     assert any("tiny_seed0_001.png" in caption.value for caption in at.caption)
+
+
+def test_preview_page_renders_with_an_uploaded_workflow(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    from tests.test_comfy import user_graph
+
+    write_model(workspace / "merges" / "tiny.safetensors")
+    at = _page(monkeypatch, comfy_stub)
+    uploader = next(widget for widget in at.get("file_uploader") if "Workflow" in widget.label)
+    uploader.set_value(("ui.json", b'{"nodes": [], "links": []}', "application/json")).run()
+    assert any("ui.json: this is a UI-format workflow" in error for error in _errors(at))
+    uploader = next(widget for widget in at.get("file_uploader") if "Workflow" in widget.label)
+    uploader.set_value(("mine.json", json.dumps(user_graph(seed=5)).encode(), "application/json")).run()
+    assert not _errors(at)
+    assert any("mine.json: 7 nodes" in caption.value for caption in at.caption)
+    at.button(key="pv_render").click().run()
+    assert not _errors(at)
+    _until(at, lambda a: a.get("image"), "the preview images")
+    sent = comfy_stub.received[-1]["prompt"]
+    assert sent["ckpt"]["inputs"]["ckpt_name"] == "tiny.safetensors" and sent["ks"]["inputs"]["scheduler"] == "karras"
 
 
 def test_preview_page_says_when_comfyui_is_down(
