@@ -64,6 +64,11 @@ def settings_params(settings: PreviewSettings) -> dict[str, Any]:
     return data
 
 
+def file_list(text: str) -> tuple[str, ...]:
+    """File names typed as one text, separated by commas (blanks dropped)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 MARK_ROLES = ("model", "prompt", "negative", "seed")  # what a user's workflow takes, each at one NODE.INPUT
 
 
@@ -100,9 +105,9 @@ def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, 
     params = {"model": str(model), "arch": arch_id(arch), "settings": settings_params(settings), "api": api,
               "comfy_dir": folder}
     if workflow is not None:
-        if settings.steps is not None or settings.cfg is not None:
-            raise OrthoMechaError("steps and CFG come from your own workflow: clear them here, or set them in "
-                                  'ComfyUI and export the workflow again with "Save (API)"')
+        if settings.steps is not None or settings.cfg is not None or settings.clip or settings.vae:
+            raise OrthoMechaError("steps, CFG, text encoders and VAE come from your own workflow: clear them here, "
+                                  'or set them in ComfyUI and export the workflow again with "Save (API)"')
         bindings = find_bindings(workflow.graph, **workflow.marks)
         params["settings"] |= {"negative": settings.negative if bindings.negative else None,
                                "seed": settings.seed if bindings.seed else None}

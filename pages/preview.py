@@ -48,8 +48,15 @@ with st.container(border=True):
                                   placeholder="default", help="empty: the architecture's default")
     prompt = st.text_area("Prompt", value="a photo of a red fox in the snow, detailed fur", key="pv_prompt", height=80)
     negative = st.text_area("Negative prompt", value="blurry, low quality", key="pv_negative", height=68)
+    clip_column, vae_column = st.columns(2)
+    clip = clip_column.text_input("Text encoder file(s)", key="pv_clip", placeholder="auto: from what ComfyUI lists",
+                                  help="file names as ComfyUI lists them, separated by commas (two for SDXL-style "
+                                       "dual encoders); empty: picked for the architecture")
+    vae = vae_column.text_input("VAE file", key="pv_vae", placeholder="auto: from what ComfyUI lists",
+                                help="a file name as ComfyUI lists it; empty: picked for the architecture")
 settings = PreviewSettings(prompt=prompt, negative=negative, seed=int(seed),
-                           steps=None if steps is None else int(steps), cfg=cfg)
+                           steps=None if steps is None else int(steps), cfg=cfg,
+                           clip=preview_job.file_list(clip), vae=vae.strip() or None)
 
 one, sweep = st.tabs(["One model", "Alpha sweep"])
 
@@ -63,7 +70,7 @@ with one:
         with st.expander("Your own workflow (optional)", icon=":material/account_tree:"):
             st.caption('A workflow exported from ComfyUI with "Save (API)". The model, prompt, negative prompt '
                        "and seed go where it takes them: found by ortho-mecha, or the NODE.INPUT you mark "
-                       "(e.g. 4.ckpt_name). Architecture, steps and CFG above do not apply to it.")
+                       "(e.g. 4.ckpt_name). Architecture, steps, CFG, text encoders and VAE above do not apply to it.")
             uploaded = st.file_uploader("Workflow (API format, .json)", type=["json"], key="pv_workflow")
             mark_columns = st.columns(len(preview_job.MARK_ROLES))
             marks = {role: column.text_input(f"{role} input", key=f"pv_mark_{role}", placeholder="detected")

@@ -83,7 +83,7 @@ def test_preview_job_renders_with_an_uploaded_workflow(comfy_stub: ComfyStub, tm
         preview_job.user_workflow(upload, "mine.json", {"seed": "nowhere.seed"})
     own = preview_job.user_workflow(upload, "mine.json", {"prompt": "pos.text", "seed": " "})
     settings = PreviewSettings("a red fox", negative="blurry", seed=11)
-    with pytest.raises(OrthoMechaError, match="steps and CFG come from your own workflow"):
+    with pytest.raises(OrthoMechaError, match="steps, CFG, text encoders and VAE come from your own workflow"):
         preview_job.preview_params(model, "sd1", SETTINGS, comfy_stub.url, str(comfy_stub.root), own)
     params = preview_job.preview_params(model, "sd1", settings, comfy_stub.url, str(comfy_stub.root), own)
     assert params["settings"]["negative"] == "blurry" and params["marks"]["prompt"] == "pos.text"
@@ -183,11 +183,31 @@ def test_preview_page_renders_with_an_uploaded_workflow(
     uploader.set_value(("mine.json", json.dumps(user_graph(seed=5)).encode(), "application/json")).run()
     assert not _errors(at)
     assert any("mine.json: 7 nodes" in caption.value for caption in at.caption)
+    at.text_input(key="pv_vae").set_value("ae.safetensors").run()
+    at.button(key="pv_render").click().run()
+    assert any("text encoders and VAE come from your own workflow" in error for error in _errors(at))
+    at.text_input(key="pv_vae").set_value("").run()
     at.button(key="pv_render").click().run()
     assert not _errors(at)
     _until(at, lambda a: a.get("image"), "the preview images")
     sent = comfy_stub.received[-1]["prompt"]
     assert sent["ckpt"]["inputs"]["ckpt_name"] == "tiny.safetensors" and sent["ks"]["inputs"]["scheduler"] == "karras"
+
+
+def test_preview_page_passes_a_chosen_vae_to_the_workflow(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    write_model(workspace / "merges" / "tiny.safetensors")
+    at = _page(monkeypatch, comfy_stub)
+    at.selectbox(key="pv_arch").set_value("sd1")
+    at.text_input(key="pv_vae").set_value(" ae.safetensors ").run()
+    at.button(key="pv_render").click().run()
+    assert not _errors(at)
+    _until(at, lambda a: a.get("image"), "the preview images")
+    sent = comfy_stub.received[-1]["prompt"]
+    assert [node["inputs"]["vae_name"] for node in sent.values() if node["class_type"] == "VAELoader"] == [
+        "ae.safetensors"]
+    assert preview_job.file_list(" a.safetensors, ,b.safetensors ") == ("a.safetensors", "b.safetensors")
 
 
 def test_preview_page_says_when_comfyui_is_down(
