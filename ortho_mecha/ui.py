@@ -111,15 +111,20 @@ def require_app() -> None:
     link straight to ``/merge`` would run ``pages/merge.py`` without ``streamlit_app.py`` and its gate.
     This switches Streamlit to ``st.navigation`` mode (what ``st.navigation`` itself does, through the same
     internal flag) and, when the gate is closed, switches to the main script, which shows the sign-in and
-    then the dashboard's first page. With the gate open, a page run on its own still shows; only that first
-    view has Streamlit's plain page list in the sidebar.
+    then the dashboard's first page. With the gate open, a new session's first view of a page run on its
+    own is run again, through the main script, so that it too has the dashboard's page list (not
+    Streamlit's plain list of the files). Only a session's first run: a rerun would drop a click (and under
+    AppTest, which starts every run in the legacy mode, pages simply run on their own).
     """
     from streamlit.runtime.pages_manager import PagesManager
 
+    run_on_its_own = bool(PagesManager.uses_pages_directory)
     PagesManager.uses_pages_directory = False
     if not gate_open():
         logger.warning("a page was asked for before the password was given; switching to the sign-in")
         st.switch_page(str(APP_DIR / "streamlit_app.py"))
+    if run_on_its_own and not st.session_state.to_dict():
+        st.rerun()
 
 
 def sign_in(address: str | None) -> None:

@@ -240,6 +240,22 @@ def test_every_page_answers_at_its_own_address(server: Server, page: Page) -> No
         assert not page.get_by_text("Page not found").count(), address
 
 
+def test_a_fresh_servers_first_link_to_a_page_shows_the_dashboards_navigation(tmp_path: Path, page: Page) -> None:
+    """Until a session has called st.navigation, Streamlit runs ``pages/*.py`` on their own, listing the files
+    ("streamlit app", "analyse", …) in the sidebar; the page runs again through the main script."""
+    fresh = Server(tmp_path, "127.0.0.1", _env(tmp_path))
+    try:
+        page.goto(f"{fresh.url}/mixer?from=link")
+        expect(page.get_by_role("heading", name="Mixer").first).to_be_visible(timeout=60_000)  # imports torch
+        nav = page.get_by_test_id("stSidebarNav")
+        for spec in ui.PAGES:
+            expect(nav.get_by_role("link", name=spec.title)).to_be_visible()
+        expect(nav.get_by_role("link", name="streamlit app")).to_have_count(0)
+        expect(page).to_have_url(re.compile(r"/mixer\?from=link$"))
+    finally:
+        fresh.stop()
+
+
 def test_merge_runs_to_done_and_a_reload_shows_the_same_job(server: Server, page: Page) -> None:
     page.goto(server.url)
     expect(_heatmap(page)).to_be_visible(timeout=90_000)
