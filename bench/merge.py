@@ -48,6 +48,9 @@ def run_step(step: str, paths: list[Path], threads: int | None, via: str) -> Non
     from ortho_mecha.plan import plan_from_dict
     from ortho_mecha.recipe import build_recipe
 
+    if step == "floor":
+        print(json.dumps(exact_floor(paths)))
+        return
     config = register_base_config(paths[0])
     if step == "import":
         run_and_report(step, lambda: None)
@@ -91,6 +94,36 @@ def run_step(step: str, paths: list[Path], threads: int | None, via: str) -> Non
         run_and_report(step, timed_merge)
     print(json.dumps(json.loads(printed.getvalue().splitlines()[-1]) | {"cpu_seconds": cpu["seconds"]}))
     out.unlink(missing_ok=True)
+
+
+def exact_floor(paths: list[Path]) -> dict:
+    """Seconds of the two steps exact ``orthomerge`` cannot skip, on the same keys, inputs already in memory:
+    the products W_i Wᵀ (float64, on the smaller side; the Procrustes input of DESIGN.md's step 1) and one
+    k × k float64 eigendecomposition per row and key (``syevd`` of MᵀM, the cheapest exact polar route;
+    ill-conditioned keys need an SVD, ~2× that). Reading and converting are left out."""
+    import time
+
+    import scipy.linalg
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(path, "pt")) for path in paths]
+        names = files[0].keys()
+        keys = [key for key in names if len(files[0].get_slice(key).get_shape()) >= 2]
+        products = decompositions = 0.0
+        for key in keys:
+            matrices = [f.get_tensor(key).double().flatten(1) for f in files]
+            if matrices[0].shape[0] > matrices[0].shape[1]:
+                matrices = [m.T.contiguous() for m in matrices]
+            base = matrices[0]
+            start = time.perf_counter()
+            grams = [(base + delta) @ base.T for delta in matrices[1:]]
+            products += time.perf_counter() - start
+            start = time.perf_counter()
+            for gram in grams:
+                scipy.linalg.eigh((gram.T @ gram).numpy(), driver="evd", check_finite=False)
+            decompositions += time.perf_counter() - start
+    return {"step": "floor", "products_seconds": products, "decompositions_seconds": decompositions, "keys": len(keys)}
 
 
 def _silent(total: int, desc: str = "") -> object:
@@ -147,6 +180,14 @@ def main() -> None:
     print(line("sd-mecha n_average", reference))
     for method in args.methods:
         print(line(method, best(method, paths, args)))
+    if any(method.startswith("orthomerge") for method in args.methods):
+        floor = measured(__file__, "floor", *paths)
+        products, decompositions = floor["products_seconds"], floor["decompositions_seconds"]
+        print(
+            f"exact orthomerge's floor over {floor['keys']} matrix keys: products W_i Wᵀ {products:.2f} s "
+            f"({products / reference['seconds']:.2f} x), + one float64 eigh per row and key {decompositions:.2f} s "
+            f"= {(products + decompositions) / reference['seconds']:.2f} x n_average"
+        )
 
 
 if __name__ == "__main__":
