@@ -174,7 +174,7 @@ def _break_cycles(fam: _Family, delta_from: list[int | None]) -> dict[int, str]:
             return notes
         weakest = max(cycle, key=lambda i: (fam.d[i, delta_from[i]] / max(fam.h[i, i], 1e-300), -i))
         loop = " ← ".join(fam.names[i] for i in [*cycle, cycle[0]])
-        notes[weakest] = f"delta-from reset to the base to break the cycle {loop}"
+        notes[weakest] = f"delta from the base: from {fam.names[delta_from[weakest]]} would close the cycle {loop}"
         delta_from[weakest] = None
 
 

@@ -126,7 +126,7 @@ def test_cycle_is_broken_at_its_weakest_link() -> None:
     notes = optimize._break_cycles(fam, delta_from)
     # the link a ← b has D_ab / D_aC = 0.09, the link b ← a has D_ab / D_bC = 0.09 / 1.09: a's link is the weaker
     assert delta_from == [None, 0, None]
-    assert notes == {0: "delta-from reset to the base to break the cycle a ← b ← a"}
+    assert notes == {0: "delta from the base: from b would close the cycle a ← b ← a"}
 
 
 def test_single_row_gets_no_repeat() -> None:
