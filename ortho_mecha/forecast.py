@@ -61,7 +61,7 @@ class Forecast:
             f"output: {_size(self.output_bytes)}{disk}",
             f"inputs: {_size(self.inputs_bytes)} read once",
             f"peak RAM: about {_size(self.peak_ram_bytes)} (largest key {self.largest_key})",
-            f"time: about {_duration(self.seconds)} on this machine for the merge itself (estimate; "
+            f"time: {_duration(self.seconds)} on this machine for the merge itself (estimate; "
             "starting up, hashing new inputs and measuring survival come on top)",
         ]
 
@@ -71,13 +71,14 @@ def _size(n: int) -> str:
 
 
 def _duration(seconds: float) -> str:
-    if seconds < 1:  # "about 0 s" read as a broken estimate
+    """An estimate in words: "under a second" ("about 0 s" read as a broken estimate), else "about 12 s"."""
+    if seconds < 1:
         return "under a second"
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"about {seconds:.0f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 def _timed(fn: object, repeat: int = 3) -> float:

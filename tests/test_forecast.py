@@ -54,7 +54,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["merge", str(plan_file), "--out", str(out), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "peak RAM" in printed and "output:" in printed and "time:" in printed
-    assert "about 0 s" not in printed  # a tiny merge reads "under a second"
+    assert "time: under a second on this machine" in printed  # not "about 0 s", not "about under a second"
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
