@@ -260,6 +260,7 @@ MERGE_URL = "merge"
 PREVIEW_URL = "preview"
 SWEEP_URL = "sweep"
 LORA_URL = "lora"
+MIX_URL = "mix"  # the Mixer's plan, kept by workspace.remember_mix
 
 
 def remember_analysis(record: Mapping[str, Any]) -> None:
@@ -293,6 +294,30 @@ def loaded_analysis(params: Mapping[str, Any]) -> Any:
 
 
 # --- the Mixer -------------------------------------------------------------------------------------
+
+
+def first_mix(choices: Any, analysis: tuple[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """The Mixer's state in a new session: the plan its URL names (a reload, a shared link), else rows from the
+    analysis shown (one row per model), else an empty table."""
+    from ortho_mecha import workspace
+
+    if (mix_id := st.query_params.get(MIX_URL)) is not None:
+        with shown_errors():
+            return workspace.table_from_plan(workspace.recall_mix(mix_id, choices), choices)
+    state = {"base": choices.labels[0], "rows": [], "method": "ortho_superpose", "options": {}, "texture": None}
+    if analysis is not None:
+        with shown_errors():
+            state["base"] = choices.label(analysis[1]["base"])
+            state["rows"] = workspace.table_rows_from_report(analysis[1], choices)
+    return state
+
+
+def remember_mix(plan: Any) -> None:
+    """Keep the Mixer's valid plan and name it in the URL, so a reload or a copied link shows it again."""
+    from ortho_mecha import workspace
+
+    with shown_errors():
+        st.query_params[MIX_URL] = workspace.remember_mix(plan)
 
 
 def set_mix(state: dict[str, Any]) -> None:

@@ -299,10 +299,51 @@ def load_preset(name: str, choices: ModelChoices, workspace: Path | None = None)
     if not path.is_file():
         saved = ", ".join(list_presets(workspace)) or "none"
         raise OrthoMechaError(f"no preset named {name!r}; saved presets: {saved}")
-    plan = load_plan(path)
+    return _inside_roots(load_plan(path), choices)
+
+
+def _inside_roots(plan: Any, choices: ModelChoices) -> Any:
+    """``plan``, once every file it names is checked to lie inside the allowed roots."""
     for file in plan.input_files():
         security.resolve_model_path(file, choices.roots)
     return plan
+
+
+# --- the Mixer's plan across reloads: kept in the cache under its content's hash, named in the URL ----------
+
+MIX_DAYS = 30  # how long a Mixer plan is kept after it was last shown
+_MIX_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def remember_mix(plan: Any) -> str:
+    """Keep ``plan`` in the ``mixes`` cache; its id (32 hex digits of its JSON's SHA-256) for the URL."""
+    import hashlib
+
+    from ortho_mecha.cache import open_cache
+
+    text = plan.to_json()
+    mix_id = hashlib.sha256(text.encode()).hexdigest()[:32]
+    with open_cache("mixes") as cache:
+        if not cache.touch(mix_id, expire=MIX_DAYS * 86400):
+            cache.set(mix_id, text, expire=MIX_DAYS * 86400)
+    return mix_id
+
+
+def recall_mix(mix_id: str, choices: ModelChoices) -> Any:
+    """The plan :func:`remember_mix` kept under ``mix_id``; its files must still lie inside the allowed roots."""
+    import json
+
+    from ortho_mecha.cache import open_cache
+    from ortho_mecha.plan import plan_from_dict
+
+    if not _MIX_ID.fullmatch(mix_id):
+        raise OrthoMechaError(f"{mix_id!r} is not a Mixer plan id (32 hexadecimal digits); the Mixer starts afresh")
+    with open_cache("mixes") as cache:
+        text = cache.get(mix_id)
+    if text is None:
+        raise OrthoMechaError(f"no Mixer plan {mix_id} is kept (not shown for {MIX_DAYS} days, or the cache was "
+                              "cleared); the Mixer starts afresh")
+    return _inside_roots(plan_from_dict(json.loads(text), security.workspace_dir()), choices)
 
 
 

@@ -22,12 +22,7 @@ if not choices.labels:
 analysis = ui.current_analysis()
 
 if "mix" not in st.session_state:
-    state = {"base": choices.labels[0], "rows": [], "method": "ortho_superpose", "options": {}, "texture": None}
-    if analysis is not None:
-        with ui.shown_errors():
-            state["base"] = choices.label(analysis[1]["base"])
-            state["rows"] = workspace.table_rows_from_report(analysis[1], choices)
-    ui.set_mix(state)
+    ui.set_mix(ui.first_mix(choices, analysis))
 mix = st.session_state["mix"]
 
 with st.container(border=True):
@@ -125,6 +120,8 @@ else:
     with ui.shown_errors():
         plan = workspace.plan_from_table(base, rows, method, options, texture, choices, chosen_components)
         st.session_state["plan"] = plan
+    if plan is not None:
+        ui.remember_mix(plan)
 
 with predicted:
     if analysis is None:

@@ -122,3 +122,33 @@ def test_no_predicted_figures_for_a_plan_that_cannot_be_merged(analysed: Path) -
     assert any("nowhere" in error for error in _errors(at))
     assert any("predicted for a plan that can be merged" in info.value for info in at.info)
     assert "plan" not in at.session_state
+
+
+@pytest.mark.slow
+def test_a_reload_shows_the_mixers_plan_again(analysed: Path) -> None:
+    at = _app()
+    at.switch_page(MIXER).run()
+    mix = at.session_state["mix"]
+    mix["rows"][1].update(alpha=0.35, enabled=False)
+    mix["method"] = "orthomerge"
+    mix["version"] += 1
+    at.run()
+    assert not _errors(at)
+    edited = at.session_state["plan"]
+    mix_id = at.query_params[ui.MIX_URL]
+
+    # A new session (a reload, a copied link): the URL's plan, not rows freshly made from the analysis.
+    reloaded = _app()
+    reloaded.query_params[ui.MIX_URL] = mix_id
+    reloaded.switch_page(MIXER).run()
+    assert not _errors(reloaded)
+    assert reloaded.session_state["plan"] == edited
+    assert reloaded.session_state["plan"].rows[1].alpha == 0.35 and not reloaded.session_state["plan"].rows[1].enabled
+
+    # An id that is not kept: said so, and the Mixer starts from the analysis.
+    unknown = _app()
+    unknown.query_params[ui.MIX_URL] = "0" * 32
+    unknown.switch_page(MIXER).run()
+    assert any("no Mixer plan" in error for error in _errors(unknown))
+    assert unknown.session_state["plan"].method == "ortho_superpose"
+    assert all(row.alpha == 1.0 for row in unknown.session_state["plan"].rows)

@@ -102,6 +102,26 @@ def test_a_preset_naming_files_outside_the_roots_is_refused(models: tuple[dict[s
         workspace.load_preset("mix", only_the_workspace, workspace=ws)
 
 
+def test_a_mixer_plan_is_kept_under_its_content_hash_and_checked_when_recalled(
+    models: tuple[dict[str, Path], ModelChoices], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths, choices = models
+    monkeypatch.setenv("ORTHO_MECHA_CACHE", str(tmp_path / "cache"))
+    plan = a_plan(paths)
+    mix_id = workspace.remember_mix(plan)
+    assert len(mix_id) == 32 and workspace.remember_mix(plan) == mix_id  # the same plan, the same id
+    assert workspace.recall_mix(mix_id, choices) == plan
+    other = Plan(base=plan.base, method="orthomerge", rows=plan.rows)
+    assert workspace.remember_mix(other) != mix_id
+    for bad in ("../../etc/passwd", "A" * 32, "0" * 31, ""):
+        with pytest.raises(OrthoMechaError, match="is not a Mixer plan id"):
+            workspace.recall_mix(bad, choices)
+    with pytest.raises(OrthoMechaError, match="no Mixer plan"):
+        workspace.recall_mix("f" * 32, choices)
+    with pytest.raises(OrthoMechaError):  # its files must lie inside the roots
+        workspace.recall_mix(mix_id, ModelChoices.scan((tmp_path / "elsewhere",)))
+
+
 def test_demo_is_written_once(tmp_path: Path) -> None:
     first = workspace.ensure_demo(tmp_path)
     assert "base" in first and len(first) > 2
