@@ -37,6 +37,7 @@ from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, selection_matrix
 from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, expand_model_paths
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
+from ortho_mecha.progress import read_text
 from ortho_mecha.validate import Alignment
 
 try:
@@ -1121,7 +1122,7 @@ def with_delta_from(a: Analysis, delta_from: Sequence[int | None]) -> Analysis:
 def summary_lines(rep: dict) -> list[str]:
     """A short human summary of a report."""
     names = [Path(m).name for m in rep["models"]]
-    read = f"{rep['bytes_read'] / 2**20:.1f} MiB read in {rep['seconds']:.1f} s" if rep["bytes_read"] else "from cache"
+    read = read_text(rep)
     lines = [f"{rep['arch']} base {Path(rep['base']).name}: {len(names)} models, {rep['keys']} keys, {read}"]
     width = max(len(n) for n in names)
     grades = rep.get("quality", {}).get("grade", ["?"] * len(names))

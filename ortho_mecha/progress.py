@@ -1,8 +1,11 @@
-"""Progress reporting: the dict callbacks long work calls, shown as a tqdm bar on a terminal."""
+"""Progress reporting: the dict callbacks long work calls, shown as a tqdm bar on a terminal, and the one-line
+account of a finished analysis pass."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from tqdm import tqdm
 
@@ -36,3 +39,12 @@ class TqdmProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
+
+
+def read_text(report: Mapping[str, Any]) -> str:
+    """What an analysis report's pass read and how long it took ("7.3 MiB read in 40 ms"), or "from cache"."""
+    if not report["bytes_read"]:
+        return "from cache"
+    seconds = report["seconds"]
+    took = f"{seconds:.1f} s" if seconds >= 0.1 else f"{max(1.0, seconds * 1000):.0f} ms"
+    return f"{report['bytes_read'] / 2**20:.1f} MiB read in {took}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ortho_mecha import charts, jobs, ui, workspace
+from ortho_mecha import charts, jobs, progress, ui, workspace
 from ortho_mecha.workspace import BASE_LABEL
 
 ui.require_app()
@@ -78,7 +78,7 @@ ui.remember_analysis(record)
 report = record["result"]
 names = charts.short_names(report["models"])
 
-read = f"{report['bytes_read'] / 2**20:.1f} MiB read in {report['seconds']:.1f} s" if report["bytes_read"] else "cached"
+read = progress.read_text(report)
 st.caption(
     f"{report['arch']} · base {Path(report['base']).name} · {len(names)} models · {report['keys']} keys · {read}"
 )

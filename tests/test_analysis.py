@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from ortho_mecha import analysis as A
 from ortho_mecha.analysis_cache import Store
 from ortho_mecha.gram import cosine, delta_gram
+from ortho_mecha.progress import read_text
 from tests.modelgen import flat_delta, stored, write_family_files
 
 MEMBERS = ["base", "anime", "photo", "anime_v2", "anime_photo_merge", "unrelated", "anime_opposite"]
@@ -467,6 +468,17 @@ def test_summary_names_the_least_similar_pair_as_opposed_only_when_it_is() -> No
     assert "  most opposed: a.safetensors ~ c.safetensors (cos -0.700)" in opposed
     pair = A.summary_lines(rep([[1, 0.3], [0.3, 1]], [None] * 2))
     assert sum("similar" in line or "opposed" in line for line in pair) == 1
+    assert pair[0].endswith("3 keys, from cache")
+
+
+def test_the_summary_says_what_was_read_and_how_long_it_took() -> None:
+    def read(seconds: float, size: int = 7654321) -> str:
+        return read_text({"bytes_read": size, "seconds": seconds})
+
+    assert read(12.34) == "7.3 MiB read in 12.3 s"
+    assert read(0.04) == "7.3 MiB read in 40 ms"  # a small pass: not "in 0.0 s"
+    assert read(0.0) == "7.3 MiB read in 1 ms"
+    assert read(1.0, size=0) == "from cache"
 
 
 def test_two_models_each_others_delta_from_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
