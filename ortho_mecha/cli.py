@@ -162,9 +162,9 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true", help="sweep: also preview the base and each enabled row's model")
     p.add_argument(
         "--arch",
-        required=True,
         choices=ARCH_CHOICES,
-        help="architecture id: picks the built-in workflow (custom needs --workflow)",
+        help="architecture id: picks the built-in workflow (default: detected from the model's keys, or from the "
+        "plan's base; custom needs --workflow)",
     )
     p.add_argument("--prompt", required=True, help="the positive prompt")
     p.add_argument("--negative", help="the negative prompt (default: empty; with --workflow, the workflow's own)")

@@ -927,6 +927,26 @@ def settings_from_args(args: argparse.Namespace) -> PreviewSettings:
     )
 
 
+def preview_arch(arch: str | None, model: str | Path, workflow: bool = False) -> str:
+    """``arch`` as given, or the architecture detected from ``model``'s keys (said on stderr). A model detected
+    as ``custom`` has no built-in workflow: without the user's own, that is an error asking for ``--arch``."""
+    if arch:
+        return arch
+    from ortho_mecha.io import Model
+    from ortho_mecha.validate import file_arch
+
+    detected = file_arch(Model(model).tensors)
+    if detected == "custom" and not workflow:
+        raise OrthoMechaError(
+            "its keys match none of the built-in architectures (sd1, sdxl, flux1, flux2-klein, chroma, zimage); "
+            "give --arch, or your own workflow with --workflow FILE.json",
+            model,
+        )
+    print(f"ortho-mecha: architecture {detected} (detected from {Path(model).name}; --arch to choose)",
+          file=sys.stderr)
+    return detected
+
+
 def cli_preview(args: argparse.Namespace) -> int:
     """``ortho-mecha preview``: render one preview through ComfyUI and write the images to ``--out``."""
     if args.plan:
@@ -944,10 +964,11 @@ def cli_preview(args: argparse.Namespace) -> int:
     elif any(marks.values()):
         given = ", ".join(f"--set-{role}" for role, mark in marks.items() if mark)
         raise OrthoMechaError(f"{given} only apply to your own workflow (--workflow FILE.json)")
+    arch = preview_arch(args.arch, args.model, workflow=workflow is not None)
     client = ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout))
     result = run_preview(
         args.model,
-        args.arch,
+        arch,
         settings,
         client=client,
         comfy=comfy_dir(args.comfy_dir),

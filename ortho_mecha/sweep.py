@@ -154,7 +154,7 @@ def alpha_sweep(
 
 def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` command
     """``ortho-mecha preview --plan PLAN.json --alphas A,B,... --out DIR``: the alpha sweep."""
-    from ortho_mecha.comfy import HTTP_TIMEOUT, comfy_dir, settings_from_args
+    from ortho_mecha.comfy import HTTP_TIMEOUT, comfy_dir, preview_arch, settings_from_args
     from ortho_mecha.plan import load_plan
 
     if args.model:
@@ -162,13 +162,16 @@ def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` comman
     if args.workflow:
         raise OrthoMechaError("--workflow is not supported with --plan yet; sweeps use the built-in workflows")
     settings = settings_from_args(args)
+    plan = load_plan(args.plan)
+    alphas = parse_alphas(args.alphas)
+    arch = preview_arch(args.arch, plan.base)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = alpha_sweep(
-        load_plan(args.plan),
-        parse_alphas(args.alphas),
+        plan,
+        alphas,
         out,
-        args.arch,
+        arch,
         settings,
         client=ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout)),
         comfy=comfy_dir(args.comfy_dir),

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.numpy import save_file
 
+from ortho_mecha.arch import FLUX_KEY
 from ortho_mecha.comfy import (
     LINK_USERS,
     ComfyClient,
@@ -595,6 +596,19 @@ def test_cli_preview_writes_pngs(
     again = cli(*argv)
     assert [Path(line).name for line in again.out.splitlines()] == ["merged_seed3_002.png"]
     assert digests(model) == before
+
+
+def test_cli_preview_detects_the_architecture_when_arch_is_not_given(
+    comfy_stub: ComfyStub, tmp_path: Path, cli: Callable, cli_error: Callable
+) -> None:
+    flux = write_model(tmp_path / "flux.safetensors", {FLUX_KEY: (128,), "img_in.weight": (3072, 64)})
+    place = ["--prompt", "a fox", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", tmp_path / "out"]
+    result = cli("preview", flux, *place)
+    assert result.code == 0, result.err
+    assert "architecture flux1 (detected from flux.safetensors" in result.err
+    assert any(node["class_type"] == "UNETLoader" for node in comfy_stub.received[-1]["prompt"].values())
+    unknown = write_model(tmp_path / "custom.safetensors")  # a UNet key, no cross-attention: no built-in architecture
+    assert "give --arch, or your own workflow" in cli_error("preview", unknown, *place)
 
 
 def test_cli_preview_with_a_user_workflow(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:

@@ -35,10 +35,11 @@ def test_sweep_merges_previews_and_grids(comfy_stub: ComfyStub, tmp_path: Path, 
     inputs = sorted((tmp_path / "m").glob("*.safetensors"))
     before = digests(*inputs)
     out = tmp_path / "sweep"
-    argv = ["preview", "--plan", plan, "--alphas", "0,1", "--compare", "--arch", "sdxl", "--prompt", "a fox",
+    argv = ["preview", "--plan", plan, "--alphas", "0,1", "--compare", "--prompt", "a fox",
             "--seed", "5", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", out]
     result = cli(*argv)
     assert result.code == 0, result.err
+    assert "architecture sdxl (detected from base.safetensors" in result.err  # no --arch: the plan's base tells
     merges = sorted(out.glob("*.safetensors"))
     assert [p.name for p in merges] == ["mix_sweep_alpha0.safetensors", "mix_sweep_alpha1.safetensors"]
     saved = json.loads((out / "mix_sweep_alpha1.plan.json").read_text())
