@@ -97,6 +97,19 @@ def user_workflow(data: bytes, name: str, marks: Mapping[str, str | None] | None
     return UserWorkflow(graph, clean)
 
 
+def arch_mismatch(model: Path, arch: str) -> str | None:
+    """What to tell the user when ``model``'s keys are those of another built-in architecture than ``arch``
+    (the built-in workflow would not load it), else None; a model of no built-in architecture passes."""
+    from ortho_mecha.io import Model
+    from ortho_mecha.validate import file_arch
+
+    detected = file_arch(Model(model).tensors)
+    if detected in ("custom", arch_id(arch)):
+        return None
+    return (f"{model.name} has the keys of {detected}, but Architecture is {arch_id(arch)}: its built-in workflow "
+            f"would not load it; choose {detected}")
+
+
 def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, folder: str | None,
                    workflow: UserWorkflow | None = None) -> dict[str, Any]:
     """The ``preview`` job's parameters: render ``model`` with ``arch``'s built-in workflow, or with the user's

@@ -80,6 +80,10 @@ with one:
                 with ui.shown_errors():
                     own = preview_job.user_workflow(uploaded.getvalue(), uploaded.name, marks)
                     st.caption(f"{uploaded.name}: {len(own.graph)} nodes; it will be used for this render.")
+        if uploaded is None:  # the built-in workflow of the chosen architecture
+            with ui.shown_errors():
+                if mismatch := preview_job.arch_mismatch(merges.path(model), arch):
+                    st.warning(mismatch)
         if right.button("Render", type="primary", icon=":material/image:", key="pv_render", width="stretch"):
             with ui.shown_errors():
                 if uploaded is not None and own is None:
@@ -110,6 +114,11 @@ with sweep:
         name = name_column.text_input("Sweep name", value="sweep", key="sw_name",
                                       help="the folder merges/sweeps/NAME/ gets the merges, images and grid")
         compare = st.checkbox("Also preview the base and each model", key="sw_compare")
+        with ui.shown_errors():
+            swept = (st.session_state["plan"] if source == MIXER_PLAN
+                     else workspace.load_preset(source, workspace.ModelChoices.scan()))
+            if mismatch := preview_job.arch_mismatch(swept.base, arch):
+                st.warning(mismatch)
         if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start"):
             with ui.shown_errors():
                 plan = (st.session_state["plan"] if source == MIXER_PLAN

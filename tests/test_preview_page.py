@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 from streamlit.testing.v1 import AppTest
 
 from ortho_mecha import preview_job, ui
+from ortho_mecha.arch import FLUX_KEY
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.jobs import Cancelled
 from ortho_mecha.workflows import PreviewSettings
@@ -208,6 +209,22 @@ def test_preview_page_passes_a_chosen_vae_to_the_workflow(
     assert [node["inputs"]["vae_name"] for node in sent.values() if node["class_type"] == "VAELoader"] == [
         "ae.safetensors"]
     assert preview_job.file_list(" a.safetensors, ,b.safetensors ") == ("a.safetensors", "b.safetensors")
+
+
+def test_the_page_warns_when_the_model_is_of_another_architecture(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    flux = workspace / "merges" / "fluxy.safetensors"
+    flux.parent.mkdir(parents=True)
+    save_file({FLUX_KEY: np.ones(128, np.float16), "img_in.weight": np.ones((8, 64), np.float16)}, str(flux))
+    assert preview_job.arch_mismatch(flux, "flux1") is None
+    assert "has the keys of flux1, but Architecture is sdxl" in preview_job.arch_mismatch(flux, "sdxl")
+    assert preview_job.arch_mismatch(write_model(workspace / "other" / "custom.safetensors"), "sdxl") is None
+    at = _page(monkeypatch, comfy_stub)
+    at.selectbox(key="pv_arch").set_value("sd1").run()
+    assert any("fluxy.safetensors has the keys of flux1, but Architecture is sd1" in w.value for w in at.warning)
+    at.selectbox(key="pv_arch").set_value("flux1").run()
+    assert not at.warning
 
 
 def test_preview_page_says_when_comfyui_is_down(
