@@ -36,6 +36,7 @@ from filelock import FileLock
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import process_exists
 from ortho_mecha.workflows import (
+    BUILTIN_ARCHS,
     FILE_FOLDERS,
     FOLDER_ALIASES,
     MODEL_INPUTS,
@@ -927,21 +928,34 @@ def settings_from_args(args: argparse.Namespace) -> PreviewSettings:
     )
 
 
-def preview_arch(arch: str | None, model: str | Path, workflow: bool = False) -> str:
-    """``arch`` as given, or the architecture detected from ``model``'s keys (said on stderr). A model detected
-    as ``custom`` has no built-in workflow: without the user's own, that is an error asking for ``--arch``."""
-    if arch:
-        return arch
+def builtin_arch_of(model: str | Path) -> str | None:
+    """The built-in architecture whose keys ``model`` has (read from its header), or None (``custom``)."""
     from ortho_mecha.io import Model
     from ortho_mecha.validate import file_arch
 
-    detected = file_arch(Model(model).tensors)
-    if detected == "custom" and not workflow:
-        raise OrthoMechaError(
-            "its keys match none of the built-in architectures (sd1, sdxl, flux1, flux2-klein, chroma, zimage); "
-            "give --arch, or your own workflow with --workflow FILE.json",
-            model,
-        )
+    with Model(model) as opened:
+        detected = file_arch(opened.tensors)
+    return None if detected == "custom" else detected
+
+
+def detected_arch(model: str | Path, workflow: bool, choose: str) -> str:
+    """:func:`builtin_arch_of` ``model``; with none, ``custom`` for the user's own ``workflow``, else an error
+    saying how to ``choose`` one."""
+    detected = builtin_arch_of(model)
+    if detected is not None:
+        return detected
+    if workflow:
+        return "custom"
+    raise OrthoMechaError(
+        f"its keys match none of the built-in architectures ({', '.join(BUILTIN_ARCHS)}); {choose}", model
+    )
+
+
+def preview_arch(arch: str | None, model: str | Path, workflow: bool = False) -> str:
+    """``arch`` as given, or the one :func:`detected_arch` finds in ``model``'s keys (said on stderr)."""
+    if arch:
+        return arch
+    detected = detected_arch(model, workflow, "give --arch, or your own workflow with --workflow FILE.json")
     print(f"ortho-mecha: architecture {detected} (detected from {Path(model).name}; --arch to choose)",
           file=sys.stderr)
     return detected

@@ -97,17 +97,39 @@ def user_workflow(data: bytes, name: str, marks: Mapping[str, str | None] | None
     return UserWorkflow(graph, clean)
 
 
-def arch_mismatch(model: Path, arch: str) -> str | None:
-    """What to tell the user when ``model``'s keys are those of another built-in architecture than ``arch``
-    (the built-in workflow would not load it), else None; a model of no built-in architecture passes."""
-    from ortho_mecha.io import Model
-    from ortho_mecha.validate import file_arch
+AUTO_ARCH = "auto"  # the Preview page's Architecture choice: the built-in one the model's keys are those of
 
-    detected = file_arch(Model(model).tensors)
-    if detected in ("custom", arch_id(arch)):
+
+def page_arch(choice: str, model: Path, workflow: bool = False) -> str:
+    """The architecture to render ``model`` with: ``choice``, or with :data:`AUTO_ARCH` the one detected from its
+    keys (``custom`` for the user's own ``workflow``; with neither, an error saying what to choose)."""
+    if choice != AUTO_ARCH:
+        return arch_id(choice)
+    return comfy.detected_arch(model, workflow, "choose one under Architecture, or use your own workflow")
+
+
+@dataclass(frozen=True)
+class ArchNote:
+    """What the Preview page says under its Architecture choice for a model: a warning, or a caption."""
+
+    text: str
+    warning: bool
+
+
+def arch_note(model: Path, choice: str, keys: str = "its keys") -> ArchNote | None:
+    """With ``auto``: the architecture ``model``'s ``keys`` give, or a warning that they give none. With a chosen
+    one: a warning when the model has the keys of another built-in architecture (its workflow would not load
+    it), else nothing."""
+    detected = comfy.builtin_arch_of(model)
+    if choice == AUTO_ARCH:
+        if detected is None:
+            return ArchNote(f"{model.name}: {keys} match none of the built-in architectures; choose one under "
+                            "Architecture, or use your own workflow", warning=True)
+        return ArchNote(f"Architecture: {detected}, from {keys}", warning=False)
+    if detected in (None, arch_id(choice)):
         return None
-    return (f"{model.name} has the keys of {detected}, but Architecture is {arch_id(arch)}: its built-in workflow "
-            f"would not load it; choose {detected}")
+    return ArchNote(f"{model.name} has the keys of {detected}, but Architecture is {arch_id(choice)}: its built-in "
+                    f"workflow would not load it; choose {detected} (or auto)", warning=True)
 
 
 def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, folder: str | None,

@@ -35,11 +35,10 @@ with st.container(border=True):
 
 with st.container(border=True):
     st.markdown("**Render settings**")
-    analysis = ui.current_analysis()
-    analysed_arch = analysis[1]["arch"] if analysis is not None else None
     arch_column, seed_column, steps_column, cfg_column = st.columns([2, 2, 1, 1])
-    arch = arch_column.selectbox("Architecture", BUILTIN_ARCHS, key="pv_arch", help="picks the built-in workflow",
-                                 index=BUILTIN_ARCHS.index(analysed_arch) if analysed_arch in BUILTIN_ARCHS else 0)
+    arch = arch_column.selectbox("Architecture", [preview_job.AUTO_ARCH, *BUILTIN_ARCHS], key="pv_arch",
+                                 help="picks the built-in workflow; auto: the one the model's keys are those of "
+                                      "(for a sweep, the plan's base)")
     seed = seed_column.number_input("Seed", min_value=0, max_value=min(MAX_SEED, BROWSER_INT_MAX), value=0, step=1,
                                     key="pv_seed")
     steps = steps_column.number_input("Steps", min_value=1, max_value=200, value=None, step=1, key="pv_steps",
@@ -82,14 +81,16 @@ with one:
                     st.caption(f"{uploaded.name}: {len(own.graph)} nodes; it will be used for this render.")
         if uploaded is None:  # the built-in workflow of the chosen architecture
             with ui.shown_errors():
-                if mismatch := preview_job.arch_mismatch(merges.path(model), arch):
-                    st.warning(mismatch)
+                if note := preview_job.arch_note(merges.path(model), arch):
+                    (st.warning if note.warning else st.caption)(note.text)
         if right.button("Render", type="primary", icon=":material/image:", key="pv_render", width="stretch"):
             with ui.shown_errors():
                 if uploaded is not None and own is None:
                     raise OrthoMechaError(f"{uploaded.name}: fix the workflow (see above) or remove it")
                 server, comfy_folder = preview_job.connect(api, folder)
-                params = preview_job.preview_params(merges.path(model), arch, settings, server, comfy_folder, own)
+                render_arch = preview_job.page_arch(arch, merges.path(model), workflow=own is not None)
+                params = preview_job.preview_params(merges.path(model), render_arch, settings, server, comfy_folder,
+                                                    own)
                 ui.start_job("preview", params, ui.PREVIEW_URL, heavy=False)
                 st.rerun()
     record = ui.job_panel(ui.PREVIEW_URL, "preview")
@@ -117,14 +118,16 @@ with sweep:
         with ui.shown_errors():
             swept = (st.session_state["plan"] if source == MIXER_PLAN
                      else workspace.load_preset(source, workspace.ModelChoices.scan()))
-            if mismatch := preview_job.arch_mismatch(swept.base, arch):
-                st.warning(mismatch)
+            if note := preview_job.arch_note(swept.base, arch, keys="the base's keys"):
+                (st.warning if note.warning else st.caption)(note.text)
         if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start"):
             with ui.shown_errors():
                 plan = (st.session_state["plan"] if source == MIXER_PLAN
                         else workspace.load_preset(source, workspace.ModelChoices.scan()))
                 server, comfy_folder = preview_job.connect(api, folder)
-                params = preview_job.sweep_params(plan, name, alphas, arch, settings, server, comfy_folder, compare)
+                sweep_arch = preview_job.page_arch(arch, plan.base)
+                params = preview_job.sweep_params(plan, name, alphas, sweep_arch, settings, server, comfy_folder,
+                                                  compare)
                 ui.start_job("sweep", params, ui.SWEEP_URL)
                 st.rerun()
     record = ui.job_panel(ui.SWEEP_URL, "sweep")

@@ -143,7 +143,10 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert not at.exception and not _errors(at)
     assert at.title[0].value == "Preview"
     assert at.selectbox(key="pv_model").options == ["round trip.safetensors"]
-    assert at.selectbox(key="pv_arch").value == "flux1"  # the analysed architecture
+    assert at.selectbox(key="pv_arch").value == "auto"
+    captions = [c.value for c in at.caption]
+    assert "Architecture: flux1, from its keys" in captions  # the demo merge's
+    assert "Architecture: flux1, from the base's keys" in captions  # the swept plan's
     assert at.selectbox(key="sw_plan").value == "the Mixer's plan"
     at.text_input(key="sw_alphas").set_value("0,1")
     at.text_input(key="sw_name").set_value("two")

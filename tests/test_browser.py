@@ -27,7 +27,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from ortho_mecha import ui
 from tests.comfy_stub import ComfyStub
-from tests.test_preview_page import write_model
+from tests.test_comfy import FLUX_KEYS, write_model
 
 pytestmark = pytest.mark.browser
 
@@ -302,7 +302,7 @@ def test_mixer_compares_methods_and_extracts_a_lora(server: Server, page: Page) 
 
 
 def test_preview_renders_through_comfyui(server: Server, comfy: ComfyStub, page: Page) -> None:
-    write_model(server.workspace / "merges" / "browser-preview.safetensors")
+    write_model(server.workspace / "merges" / "browser-preview.safetensors", FLUX_KEYS)  # Architecture auto: flux1
     page.goto(f"{server.url}/preview")
     expect(page.get_by_role("heading", name="Preview").first).to_be_visible()
     expect(page.get_by_role("textbox", name="Server address (COMFYUI_API)")).to_have_value(comfy.url)

@@ -48,6 +48,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = PreviewSettings("a lighthouse at dusk", seed=7)
 
 
+FLUX_KEYS = {FLUX_KEY: (128,), "img_in.weight": (8, 64)}  # what makes a header read as Flux.1
+
+
 def write_model(path: Path, keys: dict[str, tuple[int, ...]] | None = None) -> Path:
     """A small real safetensors file (the stand-in server never loads it; the client reads its header)."""
     keys = keys or {"input_blocks.0.0.weight": (4, 4, 3, 3)}
@@ -601,7 +604,7 @@ def test_cli_preview_writes_pngs(
 def test_cli_preview_detects_the_architecture_when_arch_is_not_given(
     comfy_stub: ComfyStub, tmp_path: Path, cli: Callable, cli_error: Callable
 ) -> None:
-    flux = write_model(tmp_path / "flux.safetensors", {FLUX_KEY: (128,), "img_in.weight": (3072, 64)})
+    flux = write_model(tmp_path / "flux.safetensors", FLUX_KEYS)
     place = ["--prompt", "a fox", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", tmp_path / "out"]
     result = cli("preview", flux, *place)
     assert result.code == 0, result.err

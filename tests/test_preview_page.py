@@ -7,28 +7,19 @@ import socket
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 from streamlit.testing.v1 import AppTest
 
 from ortho_mecha import preview_job, ui
-from ortho_mecha.arch import FLUX_KEY
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.jobs import Cancelled
 from ortho_mecha.workflows import PreviewSettings
 from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
 from tests.test_app import _app, _errors, _until, workspace  # noqa: F401 - the workspace fixture
+from tests.test_comfy import FLUX_KEYS, write_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = PreviewSettings("a lighthouse at dusk", negative="fog", seed=7, steps=4, cfg=2.5, size=(512, 768))
-
-
-def write_model(path: Path) -> Path:
-    """A small real safetensors file (the stand-in server never loads it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"input_blocks.0.0.weight": np.full((4, 4, 3, 3), 0.5, np.float16)}, str(path))
-    return path
 
 
 def closed_port_url() -> str:
@@ -214,13 +205,22 @@ def test_preview_page_passes_a_chosen_vae_to_the_workflow(
 def test_the_page_warns_when_the_model_is_of_another_architecture(
     workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
-    flux = workspace / "merges" / "fluxy.safetensors"
-    flux.parent.mkdir(parents=True)
-    save_file({FLUX_KEY: np.ones(128, np.float16), "img_in.weight": np.ones((8, 64), np.float16)}, str(flux))
-    assert preview_job.arch_mismatch(flux, "flux1") is None
-    assert "has the keys of flux1, but Architecture is sdxl" in preview_job.arch_mismatch(flux, "sdxl")
-    assert preview_job.arch_mismatch(write_model(workspace / "other" / "custom.safetensors"), "sdxl") is None
+    flux = write_model(workspace / "merges" / "fluxy.safetensors", FLUX_KEYS)
+    assert preview_job.arch_note(flux, "flux1") is None
+    assert preview_job.arch_note(flux, "auto") == preview_job.ArchNote("Architecture: flux1, from its keys", False)
+    mismatch = preview_job.arch_note(flux, "sdxl")
+    assert mismatch.warning and "has the keys of flux1, but Architecture is sdxl" in mismatch.text
+    custom = write_model(workspace / "other" / "custom.safetensors")
+    assert preview_job.arch_note(custom, "sdxl") is None
+    unknown = preview_job.arch_note(custom, "auto")
+    assert unknown.warning and "custom.safetensors: its keys match none" in unknown.text
+    assert preview_job.page_arch("auto", flux) == "flux1" and preview_job.page_arch("chroma-flow", custom) == "chroma"
+    assert preview_job.page_arch("auto", custom, workflow=True) == "custom"  # the user's own workflow renders it
+    with pytest.raises(OrthoMechaError, match="choose one under Architecture, or use your own workflow"):
+        preview_job.page_arch("auto", custom)
     at = _page(monkeypatch, comfy_stub)
+    assert at.selectbox(key="pv_arch").value == "auto"
+    assert "Architecture: flux1, from its keys" in [c.value for c in at.caption]
     at.selectbox(key="pv_arch").set_value("sd1").run()
     assert any("fluxy.safetensors has the keys of flux1, but Architecture is sd1" in w.value for w in at.warning)
     at.selectbox(key="pv_arch").set_value("flux1").run()
