@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -1116,7 +1116,7 @@ def with_delta_from(a: Analysis, delta_from: Sequence[int | None]) -> Analysis:
     if len(delta_from) != len(a.models):
         raise ValueError(f"{len(delta_from)} delta-froms for {len(a.models)} models")
     stale = [old != new or s for old, new, s in zip(a.delta_from, delta_from, a.stale, strict=True)]
-    return Analysis(**{**a.__dict__, "delta_from": list(delta_from), "stale": stale})
+    return replace(a, delta_from=list(delta_from), stale=stale)  # its fields only, not the cached figures
 
 
 def summary_lines(rep: dict) -> list[str]:

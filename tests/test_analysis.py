@@ -238,7 +238,9 @@ def test_delta_from_and_regram_without_reading(tmp_path: Path) -> None:
     assert np.allclose(fresh.gram(), (x @ x.T).numpy(), rtol=1e-9, atol=1e-12)
     # the same figures from an analysis against the base, re-grammed with no file read
     plain = A.analyse(paths["base"], [paths[n] for n in names], exact=True, use_cache=False)
+    floors, shares = plain.noise_floors, plain.rotation_shares  # cached on it: not taken for fields
     moved = A.with_delta_from(plain, [None, 0, None])
+    assert np.array_equal(moved.noise_floors, floors) and np.array_equal(moved.rotation_shares, shares)
     assert moved.stale == [False, True, False]
     assert np.allclose(moved.gram(), fresh.gram(), rtol=1e-9, atol=1e-12)
     # a delta-from outside the model set becomes an extra file row
