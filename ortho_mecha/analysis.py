@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_limits
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, selection_matrix
-from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, expand_model_paths
+from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, TensorInfo, expand_model_paths
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
 from ortho_mecha.progress import read_text
 from ortho_mecha.validate import Alignment
@@ -819,16 +819,22 @@ class Analysis:
     numels: dict[str, int] = field(default_factory=dict)
 
     @functools.cached_property
+    def _base_tensors(self) -> list[TensorInfo | None]:
+        """Per key of ``h_key``: the base's stored tensor (dtype, shape), None where it lacks the key; its
+        header read once for the per-key figures below."""
+        from ortho_mecha.validate import key_map
+
+        with Model(self.base) as base:
+            names = key_map(base).keys
+            return [base.tensors[names[k]] if k in names else None for k in self.h_key]
+
+    @functools.cached_property
     def noise_floors(self) -> np.ndarray:
         """Per key of ``h_key``: the rounding-noise energy of deltas of the base's stored dtype
         (:func:`ortho_mecha.gram.noise_floor`), below which ``ortho_superpose`` drops a direction; 0 where
         the base's energy on the key is not known. Computed once per analysis (the Mixer asks on every rerun)."""
-        from ortho_mecha.validate import key_map
-
         base_sq = next((st.base_sq for st in self.stats if st.base_sq), {})
-        with Model(self.base) as base:
-            names = key_map(base).keys
-            units = [UNIT_ROUNDOFF.get(base.tensors[names[k]].dtype, 0.0) if k in names else 0.0 for k in self.h_key]
+        units = [0.0 if t is None else UNIT_ROUNDOFF.get(t.dtype, 0.0) for t in self._base_tensors]
         return noise_floor(np.array([base_sq.get(k, 0.0) for k in self.h_key]), np.array(units))
 
     @functools.cached_property
@@ -836,11 +842,8 @@ class Analysis:
         """Per key of ``h_key``: the share of a delta ``orthomerge``'s rotation carries on that key's shape
         (:func:`ortho_mecha.metrics.rotation_share`), for its survival estimate."""
         from ortho_mecha.metrics import rotation_share
-        from ortho_mecha.validate import key_map
 
-        with Model(self.base) as base:
-            names = key_map(base).keys
-            return np.array([rotation_share(base.tensors[names[k]].shape) if k in names else 0.0 for k in self.h_key])
+        return np.array([0.0 if t is None else rotation_share(t.shape) for t in self._base_tensors])
 
     @property
     def h(self) -> np.ndarray:
