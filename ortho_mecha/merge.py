@@ -362,15 +362,18 @@ def _input_files(recipe: sd_mecha.RecipeNode, base: Path) -> list[Path]:
     return list(dict.fromkeys([base, *paths]))
 
 
-def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:
-    """What ``merge`` checks before it reads any tensor, for ``merge --dry-run``: the output (a new
-    ``.safetensors`` in an existing folder, not an input) and every input against the base (shapes, shared
-    keys, files sd-mecha cannot merge)."""
-    inputs = [Path(p).resolve() for p in plan.input_files()]
-    _check_output(out, overwrite, inputs)
+def _preflight(inputs: list[Path], out: str | Path, overwrite: bool) -> tuple[Path, list[Any]]:
+    """What ``merge`` checks before it reads any tensor: the output (a new ``.safetensors`` in an existing
+    folder, not an input), then every input against the base ``inputs[0]`` (shapes, shared keys, files
+    sd-mecha cannot merge). (The output path, each input's check.)"""
+    out = _check_output(out, overwrite, inputs)
     config_id = register_base_config(inputs[0])
-    for path in inputs[1:]:
-        check_model(config_id, inputs[0], path)
+    return out, [check_model(config_id, inputs[0], path) for path in inputs[1:]]
+
+
+def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:
+    """:func:`_preflight` of ``plan``'s inputs and ``out``, for ``merge --dry-run``."""
+    _preflight([Path(p).resolve() for p in plan.input_files()], out, overwrite)
 
 
 def execute(
@@ -391,10 +394,8 @@ def execute(
     started = time.monotonic()
     base = Path(base).resolve()
     inputs = _input_files(recipe, base)
-    out = _check_output(out, overwrite, inputs)
     merge_device = _check_device(device, threads)
-    config_id = register_base_config(base)
-    checks = [check_model(config_id, base, path) for path in inputs[1:]]
+    out, checks = _preflight(inputs, out, overwrite)
     out_dtype = TORCH_DTYPES[output_dtype]
     with Model(base) as base_model:
         layout = {
