@@ -313,11 +313,15 @@ def first_mix(choices: Any, analysis: tuple[str, Mapping[str, Any]] | None) -> d
 
 
 def remember_mix(plan: Any) -> None:
-    """Keep the Mixer's valid plan and name it in the URL, so a reload or a copied link shows it again."""
+    """Keep the Mixer's valid plan and name it in the URL, so a reload or a copied link shows it again. The
+    cache is written once per plan a session shows, not on each of the Mixer's reruns."""
     from ortho_mecha import workspace
 
+    kept = st.session_state.get("_kept_mix")
     with shown_errors():
-        st.query_params[MIX_URL] = workspace.remember_mix(plan)
+        if kept is None or kept[0] != plan:
+            kept = st.session_state["_kept_mix"] = (plan, workspace.remember_mix(plan))
+        st.query_params[MIX_URL] = kept[1]
 
 
 def set_mix(state: dict[str, Any]) -> None:
