@@ -197,6 +197,13 @@ def _number_in(value: Any, low: float, high: float) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
 
 
+def _out_of_range(value: Any, low: float, high: float) -> str:
+    """How a value failing ``_number_in(value, low, high)`` fails: ``"1.5 is outside 0–1"``, or for what is no
+    number at all ``"\"a\" must be a number in 0–1"``."""
+    problem = "is outside" if _number_in(value, -math.inf, math.inf) else "must be a number in"
+    return f"{json.dumps(value)} {problem} {low:g}–{high:g}"
+
+
 def _allowed(spec: OptionSpec) -> str:
     if isinstance(spec.default, bool):
         return "true, false"
@@ -328,10 +335,7 @@ class Plan:
         for number, row in enumerate(self.rows, start=1):
             label = f"row {number} ({row.model.name})"
             if not _number_in(row.alpha, *ALPHA_RANGE):
-                problem = "is outside" if _number_in(row.alpha, -math.inf, math.inf) else "must be a number in"
-                raise self._fail(
-                    f"{label}: alpha {json.dumps(row.alpha)} {problem} {ALPHA_RANGE[0]:g}–{ALPHA_RANGE[1]:g}"
-                )
+                raise self._fail(f"{label}: alpha {_out_of_range(row.alpha, *ALPHA_RANGE)}")
             if not isinstance(row.repeat, int) or not _number_in(row.repeat, *REPEAT_RANGE):
                 raise self._fail(f"{label}: repeat {row.repeat!r} must be an integer 1, 2 or 3")
             if not isinstance(row.block_alphas, Mapping):
@@ -388,8 +392,7 @@ class Plan:
             return
         alpha = self.texture.alpha
         if not _option_ok("texture", BETA, alpha):
-            problem = "is outside" if _number_in(alpha, -math.inf, math.inf) else "must be a number in"
-            raise self._fail(f"texture alpha {json.dumps(alpha)} {problem} {BETA.minimum:g}–{BETA.maximum:g}")
+            raise self._fail(f"texture alpha {_out_of_range(alpha, BETA.minimum, BETA.maximum)}")
         if self.texture.mode not in TEXTURE_MODE.choices:
             choices = list(TEXTURE_MODE.choices)
             raise self._fail(f"unknown texture mode '{self.texture.mode}'; {_suggest(str(self.texture.mode), choices)}")
