@@ -60,8 +60,12 @@ class KeyMap:
     keys: dict[str, str]
     prefix_stripped: int = 0
     renamed: int = 0
-    non_diffusion: int = 0
+    set_aside: list[str] = field(default_factory=list)  # a checkpoint's text-encoder / VAE keys
     non_float: list[str] = field(default_factory=list)
+
+    @property
+    def non_diffusion(self) -> int:
+        return len(self.set_aside)
 
 
 def key_map(model: Model) -> KeyMap:
@@ -72,7 +76,7 @@ def key_map(model: Model) -> KeyMap:
     for name in names:
         if checkpoint:
             if not name.startswith(DIFFUSION_PREFIX):
-                mapping.non_diffusion += 1
+                mapping.set_aside.append(name)
                 continue
             bare = name[len(DIFFUSION_PREFIX) :]
             mapping.prefix_stripped += 1
@@ -113,6 +117,8 @@ class ModelCheck:
     dtypes: dict[str, int]
     scaled_fp8: bool
     missing_examples: list[str]
+    missing_components: int = 0  # the base's float text-encoder / VAE keys this file lacks (checkpoints)
+    missing_component_examples: list[str] = field(default_factory=list)
     lora: dict | None = None  # a kohya LoRA row: how its modules map (lora_rows.Binding.summary)
     shards: int = 1
 
@@ -145,6 +151,10 @@ class ModelCheck:
         if self.missing:
             examples = ", ".join(self.missing_examples)
             notes.append(f"{self.missing} base keys missing (delta taken as 0), e.g. {examples}")
+        if self.missing_components:
+            examples = ", ".join(self.missing_component_examples)
+            notes.append(f"{self.missing_components} of the base's text-encoder/VAE keys missing (merge takes this "
+                         f"row's delta there as 0), e.g. {examples}")
         if self.extra:
             notes.append(f"{self.extra} keys not in the base (ignored)")
         if self.shape_mismatch:
@@ -217,6 +227,9 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
             del mapping.keys[k]
         shared = [k for k in base_shapes if k in mapping.keys]
         missing = [k for k in base_shapes if k not in shapes]
+        own = set(mapping.set_aside if is_checkpoint(model.tensors) else model.tensors)
+        missing_components = [] if lora else [
+            k for k in base_map.set_aside if k not in own and base.tensors[k].is_float]
         fraction = len(shared) / len(base_shapes)
         if fraction < MIN_SHARED and lora is None:
             raise OrthoMechaError(
@@ -243,6 +256,8 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
                     model, list(mapping.keys.values())),
                 scaled_fp8=model.scaled_fp8,
                 missing_examples=missing[:3],
+                missing_components=len(missing_components),
+                missing_component_examples=missing_components[:3],
                 lora=lora.binding.summary() if lora else None,
                 shards=len(model.files),
             )

@@ -569,6 +569,26 @@ def test_prefixed_checkpoint_lines_up_with_a_bare_base(tmp_path: Path, cli) -> N
     assert "3 text-encoder/VAE keys set aside (diffusion analysis)" in result.out
 
 
+def test_a_file_lacking_the_checkpoint_bases_text_encoder_and_vae_is_told_so(tmp_path: Path, cli) -> None:
+    base = save(tmp_path / "base.safetensors", checkpoint(state(0)))
+    unet = save(tmp_path / "unet.safetensors", state(1))  # a UNet-only fine-tune: no text encoder, no VAE
+    partial = checkpoint(state(2))
+    del partial["first_stage_model.decoder.conv_in.weight"]
+    ckpt = save(tmp_path / "ckpt.safetensors", partial)
+    full = save(tmp_path / "full.safetensors", checkpoint(state(3)))
+    with Model(base) as b, Model(unet) as u, Model(ckpt) as c, Model(full) as f:
+        checks = align(b, [u, c, f]).checks
+    assert [check.missing_components for check in checks] == [2, 1, 0]  # position_ids is not a float key
+    assert checks[1].missing_component_examples == ["first_stage_model.decoder.conv_in.weight"]
+    result = cli("validate", "--base", base, unet, ckpt, full)
+    assert result.code == 0, result.err
+    assert ("2 of the base's text-encoder/VAE keys missing (merge takes this row's delta there as 0), e.g. "
+            "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight, "
+            "first_stage_model.decoder.conv_in.weight") in result.out
+    assert "1 of the base's text-encoder/VAE keys missing" in result.out
+    assert result.out.count("text-encoder/VAE keys missing") == 2
+
+
 def test_scale_norms_are_renamed_and_reported(tmp_path: Path, cli) -> None:
     base = save(tmp_path / "base.safetensors", checkpoint(state(0)))  # a checkpoint base with .weight norms
     bfl = save(tmp_path / "bfl.safetensors", as_scale(state(1)))
