@@ -2,7 +2,8 @@
 
 Configuration: ``COMFYUI_API`` (default ``http://127.0.0.1:8188``) is the server, ``COMFYUI_DIR`` its
 install folder (the one holding ``models/``). With ``COMFYUI_DIR`` set, the model file is made visible
-to ComfyUI by a symbolic link under its own name in ``models/diffusion_models`` (UNETLoader families)
+to ComfyUI by a symbolic link under its name tagged with its size and time (:func:`link_name`, so a file
+written again is loaded again) in ``models/diffusion_models`` (UNETLoader families)
 or ``models/checkpoints`` (SD1.5, SDXL) — a hard link or a copy where links are not allowed — and the
 user's file is never moved or changed; :func:`model_linked` removes it again once the last preview
 using it (in any process) is done.
@@ -18,6 +19,7 @@ model file and returns the image bytes with what was run, for the CLI, the dashb
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import shutil
@@ -62,6 +64,7 @@ HTTP_TIMEOUT = 30.0
 DEFAULT_TIME_LIMIT = 600.0
 LIST_LIMIT = 12  # options quoted in a message
 LINK_USERS = ".ortho-mecha-previews"  # in ComfyUI's models/<folder>: the previews using each link (not a model)
+MADE = "made-by-ortho-mecha"  # in a link's bookkeeping folder: ortho-mecha made the link (and removes it)
 
 
 def comfy_api(override: str | None = None) -> str:
@@ -442,10 +445,25 @@ def _inside(path: Path, root: Path) -> str | None:
 
 
 def _models_folder(comfy: Path, folder: str) -> Path:
+    """ComfyUI's ``models/<folder>``, or the older name it has instead (``unet`` for ``diffusion_models``);
+    created only when neither exists."""
     _require_models(comfy)
     target = comfy / "models" / folder
+    if not target.is_dir():
+        older = [comfy / "models" / alias for alias in FOLDER_ALIASES.get(folder, ())]
+        target = next((path for path in older if path.is_dir()), target)
     target.mkdir(exist_ok=True)
     return target
+
+
+def link_name(model: Path) -> str:
+    """The name a model is linked under: its own, tagged with its size and modification time
+    (``merge.3f9a0c1d.safetensors``). ComfyUI keeps a loaded model while the loader's file name stays the same,
+    so a file written again under the same name (a re-merge, a sweep of another plan) gets a new name, and its
+    preview shows the new file. A copy made where links are not allowed keeps both, so it has the same tag."""
+    info = model.stat()
+    tag = hashlib.blake2b(f"{info.st_size}:{info.st_mtime_ns}".encode(), digest_size=4).hexdigest()
+    return f"{model.stem}.{tag}{model.suffix}"
 
 
 def _in_place_name(model: Path, root: Path) -> str | None:
@@ -467,7 +485,7 @@ def _links_to(entry: Path, model: Path) -> str | None:
 
 
 def link_model(model: str | Path, comfy: str | Path, folder: str) -> LinkResult:
-    """Make ``model`` appear in ComfyUI's ``models/<folder>`` under its own name, without moving it.
+    """Make ``model`` appear in ComfyUI's ``models/<folder>`` under its :func:`link_name`, without moving it.
 
     A symbolic link first; a hard link, then a copy (same size and modification time, so it is
     recognised later) where links are not allowed. A file already there under that name is reused when
@@ -480,16 +498,16 @@ def link_model(model: str | Path, comfy: str | Path, folder: str) -> LinkResult:
     in_place = _in_place_name(model, folder_dir)
     if in_place is not None:
         return LinkResult(in_place, model, "in place", created=False)
-    entry = folder_dir / model.name
+    entry = folder_dir / link_name(model)
     if entry.is_symlink() or entry.exists():
         method = _links_to(entry, model)
         if method is None:
             raise OrthoMechaError(
-                f"ComfyUI's {folder} folder already has a different '{model.name}' ({entry}); rename your model or "
+                f"ComfyUI's {folder} folder already has a different '{entry.name}' ({entry}); rename your model or "
                 "remove that file",
                 model,
             )
-        return LinkResult(model.name, entry, method, created=False)
+        return LinkResult(entry.name, entry, method, created=False)
     for method, make in (("symlink", os.symlink), ("hardlink", os.link), ("copy", shutil.copy2)):
         try:
             make(model, entry)
@@ -499,27 +517,8 @@ def link_model(model: str | Path, comfy: str | Path, folder: str) -> LinkResult:
                 entry.unlink(missing_ok=True)  # a half-written copy
             continue
         logger.info("%s %s → %s", method, model, entry)
-        return LinkResult(model.name, entry, method, created=True)
+        return LinkResult(entry.name, entry, method, created=True)
     raise OrthoMechaError(f"cannot link or copy the model into {folder_dir}; check its permissions", model)
-
-
-def unlink_model(model: str | Path, comfy: str | Path, folder: str) -> bool:
-    """Remove what :func:`link_model` put in ComfyUI's folder for ``model``; never the model itself.
-
-    Returns whether something was removed. An entry of that name which is not this model's link or
-    copy is left alone and reported.
-    """
-    model, comfy = Path(model).absolute(), Path(comfy)
-    folder_dir = comfy / "models" / folder
-    if _in_place_name(model, folder_dir) is not None:
-        return False
-    entry = folder_dir / model.name
-    if not (entry.is_symlink() or entry.exists()):
-        return False
-    if not model.is_file() or _links_to(entry, model) is None:
-        raise OrthoMechaError(f"{entry} is not a link to or copy of this model; left it alone", model)
-    entry.unlink()
-    return True
 
 
 @contextmanager
@@ -529,39 +528,56 @@ def model_linked(model: str | Path, comfy: str | Path, folder: str, keep_link: b
     Previews of the same model at the same time (in other processes too, e.g. two dashboard jobs) share
     its link; the last one to finish removes it, if ortho-mecha made it and none asked to ``keep_link`` (a
     kept link is the user's from then on). Each preview using a link is an empty file named after its
-    process in ``models/<folder>/.ortho-mecha-previews/<name>/``, and one whose process is gone no longer
-    counts, so a killed preview's link goes with the next preview of that model; the folder goes with the
-    last preview. One file lock per models folder keeps one process's linking and another's unlinking
-    apart. A model ComfyUI lists in place is neither linked nor tracked.
+    process in ``models/<folder>/.ortho-mecha-previews/<link name>/``, and one whose process is gone no longer
+    counts: a killed preview's link goes with the next preview in that folder, and the bookkeeping folder
+    goes with the last preview. One file lock per models folder keeps one process's linking and another's
+    unlinking apart. A model ComfyUI lists in place is neither linked nor tracked.
     """
     model, comfy = Path(model).absolute(), Path(comfy)
     folder_dir = _models_folder(comfy, folder)
     if _in_place_name(model, folder_dir) is not None:
         yield link_model(model, comfy, folder)
         return
-    (folder_dir / LINK_USERS).mkdir(exist_ok=True)
-    lock = FileLock(folder_dir / LINK_USERS / "lock")
-    users = folder_dir / LINK_USERS / model.name
-    made = users / "made-by-ortho-mecha"
-    me = users / f"preview-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tracking = folder_dir / LINK_USERS
+    tracking.mkdir(exist_ok=True)
+    lock = FileLock(tracking / "lock")
+    me_name = f"preview-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with lock:
         link = link_model(model, comfy, folder)
+        _remove_dead_links(tracking, keep=link.name)
+        users = tracking / link.name
         users.mkdir(exist_ok=True)
         if link.created:
-            made.touch()
-        me.touch()
+            (users / MADE).touch()
+        (users / me_name).touch()
     try:
         yield link
     finally:
         with lock:
-            me.unlink(missing_ok=True)
+            (users / me_name).unlink(missing_ok=True)
             if keep_link:
-                made.unlink(missing_ok=True)
-            elif made.exists() and not _live_users(users):
-                unlink_model(model, comfy, folder)
-                made.unlink()
-            if not any(users.iterdir()):
-                users.rmdir()
+                (users / MADE).unlink(missing_ok=True)
+            _forget_if_unused(users, link.path)
+
+
+def _forget_if_unused(users: Path, entry: Path) -> None:
+    """With no live preview left in ``users``: remove the link ``entry`` if ortho-mecha made it, then ``users``."""
+    if not users.is_dir() or _live_users(users):  # gone already (another preview found it unused), or in use
+        return
+    if (users / MADE).exists():
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink()
+            logger.info("removed the preview link %s", entry)
+        (users / MADE).unlink()
+    if not any(users.iterdir()):
+        users.rmdir()
+
+
+def _remove_dead_links(tracking: Path, keep: str) -> None:
+    """The links of previews whose processes are gone (killed), other than ``keep``, and their bookkeeping."""
+    for users in tracking.iterdir():
+        if users.is_dir() and users.name != keep:
+            _forget_if_unused(users, tracking.parent / users.name)
 
 
 def _live_users(users: Path) -> list[Path]:

@@ -34,10 +34,10 @@ from ortho_mecha.comfy import (
     describe_prompt_error,
     find_problems,
     link_model,
+    link_name,
     model_linked,
     run_preview,
     save_images,
-    unlink_model,
     wait_for,
 )
 from ortho_mecha.errors import OrthoMechaError
@@ -57,6 +57,12 @@ def write_model(path: Path, keys: dict[str, tuple[int, ...]] | None = None) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.full(shape, 0.5, np.float16) for k, shape in keys.items()}, str(path))
     return path
+
+
+def linked(root: Path, model: Path, folder: str = "checkpoints") -> list[str]:
+    """The entries for ``model`` (any tag) in ``root``'s ComfyUI ``models/<folder>``."""
+    path = root / "models" / folder
+    return sorted(p.name for p in path.iterdir() if p.name.startswith(f"{model.stem}.")) if path.is_dir() else []
 
 
 def sha256(path: Path) -> str:
@@ -148,9 +154,9 @@ def test_sd1_preview_end_to_end_writes_pngs(comfy_stub: ComfyStub, tmp_path: Pat
     before = sha256(model)
     seen: list[Progress] = []
     result = preview(comfy_stub, model, progress=seen.append)
-    assert result.model_name == "merged.safetensors"
+    assert result.model_name == link_name(model) and re.fullmatch(r"merged\.[0-9a-f]{8}\.safetensors", link_name(model))
     assert result.link is not None and result.link.method == "symlink" and result.link.created
-    assert not (comfy_stub.root / "models" / "checkpoints" / "merged.safetensors").exists()  # unlinked again
+    assert linked(comfy_stub.root, model) == []  # unlinked again
     assert sha256(model) == before
     assert [image.ref.kind for image in result.images] == ["output"]
     assert result.images[0].data.startswith(PNG_SIGNATURE)
@@ -205,7 +211,7 @@ def test_user_workflow_end_to_end(comfy_stub: ComfyStub, tmp_path: Path) -> None
     settings_ = PreviewSettings("new prompt", negative="new negative", seed=42)
     result = preview(comfy_stub, model, "custom", workflow=graph, settings=settings_)
     sent = comfy_stub.received[-1]["prompt"]
-    assert sent["ckpt"]["inputs"]["ckpt_name"] == "mine.safetensors"
+    assert sent["ckpt"]["inputs"]["ckpt_name"] == link_name(model)
     assert (sent["pos"]["inputs"]["text"], sent["neg"]["inputs"]["text"]) == ("new prompt", "new negative")
     assert sent["ks"]["inputs"]["seed"] == 42 and sent["ks"]["inputs"]["scheduler"] == "karras"
     assert [image.ref.kind for image in result.images] == ["temp"]
@@ -241,7 +247,7 @@ def test_link_is_removed_when_comfyui_fails_after_linking(comfy_stub: ComfyStub,
     comfy_stub.object_info_fails_after = 1  # the file lists, asked again once the model is linked, fail
     with pytest.raises(OrthoMechaError, match=r"answered 500 to GET /object_info"):
         preview(comfy_stub, model)
-    assert not (comfy_stub.root / "models" / "checkpoints" / "merged.safetensors").exists()
+    assert linked(comfy_stub.root, model) == []
     assert model.is_file()
 
 
@@ -307,17 +313,17 @@ def test_job_over_the_time_limit_is_interrupted(comfy_stub: ComfyStub, tmp_path:
     comfy_stub.delay = 60
     with pytest.raises(OrthoMechaError, match=r"did not finish prompt [-0-9a-f]{36} within 0\.1 s, so it was "
                        r"cancelled; allow more time with --timeout") as caught:  # fmt: skip
-        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), time_limit=0.1)
+        preview(comfy_stub, model := write_model(tmp_path / "m.safetensors"), time_limit=0.1)
     prompt_id = re.search(r"prompt ([-0-9a-f]{36})", str(caught.value)).group(1)
     assert comfy_stub.interrupts == [{"prompt_id": prompt_id}]
-    assert not (comfy_stub.root / "models" / "checkpoints" / "m.safetensors").exists()  # unlinked after failure
+    assert linked(comfy_stub.root, model) == []  # unlinked after failure
 
 
 def test_pending_job_over_the_time_limit_leaves_the_queue(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     comfy_stub.delay = 60
     model = write_model(tmp_path / "m.safetensors")
     link_model(model, comfy_stub.root, "checkpoints")
-    client_for(comfy_stub).queue_prompt(build_workflow("sd1", "m.safetensors", resolve(arch_spec("sd1"), SETTINGS)))
+    client_for(comfy_stub).queue_prompt(build_workflow("sd1", link_name(model), resolve(arch_spec("sd1"), SETTINGS)))
     seen: list[Progress] = []
     with pytest.raises(OrthoMechaError, match="did not finish") as caught:
         preview(comfy_stub, model, time_limit=0.05, progress=seen.append)
@@ -338,7 +344,7 @@ def test_execution_error_reports_comfyuis_exception(comfy_stub: ComfyStub, tmp_p
     comfy_stub.mode = "error"
     model = write_model(tmp_path / "broken.safetensors", {"txt_in.weight": (2, 7680)})
     with pytest.raises(OrthoMechaError, match=r"failed running node 1 \(UNETLoader\): RuntimeError: ERROR: Could not "
-                       r"detect model type of: .*broken\.safetensors$"):  # fmt: skip
+                       r"detect model type of: .*broken\.[0-9a-f]{8}\.safetensors$"):  # fmt: skip
         preview(comfy_stub, model, "zimage")
 
 
@@ -368,10 +374,11 @@ def test_missing_model_without_comfy_dir(comfy_stub: ComfyStub, tmp_path: Path) 
 def test_comfy_dir_of_another_install(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     other = tmp_path / "OtherComfy"
     (other / "models").mkdir(parents=True)
-    with pytest.raises(OrthoMechaError, match=r"is linked as .*OtherComfy/models/checkpoints/m\.safetensors, yet "
-                       r"ComfyUI does not list it: is COMFYUI_DIR"):  # fmt: skip
-        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), comfy=other)
-    assert not (other / "models" / "checkpoints" / "m.safetensors").exists()
+    model = write_model(tmp_path / "m.safetensors")
+    with pytest.raises(OrthoMechaError, match=r"is linked as .*OtherComfy/models/checkpoints/m\.[0-9a-f]{8}\."
+                       r"safetensors, yet ComfyUI does not list it: is COMFYUI_DIR"):  # fmt: skip
+        preview(comfy_stub, model, comfy=other)
+    assert linked(other, model) == []
 
 
 def test_missing_text_encoder(comfy_stub: ComfyStub, tmp_path: Path) -> None:
@@ -444,36 +451,34 @@ def test_address_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_link_and_unlink_leave_the_source_untouched(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     model = write_model(tmp_path / "merge.safetensors")
     before = sha256(model)
-    link = link_model(model, comfy_stub.root, "diffusion_models")
-    entry = comfy_stub.root / "models" / "diffusion_models" / "merge.safetensors"
-    assert (link.name, link.path, link.method, link.created) == ("merge.safetensors", entry, "symlink", True)
-    assert entry.is_symlink() and entry.resolve() == model.resolve()
-    assert "merge.safetensors" in client_for(comfy_stub).models("diffusion_models")
-    assert link_model(model, comfy_stub.root, "diffusion_models").created is False  # reused
-    assert unlink_model(model, comfy_stub.root, "diffusion_models") is True
+    entry = comfy_stub.root / "models" / "diffusion_models" / link_name(model)
+    with model_linked(model, comfy_stub.root, "diffusion_models") as link:
+        assert (link.name, link.path, link.method, link.created) == (entry.name, entry, "symlink", True)
+        assert entry.is_symlink() and entry.resolve() == model.resolve()
+        assert entry.name in client_for(comfy_stub).models("diffusion_models")
+        assert link_model(model, comfy_stub.root, "diffusion_models").created is False  # reused
     assert not entry.exists() and not entry.is_symlink()
-    assert unlink_model(model, comfy_stub.root, "diffusion_models") is False
     assert model.is_file() and sha256(model) == before
 
 
 def test_previews_of_one_model_share_its_link_and_the_last_one_removes_it(comfy_stub: ComfyStub,
                                                                          tmp_path: Path) -> None:
     model = write_model(tmp_path / "merge.safetensors")
-    entry = comfy_stub.root / "models" / "checkpoints" / "merge.safetensors"
+    entry = comfy_stub.root / "models" / "checkpoints" / link_name(model)
     with model_linked(model, comfy_stub.root, "checkpoints") as first:
         assert first.created
         with model_linked(model, comfy_stub.root, "checkpoints") as second:
             assert not second.created and second.path == entry
         assert entry.is_symlink()  # the first preview still renders with it
     assert not entry.is_symlink() and not entry.exists() and model.is_file()
-    assert not (entry.parent / LINK_USERS / model.name).exists()  # nor its bookkeeping
+    assert not (entry.parent / LINK_USERS / entry.name).exists()  # nor its bookkeeping
     assert client_for(comfy_stub).models("checkpoints") == []  # the bookkeeping files are no models
 
 
 def test_a_link_stays_while_a_preview_in_another_process_uses_it(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     model = write_model(tmp_path / "merge.safetensors")
-    entry = comfy_stub.root / "models" / "checkpoints" / "merge.safetensors"
-    users = entry.parent / LINK_USERS / model.name
+    entry = comfy_stub.root / "models" / "checkpoints" / link_name(model)
+    users = entry.parent / LINK_USERS / entry.name
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         with model_linked(model, comfy_stub.root, "checkpoints"):
@@ -489,9 +494,46 @@ def test_a_link_stays_while_a_preview_in_another_process_uses_it(comfy_stub: Com
     assert not entry.is_symlink() and model.is_file()  # ... removes the link ortho-mecha made
 
 
+def test_a_model_written_again_under_its_name_is_sent_under_a_new_name(comfy_stub: ComfyStub,
+                                                                       tmp_path: Path) -> None:
+    """ComfyUI keeps a loaded model while the loader's file name is unchanged: a re-merge must not reuse it."""
+    model = write_model(tmp_path / "merge.safetensors")
+    first = preview(comfy_stub, model).model_name
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))  # written again
+    second = preview(comfy_stub, model).model_name
+    sent = [prompt["prompt"]["1"]["inputs"]["ckpt_name"] for prompt in comfy_stub.received[-2:]]
+    assert sent == [first, second] and first != second
+    assert second == link_name(model) and linked(comfy_stub.root, model) == []
+
+
+def test_a_killed_previews_link_goes_with_the_next_preview_in_that_folder(comfy_stub: ComfyStub,
+                                                                          tmp_path: Path) -> None:
+    killed = write_model(tmp_path / "killed.safetensors")
+    folder = comfy_stub.root / "models" / "checkpoints"
+    with model_linked(killed, comfy_stub.root, "checkpoints") as link:
+        users = folder / LINK_USERS / link.name
+        (users / "preview-999999999-0000").touch()  # a preview whose process is gone, as after kill -9
+        for entry in users.glob(f"preview-{os.getpid()}-*"):
+            entry.unlink()  # this process "dies" too: its finally finds no record of itself
+        with model_linked(write_model(tmp_path / "other.safetensors"), comfy_stub.root, "checkpoints"):
+            assert linked(comfy_stub.root, killed) == []  # removed: no live preview used it
+    assert sorted(p.name for p in folder.iterdir()) == [LINK_USERS]
+    assert killed.is_file()
+
+
+def test_a_comfyui_with_only_the_older_unet_folder_gets_its_links_there(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    models = comfy_stub.root / "models"
+    (models / "diffusion_models").rmdir()
+    (models / "unet").mkdir(exist_ok=True)
+    model = write_model(tmp_path / "flux.safetensors", FLUX_KEYS)
+    with model_linked(model, comfy_stub.root, "diffusion_models") as link:
+        assert link.path.parent == models / "unet"
+    assert not (models / "diffusion_models").exists()
+
+
 def test_a_kept_link_and_a_users_own_link_are_never_removed(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     model = write_model(tmp_path / "merge.safetensors")
-    entry = comfy_stub.root / "models" / "checkpoints" / "merge.safetensors"
+    entry = comfy_stub.root / "models" / "checkpoints" / link_name(model)
     with model_linked(model, comfy_stub.root, "checkpoints", keep_link=True):
         pass
     with model_linked(model, comfy_stub.root, "checkpoints"):
@@ -501,7 +543,7 @@ def test_a_kept_link_and_a_users_own_link_are_never_removed(comfy_stub: ComfyStu
     own = entry.with_name("own.safetensors")
     own.symlink_to(other)
     with model_linked(other, comfy_stub.root, "checkpoints") as link:
-        assert not link.created
+        assert link.path != own  # ortho-mecha's own link, under the tagged name
     assert own.is_symlink()
 
 
@@ -519,21 +561,18 @@ def test_hard_link_or_copy_where_links_are_not_allowed(
         monkeypatch.setattr(os, name, refuse)
     model = write_model(tmp_path / "merge.safetensors")
     before = sha256(model)
-    link = link_model(model, comfy_stub.root, "checkpoints")
-    assert link.method == ("hardlink" if refused == ("symlink",) else "copy")
-    assert sha256(link.path) == before and not link.path.is_symlink()
-    assert link_model(model, comfy_stub.root, "checkpoints").method == link.method  # recognised again
-    assert unlink_model(model, comfy_stub.root, "checkpoints") is True
+    with model_linked(model, comfy_stub.root, "checkpoints") as link:
+        assert link.method == ("hardlink" if refused == ("symlink",) else "copy") and link.name == link_name(model)
+        assert sha256(link.path) == before and not link.path.is_symlink()
+        assert link_model(model, comfy_stub.root, "checkpoints").method == link.method  # recognised again
     assert not link.path.exists() and sha256(model) == before
 
 
 def test_a_different_file_of_the_same_name_is_never_replaced(comfy_stub: ComfyStub, tmp_path: Path) -> None:
-    theirs = comfy_stub.add_file("checkpoints", "merge.safetensors", b"someone else's model")
     model = write_model(tmp_path / "merge.safetensors")
-    with pytest.raises(OrthoMechaError, match=r"already has a different 'merge\.safetensors'.*rename your model"):
-        link_model(model, comfy_stub.root, "checkpoints")
-    with pytest.raises(OrthoMechaError, match="is not a link to or copy of this model; left it alone"):
-        unlink_model(model, comfy_stub.root, "checkpoints")
+    theirs = comfy_stub.add_file("checkpoints", link_name(model), b"someone else's model")
+    with pytest.raises(OrthoMechaError, match=r"already has a different 'merge\.[0-9a-f]{8}\.safetensors'.*rename"):
+        preview(comfy_stub, model)
     assert theirs.read_bytes() == b"someone else's model"
 
 
@@ -541,7 +580,6 @@ def test_a_model_already_in_comfyuis_folder_is_used_in_place(comfy_stub: ComfySt
     model = write_model(comfy_stub.root / "models" / "checkpoints" / "merges" / "m.safetensors")
     link = link_model(model, comfy_stub.root, "checkpoints")
     assert (link.name, link.method, link.created) == ("merges/m.safetensors", "in place", False)
-    assert unlink_model(model, comfy_stub.root, "checkpoints") is False and model.is_file()
     result = preview(comfy_stub, model)
     assert result.model_name == "merges/m.safetensors" and model.is_file()
 
@@ -554,7 +592,9 @@ def test_a_symlinked_model_whose_file_is_in_comfyuis_folder_is_never_deleted(
     alias = tmp_path / "m.safetensors"
     alias.symlink_to(real)
     assert link_model(alias, comfy_stub.root, "checkpoints").method == "in place"
-    assert unlink_model(alias, comfy_stub.root, "checkpoints") is False and real.is_file()
+    with model_linked(alias, comfy_stub.root, "checkpoints"):
+        pass
+    assert real.is_file()
 
 
 @settings(max_examples=20, deadline=None)

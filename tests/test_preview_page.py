@@ -11,12 +11,13 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from ortho_mecha import preview_job, ui
+from ortho_mecha.comfy import link_name
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.jobs import Cancelled
 from ortho_mecha.workflows import PreviewSettings
 from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
 from tests.test_app import _app, _errors, _until, workspace  # noqa: F401 - the workspace fixture
-from tests.test_comfy import FLUX_KEYS, write_model
+from tests.test_comfy import FLUX_KEYS, linked, write_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = PreviewSettings("a lighthouse at dusk", negative="fog", seed=7, steps=4, cfg=2.5, size=(512, 768))
@@ -59,7 +60,7 @@ def test_preview_job_saves_images_beside_the_model(comfy_stub: ComfyStub, tmp_pa
     sent = comfy_stub.received[-1]["prompt"]
     sampler = next(node["inputs"] for node in sent.values() if node["class_type"] == "KSampler")
     assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (7, 4, 2.5)
-    assert not (comfy_stub.root / "models" / "checkpoints" / model.name).exists()  # the link is gone again
+    assert linked(comfy_stub.root, model) == []  # the link is gone again
     assert messages[0].startswith("sending mix.safetensors")
 
 
@@ -82,7 +83,7 @@ def test_preview_job_renders_with_an_uploaded_workflow(comfy_stub: ComfyStub, tm
     json.dumps(params)  # a job's parameters are plain JSON
     result = preview_job.run_job(params, lambda info: None)
     sent = comfy_stub.received[-1]["prompt"]
-    assert sent["ckpt"]["inputs"]["ckpt_name"] == "mix.safetensors"
+    assert sent["ckpt"]["inputs"]["ckpt_name"] == link_name(model)
     assert sent["pos"]["inputs"]["text"] == "a red fox" and sent["prim"]["inputs"]["value"] == 11
     assert sent["neg"]["inputs"]["text"] == "blurry"
     assert [Path(p).name for p in result["images"]] == ["mix_seed11_001.png"]
@@ -107,7 +108,7 @@ def test_cancelling_a_preview_job_cancels_the_prompt_in_comfyui(tmp_path: Path) 
         (prompt_id, entry), = stub.history.items()
         assert stub.interrupts == [{"prompt_id": prompt_id}]  # it was running: interrupted, not left to finish
         assert entry["status"]["messages"][-1][0] == "execution_interrupted"
-        assert not (stub.root / "models" / "checkpoints" / model.name).exists()
+        assert linked(stub.root, model) == []
     finally:
         stub.stop()
 
@@ -183,7 +184,8 @@ def test_preview_page_renders_with_an_uploaded_workflow(
     assert not _errors(at)
     _until(at, lambda a: a.get("image"), "the preview images")
     sent = comfy_stub.received[-1]["prompt"]
-    assert sent["ckpt"]["inputs"]["ckpt_name"] == "tiny.safetensors" and sent["ks"]["inputs"]["scheduler"] == "karras"
+    assert sent["ckpt"]["inputs"]["ckpt_name"] == link_name(workspace / "merges" / "tiny.safetensors")
+    assert sent["ks"]["inputs"]["scheduler"] == "karras"
 
 
 def test_preview_page_passes_a_chosen_vae_to_the_workflow(
