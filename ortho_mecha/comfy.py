@@ -36,7 +36,7 @@ import requests
 from filelock import FileLock
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import process_exists
+from ortho_mecha.fsutil import output_folder, process_exists
 from ortho_mecha.workflows import (
     BUILTIN_ARCHS,
     FILE_FOLDERS,
@@ -791,10 +791,16 @@ def _listed_name(model: Path, folder: str | None, options: Sequence[str]) -> str
     return None
 
 
-def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comfy: Path | None, model: Path) -> None:
+def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comfy: Path | None, model: Path,
+              out: Path | None = None, listed: Sequence[Path] = ()) -> None:
     """Check, before any merge is written, that ComfyUI answers and can run ``arch``'s built-in graph: its node
     classes, text encoders and VAE (the model itself, not made yet, is left out). ``model`` is a file of the
-    same variant (the plan's base) for the choices that depend on it."""
+    same variant (the plan's base) for the choices that depend on it.
+
+    Without ``comfy`` (COMFYUI_DIR) nothing can be linked: the merges to be written in ``out`` must land in
+    ComfyUI's models folder for the loader, and the existing models ``listed`` (a sweep's base and rows) must
+    be ones ComfyUI lists already.
+    """
     if comfy is not None:
         _require_models(comfy)
     info = client.object_info()
@@ -802,6 +808,25 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
     problems = [p for p in find_problems(graph, info) if not (p.kind == "not_in_list" and p.input in MODEL_INPUTS)]
     if problems:
         raise OrthoMechaError("; ".join(describe_problem(p, client.base_url, "") for p in problems))
+    if comfy is None:
+        spec = arch_spec(arch)
+        folder = FILE_FOLDERS[spec.model_input]
+        where = (folder, *FOLDER_ALIASES.get(folder, ()))
+        if out is not None and not set(where) & set(out.absolute().parts):
+            raise OrthoMechaError(
+                f"ComfyUI only sees the sweep's merges in its models/{folder} folder: set COMFYUI_DIR to your "
+                "ComfyUI folder (each merge is linked there while it is previewed), or write the sweep into that "
+                "folder with --out",
+                out,
+            )
+        options = combo_options(input_spec(info, spec.loader, spec.model_input)) or []
+        for path in listed:
+            if _listed_name(path, folder, options) is None and path.name not in options:
+                raise OrthoMechaError(
+                    f"is not in ComfyUI's {folder} list at {client.base_url}, so it cannot be previewed beside the "
+                    "sweep: set COMFYUI_DIR to your ComfyUI folder so ortho-mecha can link it",
+                    path,
+                )
 
 
 def run_preview(
@@ -996,18 +1021,21 @@ def cli_preview(args: argparse.Namespace) -> int:
         raise OrthoMechaError(f"{given} only apply to your own workflow (--workflow FILE.json)")
     arch = preview_arch(args.arch, args.model, workflow=workflow is not None)
     client = ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout))
-    result = run_preview(
-        args.model,
-        arch,
-        settings,
-        client=client,
-        comfy=comfy_dir(args.comfy_dir),
-        workflow=workflow,
-        bindings=bindings,
-        time_limit=args.timeout,
-        progress=_print_progress(),
-        keep_link=args.keep_link,
-    )
+    with output_folder(args.out) as out:  # made first: a folder that cannot be made fails before the render
+        result = run_preview(
+            args.model,
+            arch,
+            settings,
+            client=client,
+            comfy=comfy_dir(args.comfy_dir),
+            workflow=workflow,
+            bindings=bindings,
+            time_limit=args.timeout,
+            progress=_print_progress(),
+            keep_link=args.keep_link,
+        )
+        seed = "" if result.seed is None else f"_seed{result.seed}"
+        written = save_images(result.images, out, f"{result.model.stem}{seed}")
     if result.resolved is not None:
         r = result.resolved
         files = ", ".join([*r.text_encoders, *([r.vae] if r.vae else [])]) or "from the checkpoint"
@@ -1016,7 +1044,6 @@ def cli_preview(args: argparse.Namespace) -> int:
             f"text encoders/VAE: {files}",
             file=sys.stderr,
         )
-    seed = "" if result.seed is None else f"_seed{result.seed}"
-    for path in save_images(result.images, args.out, f"{result.model.stem}{seed}"):
+    for path in written:
         print(path)
     return 0

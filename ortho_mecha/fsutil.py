@@ -6,6 +6,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ortho_mecha.errors import OrthoMechaError
@@ -96,3 +98,25 @@ def process_exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextmanager
+def output_folder(path: str | Path) -> Iterator[Path]:
+    """``path`` as a folder for a command's outputs, made (with its parents) before the work starts, so a folder
+    that cannot be made fails at once; the folders made here are removed again, if still empty, when the work
+    fails."""
+    path = Path(path)
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot create the output folder ({exc.strerror or exc})", path) from None
+    try:
+        yield path
+    except BaseException:
+        for folder in missing:  # the deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # holds something now (or never was made): kept
+                break
+        raise

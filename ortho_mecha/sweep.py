@@ -21,7 +21,7 @@ from typing import Any
 from ortho_mecha.comfy import ComfyClient, PreviewImage, preflight, run_preview, save_images
 from ortho_mecha.comfy import Progress as ComfyProgress
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes
+from ortho_mecha.fsutil import atomic_write_bytes, output_folder
 from ortho_mecha.merge import merge_plan
 from ortho_mecha.plan import Plan, save_plan
 from ortho_mecha.workflows import PreviewSettings
@@ -117,14 +117,15 @@ def alpha_sweep(
     grid_path = folder / f"{stem}.png"
     if grid_path.exists():
         raise OrthoMechaError("already exists; choose another folder or move it away", grid_path)
-    preflight(arch, settings, client=client, comfy=comfy, model=plan.base)  # before any merge is written
+    compared = [Cell("base", plan.base), *[Cell(row.model.stem, row.model) for row in plan.rows if row.enabled]]
+    preflight(arch, settings, client=client, comfy=comfy, model=plan.base, out=folder,
+              listed=[cell.model for cell in compared] if compare else ())  # before any merge is written
     cells: list[Cell] = []
     for alpha in alphas:
         model, plan_path = _merged(plan, alpha, folder, stem, progress)
         cells.append(Cell(f"alpha {alpha:g}", model, plan=plan_path, alpha=alpha))
     if compare:
-        cells.append(Cell("base", plan.base))
-        cells += [Cell(row.model.stem, row.model) for row in plan.rows if row.enabled]
+        cells += compared
     columns: list[tuple[str, list[bytes]]] = []
     seed = None
     for n, cell in enumerate(cells, start=1):
@@ -165,19 +166,18 @@ def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` comman
     plan = load_plan(args.plan)
     alphas = parse_alphas(args.alphas)
     arch = preview_arch(args.arch, plan.base)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = alpha_sweep(
-        plan,
-        alphas,
-        out,
-        arch,
-        settings,
-        client=ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout)),
-        comfy=comfy_dir(args.comfy_dir),
-        compare=args.compare,
-        time_limit=args.timeout,
-    )
+    with output_folder(args.out) as out:
+        result = alpha_sweep(
+            plan,
+            alphas,
+            out,
+            arch,
+            settings,
+            client=ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout)),
+            comfy=comfy_dir(args.comfy_dir),
+            compare=args.compare,
+            time_limit=args.timeout,
+        )
     for cell in result["cells"]:
         print(f"{cell['label']}: {', '.join(cell['images'])}")
     print(f"grid: {result['grid']}")

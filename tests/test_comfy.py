@@ -689,7 +689,14 @@ def test_cli_preview_errors_are_one_line(comfy_stub: ComfyStub, tmp_path: Path, 
     assert "failed running node 1 (CheckpointLoaderSimple)" in cli_error(
         "preview", model, "--arch", "sd1", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, *common
     )
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # made for the preview, removed again when it failed
+    comfy_stub.mode = "ok"
+    (tmp_path / "a-file").write_text("mine")
+    received = len(comfy_stub.received)
+    assert "cannot create the output folder" in cli_error(
+        "preview", model, "--arch", "sd1", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--prompt", "p",
+        "--out", tmp_path / "a-file" / "out")
+    assert len(comfy_stub.received) == received  # refused before rendering
 
 
 # --------------------------------------------------------------------------------------------------

@@ -90,3 +90,22 @@ def test_sweep_checks_comfyui_before_merging(comfy_stub: ComfyStub, tmp_path: Pa
     comfy_stub.stop()
     assert "connection refused" in cli_error(*common, "--api", comfy_stub.url)
     assert not list(out.glob("*.safetensors")) and not list(out.glob("*.plan.json"))
+
+
+def test_a_sweep_without_comfy_dir_is_refused_before_merging_unless_comfyui_will_see_the_merges(
+    comfy_stub: ComfyStub, tmp_path: Path, cli: Callable, cli_error: Callable
+) -> None:
+    plan = write_plan(tmp_path)
+    comfy_stub.add_standard_files()
+    common = ["preview", "--plan", plan, "--alphas", "1", "--arch", "sdxl", "--prompt", "p", "--api", comfy_stub.url]
+    out = tmp_path / "sweep"
+    error = cli_error(*common, "--out", out)
+    assert "ComfyUI only sees the sweep's merges in its models/checkpoints folder: set COMFYUI_DIR" in error
+    assert not out.exists()  # nothing merged, and the folder made for it is gone again
+    inside = comfy_stub.root / "models" / "checkpoints" / "sweeps"  # where ComfyUI lists the merges
+    error = cli_error(*common, "--compare", "--out", inside)
+    assert "base.safetensors: is not in ComfyUI's checkpoints list" in error
+    assert not list(inside.glob("*.safetensors"))
+    result = cli(*common, "--out", inside)
+    assert result.code == 0, result.err
+    assert comfy_stub.received[-1]["prompt"]["1"]["inputs"]["ckpt_name"] == "sweeps/mix_sweep_alpha1.safetensors"
