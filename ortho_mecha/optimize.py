@@ -30,7 +30,7 @@ import numpy as np
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import cosine, delta_gram, selection_matrix, squared_distances
-from ortho_mecha.lineage import DUPLICATE_RATIO, duplicates, parent
+from ortho_mecha.lineage import DUPLICATE_RATIO, duplicates, lineage, parent
 from ortho_mecha.metrics import quality, survival_plain
 
 LORA_INFO = "LoRA: its product is its delta, from the base"  # a kohya LoRA row's reason / info mark
@@ -66,6 +66,7 @@ class _Family:
     dups: dict[int, int]
     d: np.ndarray
     lora: np.ndarray  # per model: a kohya LoRA row (delta from the base only, never a delta-from)
+    merges_of: dict[int, set[int]]  # per file: the models the lineage finds to be merges made from it
 
     @property
     def active(self) -> list[int]:
@@ -89,7 +90,10 @@ class _Family:
         return [None, *files]
 
     def start(self, i: int) -> int | None:
-        return parent(self.h, i, [f for f in self.allowed_from(i) if f is not None])
+        """Model i's parent as the lineage finds it: the parent rule, leaving out merges made from i (a merge of
+        i sits nearer the base than i and can be as near to i as its real parent)."""
+        made_from_i = self.merges_of.get(i, set())
+        return parent(self.h, i, [f for f in self.allowed_from(i) if f is not None and f not in made_from_i])
 
     def name(self, f: int | None) -> str:
         return "the base" if f is None else self.names[f]
@@ -111,8 +115,12 @@ def _family(
     lora_rows = np.zeros(n_models, dtype=bool) if lora is None else np.asarray(lora, dtype=bool)
     if len(lora_rows) != n_models:
         raise ValueError(f"{len(lora_rows)} LoRA flags for {n_models} models")
+    merges_of: dict[int, set[int]] = {}
+    for m, item in enumerate(lineage(h, n_models, q)):
+        for f in item["mix"] or {}:
+            merges_of.setdefault(f, set()).add(m)
     return _Family(h, n_models, q, np.asarray(null, dtype=bool), labels, duplicates(h, q), squared_distances(h),
-                   lora_rows)
+                   lora_rows, merges_of)
 
 
 def orthogonality(g: np.ndarray, rows: Sequence[int]) -> float:

@@ -70,6 +70,25 @@ def test_autofill_on_a_planted_family() -> None:
     assert all("\n" not in r.info for r in rows.values())
 
 
+def test_a_merge_made_from_a_model_is_never_called_its_parent() -> None:
+    """A 50/50 merge of two related fine-tunes sits nearer the base than each and within the parent rule's
+    threshold of both; the lineage finds it is their merge, and auto-fill and the optimizer's start agree:
+    both stay deltas from the base."""
+    from ortho_mecha.lineage import lineage, parent
+
+    rng = np.random.default_rng(3)
+    a = unit(rng)
+    b = 0.1 * a + np.sqrt(1 - 0.1**2) * unit(rng)  # cos 0.1
+    h = files_gram(np.stack([a, b, (a + b) / 2]))
+    assert parent(h, 0, [1, 2]) == 2  # the bare parent rule alone would take the merge
+    items = lineage(h, 3, [0.5] * 3)
+    assert items[2]["mix"] is not None and set(items[2]["mix"]) == {0, 1}
+    assert items[0]["parent"] is None and items[1]["parent"] is None
+    rows = optimize.autofill(h, 3, [0.5] * 3, [False] * 3, names=["style_a", "style_b", "mix_a_b"])
+    assert [row.delta_from for row in rows] == [None, None, None]
+    assert not any("its parent" in row.info for row in rows)
+
+
 def test_duplicates_never_become_a_delta_from() -> None:
     h = files_gram(planted())
     fam = optimize._family(h, 8, QUALITY, NULL, NAMES)
