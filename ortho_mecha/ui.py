@@ -270,11 +270,13 @@ def remember_analysis(record: Mapping[str, Any]) -> None:
     st.session_state["report"] = record["result"]
 
 
-def current_analysis() -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(parameters, report) of this session's analysis, else of the newest finished analysis job."""
+def current_analysis(choices: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(parameters, report) of this session's analysis, else of the newest finished analysis job whose files are
+    all among ``choices`` (a :class:`~ortho_mecha.workspace.ModelChoices`: under the allowed roots)."""
     if "report" in st.session_state:
         return st.session_state["analysis_params"], st.session_state["report"]
-    done = [r for r in jobs.list_jobs() if r["kind"] == "analyse" and r["state"] == "done"]
+    done = [r for r in jobs.list_jobs() if r["kind"] == "analyse" and r["state"] == "done"
+            and choices.holds(r["params"]["base"], *r["params"]["models"])]
     if not done:
         return None
     remember_analysis(done[0])
@@ -304,7 +306,8 @@ def first_mix(choices: Any, analysis: tuple[str, Mapping[str, Any]] | None) -> d
     if (mix_id := st.query_params.get(MIX_URL)) is not None:
         with shown_errors():
             return workspace.table_from_plan(workspace.recall_mix(mix_id, choices), choices)
-    state = {"base": choices.labels[0], "rows": [], "method": "ortho_superpose", "options": {}, "texture": None}
+    state = {"base": choices.default_base(), "rows": [], "method": "ortho_superpose", "options": {}, "texture": None,
+             "analysis": st.session_state.get("analysis_job") if analysis is not None else None}
     if analysis is not None:
         with shown_errors():
             state["base"] = choices.label(analysis[1]["base"])

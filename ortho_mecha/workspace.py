@@ -58,9 +58,13 @@ def loras_dir(workspace: Path | None = None) -> Path:
 def ensure_demo(workspace: Path | None = None) -> dict[str, Path]:
     """Write the demo family into ``models/demo`` the first time (the folder's existence marks it done).
 
-    Returns {member name: path} of the demo files present, empty when the user removed the folder's files.
+    Returns {member name: path} of the demo files present, empty when the user removed the folder's files,
+    and empty (nothing written) when the folder lies outside the allowed roots (``ORTHO_MECHA_ROOTS`` names
+    other folders): the dashboard then offers, and analyses, only the user's models.
     """
     folder = models_dir(workspace) / DEMO_FOLDER
+    if not any(folder.absolute().is_relative_to(root) for root in security.allowed_roots()):
+        return {}
     if not folder.exists():
         from ortho_mecha.demo import write_family  # imports torch: only on the first start
 
@@ -96,6 +100,20 @@ class ModelChoices:
                 f"({', '.join(str(r) for r in self.roots)}); pick one from the list"
             )
         return security.resolve_model_path(self.by_label[label], self.roots)
+
+    def holds(self, *paths: str | Path) -> bool:
+        """Whether every one of ``paths`` is a model file under the roots (a job's files, say)."""
+        try:
+            for path in paths:
+                self.label(path)
+        except OrthoMechaError:
+            return False
+        return True
+
+    def default_base(self) -> str | None:
+        """The label a base picker starts on: the first whose file name says "base", else the first."""
+        named = [label for label in self.labels if "base" in Path(label).stem.lower()]
+        return (named or self.labels or [None])[0]
 
     def label(self, path: str | Path) -> str:
         """The label of a file (compared by real path); an error when it is not under the roots."""

@@ -27,7 +27,8 @@ ui.followed_job(ui.ANALYSIS_URL)
 # First visit in this session: follow the newest analysis (or start one on the demo models).
 if ui.job_in_url(ui.ANALYSIS_URL) is None and not st.session_state.get("analyse_visited"):
     with ui.shown_errors():
-        recent = [r for r in jobs.list_jobs() if r["kind"] == "analyse" and r["state"] in ("queued", "running", "done")]
+        recent = [r for r in jobs.list_jobs() if r["kind"] == "analyse" and r["state"] in ("queued", "running", "done")
+                  and choices.holds(r["params"]["base"], *r["params"]["models"])]  # files the user can pick
         if recent:
             st.query_params[ui.ANALYSIS_URL] = recent[0]["id"]
         elif "base" in demo:
@@ -49,6 +50,7 @@ if job_id and (st.session_state.get("analyse_widgets_from") != job_id or "an_bas
 
 with st.container(border=True):
     left, right = st.columns([1, 2])
+    st.session_state.setdefault("an_base", choices.default_base())
     base = left.selectbox("Base model", choices.labels, key="an_base")
     models = right.multiselect(
         "Models to analyse", [label for label in choices.labels if label != base], key="an_models"

@@ -19,10 +19,13 @@ choices = workspace.ModelChoices.scan()
 if not choices.labels:
     st.info("No model files under the allowed folders; add some, then analyse them on the Analyse page.")
     st.stop()
-analysis = ui.current_analysis()
+analysis = ui.current_analysis(choices)
 
 if "mix" not in st.session_state:
     ui.set_mix(ui.first_mix(choices, analysis))
+elif (analysis is not None and not st.session_state["mix"]["rows"]
+      and st.session_state["mix"].get("analysis") != st.session_state.get("analysis_job")):
+    ui.set_mix(ui.first_mix(choices, analysis))  # an empty table starts from an analysis made since
 mix = st.session_state["mix"]
 
 with st.container(border=True):

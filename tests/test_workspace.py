@@ -122,7 +122,8 @@ def test_a_mixer_plan_is_kept_under_its_content_hash_and_checked_when_recalled(
         workspace.recall_mix(mix_id, ModelChoices.scan((tmp_path / "elsewhere",)))
 
 
-def test_demo_is_written_once(tmp_path: Path) -> None:
+def test_demo_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORTHO_MECHA_ROOTS", str(tmp_path))
     first = workspace.ensure_demo(tmp_path)
     assert "base" in first and len(first) > 2
     stamps = {name: path.stat().st_mtime_ns for name, path in first.items()}
@@ -173,3 +174,21 @@ def test_merge_job_params_write_the_plan_beside_the_output(models: tuple[dict[st
         workspace.merge_job_params(a_plan(paths), "out.safetensors", workspace=ws)
     with pytest.raises(OrthoMechaError, match="not a path"):
         workspace.merge_job_params(a_plan(paths), "../out", workspace=ws)
+
+
+def test_no_demo_is_written_outside_the_allowed_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORTHO_MECHA_ROOTS naming the user's own folders: the dashboard neither writes nor offers the demo."""
+    (tmp_path / "mine").mkdir()
+    monkeypatch.setenv("ORTHO_MECHA_ROOTS", str(tmp_path / "mine"))
+    assert workspace.ensure_demo(tmp_path / "workspace") == {}
+    assert not (tmp_path / "workspace").exists()
+
+
+def test_the_base_picker_starts_on_a_file_named_base(tmp_path: Path) -> None:
+    for name in ("a_broken.safetensors", "sdxl/sdxl_base.safetensors", "style.safetensors"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    choices = ModelChoices.scan((tmp_path,))
+    assert choices.default_base() == "sdxl/sdxl_base.safetensors"
+    assert choices.holds(tmp_path / "style.safetensors") and not choices.holds(tmp_path / "absent.safetensors")
+    assert ModelChoices.scan((tmp_path / "empty",)).default_base() is None
