@@ -219,7 +219,7 @@ def choose_files(
     facts: ModelFacts = ModelFacts(),
 ) -> tuple[tuple[str, ...], str | None]:
     """The text encoders and VAE for ``spec``: the user's names, or the best match among ComfyUI's files."""
-    slots = text_encoders_wanted(spec, facts)
+    slots = spec.text_encoders if settings.clip else text_encoders_wanted(spec, facts)  # named: no width needed
     if settings.clip:
         if len(settings.clip) != len(slots):
             wanted = "no text encoder files (the checkpoint holds them)" if not slots else f"{len(slots)} --clip"

@@ -7,6 +7,7 @@ through its POST /prompt validation (tests/comfy_stub.py).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,8 @@ def test_klein_text_encoder_follows_the_model_size() -> None:
         resolve(spec, SETTINGS, both, VAES)
     with pytest.raises(OrthoMechaError, match="takes 1234 features"):
         resolve(spec, SETTINGS, both, VAES, ModelFacts(text_dim=1234))
+    named = replace(SETTINGS, clip=("my_llm.safetensors",))  # what that message asks for: used as given
+    assert resolve(spec, named, both, VAES, ModelFacts(text_dim=1234)).text_encoders == ("my_llm.safetensors",)
 
 
 def test_flux1_schnell_gets_four_steps() -> None:
