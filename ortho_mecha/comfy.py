@@ -390,12 +390,13 @@ def find_problems(graph: Graph, info: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
-def describe_problem(problem: Problem, url: str, model_hint: str) -> str:
-    """A sentence for one problem; ``model_hint`` says how to make a missing model file visible."""
+def describe_problem(problem: Problem, url: str, model_hint: str, own_workflow: bool = False) -> str:
+    """A sentence for one problem; ``model_hint`` says how to make a missing model file visible. In the user's
+    ``own_workflow`` a file name is fixed in the workflow (the --clip/--vae choices are the built-in ones')."""
     p = problem
     where = f"node {p.node} ({p.class_type})"
     if p.kind == "missing_class":
-        return missing_node_message(url, p.class_type, p.node)
+        return missing_node_message(url, p.class_type, p.node if own_workflow else None)
     if p.kind == "missing_input":
         return f"{where} lacks its required input '{p.input}'"
     if p.kind == "dangling_link":
@@ -408,6 +409,8 @@ def describe_problem(problem: Problem, url: str, model_hint: str) -> str:
             "text_encoders": ("text encoder", " or choose another with --clip"),
             "vae": ("VAE", " or choose another with --vae"),
         }.get(folder, (folder, ""))
+        if own_workflow:
+            flag = f", or set {where}'s {p.input} to one it has in your workflow and export it again"
         return (
             f"{role} '{p.value}' is not in ComfyUI's {folder} list (it has: {_listing(p.options)}); put it in "
             f"ComfyUI's models/{folder}{flag}"
@@ -895,7 +898,8 @@ def run_preview(
             seed = bound_seed(graph, bindings)
         problems = find_problems(graph, info)
         if problems:
-            raise OrthoMechaError("; ".join(describe_problem(p, url, model_hint) for p in problems))
+            own = workflow is not None
+            raise OrthoMechaError("; ".join(describe_problem(p, url, model_hint, own) for p in problems))
         prompt_id = client.queue_prompt(graph)
         logger.info("queued prompt %s on %s", prompt_id, url)
         entry = wait_for(client, prompt_id, time_limit, progress, poll_interval)

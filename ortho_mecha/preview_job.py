@@ -27,7 +27,7 @@ from typing import Any
 from ortho_mecha import comfy, security, workspace
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.jobs import Cancelled, Progress
-from ortho_mecha.workflows import PreviewSettings, arch_id, check_api_format, find_bindings
+from ortho_mecha.workflows import PreviewSettings, apply_bindings, arch_id, check_api_format, find_bindings
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +74,18 @@ MARK_ROLES = ("model", "prompt", "negative", "seed")  # what a user's workflow t
 
 @dataclass(frozen=True)
 class UserWorkflow:
-    """An uploaded API-format workflow and the user's ``NODE.INPUT`` marks (role → mark, None: detected)."""
+    """An uploaded API-format workflow, the user's ``NODE.INPUT`` marks (role → mark, None: detected), and whether
+    it keeps its own seed and negative prompt (as ``preview --workflow`` does without ``--seed``/``--negative``)."""
 
     graph: dict[str, Any]
     marks: dict[str, str | None]
+    keep_own: bool = True
 
 
-def user_workflow(data: bytes, name: str, marks: Mapping[str, str | None] | None = None) -> UserWorkflow:
+def user_workflow(data: bytes, name: str, marks: Mapping[str, str | None] | None = None,
+                  keep_own: bool = True) -> UserWorkflow:
     """Check an uploaded workflow now, on the page, as ``preview --workflow`` checks its file: JSON, API format,
-    and where the model name, prompts and seed go (the marks given, else detected; several candidates or a
+    and where the model name, prompts and seed go (the marks given, else detected; several model loaders or a
     mark that names no input are errors naming the upload)."""
     try:
         graph = json.loads(data.decode("utf-8"))
@@ -94,7 +97,7 @@ def user_workflow(data: bytes, name: str, marks: Mapping[str, str | None] | None
         raise OrthoMechaError(f"unknown input role(s) {', '.join(unknown)}; allowed: {', '.join(MARK_ROLES)}")
     clean = {role: ((marks or {}).get(role) or "").strip() or None for role in MARK_ROLES}
     find_bindings(graph, **clean, path=Path(name))
-    return UserWorkflow(graph, clean)
+    return UserWorkflow(graph, clean, keep_own)
 
 
 AUTO_ARCH = "auto"  # the Preview page's Architecture choice: the built-in one the model's keys are those of
@@ -135,8 +138,8 @@ def arch_note(model: Path, choice: str, keys: str = "its keys") -> ArchNote | No
 def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, folder: str | None,
                    workflow: UserWorkflow | None = None) -> dict[str, Any]:
     """The ``preview`` job's parameters: render ``model`` with ``arch``'s built-in workflow, or with the user's
-    own ``workflow`` (its prompt, negative prompt and seed are set where it takes them; a negative prompt or
-    seed it has no input for is left out)."""
+    own ``workflow`` (its prompt is set where it takes it, and so are the negative prompt and seed unless it
+    keeps its own; a negative prompt or seed it has no input for is left out)."""
     params = {"model": str(model), "arch": arch_id(arch), "settings": settings_params(settings), "api": api,
               "comfy_dir": folder}
     if workflow is not None:
@@ -144,8 +147,10 @@ def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, 
             raise OrthoMechaError("steps, CFG, text encoders and VAE come from your own workflow: clear them here, "
                                   'or set them in ComfyUI and export the workflow again with "Save (API)"')
         bindings = find_bindings(workflow.graph, **workflow.marks)
-        params["settings"] |= {"negative": settings.negative if bindings.negative else None,
-                               "seed": settings.seed if bindings.seed else None}
+        given = not workflow.keep_own
+        params["settings"] |= {"negative": settings.negative if given and bindings.negative else None,
+                               "seed": settings.seed if given and bindings.seed else None}
+        apply_bindings(workflow.graph, bindings, model.name, _settings(params["settings"], "preview"))  # checked now
         params |= {"workflow": workflow.graph, "marks": workflow.marks}
     return params
 

@@ -38,7 +38,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -506,12 +506,14 @@ class Target:
 
 @dataclass(frozen=True)
 class Bindings:
-    """Which inputs take the model name, the prompt, the negative prompt and the seed (None: none)."""
+    """Which inputs take the model name, the prompt, the negative prompt and the seed (None: none, or several in
+    ``several``: role → the candidates, an error only when a value for that role is given)."""
 
     model: Target
     prompt: Target | None = None
     negative: Target | None = None
     seed: Target | None = None
+    several: dict[str, tuple[Target, ...]] = field(default_factory=dict)
 
 
 def load_workflow(path: str | Path) -> Graph:
@@ -638,12 +640,16 @@ def _parse_target(graph: Graph, text: str, role: str, path: Path | None) -> Targ
     return Target(node_id, name)
 
 
-def _single(candidates: Sequence[Target], role: str, what: str, path: Path | None) -> Target | None:
+def _several_message(candidates: Sequence[Target], role: str) -> str:
+    what = {"model": "model loaders", "prompt": "positive prompts", "negative": "negative prompts",
+            "seed": "seed inputs"}[role]
+    listed = ", ".join(str(c) for c in candidates)
+    return f"the workflow has several {what} ({listed}); say which one to use with --set-{role} NODE.INPUT"
+
+
+def _single(candidates: Sequence[Target], role: str, path: Path | None) -> Target | None:
     if len(candidates) > 1:
-        listed = ", ".join(str(c) for c in candidates)
-        raise OrthoMechaError(
-            f"the workflow has several {what} ({listed}); say which one to use with --set-{role} NODE.INPUT", path
-        )
+        raise OrthoMechaError(_several_message(candidates, role), path)
     return candidates[0] if candidates else None
 
 
@@ -658,14 +664,15 @@ def find_bindings(
     """Where the model name, prompts and seed go: the user's ``NODE.INPUT`` marks, else detected.
 
     Detection takes the single UNETLoader/CheckpointLoaderSimple file input, the CLIPTextEncode texts
-    feeding the samplers' positive and negative inputs, and the single ``seed``/``noise_seed`` input; it
-    raises, naming the candidates, when there are several. An input fed by a primitive node (PrimitiveInt,
-    a string primitive) is set on that node.
+    feeding the samplers' positive and negative inputs, and the single ``seed``/``noise_seed`` input. Several
+    model loaders are an error naming them; several prompts or seeds (a base + refiner workflow) are one only
+    when a value for that role is given (:func:`apply_bindings`): otherwise the workflow keeps its own. An
+    input fed by a primitive node (PrimitiveInt, a string primitive) is set on that node.
     """
     model_target = (
         _parse_target(graph, model, "model", path)
         if model
-        else _single(_value_inputs(graph, MODEL_INPUTS, str), "model", "model loaders", path)
+        else _single(_value_inputs(graph, MODEL_INPUTS, str), "model", path)
     )
     if model_target is None:
         raise OrthoMechaError(
@@ -686,22 +693,19 @@ def find_bindings(
         found = (_value_target(graph, n, "text", str) for n in sorted(nodes))
         return list(dict.fromkeys(t for t in found if t is not None))
 
-    prompt_target = (
-        _parse_target(graph, prompt, "prompt", path)
-        if prompt
-        else _single(texts(positive_nodes), "prompt", "positive prompts", path)
-    )
-    negative_target = (
-        _parse_target(graph, negative, "negative", path)
-        if negative
-        else _single(texts(negative_nodes), "negative", "negative prompts", path)
-    )
-    seed_target = (
-        _parse_target(graph, seed, "seed", path)
-        if seed
-        else _single(_value_inputs(graph, SEED_INPUTS, int), "seed", "seed inputs", path)
-    )
-    return Bindings(model_target, prompt_target, negative_target, seed_target)
+    detected = {"prompt": texts(positive_nodes), "negative": texts(negative_nodes),
+                "seed": _value_inputs(graph, SEED_INPUTS, int)}
+    marked = {"prompt": prompt, "negative": negative, "seed": seed}
+    targets: dict[str, Target | None] = {}
+    several: dict[str, tuple[Target, ...]] = {}
+    for role, mark in marked.items():
+        if mark:
+            targets[role] = _parse_target(graph, mark, role, path)
+        elif len(detected[role]) > 1:  # an error only if a value for this role is given (apply_bindings)
+            targets[role], several[role] = None, tuple(detected[role])
+        else:
+            targets[role] = _single(detected[role], role, path)
+    return Bindings(model_target, targets["prompt"], targets["negative"], targets["seed"], several)
 
 
 def apply_bindings(graph: Graph, bindings: Bindings, model_name: str, settings: PreviewSettings) -> Graph:
@@ -722,6 +726,8 @@ def apply_bindings(graph: Graph, bindings: Bindings, model_name: str, settings: 
     for target, value, role in values:
         if value is None or (role != "seed" and value == "" and target is None):
             continue  # not given: the workflow keeps its own
+        if target is None and role in bindings.several:
+            raise OrthoMechaError(_several_message(bindings.several[role], role))
         if target is None:
             what = "seed input" if role == "seed" else f"{role} prompt input"
             raise OrthoMechaError(

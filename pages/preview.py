@@ -49,8 +49,9 @@ with st.container(border=True):
     negative = st.text_area("Negative prompt", value="blurry, low quality", key="pv_negative", height=68)
     clip_column, vae_column = st.columns(2)
     clip = clip_column.text_input("Text encoder file(s)", key="pv_clip", placeholder="auto: from what ComfyUI lists",
-                                  help="file names as ComfyUI lists them, separated by commas (two for SDXL-style "
-                                       "dual encoders); empty: picked for the architecture")
+                                  help="file names as ComfyUI lists them, separated by commas (two for Flux.1: "
+                                       "clip_l and t5xxl; none for SD1.5/SDXL checkpoints, which hold theirs); "
+                                       "empty: picked for the architecture")
     vae = vae_column.text_input("VAE file", key="pv_vae", placeholder="auto: from what ComfyUI lists",
                                 help="a file name as ComfyUI lists it; empty: picked for the architecture")
 settings = PreviewSettings(prompt=prompt, negative=negative, seed=int(seed),
@@ -67,17 +68,20 @@ with one:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         model = left.selectbox("Merged model", merges.labels, key="pv_model")
         with st.expander("Your own workflow (optional)", icon=":material/account_tree:"):
-            st.caption('A workflow exported from ComfyUI with "Save (API)". The model, prompt, negative prompt '
-                       "and seed go where it takes them: found by ortho-mecha, or the NODE.INPUT you mark "
+            st.caption('A workflow exported from ComfyUI with "Save (API)". The model and prompt (and, unless it keeps '
+                       "its own, the negative prompt and seed) go where it takes them: found by ortho-mecha, or the "
+                       "NODE.INPUT you mark "
                        "(e.g. 4.ckpt_name). Architecture, steps, CFG, text encoders and VAE above do not apply to it.")
             uploaded = st.file_uploader("Workflow (API format, .json)", type=["json"], key="pv_workflow")
             mark_columns = st.columns(len(preview_job.MARK_ROLES))
             marks = {role: column.text_input(f"{role} input", key=f"pv_mark_{role}", placeholder="detected")
                      for role, column in zip(preview_job.MARK_ROLES, mark_columns, strict=True)}
+            keep_own = st.checkbox("Keep the workflow's own seed and negative prompt", value=True, key="pv_keep_own",
+                                   help="unticked: the Seed and Negative prompt above replace them")
             own = None
             if uploaded is not None:
                 with ui.shown_errors():
-                    own = preview_job.user_workflow(uploaded.getvalue(), uploaded.name, marks)
+                    own = preview_job.user_workflow(uploaded.getvalue(), uploaded.name, marks, keep_own)
                     st.caption(f"{uploaded.name}: {len(own.graph)} nodes; it will be used for this render.")
         if uploaded is None:  # the built-in workflow of the chosen architecture
             with ui.shown_errors():

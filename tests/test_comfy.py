@@ -242,6 +242,18 @@ def test_user_workflow_seed_from_a_primitive_node(comfy_stub: ComfyStub, tmp_pat
         preview(comfy_stub, model, "custom", workflow=graph, settings=PreviewSettings("new", seed=42))
 
 
+def test_a_user_workflows_missing_file_is_told_to_be_fixed_in_the_workflow(comfy_stub: ComfyStub,
+                                                                            tmp_path: Path) -> None:
+    graph = user_graph()
+    graph["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": "their_vae.safetensors"}}
+    graph["dec"]["inputs"]["vae"] = ["vae", 0]
+    with pytest.raises(OrthoMechaError, match=r"VAE 'their_vae\.safetensors' is not in ComfyUI's vae list .*; put it "
+                       r"in ComfyUI's models/vae, or set node vae \(VAELoader\)'s vae_name to one it has in your "
+                       r"workflow") as caught:  # fmt: skip
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), "custom", workflow=graph)
+    assert "--vae" not in str(caught.value)  # refused with --workflow
+
+
 def test_link_is_removed_when_comfyui_fails_after_linking(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     model = write_model(tmp_path / "merged.safetensors")
     comfy_stub.object_info_fails_after = 1  # the file lists, asked again once the model is linked, fail
@@ -350,8 +362,8 @@ def test_execution_error_reports_comfyuis_exception(comfy_stub: ComfyStub, tmp_p
 
 def test_unknown_node(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     comfy_stub.missing_classes = {"ModelSamplingAuraFlow"}
-    with pytest.raises(OrthoMechaError, match=r"has no node 'ModelSamplingAuraFlow' \(workflow node 4\); install the "
-                       r"custom node that provides it, or update ComfyUI"):  # fmt: skip
+    with pytest.raises(OrthoMechaError, match=r"has no node 'ModelSamplingAuraFlow' \(the built-in workflow uses "
+                       r"it\); install the custom node that provides it, or update ComfyUI"):  # fmt: skip
         preview(comfy_stub, write_model(tmp_path / "m.safetensors"), "zimage")
     comfy_stub.missing_classes = {"CLIPLoader"}
     with pytest.raises(OrthoMechaError, match=r"has no node 'CLIPLoader' \(the built-in workflow uses it\)"):

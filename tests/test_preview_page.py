@@ -74,10 +74,13 @@ def test_preview_job_renders_with_an_uploaded_workflow(comfy_stub: ComfyStub, tm
         preview_job.user_workflow(b"{nope", "mine.json")
     with pytest.raises(OrthoMechaError, match=r"mine\.json"):  # a mark that names no input of the workflow
         preview_job.user_workflow(upload, "mine.json", {"seed": "nowhere.seed"})
-    own = preview_job.user_workflow(upload, "mine.json", {"prompt": "pos.text", "seed": " "})
+    own = preview_job.user_workflow(upload, "mine.json", {"prompt": "pos.text", "seed": " "}, keep_own=False)
     settings = PreviewSettings("a red fox", negative="blurry", seed=11)
     with pytest.raises(OrthoMechaError, match="steps, CFG, text encoders and VAE come from your own workflow"):
         preview_job.preview_params(model, "sd1", SETTINGS, comfy_stub.url, str(comfy_stub.root), own)
+    kept = preview_job.preview_params(model, "sd1", settings, comfy_stub.url, str(comfy_stub.root),
+                                      preview_job.user_workflow(upload, "mine.json", {"prompt": "pos.text"}))
+    assert (kept["settings"]["negative"], kept["settings"]["seed"]) == (None, None)  # the workflow keeps its own
     params = preview_job.preview_params(model, "sd1", settings, comfy_stub.url, str(comfy_stub.root), own)
     assert params["settings"]["negative"] == "blurry" and params["marks"]["prompt"] == "pos.text"
     json.dumps(params)  # a job's parameters are plain JSON

@@ -330,6 +330,23 @@ def test_ambiguous_and_explicit_bindings() -> None:
         find_bindings(graph, model="ckpt_name")
 
 
+def test_several_seeds_matter_only_when_a_seed_is_given() -> None:
+    """A base + refiner workflow has two seed inputs: without a seed of the user's both keep their values."""
+    graph = built("sdxl")
+    sampler = next(n for n, node in graph.items() if node["class_type"] == "KSamplerAdvanced")
+    graph["refine"] = {"class_type": "KSamplerAdvanced", "inputs": {**graph[sampler]["inputs"], "noise_seed": 5}}
+    bindings = find_bindings(graph)
+    assert bindings.seed is None and set(bindings.several) == {"seed"}
+    out = apply_bindings(graph, bindings, "m.safetensors", PreviewSettings("an owl"))
+    assert out["refine"]["inputs"]["noise_seed"] == 5 and out[sampler]["inputs"] == {
+        **graph[sampler]["inputs"], "noise_seed": graph[sampler]["inputs"]["noise_seed"]}
+    with pytest.raises(OrthoMechaError, match=rf"several seed inputs \({sampler}\.noise_seed, refine\.noise_seed\); "
+                                              r"say which one to use with --set-seed"):
+        apply_bindings(graph, bindings, "m.safetensors", PreviewSettings("an owl", seed=3))
+    marked = find_bindings(graph, seed="refine.noise_seed")
+    assert apply_bindings(graph, marked, "m", PreviewSettings("an owl", seed=3))["refine"]["inputs"]["noise_seed"] == 3
+
+
 def test_one_text_encoder_feeding_both_sides_needs_marks() -> None:
     graph = built("sd1")
     sampler = next(n for n in graph.values() if n["class_type"] == "KSampler")
