@@ -765,12 +765,29 @@ def check_arch(model: Path, tensors: Mapping[str, Any] | None, arch: str) -> Non
         )
 
 
+def loader_mismatch(tensors: Mapping[str, Any] | None, arch: str) -> str | None:
+    """Why ``arch``'s built-in loader will not load a file of these header ``tensors``, or None: an SD1.5/SDXL
+    workflow loads a full checkpoint (ComfyUI's CheckpointLoaderSimple finds the diffusion model by its
+    ``model.diffusion_model.`` prefix and needs the text encoders and VAE beside it)."""
+    if tensors is None or arch_spec(arch).loader != "CheckpointLoaderSimple":
+        return None
+    from ortho_mecha.validate import is_checkpoint  # imports torch; only needed here
+
+    if is_checkpoint(tensors):
+        return None
+    return (f"it holds only a diffusion model (no 'model.diffusion_model.' checkpoint with text encoders and VAE), "
+            f"which the built-in {arch} workflow's checkpoint loader cannot load: render it with your own workflow "
+            "that loads it with UNETLoader beside a CLIP and a VAE loader")
+
+
 def _builtin_graph(model: Path, model_name: str, arch: str, settings: PreviewSettings, info: Mapping[str, Any],
                    url: str) -> tuple[Graph, Resolved]:
     """``arch``'s built-in graph for ``model`` (listed as ``model_name``), its files chosen from ``info``."""
     spec = arch_spec(arch)
-    tensors = header_tensors(model)  # read once, for the check and the variant hints
+    tensors = header_tensors(model)  # read once, for the checks and the variant hints
     check_arch(model, tensors, spec.arch)
+    if (why := loader_mismatch(tensors, spec.arch)) is not None:
+        logger.warning("%s: %s", model, why)  # a warning: ComfyUI's answer decides
     te_options: list[str] = []
     if len(spec.text_encoders) == 2:
         te_options = _options(info, "DualCLIPLoader", "clip_name1", url)

@@ -49,11 +49,17 @@ SETTINGS = PreviewSettings("a lighthouse at dusk", seed=7)
 
 
 FLUX_KEYS = {FLUX_KEY: (128,), "img_in.weight": (8, 64)}  # what makes a header read as Flux.1
+# an SD1.5-style full checkpoint, as CheckpointLoaderSimple loads: the prefixed UNet (> 5 keys), text encoder, VAE
+SD_CHECKPOINT_KEYS = {
+    **{f"model.diffusion_model.input_blocks.{i}.0.weight": (4, 4, 3, 3) for i in range(6)},
+    "cond_stage_model.transformer.text_model.final_layer_norm.weight": (4,),
+    "first_stage_model.decoder.conv_in.weight": (4, 4, 3, 3),
+}
 
 
 def write_model(path: Path, keys: dict[str, tuple[int, ...]] | None = None) -> Path:
     """A small real safetensors file (the stand-in server never loads it; the client reads its header)."""
-    keys = keys or {"input_blocks.0.0.weight": (4, 4, 3, 3)}
+    keys = keys or SD_CHECKPOINT_KEYS
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.full(shape, 0.5, np.float16) for k, shape in keys.items()}, str(path))
     return path
@@ -664,6 +670,19 @@ def test_cli_preview_detects_the_architecture_when_arch_is_not_given(
     assert any(node["class_type"] == "UNETLoader" for node in comfy_stub.received[-1]["prompt"].values())
     unknown = write_model(tmp_path / "custom.safetensors")  # a UNet key, no cross-attention: no built-in architecture
     assert "give --arch, or your own workflow" in cli_error("preview", unknown, *place)
+
+
+def test_a_bare_unet_for_a_checkpoint_workflow_gets_a_warning(comfy_stub: ComfyStub, tmp_path: Path,
+                                                              cli: Callable) -> None:
+    bare = write_model(tmp_path / "unet.safetensors", {"input_blocks.0.0.weight": (4, 4, 3, 3)})
+    result = cli("preview", bare, "--arch", "sd1", "--prompt", "a fox", "--api", comfy_stub.url, "--comfy-dir",
+                 comfy_stub.root, "--out", tmp_path / "out")
+    assert result.code == 0, result.err  # ComfyUI's answer decides; this stand-in does not load files
+    assert ("WARNING: " in result.err and "holds only a diffusion model" in result.err
+            and "with your own workflow that loads it with UNETLoader" in result.err)
+    assert "holds only a diffusion model" not in cli("preview", write_model(tmp_path / "full.safetensors"), "--arch",
+                                                     "sd1", "--prompt", "a fox", "--api", comfy_stub.url,
+                                                     "--comfy-dir", comfy_stub.root, "--out", tmp_path / "out").err
 
 
 def test_cli_preview_with_a_user_workflow(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:
