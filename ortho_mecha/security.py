@@ -303,7 +303,8 @@ OTHER_MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")  # a na
 def validate_output_name(name: str) -> str:
     """A safe output file name: plain (no folders), letters, digits, ``._ -``, ending in ``.safetensors``.
 
-    The suffix is appended when missing; anything else wrong raises an error saying what to change.
+    The suffix is appended when missing (and written in lower case when given in another); anything else wrong
+    raises an error saying what to change.
     """
     if not name:
         raise OrthoMechaError(f"the output needs a file name, e.g. merged{MODEL_SUFFIX}")
@@ -325,7 +326,9 @@ def validate_output_name(name: str) -> str:
     if suffix in OTHER_MODEL_SUFFIXES:
         raise OrthoMechaError(f"output name {name!r}: merges are written as safetensors; name it "
                               f"{Path(name).stem}{MODEL_SUFFIX}")
-    if not name.lower().endswith(MODEL_SUFFIX):
+    if name.lower().endswith(MODEL_SUFFIX):
+        name = name[: -len(MODEL_SUFFIX)] + MODEL_SUFFIX  # "x.SAFETENSORS" is written as x.safetensors
+    else:
         name += MODEL_SUFFIX
     if len(name) > MAX_OUTPUT_NAME:
         raise OrthoMechaError(f"output name {name!r} is {len(name)} characters long; use at most {MAX_OUTPUT_NAME}")

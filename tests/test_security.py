@@ -331,7 +331,7 @@ def test_whatever_is_accepted_lies_inside_the_root(layout: dict[str, Path], piec
         ("merged.safetensors", "merged.safetensors"),
         ("My Model v2", "My Model v2.safetensors"),
         ("a-b_c.1", "a-b_c.1.safetensors"),
-        ("LOUD.SAFETENSORS", "LOUD.SAFETENSORS"),
+        ("LOUD.SAFETENSORS", "LOUD.safetensors"),  # the suffix merge (sd-mecha) writes
         ("7up", "7up.safetensors"),
     ],
 )
