@@ -270,6 +270,19 @@ def remember_analysis(record: Mapping[str, Any]) -> None:
     st.session_state["report"] = record["result"]
 
 
+def written_by_followed_merge(path: Path) -> bool:
+    """Whether ``path`` is the output of the merge job this page follows (just written: no warning that it exists)."""
+    job_id = job_in_url(MERGE_URL)
+    if job_id is None:
+        return False
+    try:
+        record = jobs.status(job_id)
+    except OrthoMechaError:
+        return False
+    output = (record.get("result") or {}).get("output") if record["state"] == "done" else None
+    return output is not None and Path(output).resolve() == path.resolve()
+
+
 def current_analysis(choices: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(parameters, report) of this session's analysis, else of the newest finished analysis job whose files are
     all among ``choices`` (a :class:`~ortho_mecha.workspace.ModelChoices`: under the allowed roots)."""

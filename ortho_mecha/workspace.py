@@ -466,6 +466,16 @@ def survival_frame(survival: Mapping[str, Any]) -> Any:
     })
 
 
+def free_output_name(folder: Path, stem: str = "merged") -> str:
+    """``<stem>.safetensors``, or ``<stem>-2.safetensors``, ``-3`` … : the first name no file in ``folder`` has."""
+    number = 1
+    while True:
+        name = f"{stem}{'' if number == 1 else f'-{number}'}.safetensors"
+        if not (folder / name).exists():
+            return name
+        number += 1
+
+
 def merge_job_params(plan: Any, output_name: str, overwrite: bool = False, workspace: Path | None = None) -> dict:
     """The ``merge`` job's parameters for ``plan`` into ``merges/<output_name>``; the plan is written beside it.
 

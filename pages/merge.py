@@ -26,18 +26,20 @@ else:
         enabled = ", ".join(row.model.stem for row in plan.enabled_rows)
         st.markdown(f"**{plan.method}** of {enabled} on **{plan.base.stem}** → `{workspace.merges_dir()}`")
         left, right = st.columns([2, 1], vertical_alignment="bottom")
-        name = left.text_input("Output file name", value="merged.safetensors", key="merge_name",
-                               help="a plain file name; letters, digits, '.', '_', '-' and spaces")
+        name = left.text_input("Output file name", value=workspace.free_output_name(workspace.merges_dir()),
+                               key="merge_name", help="a plain file name; letters, digits, '.', '_', '-' and spaces")
         overwrite = right.checkbox("Replace an existing file", key="merge_overwrite")
+        taken = False
         with ui.shown_errors():
             target = workspace.merges_dir() / security.validate_output_name(name)
             ahead = ui.plan_forecast(plan, target)
             st.caption(f"Dry-run forecast for `{target.name}`: " + " · ".join(ahead.lines()))
             if ahead.fits_disk is False:
                 st.warning("Not enough free disk space for the output there; free some space first.")
-            if target.exists() and not overwrite:
+            taken = target.exists() and not overwrite
+            if taken and not ui.written_by_followed_merge(target):
                 st.warning(f"{target.name} exists already: choose another name, or tick 'Replace an existing file'.")
-        if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start"):
+        if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start", disabled=taken):
             with ui.shown_errors():
                 ui.start_job("merge", workspace.merge_job_params(plan, name, overwrite), ui.MERGE_URL)
                 st.rerun()

@@ -117,8 +117,11 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert [b.label for b in at.get("download_button")] == ["Download recipe (.mecha)", "Download script (.py)"]
     assert any("measured" in str(frame.value.columns) for frame in at.dataframe)
     assert any("Dry-run forecast for `round trip.safetensors`" in caption.value for caption in at.caption)
-    at.run()  # the form, seen again, knows the name is taken now
-    assert any("round trip.safetensors exists already" in warning.value for warning in at.warning)
+    at.run()  # the form, seen again, knows the name is taken now: no Merge over the file just written
+    assert at.button(key="merge_start").disabled
+    assert not any("exists already" in warning.value for warning in at.warning)  # it is the one just written
+    at.text_input(key="merge_name").set_value("merged.safetensors").run()
+    assert not at.button(key="merge_start").disabled
 
     # A new session opened on the job's URL (a reload) shows the plan that job merged, not "make a plan first".
     reloaded = _app()

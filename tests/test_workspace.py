@@ -192,3 +192,10 @@ def test_the_base_picker_starts_on_a_file_named_base(tmp_path: Path) -> None:
     assert choices.default_base() == "sdxl/sdxl_base.safetensors"
     assert choices.holds(tmp_path / "style.safetensors") and not choices.holds(tmp_path / "absent.safetensors")
     assert ModelChoices.scan((tmp_path / "empty",)).default_base() is None
+
+
+def test_the_merge_form_offers_a_name_no_file_has(tmp_path: Path) -> None:
+    assert workspace.free_output_name(tmp_path) == "merged.safetensors"
+    (tmp_path / "merged.safetensors").write_bytes(b"")
+    (tmp_path / "merged-2.safetensors").write_bytes(b"")
+    assert workspace.free_output_name(tmp_path) == "merged-3.safetensors"
