@@ -163,6 +163,14 @@ def sweep_folder(name: str, workspace_dir: Path | None = None) -> Path:
     return workspace.merges_dir(workspace_dir) / SWEEPS_FOLDER / folder
 
 
+def check_sweep_form(alphas: str, name: str) -> None:
+    """Raise on alphas or a sweep name :func:`sweep_params` would refuse, before anything else (ComfyUI) is asked."""
+    from ortho_mecha.sweep import parse_alphas  # imports the merge machinery (torch)
+
+    parse_alphas(alphas)
+    sweep_folder(name)
+
+
 def sweep_params(
     plan: Any,
     name: str,

@@ -119,14 +119,17 @@ with sweep:
         name = name_column.text_input("Sweep name", value="sweep", key="sw_name",
                                       help="the folder merges/sweeps/NAME/ gets the merges, images and grid")
         compare = st.checkbox("Also preview the base and each model", key="sw_compare")
-        swept = None
+        swept = form_ok = None
+        with ui.shown_errors():
+            preview_job.check_sweep_form(alphas, name)
+            form_ok = True
         with ui.shown_errors():
             swept = (st.session_state["plan"] if source == MIXER_PLAN
                      else workspace.load_preset(source, workspace.ModelChoices.scan()))
             if note := preview_job.arch_note(swept.base, arch, keys="the base's keys"):
                 (st.warning if note.warning else st.caption)(note.text)
         if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start",
-                     disabled=swept is None):  # a plan that cannot be loaded says why above
+                     disabled=swept is None or not form_ok):  # what cannot be run says why above
             with ui.shown_errors():
                 server, comfy_folder = preview_job.connect(api, folder)
                 sweep_arch = preview_job.page_arch(arch, swept.base)

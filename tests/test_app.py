@@ -151,6 +151,9 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert "Architecture: flux1, from its keys" in captions  # the demo merge's
     assert "Architecture: flux1, from the base's keys" in captions  # the swept plan's
     assert at.selectbox(key="sw_plan").value == "the Mixer's plan"
+    at.text_input(key="sw_alphas").set_value("abc").run()  # said at once, before ComfyUI is asked anything
+    assert any("alphas are numbers separated by commas" in error for error in _errors(at))
+    assert at.button(key="sw_start").disabled and not comfy_stub.received
     at.text_input(key="sw_alphas").set_value("0,1")
     at.text_input(key="sw_name").set_value("two")
     at.button(key="sw_start").click().run()
