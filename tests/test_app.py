@@ -155,7 +155,7 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert any("alphas are numbers separated by commas" in error for error in _errors(at))
     assert at.button(key="sw_start").disabled and not comfy_stub.received
     at.text_input(key="sw_alphas").set_value("0,1")
-    at.text_input(key="sw_name").set_value("two")
+    at.text_input(key="sw_name").set_value("two").run()
     at.button(key="sw_start").click().run()
     assert not _errors(at)
     _until(at, lambda a: a.get("image"), "the sweep grid")
