@@ -71,9 +71,10 @@ edited = st.data_editor(
             help=f"list the row this many times, {REPEAT_RANGE[0]} to {REPEAT_RANGE[1]}",
         ),
         "block_alphas": st.column_config.TextColumn(
-            "block alphas", width="medium", help="per block group: group=alpha, … (set them under Block alphas)"
+            "block alphas", width="medium", default="",
+            help="per block group: group=alpha, … (set them under Block alphas)",
         ),
-        "info": st.column_config.TextColumn("info", width="large"),
+        "info": st.column_config.TextColumn("info", width="large", default=""),
     },
 )
 rows = edited.to_dict("records")
