@@ -124,6 +124,37 @@ class ModelChoices:
         raise OrthoMechaError("is not among the model files under the allowed folders; rescan or move it", path)
 
 
+def unreadable(paths: Iterable[Path]) -> dict[Path, str]:
+    """The files among ``paths`` whose safetensors header cannot be read or does not fit the file (truncated,
+    corrupt, another format), each with the error naming it; reads only the headers."""
+    from ortho_mecha.io import parse_header  # imports torch: only when a page checks files
+
+    problems: dict[Path, str] = {}
+    for path in paths:
+        try:
+            parse_header(Path(path))
+        except OrthoMechaError as error:
+            problems[Path(path)] = str(error)
+    return problems
+
+
+def analysis_params(choices: ModelChoices, base: str, models: Sequence[str],
+                    delta_from: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """The ``analyse`` job's parameters for the Analyse page's picks (labels), and the problems of the models left
+    out because their files cannot be read (:func:`unreadable`). An unreadable base or delta-from, or no readable
+    model, is an error naming the files."""
+    broken = unreadable([choices.path(label) for label in {base, *models, *delta_from.values()}])
+    kept = [m for m in models if choices.path(m) not in broken]
+    if not kept or any(choices.path(label) in broken for label in (base, *delta_from.values())):
+        raise OrthoMechaError("; ".join(broken.values()) + ": choose files that can be read")
+    params = {
+        "base": str(choices.path(base)),
+        "models": [str(choices.path(m)) for m in kept],
+        "delta_from": {str(choices.path(m)): str(choices.path(d)) for m, d in delta_from.items() if m in kept},
+    }
+    return params, [broken[choices.path(m)] for m in models if m not in kept]
+
+
 def _labels(paths: Sequence[Path], roots: Sequence[Path]) -> dict[str, Path]:
     """Label each path by its path inside the first root holding it, prefixed by the root's name on a clash."""
     relative: list[tuple[str, Path, Path]] = []

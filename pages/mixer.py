@@ -41,6 +41,9 @@ with st.container(border=True):
 labels = choices.labels
 base = st.selectbox("Base model", labels, index=labels.index(mix["base"]) if mix["base"] in labels else 0,
                     key=f"mix_base_{mix['version']}")
+if broken := workspace.unreadable([choices.path(base)]):  # one message, and no plan on a base merge cannot read
+    st.error(f"{broken.popitem()[1]}: choose another base model")
+    st.stop()
 caption_column, optimize_column = st.columns([3, 1], vertical_alignment="bottom")
 caption_column.caption("One row per model: its delta is alpha × (model − delta-from). Add rows at the bottom, "
                        "delete by selecting a row's left edge.")

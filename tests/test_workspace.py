@@ -199,3 +199,22 @@ def test_the_merge_form_offers_a_name_no_file_has(tmp_path: Path) -> None:
     (tmp_path / "merged.safetensors").write_bytes(b"")
     (tmp_path / "merged-2.safetensors").write_bytes(b"")
     assert workspace.free_output_name(tmp_path) == "merged-3.safetensors"
+
+
+def test_an_unreadable_model_is_left_out_of_the_dashboards_analysis(models: tuple[dict[str, Path], ModelChoices],
+                                                                    tmp_path: Path) -> None:
+    paths, _ = models
+    data = paths["photo"].read_bytes()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(data[: len(data) // 2])  # truncated
+    choices = ModelChoices.scan((tmp_path,))
+    label = {path: name for name, path in choices.by_label.items()}
+    base, anime, cut = label[paths["base"]], label[paths["anime"]], label[broken]
+    params, left_out = workspace.analysis_params(choices, base, [anime, cut], {})
+    assert params["models"] == [str(paths["anime"].resolve())]
+    assert len(left_out) == 1 and left_out[0].startswith(f"{broken.resolve()}: truncated")
+    with pytest.raises(OrthoMechaError, match=r"broken\.safetensors: truncated.*choose files that can be read"):
+        workspace.analysis_params(choices, cut, [anime], {})  # the base
+    with pytest.raises(OrthoMechaError, match="truncated"):
+        workspace.analysis_params(choices, base, [anime], {anime: cut})  # a delta-from
+    assert workspace.unreadable([paths["base"], broken]).keys() == {broken}
