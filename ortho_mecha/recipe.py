@@ -185,6 +185,11 @@ def _combine(
     if method in ORTHO_METHODS:
         return _method(method)(base, *deltas, **options)
     alpha = options.pop("alpha")
+    if method == "dare":
+        # sd-mecha 1.1.8's ties_sum_extended reads its flag the wrong way round (``t = 1.0 if apply_stock else
+        # model_stock_t``): True is what gives plain DARE-TIES, the dropped deltas' TIES mean with no model-stock
+        # factor (which, near 0 for dropped deltas, took most of the merge away, and failed on one row)
+        options["apply_stock"] = True
     combined = _method(CLASSIC_COMBINERS[method])(*deltas, **options)
     return _method("add_difference")(base, combined, alpha=alpha)
 

@@ -138,14 +138,32 @@ def test_dare_and_model_stock_match_sd_mechas_own_wrappers(family) -> None:
     config = register_base_config(family["base"])
     base, a, b = (model_node(family[n], config) for n in ("base", "a", "b"))
     rows = [{"model": "a.safetensors"}, {"model": "b.safetensors"}]
-    cases = [
-        ("dare", {"probability": 0.7, "seed": 5}, sd_mecha.add_ties_with_dare(base, a, b, probability=0.7, seed=5)),
+    cases = [  # dare with apply_stock=True: sd-mecha 1.1.8 reads that flag the wrong way round (plain DARE-TIES)
+        ("dare", {"probability": 0.7, "seed": 5},
+         sd_mecha.add_ties_with_dare(base, a, b, probability=0.7, seed=5, apply_stock=True)),
         ("model_stock", {}, sd_mecha.n_model_stock(base, a, b)),
     ]
     for method, options, reference in cases:
         got = merged(build_recipe(make_plan(family, method, rows, options=options)))
         expected = merged(reference)
         assert all(torch.equal(got[k], expected[k]) for k in expected), method
+
+
+def test_dare_is_the_dropped_rescaled_deltas_ties_mean(family, weights) -> None:
+    """No model-stock factor: with probability 0 and k 1 DARE-TIES is plain TIES; with one row it is that row's
+    dropped and rescaled delta (one row failed, and two rows came out scaled by a factor near 0)."""
+    rows = [{"model": "a.safetensors"}, {"model": "b.safetensors"}]
+    dare = merged(build_recipe(make_plan(family, "dare", rows, options={"probability": 0.0})))
+    ties = merged(build_recipe(make_plan(family, "ties", rows)))
+    assert all(torch.allclose(dare[k], ties[k], rtol=0, atol=1e-12) for k in ties)
+    one = merged(build_recipe(make_plan(family, "dare", rows[:1], options={"probability": 0.5, "seed": 3})))
+    w = weights
+    for key, base in w["base"].items():
+        delta, got = w["a"][key] - base, one[key] - base
+        kept = got != 0
+        torch.testing.assert_close(got[kept], 2.0 * delta[kept], rtol=1e-12, atol=1e-12)  # rescaled by 1/(1 − 0.5)
+        if delta.numel() >= 64:
+            assert 0.3 < kept.float().mean() < 0.7  # about half of the entries dropped
 
 
 def test_geometric_median_of_two_deltas_lies_between_them(family, weights) -> None:
