@@ -170,15 +170,18 @@ class _OutputWriter:
                 raise OrthoMechaError(
                     f"the merge produced {got} for '{key}', expected shape {list(shape)} (the base's)", self.base.path
                 )
-            tensor = self._repaired(key, value.to(dtype))
+            tensor = self._repaired(key, value, dtype)
         self._write(key, tensor)
         if isinstance(value, torch.Tensor):
             # sd-mecha 1.1.8 returns each key's result into a future that it keeps until the whole merge ends,
             # which would gather the merged model in memory; written, the tensor lets go of its data
             value.set_()
 
-    def _repaired(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` with its NaN/Inf elements replaced by the base's values (counted)."""
+    def _repaired(self, key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``value`` in the output ``dtype``, its NaN/Inf elements replaced by the base's values (counted). Where the
+        base's own value does not fit the output dtype either (a bf16 weight above fp16's 65504, say), the merged
+        value overflowed: an error naming the key, as writing it would leave Inf in the model."""
+        tensor = value.to(dtype)
         wide = (
             tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
         )
@@ -188,8 +191,18 @@ class _OutputWriter:
         count = int(bad.sum())
         if not count:
             return tensor
+        base = self._base_tensor(key)
+        replacement = base.to(wide.dtype)
+        overflow = bad & ~torch.isfinite(replacement) & torch.isfinite(base)
+        if bool(overflow.any()):
+            largest = float(base[overflow].abs().max())
+            raise OrthoMechaError(
+                f"'{key}' has {int(overflow.sum())} values beyond the range of the output dtype "
+                f"{SAFETENSORS_NAMES[dtype]} (the base's largest there: {largest:.4g}); write it as bf16 or fp32 "
+                '(a plan\'s "output_dtype", convert\'s --dtype); nothing was written'
+            )
         self.nonfinite[key] = count
-        return torch.where(bad, self._base_tensor(key).to(wide.dtype), wide).to(tensor.dtype)
+        return torch.where(bad, replacement, wide).to(tensor.dtype)
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
         data = tensor_bytes(tensor)
@@ -579,10 +592,25 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         progress=progress,
     )
     if params.get("survival", True):
-        from ortho_mecha.evaluate import measure
-
-        report["survival"] = measure(plan, report["output"])
+        report["survival"] = _measured(plan, report["output"])
     return report
+
+
+def _measured(plan: Plan, output: str, progress: Progress | None = None) -> dict[str, Any] | None:
+    """The merge's measured survival (:func:`ortho_mecha.evaluate.measure`), or None with a warning when it cannot be
+    measured (inputs holding NaN/Inf, say): the merge itself is written and checked by then."""
+    from ortho_mecha.evaluate import measure
+
+    try:
+        survival = measure(plan, output, progress=progress)
+    except (OrthoMechaError, ArithmeticError, ValueError) as error:  # numpy LinAlgError is a ValueError
+        logger.warning("the merge is written, but its survival could not be measured: %s", error)
+        return None
+    if not all(math.isfinite(v) for v in (*survival["predicted"], *survival["measured"])):
+        logger.warning("the merge is written, but its survival could not be measured: the inputs hold NaN/Inf "
+                       "values (see 'ortho-mecha validate')")
+        return None
+    return survival
 
 
 def summary(report: Mapping[str, Any]) -> str:
@@ -635,9 +663,8 @@ def cli_merge(args: argparse.Namespace) -> int:
         report = merge_plan(plan, args.out, args.overwrite, args.threads, args.device, progress=bar.update)
     print(summary(report))
     if not args.no_survival:
-        from ortho_mecha.evaluate import measure
-
         with TqdmProgress("measuring survival") as bar:
-            survival = measure(plan, report["output"], progress=bar.update)
-        print("\n".join(survival_lines(survival)))
+            survival = _measured(plan, report["output"], progress=bar.update)
+        if survival is not None:
+            print("\n".join(survival_lines(survival)))
     return 0

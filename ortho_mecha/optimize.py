@@ -383,7 +383,7 @@ def plan_from_report(
         ],
         "options": spec.defaults(),
         "texture": None,
-        "output_dtype": plan_mod.DEFAULT_OUTPUT_DTYPE,
+        "output_dtype": plan_mod.default_output_dtype(Path(_field(report, "base", fail))),
         "merge_dtype": plan_mod.DEFAULT_MERGE_DTYPE,
     }
 

@@ -16,6 +16,7 @@ object (take them from the base, from a model, or merge them with their own meth
 architecture their own alpha (:mod:`ortho_mecha.blocks`); without it the row's alpha holds for every key,
 as before.
 
+A plan without ``output_dtype`` writes bf16 for a base stored in bf16, fp16 otherwise (:func:`default_output_dtype`).
 Relative paths are resolved against the plan file's folder; options left out take the method's
 defaults (:data:`METHODS`, which also carries the bounds and help text the Mixer builds its widgets
 from). A :class:`Plan` is checked when it is built — every error names the plan file, the bad value
@@ -526,17 +527,34 @@ def plan_from_dict(data: Any, folder: str | Path, source: str | Path | None = No
         )
     from ortho_mecha import components
 
+    base = _resolve(data["base"], folder, "'base'", fail)
     return Plan(
-        base=_resolve(data["base"], folder, "'base'", fail),
+        base=base,
         method=data["method"],
         rows=tuple(rows),
         options=data.get("options") or {},
         texture=texture,
-        output_dtype=data.get("output_dtype", DEFAULT_OUTPUT_DTYPE),
+        output_dtype=data["output_dtype"] if "output_dtype" in data else default_output_dtype(base),
         merge_dtype=data.get("merge_dtype", DEFAULT_MERGE_DTYPE),
         source=source_path,
         components=components.parse(data.get("components"), folder, fail),
     )
+
+
+def default_output_dtype(base: Path) -> str:
+    """The output dtype a plan gets when it names none: ``bf16`` for a base stored mostly in bf16 (Flux, Chroma,
+    Z-Image: fp16's range, ±65504, would turn their larger weights into Inf), else :data:`DEFAULT_OUTPUT_DTYPE`.
+    Reads only the base's header; an unreadable base gets the default (its error comes from the checks)."""
+    from ortho_mecha.io import parse_header
+
+    try:
+        tensors = parse_header(base)[0]
+    except (OrthoMechaError, OSError):
+        return DEFAULT_OUTPUT_DTYPE
+    elements: dict[str, int] = {}
+    for info in tensors.values():
+        elements[info.dtype] = elements.get(info.dtype, 0) + info.numel
+    return "bf16" if elements and max(elements, key=elements.__getitem__) == "BF16" else DEFAULT_OUTPUT_DTYPE
 
 
 def load_plan(path: str | Path) -> Plan:

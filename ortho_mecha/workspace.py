@@ -253,8 +253,11 @@ def plan_from_table(
     if texture is not None and texture.get("model"):
         plan_texture = Texture(choices.path(texture["model"]), float(texture.get("alpha", 0.2)),
                                str(texture.get("mode", "add")))
-    return Plan(base=choices.path(base), method=method, rows=tuple(plan_rows), options=dict(options),
-                texture=plan_texture, components=components_mod.from_table(components, choices))
+    from ortho_mecha.plan import default_output_dtype
+
+    base_path = choices.path(base)
+    return Plan(base=base_path, method=method, rows=tuple(plan_rows), options=dict(options), texture=plan_texture,
+                output_dtype=default_output_dtype(base_path), components=components_mod.from_table(components, choices))
 
 
 def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ortho_mecha.merge import (
     META_RECIPE,
     MergeInterrupted,
     _check_free_space,
+    convert,
     merge_plan,
     partial_path,
     run_job,
@@ -392,3 +393,46 @@ def test_a_zero_dimensional_key_merges_with_sd_mechas_methods(tmp_path, method) 
     merge_plan(plan, tmp_path / "out.safetensors")
     merged = read(tmp_path / "out.safetensors")
     assert merged["logit_scale"].shape == () and torch.isfinite(merged["logit_scale"])
+
+
+def test_a_bf16_base_merges_to_bf16_and_an_fp16_overflow_is_an_error(tmp_path: Path, capsys) -> None:
+    """Flux-like bf16 weights beyond fp16's range: a plan naming no output dtype writes bf16; one asking for fp16 is
+    refused naming the key, and no file is left (before, the values became Inf and were 'repaired' with Inf)."""
+    gen = torch.Generator().manual_seed(3)
+    base = {"img_in.weight": torch.randn(16, 8, generator=gen), "img_in.bias": torch.randn(16, generator=gen)}
+    base["img_in.bias"][0] = 1e5
+    base = {k: v.to(torch.bfloat16) for k, v in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for name, seed in (("a", 1), ("b", 2)):
+        noise = torch.Generator().manual_seed(seed)
+        save_file({k: (v.float() + 0.01 * torch.randn(v.shape, generator=noise)).to(torch.bfloat16)
+                   for k, v in base.items()}, str(tmp_path / f"{name}.safetensors"))
+    rows = [{"model": "a.safetensors"}, {"model": "b.safetensors"}]
+    plan = plan_from_dict({"base": "base.safetensors", "method": "ortho_superpose", "rows": rows}, tmp_path)
+    assert plan.output_dtype == "bf16"
+    report = merge_plan(plan, tmp_path / "bf16.safetensors")
+    assert report["output_dtype"] == "bf16" and not report["repairs"]["nonfinite"]
+    assert torch.isfinite(read(tmp_path / "bf16.safetensors")["img_in.bias"].float()).all()
+    fp16 = plan_from_dict({"base": "base.safetensors", "method": "ortho_superpose", "rows": rows,
+                           "output_dtype": "fp16"}, tmp_path)
+    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond the range of the output "
+                       r"dtype F16 \(the base's largest there: 9\.\d+e\+04\); write it as bf16 or fp32"):
+        merge_plan(fp16, tmp_path / "fp16.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors",
+                                                            "bf16.safetensors"]
+    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond .*convert's --dtype"):
+        convert(tmp_path / "base.safetensors", tmp_path / "fp16copy.safetensors", dtype="fp16")
+    assert not (tmp_path / "fp16copy.safetensors").exists()
+
+
+def test_survival_that_cannot_be_measured_is_a_warning_after_the_merge(family, tmp_path, capsys) -> None:
+    state = finetune(base_state(), 13)
+    state["time_embed.0.weight"][0, 0] = float("nan")  # repaired in the output; the inputs' Gram is NaN
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": str(family["base"]), "method": "ortho_superpose",
+                                "rows": [{"model": "nan.safetensors"}, {"model": str(family["a"])}]}))
+    assert main(["merge", str(plan), "--out", str(tmp_path / "out.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "survival could not be measured" in captured.err and "predicted" not in captured.out
+    assert (tmp_path / "out.safetensors").is_file()
