@@ -985,6 +985,7 @@ def analyse(
             result = run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk,
                               rank_samples=rank_samples, progress=progress, one_thread=one_thread)
         known.fill(result)
+        _refuse_nonfinite(known.h_key, file_models)  # before the cache keeps it
         store.save(alignment.keys, fps, row_sigs, known)
         seconds, bytes_read = result.seconds, result.bytes_read
     elif progress is not None:
@@ -1009,6 +1010,20 @@ def analyse(
         bytes_read=bytes_read,
         numels={k: _numel(alignment, k) for k in alignment.keys},
     )
+
+
+def _refuse_nonfinite(h_key: dict[str, np.ndarray], files: Sequence[Model]) -> None:
+    """Raise naming the first model file whose delta holds NaN/Inf values, and its keys (a file's diagonal entry of
+    a key's Gram is then not finite): the figures of every pair with it would be NaN."""
+    bad: dict[int, list[str]] = {}
+    for key, gram in h_key.items():
+        for i in np.flatnonzero(~np.isfinite(np.diag(gram))):
+            bad.setdefault(int(i), []).append(key)
+    if bad:
+        i, keys = min(bad.items())
+        shown = ", ".join(f"'{k}'" for k in keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        raise OrthoMechaError(f"holds NaN/Inf values in {shown}; fix or leave out this file ('ortho-mecha validate' "
+                              "checks every file)", files[i].path)
 
 
 # -- the report -----------------------------------------------------------------------------------------------

@@ -263,7 +263,8 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
             )
         )
         maps.append(mapping)
-    return Alignment(base, bound, maps, list(base_map.keys), arch, checks)
+    analysed = [k for k, name in base_map.keys.items() if base.tensors[name].numel > 0]  # an empty key adds nothing
+    return Alignment(base, bound, maps, analysed, arch, checks)
 
 
 def scan_finite(model: Model, keys: list[str], chunk: int = 1 << 20) -> None:

@@ -324,6 +324,30 @@ def test_identical_model_is_a_null_delta(tmp_path: Path) -> None:
     assert rep["quality"]["grade"][1] == "D"
 
 
+def test_an_empty_key_is_left_out_and_nan_input_is_named(tmp_path: Path) -> None:
+    """A 0-element tensor adds nothing (it made every figure NaN); a model holding NaN is refused naming it and
+    its key, before the cache keeps anything (it failed later in the lineage with an unnamed numpy error)."""
+    from safetensors.torch import load_file, save_file
+
+    from ortho_mecha.errors import OrthoMechaError
+
+    paths = write_family_files(tmp_path / "m", "custom", "fp32", members=["base", "anime", "photo"])
+    for path in paths.values():
+        save_file(load_file(str(path)) | {"empty.weight": torch.zeros(0)}, str(path))
+    analysis = A.analyse(paths["base"], [paths["anime"], paths["photo"]], use_cache=False)
+    assert "empty.weight" not in analysis.keys
+    assert np.isfinite(A.report(analysis)["cos"]).all()
+    state = load_file(str(paths["photo"]))
+    key = next(k for k, v in state.items() if v.numel() > 4)
+    state[key].view(-1)[3] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad))
+    with pytest.raises(OrthoMechaError, match=rf"nan\.safetensors: holds NaN/Inf values in '{key}'"):
+        A.analyse(paths["base"], [paths["anime"], bad])
+    assert Store.open(*(A.Model(paths["base"]), False, 5)).lookup([key], [A.Model(bad).fingerprint],
+                                                                  [(A.Model(bad).fingerprint, None)]).missing_files
+
+
 def test_memory_is_bounded_by_chunk(tmp_path: Path) -> None:
     """Reads go chunk by chunk: no read ever asks for more than the chunk size."""
     paths = write_family_files(tmp_path / "m", "custom", "fp32", members=MEMBERS[:4])
