@@ -6,11 +6,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.security import MODEL_SUFFIX, OTHER_MODEL_SUFFIXES
 
 
 def read_json(path: Path, what: str, missing: str) -> object:
@@ -29,6 +30,19 @@ def read_json(path: Path, what: str, missing: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise OrthoMechaError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path) from exc
+
+
+MODEL_LIKE = (MODEL_SUFFIX, *OTHER_MODEL_SUFFIXES)  # names a text output must not take
+
+
+def refuse_text_output(output: Path, inputs: Iterable[Path], what: str) -> None:
+    """Raise unless a text output (a plan, a recipe, a report) may go to ``output``: not one of the ``inputs`` (the
+    file it is made from, the models it names), even with --overwrite, and not named like a model file."""
+    if output.resolve() in {Path(p).resolve() for p in inputs}:
+        raise OrthoMechaError(f"is one of the inputs (the file read, or a model it names); write {what} to another "
+                              "file", output)
+    if output.suffix.lower() in MODEL_LIKE:
+        raise OrthoMechaError(f"is named like a model file; {what} is text (choose another name)", output)
 
 
 def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another name or pass --overwrite") -> None:

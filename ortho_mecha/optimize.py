@@ -390,17 +390,20 @@ def plan_from_report(
 
 def cli_plan(args: argparse.Namespace) -> int:
     """``ortho-mecha plan REPORT.json --json PLAN.json [--method NAME] [--overwrite]``."""
-    from ortho_mecha.fsutil import read_json, refuse_existing, write_json
+    from ortho_mecha.fsutil import read_json, refuse_existing, refuse_text_output, write_json
     from ortho_mecha.plan import METHODS, plan_from_dict
 
     if args.method not in METHODS:  # the option's fault, not the report's
         raise OrthoMechaError(f"--method: unknown method '{args.method}'; allowed: {', '.join(METHODS)}")
     report_path = Path(args.report)
     out = Path(args.json)
+    refuse_text_output(out, [report_path], "the plan")
     refuse_existing(out, args.overwrite)
     report = read_json(report_path, "report", "no such report; write one with `ortho-mecha analyse --json`")
     if not isinstance(report, dict):
         raise OrthoMechaError("a report must be a JSON object", report_path)
+    refuse_text_output(out, [Path(f) for f in (report.get("base"), *(report.get("files") or report.get("models") or []))
+                             if isinstance(f, str)], "the plan")
     plan = plan_from_report(report, args.method, source=report_path)
     plan_from_dict(plan, out.resolve().parent, out)  # the same checks a plan file gets when it is loaded
     write_json(out, plan, overwrite=args.overwrite)

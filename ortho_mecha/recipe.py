@@ -68,7 +68,7 @@ from sd_mecha.extensions import merge_methods
 
 from ortho_mecha import __version__, blocks, components
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_text, refuse_existing
+from ortho_mecha.fsutil import atomic_write_text, refuse_existing, refuse_text_output
 from ortho_mecha.lora_rows import is_lora_file, lora_delta_node
 from ortho_mecha.mecha_config import model_node, register_base_config
 from ortho_mecha.plan import METHODS, Plan, Row, load_plan
@@ -287,8 +287,10 @@ def write_recipe(plan: Plan, mecha: Path | None, script: Path | None, overwrite:
     Both outputs are checked before either is written, so a refusal leaves nothing behind."""
     if mecha is not None and script is not None and mecha.resolve() == script.resolve():
         raise OrthoMechaError("given for both --mecha and --script; the recipe and the script need two files", mecha)
-    for path in (mecha, script):
+    inputs = [*([plan.source] if plan.source else []), *plan.input_files(), *(row.model for row in plan.rows)]
+    for path, what in ((mecha, "the recipe"), (script, "the script")):
         if path is not None:
+            refuse_text_output(path, inputs, what)
             refuse_existing(path, overwrite)
             if not path.parent.is_dir():
                 raise OrthoMechaError("the folder for this output does not exist", path.parent)

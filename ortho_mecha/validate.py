@@ -21,9 +21,8 @@ import torch
 
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import refuse_existing, write_json
+from ortho_mecha.fsutil import refuse_existing, refuse_text_output, write_json
 from ortho_mecha.io import Model, expand_model_paths
-from ortho_mecha.security import OTHER_MODEL_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -304,9 +303,7 @@ def refuse_input_as_output(output: Path, models: list[Model], what: str = "the r
 def check_report_output(output: Path, models: list[Model], overwrite: bool) -> None:
     """Raise, before any work, unless the JSON report can be written to ``output``: not an input, not named like
     a model file, in an existing folder, and not an existing file unless ``overwrite``."""
-    refuse_input_as_output(output, models)
-    if output.suffix.lower() in (".safetensors", *OTHER_MODEL_SUFFIXES):
-        raise OrthoMechaError("is named like a model file; a report is JSON (e.g. report.json)", output)
+    refuse_text_output(output, [p for m in models for p in (m.path, *m.files)], "the report")
     if not output.parent.is_dir():
         raise OrthoMechaError("the folder for the report does not exist", output.parent)
     refuse_existing(output, overwrite)

@@ -290,7 +290,7 @@ def bad_index_json(folder: Path) -> Bad:
 def bad_json_report_over_input(folder: Path) -> Bad:
     model = save(folder / "a.safetensors", state(1))
     return Bad(
-        ["--base", folder / "base.safetensors", model, "--json", model], [model], "is an input model; write the report"
+        ["--base", folder / "base.safetensors", model, "--json", model], [model], "is one of the inputs (the file read"
     )
 
 
@@ -362,7 +362,7 @@ def test_a_report_never_replaces_a_file_unasked(command: str, tmp_path: Path, cl
     line = cli_error(*common, "--json", existing)
     assert f"{existing}: already exists; choose another name or pass --overwrite" in line
     line = cli_error(*common, "--json", other, "--overwrite")
-    assert f"{other}: is named like a model file; a report is JSON" in line
+    assert f"{other}: is named like a model file; the report is text" in line
     assert digests(tmp_path) == before
 
     assert cli(*common, "--json", existing, "--overwrite").code == 0

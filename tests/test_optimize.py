@@ -251,6 +251,10 @@ def test_cli_plan_writes_a_plan_that_loads(
     assert cli("plan", report_path, "--json", out, "--method", "orthomerge", "--overwrite").code == 0
     assert load_plan(out).method == "orthomerge"
     assert not list(tmp_path.glob(".plan.json.*"))  # no temporary file left behind
+    report_text = report_path.read_text()
+    assert "is one of the inputs" in cli_error("plan", report_path, "--json", report_path, "--overwrite")
+    assert "is named like a model file" in cli_error("plan", report_path, "--json", report["files"][0], "--overwrite")
+    assert report_path.read_text() == report_text and Path(report["files"][0]).read_bytes() == b""
 
 
 def test_cli_plan_error_lines(tmp_path: Path, cli_error: Callable[..., str]) -> None:

@@ -229,6 +229,18 @@ def test_recipe_cli_writes_both_files_and_refuses_to_overwrite(family, tmp_path,
     assert "give --mecha OUT.mecha and/or --script OUT.py" in capsys.readouterr().err
 
 
+def test_recipe_never_writes_over_its_plan_or_a_model_even_with_overwrite(family, tmp_path, capsys) -> None:
+    plan_path = write_plan(family["base"].parent, ONE_ROW_PLAN, name="inputs_plan.json")
+    plan = plan_from_dict(ONE_ROW_PLAN, family["base"].parent)
+    before = {path: path.read_bytes() for path in (plan_path, plan.base, plan.rows[0].model)}
+    for target in before:
+        assert main(["recipe", str(plan_path), "--mecha", str(target), "--overwrite"]) == 2
+        assert "is one of the inputs" in capsys.readouterr().err
+    assert main(["recipe", str(plan_path), "--script", str(tmp_path / "new.safetensors")]) == 2
+    assert "is named like a model file" in capsys.readouterr().err
+    assert all(path.read_bytes() == data for path, data in before.items())
+
+
 def test_recipe_checks_both_outputs_before_writing_either(family, tmp_path, capsys) -> None:
     plan_path = write_plan(family["base"].parent, ONE_ROW_PLAN, name="both_plan.json")
     mecha, script = tmp_path / "new.mecha", tmp_path / "old.py"
