@@ -362,8 +362,11 @@ def plan_from_report(
     lora = [bool(x) for x in report.get("lora") or [False] * n]  # reports before LoRA rows have no such field
     if len(lora) != n:
         raise fail(f"'lora' has {len(lora)} entries for {n} models")
-    choices = optimize(h, n, scores, null_model, names=[Path(f).name for f in files], lora=lora)
     refused = _merge_refusals(report, files)
+    # a file merge refuses takes no part: never the kept twin of a duplicate it can read, nor another's delta-from
+    unusable = [x or bool(refused.get(i)) for i, x in enumerate(null_model)]
+    ranked = [-1.0 if refused.get(i) else score for i, score in enumerate(scores)]  # below every quality score
+    choices = optimize(h, n, ranked, unusable, names=[Path(f).name for f in files], lora=lora)
     if not any(c.enabled and not refused.get(i) for i, c in enumerate(choices)):
         raise fail("every model is null, a duplicate or refused by merge: there is nothing to merge")
     spec = plan_mod.METHODS[method]

@@ -215,6 +215,9 @@ def test_plan_disables_a_model_that_merge_would_refuse(tmp_path: Path) -> None:
     rows = dict(zip(NAMES, optimize.plan_from_report(report)["rows"], strict=True))
     assert rows["a"]["enabled"] is False and rows["a"]["info"] == f"disabled: merge refuses it ({reason})"
     assert rows["u"]["enabled"] is True
+    # its identical copy is the twin kept (it was disabled as the lower-quality duplicate of a refused file)
+    assert rows["a_copy"]["enabled"] is True, rows["a_copy"]["info"]
+    assert all(row["delta_from"] != report["files"][0] for row in rows.values())  # nor anyone's delta-from
 
 
 def test_plan_from_report_errors(tmp_path: Path) -> None:
