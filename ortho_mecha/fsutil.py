@@ -57,7 +57,10 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
     refuse_existing(path, overwrite)
     if not path.parent.is_dir():
         raise OrthoMechaError("the folder for this output does not exist", path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot write here ({exc.strerror or exc})", path) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
@@ -65,6 +68,9 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # said of the user's file, not the temporary one
+        Path(tmp).unlink(missing_ok=True)
+        raise OrthoMechaError(f"cannot write ({exc.strerror or exc}); nothing was written", path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -312,6 +312,10 @@ def _check_output(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
         raise OrthoMechaError("the output must be a .safetensors file", out)
     if not out.parent.is_dir():
         raise OrthoMechaError("the output folder does not exist", out.parent)
+    if out.is_dir():
+        raise OrthoMechaError("is a folder; give the output a file name inside it", out)
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OrthoMechaError("the output folder is not writable", out.parent)
     if out.resolve() in {p.resolve() for p in inputs}:
         raise OrthoMechaError("the output would replace one of its own inputs; choose another name", out)
     refuse_existing(out, overwrite)
@@ -479,11 +483,17 @@ def _written(out: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     first): finished, renamed into place and the folder fsynced when the block ends; removed if it raises."""
     _remove_stale_partials(out)
     temp = partial_path(out)
-    writer = _OutputWriter(temp, layout, metadata, base)
+    try:
+        writer = _OutputWriter(temp, layout, metadata, base)
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot write the output ({exc.strerror or exc})", out) from None
     try:
         yield writer
         writer.finish()
         os.replace(temp, out)
+    except OSError as exc:  # the disk filled up, the folder went away: said of the user's file, not the temporary one
+        writer.abort()
+        raise OrthoMechaError(f"cannot write the output ({exc.strerror or exc}); nothing was written", out) from None
     except BaseException:
         writer.abort()
         raise

@@ -313,12 +313,13 @@ class Plan:
             )
 
     def _check_file(self, path: Path, what: str) -> None:
+        if SHARD_RE.match(path.name) or path.name.lower().endswith(".safetensors.index.json"):
+            raise self._fail(f"{what} {path} is a sharded model; merge needs one file: write it with 'ortho-mecha "
+                             "convert MODEL --out COPY.safetensors' and name the copy in the plan")
         try:
             refuse_unsupported(path)
         except OrthoMechaError as exc:
             raise self._fail(f"{what} {path}: {str(exc).removeprefix(f'{exc.path}: ')}") from exc
-        if SHARD_RE.match(path.name):
-            raise self._fail(f"{what} {path} is one shard of a sharded model; merging needs a single .safetensors file")
         if not path.is_file():
             raise self._fail(f"{what} {path} does not exist; fix the path or remove it from the plan")
 

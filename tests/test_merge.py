@@ -299,6 +299,28 @@ def test_dry_run_checks_what_the_merge_would_refuse(family, tmp_path, capsys) ->
     assert f"{taken}: already exists" in capsys.readouterr().err
     assert main(["merge", str(fine), "--out", str(taken), "--dry-run", "--overwrite"]) == 0
     assert taken.read_bytes() == b"mine"
+    folder = tmp_path / "a-folder.safetensors"
+    folder.mkdir()
+    assert main(["merge", str(fine), "--out", str(folder), "--dry-run", "--overwrite"]) == 2
+    assert f"{folder}: is a folder; give the output a file name inside it" in capsys.readouterr().err
+    sharded = dict(data, rows=[{"model": str(tmp_path / "x.safetensors.index.json")}])
+    assert main(["merge", str(write_plan(tmp_path, sharded, "sharded_plan.json")), "--out",
+                 str(tmp_path / "never.safetensors"), "--dry-run"]) == 2
+    assert "is a sharded model; merge needs one file: write it with 'ortho-mecha convert" in capsys.readouterr().err
+
+
+def test_a_write_failure_names_the_users_file_not_the_temporary_one(family, tmp_path, monkeypatch) -> None:
+    from ortho_mecha import merge as merge_mod
+
+    def full_disk(self) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge_mod._OutputWriter, "finish", full_disk)
+    out = tmp_path / "full.safetensors"
+    with pytest.raises(OrthoMechaError) as caught:
+        merge_plan(make_plan(family), out)
+    assert str(caught.value) == f"{out}: cannot write the output (No space left on device); nothing was written"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_reports_a_bad_plan_in_one_line(tmp_path, capsys) -> None:
