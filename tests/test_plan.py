@@ -126,7 +126,7 @@ def test_every_method_validates_with_its_defaults(family: dict[str, Path]) -> No
         ({"rows": []}, r"no enabled rows"),
         ({"method": "model_stock", "options": {}}, None),
         ({"rows": [{"model": "a.ckpt"}]}, r"'.ckpt' is a pickle checkpoint"),
-        ({"rows": [{"model": "x-00001-of-00002.safetensors"}]}, r"one shard of a sharded model"),
+        ({"rows": [{"model": "x-00001-of-00002.safetensors"}]}, r"is a sharded model; merge needs one file"),
         ({"texure": None}, r"unknown field 'texure' in the plan; did you mean 'texture'\?"),
         ({"rows": [{"model": "a.safetensors", "weight": 1}]}, r"unknown field 'weight' in row 1"),
         ({"rows": [{"model": 3}]}, r"row 1 'model' must be a file path"),
