@@ -23,6 +23,8 @@ from ortho_mecha.fsutil import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
+DEMO_MARK = "ortho_mecha_demo"  # metadata key of every file the demo writes
+
 Shapes = dict[str, tuple[int, ...]]
 DTYPES = {
     "fp32": torch.float32,
@@ -219,7 +221,7 @@ def write_model(path: Path, tensors: dict[str, torch.Tensor], dtype: str = "fp16
     if dtype not in DTYPES:
         raise OrthoMechaError(f"unknown dtype '{dtype}'; valid: {', '.join(DTYPES)}")
     data = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
-    return atomic_write_bytes(path, save(data, metadata={"ortho_mecha_demo": "1"}), overwrite=overwrite)
+    return atomic_write_bytes(path, save(data, metadata={DEMO_MARK: "1"}), overwrite=overwrite)
 
 
 def write_family(
@@ -238,14 +240,30 @@ def write_family(
     return paths
 
 
+def _is_demo_file(path: Path) -> bool:
+    """Whether ``path`` is a model the demo wrote (its header's metadata says so)."""
+    from ortho_mecha.io import parse_header
+
+    try:
+        return parse_header(path)[1].get(DEMO_MARK) == "1"
+    except OrthoMechaError:
+        return False
+
+
 def cli_demo(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     if folder.exists() and not folder.is_dir():
         raise OrthoMechaError("exists and is not a folder", folder)
+    existing = [folder / f"{m.name}.safetensors" for m in FAMILY if (folder / f"{m.name}.safetensors").exists()]
+    foreign = [path.name for path in existing if not _is_demo_file(path)]
+    if foreign and not args.overwrite:  # kept, files from elsewhere would not have the planted relations
+        raise OrthoMechaError(f"already holds {', '.join(foreign)}, not written by the demo; choose an empty folder, "
+                              "or pass --overwrite to write the demo over them", folder)
     paths = write_family(folder, overwrite=args.overwrite)
     relations = {m.name: m.relation for m in FAMILY}
     for name, path in paths.items():
-        print(f"{path}  ({relations[name]})")
+        kept = "; kept from an earlier run" if path in existing and not args.overwrite else ""
+        print(f"{path}  ({relations[name]}{kept})")
     base = paths.pop("base")
     print(f"\nnext: ortho-mecha analyse --base {base} {folder} --json {folder / 'report.json'}")
     return 0

@@ -129,10 +129,16 @@ def test_demo_twice_keeps_existing_files(cli, tmp_path: Path, digests) -> None:
     mine.write_bytes(b"the user's own file")  # a file the demo would write, changed by the user
     (folder / "photo.safetensors").unlink()  # and one missing
 
-    assert cli("demo", folder).code == 0
-    assert mine.read_bytes() == b"the user's own file"
-    assert digests(folder) == first | {str(mine): digests(mine)[str(mine)]}  # photo rewritten identically
+    refused = cli("demo", folder)  # a file the demo did not write would break the planted relations
+    assert refused.code == 2 and "already holds anime.safetensors, not written by the demo" in refused.err
+    assert mine.read_bytes() == b"the user's own file" and not (folder / "photo.safetensors").exists()
 
+    mine.unlink()
+    again = cli("demo", folder)  # its own files are kept, and said so; the missing ones written
+    assert again.code == 0 and "(the base every delta is taken against; kept from an earlier run)" in again.out
+    assert digests(folder) == first
+
+    mine.write_bytes(b"the user's own file")
     assert cli("demo", folder, "--overwrite").code == 0
     assert digests(folder) == first
 
