@@ -60,7 +60,9 @@ class Forecast:
         return [
             f"output: {_size(self.output_bytes)}{disk}",
             f"inputs: {_size(self.inputs_bytes)} read once",
-            f"peak RAM: about {_size(self.peak_ram_bytes)} (largest key {self.largest_key})",
+            f"peak RAM: about {_size(self.peak_ram_bytes)}: {_size(self.peak_ram_bytes - PROCESS_BASELINE)} for "
+            f"the merge's tensors (largest key {self.largest_key}) on top of ~{_size(PROCESS_BASELINE)} for Python, "
+            "torch and sd-mecha",
             f"time: {_duration(self.seconds)} on this machine for the merge itself (estimate; "
             "starting up, hashing new inputs and measuring survival come on top)",
         ]

@@ -99,7 +99,7 @@ def test_compare_methods_and_extract_lora(analysed: Path) -> None:
 
 
 @pytest.mark.slow
-def test_extract_lora_defaults_to_the_latest_merge(analysed: Path) -> None:
+def test_extract_lora_defaults_to_the_latest_merge(analysed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     choices = space.ModelChoices.scan()
     rows = space.table_rows_from_report(jobs.list_jobs()[0]["result"], choices)
     plan = space.plan_from_table("models/fam/base.safetensors", rows[:2], "add_difference", {}, None, choices)
@@ -109,6 +109,11 @@ def test_extract_lora_defaults_to_the_latest_merge(analysed: Path) -> None:
     assert not at.exception and not _errors(at)
     assert _by_label(at.selectbox, "Model to extract").value == "merges/two.safetensors"
     assert _by_label(at.text_input, "LoRA file name").value == "two-lora.safetensors"
+    monkeypatch.setenv("ORTHO_MECHA_ROOTS", str(analysed / "models"))  # the user's folders, not the workspace
+    at = _app()
+    at.switch_page(MIXER).run()
+    assert not at.exception and not _errors(at)
+    assert _by_label(at.selectbox, "Model to extract").value == "two.safetensors"  # the dashboard's own merges
 
 
 def test_no_predicted_figures_for_a_plan_that_cannot_be_merged(analysed: Path) -> None:
