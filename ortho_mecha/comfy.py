@@ -84,6 +84,9 @@ def comfy_dir(override: str | Path | None = None) -> Path | None:
 
 def _require_models(comfy: Path) -> None:
     if not (comfy / "models").is_dir():
+        if comfy.name == "models" and any((comfy / folder).is_dir() for folder in ("checkpoints", "diffusion_models")):
+            raise OrthoMechaError(f"is ComfyUI's models folder itself; set COMFYUI_DIR (or --comfy-dir) to the "
+                                  f"folder that holds it: {comfy.parent}", comfy)
         raise OrthoMechaError(
             "is not a ComfyUI folder (it has no models/ folder); set COMFYUI_DIR (or --comfy-dir) to the folder that "
             "holds ComfyUI's main.py and models/",
@@ -713,8 +716,9 @@ def image_refs(entry: Mapping[str, Any]) -> list[ImageRef]:
 
 
 def header_tensors(model: Path) -> Mapping[str, Any] | None:
-    """The tensors a model file's safetensors header lists (None for another kind of file)."""
-    if model.suffix.lower() != ".safetensors":
+    """The tensors a model file's safetensors header lists (None for another kind of file). ``.sft`` is the
+    name some Flux releases gave their safetensors files; ComfyUI lists it too."""
+    if model.suffix.lower() not in (".safetensors", ".sft"):
         return None
     from ortho_mecha.io import parse_header  # imports torch; only needed here
 
@@ -992,11 +996,13 @@ def settings_from_args(args: argparse.Namespace) -> PreviewSettings:
 
 def builtin_arch_of(model: str | Path) -> str | None:
     """The built-in architecture whose keys ``model`` has (read from its header), or None (``custom``)."""
-    from ortho_mecha.io import Model
+    from ortho_mecha.io import refuse_unsupported
     from ortho_mecha.validate import file_arch
 
-    with Model(model) as opened:
-        detected = file_arch(opened.tensors)
+    tensors = header_tensors(Path(model))
+    if tensors is None:
+        refuse_unsupported(Path(model))  # says what the file is and what to do instead
+    detected = file_arch(tensors)
     return None if detected == "custom" else detected
 
 

@@ -775,3 +775,16 @@ def test_stub_http_shapes(comfy_stub: ComfyStub, tmp_path: Path) -> None:
                                                   "type": "output"}]}}  # fmt: skip
     assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
     assert entry["meta"]["7"] == {"node_id": "7", "display_node": "7", "parent_node": None, "real_node_id": "7"}
+
+
+def test_an_sft_model_is_read_as_safetensors_and_a_models_folder_as_comfy_dir_is_explained(
+    comfy_stub: ComfyStub, tmp_path: Path, cli: Callable, cli_error: Callable
+) -> None:
+    sft = write_model(tmp_path / "flux.safetensors", FLUX_KEYS).rename(tmp_path / "flux.sft")  # an early Flux name
+    place = ["--prompt", "a fox", "--api", comfy_stub.url, "--out", tmp_path / "out"]
+    result = cli("preview", sft, "--comfy-dir", comfy_stub.root, *place)
+    assert result.code == 0, result.err
+    assert "architecture flux1 (detected from flux.sft" in result.err
+    models = comfy_stub.root / "models"
+    assert f"is ComfyUI's models folder itself; set COMFYUI_DIR (or --comfy-dir) to the folder that holds it: " \
+           f"{comfy_stub.root}" in cli_error("preview", sft, "--arch", "flux1", "--comfy-dir", models, *place)
