@@ -256,8 +256,11 @@ def plan_from_table(
     from ortho_mecha.plan import default_output_dtype
 
     base_path = choices.path(base)
-    return Plan(base=base_path, method=method, rows=tuple(plan_rows), options=dict(options), texture=plan_texture,
+    plan = Plan(base=base_path, method=method, rows=tuple(plan_rows), options=dict(options), texture=plan_texture,
                 output_dtype=default_output_dtype(base_path), components=components_mod.from_table(components, choices))
+    if broken := unreadable(plan.input_files()):  # what merge would fail on, said now (the headers only)
+        raise OrthoMechaError("; ".join(broken.values()) + ": remove or disable that row, or choose another file")
+    return plan
 
 
 def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:

@@ -218,3 +218,18 @@ def test_an_unreadable_model_is_left_out_of_the_dashboards_analysis(models: tupl
     with pytest.raises(OrthoMechaError, match="truncated"):
         workspace.analysis_params(choices, base, [anime], {anime: cut})  # a delta-from
     assert workspace.unreadable([paths["base"], broken]).keys() == {broken}
+
+
+def test_a_mixer_plan_naming_an_unreadable_file_is_refused(models: tuple[dict[str, Path], ModelChoices],
+                                                           tmp_path: Path) -> None:
+    """The Mixer neither shows figures for, nor keeps in the URL, a plan merge would fail on."""
+    paths, _ = models
+    data = paths["photo"].read_bytes()
+    (tmp_path / "broken.safetensors").write_bytes(data[: len(data) // 2])
+    choices = ModelChoices.scan((tmp_path,))
+    label = {path: name for name, path in choices.by_label.items()}
+    rows = [{"model": label[paths["anime"]]}, {"model": label[tmp_path / "broken.safetensors"]}]
+    with pytest.raises(OrthoMechaError, match=r"broken\.safetensors: truncated.*remove or disable that row"):
+        workspace.plan_from_table(label[paths["base"]], rows, "ortho_superpose", {}, None, choices)
+    rows[1]["enabled"] = False  # a disabled row is not read by the merge
+    assert workspace.plan_from_table(label[paths["base"]], rows, "ortho_superpose", {}, None, choices).rows
