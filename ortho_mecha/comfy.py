@@ -51,6 +51,7 @@ from ortho_mecha.workflows import (
     arch_id,
     arch_spec,
     bound_seed,
+    file_spec,
     find_bindings,
     load_workflow,
     parse_size,
@@ -725,18 +726,28 @@ def header_tensors(model: Path) -> Mapping[str, Any] | None:
     return parse_header(model)[0]
 
 
+ALL_IN_ONE_PARTS = (("text_encoders.", "cond_stage_model."), ("vae.", "first_stage_model."))  # COMFYUI.md
+
+
 def model_facts(tensors: Mapping[str, Any] | None, arch: str) -> ModelFacts:
-    """The variant hints the built-in workflows use (Flux.2 text width, Flux.1 guidance), from the file's header
-    tensors (:func:`header_tensors`)."""
-    if tensors is None or arch not in ("flux1", "flux2-klein"):
+    """The variant hints the built-in workflows use (Flux.2 text width, Flux.1 guidance, an all-in-one checkpoint
+    holding its text encoders and VAE), from the file's header tensors (:func:`header_tensors`)."""
+    if tensors is None:
         return ModelFacts()
+    from ortho_mecha.validate import is_checkpoint  # imports torch; only needed here
+
+    all_in_one = is_checkpoint(tensors) and all(
+        any(name.startswith(prefixes) for name in tensors) for prefixes in ALL_IN_ONE_PARTS)
+    if arch not in ("flux1", "flux2-klein"):
+        return ModelFacts(all_in_one=all_in_one)
 
     def find(key: str) -> Any:  # a bare diffusion model, or a checkpoint's
         return tensors.get(key) or tensors.get(f"model.diffusion_model.{key}")
 
     txt_in = find("txt_in.weight")
     text_dim = txt_in.shape[1] if txt_in is not None and len(txt_in.shape) == 2 else None
-    return ModelFacts(text_dim=text_dim, guidance=find("guidance_in.in_layer.weight") is not None)
+    guidance = find("guidance_in.in_layer.weight") is not None
+    return ModelFacts(text_dim=text_dim, guidance=guidance, all_in_one=all_in_one)
 
 
 def _user_workflow_check(settings: PreviewSettings) -> None:
@@ -787,8 +798,9 @@ def loader_mismatch(tensors: Mapping[str, Any] | None, arch: str) -> str | None:
 def _builtin_graph(model: Path, model_name: str, arch: str, settings: PreviewSettings, info: Mapping[str, Any],
                    url: str) -> tuple[Graph, Resolved]:
     """``arch``'s built-in graph for ``model`` (listed as ``model_name``), its files chosen from ``info``."""
-    spec = arch_spec(arch)
     tensors = header_tensors(model)  # read once, for the checks and the variant hints
+    facts = model_facts(tensors, arch_id(arch))
+    spec = file_spec(arch, facts)
     check_arch(model, tensors, spec.arch)
     if (why := loader_mismatch(tensors, spec.arch)) is not None:
         logger.warning("%s: %s", model, why)  # a warning: ComfyUI's answer decides
@@ -798,7 +810,7 @@ def _builtin_graph(model: Path, model_name: str, arch: str, settings: PreviewSet
     elif spec.text_encoders:
         te_options = _options(info, "CLIPLoader", "clip_name", url)
     vae_options = _options(info, "VAELoader", "vae_name", url) if spec.vae or settings.vae else []
-    resolved = resolve(spec, settings, te_options, vae_options, model_facts(tensors, spec.arch))
+    resolved = resolve(spec, settings, te_options, vae_options, facts)
     return spec.build(model_name, resolved), resolved
 
 
@@ -833,7 +845,7 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
     if problems:
         raise OrthoMechaError("; ".join(describe_problem(p, client.base_url, "") for p in problems))
     if comfy is None:
-        spec = arch_spec(arch)
+        spec = file_spec(arch, model_facts(header_tensors(model), arch_id(arch)))  # the merges are laid out as it is
         folder = FILE_FOLDERS[spec.model_input]
         where = (folder, *FOLDER_ALIASES.get(folder, ()))
         if out is not None and not set(where) & set(out.absolute().parts):
@@ -879,7 +891,7 @@ def run_preview(
     arch = arch_id(arch)
     url = client.base_url
     if workflow is None:
-        spec = arch_spec(arch)
+        spec = file_spec(arch, model_facts(header_tensors(model), arch))  # an all-in-one checkpoint: its loader
         model_class, model_input = spec.loader, spec.model_input
     else:
         _user_workflow_check(settings)

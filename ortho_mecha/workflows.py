@@ -38,7 +38,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -97,6 +97,7 @@ class ModelFacts:
 
     text_dim: int | None = None  # Flux.2: txt_in.weight.shape[1]
     guidance: bool | None = None  # Flux.1: has guidance_in (dev) or not (schnell)
+    all_in_one: bool = False  # a checkpoint holding its text encoders and VAE beside the diffusion model
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class Resolved:
     cfg: float
     width: int
     height: int
-    text_encoders: tuple[str, ...]
+    text_encoders: tuple[str, ...]  # (): the checkpoint's own
     vae: str | None  # None: the checkpoint's own VAE
     guided: bool = False  # Flux.2 dev: cfg is the FluxGuidance value into a BasicGuider (no negative)
 
@@ -199,7 +200,10 @@ def pick_file(options: Sequence[str], wanted: Wanted) -> str | None:
 
 
 def text_encoders_wanted(spec: ArchSpec, facts: ModelFacts) -> tuple[Wanted, ...]:
-    """What each text-encoder slot wants; Flux.2 picks its LLM from the model's txt_in width."""
+    """What each text-encoder slot wants (none for a checkpoint holding its own); Flux.2 picks its LLM from the
+    model's txt_in width."""
+    if not spec.text_encoders:
+        return ()
     if spec.arch == "flux2-klein" and facts.text_dim is not None:
         if facts.text_dim not in FLUX2_TEXT_DIMS:
             known = ", ".join(str(d) for d in FLUX2_TEXT_DIMS)
@@ -225,7 +229,7 @@ def choose_files(
             wanted = "no text encoder files (the checkpoint holds them)" if not slots else f"{len(slots)} --clip"
             raise OrthoMechaError(f"{spec.arch} takes {wanted}, but --clip was given {len(settings.clip)} time(s)")
         encoders = tuple(settings.clip)
-    elif spec.arch == "flux2-klein" and facts.text_dim is None:
+    elif spec.arch == "flux2-klein" and facts.text_dim is None and spec.text_encoders:
         encoders = (_pick_klein_encoder(text_encoder_options),)
     else:
         encoders = tuple(_pick_or_raise(text_encoder_options, wanted, "text encoder", spec) for wanted in slots)
@@ -385,8 +389,14 @@ def build_sdxl(model_name: str, s: Resolved) -> Graph:
     return _checkpoint_graph(model_name, s, advanced=True)
 
 
-def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: float | None) -> Graph:
-    g = _Graph()
+def _dit_loaders(g: _Graph, model_name: str, s: Resolved, clip_type: str) -> tuple[Link, Link, Link]:
+    """(MODEL, CLIP, VAE) of a DiT family: UNETLoader with the chosen text encoder and VAE files, or, for an
+    all-in-one checkpoint (no text encoders chosen), CheckpointLoaderSimple's three outputs (flux_schnell.json's
+    way); a VAE the user named replaces the checkpoint's."""
+    if not s.text_encoders:
+        ckpt = g.add("CheckpointLoaderSimple", "Model", ckpt_name=model_name)
+        vae = _out(g.add("VAELoader", vae_name=s.vae)) if s.vae else _out(ckpt, 2)
+        return _out(ckpt), _out(ckpt, 1), vae
     model = _out(g.add("UNETLoader", "Model", unet_name=model_name, weight_dtype="default"))
     if len(s.text_encoders) == 2:
         clip = _out(
@@ -394,7 +404,12 @@ def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: 
         )
     else:
         clip = _out(g.add("CLIPLoader", clip_name=s.text_encoders[0], type=clip_type))
-    vae = _out(g.add("VAELoader", vae_name=s.vae))
+    return model, clip, _out(g.add("VAELoader", vae_name=s.vae))
+
+
+def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: float | None) -> Graph:
+    g = _Graph()
+    model, clip, vae = _dit_loaders(g, model_name, s, clip_type)
     if shift is not None:
         model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=shift))
     positive, negative = _prompts(g, clip, s, zero_negative=True)
@@ -428,9 +443,7 @@ def build_zimage(model_name: str, s: Resolved) -> Graph:
 
 def _custom_sampler_graph(model_name: str, s: Resolved, *, flux2: bool) -> Graph:
     g = _Graph()
-    model = _out(g.add("UNETLoader", "Model", unet_name=model_name, weight_dtype="default"))
-    clip = _out(g.add("CLIPLoader", clip_name=s.text_encoders[0], type="flux2" if flux2 else "chroma"))
-    vae = _out(g.add("VAELoader", vae_name=s.vae))
+    model, clip, vae = _dit_loaders(g, model_name, s, "flux2" if flux2 else "chroma")
     if not flux2:
         clip = _out(g.add("T5TokenizerOptions", clip=clip, min_padding=0, min_length=0))
         model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=1.0))
@@ -482,6 +495,16 @@ SPECS: dict[str, ArchSpec] = {
         ArchSpec("zimage", "UNETLoader", 25, 4.0, 1024, 16, (QWEN3_4B,), FLUX1_VAE, True, build_zimage),
     )
 }
+
+
+def file_spec(arch: str, facts: ModelFacts) -> ArchSpec:
+    """``arch``'s built-in workflow for one file: a DiT family's all-in-one checkpoint (``facts.all_in_one``) is
+    loaded whole by CheckpointLoaderSimple, from ComfyUI's checkpoints folder, with no text encoder or VAE files
+    to choose."""
+    spec = arch_spec(arch)
+    if facts.all_in_one and spec.loader == "UNETLoader":
+        return replace(spec, loader="CheckpointLoaderSimple", text_encoders=(), vae=None)
+    return spec
 
 
 def build_workflow(arch: str, model_name: str, resolved: Resolved) -> Graph:

@@ -49,6 +49,7 @@ SETTINGS = PreviewSettings("a lighthouse at dusk", seed=7)
 
 
 FLUX_KEYS = {FLUX_KEY: (128,), "img_in.weight": (8, 64)}  # what makes a header read as Flux.1
+ZIMAGE_KEYS = {"cap_embedder.1.weight": (3840, 1), "noise_refiner.0.attention.k_norm.weight": (4,)}  # bare
 # an SD1.5-style full checkpoint, as CheckpointLoaderSimple loads: the prefixed UNet (> 5 keys), text encoder, VAE
 SD_CHECKPOINT_KEYS = {
     **{f"model.diffusion_model.input_blocks.{i}.0.weight": (4, 4, 3, 3) for i in range(6)},
@@ -370,10 +371,10 @@ def test_unknown_node(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     comfy_stub.missing_classes = {"ModelSamplingAuraFlow"}
     with pytest.raises(OrthoMechaError, match=r"has no node 'ModelSamplingAuraFlow' \(the built-in workflow uses "
                        r"it\); install the custom node that provides it, or update ComfyUI"):  # fmt: skip
-        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), "zimage")
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors", ZIMAGE_KEYS), "zimage")
     comfy_stub.missing_classes = {"CLIPLoader"}
     with pytest.raises(OrthoMechaError, match=r"has no node 'CLIPLoader' \(the built-in workflow uses it\)"):
-        preview(comfy_stub, write_model(tmp_path / "m.safetensors"), "zimage")
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors", ZIMAGE_KEYS), "zimage")
 
 
 def test_missing_model_without_comfy_dir(comfy_stub: ComfyStub, tmp_path: Path) -> None:
@@ -400,7 +401,7 @@ def test_comfy_dir_of_another_install(comfy_stub: ComfyStub, tmp_path: Path) -> 
 
 
 def test_missing_text_encoder(comfy_stub: ComfyStub, tmp_path: Path) -> None:
-    model = write_model(tmp_path / "m.safetensors")
+    model = write_model(tmp_path / "m.safetensors", ZIMAGE_KEYS)
     expected = (
         r"text encoder 'umt5\.safetensors' is not in ComfyUI's text_encoders list \(it has: clip_l\.safetensors, "
         r"qwen_3_4b\.safetensors, t5xxl_fp16\.safetensors\)"
@@ -788,3 +789,25 @@ def test_an_sft_model_is_read_as_safetensors_and_a_models_folder_as_comfy_dir_is
     models = comfy_stub.root / "models"
     assert f"is ComfyUI's models folder itself; set COMFYUI_DIR (or --comfy-dir) to the folder that holds it: " \
            f"{comfy_stub.root}" in cli_error("preview", sft, "--arch", "flux1", "--comfy-dir", models, *place)
+
+
+def test_an_all_in_one_flux_checkpoint_is_loaded_whole_from_checkpoints(comfy_stub: ComfyStub, tmp_path: Path,
+                                                                        cli: Callable) -> None:
+    """flux_schnell.json's layout (COMFYUI.md): the diffusion model under its prefix, the text encoders and VAE
+    beside it; CheckpointLoaderSimple gives all three, no separate text encoder or VAE files are needed."""
+    keys = {f"model.diffusion_model.{key}": shape for key, shape in FLUX_KEYS.items()}
+    keys |= {f"model.diffusion_model.single_blocks.{i}.linear1.weight": (4, 4) for i in range(5)}
+    keys |= {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (4,),
+             "vae.decoder.conv_in.weight": (4, 4, 3, 3)}
+    model = write_model(tmp_path / "flux1-schnell-aio.safetensors", keys)
+    result = cli("preview", model, "--prompt", "a fox", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root,
+                 "--out", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert "architecture flux1" in result.err and "text encoders/VAE: from the checkpoint" in result.err
+    sent = comfy_stub.received[-1]["prompt"]
+    classes = [node["class_type"] for node in sent.values()]
+    assert "CheckpointLoaderSimple" in classes and not {"UNETLoader", "DualCLIPLoader", "VAELoader"} & set(classes)
+    loader = next(node for node in sent.values() if node["class_type"] == "CheckpointLoaderSimple")
+    assert loader["inputs"]["ckpt_name"] == link_name(model)  # linked into checkpoints/, where that loader looks
+    sampler = next(node["inputs"] for node in sent.values() if node["class_type"] == "KSampler")
+    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"]) == (4, 1.0, "euler")  # schnell: no guidance_in
