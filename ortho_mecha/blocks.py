@@ -312,10 +312,11 @@ def alpha_chart(frame: Any, groups: Sequence[str]) -> Any:
     base = alt.Chart(frame, title="alpha per block group").encode(
         x=alt.X("group:N", sort=list(groups), title=None, axis=alt.Axis(labelAngle=0)),
         y=alt.Y("alpha:Q", scale=alt.Scale(domain=[0, 2]), title="alpha"),
-        color=alt.Color("row:N", title=None, legend=alt.Legend(orient="bottom", columns=4, labelLimit=160)),
+        color=alt.Color("row:N", title=None, legend=alt.Legend(orient="right", labelLimit=240)),  # one per line
         tooltip=["row:N", "group:N", alt.Tooltip("alpha:Q", format=".2f"), alt.Tooltip("set:N", title="block alpha")],
     )
-    lines = base.mark_line(strokeWidth=2)
+    # rows of equal alphas draw the same line: a dash per row keeps each of them in sight
+    lines = base.mark_line(strokeWidth=2).encode(strokeDash=alt.StrokeDash("row:N", legend=None))
     points = base.mark_point(size=60).encode(fill=alt.condition("datum.set", alt.Color("row:N"), alt.value("white")))
     # "pad": the plot keeps its size and the legend is added around it (Streamlit otherwise fits both into it)
     return alt.layer(lines, points).properties(width=max(320, 60 * len(groups)), height=180,

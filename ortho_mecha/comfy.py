@@ -105,7 +105,8 @@ class ComfyUnreachable(OrthoMechaError):
     def __init__(self, url: str, reason: str) -> None:
         self.reason = reason
         super().__init__(
-            f"ComfyUI at {url} is not reachable ({reason}); start ComfyUI, or point COMFYUI_API / --api at it"
+            f"ComfyUI at {url} is not reachable ({reason}); start ComfyUI, or point ortho-mecha at it (COMFYUI_API, "
+            "--api, or the Preview page's server address)"
         )
 
 

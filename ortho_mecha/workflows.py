@@ -667,7 +667,8 @@ def _several_message(candidates: Sequence[Target], role: str) -> str:
     what = {"model": "model loaders", "prompt": "positive prompts", "negative": "negative prompts",
             "seed": "seed inputs"}[role]
     listed = ", ".join(str(c) for c in candidates)
-    return f"the workflow has several {what} ({listed}); say which one to use with --set-{role} NODE.INPUT"
+    return (f"the workflow has several {what} ({listed}); say which one to use with --set-{role} NODE.INPUT (on the "
+            f"Preview page: '{role} input')")
 
 
 def _single(candidates: Sequence[Target], role: str, path: Path | None) -> Target | None:
@@ -700,7 +701,7 @@ def find_bindings(
     if model_target is None:
         raise OrthoMechaError(
             "the workflow has no model loader (no 'unet_name' or 'ckpt_name' input); mark the input that takes the "
-            "model file with --set-model NODE.INPUT",
+            "model file with --set-model NODE.INPUT (on the Preview page: 'model input')",
             path,
         )
     positive_nodes, negative_nodes = _prompt_nodes(graph)

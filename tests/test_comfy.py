@@ -318,7 +318,8 @@ def test_custom_arch_needs_a_workflow(comfy_stub: ComfyStub, tmp_path: Path) -> 
 def test_server_down(tmp_path: Path) -> None:
     client = ComfyClient(f"http://127.0.0.1:{free_port()}", timeout=5)
     with pytest.raises(OrthoMechaError, match=r"ComfyUI at http://127\.0\.0\.1:\d+ is not reachable \(connection "
-                       r"refused\); start ComfyUI, or point COMFYUI_API / --api at it"):  # fmt: skip
+                       r"refused\); start ComfyUI, or point ortho-mecha at it \(COMFYUI_API, --api, or the "
+                       r"Preview page's server address\)"):  # fmt: skip
         run_preview(write_model(tmp_path / "m.safetensors"), "sd1", SETTINGS, client=client)
 
 
