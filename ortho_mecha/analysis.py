@@ -961,7 +961,7 @@ def analyse(
         raise OrthoMechaError(f"--rank-samples must be 0 or more, got {rank_samples}")
     if chunk is not None and chunk < 1:
         raise OrthoMechaError(f"--chunk must be positive, got {chunk}")
-    base_model, opened = open_models(base, list(models))
+    base_model, opened, _ = open_models(base, list(models))
     extras, row_from = _resolve_delta_from(opened, dict(delta_from or {}))
     alignment = align(base_model, [*opened, *extras], arch)
     file_models = [*opened, *extras]

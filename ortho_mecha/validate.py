@@ -278,17 +278,29 @@ def scan_finite(model: Model, keys: list[str], chunk: int = 1 << 20) -> None:
                 raise OrthoMechaError(message, model.path)
 
 
-def open_models(base: str | Path, models: list[str | Path]) -> tuple[Model, list[Model]]:
-    """Open the base and models (folders expanded, shards grouped), with clear errors."""
+def open_models(
+    base: str | Path, models: list[str | Path], strict: bool = True
+) -> tuple[Model, list[Model], list[str]]:
+    """Open the base and models (folders expanded, shards grouped), with clear errors: (base, models, problems).
+    Not ``strict``, a model that cannot be opened is left out and its error's text is among the problems (the
+    others are still opened); ``strict``, it raises."""
     base_path = Path(base)
     if base_path.is_dir():
         raise OrthoMechaError("--base must be one model file, not a folder", base_path)
     base_model = Model(base_path)
-    paths = expand_model_paths(list(models))
-    opened = [Model(p) for p in paths if Path(p).resolve() != base_path.resolve()]
-    if not opened:
+    paths = [p for p in expand_model_paths(list(models)) if Path(p).resolve() != base_path.resolve()]
+    if not paths:
         raise OrthoMechaError("no models to compare with the base (only the base itself was given)", base_path)
-    return base_model, opened
+    opened: list[Model] = []
+    problems: list[str] = []
+    for path in paths:
+        try:
+            opened.append(Model(path))
+        except OrthoMechaError as error:
+            if strict:
+                raise
+            problems.append(str(error))
+    return base_model, opened, problems
 
 
 def refuse_input_as_output(output: Path, models: list[Model], what: str = "the report") -> None:
@@ -310,14 +322,25 @@ def check_report_output(output: Path, models: list[Model], overwrite: bool) -> N
 
 
 def cli_validate(args: argparse.Namespace) -> int:
-    base, models = open_models(args.base, args.models)
+    """Check every model against the base; a file that cannot be used is listed with its problem and the others are
+    still checked (the exit status is then 2)."""
+    base, models, problems = open_models(args.base, args.models, strict=False)
     if args.json:
         check_report_output(Path(args.json), [base, *models], args.overwrite)
-    alignment = align(base, models, args.arch)
-    for index, model in enumerate([alignment.base, *alignment.models]):  # a LoRA: its products are scanned
-        mapping = alignment.maps[index]
-        scan_finite(model, [mapping.keys[k] for k in alignment.keys if k in mapping.keys])
-    report = alignment.report()
+    scan_finite(base, list(key_map(base).keys.values()))
+    usable = []
+    for model in models:
+        try:
+            alone = align(base, [model], args.arch)  # a LoRA: its products are scanned
+            scan_finite(alone.models[0], [alone.maps[1].keys[k] for k in alone.keys if k in alone.maps[1].keys])
+        except OrthoMechaError as error:
+            problems.append(str(error))
+        else:
+            usable.append(model)
+    if not usable:
+        raise OrthoMechaError("; ".join(problems))
+    alignment = align(base, usable, args.arch)
+    report = alignment.report() | {"problems": problems}
     print(f"base {base.path}: {alignment.arch}, {len(alignment.keys)} diffusion keys")
     for check in alignment.checks:
         refusals = check.merge_refusals
@@ -326,6 +349,10 @@ def cli_validate(args: argparse.Namespace) -> int:
         print(f"  {check.path}: {shared}, {verdict}")
         for note in check.messages:
             print(f"    - {note}")
+    for problem in problems:
+        print(f"  cannot be used: {problem}")
     if args.json:
         write_json(Path(args.json), report, overwrite=args.overwrite)
+    if problems:
+        raise OrthoMechaError(f"{len(problems)} of {len(problems) + len(usable)} models cannot be used (listed above)")
     return 0

@@ -450,7 +450,8 @@ def test_streamed_signal_equals_the_sampled_whole_delta(tmp_path: Path, monkeypa
     for name, tensor in tensors.items():
         save_file({"blocks.0.weight": tensor, "blocks.0.bias": tensor.reshape(-1)[:5].clone()},
                   str(tmp_path / f"{name}.safetensors"))
-    base, models = open_models(tmp_path / "base.safetensors", [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    base, models, _ = open_models(tmp_path / "base.safetensors",
+                                  [tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
     alignment = align(base, models)
     monkeypatch.setattr(A, "SIGNAL_BLOCK", 37)  # several blocks of whole rows per key
     rows_t = np.array([[1.0, 0.0], [-1.0, 1.0]])

@@ -38,7 +38,7 @@ def test_local_cluster_matches_local_pass(tmp_path: Path) -> None:
 
 def test_shards_cover_every_key_once(tmp_path: Path) -> None:
     paths = write_family_files(tmp_path / "m", "sdxl", "fp16", members=MEMBERS[:2])
-    base, models = open_models(paths["base"], [paths["anime"]])
+    base, models, _ = open_models(paths["base"], [paths["anime"]])
     alignment = align(base, models)
     for n in (1, 3, 7, 100):
         shards = shard_keys(alignment, n)

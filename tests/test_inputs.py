@@ -350,6 +350,25 @@ def test_bad_input_is_one_clear_line(case: str, tmp_path: Path, cli_error, diges
     assert not (folder / "UNPICKLED").exists()
 
 
+def test_validate_lists_every_file_it_cannot_use_and_checks_the_others(tmp_path: Path, cli, digests) -> None:
+    base, good = _base(tmp_path), save(tmp_path / "a.safetensors", state(1))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-40])
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a model")
+    report = tmp_path / "report.json"
+    before = digests(tmp_path)
+    result = cli("validate", "--base", base, cut, good, text, "--json", report)
+    assert result.code == 2
+    assert f"{good}: 6/6 keys shared (100%), OK" in result.out  # checked although a file before it is broken
+    assert f"cannot be used: {cut}: truncated" in result.out and f"cannot be used: {text}: corrupt" in result.out
+    assert result.err.strip() == "ortho-mecha: error: 2 of 3 models cannot be used (listed above)"
+    written = json.loads(report.read_text())
+    assert [m["path"] for m in written["models"]] == [str(good)] and len(written["problems"]) == 2
+    report.unlink()
+    assert digests(tmp_path) == before
+
+
 @pytest.mark.parametrize("command", ["validate", "analyse"])
 def test_a_report_never_replaces_a_file_unasked(command: str, tmp_path: Path, cli, cli_error, digests) -> None:
     base, model = _base(tmp_path), save(tmp_path / "a.safetensors", state(1))
