@@ -136,6 +136,13 @@ def cancel(job_id: str, grace: float = CANCEL_GRACE_S) -> Record:
         record = _load(cache, job_id)
         if record["state"] == "queued":
             _update(cache, job_id, {"state": "cancelled", "ended": time.time()}, only_if=_is_queued)
+        elif record["state"] == "running" and record["progress"] is None:
+            # still starting (importing, opening files): nothing done that a clean stop would keep, so stop it now
+            # rather than wait for a progress report it cannot yet make
+            if record["pid"] is not None:
+                _stop_worker(record["pid"], job_id)
+            changes = {"state": "cancelled", "ended": time.time(), "error": "cancelled while it was starting"}
+            _update(cache, job_id, changes, only_if=_is_running)
         elif record["state"] == "running":
             _update(cache, job_id, {"cancel_requested": True}, only_if=_is_running)
             deadline = time.monotonic() + grace

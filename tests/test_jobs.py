@@ -119,6 +119,25 @@ def test_cancel_kills_a_worker_that_does_not_respond(monkeypatch: pytest.MonkeyP
     assert not process_exists(pid)
 
 
+def test_cancel_while_a_job_is_starting_stops_it_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running job that has not reported progress yet (its worker still importing torch, say) is stopped at
+    once, not after the cancel grace, and is not said to have ignored the request."""
+    monkeypatch.setattr(jobs, "_schedule", lambda cache: None)  # this test plays the worker itself
+    job_id = jobs.submit("sleep", {"seconds": 30})
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", job_id], start_new_session=True)
+    try:
+        with open_cache("jobs") as cache:
+            jobs._update(cache, job_id, {"state": "running", "started": time.time(), "pid": worker.pid})
+        started_at = time.monotonic()
+        record = jobs.cancel(job_id, grace=30)
+        assert time.monotonic() - started_at < 10  # the 30 s grace was not waited out
+        assert record["state"] == "cancelled" and record["error"] == "cancelled while it was starting"
+        assert worker.wait(timeout=10) is not None  # stopped
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 def test_cancel_a_queued_job_means_it_never_runs() -> None:
     first = jobs.submit("sleep", {"seconds": 0.5, "steps": 5})
     second = jobs.submit("sleep", {"seconds": 0.1})
