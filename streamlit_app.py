@@ -18,13 +18,13 @@ st.set_page_config(page_title="ortho-mecha", page_icon=ui.page_icon(), layout="w
 def password_gate() -> None:
     """Stop the script unless this session may see the dashboard.
 
-    Locked out, the navigation holds only the sign-in (or how-to-set-a-password) page, hidden, so no link
-    to a dashboard page is shown before the password was given.
+    Locked out, every page's address shows only the sign-in (or how-to-set-a-password) form and the menu is
+    hidden, so no link to a dashboard page is shown before the password was given; signed in, the page the
+    address named opens.
     """
     if ui.gate_open():
         return
-    address = st.get_option("server.address")
-    st.navigation([st.Page(lambda: ui.sign_in(address), title="Sign in")], position="hidden").run()
+    ui.sign_in_navigation(st.get_option("server.address")).run()
     st.stop()
 
 

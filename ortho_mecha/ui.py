@@ -66,8 +66,23 @@ def navigation() -> Any:
     def open_default_page() -> None:
         st.switch_page(start, query_params=st.query_params.to_dict())
 
-    root = st.Page(open_default_page, title=spec.title, url_path="root", default=True, visibility="hidden")
+    root = st.Page(open_default_page, title=spec.title, url_path=ROOT_PATH, default=True, visibility="hidden")
     return st.navigation([root, *pages])
+
+
+ROOT_PATH = "root"  # the url path of navigation()'s hidden root page
+
+
+def sign_in_navigation(address: str | None) -> Any:
+    """``st.navigation`` for a session that has not given the password: at every page's address (the root's and
+    each of :data:`PAGES`') the sign-in form, hidden from the menu. A Streamlit page is known by its address, so
+    the rerun after signing in stays at the address the link named (``/mixer?mix=…``), now the page itself."""
+    addresses = [ROOT_PATH, *(Path(page.path).stem for page in PAGES)]
+    return st.navigation(
+        [st.Page(lambda: sign_in(address), title="Sign in", url_path=path, default=path == ROOT_PATH)
+         for path in addresses],
+        position="hidden",
+    )
 
 
 @functools.cache

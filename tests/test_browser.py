@@ -355,6 +355,15 @@ def test_password_gate_refuses_a_wrong_password(tmp_path: Path, browser: Browser
         page.get_by_role("textbox", name="Password").fill(PASSWORD)
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_role("heading", name="Analyse").first).to_be_visible()
+        # A new session following a link to a page: signed in, it is on that page, with the link's query.
+        other = browser.new_context().new_page()
+        other.set_default_timeout(60_000)
+        other.goto(f"{gated.url}/mixer?mix=0123456789abcdef0123456789abcdef")
+        other.get_by_role("textbox", name="Password").fill(PASSWORD)
+        other.get_by_role("button", name="Sign in").click()
+        expect(other.get_by_role("heading", name="Mixer").first).to_be_visible()
+        expect(other.get_by_text("no Mixer plan", exact=False).first).to_be_visible()  # the query's id was read
+        other.context.close()
     finally:
         context.close()
         gated.stop()
