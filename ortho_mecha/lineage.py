@@ -6,7 +6,8 @@ extra delta-from files); the base is the origin, not a row. Squared distances
 
 - :func:`duplicates` — ``D_ab < 0.01 · min(D_aC, D_bC)``: the lower-quality model is the duplicate.
 - :func:`parent` — the parent rule (shared with auto-fill and the optimizer, DESIGN §4).
-- :func:`lineage` — a parent per model, or, for a model without one, a non-negative mix of other files.
+- :func:`lineage` — a parent per model, or, for a model without one, a non-negative mix of other files (with
+  the fewest ingredients that fit it as well, :func:`fitted_mix`).
 - :func:`model_map` — classical MDS of D to 2-D, the base included as the last point.
 """
 
@@ -26,6 +27,7 @@ DUPLICATE_RATIO = 0.01  # D_ab below this fraction of the nearer file's distance
 PARENT_RATIO = 0.5  # D_MP below this fraction of D_MC (and P nearer the base than M): P is M's parent
 MERGE_RESIDUAL = 0.1  # ‖x_M − Σ w_j x_j‖ / ‖x_M‖ below this: M is reported as a merge of those files
 WEIGHT_FLOOR = 1e-3  # NNLS weights below this are dropped from a reported mix
+MIX_PRUNE = 5e-3  # an ingredient whose removal raises the mix's relative residual by less than this is dropped
 
 
 class LineageItem(TypedDict):
@@ -140,6 +142,25 @@ def nnls_on_gram(h: np.ndarray, target: int, sources: Sequence[int]) -> tuple[np
     return w, math.sqrt(max(residual_sq, 0.0) / own)
 
 
+def fitted_mix(h: np.ndarray, target: int, sources: Sequence[int]) -> tuple[dict[int, float], float]:
+    """({file: weight}, relative residual) of the NNLS fit of ``target`` on ``sources`` (:func:`nnls_on_gram`),
+    with the fewest ingredients that explain it as well: ingredients are dropped, the lightest first, while the
+    fit without them is within ``MIX_PRUNE`` of the residual. NNLS has many equal solutions when the sources are
+    dependent (a file and its exact opposite; a file, its fine-tune and a tiny weight on both) and returns
+    one of them; the plainest is the one to report."""
+    w, residual = nnls_on_gram(h, target, sources)
+    mix = {f: float(x) for f, x in zip(sources, w, strict=True) if x > WEIGHT_FLOOR}
+    for f in sorted(mix, key=mix.__getitem__):
+        if len(mix) < 2:
+            break
+        kept = [g for g in mix if g != f]
+        w_kept, r_kept = nnls_on_gram(h, target, kept)
+        if r_kept <= residual + MIX_PRUNE:
+            mix = {g: float(x) for g, x in zip(kept, w_kept, strict=True) if x > WEIGHT_FLOOR}
+            residual = max(residual, r_kept)
+    return mix, residual
+
+
 def _descendants(derived_from: dict[int, set[int]], roots: set[int]) -> set[int]:
     """Files derived from any of ``roots``, directly or through other files (``derived_from``: file → the files
     it was made from, its parent or its mix's ingredients)."""
@@ -196,12 +217,10 @@ def lineage(h: np.ndarray, n_models: int, quality: Sequence[float]) -> list[Line
             derived_from.setdefault(j, set()).update(ingredients)
         descendants = _descendants(derived_from, roots)
         sources = [f for f in allowed if f not in roots and f not in descendants]
-        w, residual = nnls_on_gram(h, m, sources)
-        mix = {f: float(x) for f, x in zip(sources, w, strict=True) if x > WEIGHT_FLOOR}
+        mix, residual = fitted_mix(h, m, sources)
         if residual >= MERGE_RESIDUAL or not mix:
             sources = [f for f in allowed if f not in roots and f not in _descendants(mixed_from, roots)]
-            w, residual = nnls_on_gram(h, m, sources)
-            mix = {f: float(x) for f, x in zip(sources, w, strict=True) if x > WEIGHT_FLOOR}
+            mix, residual = fitted_mix(h, m, sources)
             if residual >= MERGE_RESIDUAL or len(mix) < 2 or not _unrelated(d, h, list(mix)):
                 continue
             for f in mix:

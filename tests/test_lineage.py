@@ -157,3 +157,35 @@ def test_an_ingredient_is_not_explained_by_its_own_merge() -> None:
     assert found[2]["mix"] == pytest.approx({0: 0.5, 3: 0.5}, abs=1e-6)
     assert found[3]["mix"] is None and found[3]["parent"] is None
     assert found[4]["duplicate_of"] == 3 and found[4]["mix"] is None
+
+
+# H of a real analysis (fp32/fp16/bf16/fp8 files): p32, q16, qbf (q16 in bf16), pq = 0.6·δp + 0.4·δq, oppP = −δp,
+# r32, pR_fp8 = 40·δr in fp8, p32copy; as `analyse --json` wrote it
+PQ_H = np.array([
+    [2.4135057964e-02, -1.34220925e-04, -1.33617611e-04, 1.4427631463e-02, -2.4135057658e-02, -2.32417231e-04,
+     -9.4637683400e-03, 2.4135057964e-02],
+    [-1.34220925e-04, 2.5941052590e-02, 2.5932118676e-02, 1.0294747461e-02, 1.34221594e-04, 4.6894088e-05,
+     1.5286652810e-03, -1.34220925e-04],
+    [-1.33617611e-04, 2.5932118676e-02, 2.6105664489e-02, 1.0293182731e-02, 1.33618112e-04, 5.2251558e-05,
+     1.6881123280e-03, -1.33617611e-04],
+    [1.4427631463e-02, 1.0294747461e-02, 1.0293182731e-02, 1.2774632958e-02, -1.4427630965e-02, -1.19475124e-04,
+     -5.0193855260e-03, 1.4427631463e-02],
+    [-2.4135057658e-02, 1.34221594e-04, 1.33618112e-04, -1.4427630965e-02, 2.4135057728e-02, 2.32417087e-04,
+     9.4637624110e-03, -2.4135057658e-02],
+    [-2.32417231e-04, 4.6894088e-05, 5.2251558e-05, -1.19475124e-04, 2.32417087e-04, 2.6300334832e-02,
+     1.0508536618780, -2.32417231e-04],
+    [-9.4637683400e-03, 1.5286652810e-03, 1.6881123280e-03, -5.0193855260e-03, 9.4637624110e-03, 1.0508536618780,
+     42.065248146304, -9.4637683400e-03],
+    [2.4135057964e-02, -1.34220925e-04, -1.33617611e-04, 1.4427631463e-02, -2.4135057658e-02, -2.32417231e-04,
+     -9.4637683400e-03, 2.4135057964e-02],
+])
+
+
+def test_a_merge_is_reported_with_its_fewest_ingredients() -> None:
+    """NNLS has many equal fits when a file's exact opposite is among the sources (0.7·δp + 0.1·(−δp) = 0.6·δp):
+    the reported mix is the one without the cancelling pair, and a scaled copy is one ingredient, not three."""
+    quality = [0.87, 0.35, 0.35, 0.55, 0.78, 0.27, 0.27, 0.87]
+    items = lineage.lineage(PQ_H, 8, quality)
+    pq = items[3]["mix"]
+    assert set(pq) == {0, 1} and pq[0] == pytest.approx(0.6, abs=2e-3) and pq[1] == pytest.approx(0.4, abs=2e-3)
+    assert set(items[5]["mix"]) == {6}  # r32: pR_fp8 / 40
