@@ -1030,7 +1030,10 @@ def _refuse_nonfinite(h_key: dict[str, np.ndarray], files: Sequence[Model]) -> N
 
 
 def _round(matrix: np.ndarray, digits: int = 12) -> list:
-    return np.round(np.asarray(matrix, dtype=np.float64), digits).tolist()
+    """``matrix`` as nested lists of floats kept to ``digits`` significant digits: relative, so a Gram of small
+    deltas (entries of 1e-12) keeps its precision, where rounding to decimal places left it one digit or none."""
+    values = np.asarray(matrix, dtype=np.float64)
+    return np.array([float(f"{v:.{digits}g}") for v in values.ravel()]).reshape(values.shape).tolist()
 
 
 def conflict_ratio(both: np.ndarray, agree: np.ndarray) -> np.ndarray:

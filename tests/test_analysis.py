@@ -516,3 +516,9 @@ def test_two_models_each_others_delta_from_are_warned_about(tmp_path: Path, capl
     assert "are each other's delta-from" in caplog.text
     g = result.gram()
     np.testing.assert_allclose(g[0, 1], -g[0, 0], rtol=1e-5)
+
+
+def test_the_report_keeps_twelve_significant_digits_of_small_grams() -> None:
+    """plan recomputes from the report's h: a Gram of tiny deltas (1e-12) must not be rounded to one digit."""
+    h = np.array([[4.97661234567891e-12, -1.2345678901234e-15], [-1.2345678901234e-15, 3.0]])
+    assert A._round(h) == [[4.97661234568e-12, -1.23456789012e-15], [-1.23456789012e-15, 3.0]]
