@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
 import math
 import os
@@ -87,16 +88,17 @@ class RowStats:
 
     @property
     def signal_keys(self) -> list[str]:
-        return list(self.signal)
+        """The measured keys in name order (the signal threads finish them in any order)."""
+        return sorted(self.signal)
 
     @property
     def effective_rank(self) -> float:
         """Mean over the measured keys; 1 (full rank: no credit for focus) when none was (--rank-samples 0)."""
-        return float(np.mean([v[0] for v in self.signal.values()])) if self.signal else 1.0
+        return float(np.mean([self.signal[k][0] for k in self.signal_keys])) if self.signal else 1.0
 
     @property
     def snr(self) -> float:
-        return float(np.mean([v[1] for v in self.signal.values()])) if self.signal else 0.0
+        return float(np.mean([self.signal[k][1] for k in self.signal_keys])) if self.signal else 0.0
 
     def merge(self, other: RowStats) -> None:
         """Add the figures of a pass over other keys."""
@@ -1029,6 +1031,9 @@ def _refuse_nonfinite(h_key: dict[str, np.ndarray], files: Sequence[Model]) -> N
 # -- the report -----------------------------------------------------------------------------------------------
 
 
+OPPOSED_SHOWN = 0.05  # the summary calls a pair "most opposed" below this cos (near 0 it is just unrelated)
+
+
 def _round(matrix: np.ndarray, digits: int = 12) -> list:
     """``matrix`` as nested lists of floats kept to ``digits`` significant digits: relative, so a Gram of small
     deltas (entries of 1e-12) keeps its precision, where rounding to decimal places left it one digit or none."""
@@ -1159,14 +1164,14 @@ def summary_lines(rep: dict) -> list[str]:
             flags.append(f"delta from {Path(rep['delta_from'][i]).name}")
         lines.append(f"  {name:<{width}}  norm {rep['norms'][i]:.4g}  grade {grades[i]:<2}  {'; '.join(flags)}")
     cos = np.asarray(rep["cos"])
-    if len(names) > 1:
-        iu = np.triu_indices(len(names), 1)
-        hi, lo = int(np.argmax(cos[iu])), int(np.argmin(cos[iu]))
-        a, b = iu[0][hi], iu[1][hi]
+    real = [i for i in range(len(names)) if not rep["null"][i]]  # a null delta has no direction to compare
+    if len(real) > 1:
+        pairs = list(itertools.combinations(real, 2))
+        a, b = max(pairs, key=lambda pair: cos[pair])
         lines.append(f"  most similar: {names[a]} ~ {names[b]} (cos {cos[a, b]:.3f})")
-        a, b = iu[0][lo], iu[1][lo]
-        if len(names) > 2:  # with one pair, that pair is all there is to say
-            label = "most opposed" if cos[a, b] < 0 else "least similar"
+        a, b = min(pairs, key=lambda pair: cos[pair])
+        if len(pairs) > 1:  # with one pair, that pair is all there is to say
+            label = "most opposed" if cos[a, b] < -OPPOSED_SHOWN else "least similar"
             lines.append(f"  {label}: {names[a]} ~ {names[b]} (cos {cos[a, b]:.3f})")
     return lines
 

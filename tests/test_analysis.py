@@ -496,6 +496,12 @@ def test_summary_names_the_least_similar_pair_as_opposed_only_when_it_is() -> No
     pair = A.summary_lines(rep([[1, 0.3], [0.3, 1]], [None] * 2))
     assert sum("similar" in line or "opposed" in line for line in pair) == 1
     assert pair[0].endswith("3 keys, from cache")
+    orthogonal = A.summary_lines(rep([[1, 0.1, -0.0002], [0.1, 1, 0.05], [-0.0002, 0.05, 1]], [None] * 3))
+    assert "  least similar: a.safetensors ~ c.safetensors (cos -0.000)" in orthogonal  # unrelated, not opposed
+    with_null = rep([[1, 0.9, -0.7], [0.9, 1, 0.5], [-0.7, 0.5, 1]], [None] * 3) | {"null": [False, False, True]}
+    lines = A.summary_lines(with_null)  # a null delta has no direction: its pairs are left out
+    assert "  most similar: a.safetensors ~ b.safetensors (cos 0.900)" in lines
+    assert not any("c.safetensors (cos" in line or "~ c.safetensors" in line for line in lines)
 
 
 def test_the_summary_says_what_was_read_and_how_long_it_took() -> None:
