@@ -457,9 +457,16 @@ def test_streamed_signal_equals_the_sampled_whole_delta(tmp_path: Path, monkeypa
     rows_t = np.array([[1.0, 0.0], [-1.0, 1.0]])
     work = A._SignalWork(alignment, models, [1, 2], rows_t, [0, 1], torch.float32, ["blocks.0.weight"])
     short = min(shape[0], int(np.prod(shape[1:])))
+    exact = A._SignalWork(alignment, models, [1, 2], rows_t, [0, 1], torch.float64, ["blocks.0.weight"],
+                          sampled=False)
     for r, delta in ((0, tensors["a"] - tensors["base"]), (1, tensors["b"] - tensors["a"])):
         expected = whole_delta_energy(delta, columns=A.SIGNAL_COLUMNS_PER_ROW * short)
         assert np.allclose(work._energies("blocks.0.weight", r), expected, rtol=1e-4, atol=1e-4 * expected[0])
+    for r, (model, start) in enumerate((("a", "base"), ("b", "a"))):  # --exact: the SVD of the whole delta
+        delta = (tensors[model].double() - tensors[start].double()).reshape(shape[0], -1).numpy()
+        svd = np.linalg.svd(delta, compute_uv=False) ** 2
+        got = exact._energies("blocks.0.weight", r)
+        assert np.allclose(got[: len(svd)], svd, rtol=1e-9, atol=1e-9 * svd[0])
 
 
 def test_the_default_chunk_keeps_a_chunk_of_every_file_near_the_cache(tmp_path: Path,
