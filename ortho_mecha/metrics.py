@@ -134,10 +134,12 @@ def survival_label(method: str, options: Mapping[str, Any] | None = None) -> str
 def superpose_coefficients(g: np.ndarray, rcond: float = DEFAULT_RCOND, floor: np.ndarray | float = 0.0) -> np.ndarray:
     """Minimum-norm least-squares c of ``G c = diag(G)`` over the last two axes (DESIGN §5): eigenvalues at or
     below ``rcond · λmax``, at or below ``floor`` (per Gram: the inputs' rounding noise,
-    :func:`ortho_mecha.gram.noise_floor`) and non-positive ones are dropped, as ``ortho_superpose`` does."""
+    :func:`ortho_mecha.gram.noise_floor`; λmax itself is always kept) and non-positive ones are dropped, as
+    ``ortho_superpose`` does."""
     eigenvalues, eigenvectors = np.linalg.eigh(g)
     floor = np.asarray(floor, dtype=np.float64)[..., None]
-    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & (eigenvalues > floor) & (eigenvalues > 0)
+    top = np.arange(eigenvalues.shape[-1]) == eigenvalues.shape[-1] - 1
+    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & ((eigenvalues > floor) | top) & (eigenvalues > 0)
     inverse = np.where(keep, 1.0 / np.where(keep, eigenvalues, 1.0), 0.0)
     target = np.diagonal(g, axis1=-2, axis2=-1)
     projected = np.einsum("...ji,...j->...i", eigenvectors, target)

@@ -159,15 +159,34 @@ def test_superpose_stored_copies_opposites_and_merges_fit_no_rounding_noise(gen:
 
 
 def test_superpose_floor_scales_with_the_rows_scale(gen: torch.Generator) -> None:
-    """A real bf16 delta (0.6 % of the weights' RMS) scaled by 0.5 is below the stored inputs' rounding floor,
-    but its rounding noise was scaled with it: with noise_scale 0.5 the half delta is kept, not dropped."""
+    """A real bf16 delta (0.6 % of the weights' RMS) scaled by 0.5, beside a larger row, is below the stored
+    inputs' rounding floor, but its rounding noise was scaled with it: with noise_scale 0.5 it is kept."""
     base = torch.randn((64, 64), generator=gen, dtype=torch.float64).to(torch.bfloat16).to(torch.float64)
-    model = (base * (1 + 0.006 * torch.randn((64, 64), generator=gen, dtype=torch.float64))).to(torch.bfloat16)
-    half = 0.5 * (model.to(torch.float64) - base)
-    assert torch.equal(superpose_method(base, half), base)  # as if unscaled: under the floor
-    assert torch.allclose(superpose_method(base, half, noise_scale=0.5), base + half, rtol=0, atol=1e-12)
+
+    def tuned(rms: float) -> torch.Tensor:
+        noise = torch.randn((64, 64), generator=gen, dtype=torch.float64)
+        return (base * (1 + rms * noise)).to(torch.bfloat16).to(torch.float64) - base
+
+    half, other = 0.5 * tuned(0.006), 0.5 * tuned(0.05)
+
+    def share(merged: torch.Tensor) -> float:  # how much of the small row the merge carries along it
+        return float(((merged - base) * half).sum() / half.square().sum())
+
+    assert abs(share(superpose_method(base, half, other))) < 0.05  # as if unscaled: under the floor, dropped
+    assert share(superpose_method(base, half, other, noise_scale=0.5)) == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(ValueError, match="noise_scale"):
         superpose_method(base, half, noise_scale=-1.0)
+
+
+def test_superpose_keeps_a_lone_row_under_the_floor(gen: torch.Generator) -> None:
+    """The floor drops directions that would blow rounding noise up; the largest one never does, so one row
+    with alpha 1 returns its model however small its delta (it merged to the base when under the floor)."""
+    base = torch.randn((64, 64), generator=gen, dtype=torch.float64).to(torch.float16).to(torch.float64)
+    model = (base * (1 + 1e-3 * torch.randn((64, 64), generator=gen, dtype=torch.float64))).to(torch.float16)
+    delta = model.to(torch.float64) - base
+    assert torch.allclose(superpose_method(base, delta), base + delta, rtol=0, atol=1e-12)
+    copy = delta + 1e-7 * torch.randn((64, 64), generator=gen, dtype=torch.float64)  # its fp16 twin, say
+    assert torch.allclose(superpose_method(base, delta, copy), base + (delta + copy) / 2, rtol=0, atol=1e-9)
 
 
 def test_storage_unit_is_read_off_the_values(gen: torch.Generator) -> None:

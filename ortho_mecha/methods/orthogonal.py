@@ -108,11 +108,15 @@ def superpose_coefficients(gram: Tensor, rcond: float, floor: Tensor | float = 0
 
     From the eigendecomposition G = V Λ Vᵀ with eigenvalues at or below ``rcond · λmax`` or at or below
     ``floor`` (per batch entry: the inputs' rounding-noise energy, :func:`ortho_mecha.gram.noise_floor`)
-    dropped: c = V Λ⁺ Vᵀ diag(G). A batch entry whose G is zero gets c = 0.
+    dropped: c = V Λ⁺ Vᵀ diag(G). λmax itself is never dropped by the floor: the floor is there to keep
+    rounding noise from being blown up by a small eigenvalue, and the largest divides by itself (one row, or a
+    plan of small rows, is merged, not replaced by the base). A batch entry whose G is zero gets c = 0.
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     floor = torch.as_tensor(floor, dtype=eigenvalues.dtype)
-    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & (eigenvalues > floor.unsqueeze(-1)) & (eigenvalues > 0)
+    top = torch.arange(eigenvalues.shape[-1]) == eigenvalues.shape[-1] - 1
+    above = (eigenvalues > floor.unsqueeze(-1)) | top
+    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & above & (eigenvalues > 0)
     inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, 1.0), 0.0)
     target = torch.diagonal(gram, dim1=-2, dim2=-1)
     projected = (eigenvectors.transpose(-2, -1) @ target.unsqueeze(-1)).squeeze(-1)
