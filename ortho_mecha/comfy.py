@@ -796,10 +796,10 @@ def loader_mismatch(tensors: Mapping[str, Any] | None, arch: str) -> str | None:
             "that loads it with UNETLoader beside a CLIP and a VAE loader")
 
 
-def _builtin_graph(model: Path, model_name: str, arch: str, settings: PreviewSettings, info: Mapping[str, Any],
-                   url: str) -> tuple[Graph, Resolved]:
-    """``arch``'s built-in graph for ``model`` (listed as ``model_name``), its files chosen from ``info``."""
-    tensors = header_tensors(model)  # read once, for the checks and the variant hints
+def _builtin_graph(model: Path, model_name: str, tensors: Mapping[str, Any] | None, arch: str,
+                   settings: PreviewSettings, info: Mapping[str, Any], url: str) -> tuple[Graph, Resolved]:
+    """``arch``'s built-in graph for ``model`` (listed as ``model_name``; its header ``tensors``, for the checks and
+    the variant hints), its files chosen from ``info``."""
     facts = model_facts(tensors, arch_id(arch))
     spec = file_spec(arch, facts)
     check_arch(model, tensors, spec.arch)
@@ -841,12 +841,13 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
     if comfy is not None:
         _require_models(comfy)
     info = client.object_info()
-    graph, _ = _builtin_graph(model, model.name, arch, settings, info, client.base_url)
+    tensors = header_tensors(model)
+    graph, _ = _builtin_graph(model, model.name, tensors, arch, settings, info, client.base_url)
     problems = [p for p in find_problems(graph, info) if not (p.kind == "not_in_list" and p.input in MODEL_INPUTS)]
     if problems:
         raise OrthoMechaError("; ".join(describe_problem(p, client.base_url, "") for p in problems))
     if comfy is None:
-        spec = file_spec(arch, model_facts(header_tensors(model), arch_id(arch)))  # the merges are laid out as it is
+        spec = file_spec(arch, model_facts(tensors, arch_id(arch)))  # the merges are laid out as the base is
         folder = FILE_FOLDERS[spec.model_input]
         where = (folder, *FOLDER_ALIASES.get(folder, ()))
         if out is not None and not set(where) & set(out.absolute().parts):
@@ -891,8 +892,9 @@ def run_preview(
         raise OrthoMechaError("no such model file", model)
     arch = arch_id(arch)
     url = client.base_url
+    tensors = header_tensors(model) if workflow is None else None  # read once, for the loader and the graph
     if workflow is None:
-        spec = file_spec(arch, model_facts(header_tensors(model), arch))  # an all-in-one checkpoint: its loader
+        spec = file_spec(arch, model_facts(tensors, arch))  # an all-in-one checkpoint: its loader
         model_class, model_input = spec.loader, spec.model_input
     else:
         _user_workflow_check(settings)
@@ -925,7 +927,7 @@ def run_preview(
             )
         resolved: Resolved | None = None
         if workflow is None:
-            graph, resolved = _builtin_graph(model, model_name, arch, settings, info, url)
+            graph, resolved = _builtin_graph(model, model_name, tensors, arch, settings, info, url)
             seed: int | None = resolved.seed
         else:
             graph = apply_bindings(workflow, bindings, model_name, settings)
@@ -1007,12 +1009,13 @@ def settings_from_args(args: argparse.Namespace) -> PreviewSettings:
     )
 
 
-def builtin_arch_of(model: str | Path) -> str | None:
-    """The built-in architecture whose keys ``model`` has (read from its header), or None (``custom``)."""
+def builtin_arch_of(model: str | Path, tensors: Mapping[str, Any] | None = None) -> str | None:
+    """The built-in architecture whose keys ``model`` has (its header ``tensors``, read when not given), or None
+    (``custom``)."""
     from ortho_mecha.io import refuse_unsupported
     from ortho_mecha.validate import file_arch
 
-    tensors = header_tensors(Path(model))
+    tensors = header_tensors(Path(model)) if tensors is None else tensors
     if tensors is None:
         refuse_unsupported(Path(model))  # says what the file is and what to do instead
     detected = file_arch(tensors)

@@ -123,12 +123,13 @@ def arch_note(model: Path, choice: str, keys: str = "its keys") -> ArchNote | No
     """With ``auto``: the architecture ``model``'s ``keys`` give, or a warning that they give none. With a chosen
     one: a warning when the model has the keys of another built-in architecture (its workflow would not load
     it), else nothing."""
-    detected = comfy.builtin_arch_of(model)
+    tensors = comfy.header_tensors(model)  # read once, for the architecture and the loader
+    detected = comfy.builtin_arch_of(model, tensors)
     if choice == AUTO_ARCH:
         if detected is None:
             return ArchNote(f"{model.name}: {keys} match none of the built-in architectures; choose one under "
                             "Architecture, or use your own workflow", warning=True)
-        if (why := comfy.loader_mismatch(comfy.header_tensors(model), detected)) is not None:
+        if (why := comfy.loader_mismatch(tensors, detected)) is not None:
             return ArchNote(f"{model.name} ({detected}): {why}", warning=True)
         return ArchNote(f"Architecture: {detected}, from {keys}", warning=False)
     if detected in (None, arch_id(choice)):
