@@ -35,12 +35,18 @@ def read_json(path: Path, what: str, missing: str) -> object:
 MODEL_LIKE = (MODEL_SUFFIX, *OTHER_MODEL_SUFFIXES)  # names a text output must not take
 
 
-def refuse_text_output(output: Path, inputs: Iterable[Path], what: str) -> None:
-    """Raise unless a text output (a plan, a recipe, a report) may go to ``output``: not one of the ``inputs`` (the
-    file it is made from, the models it names), even with --overwrite, and not named like a model file."""
+def refuse_input(output: Path, inputs: Iterable[Path], what: str) -> None:
+    """Raise if ``output`` is one of the ``inputs`` (the file read, the models it names): an output never replaces
+    an input, even with --overwrite."""
     if output.resolve() in {Path(p).resolve() for p in inputs}:
         raise OrthoMechaError(f"is one of the inputs (the file read, or a model it names); write {what} to another "
                               "file", output)
+
+
+def refuse_text_output(output: Path, inputs: Iterable[Path], what: str) -> None:
+    """Raise unless a text output (a plan, a recipe, a report) may go to ``output``: not one of the ``inputs``
+    (:func:`refuse_input`), and not named like a model file."""
+    refuse_input(output, inputs, what)
     if output.suffix.lower() in MODEL_LIKE:
         raise OrthoMechaError(f"is named like a model file; {what} is text (choose another name)", output)
 

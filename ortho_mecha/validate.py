@@ -21,7 +21,7 @@ import torch
 
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import refuse_existing, refuse_text_output, write_json
+from ortho_mecha.fsutil import refuse_existing, refuse_input, refuse_text_output, write_json
 from ortho_mecha.io import Model, expand_model_paths
 
 logger = logging.getLogger(__name__)
@@ -303,19 +303,20 @@ def open_models(
     return base_model, opened, problems
 
 
+def _files(models: list[Model]) -> list[Path]:
+    """Every file of ``models``, shards included."""
+    return [p for m in models for p in (m.path, *m.files)]
+
+
 def refuse_input_as_output(output: Path, models: list[Model], what: str = "the report") -> None:
-    """Raise if ``output`` is one of the inputs' files, shards included (an output must never overwrite a model)."""
-    inputs = {p.resolve() for m in models for p in (m.path, *m.files)}
-    if output.resolve() in inputs:
-        raise OrthoMechaError(f"is an input model; write {what} to another file", output)
-
-
+    """Raise if ``output`` is one of the models' files (:func:`ortho_mecha.fsutil.refuse_input`)."""
+    refuse_input(output, _files(models), what)
 
 
 def check_report_output(output: Path, models: list[Model], overwrite: bool) -> None:
     """Raise, before any work, unless the JSON report can be written to ``output``: not an input, not named like
     a model file, in an existing folder, and not an existing file unless ``overwrite``."""
-    refuse_text_output(output, [p for m in models for p in (m.path, *m.files)], "the report")
+    refuse_text_output(output, _files(models), "the report")
     if not output.parent.is_dir():
         raise OrthoMechaError("the folder for the report does not exist", output.parent)
     refuse_existing(output, overwrite)
