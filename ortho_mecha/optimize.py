@@ -30,7 +30,7 @@ import numpy as np
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import cosine, delta_gram, selection_matrix, squared_distances
-from ortho_mecha.lineage import DUPLICATE_RATIO, duplicates, lineage, parent
+from ortho_mecha.lineage import DUPLICATE_RATIO, lineage, parent
 from ortho_mecha.metrics import quality, survival_plain
 
 LORA_INFO = "LoRA: its product is its delta, from the base"  # a kohya LoRA row's reason / info mark
@@ -115,12 +115,14 @@ def _family(
     lora_rows = np.zeros(n_models, dtype=bool) if lora is None else np.asarray(lora, dtype=bool)
     if len(lora_rows) != n_models:
         raise ValueError(f"{len(lora_rows)} LoRA flags for {n_models} models")
+    found = lineage(h, n_models, q)  # its duplicates are duplicates(h, q)
+    dups = {i: item["duplicate_of"] for i, item in enumerate(found) if item["duplicate_of"] is not None}
     merges_of: dict[int, set[int]] = {}
-    for m, item in enumerate(lineage(h, n_models, q)):
+    for m, item in enumerate(found):
         for f in item["mix"] or {}:
             merges_of.setdefault(f, set()).add(m)
-    return _Family(h, n_models, q, np.asarray(null, dtype=bool), labels, duplicates(h, q), squared_distances(h),
-                   lora_rows, merges_of)
+    return _Family(h, n_models, q, np.asarray(null, dtype=bool), labels, dups, squared_distances(h), lora_rows,
+                   merges_of)
 
 
 def orthogonality(g: np.ndarray, rows: Sequence[int]) -> float:
