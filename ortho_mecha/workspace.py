@@ -101,6 +101,13 @@ class ModelChoices:
             )
         return security.resolve_model_path(self.by_label[label], self.roots)
 
+    def with_folder(self, folder: Path) -> ModelChoices:
+        """These choices with ``folder``'s files too (the dashboard's own merges): themselves when ``folder`` lies
+        under one of the roots already, else a scan of the roots and ``folder``."""
+        if any(folder.absolute().is_relative_to(root.absolute()) for root in self.roots):
+            return self
+        return ModelChoices.scan((*self.roots, folder))
+
     def holds(self, *paths: str | Path) -> bool:
         """Whether every one of ``paths`` is a model file under the roots (a job's files, say)."""
         try:

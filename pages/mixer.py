@@ -177,4 +177,4 @@ with st.expander("Compare methods", icon=":material/compare_arrows:"):
 
 lora_open = ui.job_in_url(ui.LORA_URL) is not None
 with st.expander("Extract LoRA", icon=":material/compress:", expanded=lora_open), ui.shown_errors():
-    ui.extract_lora_panel(workspace.ModelChoices.scan((*choices.roots, workspace.merges_dir())), base)  # + merges
+    ui.extract_lora_panel(choices.with_folder(workspace.merges_dir()), base)
