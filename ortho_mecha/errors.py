@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as text that can be printed and sent anywhere: bytes of its name that are not UTF-8 (kept by
+    Python as lone surrogates) become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", errors="replace")
 
 
 class OrthoMechaError(Exception):
@@ -13,5 +20,5 @@ class OrthoMechaError(Exception):
     """
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else shown_path(path)
         super().__init__(f"{self.path}: {message}" if self.path else message)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.security import MODEL_SUFFIX, OTHER_MODEL_SUFFIXES
+from ortho_mecha.security import MODEL_SUFFIX, OTHER_MODEL_SUFFIXES, utf8_name
 
 
 def read_json(path: Path, what: str, missing: str) -> object:
@@ -51,8 +51,18 @@ def refuse_text_output(output: Path, inputs: Iterable[Path], what: str) -> None:
         raise OrthoMechaError(f"is named like a model file; {what} is text (choose another name)", output)
 
 
+def refuse_unencodable(path: Path) -> None:
+    """Raise if ``path`` is not valid UTF-8 (:func:`ortho_mecha.security.utf8_name`): reports, plans and merged
+    files' metadata name their files, so such a name could be neither written nor read back."""
+    if not utf8_name(path):
+        raise OrthoMechaError("the path is not valid UTF-8 (shown here with U+FFFD for its other bytes); reports, "
+                              "plans and merged files name their files in UTF-8: rename it", path)
+
+
 def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another name or pass --overwrite") -> None:
-    """Raise if ``path`` exists and the user did not ask to overwrite it; ``remedy`` says how to go on."""
+    """Raise if ``path`` exists and the user did not ask to overwrite it; ``remedy`` says how to go on. Also
+    refuses a path that is not UTF-8 (:func:`refuse_unencodable`): every output passes through here."""
+    refuse_unencodable(path)
     if path.exists() and not overwrite:
         raise OrthoMechaError(f"already exists; {remedy}", path)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import refuse_unencodable
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 logger = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def refuse_unsupported(path: Path) -> None:
-    """Refuse files that are not safetensors, with the reason and what to do instead."""
+    """Refuse files that are not safetensors, with the reason and what to do instead, and names that are not
+    UTF-8 (:func:`ortho_mecha.fsutil.refuse_unencodable`)."""
+    refuse_unencodable(path)
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise OrthoMechaError(

@@ -250,6 +250,16 @@ def resolve_model_path(user_path: str | Path, roots: Iterable[Path]) -> Path:
     return real
 
 
+def utf8_name(path: str | Path) -> bool:
+    """Whether ``path`` is valid UTF-8 text: names that are not (Latin-1 names from old archives) cannot go into a
+    JSON report, a browser or a merged file's metadata."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def list_models(roots: Iterable[Path]) -> list[Path]:
     """Every ``.safetensors`` file under ``roots`` that ``resolve_model_path`` accepts, sorted.
 

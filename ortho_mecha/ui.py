@@ -298,6 +298,18 @@ def written_by_followed_merge(path: Path) -> bool:
     return output is not None and Path(output).resolve() == path.resolve()
 
 
+def model_choices(roots: tuple[Path, ...] | None = None) -> Any:
+    """:meth:`ModelChoices.scan <ortho_mecha.workspace.ModelChoices.scan>` of ``roots`` (default: the allowed
+    roots), with a warning naming each file left out for a name a browser cannot carry."""
+    from ortho_mecha import workspace
+
+    choices = workspace.ModelChoices.scan(roots)
+    for name in choices.unnamed:
+        st.warning(f"{name}: left out, as its file name is not valid UTF-8 (a browser can neither show nor send it "
+                   "back); rename the file to use it")
+    return choices
+
+
 def current_analysis(choices: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(parameters, report) of this session's analysis, else of the newest finished analysis job whose files are
     all among ``choices`` (a :class:`~ortho_mecha.workspace.ModelChoices`: under the allowed roots)."""
@@ -581,7 +593,7 @@ def restore_merged_plan(job_id: str) -> Any:
     plan = load_plan(jobs.status(job_id)["params"]["plan"])
     st.session_state["plan"] = plan
     if "mix" not in st.session_state:
-        set_mix(workspace.table_from_plan(plan, workspace.ModelChoices.scan()))
+        set_mix(workspace.table_from_plan(plan, model_choices()))
     return plan
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ortho_mecha import security
-from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.errors import OrthoMechaError, shown_path
 from ortho_mecha.optimize import LORA_INFO  # a kohya LoRA row's mark in the info column, as the optimizer writes it
 
 logger = logging.getLogger(__name__)
@@ -82,11 +82,22 @@ class ModelChoices:
 
     roots: tuple[Path, ...]
     by_label: Mapping[str, Path]
+    unnamed: tuple[str, ...] = ()  # files left out: their names are not valid UTF-8 (shown with U+FFFD)
 
     @classmethod
     def scan(cls, roots: Iterable[Path] | None = None) -> ModelChoices:
+        """The model files under ``roots`` (default: the allowed roots). A file whose name is not valid UTF-8
+        (a Latin-1 name from an old archive, say) cannot be shown in a browser nor sent back from it: it is
+        left out and listed in ``unnamed``, its undecodable bytes shown as U+FFFD."""
         roots = tuple(security.allowed_roots() if roots is None else roots)
-        return cls(roots, _labels(security.list_models(roots), roots))
+        named: list[Path] = []
+        unnamed: list[str] = []
+        for path in security.list_models(roots):
+            if security.utf8_name(path):
+                named.append(path)
+            else:
+                unnamed.append(shown_path(path))
+        return cls(roots, _labels(named, roots), tuple(unnamed))
 
     @property
     def labels(self) -> list[str]:

@@ -14,7 +14,7 @@ st.title("Analyse")
 
 with ui.shown_errors():
     demo = workspace.ensure_demo()
-choices = workspace.ModelChoices.scan()
+choices = ui.model_choices()
 if not choices.labels:
     st.info(
         "No .safetensors files under the allowed folders "

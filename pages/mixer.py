@@ -15,7 +15,7 @@ from ortho_mecha.workspace import BASE_LABEL
 ui.require_app()
 st.title("Mixer")
 
-choices = workspace.ModelChoices.scan()
+choices = ui.model_choices()
 if not choices.labels:
     st.info("No model files under the allowed folders; add some, then analyse them on the Analyse page.")
     st.stop()

@@ -61,7 +61,7 @@ settings = PreviewSettings(prompt=prompt, negative=negative, seed=int(seed),
 one, sweep = st.tabs(["One model", "Alpha sweep"])
 
 with one:
-    merges = workspace.ModelChoices.scan((workspace.merges_dir(),))
+    merges = ui.model_choices((workspace.merges_dir(),))
     if not merges.labels:
         st.info(f"No merged models yet in {workspace.merges_dir()}; merge a plan on the Merge page first.")
     else:
@@ -125,7 +125,7 @@ with sweep:
             form_ok = True
         with ui.shown_errors():
             swept = (st.session_state["plan"] if source == MIXER_PLAN
-                     else workspace.load_preset(source, workspace.ModelChoices.scan()))
+                     else workspace.load_preset(source, ui.model_choices()))
             if note := preview_job.arch_note(swept.base, arch, keys="the base's keys"):
                 (st.warning if note.warning else st.caption)(note.text)
         if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start",

@@ -6,6 +6,7 @@ Jobs run as the real app runs them, in detached worker processes; the tests poll
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from ortho_mecha import ui
 from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
+from tests.modelgen import write_family_files
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 WAIT_S = 120
@@ -179,6 +181,19 @@ def test_every_page_renders_without_an_analysis(workspace: Path) -> None:
         assert not at.exception, page.title
         assert at.title[0].value == page.title
         assert not _errors(at)
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_with_a_warning(workspace: Path) -> None:
+    folder = workspace / "models" / "mine"
+    family = write_family_files(folder, "custom", "fp16", members=["base", "anime"])
+    (workspace / "models" / "demo").mkdir()  # no demo: only these files
+    os.link(family["anime"], os.fsdecode(bytes(folder) + b"/caf\xe9.safetensors"))  # a Latin-1 name
+    for page in ui.PAGES:
+        at = _app()
+        at.switch_page(page.path).run()
+        assert not at.exception, page.title
+        if page.title in ("Analyse", "Mixer"):
+            assert any("caf\ufffd.safetensors: left out" in w.value for w in at.warning), page.title
 
 
 def test_lan_without_a_password_shows_only_how_to_set_one(workspace: Path) -> None:

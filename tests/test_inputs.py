@@ -388,6 +388,20 @@ def test_a_report_never_replaces_a_file_unasked(command: str, tmp_path: Path, cl
     assert json.loads(existing.read_text())["models"]
 
 
+def test_a_path_that_is_not_utf8_is_one_clear_line(tmp_path: Path, cli_error, digests) -> None:
+    base = _base(tmp_path)
+    latin1 = save(Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.safetensors")), state(1))
+    good = save(tmp_path / "good.safetensors", state(1))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": str(base), "method": "ortho_superpose", "rows": [{"model": str(good)}]}))
+    before = digests(tmp_path)
+    line = cli_error("analyse", "--base", base, latin1, "--json", tmp_path / "r.json")
+    assert f"{tmp_path}/caf\ufffd.safetensors: the path is not valid UTF-8" in line
+    line = cli_error("merge", plan, "--out", Path(os.fsdecode(bytes(tmp_path) + b"/m\xe9.safetensors")))
+    assert f"{tmp_path}/m\ufffd.safetensors: the path is not valid UTF-8" in line
+    assert digests(tmp_path) == before  # nothing written, nothing changed
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
 @pytest.mark.parametrize("role", ["base", "model"])
 def test_unreadable_file_is_one_clear_line(role: str, tmp_path: Path, cli_error, digests) -> None:
