@@ -118,6 +118,9 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str 
     return alt.layer(rects, text).properties(width=alt.Step(cell), height=alt.Step(cell))
 
 
+MAP_LABEL_PX = 160  # the model map's point labels are cut (with …) at this width
+
+
 def model_map(report: Mapping[str, Any]) -> alt.LayerChart:
     """The 2-D model map (classical MDS of the lineage distances), points coloured by quality grade."""
     names = short_names(report["models"])
@@ -130,34 +133,43 @@ def model_map(report: Mapping[str, Any]) -> alt.LayerChart:
         "grade": grades,
         "norm": report["norms"],
     })
-    frame["label"] = map_labels(names, frame["x"].to_numpy(), frame["y"].to_numpy())
+    frame["label"], frame["near"] = map_labels(names, frame["x"].to_numpy(), frame["y"].to_numpy())
     base = alt.Chart(frame, title="model map (distances between models)").encode(
         x=alt.X("x:Q", title=None, axis=alt.Axis(labels=False)),
         y=alt.Y("y:Q", title=None, axis=alt.Axis(labels=False)),
     )
     dots = base.mark_circle(size=140).encode(
         color=alt.Color("grade:N", sort=["A+", "A", "B", "C", "D"]),
-        tooltip=["model:N", "grade:N", alt.Tooltip("norm:Q", format=".4g", title="delta norm")],
+        tooltip=["model:N", "grade:N", alt.Tooltip("norm:Q", format=".4g", title="delta norm"),
+                 alt.Tooltip("near:N", title="drawn together")],
     )
-    text = base.mark_text(dx=8, align="left").encode(text="label:N")
+    # Long names are cut (with …) at MAP_LABEL_PX: the chart's layout counts its texts, so a long one squeezed
+    # the plot to nothing.
+    text = base.mark_text(dx=8, align="left", limit=MAP_LABEL_PX).encode(text="label:N")
     return alt.layer(dots, text).properties(width=560, height=420)
 
 
-def map_labels(names: Sequence[str], x: np.ndarray, y: np.ndarray, near: float = 0.04) -> list[str]:
-    """The model map's point labels: models within ``near`` × the map's extent of one another (duplicates,
-    near-copies) share one label, their names joined, on the first of them; the others get none, so no
-    two labels are drawn over each other there."""
+def map_labels(
+    names: Sequence[str], x: np.ndarray, y: np.ndarray, near: float = 0.04
+) -> tuple[list[str], list[str]]:
+    """(labels, groups) of the model map's points: models within ``near`` × the map's extent of one another
+    (duplicates, near-copies) share one label on the first of them, its name and "+k" for the k others, which
+    get none, so no two labels are drawn over each other there. ``groups`` names every model of each point's
+    group (for its tooltip)."""
     extent = float(max(np.ptp(x), np.ptp(y))) if len(names) else 0.0
     radius = near * (extent or 1.0)
     labels = [""] * len(names)
+    groups = [""] * len(names)
     grouped = np.zeros(len(names), dtype=bool)
     for i in range(len(names)):
         if grouped[i]:
             continue
         group = np.nonzero(~grouped & (np.hypot(x - x[i], y - y[i]) <= radius))[0]
         grouped[group] = True
-        labels[i] = ", ".join(names[j] for j in group)
-    return labels
+        labels[i] = names[i] if len(group) == 1 else f"{names[i]} +{len(group) - 1}"
+        for j in group:
+            groups[j] = ", ".join(names[m] for m in group)
+    return labels, groups
 
 
 def quality_frame(report: Mapping[str, Any]) -> pd.DataFrame:

@@ -59,9 +59,21 @@ def test_a_matrix_that_does_not_fit_the_names_is_refused() -> None:
 def test_model_map_points_close_together_share_one_label() -> None:
     x = np.array([0.0, 1.0, 0.01, 0.5, 1.0])
     y = np.array([0.0, 1.0, 0.0, 0.5, 1.02])
-    labels = charts.map_labels(["a", "b", "a_copy", "c", "b2"], x, y)
-    assert labels == ["a, a_copy", "b, b2", "", "c", ""]
-    assert charts.map_labels(["only"], np.zeros(1), np.zeros(1)) == ["only"]
+    labels, groups = charts.map_labels(["a", "b", "a_copy", "c", "b2"], x, y)
+    assert labels == ["a +1", "b +1", "", "c", ""]
+    assert groups == ["a, a_copy", "b, b2", "a, a_copy", "c", "b, b2"]
+    assert charts.map_labels(["only"], np.zeros(1), np.zeros(1)) == (["only"], ["only"])
+
+
+def test_model_map_labels_are_cut_so_the_plot_keeps_its_width() -> None:
+    names = [f"finetune_{i:02d}_painterly_long_name_v3" for i in range(26)]
+    report = {"models": [f"/m/{n}.safetensors" for n in names],
+              "map": [{"x": 0.0, "y": float(i == 25)} for i in range(26)],
+              "quality": {"grade": ["A"] * 26}, "norms": [1.0] * 26}
+    spec = charts.model_map(report).to_dict()
+    assert spec["layer"][1]["mark"]["limit"] == charts.MAP_LABEL_PX
+    labels = [row["label"] for row in spec["datasets"][spec["data"]["name"]]]
+    assert labels == [f"{names[0]} +24", *[""] * 24, names[25]]
 
 
 def test_short_names_tell_equal_stems_apart() -> None:
