@@ -727,6 +727,19 @@ def header_tensors(model: Path) -> Mapping[str, Any] | None:
     return parse_header(model)[0]
 
 
+def refuse_lora(tensors: Mapping[str, Any] | None, model: Path) -> None:
+    """Raise if ``model`` (its header ``tensors``) is a LoRA: a built-in workflow loads a model, which a LoRA is not."""
+    from ortho_mecha.lora_rows import is_lora  # imports torch; only needed here
+
+    if tensors is not None and is_lora(tensors):
+        raise OrthoMechaError(
+            "is a LoRA, which the built-in workflows cannot load as a model; to see it on its base, sweep a plan "
+            "that holds it as a row, comparing the base and each model (`ortho-mecha preview --plan PLAN.json "
+            "--alphas 1 --compare`; on the Preview page: Alpha sweep, \"Also preview the base and each model\")",
+            model,
+        )
+
+
 ALL_IN_ONE_PARTS = (("text_encoders.", "cond_stage_model."), ("vae.", "first_stage_model."))  # COMFYUI.md
 
 
@@ -894,6 +907,7 @@ def run_preview(
     url = client.base_url
     tensors = header_tensors(model) if workflow is None else None  # read once, for the loader and the graph
     if workflow is None:
+        refuse_lora(tensors, model)
         spec = file_spec(arch, model_facts(tensors, arch))  # an all-in-one checkpoint: its loader
         model_class, model_input = spec.loader, spec.model_input
     else:
@@ -1024,8 +1038,11 @@ def builtin_arch_of(model: str | Path, tensors: Mapping[str, Any] | None = None)
 
 def detected_arch(model: str | Path, workflow: bool, choose: str) -> str:
     """:func:`builtin_arch_of` ``model``; with none, ``custom`` for the user's own ``workflow``, else an error
-    saying how to ``choose`` one."""
-    detected = builtin_arch_of(model)
+    saying how to ``choose`` one (a LoRA, which only a user's workflow can load, is refused without one)."""
+    tensors = header_tensors(Path(model))
+    if not workflow:
+        refuse_lora(tensors, Path(model))
+    detected = builtin_arch_of(model, tensors)
     if detected is not None:
         return detected
     if workflow:

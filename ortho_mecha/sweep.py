@@ -4,8 +4,10 @@ Every method takes a global ``alpha`` (0 returns the base). For each alpha the p
 ``<stem>_alpha<a>.plan.json`` and merged to ``<stem>_alpha<a>.safetensors`` in the output folder — a
 merge already there from the same plan is reused, any other file of that name is an error (nothing is
 overwritten) — then previewed through ComfyUI with one seed. With ``compare`` the base and each enabled
-row's model are previewed too. The images are saved beside the merges and combined into one labelled
-grid (``<stem>_sweep.png``): one column per alpha (then base and models), one row per image of a batch.
+row's model are previewed too; a LoRA row, which ComfyUI cannot load as a model, is previewed as the model
+it stands for, the base plus the LoRA (merged beside the others as ``<stem>_<lora>.safetensors``). The
+images are saved beside the merges and combined into one labelled grid (``<stem>_sweep.png``): one column
+per alpha (then base and models), one row per image of a batch.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from ortho_mecha.comfy import ComfyClient, PreviewImage, preflight, run_preview,
 from ortho_mecha.comfy import Progress as ComfyProgress
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_bytes, output_folder
+from ortho_mecha.lora_rows import is_lora_file
 from ortho_mecha.merge import merge_plan
-from ortho_mecha.plan import Plan, save_plan
+from ortho_mecha.plan import Plan, Row, save_plan
 from ortho_mecha.workflows import PreviewSettings
 
 logger = logging.getLogger(__name__)
@@ -54,20 +57,40 @@ def parse_alphas(text: str) -> list[float]:
     return list(dict.fromkeys(alphas))
 
 
-def _merged(plan: Plan, alpha: float, folder: Path, stem: str, progress: Progress | None) -> tuple[Path, Path]:
-    """The plan at ``alpha`` saved and merged in ``folder`` (an identical earlier merge is reused)."""
-    at_alpha = replace(plan, options={**plan.options, "alpha": alpha}, source=None)
-    plan_path = folder / f"{stem}_alpha{alpha:g}.plan.json"
-    out = folder / f"{stem}_alpha{alpha:g}.safetensors"
+def _merged(plan: Plan, folder: Path, name: str, progress: Progress | None) -> tuple[Path, Path]:
+    """``plan`` saved as ``name.plan.json`` and merged to ``name.safetensors`` in ``folder`` (an identical earlier
+    merge is reused)."""
+    plan_path = folder / f"{name}.plan.json"
+    out = folder / f"{name}.safetensors"
     if out.exists():
-        if _plan_of(out) != json.loads(at_alpha.to_json()):
-            raise OrthoMechaError("exists and was not merged from this plan at this alpha; move it away", out)
+        if _plan_of(out) != json.loads(plan.to_json()):
+            raise OrthoMechaError("exists and was not merged from this sweep's plan; move it away", out)
         logger.info("reusing %s", out)
     else:
-        merge_plan(at_alpha, out, progress=progress)
+        merge_plan(plan, out, progress=progress)
     if not plan_path.exists():
-        save_plan(at_alpha, plan_path)
+        save_plan(plan, plan_path)
     return out, plan_path
+
+
+def _compared(plan: Plan) -> tuple[list[Cell], list[Row]]:
+    """(the base's and each enabled model row's cells, the enabled LoRA rows): a LoRA row's cell needs a merge."""
+    cells = [Cell("base", plan.base)]
+    loras = []
+    for row in plan.rows:
+        if row.enabled and is_lora_file(row.model):
+            loras.append(row)
+        elif row.enabled:
+            cells.append(Cell(row.model.stem, row.model))
+    return cells, loras
+
+
+def _lora_cell(plan: Plan, row: Row, folder: Path, stem: str, progress: Progress | None) -> Cell:
+    """The cell of a LoRA row: the base plus the LoRA at its row's alpha (and block alphas), merged."""
+    on_base = replace(plan, method="add_difference", rows=(replace(row, repeat=1),), options={"alpha": 1.0},
+                      texture=None, source=None)
+    model, plan_path = _merged(on_base, folder, f"{stem}_{row.model.stem}", progress)
+    return Cell(f"{row.model.stem} on base", model, plan=plan_path)
 
 
 def _plan_of(model: Path) -> Any:
@@ -117,15 +140,16 @@ def alpha_sweep(
     grid_path = folder / f"{stem}.png"
     if grid_path.exists():
         raise OrthoMechaError("already exists; choose another folder or move it away", grid_path)
-    compared = [Cell("base", plan.base), *[Cell(row.model.stem, row.model) for row in plan.rows if row.enabled]]
+    compared, loras = _compared(plan)
     preflight(arch, settings, client=client, comfy=comfy, model=plan.base, out=folder,
               listed=[cell.model for cell in compared] if compare else ())  # before any merge is written
     cells: list[Cell] = []
     for alpha in alphas:
-        model, plan_path = _merged(plan, alpha, folder, stem, progress)
+        at_alpha = replace(plan, options={**plan.options, "alpha": alpha}, source=None)
+        model, plan_path = _merged(at_alpha, folder, f"{stem}_alpha{alpha:g}", progress)
         cells.append(Cell(f"alpha {alpha:g}", model, plan=plan_path, alpha=alpha))
     if compare:
-        cells += compared
+        cells += compared + [_lora_cell(plan, row, folder, stem, progress) for row in loras]
     columns: list[tuple[str, list[bytes]]] = []
     seed = None
     for n, cell in enumerate(cells, start=1):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ortho_mecha.lora import extract_lora
 from ortho_mecha.plan import plan_from_dict
 from ortho_mecha.sweep import grid, parse_alphas
 from tests.comfy_stub import ComfyStub, comfy_stub_fixture  # noqa: F401 - the comfy_stub fixture
@@ -55,6 +56,31 @@ def test_sweep_merges_previews_and_grids(comfy_stub: ComfyStub, tmp_path: Path, 
     # alpha 0 is the base: a second run reuses the merges it made and refuses to overwrite the grid
     again = cli(*argv)
     assert again.code == 2 and "mix_sweep.png" in again.err and "already exists" in again.err
+
+
+def test_compare_previews_a_lora_row_as_the_base_plus_the_lora(comfy_stub: ComfyStub, tmp_path: Path,
+                                                                cli: Callable, cli_error: Callable) -> None:
+    paths = write_family_files(tmp_path / "m", "sdxl", "fp16", members=MEMBERS)
+    lora = Path(extract_lora(paths["photo"], paths["base"], 4, tmp_path / "m" / "photo_lora.safetensors").out)
+    plan = tmp_path / "mix.json"
+    plan.write_text(plan_from_dict({"base": str(paths["base"]), "method": "ortho_superpose",
+                                    "rows": [{"model": str(paths["anime"])}, {"model": str(lora), "alpha": 0.5}]},
+                                   tmp_path).to_json())
+    out = tmp_path / "sweep"
+    result = cli("preview", "--plan", plan, "--alphas", "1", "--compare", "--prompt", "a fox",
+                 "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", out)
+    assert result.code == 0, result.err
+    loaded = [node["inputs"]["ckpt_name"] for body in comfy_stub.received for node in body["prompt"].values()
+              if "ckpt_name" in node["inputs"]]
+    assert len(loaded) == 4 and not any(name.startswith("photo_lora") for name in loaded)  # never the LoRA itself
+    assert any(name.startswith("mix_sweep_photo_lora.") for name in loaded)
+    on_base = json.loads((out / "mix_sweep_photo_lora.plan.json").read_text())
+    assert on_base["method"] == "add_difference" and on_base["rows"][0]["alpha"] == 0.5
+    assert "photo_lora on base:" in result.out and (out / "mix_sweep.png").is_file()
+    for arch in ([], ["--arch", "sdxl"]):  # the LoRA itself: refused before ComfyUI is asked, with what to do
+        line = cli_error("preview", lora, *arch, "--prompt", "a fox", "--api", comfy_stub.url,
+                         "--out", tmp_path / "one")
+        assert f"{lora}: is a LoRA" in line and "--compare" in line
 
 
 def test_parse_alphas_and_errors(tmp_path: Path, cli_error: Callable) -> None:
