@@ -16,7 +16,6 @@ previews; a preview of a sweep that is already in ComfyUI when the sweep is canc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -27,7 +26,14 @@ from typing import Any
 from ortho_mecha import comfy, security, workspace
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.jobs import Cancelled, Progress
-from ortho_mecha.workflows import PreviewSettings, apply_bindings, arch_id, check_api_format, find_bindings
+from ortho_mecha.workflows import (
+    PreviewSettings,
+    apply_bindings,
+    arch_id,
+    check_api_format,
+    find_bindings,
+    parse_workflow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +93,7 @@ def user_workflow(data: bytes, name: str, marks: Mapping[str, str | None] | None
     """Check an uploaded workflow now, on the page, as ``preview --workflow`` checks its file: JSON, API format,
     and where the model name, prompts and seed go (the marks given, else detected; several model loaders or a
     mark that names no input are errors naming the upload)."""
-    try:
-        graph = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OrthoMechaError(f"not valid JSON ({exc})", name) from None
-    graph = check_api_format(graph, name)
+    graph = parse_workflow(data, name)
     unknown = sorted(set(marks or {}) - set(MARK_ROLES))
     if unknown:
         raise OrthoMechaError(f"unknown input role(s) {', '.join(unknown)}; allowed: {', '.join(MARK_ROLES)}")

@@ -34,6 +34,7 @@ templates do — the negative is ``ConditioningZeroOut`` of the positive (cfg 1 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import re
@@ -540,17 +541,56 @@ class Bindings:
 
 
 def load_workflow(path: str | Path) -> Graph:
-    """Read an API-format workflow; a UI-format file (``nodes``/``links`` lists) is refused with the fix."""
+    """Read an API-format workflow file (see :func:`parse_workflow`)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise OrthoMechaError("no such workflow file", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OrthoMechaError(f"cannot read the workflow: {exc}", path) from None
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot read the workflow: {exc.strerror or exc}", path) from None
+    return parse_workflow(data, path)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def parse_workflow(data: bytes, path: str | Path) -> Graph:
+    """The API-format graph in a workflow file's bytes (``path`` names it in messages): JSON text (a UTF-8 BOM,
+    as Windows editors write, is skipped; a saved ``/prompt`` request body gives its ``prompt``), or a PNG that
+    ComfyUI rendered, whose ``prompt`` text chunk is the API-format graph. A UI-format file is refused with the
+    fix (:func:`check_api_format`)."""
+    if data.startswith(PNG_MAGIC):
+        text = _png_prompt(data, path)
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise OrthoMechaError("not a workflow: neither JSON text nor a PNG rendered by ComfyUI", path) from None
+    try:
+        graph = json.loads(text)
     except json.JSONDecodeError as exc:
         raise OrthoMechaError(f"not valid JSON ({exc})", path) from None
-    return check_api_format(data, path)
+    if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict) and "class_type" not in graph["prompt"]:
+        graph = graph["prompt"]  # a /prompt request body: {"prompt": {...}, "client_id": ...}
+    return check_api_format(graph, path)
+
+
+def _png_prompt(data: bytes, path: str | Path) -> str:
+    """The ``prompt`` text chunk ComfyUI writes into the PNGs it saves (the graph that made the image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            chunks = dict(image.info)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise OrthoMechaError(f"cannot read this PNG: {exc}", path) from None
+    prompt = chunks.get("prompt")
+    if not isinstance(prompt, str):
+        raise OrthoMechaError(
+            "this PNG holds no ComfyUI workflow (no 'prompt' text chunk); export the workflow from ComfyUI with "
+            '"Save (API)" instead', path)
+    return prompt
 
 
 def check_api_format(data: object, path: str | Path | None = None) -> Graph:

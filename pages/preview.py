@@ -68,11 +68,12 @@ with one:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
         model = left.selectbox("Merged model", merges.labels, key="pv_model")
         with st.expander("Your own workflow (optional)", icon=":material/account_tree:"):
-            st.caption('A workflow exported from ComfyUI with "Save (API)". The model and prompt (and, unless it keeps '
-                       "its own, the negative prompt and seed) go where it takes them: found by ortho-mecha, or the "
-                       "NODE.INPUT you mark "
+            st.caption('A workflow exported from ComfyUI with "Save (API)", or an image ComfyUI saved (it holds the '
+                       "workflow that made it). The model and prompt (and, unless it keeps its own, the negative "
+                       "prompt and seed) go where it takes them: found by ortho-mecha, or the NODE.INPUT you mark "
                        "(e.g. 4.ckpt_name). Architecture, steps, CFG, text encoders and VAE above do not apply to it.")
-            uploaded = st.file_uploader("Workflow (API format, .json)", type=["json"], key="pv_workflow")
+            uploaded = st.file_uploader("Workflow (API format .json, or a PNG ComfyUI saved)", type=["json", "png"],
+                                        key="pv_workflow")
             mark_columns = st.columns(len(preview_job.MARK_ROLES))
             marks = {role: column.text_input(f"{role} input", key=f"pv_mark_{role}", placeholder="detected")
                      for role, column in zip(preview_job.MARK_ROLES, mark_columns, strict=True)}

@@ -288,6 +288,27 @@ def test_ui_format_is_refused_with_the_fix(tmp_path: Path) -> None:
         load_workflow(write(tmp_path / "odd.json", {"1": {"inputs": {}}}))
 
 
+def test_a_workflow_is_read_from_a_bom_file_a_prompt_body_or_a_comfyui_png(tmp_path: Path) -> None:
+    from PIL import Image, PngImagePlugin
+
+    graph = built("sd1")
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(graph).encode())  # as Windows editors save it
+    assert load_workflow(bom) == graph
+    assert load_workflow(write(tmp_path / "body.json", {"client_id": "x", "prompt": graph})) == graph
+    chunks = PngImagePlugin.PngInfo()
+    chunks.add_text("prompt", json.dumps(graph))  # what ComfyUI's SaveImage writes, beside a UI-format 'workflow'
+    chunks.add_text("workflow", json.dumps({"nodes": [], "links": []}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "render.png", pnginfo=chunks)
+    assert load_workflow(tmp_path / "render.png") == graph
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(OrthoMechaError, match=r"plain.png: this PNG holds no ComfyUI workflow"):
+        load_workflow(tmp_path / "plain.png")
+    (tmp_path / "blob.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(OrthoMechaError, match="neither JSON text nor a PNG"):
+        load_workflow(tmp_path / "blob.json")
+
+
 def test_bindings_are_detected_in_each_builtin_graph() -> None:
     for arch in BUILTIN_ARCHS:
         graph = built(arch)
