@@ -57,7 +57,7 @@ from ortho_mecha.fsutil import process_exists, refuse_existing
 from ortho_mecha.hashing import sha256_file
 from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.mecha_config import check_model, register_base_config
-from ortho_mecha.plan import Plan, load_plan
+from ortho_mecha.plan import Plan, load_plan, plan_from_dict, save_plan
 from ortho_mecha.recipe import build_recipe
 
 logger = logging.getLogger(__name__)
@@ -587,12 +587,22 @@ def merge_plan(
     return {"method": plan.method, "rows": len(plan.enabled_rows)} | report
 
 
+def job_plan(params: Mapping[str, Any]) -> Plan:
+    """The plan of a ``merge`` job's parameters: its ``plan_data`` (a plan as JSON data, absolute paths), or the
+    plan file ``plan``."""
+    if isinstance(params.get("plan_data"), dict):
+        return plan_from_dict(params["plan_data"], Path.cwd())
+    if not isinstance(params.get("plan"), str):
+        raise OrthoMechaError("merge job: give 'plan' (a plan file's path) or 'plan_data' (a plan)")
+    return load_plan(params["plan"])
+
+
 def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """Background-job entry: ``{"plan": path, "out": path, "overwrite": bool}`` (optional threads, device)."""
-    for name in ("plan", "out"):
-        if not isinstance(params.get(name), str):
-            raise OrthoMechaError(f"merge job: '{name}' must be a file path")
-    plan = load_plan(params["plan"])
+    """Background-job entry: ``{"plan": path or "plan_data": plan data, "out": path, "overwrite": bool}``
+    (optional threads, device, and ``plan_beside``: where to save the plan once the merge is written)."""
+    if not isinstance(params.get("out"), str):
+        raise OrthoMechaError("merge job: 'out' must be a file path")
+    plan = job_plan(params)
     report = merge_plan(
         plan,
         params["out"],
@@ -601,6 +611,8 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         device=params.get("device"),
         progress=progress,
     )
+    if isinstance(params.get("plan_beside"), str):
+        save_plan(plan, params["plan_beside"], overwrite=True)
     if params.get("survival", True):
         report["survival"] = _measured(plan, report["output"])
     return report

@@ -532,21 +532,21 @@ def free_output_name(folder: Path, stem: str = "merged") -> str:
 
 
 def merge_job_params(plan: Any, output_name: str, overwrite: bool = False, workspace: Path | None = None) -> dict:
-    """The ``merge`` job's parameters for ``plan`` into ``merges/<output_name>``; the plan is written beside it.
+    """The ``merge`` job's parameters for ``plan`` into ``merges/<output_name>``: the plan itself travels with the
+    job, which writes it beside the output (``<name>.plan.json``) once the merge is written, so a plan beside a
+    merge always describes that file (a cancelled or failed replacement leaves the old pair as it was).
 
     The name is checked with ``security.validate_output_name``; an existing output is refused unless
     ``overwrite``.
     """
-    from ortho_mecha.plan import save_plan
-
     name = security.validate_output_name(output_name)
     folder = merges_dir(workspace)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / name
     if out.exists() and not overwrite:
         raise OrthoMechaError("already exists; choose another output name or allow replacing it", out)
-    plan_path = save_plan(plan, folder / f"{Path(name).stem}.plan.json", overwrite=True)
-    return {"plan": str(plan_path), "out": str(out), "overwrite": overwrite}
+    return {"plan_data": plan.to_dict(), "out": str(out), "overwrite": overwrite,
+            "plan_beside": str(folder / f"{Path(name).stem}.plan.json")}
 
 
 def lora_job_params(model: str, base: str, rank: int, output_name: str, choices: ModelChoices,

@@ -8,8 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from ortho_mecha import recipe, security, ui, workspace
-from ortho_mecha.merge import summary
-from ortho_mecha.plan import load_plan
+from ortho_mecha.merge import job_plan, summary
 
 ui.require_app()
 st.title("Merge")
@@ -66,7 +65,7 @@ if record is not None and record["state"] == "done":
                            "sha256": [*report["sha256"].values(), report["output_sha256"]]})
     st.dataframe(hashes, hide_index=True)
     with ui.shown_errors():
-        merged_plan = load_plan(record["params"]["plan"])
+        merged_plan = job_plan(record["params"])
         stem = Path(report["output"]).stem
         left, right = st.columns(2)
         left.download_button("Download recipe (.mecha)", recipe.recipe_text(merged_plan), f"{stem}.mecha",

@@ -29,7 +29,7 @@ from ortho_mecha.merge import (
     partial_path,
     run_job,
 )
-from ortho_mecha.plan import Plan, plan_from_dict
+from ortho_mecha.plan import Plan, load_plan, plan_from_dict
 from ortho_mecha.recipe import recipe_text
 from tests.merge_fixtures import (
     INT_KEY,
@@ -273,6 +273,26 @@ def test_run_job_merges_and_checks_its_params(family, tmp_path) -> None:
     assert report["method"] == "ortho_project" and Path(report["output"]).exists() and seen
     with pytest.raises(OrthoMechaError, match="merge job: 'out' must be a file path"):
         run_job({"plan": str(plan_path)}, seen.append)
+
+
+def test_a_merge_job_writes_its_plan_beside_the_output_only_once_merged(family, tmp_path) -> None:
+    out, beside = tmp_path / "m.safetensors", tmp_path / "m.plan.json"
+    first = make_plan(family, "ortho_project")
+    run_job({"plan_data": first.to_dict(), "out": str(out), "plan_beside": str(beside)}, lambda info: None)
+    assert load_plan(beside) == first
+    written = out.read_bytes()
+
+    def cancel(info: dict) -> None:
+        raise KeyboardInterrupt("cancelled")
+
+    second = make_plan(family, "weighted_sum")
+    with pytest.raises(KeyboardInterrupt):  # a cancelled replacement: the pair stays as it was
+        run_job({"plan_data": second.to_dict(), "out": str(out), "overwrite": True, "plan_beside": str(beside)},
+                cancel)
+    assert load_plan(beside) == first and out.read_bytes() == written
+    run_job({"plan_data": second.to_dict(), "out": str(out), "overwrite": True, "plan_beside": str(beside)},
+            lambda info: None)
+    assert load_plan(beside) == second and out.read_bytes() != written
 
 
 def test_superpose_by_matrix_row_merges_and_reports_an_estimated_survival(family, tmp_path, capsys) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from ortho_mecha import workspace
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.merge import job_plan
 from ortho_mecha.plan import Plan, Row, Texture
 from ortho_mecha.workspace import BASE_LABEL, ModelChoices
 
@@ -162,13 +163,15 @@ def test_survival_frame_lists_predicted_and_measured() -> None:
     assert list(frame["measured − predicted"]) == [-0.25, 0.0]
 
 
-def test_merge_job_params_write_the_plan_beside_the_output(models: tuple[dict[str, Path], ModelChoices],
+def test_merge_job_params_carry_the_plan_and_write_nothing(models: tuple[dict[str, Path], ModelChoices],
                                                            tmp_path: Path) -> None:
     paths, _ = models
     ws = tmp_path / "ws"
     params = workspace.merge_job_params(a_plan(paths), "out", workspace=ws)
-    assert params == {"plan": str(ws / "merges" / "out.plan.json"), "out": str(ws / "merges" / "out.safetensors"),
-                      "overwrite": False}
+    assert params == {"plan_data": a_plan(paths).to_dict(), "out": str(ws / "merges" / "out.safetensors"),
+                      "overwrite": False, "plan_beside": str(ws / "merges" / "out.plan.json")}
+    assert job_plan(params) == a_plan(paths)
+    assert list((ws / "merges").iterdir()) == []  # the job writes the plan beside its merge once that is written
     (ws / "merges" / "out.safetensors").write_bytes(b"x")
     with pytest.raises(OrthoMechaError, match="already exists"):
         workspace.merge_job_params(a_plan(paths), "out.safetensors", workspace=ws)
