@@ -41,6 +41,10 @@ REDUNDANT_COS = 0.8  # cos above this to an already kept row: disabled
 REPEAT_NEW_INFO = 0.85  # new information above this against every other kept row: repeat 2
 OPPOSED_COS = -0.8  # cos below this to a kept row: flagged (the two deltas largely cancel)
 MAX_ROUNDS = 50
+# A file B is a delta-from candidate of model M only where M's delta from it does not point against B's own
+# delta: cos(δ_M − δ_B, δ_B) ≥ this. A child of B (B plus its own change) sits at ≈ 0; an unrelated file, or
+# one ingredient of a merge, far below (the row would cancel B's change, which another row may carry).
+ANCESTOR_COS = -0.05
 GAIN_TOLERANCE = 1e-12  # an orthogonality gain must exceed this (per pair) to count as a rise
 
 
@@ -74,9 +78,11 @@ class _Family:
         return [i for i in range(self.n) if not self.null[i] and i not in self.dups]
 
     def allowed_from(self, i: int) -> list[int | None]:
-        """Delta-froms allowed for model i: the base, then every other file that is not a duplicate, not a null
-        model, not a LoRA, and not so close to i that ``D_iB < 0.01 · D_iC`` (that would leave a near-null
-        delta). A LoRA row's only delta-from is the base."""
+        """Delta-froms allowed for model i: the base, then every other file B that is not a duplicate, not a null
+        model, not a LoRA, that i's delta contains (i's delta from B does not point against B's: see
+        ``ANCESTOR_COS``; an unrelated file would add its own delta, negated, to i's row), and not so close to i
+        that ``D_iB < 0.01 · D_iC`` (that would leave a near-null delta). A LoRA row's only delta-from is the
+        base."""
         if self.lora[i]:
             return [None]
         files = [
@@ -86,6 +92,7 @@ class _Family:
             and f not in self.dups
             and not (f < self.n and (self.null[f] or self.lora[f]))
             and self.d[i, f] >= DUPLICATE_RATIO * self.h[i, i]
+            and self.h[i, f] - self.h[f, f] >= ANCESTOR_COS * np.sqrt(self.d[i, f] * self.h[f, f])
         ]
         return [None, *files]
 

@@ -126,7 +126,7 @@ def test_optimizer_raises_orthogonality_above_the_parent_rule_start(seed: int) -
 def test_optimizer_moves_a_delta_from_the_parent_rule_misses() -> None:
     rng = np.random.default_rng(1)
     a, e, u = unit(rng), unit(rng), unit(rng)
-    x = np.stack([a, 0.6 * a + e, u])  # row 1 overlaps a (cos 0.51) but is not a's child by the parent rule
+    x = np.stack([a, a + 1.2 * e, u])  # row 1 holds a (cos 0.64) but is not a's child by the parent rule
     h = files_gram(x)
     filled = optimize.autofill(h, 3, [0.5, 0.5, 0.5], [False] * 3, names=["a", "x", "u"])
     assert filled[1].delta_from is None
@@ -294,3 +294,16 @@ def test_a_plan_from_a_report_of_relative_paths_loads_from_another_folder(
     plan = load_plan(tmp_path / "demo" / "plan.json")
     assert plan.base == tmp_path / "demo" / "base.safetensors"
     assert {row.model.parent for row in plan.rows} == {tmp_path / "demo"}
+
+
+def test_the_optimizer_never_takes_an_unrelated_model_as_delta_from() -> None:
+    """A 50/50 merge of two independent fine-tunes beside an unrelated one: taking the unrelated model as the
+    merge's delta-from raises the rows' orthogonality a little (the merge's cos to its ingredients falls) but
+    adds that model's delta, negated, to the merge's row: it would cancel that model in the merge."""
+    rng = np.random.default_rng(3)
+    a, b, unrelated = (unit(rng) for _ in range(3))
+    names = ["unrelated", "mix_ab", "a", "b"]
+    h = files_gram(np.stack([unrelated, 0.5 * a + 0.5 * b, a, b]))
+    choices = dict(zip(names, optimize.optimize(h, 4, [0.6] * 4, [False] * 4, names=names), strict=True))
+    assert choices["mix_ab"].delta_from is None, choices["mix_ab"].info
+    assert all(choice.delta_from != 0 for choice in choices.values())
