@@ -46,7 +46,7 @@ import torch
 
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import refuse_existing, write_json
+from ortho_mecha.fsutil import output_folder, partial_path, place, refuse_existing, remove_stale_partials, write_json
 from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.lora import (
     LowRank,
@@ -280,8 +280,9 @@ class StreamingFile:
 
     def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
         refuse_existing(path, overwrite=False, remedy=NEVER_OVERWRITTEN)
+        remove_stale_partials(path)
         self.path = path
-        self.partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        self.partial = partial_path(path)
         header: dict[str, object] = {"__metadata__": metadata}
         position = 0
         for key, (dtype, shape) in layout.items():
@@ -307,8 +308,7 @@ class StreamingFile:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
-        refuse_existing(self.path, overwrite=False, remedy=NEVER_OVERWRITTEN)
-        os.replace(self.partial, self.path)
+        place(self.partial, self.path, overwrite=False)
         return self.path
 
     def abort(self) -> None:
@@ -361,7 +361,9 @@ class ExportReport:
 
 
 def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16") -> ExportReport:
-    """Write the average base (when the base is the average) and one LoRA per model into ``out_dir``."""
+    """Write the average base (when the base is the average) and one LoRA per model into ``out_dir``, as one set:
+    when any of them fails (or Ctrl-C), those already written are removed again, and ``out_dir`` too when this
+    made it, so a rerun finds nothing in its way."""
     check_rank(rank)
     torch_dtype = lora_dtype(dtype)
     out = Path(out_dir)
@@ -374,49 +376,57 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
     fits = {k.key: k for k in result.keys}
     if [k for k in family.keys if k in fits] != list(fits):
         raise OrthoMechaError("the models changed since the fit (its keys are not theirs); fit again", out)
-    out.mkdir(exist_ok=True)
-    writer = None
-    if average_path is not None:
-        layout = {}
-        for canon in fits:
-            key, written_dtype, shape = family.reference_info(canon)
-            layout[key] = (written_dtype, shape)
-        meta = {"ortho_mecha_version": __version__, "ortho_mecha_kind": "compress-average"}
-        writer = StreamingFile(average_path, layout, meta | {"ortho_mecha_models": json.dumps(result.models)})
-    count = len(family.models)
-    tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
-    kept, total = np.zeros(count), np.zeros(count)
-    lost = [Uncaptured() for _ in range(count)]
-    try:
-        for canon, key_fit in fits.items():
-            dw, dq = _directions(family, key_fit, writer)
-            name = lora_name(canon)
-            for m in range(count):
-                lam, kappa = key_fit.lam[m], key_fit.kappa[m] if key_fit.kappa else 0.0
-                if dw.ndim < 2 or name is None:
-                    lost[m].add(canon, float((lam * dw + kappa * dq).pow(2).sum()))
-            if dw.ndim < 2 or name is None:
-                continue
-            for m, low in enumerate(_per_model(key_fit, dw, dq, rank)):
-                if low.rank:
-                    tensors[m] |= lora_tensors(name, low, tuple(dw.shape), torch_dtype)
-                    kept[m], total[m] = kept[m] + low.kept, total[m] + low.total
-        base_written = str(writer.finish()) if writer else result.base
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
-    finally:
-        family.close()
-    exports = []
-    for m, (model, path) in enumerate(zip(result.models, lora_paths, strict=True)):
-        metadata = kohya_metadata(
-            rank, base=base_written, model=model, rank=rank, kind="compress", directions=result.directions
-        )
-        write_lora(path, tensors[m], metadata, overwrite=False)
-        energy = kept[m] / total[m] if total[m] > 0 else 1.0
-        exports.append(ModelExport(model, str(path), len(tensors[m]) // 3, energy, result.error[m], lost[m]))
-    return ExportReport(base_written, rank, dtype, exports)
+    written: list[Path] = []  # the files of the set that have landed: removed again if a later one fails
+    with output_folder(out):
+        try:
+            writer = None
+            if average_path is not None:
+                layout = {}
+                for canon in fits:
+                    key, written_dtype, shape = family.reference_info(canon)
+                    layout[key] = (written_dtype, shape)
+                meta = {"ortho_mecha_version": __version__, "ortho_mecha_kind": "compress-average"}
+                writer = StreamingFile(average_path, layout, meta | {"ortho_mecha_models": json.dumps(result.models)})
+            count = len(family.models)
+            tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+            kept, total = np.zeros(count), np.zeros(count)
+            lost = [Uncaptured() for _ in range(count)]
+            try:
+                for canon, key_fit in fits.items():
+                    dw, dq = _directions(family, key_fit, writer)
+                    name = lora_name(canon)
+                    for m in range(count):
+                        lam, kappa = key_fit.lam[m], key_fit.kappa[m] if key_fit.kappa else 0.0
+                        if dw.ndim < 2 or name is None:
+                            lost[m].add(canon, float((lam * dw + kappa * dq).pow(2).sum()))
+                    if dw.ndim < 2 or name is None:
+                        continue
+                    for m, low in enumerate(_per_model(key_fit, dw, dq, rank)):
+                        if low.rank:
+                            tensors[m] |= lora_tensors(name, low, tuple(dw.shape), torch_dtype)
+                            kept[m], total[m] = kept[m] + low.kept, total[m] + low.total
+                if writer:
+                    written.append(writer.finish())
+                base_written = str(written[0]) if writer else result.base
+            except BaseException:
+                if writer:
+                    writer.abort()
+                raise
+            finally:
+                family.close()
+            exports = []
+            for m, (model, path) in enumerate(zip(result.models, lora_paths, strict=True)):
+                metadata = kohya_metadata(
+                    rank, base=base_written, model=model, rank=rank, kind="compress", directions=result.directions
+                )
+                written.append(write_lora(path, tensors[m], metadata, overwrite=False))
+                energy = kept[m] / total[m] if total[m] > 0 else 1.0
+                exports.append(ModelExport(model, str(path), len(tensors[m]) // 3, energy, result.error[m], lost[m]))
+            return ExportReport(base_written, rank, dtype, exports)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
 
 
 def _directions(family: Family, key_fit: KeyFit, writer: StreamingFile | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import math
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.security import MODEL_SUFFIX, OTHER_MODEL_SUFFIXES, utf8_name
+
+logger = logging.getLogger(__name__)
 
 
 def read_json(path: Path, what: str, missing: str) -> object:
@@ -67,36 +72,73 @@ def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another n
         raise OrthoMechaError(f"already exists; {remedy}", path)
 
 
+_PARTIAL = re.compile(r"\.partial-(\d+)(?:-[0-9a-f]+)?$")
+
+
+def partial_path(out: Path) -> Path:
+    """A temporary name beside ``out`` for writing it: ``.OUT.partial-<pid>-<random>`` (hidden, never a model
+    name; the pid lets :func:`remove_stale_partials` tell a killed writer's leftover from a running one's)."""
+    return out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove the temporary files of ``out`` whose writing process is gone (left by a SIGKILL, the OOM killer,
+    a dashboard job killed after its cancel grace): the next write of ``out`` cleans up after it."""
+    for candidate in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        match = _PARTIAL.search(candidate.name)
+        if match is None or int(match[1]) == os.getpid() or process_exists(int(match[1])):
+            continue
+        logger.info("removing %s, left by a writer that was killed", candidate)
+        candidate.unlink(missing_ok=True)
+
+
+def place(temp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``temp`` to ``out``. Without ``overwrite`` this never replaces a file, not even one that
+    appeared while ``temp`` was written (another merge into the same name): it links ``temp`` as ``out``, which
+    fails if ``out`` exists, then removes ``temp``. Where the filesystem has no hard links, a check and a rename."""
+    if overwrite:
+        os.replace(temp, out)
+        return
+    try:
+        os.link(temp, out)
+    except FileExistsError:
+        raise OrthoMechaError("already exists: it was written by something else meanwhile, and is kept; nothing "
+                              "was replaced", out) from None
+    except OSError:  # no hard links here (FAT, some network filesystems)
+        if out.exists():
+            raise OrthoMechaError("already exists: it was written by something else meanwhile, and is kept", out) \
+                from None
+        os.replace(temp, out)
+        return
+    temp.unlink()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
-    """Write ``data`` to a temporary file in the same folder, fsync it, then rename it into place."""
+    """Write ``data`` to a temporary file in the same folder (:func:`partial_path`), fsync it, then move it into
+    place (:func:`place`: never over a file unless ``overwrite``)."""
     path = Path(path)
     refuse_existing(path, overwrite)
     if not path.parent.is_dir():
         raise OrthoMechaError("the folder for this output does not exist", path.parent)
+    remove_stale_partials(path)
+    tmp = partial_path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise OrthoMechaError(f"cannot write here ({exc.strerror or exc})", path) from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        place(tmp, path, overwrite)
     except OSError as exc:  # said of the user's file, not the temporary one
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise OrthoMechaError(f"cannot write ({exc.strerror or exc}); nothing was written", path) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:

@@ -9,16 +9,18 @@ it too); :func:`merge_plan` builds the plan's recipe first. In order:
 2. every input is lined up with the base config (shape mismatches and files sd-mecha cannot read are
    errors naming both files; keys the base lacks are counted and ignored) and hashed (sha256, cached);
 3. sd-mecha streams the merge key by key into a temporary file in the output folder,
-   ``.OUT.safetensors.partial-<pid>``; each key is repaired as it arrives — NaN/Inf elements are
+   ``.OUT.safetensors.partial-<pid>-<random>``; each key is repaired as it arrives — NaN/Inf elements are
    replaced by the base's values, non-float keys (which sd-mecha would cast to the output dtype) are
    copied from the base — and keys the merge did not produce (a model lacking them) are copied from
    the base at the end; every repair is counted in the report;
 4. the header carries ``__metadata__``: the serialized recipe (``mecha_recipe``, sd-mecha's own key),
-   the plan JSON and the sha256 of every input; the file is fsynced and renamed into place.
+   the plan JSON and the sha256 of every input; the file is fsynced and moved into place — without
+   ``overwrite`` never over a file that appeared meanwhile (another merge into the same name), which is
+   kept, and this merge fails saying so (``fsutil.place``).
 
 On any failure, Ctrl-C or SIGTERM the temporary file is removed, so no partial output ever sits under
-the final name; a ``.partial-<pid>`` left by a killed process (SIGKILL) is removed by the next merge into
-the same folder once that process is gone. Inputs are only ever opened for reading.
+the final name; a ``.partial-<pid>-…`` left by a killed process (SIGKILL) is removed by the next write of
+that output once that process is gone. Inputs are only ever opened for reading.
 
 sd-mecha calls used here, checked in tests/test_merge.py: ``merge(output=<mapping>)`` hands every
 merged key to the mapping's ``__setitem__`` (plus a ``"__metadata__"`` entry, ignored), ``tqdm=`` is
@@ -30,12 +32,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import struct
@@ -53,7 +53,7 @@ from threadpoolctl import threadpool_limits
 
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import process_exists, refuse_existing
+from ortho_mecha.fsutil import partial_path, place, refuse_existing, remove_stale_partials
 from ortho_mecha.hashing import sha256_file
 from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.mecha_config import check_model, register_base_config
@@ -79,7 +79,6 @@ META_VERSION = "ortho_mecha_version"
 META_CONVERTED = "ortho_mecha_converted_from"
 SCALED_FP8_AS = torch.bfloat16  # what convert's "keep" makes of a scaled fp8 weight (fp8 × scale fits bf16's range)
 DISK_MARGIN = 64 * 2**20
-_PARTIAL = re.compile(r"\.partial-(\d+)$")
 
 
 class MergeInterrupted(KeyboardInterrupt):
@@ -91,21 +90,6 @@ class _Stopped(Exception):
 
 
 # -- the output file ------------------------------------------------------------------------------
-
-
-def partial_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.partial-{os.getpid()}")
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Remove ``.OUT.partial-<pid>`` files whose process is gone (left by a SIGKILLed merge)."""
-    for candidate in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-        match = _PARTIAL.search(candidate.name)
-        if match is None or int(match[1]) == os.getpid():
-            continue
-        if not process_exists(int(match[1])):
-            logger.info("removing %s, left by a merge that was killed", candidate)
-            candidate.unlink(missing_ok=True)
 
 
 def data_bytes(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
@@ -434,7 +418,7 @@ def execute(
         workers = _merge_threads(threads, len(inputs))
         with _stop_on_signals(control), _torch_threads_per_worker(workers):
             try:
-                with _written(out, layout, metadata, base_model) as writer:
+                with _written(out, layout, metadata, base_model, overwrite) as writer:
                     sd_mecha.merge(
                         recipe,
                         merge_device=merge_device,
@@ -478,10 +462,11 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def _written(out: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str],
-             base: Model) -> Iterator[_OutputWriter]:
-    """The writer of ``out``, streaming into ``.OUT.partial-<pid>`` (stale ones of killed processes removed
-    first): finished, renamed into place and the folder fsynced when the block ends; removed if it raises."""
-    _remove_stale_partials(out)
+             base: Model, overwrite: bool) -> Iterator[_OutputWriter]:
+    """The writer of ``out``, streaming into ``.OUT.partial-<pid>-…`` (stale ones of killed processes removed
+    first): finished, moved into place (never over a file that appeared meanwhile unless ``overwrite``) and the
+    folder fsynced when the block ends; removed if it raises."""
+    remove_stale_partials(out)
     temp = partial_path(out)
     try:
         writer = _OutputWriter(temp, layout, metadata, base)
@@ -490,7 +475,7 @@ def _written(out: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     try:
         yield writer
         writer.finish()
-        os.replace(temp, out)
+        place(temp, out, overwrite)
     except OSError as exc:  # the disk filled up, the folder went away: said of the user's file, not the temporary one
         writer.abort()
         raise OrthoMechaError(f"cannot write the output ({exc.strerror or exc}); nothing was written", out) from None
@@ -537,7 +522,7 @@ def convert(
         layout = {key: (stored_as(info), tuple(info.shape)) for key, info in model.tensors.items()}
         _check_free_space(out.parent, data_bytes(layout))
         metadata = dict(model.metadata) | {META_CONVERTED: model.path.name, META_VERSION: __version__}
-        with _stop_on_signals(_Control()), _written(out, layout, metadata, model) as writer:
+        with _stop_on_signals(_Control()), _written(out, layout, metadata, model, overwrite) as writer:
             for done, (key, info) in enumerate(model.tensors.items(), start=1):
                 # non-float keys the writer copies itself; scaled fp8 is dequantised in float32 first
                 read_as = torch.float32 if info.scale else layout[key][0]

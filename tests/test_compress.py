@@ -238,6 +238,32 @@ def test_average_is_written_in_the_models_dtype(make_family, tmp_path) -> None:
     assert not [p for p in out.iterdir() if ".partial" in p.name]
 
 
+def test_an_interrupted_export_leaves_nothing_and_the_rerun_writes_the_set(
+    make_family, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ortho_mecha.compress as compress
+
+    paths = make_family("custom", "fp16", members=["anime", "photo", "anime_v2"])
+    fitted = fit(list(paths.values()), "average", directions=2)
+    out = tmp_path / "out"
+    real = compress.write_lora
+    calls: list[Path] = []
+
+    def interrupted_at_the_second(path: Path, *args, **kwargs) -> Path:
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(compress, "write_lora", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        export(fitted, out, rank=4)
+    assert not out.exists()  # the average and the first LoRA removed again, and the folder this run made
+    monkeypatch.setattr(compress, "write_lora", real)
+    report = export(fitted, out, rank=4)
+    assert sorted(p.name for p in out.iterdir()) == sorted([AVERAGE_FILE, *(Path(m.lora).name for m in report.models)])
+
+
 # -- command line ---------------------------------------------------------------------------------------
 
 

@@ -26,7 +26,6 @@ from ortho_mecha.merge import (
     _check_free_space,
     convert,
     merge_plan,
-    partial_path,
     run_job,
 )
 from ortho_mecha.plan import Plan, load_plan, plan_from_dict
@@ -249,12 +248,28 @@ def test_sigterm_stops_the_merge_and_removes_the_partial_file(family, tmp_path) 
 def test_stale_partials_of_dead_processes_are_removed(family, tmp_path) -> None:
     out = tmp_path / "x.safetensors"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = out.with_name(f".{out.name}.partial-{int(dead.stdout)}")
-    alive = out.with_name(f".{out.name}.partial-{os.getppid()}")
-    stale.write_bytes(b"half")
-    alive.write_bytes(b"someone else's")
+    stale = out.with_name(f".{out.name}.partial-{int(dead.stdout)}-0a1b2c3d")
+    older = out.with_name(f".{out.name}.partial-{int(dead.stdout)}")  # as earlier versions named them
+    alive = out.with_name(f".{out.name}.partial-{os.getppid()}-0a1b2c3d")
+    for path in (stale, older, alive):
+        path.write_bytes(b"half")
     merge_plan(make_plan(family), out)
-    assert not stale.exists() and alive.exists() and not partial_path(out).exists()
+    assert leftovers(tmp_path) == [alive.name]
+
+
+def test_a_merge_never_replaces_a_file_that_appeared_while_it_ran(family, tmp_path) -> None:
+    out = tmp_path / "x.safetensors"
+
+    def another_merge_finishes_first(info: dict) -> None:
+        if info.get("keys_done") == 2 and not out.exists():
+            out.write_bytes(b"the other merge's result")
+
+    with pytest.raises(OrthoMechaError, match="already exists: it was written by something else meanwhile"):
+        merge_plan(make_plan(family), out, progress=another_merge_finishes_first)
+    assert out.read_bytes() == b"the other merge's result" and leftovers(tmp_path) == []
+    out.unlink()
+    merge_plan(make_plan(family), out, overwrite=True, progress=another_merge_finishes_first)  # asked: replaced
+    assert out.read_bytes() != b"the other merge's result"
 
 
 def test_free_space_check_and_bad_device_or_threads(family, tmp_path) -> None:

@@ -1,0 +1,56 @@
+"""Writing outputs safely (``ortho_mecha.fsutil``): atomic, never over a file unasked, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import atomic_write_bytes, partial_path, place
+
+
+def dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def test_a_killed_writers_leftover_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    stale = tmp_path / f".report.json.partial-{dead_pid()}-0a1b2c3d"
+    running = tmp_path / f".report.json.partial-{os.getppid()}-0a1b2c3d"  # a live process's: left alone
+    other = tmp_path / f".other.json.partial-{dead_pid()}-0a1b2c3d"  # another output's: left to its next write
+    for path in (stale, running, other):
+        path.write_bytes(b"half")
+    atomic_write_bytes(out, b"{}")
+    assert out.read_bytes() == b"{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, running.name, other.name])
+
+
+def test_place_never_replaces_a_file_unless_asked(tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"first")
+    temp = partial_path(out)
+    temp.write_bytes(b"second")
+    with pytest.raises(OrthoMechaError, match="already exists: it was written by something else meanwhile"):
+        place(temp, out, overwrite=False)
+    assert out.read_bytes() == b"first" and temp.exists()  # the caller removes its temporary file
+    place(temp, out, overwrite=True)
+    assert out.read_bytes() == b"second" and not temp.exists()
+    fresh = tmp_path / "n.safetensors"
+    temp = partial_path(fresh)
+    temp.write_bytes(b"third")
+    place(temp, fresh, overwrite=False)
+    assert fresh.read_bytes() == b"third" and sorted(p.name for p in tmp_path.iterdir()) == [out.name, fresh.name]
+
+
+def test_files_are_written_with_the_umask_applied(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        path = atomic_write_bytes(tmp_path / "x.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640
