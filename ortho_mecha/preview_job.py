@@ -32,6 +32,7 @@ from ortho_mecha.workflows import (
     arch_id,
     check_api_format,
     find_bindings,
+    parse_size,
     parse_workflow,
 )
 
@@ -60,6 +61,11 @@ def connect(api: str, folder: str) -> tuple[str, str | None]:
     directory = comfy.comfy_dir(folder.strip()) if folder.strip() else None
     client.system_stats()
     return client.base_url, None if directory is None else str(directory)
+
+
+def page_size(text: str) -> tuple[int, int] | None:
+    """The Preview page's Size field: None when empty (the architecture's default), else ``WIDTHxHEIGHT``."""
+    return parse_size(text) if text.strip() else None
 
 
 def settings_params(settings: PreviewSettings) -> dict[str, Any]:
@@ -148,9 +154,9 @@ def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, 
     params = {"model": str(model), "arch": arch_id(arch), "settings": settings_params(settings), "api": api,
               "comfy_dir": folder}
     if workflow is not None:
-        if settings.steps is not None or settings.cfg is not None or settings.clip or settings.vae:
-            raise OrthoMechaError("steps, CFG, text encoders and VAE come from your own workflow: clear them here, "
-                                  'or set them in ComfyUI and export the workflow again with "Save (API)"')
+        if settings.steps is not None or settings.cfg is not None or settings.size or settings.clip or settings.vae:
+            raise OrthoMechaError("steps, CFG, size, text encoders and VAE come from your own workflow: clear them "
+                                  'here, or set them in ComfyUI and export the workflow again with "Save (API)"')
         bindings = find_bindings(workflow.graph, **workflow.marks)
         given = not workflow.keep_own
         params["settings"] |= {"negative": settings.negative if given and bindings.negative else None,

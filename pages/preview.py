@@ -35,7 +35,7 @@ with st.container(border=True):
 
 with st.container(border=True):
     st.markdown("**Render settings**")
-    arch_column, seed_column, steps_column, cfg_column = st.columns([2, 2, 1, 1])
+    arch_column, seed_column, steps_column, cfg_column, size_column = st.columns([2, 2, 1, 1, 1.2])
     arch = arch_column.selectbox("Architecture", [preview_job.AUTO_ARCH, *BUILTIN_ARCHS], key="pv_arch",
                                  help="picks the built-in workflow; auto: the one the model's keys are those of "
                                       "(for a sweep, the plan's base)")
@@ -45,6 +45,9 @@ with st.container(border=True):
                                       placeholder="default", help="empty: the architecture's default")
     cfg = cfg_column.number_input("CFG", min_value=0.0, max_value=30.0, value=None, step=0.5, key="pv_cfg",
                                   placeholder="default", help="empty: the architecture's default")
+    size_text = size_column.text_input("Size", key="pv_size", placeholder="default",
+                                       help="WIDTHxHEIGHT, e.g. 768x1024 (smaller renders faster); empty: the "
+                                            "architecture's default (1024x1024, SD1.5 512x512)")
     prompt = st.text_area("Prompt", value="a photo of a red fox in the snow, detailed fur", key="pv_prompt", height=80)
     negative = st.text_area("Negative prompt", value="blurry, low quality", key="pv_negative", height=68)
     clip_column, vae_column = st.columns(2)
@@ -54,8 +57,11 @@ with st.container(border=True):
                                        "empty: picked for the architecture")
     vae = vae_column.text_input("VAE file", key="pv_vae", placeholder="auto: from what ComfyUI lists",
                                 help="a file name as ComfyUI lists it; empty: picked for the architecture")
+size, size_ok = None, False
+with ui.shown_errors():
+    size, size_ok = preview_job.page_size(size_text), True
 settings = PreviewSettings(prompt=prompt, negative=negative, seed=int(seed),
-                           steps=None if steps is None else int(steps), cfg=cfg,
+                           steps=None if steps is None else int(steps), cfg=cfg, size=size,
                            clip=preview_job.file_list(clip), vae=vae.strip() or None)
 
 one, sweep = st.tabs(["One model", "Alpha sweep"])
@@ -71,7 +77,8 @@ with one:
             st.caption('A workflow exported from ComfyUI with "Save (API)", or an image ComfyUI saved (it holds the '
                        "workflow that made it). The model and prompt (and, unless it keeps its own, the negative "
                        "prompt and seed) go where it takes them: found by ortho-mecha, or the NODE.INPUT you mark "
-                       "(e.g. 4.ckpt_name). Architecture, steps, CFG, text encoders and VAE above do not apply to it.")
+                       "(e.g. 4.ckpt_name). Architecture, steps, CFG, size, text encoders and VAE above do not apply "
+                       "to it.")
             uploaded = st.file_uploader("Workflow (API format .json, or a PNG ComfyUI saved)", type=["json", "png"],
                                         key="pv_workflow")
             mark_columns = st.columns(len(preview_job.MARK_ROLES))
@@ -88,7 +95,8 @@ with one:
             with ui.shown_errors():
                 if note := preview_job.arch_note(merges.path(model), arch):
                     (st.warning if note.warning else st.caption)(note.text)
-        if right.button("Render", type="primary", icon=":material/image:", key="pv_render", width="stretch"):
+        if right.button("Render", type="primary", icon=":material/image:", key="pv_render", width="stretch",
+                        disabled=not size_ok):  # a size that cannot be read says why above
             with ui.shown_errors():
                 if uploaded is not None and own is None:
                     raise OrthoMechaError(f"{uploaded.name}: fix the workflow (see above) or remove it")
@@ -130,7 +138,7 @@ with sweep:
             if note := preview_job.arch_note(swept.base, arch, keys="the base's keys"):
                 (st.warning if note.warning else st.caption)(note.text)
         if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start",
-                     disabled=swept is None or not form_ok):  # what cannot be run says why above
+                     disabled=swept is None or not form_ok or not size_ok):  # what cannot be run says why above
             with ui.shown_errors():
                 server, comfy_folder = preview_job.connect(api, folder)
                 sweep_arch = preview_job.page_arch(arch, swept.base)

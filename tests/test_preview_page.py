@@ -76,7 +76,7 @@ def test_preview_job_renders_with_an_uploaded_workflow(comfy_stub: ComfyStub, tm
         preview_job.user_workflow(upload, "mine.json", {"seed": "nowhere.seed"})
     own = preview_job.user_workflow(upload, "mine.json", {"prompt": "pos.text", "seed": " "}, keep_own=False)
     settings = PreviewSettings("a red fox", negative="blurry", seed=11)
-    with pytest.raises(OrthoMechaError, match="steps, CFG, text encoders and VAE come from your own workflow"):
+    with pytest.raises(OrthoMechaError, match="steps, CFG, size, text encoders and VAE come from your own workflow"):
         preview_job.preview_params(model, "sd1", SETTINGS, comfy_stub.url, str(comfy_stub.root), own)
     kept = preview_job.preview_params(model, "sd1", settings, comfy_stub.url, str(comfy_stub.root),
                                       preview_job.user_workflow(upload, "mine.json", {"prompt": "pos.text"}))
@@ -205,6 +205,24 @@ def test_preview_page_passes_a_chosen_vae_to_the_workflow(
     assert [node["inputs"]["vae_name"] for node in sent.values() if node["class_type"] == "VAELoader"] == [
         "ae.safetensors"]
     assert preview_job.file_list(" a.safetensors, ,b.safetensors ") == ("a.safetensors", "b.safetensors")
+
+
+def test_preview_page_renders_at_the_size_given(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    write_model(workspace / "merges" / "tiny.safetensors")
+    at = _page(monkeypatch, comfy_stub)
+    at.selectbox(key="pv_arch").set_value("sd1")
+    at.text_input(key="pv_size").set_value("640 x 384").run()
+    at.button(key="pv_render").click().run()
+    assert not _errors(at)
+    _until(at, lambda a: a.get("image"), "the preview images")
+    sent = comfy_stub.received[-1]["prompt"]
+    assert [(node["inputs"]["width"], node["inputs"]["height"]) for node in sent.values()
+            if node["class_type"] == "EmptyLatentImage"] == [(640, 384)]
+    at.text_input(key="pv_size").set_value("big").run()
+    assert any("size 'big' is not WIDTHxHEIGHT" in error for error in _errors(at))
+    assert at.button(key="pv_render").disabled
 
 
 def test_the_page_warns_when_the_model_is_of_another_architecture(
