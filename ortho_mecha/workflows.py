@@ -223,8 +223,10 @@ def choose_files(
     vae_options: Sequence[str],
     facts: ModelFacts = ModelFacts(),
 ) -> tuple[tuple[str, ...], str | None]:
-    """The text encoders and VAE for ``spec``: the user's names, or the best match among ComfyUI's files."""
+    """The text encoders and VAE for ``spec``: the user's names, or the best match among ComfyUI's files. Every
+    file ComfyUI lacks is named in one error (a fresh ComfyUI may lack all of Flux.1's clip_l, t5xxl and ae)."""
     slots = spec.text_encoders if settings.clip else text_encoders_wanted(spec, facts)  # named: no width needed
+    missing: list[str] = []
     if settings.clip:
         if len(settings.clip) != len(slots):
             wanted = "no text encoder files (the checkpoint holds them)" if not slots else f"{len(slots)} --clip"
@@ -233,24 +235,29 @@ def choose_files(
     elif spec.arch == "flux2-klein" and facts.text_dim is None and spec.text_encoders:
         encoders = (_pick_klein_encoder(text_encoder_options),)
     else:
-        encoders = tuple(_pick_or_raise(text_encoder_options, wanted, "text encoder", spec) for wanted in slots)
+        encoders = tuple(_pick(text_encoder_options, wanted, "text encoder", missing) for wanted in slots)
     if settings.vae is not None:
         vae: str | None = settings.vae
     elif spec.vae is not None:
-        vae = _pick_or_raise(vae_options, spec.vae, "VAE", spec)
+        vae = _pick(vae_options, spec.vae, "VAE", missing)
     else:
         vae = None
+    if missing:
+        raise OrthoMechaError(
+            f"ComfyUI lacks files the built-in {spec.arch} workflow needs: {'; '.join(missing)}. Put them in "
+            "ComfyUI's models/text_encoders and models/vae, or name yours with --clip / --vae (on the Preview page: "
+            "Text encoder file(s), VAE file)"
+        )
     return encoders, vae
 
 
-def _pick_or_raise(options: Sequence[str], wanted: Wanted, role: str, spec: ArchSpec) -> str:
+def _pick(options: Sequence[str], wanted: Wanted, role: str, missing: list[str]) -> str:
+    """The best of ``options`` for ``wanted``; with none, "" and what is missing added to ``missing``."""
     chosen = pick_file(options, wanted)
     if chosen is None:
-        folder, flag = ("text_encoders", "--clip") if role == "text encoder" else ("vae", "--vae")
-        raise OrthoMechaError(
-            f"ComfyUI offers no {role} for {spec.arch} (looked for a file like {wanted.example}; its {folder} list "
-            f"has: {', '.join(options) or 'nothing'}); put one in ComfyUI's models/{folder} or name one with {flag}"
-        )
+        folder = "text_encoders" if role == "text encoder" else "vae"
+        missing.append(f"a {role} like {wanted.example} (its {folder} list has: {', '.join(options) or 'nothing'})")
+        return ""
     return chosen
 
 

@@ -410,7 +410,10 @@ def test_missing_text_encoder(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     with pytest.raises(OrthoMechaError, match=expected):
         preview(comfy_stub, model, "zimage", settings=PreviewSettings("p", clip=("umt5.safetensors",)))
     (comfy_stub.root / "models" / "text_encoders" / "qwen_3_4b.safetensors").unlink()
-    with pytest.raises(OrthoMechaError, match=r"ComfyUI offers no text encoder for zimage"):
+    with pytest.raises(OrthoMechaError, match=r"the built-in zimage workflow needs: a text encoder like qwen_3_4b"):
+        preview(comfy_stub, model, "zimage")
+    (comfy_stub.root / "models" / "vae" / "ae.safetensors").unlink()  # all that is missing, named at once
+    with pytest.raises(OrthoMechaError, match=r"needs: a text encoder like qwen_3_4b\.safetensors .*; a VAE like ae\."):
         preview(comfy_stub, model, "zimage")
 
 
