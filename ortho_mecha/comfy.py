@@ -420,6 +420,11 @@ def describe_problem(problem: Problem, url: str, model_hint: str, own_workflow: 
             f"{role} '{p.value}' is not in ComfyUI's {folder} list (it has: {_listing(p.options)}); put it in "
             f"ComfyUI's models/{folder}{flag}"
         )
+    if not own_workflow:  # a value of the built-in workflow: this ComfyUI is older than the architecture
+        return (
+            f"the built-in workflow sets {where} input '{p.input}' to '{p.value}', which this ComfyUI does not offer "
+            f"(it has: {_listing(p.options)}); update ComfyUI: this architecture needs a newer one"
+        )
     return (
         f"{where} input '{p.input}' is '{p.value}', which ComfyUI does not offer (choose one of: {_listing(p.options)})"
     )
@@ -866,8 +871,8 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
         if out is not None and not set(where) & set(out.absolute().parts):
             raise OrthoMechaError(
                 f"ComfyUI only sees the sweep's merges in its models/{folder} folder: set COMFYUI_DIR to your "
-                "ComfyUI folder (each merge is linked there while it is previewed), or write the sweep into that "
-                "folder with --out",
+                "ComfyUI folder (each merge is linked there while it is previewed; on the Preview page: the "
+                "ComfyUI folder field), or write the sweep into that folder with --out",
                 out,
             )
         options = combo_options(input_spec(info, spec.loader, spec.model_input)) or []

@@ -31,6 +31,7 @@ from ortho_mecha.comfy import (
     Progress,
     combo_options,
     comfy_api,
+    describe_problem,
     describe_prompt_error,
     find_problems,
     link_model,
@@ -815,3 +816,11 @@ def test_an_all_in_one_flux_checkpoint_is_loaded_whole_from_checkpoints(comfy_st
     assert loader["inputs"]["ckpt_name"] == link_name(model)  # linked into checkpoints/, where that loader looks
     sampler = next(node["inputs"] for node in sent.values() if node["class_type"] == "KSampler")
     assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"]) == (4, 1.0, "euler")  # schnell: no guidance_in
+
+
+def test_an_option_the_builtin_workflow_needs_asks_for_a_newer_comfyui() -> None:
+    old = Problem("not_in_list", "2", "CLIPLoader", "type", "flux2", ("stable_diffusion", "sdxl"))
+    builtin = describe_problem(old, "http://x", "")
+    assert "the built-in workflow sets node 2 (CLIPLoader) input 'type' to 'flux2'" in builtin
+    assert "update ComfyUI" in builtin and "choose one of" not in builtin
+    assert "choose one of: stable_diffusion, sdxl" in describe_problem(old, "http://x", "", own_workflow=True)
