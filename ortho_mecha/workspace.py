@@ -157,20 +157,40 @@ def unreadable(paths: Iterable[Path]) -> dict[Path, str]:
 
 
 def analysis_params(choices: ModelChoices, base: str, models: Sequence[str],
-                    delta_from: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
-    """The ``analyse`` job's parameters for the Analyse page's picks (labels), and the problems of the models left
-    out because their files cannot be read (:func:`unreadable`). An unreadable base or delta-from, or no readable
-    model, is an error naming the files."""
+                    delta_from: Mapping[str, str]) -> dict[str, Any]:
+    """The ``analyse`` job's parameters for the Analyse page's picks (labels). Models whose files cannot be read
+    (:func:`unreadable`) or that do not fit the base (:func:`unfitting`: another architecture) are left out, with
+    their problems under ``left_out`` for the page to show beside the job. An unreadable base or delta-from, or no
+    model left, is an error naming the files. Reads only headers."""
     broken = unreadable([choices.path(label) for label in {base, *models, *delta_from.values()}])
-    kept = [m for m in models if choices.path(m) not in broken]
-    if not kept or any(choices.path(label) in broken for label in (base, *delta_from.values())):
+    if any(choices.path(label) in broken for label in (base, *delta_from.values())):
         raise OrthoMechaError("; ".join(broken.values()) + ": choose files that can be read")
-    params = {
+    broken |= unfitting(choices.path(base), [choices.path(m) for m in models if choices.path(m) not in broken])
+    kept = [m for m in models if choices.path(m) not in broken]
+    if not kept:
+        raise OrthoMechaError("; ".join(broken.values()) + ": choose models of the base's architecture")
+    return {
         "base": str(choices.path(base)),
         "models": [str(choices.path(m)) for m in kept],
         "delta_from": {str(choices.path(m)): str(choices.path(d)) for m, d in delta_from.items() if m in kept},
+        "left_out": [broken[choices.path(m)] for m in models if m not in kept],
     }
-    return params, [broken[choices.path(m)] for m in models if m not in kept]
+
+
+def unfitting(base: Path, paths: Iterable[Path]) -> dict[Path, str]:
+    """The files among ``paths`` (readable ones) that the analysis would refuse against ``base``: sharing under
+    half its keys (another architecture), each with the error naming it; reads only the headers."""
+    from ortho_mecha.io import Model  # imports torch: only when a page checks files
+    from ortho_mecha.validate import align
+
+    base_model = Model(base)
+    problems: dict[Path, str] = {}
+    for path in paths:
+        try:
+            align(base_model, [Model(path)])
+        except OrthoMechaError as error:
+            problems[Path(path)] = str(error)
+    return problems
 
 
 def _labels(paths: Sequence[Path], roots: Sequence[Path]) -> dict[str, Path]:

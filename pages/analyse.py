@@ -65,14 +65,12 @@ with st.container(border=True):
                 delta_from[model] = chosen
     if st.button("Analyse", type="primary", icon=":material/play_arrow:", disabled=not models):
         with ui.shown_errors():
-            params, left_out = workspace.analysis_params(choices, base, models, delta_from)
-            ui.start_job("analyse", params, ui.ANALYSIS_URL)
-            st.session_state["an_left_out"] = left_out  # said after the rerun, above the new job's panel
+            ui.start_job("analyse", workspace.analysis_params(choices, base, models, delta_from), ui.ANALYSIS_URL)
             st.rerun()
-    for problem in st.session_state.pop("an_left_out", []):
-        st.warning(f"left out of the analysis (unreadable): {problem}")
 
 record = ui.job_panel(ui.ANALYSIS_URL, "analysis")
+for problem in (record or {}).get("params", {}).get("left_out", []):  # kept with the job: shown with its report
+    st.warning(f"left out of the analysis: {problem}")
 if record is None or record["state"] != "done":
     st.stop()
 ui.remember_analysis(record)

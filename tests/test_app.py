@@ -196,6 +196,23 @@ def test_a_file_name_that_is_not_utf8_is_left_out_with_a_warning(workspace: Path
             assert any("caf\ufffd.safetensors: left out" in w.value for w in at.warning), page.title
 
 
+def test_a_model_of_another_architecture_is_left_out_and_said_with_the_report(workspace: Path) -> None:
+    mine = write_family_files(workspace / "models" / "mine", "flux", "fp16", members=["base", "anime", "photo"])
+    write_family_files(workspace / "models" / "other", "sdxl", "fp16", members=["anime"])
+    (workspace / "models" / "demo").mkdir()  # no demo: only these files
+    at = _app().run()
+    at.selectbox(key="an_base").set_value("models/mine/base.safetensors").run()
+    at.multiselect(key="an_models").set_value(["models/mine/anime.safetensors", "models/mine/photo.safetensors",
+                                               "models/other/anime.safetensors"]).run()
+    at.button[0].click().run()
+    _until(at, lambda a: len(_charts(a)) >= 3, "the analysis heatmaps")
+    assert not _errors(at)
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("left out of the analysis: ") and "other/anime.safetensors" in w
+               and "is it the same architecture?" in w for w in warnings), warnings
+    assert at.session_state["report"]["models"] == [str(mine["anime"].resolve()), str(mine["photo"].resolve())]
+
+
 def test_lan_without_a_password_shows_only_how_to_set_one(workspace: Path) -> None:
     config.set_option("server.address", "0.0.0.0")
     at = _app().run()

@@ -12,6 +12,7 @@ from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.merge import job_plan
 from ortho_mecha.plan import Plan, Row, Texture
 from ortho_mecha.workspace import BASE_LABEL, ModelChoices
+from tests.modelgen import write_family_files
 
 MEMBERS = ["base", "anime", "photo", "anime_v2", "photo_copy"]
 
@@ -213,14 +214,28 @@ def test_an_unreadable_model_is_left_out_of_the_dashboards_analysis(models: tupl
     choices = ModelChoices.scan((tmp_path,))
     label = {path: name for name, path in choices.by_label.items()}
     base, anime, cut = label[paths["base"]], label[paths["anime"]], label[broken]
-    params, left_out = workspace.analysis_params(choices, base, [anime, cut], {})
+    params = workspace.analysis_params(choices, base, [anime, cut], {})
     assert params["models"] == [str(paths["anime"].resolve())]
-    assert len(left_out) == 1 and left_out[0].startswith(f"{broken.resolve()}: truncated")
+    assert len(params["left_out"]) == 1 and params["left_out"][0].startswith(f"{broken.resolve()}: truncated")
     with pytest.raises(OrthoMechaError, match=r"broken\.safetensors: truncated.*choose files that can be read"):
         workspace.analysis_params(choices, cut, [anime], {})  # the base
     with pytest.raises(OrthoMechaError, match="truncated"):
         workspace.analysis_params(choices, base, [anime], {anime: cut})  # a delta-from
     assert workspace.unreadable([paths["base"], broken]).keys() == {broken}
+
+
+def test_a_model_of_another_architecture_is_left_out_before_the_analysis(
+    models: tuple[dict[str, Path], ModelChoices], tmp_path: Path
+) -> None:
+    paths, _ = models
+    other = write_family_files(tmp_path / "other", "sdxl", "fp16", members=["anime"])["anime"]
+    choices = ModelChoices.scan((tmp_path,))
+    label = {path: name for name, path in choices.by_label.items()}
+    params = workspace.analysis_params(choices, label[paths["base"]], [label[paths["anime"]], label[other]], {})
+    assert params["models"] == [str(paths["anime"].resolve())]
+    assert len(params["left_out"]) == 1 and "is it the same architecture?" in params["left_out"][0]
+    with pytest.raises(OrthoMechaError, match="choose models of the base's architecture"):
+        workspace.analysis_params(choices, label[paths["base"]], [label[other]], {})
 
 
 def test_a_mixer_plan_naming_an_unreadable_file_is_refused(models: tuple[dict[str, Path], ModelChoices],
