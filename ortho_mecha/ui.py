@@ -344,8 +344,11 @@ def first_mix(choices: Any, analysis: tuple[str, Mapping[str, Any]] | None) -> d
     from ortho_mecha import workspace
 
     if (mix_id := st.query_params.get(MIX_URL)) is not None:
-        with shown_errors():
+        try:
             return workspace.table_from_plan(workspace.recall_mix(mix_id, choices), choices)
+        except OrthoMechaError as error:  # a file of the linked plan went away, say: the table starts afresh
+            st.error(f"The plan this page's link names cannot be shown, so the table starts from the analysis "
+                     f"(or empty) instead: {error}")
     state = {"base": choices.default_base(), "rows": [], "method": "ortho_superpose", "options": {}, "texture": None,
              "analysis": st.session_state.get("analysis_job") if analysis is not None else None}
     if analysis is not None:

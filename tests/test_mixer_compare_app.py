@@ -154,6 +154,7 @@ def test_a_reload_shows_the_mixers_plan_again(analysed: Path) -> None:
     unknown = _app()
     unknown.query_params[ui.MIX_URL] = "0" * 32
     unknown.switch_page(MIXER).run()
-    assert any("no Mixer plan" in error for error in _errors(unknown))
+    assert any("The plan this page's link names cannot be shown, so the table starts from the analysis" in error
+               and "no Mixer plan" in error for error in _errors(unknown))
     assert unknown.session_state["plan"].method == "ortho_superpose"
     assert all(row.alpha == 1.0 for row in unknown.session_state["plan"].rows)
