@@ -312,8 +312,13 @@ class StreamingFile:
         return self.path
 
     def abort(self) -> None:
-        self._fh.close()
-        self.partial.unlink(missing_ok=True)
+        """Remove the temporary file, also when closing it fails (a full disk fails the buffered flush)."""
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+        finally:
+            self.partial.unlink(missing_ok=True)
 
 
 def output_paths(out_dir: Path, models: list[str], average: bool) -> tuple[Path | None, list[Path]]:

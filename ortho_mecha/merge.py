@@ -210,8 +210,14 @@ class _OutputWriter:
         self._fh.close()
 
     def abort(self) -> None:
-        self._fh.close()
-        self.path.unlink(missing_ok=True)
+        """Remove the temporary file, also when closing it fails (a full disk fails the flush of what is
+        buffered: the half file must not stay there, holding the space)."""
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 # -- progress and interruption --------------------------------------------------------------------
@@ -404,6 +410,7 @@ def execute(
             for key, info in base_model.tensors.items()
         }
         _check_free_space(out.parent, data_bytes(layout))
+        stamps = {path: _stamp(path) for path in inputs}  # before hashing: the hashes are of these files
         hashes = {}
         for path in inputs:
             if progress is not None:
@@ -431,6 +438,7 @@ def execute(
                         check_finite_output=False,  # repaired and counted by the writer
                         omit_non_finite_inputs=False,  # a NaN in one input costs its elements, not the whole key
                     )
+                    _refuse_changed(stamps)  # before the output is moved into place
             except _Stopped:
                 if control.error is not None:
                     raise control.error from None  # what stopped the merge, not a key that stopped after it
@@ -450,6 +458,25 @@ def execute(
     }
     logger.info("merged %s (%d keys, repairs %s)", out, len(layout), report["repairs"])
     return report
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _refuse_changed(stamps: Mapping[Path, tuple[int, int]]) -> None:
+    """Raise if an input's size or time changed since the merge began (copied over or re-downloaded meanwhile):
+    the merge read part of one file and part of another, and the recorded sha256 is the old file's."""
+    for path, stamp in stamps.items():
+        try:
+            changed = _stamp(path) != stamp
+        except OSError:
+            changed = True
+        if changed:
+            raise OrthoMechaError("changed while it was being merged (its size or time differ: copied over or "
+                                  "downloaded again meanwhile?); nothing was written: merge again once it is complete",
+                                  path)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -24,6 +24,7 @@ from ortho_mecha.merge import (
     META_RECIPE,
     MergeInterrupted,
     _check_free_space,
+    _OutputWriter,
     convert,
     merge_plan,
     run_job,
@@ -270,6 +271,35 @@ def test_a_merge_never_replaces_a_file_that_appeared_while_it_ran(family, tmp_pa
     out.unlink()
     merge_plan(make_plan(family), out, overwrite=True, progress=another_merge_finishes_first)  # asked: replaced
     assert out.read_bytes() != b"the other merge's result"
+
+
+def test_an_input_changed_during_the_merge_fails_it_and_nothing_is_written(family, tmp_path) -> None:
+    plan = make_plan(family)
+    row = plan.rows[0].model
+    out = tmp_path / "changed.safetensors"
+
+    def copied_over_at_the_second_key(info: dict) -> None:
+        if info.get("keys_done") == 2:
+            os.utime(row, ns=(row.stat().st_atime_ns, row.stat().st_mtime_ns + 10**9))
+
+    with pytest.raises(OrthoMechaError, match=rf"{row}: changed while it was being merged"):
+        merge_plan(plan, out, progress=copied_over_at_the_second_key)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_full_disk_still_removes_the_temporary_file(tmp_path) -> None:
+    """Closing the temporary file flushes what is buffered; on a full disk that fails too, and the file must go."""
+
+    class FullDisk:
+        def close(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    temp = tmp_path / ".m.safetensors.partial-1-ab"
+    temp.write_bytes(b"half a merge")
+    writer = object.__new__(_OutputWriter)  # only its file and handle matter here
+    writer.path, writer._fh = temp, FullDisk()
+    writer.abort()
+    assert not temp.exists()
 
 
 def test_free_space_check_and_bad_device_or_threads(family, tmp_path) -> None:
