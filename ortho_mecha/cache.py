@@ -7,6 +7,8 @@ sub-cache so clearing analyses does not lose running jobs.
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 from pathlib import Path
 
 import diskcache
@@ -20,6 +22,18 @@ def cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ortho-mecha"
 
 
+class CacheUnusable(OrthoMechaError):
+    """A sub-cache's database cannot be opened or read: corrupt (a crash, a bad disk, a sync tool) or read-only."""
+
+    def __init__(self, error: sqlite3.DatabaseError, path: Path | None = None) -> None:
+        super().__init__(
+            f"the cache database is unusable ({error}); `ortho-mecha cache clear` removes it (analyses and file "
+            "hashes are then computed again), or set ORTHO_MECHA_CACHE to another folder (analyse --no-cache runs "
+            "without it)",
+            path or cache_dir(),
+        )
+
+
 def open_cache(name: str) -> diskcache.Cache:
     """The named sub-cache (``analysis``, ``hashes``, ``jobs``, ...), created on first use."""
     path = cache_dir() / name
@@ -31,17 +45,26 @@ def open_cache(name: str) -> diskcache.Cache:
             f"cannot use the cache folder ({exc.strerror or exc}); set ORTHO_MECHA_CACHE to a writable folder "
             "(analyse --no-cache runs without it)", path
         ) from exc
+    except sqlite3.DatabaseError as exc:
+        raise CacheUnusable(exc, path) from exc
 
 
 CLEARED = ("analysis", "hashes")
 
 
 def cli_cache(args) -> int:
-    """``ortho-mecha cache show|clear``: what the cache holds, or empty it (jobs are kept)."""
+    """``ortho-mecha cache show|clear``: what the cache holds, or empty it (jobs are kept). A sub-cache whose
+    database cannot be opened or read is removed whole."""
     if args.action == "clear":
         for name in CLEARED:
-            with open_cache(name) as cache:
-                cache.clear()
+            try:
+                with open_cache(name) as cache:
+                    cache.clear()
+            except (CacheUnusable, sqlite3.DatabaseError):
+                shutil.rmtree(cache_dir() / name, ignore_errors=True)
+                if (cache_dir() / name).exists():
+                    raise OrthoMechaError("the cache database is unusable and cannot be removed; remove the folder "
+                                          "yourself", cache_dir() / name) from None
         print(f"cleared {', '.join(CLEARED)} under {cache_dir()}")
         return 0
     from ortho_mecha.analysis_cache import cache_summary

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import sqlite3
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -314,6 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ortho-mecha: interrupted", file=sys.stderr)
         return 130
+    except sqlite3.DatabaseError as exc:  # the cache's database went bad while in use: say which, and the remedy
+        from ortho_mecha.cache import CacheUnusable
+
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"ortho-mecha: error: {CacheUnusable(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as exc:  # one line for the user, the traceback only on request
         if args.debug:
             traceback.print_exc()

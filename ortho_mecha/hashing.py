@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 from pathlib import Path
 
-from ortho_mecha.cache import open_cache
+from ortho_mecha.cache import CacheUnusable, open_cache
 from ortho_mecha.errors import OrthoMechaError
 
 logger = logging.getLogger(__name__)
@@ -31,18 +32,37 @@ def sha256_file(path: str | Path) -> str:
         key = _fingerprint(path)
     except OSError as exc:
         raise OrthoMechaError(f"cannot hash: {exc.strerror or exc}", path) from exc
-    with open_cache("hashes") as cache:
-        cached = cache.get(key)
-        if isinstance(cached, str):
-            return cached
-        digest = hashlib.sha256()
-        buffer = memoryview(bytearray(CHUNK))
-        with open(path, "rb", buffering=0) as fh:
-            while size := fh.readinto(buffer):
-                digest.update(buffer[:size])
-        value = digest.hexdigest()
-        if _fingerprint(path) == key:
+    cached = _cached(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(CHUNK))
+    with open(path, "rb", buffering=0) as fh:
+        while size := fh.readinto(buffer):
+            digest.update(buffer[:size])
+    value = digest.hexdigest()
+    if _fingerprint(path) == key:
+        _remember(key, value)
+    else:
+        logger.warning("%s changed while it was hashed; its hash is not cached", path)
+    return value
+
+
+def _cached(key: tuple[str, str, int, int]) -> str | None:
+    """The cached hash of ``key``; None when there is none, or the cache cannot be read (then the file is hashed:
+    the cache only saves time)."""
+    try:
+        with open_cache("hashes") as cache:
+            cached = cache.get(key)
+    except (CacheUnusable, sqlite3.DatabaseError) as error:
+        logger.warning("hashing without the cache: %s", error)
+        return None
+    return cached if isinstance(cached, str) else None
+
+
+def _remember(key: tuple[str, str, int, int], value: str) -> None:
+    try:
+        with open_cache("hashes") as cache:
             cache.set(key, value)
-        else:
-            logger.warning("%s changed while it was hashed; its hash is not cached", path)
-        return value
+    except (CacheUnusable, sqlite3.DatabaseError) as error:
+        logger.debug("hash not cached: %s", error)

@@ -160,6 +160,30 @@ def test_cache_lives_where_ORTHO_MECHA_CACHE_says(
     assert not home.exists()  # nothing under ~/.cache
 
 
+def test_a_corrupt_cache_is_named_with_its_remedy_and_cache_clear_removes_it(
+    cli, cli_error, private_cache: Path, tmp_path: Path
+) -> None:
+    assert cli("demo", tmp_path / "d").code == 0
+    analyse = ["analyse", "--base", tmp_path / "d" / "base.safetensors", tmp_path / "d" / "anime.safetensors",
+               tmp_path / "d" / "photo.safetensors"]
+    assert cli(*analyse).code == 0
+    database = private_cache / "analysis" / "cache.db"
+    with database.open("r+b") as fh:  # a crash, a bad disk or a sync tool garbles the database
+        fh.seek(2000)
+        fh.write(bytes(range(256)) * 20)
+    (private_cache / "hashes").mkdir(exist_ok=True)
+    (private_cache / "hashes" / "cache.db").write_bytes(b"not a database" * 1000)
+    line = cli_error(*analyse)
+    assert f"{private_cache}/analysis: the cache database is unusable" in line and "cache clear" in line
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": str(tmp_path / "d" / "base.safetensors"), "method": "weighted_sum",
+                                "rows": [{"model": str(tmp_path / "d" / "anime.safetensors")}]}))
+    merged = cli("merge", plan, "--out", tmp_path / "m.safetensors")  # file hashes: computed without the cache
+    assert merged.code == 0, merged.err
+    assert cli("cache", "clear").code == 0
+    assert cli(*analyse).code == 0
+
+
 def test_options_may_come_between_a_commands_models(cli, tmp_path: Path) -> None:
     assert cli("demo", tmp_path).code == 0
     base, anime, v2, photo = (tmp_path / f"{n}.safetensors" for n in ("base", "anime", "anime_v2", "photo"))
