@@ -46,7 +46,15 @@ import torch
 
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import output_folder, partial_path, place, refuse_existing, remove_stale_partials, write_json
+from ortho_mecha.fsutil import (
+    check_writable,
+    output_folder,
+    partial_path,
+    place,
+    refuse_existing,
+    remove_stale_partials,
+    write_json,
+)
 from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.lora import (
     LowRank,
@@ -470,7 +478,8 @@ def cli_compress(args: argparse.Namespace) -> int:
     check_rank(args.rank)
     models = [str(p) for p in expand_model_paths(args.models)]
     out = Path(args.out)
-    output_paths(out, models, args.base == AVERAGE)
+    _, loras = output_paths(out, models, args.base == AVERAGE)
+    check_writable(loras[0] if out.is_dir() else out)  # before the fit: a folder that cannot be written fails now
     if args.json:
         report_path = Path(args.json)
         inputs = [Model(p) for p in models] + ([] if args.base == AVERAGE else [Model(args.base)])

@@ -75,16 +75,35 @@ def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another n
 _PARTIAL = re.compile(r"\.partial-(\d+)(?:-[0-9a-f]+)?$")
 
 
+PARTIAL_NAME_BYTES = 200  # of the output's name in its temporary file's: a name near the 255-byte limit still fits
+
+
+def _partial_prefix(out: Path) -> str:
+    name = os.fsencode(out.name)[:PARTIAL_NAME_BYTES].decode("utf-8", errors="ignore")
+    return f".{name}.partial-"
+
+
 def partial_path(out: Path) -> Path:
     """A temporary name beside ``out`` for writing it: ``.OUT.partial-<pid>-<random>`` (hidden, never a model
     name; the pid lets :func:`remove_stale_partials` tell a killed writer's leftover from a running one's)."""
-    return out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    return out.with_name(f"{_partial_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def check_writable(out: Path) -> None:
+    """Raise, before any work, unless a file can be made beside ``out`` (where its temporary file goes): a
+    read-only folder or filesystem, or a name too long, fails at once rather than after the work."""
+    probe = partial_path(out)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise OrthoMechaError(f"cannot write here ({exc.strerror or exc})", out) from None
+    probe.unlink(missing_ok=True)
 
 
 def remove_stale_partials(out: Path) -> None:
     """Remove the temporary files of ``out`` whose writing process is gone (left by a SIGKILL, the OOM killer,
     a dashboard job killed after its cancel grace): the next write of ``out`` cleans up after it."""
-    for candidate in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+    for candidate in out.parent.glob(f"{glob.escape(_partial_prefix(out))}*"):
         match = _PARTIAL.search(candidate.name)
         if match is None or int(match[1]) == os.getpid() or process_exists(int(match[1])):
             continue

@@ -44,7 +44,7 @@ from safetensors.torch import save
 
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes, refuse_existing, write_json
+from ortho_mecha.fsutil import atomic_write_bytes, check_writable, refuse_existing, write_json
 from ortho_mecha.io import Model
 from ortho_mecha.validate import align, key_map, refuse_input_as_output
 
@@ -187,6 +187,7 @@ def check_output(out: Path, inputs: list[Model], overwrite: bool) -> Path:
         raise OrthoMechaError("the folder for this output does not exist", out.parent)
     refuse_input_as_output(out, inputs, "the LoRA")
     refuse_existing(out, overwrite)
+    check_writable(out)
     return out
 
 

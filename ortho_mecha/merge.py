@@ -53,7 +53,7 @@ from threadpoolctl import threadpool_limits
 
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import partial_path, place, refuse_existing, remove_stale_partials
+from ortho_mecha.fsutil import check_writable, partial_path, place, refuse_existing, remove_stale_partials
 from ortho_mecha.hashing import sha256_file
 from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.mecha_config import check_model, register_base_config
@@ -304,11 +304,10 @@ def _check_output(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
         raise OrthoMechaError("the output folder does not exist", out.parent)
     if out.is_dir():
         raise OrthoMechaError("is a folder; give the output a file name inside it", out)
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise OrthoMechaError("the output folder is not writable", out.parent)
     if out.resolve() in {p.resolve() for p in inputs}:
         raise OrthoMechaError("the output would replace one of its own inputs; choose another name", out)
     refuse_existing(out, overwrite)
+    check_writable(out)
     return out
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import refuse_existing, refuse_input, refuse_text_output, write_json
+from ortho_mecha.fsutil import check_writable, refuse_existing, refuse_input, refuse_text_output, write_json
 from ortho_mecha.io import Model, expand_model_paths
 
 logger = logging.getLogger(__name__)
@@ -320,6 +320,7 @@ def check_report_output(output: Path, models: list[Model], overwrite: bool) -> N
     if not output.parent.is_dir():
         raise OrthoMechaError("the folder for the report does not exist", output.parent)
     refuse_existing(output, overwrite)
+    check_writable(output)
 
 
 def cli_validate(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes, partial_path, place
+from ortho_mecha.fsutil import atomic_write_bytes, check_writable, partial_path, place
 
 
 def dead_pid() -> int:
@@ -54,3 +54,12 @@ def test_files_are_written_with_the_umask_applied(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_name_near_the_length_limit_is_written_and_checked_up_front(tmp_path: Path) -> None:
+    long = tmp_path / ("m" * 240 + ".safetensors")  # 252 bytes: its temporary name must still fit 255
+    check_writable(long)
+    assert atomic_write_bytes(long, b"x").read_bytes() == b"x"
+    assert [p.name for p in tmp_path.iterdir()] == [long.name]  # the probe left nothing
+    with pytest.raises(OrthoMechaError, match=r"cannot write here \(No such file or directory\)"):
+        check_writable(tmp_path / "missing" / "x.json")
