@@ -265,7 +265,11 @@ class Plan:
     components: Mapping[str, Component] = field(default_factory=dict)  # text encoders / VAE of a checkpoint
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rows", tuple(self.rows))
+        # A delta-from naming the base itself is the default, written out: the same row (and the same plan).
+        base = self.base.resolve()
+        object.__setattr__(self, "rows", tuple(
+            replace(row, delta_from=None) if row.delta_from is not None and row.delta_from.resolve() == base else row
+            for row in self.rows))
         method = self._check_method()
         object.__setattr__(self, "options", self._check_options(method))
         self._check_dtypes()
@@ -321,7 +325,8 @@ class Plan:
         except OrthoMechaError as exc:
             raise self._fail(f"{what} {path}: {str(exc).removeprefix(f'{exc.path}: ')}") from exc
         if not path.is_file():
-            raise self._fail(f"{what} {path} does not exist; fix the path or remove it from the plan")
+            remedy = "fix the path" if what == "base" else "fix the path or remove it from the plan"
+            raise self._fail(f"{what} {path} does not exist; {remedy}")
 
     def _check_rows(self, method: MethodSpec) -> None:
         self._check_file(self.base, "base")
@@ -345,6 +350,9 @@ class Plan:
             if not row.enabled:
                 continue
             self._check_file(row.model, f"{label}: model")
+            if row.model.resolve() == self.base.resolve():
+                raise self._fail(f"{label}: the model is the plan's base itself, so its delta is zero; disable the "
+                                 "row or choose another model")
             if row.delta_from is not None:
                 self._check_file(row.delta_from, f"{label}: delta_from")
             self._check_lora_row(label, row)

@@ -130,6 +130,8 @@ def test_every_method_validates_with_its_defaults(family: dict[str, Path]) -> No
         ({"texure": None}, r"unknown field 'texure' in the plan; did you mean 'texture'\?"),
         ({"rows": [{"model": "a.safetensors", "weight": 1}]}, r"unknown field 'weight' in row 1"),
         ({"rows": [{"model": 3}]}, r"row 1 'model' must be a file path"),
+        ({"rows": [{"model": "./base.safetensors"}]}, r"row 1 \(base.safetensors\): the model is the plan's base"),
+        ({"base": "gone.safetensors"}, r"base .*gone.safetensors does not exist; fix the path$"),
     ],
 )
 def test_validation_errors_name_the_plan_file(family: dict[str, Path], changes: dict, message: str | None) -> None:
@@ -144,6 +146,13 @@ def test_validation_errors_name_the_plan_file(family: dict[str, Path], changes: 
     with pytest.raises(OrthoMechaError, match=message) as caught:
         load_plan(path)
     assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_a_delta_from_naming_the_base_is_the_default(family: dict[str, Path]) -> None:
+    folder = family["base"].parent
+    spelled = plan_from_dict(plan_data(rows=[{"model": "a.safetensors", "delta_from": "./base.safetensors"}]), folder)
+    assert spelled == plan_from_dict(plan_data(rows=[{"model": "a.safetensors"}]), folder)
+    assert spelled.rows[0].delta_from is None
 
 
 def test_disabled_rows_are_not_checked_for_files(family: dict[str, Path]) -> None:
