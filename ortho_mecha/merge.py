@@ -164,7 +164,12 @@ class _OutputWriter:
     def _repaired(self, key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``value`` in the output ``dtype``, its NaN/Inf elements replaced by the base's values (counted). Where the
         base's own value does not fit the output dtype either (a bf16 weight above fp16's 65504, say), the merged
-        value overflowed: an error naming the key, as writing it would leave Inf in the model."""
+        value overflowed: an error naming the key, as writing it would leave Inf in the model. fp8 e4m3fn has no Inf
+        and a cast saturates at ±448: a value beyond that is the same error, not a silent clip."""
+        if dtype == torch.float8_e4m3fn:
+            beyond = value.abs() > torch.finfo(dtype).max
+            if bool(beyond.any()):
+                raise self._overflow(key, int(beyond.sum()), dtype, float(value[beyond].abs().max()), "merged")
         tensor = value.to(dtype)
         wide = (
             tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
@@ -179,14 +184,17 @@ class _OutputWriter:
         replacement = base.to(wide.dtype)
         overflow = bad & ~torch.isfinite(replacement) & torch.isfinite(base)
         if bool(overflow.any()):
-            largest = float(base[overflow].abs().max())
-            raise OrthoMechaError(
-                f"'{key}' has {int(overflow.sum())} values beyond the range of the output dtype "
-                f"{SAFETENSORS_NAMES[dtype]} (the base's largest there: {largest:.4g}); write it as bf16 or fp32 "
-                '(a plan\'s "output_dtype", convert\'s --dtype); nothing was written'
-            )
+            raise self._overflow(key, int(overflow.sum()), dtype, float(base[overflow].abs().max()), "base's")
         self.nonfinite[key] = count
         return torch.where(bad, replacement, wide).to(tensor.dtype)
+
+    @staticmethod
+    def _overflow(key: str, count: int, dtype: torch.dtype, largest: float, whose: str) -> OrthoMechaError:
+        return OrthoMechaError(
+            f"'{key}' has {count} values beyond the range of the output dtype {SAFETENSORS_NAMES[dtype]} (the "
+            f"{whose} largest there: {largest:.4g}); write it as bf16 or fp32 (a plan's \"output_dtype\", convert's "
+            "--dtype); nothing was written"
+        )
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
         data = tensor_bytes(tensor)
@@ -429,7 +437,8 @@ def execute(
                         recipe,
                         merge_device=merge_device,
                         merge_dtype=TORCH_DTYPES[merge_dtype],
-                        output_dtype=out_dtype,
+                        # fp8 e4m3fn saturates on a cast: the writer casts, to see a value beyond its range
+                        output_dtype=TORCH_DTYPES[merge_dtype] if out_dtype == torch.float8_e4m3fn else out_dtype,
                         threads=workers,
                         output=writer,
                         tqdm=lambda total, desc="": _ProgressBar(progress, control, total, desc),

@@ -510,6 +510,12 @@ def test_a_bf16_base_merges_to_bf16_and_an_fp16_overflow_is_an_error(tmp_path: P
     with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond .*convert's --dtype"):
         convert(tmp_path / "base.safetensors", tmp_path / "fp16copy.safetensors", dtype="fp16")
     assert not (tmp_path / "fp16copy.safetensors").exists()
+    fp8 = plan_from_dict({"base": "base.safetensors", "method": "ortho_superpose", "rows": rows,
+                          "output_dtype": "fp8_e4m3fn"}, tmp_path)  # no Inf in e4m3fn: a cast saturates at 448
+    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond the range of the output dtype "
+                       r"F8_E4M3 \(the merged largest there: 9\.\d+e\+04\)"):
+        merge_plan(fp8, tmp_path / "fp8.safetensors")
+    assert not (tmp_path / "fp8.safetensors").exists()
 
 
 def test_survival_that_cannot_be_measured_is_a_warning_after_the_merge(family, tmp_path, capsys) -> None:
