@@ -58,6 +58,7 @@ FINISHED_STATES = frozenset({"done", "failed", "cancelled"})
 HEARTBEAT_S = 0.5  # how often a worker writes its heartbeat and latest progress, and reads the cancel flag
 STALE_AFTER_S = 30.0  # a running job whose heartbeat is older than this has a hung or vanished worker
 CANCEL_GRACE_S = 5.0  # how long cancel() waits for the job to stop by itself before killing it
+LAUNCH_GRACE_S = 30.0  # how long after its launch a worker may still show its launcher's command line
 KILL_GRACE_S = 2.0  # how long a worker gets between SIGTERM and SIGKILL
 LOG_NAME = "worker.log"
 
@@ -353,7 +354,7 @@ def _fail_dead_workers(cache: diskcache.Cache) -> None:
         if record["state"] != "running":
             continue
         pid, job_id = record["pid"], record["id"]
-        if pid is not None and not _worker_alive(pid, job_id):
+        if pid is not None and not _worker_alive(pid, job_id, launched=record["started"]):
             error = f"worker process died (pid {pid}) before the job ended; its log: {record['log']}"
         elif now - record["heartbeat"] > STALE_AFTER_S:
             if pid is not None:
@@ -366,8 +367,10 @@ def _fail_dead_workers(cache: diskcache.Cache) -> None:
             logger.error("job %s: %s", job_id, error)
 
 
-def _worker_alive(pid: int, job_id: str) -> bool:
-    """Whether ``pid`` is still the worker of ``job_id`` (not gone, not a zombie, not a recycled pid)."""
+def _worker_alive(pid: int, job_id: str, launched: float | None = None) -> bool:
+    """Whether ``pid`` is still the worker of ``job_id`` (not gone, not a zombie, not a recycled pid). Within
+    ``LAUNCH_GRACE_S`` of the job's ``launched`` time a live process counts whatever its command line: between
+    its fork and its exec a worker still shows its launcher's (another worker's, the dashboard's)."""
     for child_pid, child in list(_children.items()):
         if child.poll() is not None:
             _children.pop(child_pid, None)
@@ -378,7 +381,10 @@ def _worker_alive(pid: int, job_id: str) -> bool:
             arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
-        return job_id.encode() in arguments  # a zombie's command line is empty
+        if job_id.encode() in arguments:
+            return True
+        launching = launched is not None and time.time() - launched < LAUNCH_GRACE_S
+        return launching and arguments != [b""]  # a zombie's command line is empty
     return process_exists(pid)
 
 

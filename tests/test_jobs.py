@@ -287,3 +287,13 @@ def test_sleep_job_checks_its_parameters_before_sleeping() -> None:
 def test_the_registry_names_importable_functions() -> None:
     for kind in jobs.JOB_KINDS:
         assert callable(jobs._job_function(kind)), kind
+
+
+def test_a_worker_just_forked_counts_as_alive_before_its_exec() -> None:
+    """Between fork and exec a worker still shows its launcher's command line (another worker's, when a finished job
+    starts the next): another process checking on it then must not call it dead (a flaky 'worker died')."""
+    job_id = "0" * 32
+    seen_as = os.getpid()  # a live process whose command line names no job, as a worker's does before its exec
+    assert jobs._worker_alive(seen_as, job_id, launched=time.time())
+    assert not jobs._worker_alive(seen_as, job_id, launched=time.time() - 2 * jobs.LAUNCH_GRACE_S)
+    assert not jobs._worker_alive(seen_as, job_id)
