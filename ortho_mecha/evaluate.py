@@ -65,7 +65,14 @@ def _predicted(plan: Plan, result: Analysis, per_key: np.ndarray) -> np.ndarray:
 def predict(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
     """Predicted survival of each enabled row of ``plan`` (no merge; a cached analysis reads nothing)."""
     result, _, per_key = _rows(plan, [], progress)
-    return {"predicted": _predicted(plan, result, per_key).tolist(), "label": survival_label(plan.method, plan.options)}
+    return {"predicted": _predicted(plan, result, per_key).tolist(), "label": _label(plan)}
+
+
+def _label(plan: Plan) -> str:
+    """How the prediction was made (:func:`~ortho_mecha.metrics.survival_label`); the texture boost, added after
+    the method, is not in it (the measured survival after a merge is)."""
+    label = survival_label(plan.method, plan.options)
+    return f"{label}, before the texture boost" if plan.texture is not None else label
 
 
 def measure(plan: Plan, output: str | Path, progress: Progress | None = None) -> dict[str, Any]:
@@ -80,5 +87,5 @@ def measure(plan: Plan, output: str | Path, progress: Progress | None = None) ->
         "rows": [str(r.model) for r in plan.rows if r.enabled],
         "predicted": _predicted(plan, result, per_key).tolist(),
         "measured": np.where(own > 0, along / np.where(own > 0, own, 1.0), 0.0).tolist(),
-        "label": survival_label(plan.method, plan.options),
+        "label": _label(plan),
     }

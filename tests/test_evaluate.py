@@ -57,3 +57,11 @@ def test_orthomerge_estimate_follows_the_measured_survival_of_independent_deltas
     measured, predicted = np.array(after["measured"]), np.array(after["predicted"])
     assert np.abs(measured - predicted).max() < 0.05, (measured, predicted)
     assert np.all(predicted < 1 / np.sqrt(3) - 0.1)  # not the all-rotation figure
+
+
+def test_a_plan_with_a_texture_says_its_prediction_is_before_the_texture(tmp_path: Path) -> None:
+    paths = write_family_files(tmp_path / "m", "flux", "fp32", members=["base", "anime", "photo"])
+    plan = plan_from_dict({"base": str(paths["base"]), "method": "weighted_sum",
+                           "rows": [{"model": str(paths["anime"])}],
+                           "texture": {"model": str(paths["photo"]), "alpha": 0.5, "mode": "add"}}, tmp_path)
+    assert evaluate.predict(plan)["label"] == "exact, before the texture boost"
