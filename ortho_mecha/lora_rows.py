@@ -61,6 +61,19 @@ LISTED = 5
 PRODUCT_DTYPE = "F64"  # the product is formed in float64
 
 
+DIFFUSERS_DIT_PREFIX = "lora_transformer_"  # a DiT LoRA in diffusers' module names, kohya-style keys
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # a LoRA in PEFT/diffusers keys (ai-toolkit, diffusers)
+
+
+def refuse_peft_lora(tensors: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse a LoRA in PEFT/diffusers keys (``….lora_A.weight``) with what it is and what to do: read as a model it
+    would share no key with the base and be called another architecture."""
+    if any(name.endswith(PEFT_SUFFIXES) for name in tensors):
+        raise OrthoMechaError(
+            "is a LoRA in PEFT/diffusers key names (….lora_A.weight / lora_B.weight); ortho-mecha reads kohya LoRAs "
+            "(lora_unet_…lora_down/lora_up.weight): convert it to kohya's format first", path)
+
+
 def is_lora(tensors: Mapping[str, Any]) -> bool:
     """Whether a file's keys are a kohya LoRA's: some ``lora_*.lora_down.weight`` / ``.lora_up.weight`` key."""
     return any(name.startswith("lora_") and name.endswith((f".{DOWN}", f".{UP}")) for name in tensors)
@@ -280,10 +293,14 @@ def bind(file: FileModel, shapes: Mapping[str, tuple[int, ...]], base: str | Pat
         what = f"{len(unmatched)} of its {len(layout.modules)} diffusion modules match no key"
         if not layout.modules:
             what = "it has no diffusion (lora_unet_*) modules, only text-encoder ones"
+        hint = "Is it a LoRA for another model? Give the base it was trained on"
+        if any(name.startswith(DIFFUSERS_DIT_PREFIX) for name in unmatched):
+            hint = (f"Its module names are diffusers' ({DIFFUSERS_DIT_PREFIX}…), which ortho-mecha does not map to a "
+                    "DiT's keys: convert it to kohya's lora_unet_ names (as sd-scripts writes Flux LoRAs)")
         raise OrthoMechaError(
             f"this LoRA does not fit the base {base}: {what}"
             + (f", e.g. {', '.join(unmatched[:LISTED])}" if unmatched else "")
-            + ". Is it a LoRA for another model? Give the base it was trained on",
+            + f". {hint}",
             file.path,
         )
     return Binding(keys, layout.set_aside, sorted(unmatched), [m.rank for m in keys.values()])

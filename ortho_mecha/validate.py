@@ -231,6 +231,7 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
             k for k in base_map.set_aside if k not in own and base.tensors[k].is_float]
         fraction = len(shared) / len(base_shapes)
         if fraction < MIN_SHARED and lora is None:
+            lora_rows.refuse_peft_lora(model.tensors, model.path)  # says what such a file is
             raise OrthoMechaError(
                 f"shares only {len(shared)} of the {len(base_shapes)} diffusion keys of the base {base.path} "
                 f"({fraction:.0%} < 50%): is it the same architecture? (base: {detected}, "

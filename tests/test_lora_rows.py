@@ -254,6 +254,19 @@ def test_lora_for_another_model_names_unmatched_modules(sdxl, flux) -> None:
     assert str(flux["lora"]) in str(error.value) and "Give the base it was trained on" in str(error.value)
 
 
+def test_flux_loras_in_diffusers_or_peft_names_are_named_for_what_they_are(flux, tmp_path) -> None:
+    kohya = load_file(str(flux["lora"]))
+    renamed = {k.replace("lora_unet_", "lora_transformer_"): v for k, v in kohya.items()}
+    diffusers = save(tmp_path / "diffusers_names.safetensors", renamed)
+    with pytest.raises(OrthoMechaError, match=r"module names are diffusers' \(lora_transformer_…\).*lora_unet_"):
+        analyse(flux["base"], [diffusers], use_cache=False)
+    peft = save(tmp_path / "peft.safetensors", {
+        "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 16),
+        "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(16, 4)})
+    with pytest.raises(OrthoMechaError, match=rf"{peft}: is a LoRA in PEFT/diffusers key names"):
+        analyse(flux["base"], [peft], use_cache=False)
+
+
 def test_a_few_unmatched_modules_are_reported_not_fatal(flux, tmp_path) -> None:
     tensors = load_file(str(flux["lora"]))
     modules = {k.partition(".")[0] for k in tensors}
