@@ -101,21 +101,24 @@ class BlockLayout:
         return [name for canon, name in self.names.items() if self.group_of(canon) == group]
 
     def check(self, block_alphas: Any, where: str, low: float, high: float) -> dict[str, float]:
-        """``block_alphas`` as {group: alpha} if every name is a group of this layout and every value a number in
-        [low, high]; otherwise an :class:`OrthoMechaError` message (without a path) saying what is allowed."""
+        """``block_alphas`` as {group: alpha} if every name is a group of this layout (in any case: ``IN`` is ``in``)
+        and every value a number in [low, high]; otherwise an :class:`OrthoMechaError` message (without a path)
+        saying what is allowed."""
         if not isinstance(block_alphas, Mapping):
             raise OrthoMechaError(
                 f"{where}: 'block_alphas' must be an object of block group → alpha, e.g. "
                 f'{{"{self.groups[0] if self.groups else "group"}": 0.5}}'
             )
         out = {}
-        for group, value in block_alphas.items():
+        spelled = {name.lower(): name for name in self.groups}  # IN/MID/OUT, as supermerger users write them
+        for given, value in block_alphas.items():
+            group = spelled.get(str(given).lower(), given)
             if group not in self.groups:
                 close = difflib.get_close_matches(str(group), self.groups, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 valid = ", ".join(self.groups) or "none"
                 raise OrthoMechaError(
-                    f"{where}: unknown block group '{group}' for a {self.arch} base; {hint}valid groups: {valid}"
+                    f"{where}: unknown block group '{group}' for the {self.arch} base; {hint}valid groups: {valid}"
                 )
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise OrthoMechaError(

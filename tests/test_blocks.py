@@ -164,7 +164,7 @@ def test_cell_text_errors_and_empty_cells() -> None:
 
 
 def test_unknown_group_bad_values_and_non_objects_are_errors_naming_the_valid_groups(sdxl) -> None:
-    with pytest.raises(OrthoMechaError, match=r"row 1 \(anime.safetensors\): unknown block group 'outt' for a "
+    with pytest.raises(OrthoMechaError, match=r"row 1 \(anime.safetensors\): unknown block group 'outt' for the "
                                               r"sdxl base; did you mean 'out'\? valid groups: in, mid, out"):
         make_plan(sdxl, "add_difference", [{"model": "anime.safetensors", "block_alphas": {"outt": 0}}])
     with pytest.raises(OrthoMechaError, match=r"block alpha out=2\.5 must be a number in 0–2"):
@@ -180,6 +180,8 @@ def test_block_alphas_round_trip_through_the_plan_file(sdxl, tmp_path) -> None:
             {"model": "photo.safetensors"}]
     plan = make_plan(sdxl, "ortho_superpose", rows)
     assert plan.rows[0].block_alphas == {"out": 0.0, "in": 1.5}
+    capitals = make_plan(sdxl, "ortho_superpose", [{**rows[0], "block_alphas": {"OUT": 0, "In": 1.5}}, rows[1]])
+    assert capitals == plan  # supermerger's IN/MID/OUT spelling names the same groups
     data = plan.to_dict()
     assert data["rows"][0]["block_alphas"] == {"out": 0.0, "in": 1.5}
     assert "block_alphas" not in data["rows"][1]
