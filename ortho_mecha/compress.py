@@ -430,7 +430,7 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
             exports = []
             for m, (model, path) in enumerate(zip(result.models, lora_paths, strict=True)):
                 metadata = kohya_metadata(
-                    rank, base=base_written, model=model, rank=rank, kind="compress", directions=result.directions
+                    tensors[m], base=base_written, model=model, rank=rank, kind="compress", directions=result.directions
                 )
                 written.append(write_lora(path, tensors[m], metadata, overwrite=False))
                 energy = kept[m] / total[m] if total[m] > 0 else 1.0

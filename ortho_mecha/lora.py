@@ -152,8 +152,11 @@ def lora_tensors(name: str, low: LowRank, shape: tuple[int, ...], dtype: torch.d
     }
 
 
-def kohya_metadata(dim: int, **extra: object) -> dict[str, str]:
-    """``__metadata__`` of a written LoRA: kohya's network fields plus ortho-mecha's own (as strings)."""
+def kohya_metadata(tensors: dict[str, torch.Tensor], **extra: object) -> dict[str, str]:
+    """``__metadata__`` of the LoRA ``tensors``: kohya's network fields plus ortho-mecha's own (as strings). Its
+    dim is the largest rank written (a rank asked for above a key's side is cut to it), each module's alpha its own
+    rank (scale 1)."""
+    dim = max((t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")), default=0)
     fields = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim),
@@ -351,7 +354,7 @@ def extract_lora(
             f"equals the base {base_model.path} on every matrix key: there is no difference to extract",
             merged_model.path,
         )
-    metadata = kohya_metadata(rank, base=base_model.path, merged=merged_model.path, rank=rank, kind="extract-lora")
+    metadata = kohya_metadata(tensors, base=base_model.path, merged=merged_model.path, rank=rank, kind="extract-lora")
     write_lora(out_path, tensors, metadata, overwrite)
     lost = one_d.delta_norm**2 + unnamed.delta_norm**2
     return ExtractReport(
