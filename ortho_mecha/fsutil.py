@@ -68,7 +68,7 @@ def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another n
     """Raise if ``path`` exists and the user did not ask to overwrite it; ``remedy`` says how to go on. Also
     refuses a path that is not UTF-8 (:func:`refuse_unencodable`): every output passes through here."""
     refuse_unencodable(path)
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a link to a missing file is the user's too
         raise OrthoMechaError(f"already exists; {remedy}", path)
 
 

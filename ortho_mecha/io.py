@@ -154,6 +154,10 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise OrthoMechaError("corrupt header (not a JSON object)", path)
 
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise OrthoMechaError("corrupt header ('__metadata__' is not a JSON object of text values)", path)
+    # safetensors keeps text values; a value some tool wrote as JSON data is kept as its JSON text
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     data_start = 8 + header_len
     data_size = size - data_start
     tensors: dict[str, TensorInfo] = {}

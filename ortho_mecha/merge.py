@@ -361,11 +361,11 @@ def _torch_threads_per_worker(workers: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _check_free_space(folder: Path, data_size: int) -> None:
+def _check_free_space(folder: Path, data_size: int, what: str = "the merge") -> None:
     free = shutil.disk_usage(folder).free
     if data_size + DISK_MARGIN > free:
         raise OrthoMechaError(
-            f"not enough free disk space for the merge: it needs about {(data_size + DISK_MARGIN) / 2**30:.2f} GiB, "
+            f"not enough free disk space for {what}: it needs about {(data_size + DISK_MARGIN) / 2**30:.2f} GiB, "
             f"{free / 2**30:.2f} GiB are free",
             folder,
         )
@@ -555,7 +555,7 @@ def convert(
             return SCALED_FP8_AS if info.scale is not None else DTYPES[info.dtype]
 
         layout = {key: (stored_as(info), tuple(info.shape)) for key, info in model.tensors.items()}
-        _check_free_space(out.parent, data_bytes(layout))
+        _check_free_space(out.parent, data_bytes(layout), "the copy")
         metadata = dict(model.metadata) | {META_CONVERTED: model.path.name, META_VERSION: __version__}
         with _stop_on_signals(_Control()), _written(out, layout, metadata, model, overwrite) as writer:
             for done, (key, info) in enumerate(model.tensors.items(), start=1):
@@ -697,9 +697,11 @@ def cli_merge(args: argparse.Namespace) -> int:
         from ortho_mecha.forecast import forecast
 
         check_plan(plan, args.out, args.overwrite)
-
-        for line in forecast(plan, args.out, threads=args.threads or 1).lines():
+        predicted = forecast(plan, args.out, threads=args.threads or 1)
+        for line in predicted.lines():
             print(line)
+        if predicted.fits_disk is False:  # what the merge would stop on: the dry run fails as well
+            raise OrthoMechaError("not enough free disk space for the output (see above)", Path(args.out).parent)
         return 0
     with TqdmProgress("merging") as bar:
         report = merge_plan(plan, args.out, args.overwrite, args.threads, args.device, progress=bar.update)

@@ -239,10 +239,12 @@ The recipe below is sd-mecha's own .mecha format; the inputs must be at the path
 
 import argparse
 import json
+import sys
 
 import sd_mecha
 
 import ortho_mecha  # registers ortho-mecha's merge methods with sd-mecha
+from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.mecha_config import register_base_config
 from ortho_mecha.merge import execute
 
@@ -277,7 +279,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OrthoMechaError as error:  # a problem to fix (an input moved, OUT exists): one line, as ortho-mecha says it
+        print(f"error: {{error}}", file=sys.stderr)
+        raise SystemExit(2) from None
 '''
 
 

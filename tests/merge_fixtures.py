@@ -122,6 +122,10 @@ def merge_three_ways(plan_path: Path, base: Path, folder: Path, *merge_options: 
     run = subprocess.run([sys.executable, str(script), str(from_script)], capture_output=True, text=True,
                          timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
+    again = subprocess.run([sys.executable, str(script), str(from_script)], capture_output=True, text=True,
+                           timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert again.returncode == 2 and again.stderr.splitlines() == [  # a user's error: one line, no traceback
+        f"error: {from_script}: already exists; choose another name or pass --overwrite"], again.stderr
     return first, from_mecha, from_script, run.stdout
 
 

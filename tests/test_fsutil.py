@@ -63,3 +63,11 @@ def test_a_name_near_the_length_limit_is_written_and_checked_up_front(tmp_path: 
     assert [p.name for p in tmp_path.iterdir()] == [long.name]  # the probe left nothing
     with pytest.raises(OrthoMechaError, match=r"cannot write here \(No such file or directory\)"):
         check_writable(tmp_path / "missing" / "x.json")
+
+
+def test_a_link_to_a_missing_file_counts_as_an_existing_output(tmp_path: Path) -> None:
+    link = tmp_path / "out.json"
+    link.symlink_to(tmp_path / "unplugged" / "mine.json")
+    with pytest.raises(OrthoMechaError, match="already exists"):
+        atomic_write_bytes(link, b"{}")
+    assert link.is_symlink()

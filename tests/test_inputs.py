@@ -388,6 +388,26 @@ def test_a_report_never_replaces_a_file_unasked(command: str, tmp_path: Path, cl
     assert json.loads(existing.read_text())["models"]
 
 
+def test_metadata_values_that_are_not_text_are_kept_as_json_and_a_non_object_is_refused(tmp_path: Path) -> None:
+    data = {"w": torch.ones(2, 2)}
+    path = save(tmp_path / "m.safetensors", data)
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+
+    def rewrite(metadata: object) -> Path:
+        text = json.dumps(header | {"__metadata__": metadata}).encode()
+        text += b" " * (-len(text) % 8)
+        out = tmp_path / "odd.safetensors"
+        out.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + header_len:])
+        return out
+
+    assert Model(rewrite({"nested": {"a": [1, 2]}, "none": None, "text": "x"})).metadata == {
+        "nested": '{"a": [1, 2]}', "none": "null", "text": "x"}
+    with pytest.raises(OrthoMechaError, match=r"odd.safetensors: corrupt header \('__metadata__' is not a JSON object"):
+        Model(rewrite("a string"))
+
+
 def test_a_path_that_is_not_utf8_is_one_clear_line(tmp_path: Path, cli_error, digests) -> None:
     base = _base(tmp_path)
     latin1 = save(Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.safetensors")), state(1))
