@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes
+from ortho_mecha.fsutil import atomic_write_bytes, output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -227,16 +227,17 @@ def write_model(path: Path, tensors: dict[str, torch.Tensor], dtype: str = "fp16
 def write_family(
     folder: Path, layout: str = "flux", dtype: str = "fp16", seed: int = 0, overwrite: bool = False
 ) -> dict[str, Path]:
-    """Write the planted family into ``folder``; return {member name: path}. Existing files are kept unless asked."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the planted family into ``folder``; return {member name: path}. Existing files are kept unless asked;
+    a folder made here is removed again when the writing fails."""
     paths = {}
-    for name, tensors in family_weights(layout, seed).items():
-        path = folder / f"{name}.safetensors"
-        if path.exists() and not overwrite:
-            logger.info("keeping existing %s", path)
-        else:
-            write_model(path, tensors, dtype, overwrite=overwrite)
-        paths[name] = path
+    with output_folder(folder):
+        for name, tensors in family_weights(layout, seed).items():
+            path = folder / f"{name}.safetensors"
+            if path.exists() and not overwrite:
+                logger.info("keeping existing %s", path)
+            else:
+                write_model(path, tensors, dtype, overwrite=overwrite)
+            paths[name] = path
     return paths
 
 
