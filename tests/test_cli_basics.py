@@ -168,9 +168,7 @@ def test_a_corrupt_cache_is_named_with_its_remedy_and_cache_clear_removes_it(
                tmp_path / "d" / "photo.safetensors"]
     assert cli(*analyse).code == 0
     database = private_cache / "analysis" / "cache.db"
-    with database.open("r+b") as fh:  # a crash, a bad disk or a sync tool garbles the database
-        fh.seek(2000)
-        fh.write(bytes(range(256)) * 20)
+    database.write_bytes(database.read_bytes()[:16] + bytes(range(256)) * 64)  # garbled by a crash or a sync tool
     (private_cache / "hashes").mkdir(exist_ok=True)
     (private_cache / "hashes" / "cache.db").write_bytes(b"not a database" * 1000)
     line = cli_error(*analyse)
