@@ -48,6 +48,7 @@ from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import (
     check_writable,
+    discard,
     output_folder,
     partial_path,
     place,
@@ -320,13 +321,7 @@ class StreamingFile:
         return self.path
 
     def abort(self) -> None:
-        """Remove the temporary file, also when closing it fails (a full disk fails the buffered flush)."""
-        try:
-            self._fh.close()
-        except OSError:
-            pass
-        finally:
-            self.partial.unlink(missing_ok=True)
+        discard(self._fh, self.partial)
 
 
 def output_paths(out_dir: Path, models: list[str], average: bool) -> tuple[Path | None, list[Path]]:

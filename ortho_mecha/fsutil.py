@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.security import MODEL_SUFFIX, OTHER_MODEL_SUFFIXES, utf8_name
@@ -87,6 +88,17 @@ def partial_path(out: Path) -> Path:
     """A temporary name beside ``out`` for writing it: ``.OUT.partial-<pid>-<random>`` (hidden, never a model
     name; the pid lets :func:`remove_stale_partials` tell a killed writer's leftover from a running one's)."""
     return out.with_name(f"{_partial_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def discard(handle: Any, temp: Path) -> None:
+    """Close ``handle`` and remove its temporary file ``temp``, the file also when closing fails (a full disk
+    fails the flush of what is buffered: the half file must not stay there, holding the space)."""
+    try:
+        handle.close()
+    except OSError:
+        pass
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def check_writable(out: Path) -> None:

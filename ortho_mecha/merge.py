@@ -53,7 +53,14 @@ from threadpoolctl import threadpool_limits
 
 from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import check_writable, partial_path, place, refuse_existing, remove_stale_partials
+from ortho_mecha.fsutil import (
+    check_writable,
+    discard,
+    partial_path,
+    place,
+    refuse_existing,
+    remove_stale_partials,
+)
 from ortho_mecha.hashing import sha256_file
 from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.mecha_config import check_model, register_base_config
@@ -218,14 +225,7 @@ class _OutputWriter:
         self._fh.close()
 
     def abort(self) -> None:
-        """Remove the temporary file, also when closing it fails (a full disk fails the flush of what is
-        buffered: the half file must not stay there, holding the space)."""
-        try:
-            self._fh.close()
-        except OSError:
-            pass
-        finally:
-            self.path.unlink(missing_ok=True)
+        discard(self._fh, self.path)
 
 
 # -- progress and interruption --------------------------------------------------------------------

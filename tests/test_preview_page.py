@@ -191,38 +191,35 @@ def test_preview_page_renders_with_an_uploaded_workflow(
     assert sent["ks"]["inputs"]["scheduler"] == "karras"
 
 
-def test_preview_page_passes_a_chosen_vae_to_the_workflow(
-    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+@pytest.mark.parametrize(("field", "text", "node", "inputs", "expected"), [
+    ("pv_vae", " ae.safetensors ", "VAELoader", ("vae_name",), ("ae.safetensors",)),
+    ("pv_size", "640 x 384", "EmptyLatentImage", ("width", "height"), (640, 384)),
+])
+def test_preview_page_passes_its_fields_to_the_workflow(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    field: str, text: str, node: str, inputs: tuple[str, ...], expected: tuple,
 ) -> None:
     write_model(workspace / "merges" / "tiny.safetensors")
     at = _page(monkeypatch, comfy_stub)
     at.selectbox(key="pv_arch").set_value("sd1")
-    at.text_input(key="pv_vae").set_value(" ae.safetensors ").run()
+    at.text_input(key=field).set_value(text).run()
     at.button(key="pv_render").click().run()
     assert not _errors(at)
     _until(at, lambda a: a.get("image"), "the preview images")
     sent = comfy_stub.received[-1]["prompt"]
-    assert [node["inputs"]["vae_name"] for node in sent.values() if node["class_type"] == "VAELoader"] == [
-        "ae.safetensors"]
-    assert preview_job.file_list(" a.safetensors, ,b.safetensors ") == ("a.safetensors", "b.safetensors")
+    assert [tuple(n["inputs"][name] for name in inputs) for n in sent.values() if n["class_type"] == node] == [
+        expected]
 
 
-def test_preview_page_renders_at_the_size_given(
+def test_the_page_checks_its_size_and_file_fields(
     workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     write_model(workspace / "merges" / "tiny.safetensors")
     at = _page(monkeypatch, comfy_stub)
-    at.selectbox(key="pv_arch").set_value("sd1")
-    at.text_input(key="pv_size").set_value("640 x 384").run()
-    at.button(key="pv_render").click().run()
-    assert not _errors(at)
-    _until(at, lambda a: a.get("image"), "the preview images")
-    sent = comfy_stub.received[-1]["prompt"]
-    assert [(node["inputs"]["width"], node["inputs"]["height"]) for node in sent.values()
-            if node["class_type"] == "EmptyLatentImage"] == [(640, 384)]
     at.text_input(key="pv_size").set_value("big").run()
     assert any("size 'big' is not WIDTHxHEIGHT" in error for error in _errors(at))
     assert at.button(key="pv_render").disabled
+    assert preview_job.file_list(" a.safetensors, ,b.safetensors ") == ("a.safetensors", "b.safetensors")
 
 
 def test_the_page_warns_when_the_model_is_of_another_architecture(
