@@ -73,9 +73,7 @@ def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another n
         raise OrthoMechaError(f"already exists; {remedy}", path)
 
 
-_PARTIAL = re.compile(r"\.partial-(\d+)(?:-[0-9a-f]+)?$")
-
-
+_PARTIAL = re.compile(r"\.partial-(\d+)(?:-[0-9a-f]+)?$")  # its pid (and, from this version on, a random part)
 PARTIAL_NAME_BYTES = 200  # of the output's name in its temporary file's: a name near the 255-byte limit still fits
 
 
