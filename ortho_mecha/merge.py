@@ -169,14 +169,14 @@ class _OutputWriter:
             value.set_()
 
     def _repaired(self, key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``value`` in the output ``dtype``, its NaN/Inf elements replaced by the base's values (counted). Where the
-        base's own value does not fit the output dtype either (a bf16 weight above fp16's 65504, say), the merged
-        value overflowed: an error naming the key, as writing it would leave Inf in the model. fp8 e4m3fn has no Inf
-        and a cast saturates at ±448: a value beyond that is the same error, not a silent clip."""
+        """``value`` (the merge's result, in the merge dtype) in the output ``dtype``, its NaN/Inf elements replaced by
+        the base's values (counted). A finite value the output dtype cannot hold (above fp16's 65504, say) is an
+        error naming the key: written, it would be Inf, and replaced by the base's value it would silently drop
+        the merge there. fp8 e4m3fn has no Inf and a cast saturates at ±448: beyond that is the same error."""
         if dtype == torch.float8_e4m3fn:
             beyond = value.abs() > torch.finfo(dtype).max
             if bool(beyond.any()):
-                raise self._overflow(key, int(beyond.sum()), dtype, float(value[beyond].abs().max()), "merged")
+                raise self._overflow(key, int(beyond.sum()), dtype, float(value[beyond].abs().max()))
         tensor = value.to(dtype)
         wide = (
             tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else tensor.float()
@@ -187,19 +187,22 @@ class _OutputWriter:
         count = int(bad.sum())
         if not count:
             return tensor
+        beyond = bad & torch.isfinite(value)  # finite before the cast: too large for the output dtype
+        if bool(beyond.any()):
+            raise self._overflow(key, int(beyond.sum()), dtype, float(value[beyond].abs().max()))
         base = self._base_tensor(key)
         replacement = base.to(wide.dtype)
-        overflow = bad & ~torch.isfinite(replacement) & torch.isfinite(base)
-        if bool(overflow.any()):
-            raise self._overflow(key, int(overflow.sum()), dtype, float(base[overflow].abs().max()), "base's")
+        if bool((bad & ~torch.isfinite(replacement) & torch.isfinite(base)).any()):  # the base's value does not fit
+            overflow = bad & torch.isfinite(base)
+            raise self._overflow(key, int(overflow.sum()), dtype, float(base[overflow].abs().max()))
         self.nonfinite[key] = count
         return torch.where(bad, replacement, wide).to(tensor.dtype)
 
     @staticmethod
-    def _overflow(key: str, count: int, dtype: torch.dtype, largest: float, whose: str) -> OrthoMechaError:
+    def _overflow(key: str, count: int, dtype: torch.dtype, largest: float) -> OrthoMechaError:
         return OrthoMechaError(
             f"'{key}' has {count} values beyond the range of the output dtype {SAFETENSORS_NAMES[dtype]} (the "
-            f"{whose} largest there: {largest:.4g}); write it as bf16 or fp32 (a plan's \"output_dtype\", convert's "
+            f"largest there: {largest:.4g}); write it as bf16 or fp32 (a plan's \"output_dtype\", convert's "
             "--dtype); nothing was written"
         )
 
@@ -437,8 +440,9 @@ def execute(
                         recipe,
                         merge_device=merge_device,
                         merge_dtype=TORCH_DTYPES[merge_dtype],
-                        # fp8 e4m3fn saturates on a cast: the writer casts, to see a value beyond its range
-                        output_dtype=TORCH_DTYPES[merge_dtype] if out_dtype == torch.float8_e4m3fn else out_dtype,
+                        # the writer casts to the output dtype, so that a value beyond its range is seen (fp16
+                        # would make it Inf, indistinguishable from an input's NaN/Inf; fp8 e4m3fn saturates)
+                        output_dtype=TORCH_DTYPES[merge_dtype],
                         threads=workers,
                         output=writer,
                         tqdm=lambda total, desc="": _ProgressBar(progress, control, total, desc),

@@ -503,7 +503,7 @@ def test_a_bf16_base_merges_to_bf16_and_an_fp16_overflow_is_an_error(tmp_path: P
     fp16 = plan_from_dict({"base": "base.safetensors", "method": "ortho_superpose", "rows": rows,
                            "output_dtype": "fp16"}, tmp_path)
     with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond the range of the output "
-                       r"dtype F16 \(the base's largest there: 9\.\d+e\+04\); write it as bf16 or fp32"):
+                       r"dtype F16 \(the largest there: 9\.\d+e\+04\); write it as bf16 or fp32"):
         merge_plan(fp16, tmp_path / "fp16.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors",
                                                             "bf16.safetensors"]
@@ -513,9 +513,24 @@ def test_a_bf16_base_merges_to_bf16_and_an_fp16_overflow_is_an_error(tmp_path: P
     fp8 = plan_from_dict({"base": "base.safetensors", "method": "ortho_superpose", "rows": rows,
                           "output_dtype": "fp8_e4m3fn"}, tmp_path)  # no Inf in e4m3fn: a cast saturates at 448
     with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond the range of the output dtype "
-                       r"F8_E4M3 \(the merged largest there: 9\.\d+e\+04\)"):
+                       r"F8_E4M3 \(the largest there: 9\.\d+e\+04\)"):
         merge_plan(fp8, tmp_path / "fp8.safetensors")
     assert not (tmp_path / "fp8.safetensors").exists()
+
+
+def test_a_merged_value_beyond_fp16_is_an_error_even_where_the_base_fits(tmp_path: Path) -> None:
+    """The base fits fp16 (40000) but the rows' deltas add up beyond it: before, the Inf was 'repaired' with the
+    base's value, dropping the merge there without a word."""
+    base = {"w": torch.full((4, 4), 40000.0)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for name in ("a", "b"):
+        save_file({"w": base["w"] + 20000.0}, str(tmp_path / f"{name}.safetensors"))
+    plan = plan_from_dict({"base": "base.safetensors", "method": "add_difference", "output_dtype": "fp16",
+                           "rows": [{"model": "a.safetensors"}, {"model": "b.safetensors"}]}, tmp_path)
+    with pytest.raises(OrthoMechaError, match=r"'w' has 16 values beyond the range of the output dtype F16 "
+                                              r"\(the largest there: 8e\+04\)"):
+        merge_plan(plan, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_survival_that_cannot_be_measured_is_a_warning_after_the_merge(family, tmp_path, capsys) -> None:
