@@ -701,6 +701,7 @@ def cli_merge(args: argparse.Namespace) -> int:
         from ortho_mecha.forecast import forecast
 
         check_plan(plan, args.out, args.overwrite)
+        _check_device(args.device, args.threads)  # what the merge itself refuses
         predicted = forecast(plan, args.out, threads=args.threads or 1)
         for line in predicted.lines():
             print(line)

@@ -364,6 +364,10 @@ def test_dry_run_checks_what_the_merge_would_refuse(family, tmp_path, capsys) ->
     assert f"{taken}: already exists" in capsys.readouterr().err
     assert main(["merge", str(fine), "--out", str(taken), "--dry-run", "--overwrite"]) == 0
     assert taken.read_bytes() == b"mine"
+    assert main(["merge", str(fine), "--out", str(tmp_path / "n.safetensors"), "--dry-run", "--device", "potato"]) == 2
+    assert "unknown device 'potato'" in capsys.readouterr().err
+    assert main(["merge", str(fine), "--out", str(tmp_path / "n.safetensors"), "--dry-run", "--threads", "-1"]) == 2
+    assert "threads must be 0" in capsys.readouterr().err
     folder = tmp_path / "a-folder.safetensors"
     folder.mkdir()
     assert main(["merge", str(fine), "--out", str(folder), "--dry-run", "--overwrite"]) == 2
