@@ -18,6 +18,7 @@ from ortho_mecha.errors import OrthoMechaError
 logger = logging.getLogger(__name__)
 
 CHUNK = 16 * 2**20
+_warned: list[bool] = []  # whether this process said it hashes without the cache
 
 
 def _fingerprint(path: Path) -> tuple[str, str, int, int]:
@@ -55,7 +56,9 @@ def _cached(key: tuple[str, str, int, int]) -> str | None:
         with open_cache("hashes") as cache:
             cached = cache.get(key)
     except (CacheUnusable, sqlite3.DatabaseError) as error:
-        logger.warning("hashing without the cache: %s", error)
+        if not _warned:
+            logger.warning("hashing without the cache: %s", error)
+            _warned.append(True)  # once per process, not per file
         return None
     return cached if isinstance(cached, str) else None
 

@@ -90,7 +90,7 @@ def _lora_cell(plan: Plan, row: Row, folder: Path, stem: str, progress: Progress
     on_base = replace(plan, method="add_difference", rows=(replace(row, repeat=1),), options={"alpha": 1.0},
                       texture=None, source=None)
     model, plan_path = _merged(on_base, folder, f"{stem}_{row.model.stem}", progress)
-    return Cell(f"{row.model.stem} on base", model, plan=plan_path)
+    return Cell(f"{row.model.stem}+base", model, plan=plan_path)
 
 
 def _plan_of(model: Path) -> Any:

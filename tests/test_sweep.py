@@ -76,7 +76,7 @@ def test_compare_previews_a_lora_row_as_the_base_plus_the_lora(comfy_stub: Comfy
     assert any(name.startswith("mix_sweep_photo_lora.") for name in loaded)
     on_base = json.loads((out / "mix_sweep_photo_lora.plan.json").read_text())
     assert on_base["method"] == "add_difference" and on_base["rows"][0]["alpha"] == 0.5
-    assert "photo_lora on base:" in result.out and (out / "mix_sweep.png").is_file()
+    assert "photo_lora+base:" in result.out and (out / "mix_sweep.png").is_file()
     for arch in ([], ["--arch", "sdxl"]):  # the LoRA itself: refused before ComfyUI is asked, with what to do
         line = cli_error("preview", lora, *arch, "--prompt", "a fox", "--api", comfy_stub.url,
                          "--out", tmp_path / "one")
