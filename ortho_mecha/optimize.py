@@ -79,10 +79,11 @@ class _Family:
 
     def allowed_from(self, i: int) -> list[int | None]:
         """Delta-froms allowed for model i: the base, then every other file B that is not a duplicate, not a null
-        model, not a LoRA, that i's delta contains (i's delta from B does not point against B's: see
-        ``ANCESTOR_COS``; an unrelated file would add its own delta, negated, to i's row), and not so close to i
-        that ``D_iB < 0.01 · D_iC`` (that would leave a near-null delta). A LoRA row's only delta-from is the
-        base."""
+        model, not a LoRA, not a merge the lineage finds was made from i (a 50/50 merge of i and j looks like i's
+        parent in the Gram: i's delta from it would be half of i minus half of j), that i's delta contains (i's
+        delta from B does not point against B's: see ``ANCESTOR_COS``; an unrelated file would add its own delta,
+        negated, to i's row), and not so close to i that ``D_iB < 0.01 · D_iC`` (that would leave a near-null
+        delta). A LoRA row's only delta-from is the base."""
         if self.lora[i]:
             return [None]
         files = [
@@ -90,6 +91,7 @@ class _Family:
             for f in range(len(self.h))
             if f != i
             and f not in self.dups
+            and f not in self.merges_of.get(i, set())
             and not (f < self.n and (self.null[f] or self.lora[f]))
             and self.d[i, f] >= DUPLICATE_RATIO * self.h[i, i]
             and self.h[i, f] - self.h[f, f] >= ANCESTOR_COS * np.sqrt(self.d[i, f] * self.h[f, f])
@@ -99,8 +101,7 @@ class _Family:
     def start(self, i: int) -> int | None:
         """Model i's parent as the lineage finds it: the parent rule, leaving out merges made from i (a merge of
         i sits nearer the base than i and can be as near to i as its real parent)."""
-        made_from_i = self.merges_of.get(i, set())
-        return parent(self.h, i, [f for f in self.allowed_from(i) if f is not None and f not in made_from_i])
+        return parent(self.h, i, [f for f in self.allowed_from(i) if f is not None])
 
     def name(self, f: int | None) -> str:
         return "the base" if f is None else self.names[f]

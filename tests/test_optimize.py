@@ -307,3 +307,14 @@ def test_the_optimizer_never_takes_an_unrelated_model_as_delta_from() -> None:
     choices = dict(zip(names, optimize.optimize(h, 4, [0.6] * 4, [False] * 4, names=names), strict=True))
     assert choices["mix_ab"].delta_from is None, choices["mix_ab"].info
     assert all(choice.delta_from != 0 for choice in choices.values())
+
+
+def test_the_optimizer_never_takes_a_merge_made_from_a_model_as_its_delta_from() -> None:
+    """A 50/50 merge of a and p lies, in the Gram, like a's parent (a − merge ⟂ merge); a's delta from it would be
+    half of a minus half of p, cancelling p's row. The lineage knows it is a merge of a: never a's delta-from."""
+    rng = np.random.default_rng(4)
+    a, p, u = (unit(rng) for _ in range(3))
+    names = ["a", "p", "merge", "u"]
+    h = files_gram(np.stack([a, p, 0.5 * a + 0.5 * p, u]))
+    choices = dict(zip(names, optimize.optimize(h, 4, [0.6] * 4, [False] * 4, names=names), strict=True))
+    assert choices["a"].delta_from is None and choices["p"].delta_from is None, (choices["a"].info, choices["p"].info)
