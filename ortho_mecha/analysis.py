@@ -1199,6 +1199,9 @@ def cli_analyse(args: argparse.Namespace) -> int:
     from ortho_mecha.progress import TqdmProgress
     from ortho_mecha.validate import check_report_output
 
+    if args.rank_samples < 1:  # 0 (the library's "no signal") would grade every model on made-up signal figures
+        raise OrthoMechaError(f"--rank-samples must be 1 or more (the largest keys whose SVD gives the signal "
+                              f"figures), got {args.rank_samples}")
     delta_from = _parse_delta_from(args.delta_from)
     if args.json:  # said now, not after the pass
         inputs = [args.base, *expand_model_paths(args.models), *delta_from.values()]

@@ -417,6 +417,8 @@ def test_a_path_that_is_not_utf8_is_one_clear_line(tmp_path: Path, cli_error, di
     before = digests(tmp_path)
     line = cli_error("analyse", "--base", base, latin1, "--json", tmp_path / "r.json")
     assert f"{tmp_path}/caf\ufffd.safetensors: the path is not valid UTF-8" in line
+    line = cli_error("analyse", "--base", base, good, "--rank-samples", "0")  # grades on made-up signal figures
+    assert "--rank-samples must be 1 or more" in line
     line = cli_error("merge", plan, "--out", Path(os.fsdecode(bytes(tmp_path) + b"/m\xe9.safetensors")))
     assert f"{tmp_path}/m\ufffd.safetensors: the path is not valid UTF-8" in line
     assert digests(tmp_path) == before  # nothing written, nothing changed
