@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from ortho_mecha.arch import ALIASES, ARCH_IDS  # plain data: importing it loads neither torch nor sd-mecha
 
@@ -120,10 +121,13 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("plan", help="the plan (JSON)")
     p.add_argument("--out", required=True, metavar="OUT.safetensors", help="the merged model to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="sd-mecha worker threads (default: auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="sd-mecha worker threads (default: auto; 0: merge in this thread)")
     p.add_argument("--device", default=None, metavar="DEV", help="merge device: cpu (default), cuda, cuda:1, ...")
     p.add_argument(
-        "--dry-run", action="store_true", help="only forecast peak RAM, output size, free disk and time; merge nothing"
+        "--dry-run", action="store_true",
+        help="check the plan, inputs and output as the merge does and forecast peak RAM, output size, free disk and "
+             "time; merge nothing"
     )
     p.add_argument(
         "--no-survival",
@@ -171,7 +175,9 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative", help="the negative prompt (default: empty; with --workflow, the workflow's own)")
     p.add_argument("--seed", type=int, help="noise seed (default 0, so previews of different merges compare; with "
                    "--workflow, the workflow's own)")
-    p.add_argument("--workflow", metavar="FILE.json", help='your own workflow, exported from ComfyUI with "Save (API)"')
+    p.add_argument("--workflow", metavar="FILE.json",
+                   help='your own workflow, exported from ComfyUI with "Save (API)" (or an image ComfyUI saved, '
+                        "which holds the workflow that made it)")
     for role, example in (("model", "4.unet_name"), ("prompt", "6.text"), ("negative", "7.text"), ("seed", "3.seed")):
         p.add_argument(
             f"--set-{role}",
@@ -237,8 +243,15 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake said in one line like every other error (the full usage: ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ortho-mecha",
         description="Analyse, plan and merge diffusion models with delta-aware orthogonal methods.",
     )

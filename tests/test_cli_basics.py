@@ -195,3 +195,14 @@ def test_options_may_come_between_a_commands_models(cli, tmp_path: Path) -> None
     with pytest.raises(SystemExit) as refused:  # an unknown option stays argparse's usage error
         cli("validate", "--base", base, anime, "--bogus", photo)
     assert refused.value.code == 2
+
+
+def test_a_usage_mistake_is_one_line_with_status_2() -> None:
+    for argv, said in ((["merge", "plan.json"], "the following arguments are required: --out"),
+                       (["merge", "p.json", "--out", "x.safetensors", "--threads", "abc"], "invalid int value: 'abc'"),
+                       (["cache", "bogus"], "invalid choice: 'bogus'")):
+        result = run(CONSOLE_SCRIPT, *argv)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"ortho-mecha {argv[0]}: error: ") and said in lines[0]
+        assert lines[0].endswith(f"(see ortho-mecha {argv[0]} --help)")
