@@ -486,6 +486,9 @@ def cli_compress(args: argparse.Namespace) -> int:
         print(line)
     if result.left_out:
         print(f"  {len(result.left_out)} keys not in every model were left out, e.g. {result.left_out[0]}")
+    if result.non_diffusion:
+        print(f"  {result.non_diffusion} text-encoder/VAE keys are outside the fit and the LoRAs (they hold the "
+              "diffusion model only): the models' differences there are not in them")
     if args.json:
         write_json(Path(args.json), {"fit": result.to_dict(), "export": written.to_dict()})
         print(f"report written to {args.json}")

@@ -302,3 +302,13 @@ def test_cli_compress_errors_are_one_line_and_never_overwrite(tmp_path, cli, cli
     line = cli_error("compress", "--base", base, *models, "--out", tmp_path / "o5", "--json", models[1])
     assert "input" in line
     assert not any((tmp_path / f"o{i}").exists() for i in range(2, 6))
+
+
+def test_cli_compress_says_text_encoders_and_vae_are_outside_the_loras(tmp_path, cli) -> None:
+    from tests.modelgen import write_checkpoint_family
+
+    family = write_checkpoint_family(tmp_path / "sd1", "sd1", "fp16")
+    result = cli("compress", "--base", family["base"], family["a"], family["b"], "--out", tmp_path / "out",
+                 "--rank", 2)
+    assert result.code == 0, result.err
+    assert "text-encoder/VAE keys are outside the fit and the LoRAs" in result.out

@@ -408,6 +408,13 @@ def test_metadata_values_that_are_not_text_are_kept_as_json_and_a_non_object_is_
         Model(rewrite("a string"))
 
 
+def test_a_model_of_integer_weights_is_told_its_dtype(tmp_path: Path, cli_error) -> None:
+    base = _base(tmp_path)
+    ints = save(tmp_path / "int8ish.safetensors", {k: (v * 100).to(torch.int32) for k, v in state(1).items()})
+    line = cli_error("analyse", "--base", base, ints)
+    assert f"{ints}: most of its tensors are stored as I32, not as floating point" in line
+
+
 def test_a_path_that_is_not_utf8_is_one_clear_line(tmp_path: Path, cli_error, digests) -> None:
     base = _base(tmp_path)
     latin1 = save(Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.safetensors")), state(1))
