@@ -36,7 +36,7 @@ import requests
 from filelock import FileLock
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import output_folder, process_exists
+from ortho_mecha.fsutil import file_stamp, output_folder, process_exists
 from ortho_mecha.workflows import (
     BUILTIN_ARCHS,
     FILE_FOLDERS,
@@ -474,8 +474,8 @@ def link_name(model: Path) -> str:
     (``merge.3f9a0c1d.safetensors``). ComfyUI keeps a loaded model while the loader's file name stays the same,
     so a file written again under the same name (a re-merge, a sweep of another plan) gets a new name, and its
     preview shows the new file. A copy made where links are not allowed keeps both, so it has the same tag."""
-    info = model.stat()
-    tag = hashlib.blake2b(f"{info.st_size}:{info.st_mtime_ns}".encode(), digest_size=4).hexdigest()
+    size, mtime = file_stamp(model)
+    tag = hashlib.blake2b(f"{size}:{mtime}".encode(), digest_size=4).hexdigest()
     return f"{model.stem}.{tag}{model.suffix}"
 
 

@@ -54,6 +54,7 @@ from ortho_mecha.fsutil import (
     place,
     refuse_existing,
     remove_stale_partials,
+    removed_on_failure,
     write_json,
 )
 from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
@@ -384,57 +385,51 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
     fits = {k.key: k for k in result.keys}
     if [k for k in family.keys if k in fits] != list(fits):
         raise OrthoMechaError("the models changed since the fit (its keys are not theirs); fit again", out)
-    written: list[Path] = []  # the files of the set that have landed: removed again if a later one fails
-    with output_folder(out):
+    with output_folder(out), removed_on_failure() as written:  # the set lands whole, or not at all
+        writer = None
+        if average_path is not None:
+            layout = {}
+            for canon in fits:
+                key, written_dtype, shape = family.reference_info(canon)
+                layout[key] = (written_dtype, shape)
+            meta = {"ortho_mecha_version": __version__, "ortho_mecha_kind": "compress-average"}
+            writer = StreamingFile(average_path, layout, meta | {"ortho_mecha_models": json.dumps(result.models)})
+        count = len(family.models)
+        tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+        kept, total = np.zeros(count), np.zeros(count)
+        lost = [Uncaptured() for _ in range(count)]
         try:
-            writer = None
-            if average_path is not None:
-                layout = {}
-                for canon in fits:
-                    key, written_dtype, shape = family.reference_info(canon)
-                    layout[key] = (written_dtype, shape)
-                meta = {"ortho_mecha_version": __version__, "ortho_mecha_kind": "compress-average"}
-                writer = StreamingFile(average_path, layout, meta | {"ortho_mecha_models": json.dumps(result.models)})
-            count = len(family.models)
-            tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
-            kept, total = np.zeros(count), np.zeros(count)
-            lost = [Uncaptured() for _ in range(count)]
-            try:
-                for canon, key_fit in fits.items():
-                    dw, dq = _directions(family, key_fit, writer)
-                    name = lora_name(canon)
-                    for m in range(count):
-                        lam, kappa = key_fit.lam[m], key_fit.kappa[m] if key_fit.kappa else 0.0
-                        if dw.ndim < 2 or name is None:
-                            lost[m].add(canon, float((lam * dw + kappa * dq).pow(2).sum()))
+            for canon, key_fit in fits.items():
+                dw, dq = _directions(family, key_fit, writer)
+                name = lora_name(canon)
+                for m in range(count):
+                    lam, kappa = key_fit.lam[m], key_fit.kappa[m] if key_fit.kappa else 0.0
                     if dw.ndim < 2 or name is None:
-                        continue
-                    for m, low in enumerate(_per_model(key_fit, dw, dq, rank)):
-                        if low.rank:
-                            tensors[m] |= lora_tensors(name, low, tuple(dw.shape), torch_dtype)
-                            kept[m], total[m] = kept[m] + low.kept, total[m] + low.total
-                if writer:
-                    written.append(writer.finish())
-                base_written = str(written[0]) if writer else result.base
-            except BaseException:
-                if writer:
-                    writer.abort()
-                raise
-            finally:
-                family.close()
-            exports = []
-            for m, (model, path) in enumerate(zip(result.models, lora_paths, strict=True)):
-                metadata = kohya_metadata(
-                    tensors[m], base=base_written, model=model, rank=rank, kind="compress", directions=result.directions
-                )
-                written.append(write_lora(path, tensors[m], metadata, overwrite=False))
-                energy = kept[m] / total[m] if total[m] > 0 else 1.0
-                exports.append(ModelExport(model, str(path), len(tensors[m]) // 3, energy, result.error[m], lost[m]))
-            return ExportReport(base_written, rank, dtype, exports)
+                        lost[m].add(canon, float((lam * dw + kappa * dq).pow(2).sum()))
+                if dw.ndim < 2 or name is None:
+                    continue
+                for m, low in enumerate(_per_model(key_fit, dw, dq, rank)):
+                    if low.rank:
+                        tensors[m] |= lora_tensors(name, low, tuple(dw.shape), torch_dtype)
+                        kept[m], total[m] = kept[m] + low.kept, total[m] + low.total
+            if writer:
+                written.append(writer.finish())
+            base_written = str(written[0]) if writer else result.base
         except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
+            if writer:
+                writer.abort()
             raise
+        finally:
+            family.close()
+        exports = []
+        for m, (model, path) in enumerate(zip(result.models, lora_paths, strict=True)):
+            metadata = kohya_metadata(
+                tensors[m], base=base_written, model=model, rank=rank, kind="compress", directions=result.directions
+            )
+            written.append(write_lora(path, tensors[m], metadata, overwrite=False))
+            energy = kept[m] / total[m] if total[m] > 0 else 1.0
+            exports.append(ModelExport(model, str(path), len(tensors[m]) // 3, energy, result.error[m], lost[m]))
+        return ExportReport(base_written, rank, dtype, exports)
 
 
 def _directions(family: Family, key_fit: KeyFit, writer: StreamingFile | None) -> tuple[torch.Tensor, torch.Tensor]:

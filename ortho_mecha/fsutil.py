@@ -57,6 +57,12 @@ def refuse_text_output(output: Path, inputs: Iterable[Path], what: str) -> None:
         raise OrthoMechaError(f"is named like a model file; {what} is text (choose another name)", output)
 
 
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(size, modification time in ns) of ``path``: what changes when a file is written again."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def refuse_unencodable(path: Path) -> None:
     """Raise if ``path`` is not valid UTF-8 (:func:`ortho_mecha.security.utf8_name`): reports, plans and merged
     files' metadata name their files, so such a name could be neither written nor read back."""
@@ -205,6 +211,19 @@ def process_exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextmanager
+def removed_on_failure() -> Iterator[list[Path]]:
+    """A list for the block to add the files it writes to: when the block fails (or Ctrl-C), they are removed
+    again, so a set of outputs (compress's LoRAs) lands whole or not at all, and a rerun finds none in its way."""
+    written: list[Path] = []
+    try:
+        yield written
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ortho_mecha.cache import CacheUnusable, open_cache
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import file_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,7 @@ _warned: list[bool] = []  # whether this process said it hashes without the cach
 
 
 def _fingerprint(path: Path) -> tuple[str, str, int, int]:
-    stat = path.stat()
-    return ("sha256", str(path), stat.st_size, stat.st_mtime_ns)
+    return ("sha256", str(path), *file_stamp(path))
 
 
 def sha256_file(path: str | Path) -> str:

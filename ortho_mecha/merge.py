@@ -56,6 +56,7 @@ from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import (
     check_writable,
     discard,
+    file_stamp,
     partial_path,
     place,
     refuse_existing,
@@ -192,8 +193,8 @@ class _OutputWriter:
             raise self._overflow(key, int(beyond.sum()), dtype, float(value[beyond].abs().max()))
         base = self._base_tensor(key)
         replacement = base.to(wide.dtype)
-        if bool((bad & ~torch.isfinite(replacement) & torch.isfinite(base)).any()):  # the base's value does not fit
-            overflow = bad & torch.isfinite(base)
+        overflow = bad & ~torch.isfinite(replacement) & torch.isfinite(base)  # the base's own value does not fit
+        if bool(overflow.any()):
             raise self._overflow(key, int(overflow.sum()), dtype, float(base[overflow].abs().max()))
         self.nonfinite[key] = count
         return torch.where(bad, replacement, wide).to(tensor.dtype)
@@ -420,7 +421,7 @@ def execute(
             for key, info in base_model.tensors.items()
         }
         _check_free_space(out.parent, data_bytes(layout))
-        stamps = {path: _stamp(path) for path in inputs}  # before hashing: the hashes are of these files
+        stamps = {path: file_stamp(path) for path in inputs}  # before hashing: the hashes are of these files
         hashes = {}
         for path in inputs:
             if progress is not None:
@@ -472,17 +473,12 @@ def execute(
     return report
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
 def _refuse_changed(stamps: Mapping[Path, tuple[int, int]]) -> None:
     """Raise if an input's size or time changed since the merge began (copied over or re-downloaded meanwhile):
     the merge read part of one file and part of another, and the recorded sha256 is the old file's."""
     for path, stamp in stamps.items():
         try:
-            changed = _stamp(path) != stamp
+            changed = file_stamp(path) != stamp
         except OSError:
             changed = True
         if changed:
