@@ -232,11 +232,12 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
         fraction = len(shared) / len(base_shapes)
         if fraction < MIN_SHARED and lora is None:
             lora_rows.refuse_peft_lora(model.tensors, model.path)  # says what such a file is
-            stored = sorted({t.dtype for t in model.tensors.values() if not t.is_float})
-            if sum(not t.is_float for t in model.tensors.values()) > len(model.tensors) / 2:
+            integers = [t.dtype for t in model.tensors.values() if not t.is_float]
+            if len(integers) > len(model.tensors) / 2:
                 raise OrthoMechaError(
-                    f"most of its tensors are stored as {', '.join(stored)}, not as floating point: such weights "
-                    "(an integer-quantised export?) are neither analysed nor merged; use a fp32/fp16/bf16/fp8 file",
+                    f"most of its tensors are stored as {', '.join(sorted(set(integers)))}, not as floating point: "
+                    "such weights (an integer-quantised export?) are neither analysed nor merged; use a "
+                    "fp32/fp16/bf16/fp8 file",
                     model.path,
                 )
             raise OrthoMechaError(
