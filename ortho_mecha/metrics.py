@@ -132,10 +132,12 @@ def survival_label(method: str, options: Mapping[str, Any] | None = None) -> str
 
 
 def superpose_coefficients(g: np.ndarray, rcond: float = DEFAULT_RCOND, floor: np.ndarray | float = 0.0) -> np.ndarray:
-    """Minimum-norm least-squares c of ``G c = diag(G)`` over the last two axes (DESIGN §5): eigenvalues at or
-    below ``rcond · λmax``, at or below ``floor`` (per Gram: the inputs' rounding noise,
-    :func:`ortho_mecha.gram.noise_floor`; λmax itself is always kept) and non-positive ones are dropped, as
-    ``ortho_superpose`` does."""
+    """Minimum-norm least-squares c of ``G c = diag(G)`` over the last two axes (DESIGN §5), as ``ortho_superpose``
+    solves it (the method calls this): c = V Λ⁺ Vᵀ diag(G) from G = V Λ Vᵀ, with eigenvalues at or below
+    ``rcond · λmax``, at or below ``floor`` (per Gram: the inputs' rounding noise,
+    :func:`ortho_mecha.gram.noise_floor`) and non-positive ones dropped. λmax itself is never dropped by the
+    floor: the floor keeps rounding noise from being blown up by a small eigenvalue, and the largest divides
+    by itself (one row, or a plan of small rows, is merged, not replaced by the base). A zero G gets c = 0."""
     eigenvalues, eigenvectors = np.linalg.eigh(g)
     floor = np.asarray(floor, dtype=np.float64)[..., None]
     top = np.arange(eigenvalues.shape[-1]) == eigenvalues.shape[-1] - 1

@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from sd_mecha import Parameter, Return, merge_method
 from torch import Tensor
@@ -33,6 +34,7 @@ from ortho_mecha.methods.deltas import (
     nonzero_indices,
     stack_float64,
 )
+from ortho_mecha.metrics import superpose_coefficients
 
 logger = logging.getLogger(__name__)
 
@@ -103,24 +105,10 @@ def project_coefficients(gram: Tensor) -> Tensor | None:
     return torch.linalg.solve_triangular(factor.T, pivots.unsqueeze(1), upper=True).squeeze(1)
 
 
-def superpose_coefficients(gram: Tensor, rcond: float, floor: Tensor | float = 0.0) -> Tensor:
-    """Minimum-norm least-squares c of G c = diag(G), batched over leading dims of ``gram`` (..., n, n).
-
-    From the eigendecomposition G = V Λ Vᵀ with eigenvalues at or below ``rcond · λmax`` or at or below
-    ``floor`` (per batch entry: the inputs' rounding-noise energy, :func:`ortho_mecha.gram.noise_floor`)
-    dropped: c = V Λ⁺ Vᵀ diag(G). λmax itself is never dropped by the floor: the floor is there to keep
-    rounding noise from being blown up by a small eigenvalue, and the largest divides by itself (one row, or a
-    plan of small rows, is merged, not replaced by the base). A batch entry whose G is zero gets c = 0.
-    """
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    floor = torch.as_tensor(floor, dtype=eigenvalues.dtype)
-    top = torch.arange(eigenvalues.shape[-1]) == eigenvalues.shape[-1] - 1
-    above = (eigenvalues > floor.unsqueeze(-1)) | top
-    keep = (eigenvalues > rcond * eigenvalues[..., -1:]) & above & (eigenvalues > 0)
-    inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, 1.0), 0.0)
-    target = torch.diagonal(gram, dim1=-2, dim2=-1)
-    projected = (eigenvectors.transpose(-2, -1) @ target.unsqueeze(-1)).squeeze(-1)
-    return (eigenvectors @ (inverse * projected).unsqueeze(-1)).squeeze(-1)
+def _coefficients(gram: Tensor, rcond: float, floor: np.ndarray | float = 0.0) -> Tensor:
+    """:func:`ortho_mecha.metrics.superpose_coefficients` (the Mixer's prediction solves the same system) of a
+    CPU float64 ``gram`` batch (..., n, n)."""
+    return torch.from_numpy(superpose_coefficients(gram.numpy(), rcond, floor))
 
 
 def storage_unit(base: Tensor) -> float:
@@ -134,12 +122,12 @@ def storage_unit(base: Tensor) -> float:
 
 
 def superpose(deltas: Sequence[Tensor], rows: int, rcond: float) -> Tensor:
-    """Σ_i c_i δ_i with c from :func:`superpose_coefficients`, solved independently for each of ``rows`` rows.
+    """Σ_i c_i δ_i with c from :func:`_coefficients`, solved independently for each of ``rows`` rows.
 
     ``rows`` = 1 solves once for the whole tensor; ``rows`` = out-features solves per output row (all
     rows at once, as a batch of n × n problems). Returns a float64 tensor shaped like the deltas.
     """
-    return combine(superpose_coefficients(gram64(deltas, rows), rcond), deltas)
+    return combine(_coefficients(gram64(deltas, rows), rcond), deltas)
 
 
 @merge_method
@@ -223,6 +211,6 @@ def _superpose(base: Tensor, deltas: Sequence[Tensor], options: dict, noise_scal
     if not kept:
         return base
     base_sq = base.to(torch.float64).reshape(rows, -1).square().sum(dim=1)  # per solve: ‖W_C‖² of its part
-    floor = torch.from_numpy(noise_floor(base_sq.numpy(), storage_unit(base)) * noise_scale**2)
-    coefficients = superpose_coefficients(gram[:, kept][:, :, kept], options["rcond"], floor)
+    floor = noise_floor(base_sq.numpy(), storage_unit(base)) * noise_scale**2
+    coefficients = _coefficients(gram[:, kept][:, :, kept], options["rcond"], floor)
     return combine(coefficients, [deltas[i] for i in kept], base, options["alpha"])
