@@ -42,6 +42,7 @@ from ortho_mecha.workflows import (
     FILE_FOLDERS,
     FOLDER_ALIASES,
     MODEL_INPUTS,
+    ArchSpec,
     Bindings,
     Graph,
     ModelFacts,
@@ -814,12 +815,17 @@ def loader_mismatch(tensors: Mapping[str, Any] | None, arch: str) -> str | None:
             "that loads it with UNETLoader beside a CLIP and a VAE loader")
 
 
-def _builtin_graph(model: Path, model_name: str, tensors: Mapping[str, Any] | None, arch: str,
-                   settings: PreviewSettings, info: Mapping[str, Any], url: str) -> tuple[Graph, Resolved]:
-    """``arch``'s built-in graph for ``model`` (listed as ``model_name``; its header ``tensors``, for the checks and
-    the variant hints), its files chosen from ``info``."""
+def _builtin_files(tensors: Mapping[str, Any] | None, arch: str) -> tuple[ModelFacts, ArchSpec]:
+    """(the variant hints of a file of these header ``tensors``, ``arch``'s built-in files and loaders for it)."""
     facts = model_facts(tensors, arch_id(arch))
-    spec = file_spec(arch, facts)
+    return facts, file_spec(arch, facts)
+
+
+def _builtin_graph(model: Path, model_name: str, tensors: Mapping[str, Any] | None, files: tuple[ModelFacts, ArchSpec],
+                   settings: PreviewSettings, info: Mapping[str, Any], url: str) -> tuple[Graph, Resolved]:
+    """The built-in graph of ``files`` (:func:`_builtin_files`) for ``model`` (listed as ``model_name``; its header
+    ``tensors``, for the checks), its text encoders and VAE chosen from ``info``."""
+    facts, spec = files
     check_arch(model, tensors, spec.arch)
     if (why := loader_mismatch(tensors, spec.arch)) is not None:
         logger.warning("%s: %s", model, why)  # a warning: ComfyUI's answer decides
@@ -860,12 +866,13 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
         _require_models(comfy)
     info = client.object_info()
     tensors = header_tensors(model)
-    graph, _ = _builtin_graph(model, model.name, tensors, arch, settings, info, client.base_url)
+    files = _builtin_files(tensors, arch)  # the merges are laid out as the base is
+    graph, _ = _builtin_graph(model, model.name, tensors, files, settings, info, client.base_url)
     problems = [p for p in find_problems(graph, info) if not (p.kind == "not_in_list" and p.input in MODEL_INPUTS)]
     if problems:
         raise OrthoMechaError("; ".join(describe_problem(p, client.base_url, "") for p in problems))
     if comfy is None:
-        spec = file_spec(arch, model_facts(tensors, arch_id(arch)))  # the merges are laid out as the base is
+        spec = files[1]
         folder = FILE_FOLDERS[spec.model_input]
         where = (folder, *FOLDER_ALIASES.get(folder, ()))
         if out is not None and not set(where) & set(out.absolute().parts):
@@ -913,8 +920,8 @@ def run_preview(
     tensors = header_tensors(model) if workflow is None else None  # read once, for the loader and the graph
     if workflow is None:
         refuse_lora(tensors, model)
-        spec = file_spec(arch, model_facts(tensors, arch))  # an all-in-one checkpoint: its loader
-        model_class, model_input = spec.loader, spec.model_input
+        files = _builtin_files(tensors, arch)  # an all-in-one checkpoint: its loader
+        model_class, model_input = files[1].loader, files[1].model_input
     else:
         _user_workflow_check(settings)
         bindings = bindings or find_bindings(workflow)
@@ -946,7 +953,7 @@ def run_preview(
             )
         resolved: Resolved | None = None
         if workflow is None:
-            graph, resolved = _builtin_graph(model, model_name, tensors, arch, settings, info, url)
+            graph, resolved = _builtin_graph(model, model_name, tensors, files, settings, info, url)
             seed: int | None = resolved.seed
         else:
             graph = apply_bindings(workflow, bindings, model_name, settings)
