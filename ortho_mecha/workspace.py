@@ -161,14 +161,13 @@ def analysis_params(choices: ModelChoices, base: str, models: Sequence[str],
     """The ``analyse`` job's parameters for the Analyse page's picks (labels). Models whose files cannot be read
     (:func:`unreadable`) or that do not fit the base (:func:`unfitting`: another architecture) are left out, with
     their problems under ``left_out`` for the page to show beside the job. An unreadable base or delta-from, or no
-    model left, is an error naming the files. Reads only headers."""
-    broken = unreadable([choices.path(label) for label in {base, *models, *delta_from.values()}])
-    if any(choices.path(label) in broken for label in (base, *delta_from.values())):
+    model left, is an error naming the files. Reads only headers, each once."""
+    if broken := unreadable([choices.path(label) for label in {base, *delta_from.values()}]):
         raise OrthoMechaError("; ".join(broken.values()) + ": choose files that can be read")
-    broken |= unfitting(choices.path(base), [choices.path(m) for m in models if choices.path(m) not in broken])
+    broken = unfitting(choices.path(base), [choices.path(m) for m in models])
     kept = [m for m in models if choices.path(m) not in broken]
     if not kept:
-        raise OrthoMechaError("; ".join(broken.values()) + ": choose models of the base's architecture")
+        raise OrthoMechaError("; ".join(broken.values()) + ": choose readable models of the base's architecture")
     return {
         "base": str(choices.path(base)),
         "models": [str(choices.path(m)) for m in kept],
@@ -178,8 +177,9 @@ def analysis_params(choices: ModelChoices, base: str, models: Sequence[str],
 
 
 def unfitting(base: Path, paths: Iterable[Path]) -> dict[Path, str]:
-    """The files among ``paths`` (readable ones) that the analysis would refuse against ``base``: sharing under
-    half its keys (another architecture), each with the error naming it; reads only the headers."""
+    """The files among ``paths`` that the analysis would refuse against ``base``: unreadable (as
+    :func:`unreadable`, or a format the analysis refuses) or sharing under half its keys (another architecture),
+    each with the error naming it; reads only the headers."""
     from ortho_mecha.io import Model  # imports torch: only when a page checks files
     from ortho_mecha.validate import align
 

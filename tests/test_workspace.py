@@ -234,7 +234,7 @@ def test_a_model_of_another_architecture_is_left_out_before_the_analysis(
     params = workspace.analysis_params(choices, label[paths["base"]], [label[paths["anime"]], label[other]], {})
     assert params["models"] == [str(paths["anime"].resolve())]
     assert len(params["left_out"]) == 1 and "is it the same architecture?" in params["left_out"][0]
-    with pytest.raises(OrthoMechaError, match="choose models of the base's architecture"):
+    with pytest.raises(OrthoMechaError, match="choose readable models of the base's architecture"):
         workspace.analysis_params(choices, label[paths["base"]], [label[other]], {})
 
 
