@@ -133,8 +133,8 @@ with sweep:
             preview_job.check_sweep_form(alphas, name)
             form_ok = True
         with ui.shown_errors():
-            swept = (st.session_state["plan"] if source == MIXER_PLAN
-                     else workspace.load_preset(source, ui.model_choices()))
+            swept = (st.session_state["plan"] if source == MIXER_PLAN  # (files left out are warned on the Mixer)
+                     else workspace.load_preset(source, workspace.ModelChoices.scan()))
             if note := preview_job.arch_note(swept.base, arch, keys="the base's keys"):
                 (st.warning if note.warning else st.caption)(note.text)
         if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start",
