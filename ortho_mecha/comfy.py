@@ -347,12 +347,12 @@ def _listing(options: Sequence[str]) -> str:
 class Problem:
     """Something in a graph the server cannot run."""
 
-    kind: str  # missing_class | missing_input | dangling_link | not_in_list
+    kind: str  # missing_class | missing_input | dangling_link | not_in_list | not_a_number | below_min | above_max
     node: str
     class_type: str
     input: str = ""
     value: object = None
-    options: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()  # not_in_list: what ComfyUI offers; the others: the bound or type broken
 
 
 def _run_nodes(graph: Graph, info: Mapping[str, Any]) -> set[str]:
@@ -373,7 +373,8 @@ def _run_nodes(graph: Graph, info: Mapping[str, Any]) -> set[str]:
 
 def find_problems(graph: Graph, info: Mapping[str, Any]) -> list[Problem]:
     """What ComfyUI would refuse: a node class it lacks (anywhere in the graph), and, in the nodes it runs, a
-    required input left out, a link to no node, or a combo value it does not offer (a file it does not list)."""
+    required input left out, a link to no node, a combo value it does not offer (a file it does not list), or a
+    number that is not one or lies outside the input's range."""
     problems = [Problem("missing_class", n, node["class_type"]) for n, node in graph.items()
                 if node["class_type"] not in info]
     run = _run_nodes(graph, info)
@@ -390,10 +391,31 @@ def find_problems(graph: Graph, info: Mapping[str, Any]) -> list[Problem]:
                 if value and str(value[0]) not in graph:
                     problems.append(Problem("dangling_link", node_id, class_type, name, value[0]))
                 continue
-            options = combo_options(input_spec(info, class_type, name))
+            spec = input_spec(info, class_type, name)
+            options = combo_options(spec)
             if options is not None and str(value) not in options:
                 problems.append(Problem("not_in_list", node_id, class_type, name, value, tuple(options)))
+            elif options is None and (kind := _number_problem(value, spec)) is not None:
+                problems.append(Problem(kind[0], node_id, class_type, name, value, (kind[1],)))
     return problems
+
+
+def _number_problem(value: object, spec: object) -> tuple[str, str] | None:
+    """(kind, the bound or type it breaks) when an INT or FLOAT input of this ``spec`` refuses ``value`` as ComfyUI
+    validates it (converted with int() or float(), then held to the spec's min and max), else None."""
+    if not (isinstance(spec, list) and spec and spec[0] in ("INT", "FLOAT")):
+        return None
+    limits = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    try:
+        number = int(value) if spec[0] == "INT" else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return "not_a_number", spec[0]
+    low, high = limits.get("min"), limits.get("max")
+    if isinstance(low, int | float) and number < low:
+        return "below_min", f"{low:g}"
+    if isinstance(high, int | float) and number > high:
+        return "above_max", f"{high:g}"
+    return None
 
 
 def describe_problem(problem: Problem, url: str, model_hint: str, own_workflow: bool = False) -> str:
@@ -407,6 +429,12 @@ def describe_problem(problem: Problem, url: str, model_hint: str, own_workflow: 
         return f"{where} lacks its required input '{p.input}'"
     if p.kind == "dangling_link":
         return f"{where} input '{p.input}' links to node {p.value}, which is not in the workflow"
+    if p.kind == "not_a_number":
+        wanted = "a whole number" if p.options[0] == "INT" else "a number"
+        return f"{where} input '{p.input}' is {p.value!r}, which is not {wanted}"
+    if p.kind in ("below_min", "above_max"):
+        side = "below its minimum" if p.kind == "below_min" else "above its maximum"
+        return f"{where} input '{p.input}' is {p.value}, {side} of {p.options[0]} in this ComfyUI"
     folder = FILE_FOLDERS.get(p.input)
     if p.input in ("unet_name", "ckpt_name"):
         return f"model '{p.value}' is not in ComfyUI's {folder} list (ComfyUI at {url}); {model_hint}"
@@ -431,9 +459,8 @@ def describe_problem(problem: Problem, url: str, model_hint: str, own_workflow: 
     )
 
 
-def _options(info: Mapping[str, Any], class_type: str, name: str, url: str) -> list[str]:
-    if class_type not in info:
-        raise OrthoMechaError(missing_node_message(url, class_type, None))
+def _options(info: Mapping[str, Any], class_type: str, name: str) -> list[str]:
+    """The files ComfyUI offers in one loader input; none where it lacks the loader (a problem of the graph)."""
     return combo_options(input_spec(info, class_type, name)) or []
 
 
@@ -831,12 +858,26 @@ def _builtin_graph(model: Path, model_name: str, tensors: Mapping[str, Any] | No
         logger.warning("%s: %s", model, why)  # a warning: ComfyUI's answer decides
     te_options: list[str] = []
     if len(spec.text_encoders) == 2:
-        te_options = _options(info, "DualCLIPLoader", "clip_name1", url)
+        te_options = _options(info, "DualCLIPLoader", "clip_name1")
     elif spec.text_encoders:
-        te_options = _options(info, "CLIPLoader", "clip_name", url)
-    vae_options = _options(info, "VAELoader", "vae_name", url) if spec.vae or settings.vae else []
-    resolved = resolve(spec, settings, te_options, vae_options, facts)
+        te_options = _options(info, "CLIPLoader", "clip_name")
+    vae_options = _options(info, "VAELoader", "vae_name") if spec.vae or settings.vae else []
+    try:
+        resolved = resolve(spec, settings, te_options, vae_options, facts)
+    except OrthoMechaError as error:  # said together with the nodes ComfyUI lacks, so one run names everything
+        missing = _missing_classes(spec, model_name, info)
+        if not missing:
+            raise
+        raise OrthoMechaError("; ".join([*(missing_node_message(url, c, None) for c in missing), str(error)])) from None
     return spec.build(model_name, resolved), resolved
+
+
+def _missing_classes(spec: ArchSpec, model_name: str, info: Mapping[str, Any]) -> list[str]:
+    """The node classes of ``spec``'s built-in graph that ComfyUI (its ``info``) lacks, in graph order."""
+    placeholder = Resolved("", "", 0, 1, 1.0, 64, 64, ("",) * len(spec.text_encoders),
+                           "" if spec.vae else None)
+    classes = [node["class_type"] for node in spec.build(model_name, placeholder).values()]
+    return [c for c in dict.fromkeys(classes) if c not in info]
 
 
 def _listed_name(model: Path, folder: str | None, options: Sequence[str]) -> str | None:

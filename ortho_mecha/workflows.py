@@ -580,7 +580,20 @@ def parse_workflow(data: bytes, path: str | Path) -> Graph:
         raise OrthoMechaError(f"not valid JSON ({exc})", path) from None
     if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict) and "class_type" not in graph["prompt"]:
         graph = graph["prompt"]  # a /prompt request body: {"prompt": {...}, "client_id": ...}
-    return check_api_format(graph, path)
+    return _text_node_ids(check_api_format(graph, path))
+
+
+def _text_node_ids(graph: Graph) -> Graph:
+    """``graph`` with each link written with a number for its node id (``[3, 0]``, as a script building a graph
+    by hand may write it) written as ComfyUI needs it, ``["3", 0]``: it looks the ids up as text and refuses a
+    number (``KeyError(3)``)."""
+    for node in graph.values():
+        inputs = node.get("inputs", {})
+        for name, value in inputs.items():
+            if (isinstance(value, list) and len(value) == 2 and type(value[0]) is int and isinstance(value[1], int)
+                    and str(value[0]) in graph):
+                inputs[name] = [str(value[0]), value[1]]
+    return graph
 
 
 def _png_prompt(data: bytes, path: str | Path) -> str:

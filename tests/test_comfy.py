@@ -124,6 +124,37 @@ def test_find_problems_names_each_problem(comfy_stub: ComfyStub) -> None:
     ]  # fmt: skip
 
 
+def test_find_problems_names_every_number_comfyui_refuses(comfy_stub: ComfyStub) -> None:
+    """As ComfyUI validates an INT or FLOAT literal: converted with int() or float(), then held to min and max;
+    every such problem is named, not only the first."""
+    comfy_stub.add_file("checkpoints", "placeholder.safetensors")
+    info = comfy_stub.object_info()
+    graph = user_graph()
+    graph["lat"]["inputs"].update(width=8, height=99999)
+    graph["ks"]["inputs"].update(steps="many", cfg=-1.0)
+    problems = {(p.node, p.input): p for p in find_problems(graph, info)}
+    assert {key: problem.kind for key, problem in problems.items()} == {
+        ("lat", "width"): "below_min", ("lat", "height"): "above_max",
+        ("ks", "steps"): "not_a_number", ("ks", "cfg"): "below_min",
+    }  # fmt: skip
+    assert describe_problem(problems["lat", "width"], "http://x", "", own_workflow=True) == (
+        "node lat (EmptyLatentImage) input 'width' is 8, below its minimum of 16 in this ComfyUI")
+    assert describe_problem(problems["ks", "steps"], "http://x", "", own_workflow=True) == (
+        "node ks (KSampler) input 'steps' is 'many', which is not a whole number")
+    graph["lat"]["inputs"].update(width="512", height=512.0)  # ComfyUI converts these
+    graph["ks"]["inputs"].update(steps=2, cfg=5)
+    assert find_problems(graph, info) == []
+
+
+def test_a_comfyui_lacking_nodes_and_files_is_told_all_of_them_at_once(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+    comfy_stub.missing_classes = {"ModelSamplingAuraFlow"}
+    (comfy_stub.root / "models" / "vae" / "ae.safetensors").unlink()
+    with pytest.raises(OrthoMechaError, match=r"has no node 'ModelSamplingAuraFlow' \(the built-in workflow uses "
+                       r"it\).*; ComfyUI lacks files the built-in zimage workflow needs: a VAE like ae"):  # fmt: skip
+        preview(comfy_stub, write_model(tmp_path / "m.safetensors", ZIMAGE_KEYS), "zimage")
+    assert comfy_stub.received == []
+
+
 def test_find_problems_checks_only_what_comfyui_runs(comfy_stub: ComfyStub) -> None:
     """ComfyUI validates the output nodes and what they depend on; a node feeding nothing (here a LoRA loader
     naming a file it lacks) is not run, so not refused. A node class it lacks is refused anywhere."""

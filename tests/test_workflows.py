@@ -306,6 +306,9 @@ def test_a_workflow_is_read_from_a_bom_file_a_prompt_body_or_a_comfyui_png(tmp_p
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     with pytest.raises(OrthoMechaError, match=r"plain.png: this PNG holds no ComfyUI workflow"):
         load_workflow(tmp_path / "plain.png")
+    numbered = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+                "2": {"class_type": "PreviewImage", "inputs": {"images": [1, 0]}}}  # as a script may write a link
+    assert load_workflow(write(tmp_path / "numbered.json", numbered))["2"]["inputs"]["images"] == ["1", 0]
     (tmp_path / "blob.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(OrthoMechaError, match="neither JSON text nor a PNG"):
         load_workflow(tmp_path / "blob.json")
