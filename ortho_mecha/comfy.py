@@ -55,6 +55,7 @@ from ortho_mecha.workflows import (
     file_spec,
     find_bindings,
     load_workflow,
+    named_file_doubts,
     parse_size,
     resolve,
 )
@@ -869,7 +870,16 @@ def _builtin_graph(model: Path, model_name: str, tensors: Mapping[str, Any] | No
         if not missing:
             raise
         raise OrthoMechaError("; ".join([*(missing_node_message(url, c, None) for c in missing), str(error)])) from None
+    for doubt in named_file_doubts(spec, settings, facts):
+        logger.warning("%s", doubt)  # a warning: the names may mislead, ComfyUI's answer decides
     return spec.build(model_name, resolved), resolved
+
+
+def named_files_doubts(model: Path, arch: str, settings: PreviewSettings) -> list[str]:
+    """:func:`~ortho_mecha.workflows.named_file_doubts` of the text encoders and VAE ``settings`` name, for
+    ``model`` rendered with ``arch``'s built-in workflow."""
+    facts, spec = _builtin_files(header_tensors(model), arch)
+    return named_file_doubts(spec, settings, facts)
 
 
 def _missing_classes(spec: ArchSpec, model_name: str, info: Mapping[str, Any]) -> list[str]:

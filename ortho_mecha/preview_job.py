@@ -27,6 +27,7 @@ from ortho_mecha import comfy, security, workspace
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.jobs import Cancelled, Progress
 from ortho_mecha.workflows import (
+    BUILTIN_ARCHS,
     PreviewSettings,
     apply_bindings,
     arch_id,
@@ -144,6 +145,18 @@ def arch_note(model: Path, choice: str, keys: str = "its keys") -> ArchNote | No
         return None
     return ArchNote(f"{model.name} has the keys of {detected}, but Architecture is {arch_id(choice)}: its built-in "
                     f"workflow would not load it; choose {detected} (or auto)", warning=True)
+
+
+def file_doubts(model: Path, choice: str, settings: PreviewSettings) -> list[str]:
+    """Warnings on the text encoders and VAE named under Files that look like another model's
+    (:func:`ortho_mecha.comfy.named_files_doubts`) for ``model`` with the Architecture ``choice``; none when
+    nothing is named or no built-in workflow applies."""
+    if not settings.clip and not settings.vae:
+        return []
+    arch = comfy.builtin_arch_of(model) if choice == AUTO_ARCH else arch_id(choice)
+    if arch not in BUILTIN_ARCHS:
+        return []
+    return comfy.named_files_doubts(model, arch, settings)
 
 
 def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, folder: str | None,

@@ -251,6 +251,34 @@ def choose_files(
     return encoders, vae
 
 
+KNOWN_FILES = (T5XXL, CLIP_L, QWEN3_4B, QWEN3_8B, MISTRAL3, FLUX1_VAE, FLUX2_VAE)
+
+
+def named_file_doubts(spec: ArchSpec, settings: PreviewSettings, facts: ModelFacts = ModelFacts()) -> list[str]:
+    """Why a text encoder or VAE the user named (--clip, --vae) may not fit ``spec`` for a model of these
+    ``facts``: its name is that of another model's known file (:data:`KNOWN_FILES`) and of none this one takes.
+    Warnings only: a renamed file matches no known name and is trusted, and ComfyUI's answer decides."""
+    try:
+        encoders = text_encoders_wanted(spec, facts)
+    except OrthoMechaError:  # a Flux.2 width no encoder is known for: any Flux.2 encoder may be the one
+        encoders = tuple(FLUX2_TEXT_DIMS.values())
+    if spec.arch == "flux2-klein" and facts.text_dim is None and encoders:
+        encoders = tuple(FLUX2_TEXT_DIMS.values())  # 4B, 9B or dev: not known without the model's txt_in
+    named = (("text encoder", settings.clip, encoders),
+             ("VAE", (settings.vae,) if settings.vae else (), (spec.vae,) if spec.vae else ()))
+    doubts = []
+    for role, names, fits in named:
+        for name in names:
+            others = [w for w in KNOWN_FILES if w not in fits and pick_file([name], w)]
+            if not others or any(pick_file([name], w) for w in fits):
+                continue
+            takes = (f"it takes one like {' or '.join(w.example for w in fits)}" if fits
+                     else f"it takes a {role} of its own family")
+            doubts.append(f"the {role} '{name}' is named like another model's file, not one this {spec.arch} model "
+                          f"takes ({takes}); ComfyUI will likely fail with a shape mismatch")
+    return doubts
+
+
 def _pick(options: Sequence[str], wanted: Wanted, role: str, missing: list[str]) -> str:
     """The best of ``options`` for ``wanted``; with none, "" and what is missing added to ``missing``."""
     chosen = pick_file(options, wanted)

@@ -95,6 +95,8 @@ with one:
             with ui.shown_errors():
                 if note := preview_job.arch_note(merges.path(model), arch):
                     (st.warning if note.warning else st.caption)(note.text)
+                for doubt in preview_job.file_doubts(merges.path(model), arch, settings):
+                    st.warning(doubt)
         if right.button("Render", type="primary", icon=":material/image:", key="pv_render", width="stretch",
                         disabled=not size_ok):  # a size that cannot be read says why above
             with ui.shown_errors():
@@ -137,6 +139,8 @@ with sweep:
                      else workspace.load_preset(source, workspace.ModelChoices.scan()))
             if note := preview_job.arch_note(swept.base, arch, keys="the base's keys"):
                 (st.warning if note.warning else st.caption)(note.text)
+            for doubt in preview_job.file_doubts(swept.base, arch, settings):
+                st.warning(doubt)
         if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start",
                      disabled=swept is None or not form_ok or not size_ok):  # what cannot be run says why above
             with ui.shown_errors():

@@ -735,6 +735,16 @@ def test_cli_preview_with_a_user_workflow(comfy_stub: ComfyStub, tmp_path: Path,
     assert comfy_stub.received[-1]["prompt"][bindings.prompt.node]["inputs"]["text"] == "owl"
 
 
+def test_a_named_file_of_another_model_is_warned_on_the_cli(comfy_stub: ComfyStub, tmp_path: Path,
+                                                            cli: Callable) -> None:
+    """Klein 9B (txt_in 12288 wide) takes Qwen3-8B: naming Qwen3-4B is said before ComfyUI fails on a shape."""
+    model = write_model(tmp_path / "klein9b.safetensors", {"txt_in.weight": (2, 12288), "img_in.weight": (2, 4)})
+    place = ["--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", tmp_path / "out"]
+    result = cli("preview", model, "--arch", "flux2-klein", "--prompt", "p", "--clip", "qwen_3_4b.safetensors", *place)
+    assert ("WARNING: the text encoder 'qwen_3_4b.safetensors' is named like another model's file, not one this "
+            "flux2-klein model takes (it takes one like qwen_3_8b_fp8mixed.safetensors)") in result.err
+
+
 def test_cli_preview_errors_are_one_line(comfy_stub: ComfyStub, tmp_path: Path, cli_error: Callable) -> None:
     model = write_model(tmp_path / "m.safetensors")
     common = ["--prompt", "p", "--out", tmp_path / "out"]

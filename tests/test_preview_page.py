@@ -245,6 +245,10 @@ def test_the_page_warns_when_the_model_is_of_another_architecture(
     assert any("fluxy.safetensors has the keys of flux1, but Architecture is sd1" in w.value for w in at.warning)
     at.selectbox(key="pv_arch").set_value("flux1").run()
     assert not at.warning
+    at.text_input(key="pv_vae").set_value("flux2-vae.safetensors").run()  # Flux.2's VAE for a Flux.1 model
+    named = PreviewSettings("", vae="flux2-vae.safetensors")
+    assert [w.value for w in at.warning] == preview_job.file_doubts(flux, "flux1", named)
+    assert "the VAE 'flux2-vae.safetensors' is named like another model's file" in at.warning[0].value
 
 
 def test_preview_page_says_when_comfyui_is_down(

@@ -29,6 +29,7 @@ from ortho_mecha.workflows import (
     build_workflow,
     find_bindings,
     load_workflow,
+    named_file_doubts,
     parse_size,
     pick_file,
     resolve,
@@ -393,3 +394,19 @@ def test_combo_spec_of_the_stub_uses_both_encodings(comfy_stub: ComfyStub) -> No
     v3 = input_spec(info, "KSamplerSelect", "sampler_name")
     assert isinstance(legacy[0], list) and v3[0] == "COMBO"
     assert combo_options(legacy) == combo_options(v3) and len(combo_options(v3)) == 44
+
+
+def test_named_files_of_another_model_are_doubted_and_others_trusted() -> None:
+    def doubts(arch: str, facts: ModelFacts | None = None, **named: object) -> list[str]:
+        return named_file_doubts(arch_spec(arch), PreviewSettings("p", **named), facts or ModelFacts())
+
+    assert doubts("zimage", vae="flux2-vae.safetensors") == [
+        "the VAE 'flux2-vae.safetensors' is named like another model's file, not one this zimage model takes (it "
+        "takes one like ae.safetensors); ComfyUI will likely fail with a shape mismatch"]
+    assert "it takes a VAE of its own family" in doubts("sdxl", vae="ae.safetensors")[0]
+    assert len(doubts("flux1", clip=("qwen_3_4b.safetensors", "clip_l.safetensors"))) == 1
+    assert doubts("flux1", clip=("t5xxl_fp8_e4m3fn.safetensors", "clip_l.safetensors")) == []  # either order
+    assert doubts("sdxl", vae="sdxl_vae.safetensors") == []  # names no known file: trusted
+    assert doubts("flux2-klein", clip=("my_encoder.safetensors",)) == []
+    assert doubts("flux2-klein", clip=("qwen_3_4b.safetensors",)) == []  # 4B or 9B: not known without txt_in
+    assert len(doubts("flux2-klein", ModelFacts(text_dim=12288), clip=("qwen_3_4b.safetensors",))) == 1
