@@ -4,9 +4,10 @@ The recipe uses only sd-mecha's own nodes and the methods ortho-mecha registers,
 can write it by hand. Every file is a ``sd_mecha.model`` node bound to the config derived from the
 base's header (:mod:`ortho_mecha.mecha_config`), wrapped in ``read_once`` (sd-mecha reads and casts a
 model node again for each node that uses it: the base of four rows was read five times per key). Row i's
-delta is ``scale_delta(fallback(subtract(model_i, delta_from_i or base), subtract(base, base)), c_i)``: the
-difference, and zero on a key either file lacks (a missing key is a zero delta of that row only, as in
-the analysis) — for a kohya LoRA row
+delta is ``scale_delta(fallback(subtract(model_i, base), subtract(base, base)), c_i)``, zero on a key the row's
+file lacks; with a delta-from, ``scale_delta(subtract(fallback(model_i, base), fallback(delta_from_i, base)), c_i)``:
+a key a file lacks is read as the base's value there, as the analysis reads it (its figures are exact for the
+merge) — for a kohya LoRA row
 ``scale_delta(fallback(convert(lora_i, base config), subtract(base, base)), c_i)``, its product on the keys
 it touches and zero elsewhere (:func:`ortho_mecha.lora_rows.lora_delta_node`); what the coefficient c_i
 is and how often the row is listed depends on the method (``MethodSpec.repeat``):
@@ -166,9 +167,11 @@ def _combine(
     def delta(row: Row) -> sd_mecha.RecipeNode:
         if is_lora_file(row.model):  # its delta is its product (plan checks: delta-from is the base)
             return lora_delta_node(row.model, base, config_id)
-        # a key missing from the row's file (or its delta-from) is a zero delta of that row only
-        difference = sd_mecha.subtract(node(row.model), node(row.delta_from or plan.base))
-        return _method("fallback")(difference, sd_mecha.subtract(base, base))
+        # a key a file lacks is read as the base's value there, as the analysis reads it
+        if row.delta_from is None:
+            return _method("fallback")(sd_mecha.subtract(node(row.model), base), sd_mecha.subtract(base, base))
+        return sd_mecha.subtract(_method("fallback")(node(row.model), base),
+                                 _method("fallback")(node(row.delta_from), base))
 
     zones = _zones(plan, method)
     row_deltas = [

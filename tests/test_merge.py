@@ -198,6 +198,25 @@ def test_a_key_missing_from_one_row_is_a_zero_delta_of_that_row_only(family, tmp
     assert not torch.equal(tensors["out.2.weight"], base)
 
 
+@pytest.mark.parametrize("method", ["add_difference", "ortho_superpose"])
+def test_a_key_a_delta_from_lacks_is_read_as_the_base_as_the_analysis_reads_it(family, tmp_path, method) -> None:
+    """A pruned parent (a delta-from missing a key): there the row's delta is model − base, in the merge as in the
+    analysis, so the exact prediction holds (it said 1.000 and the merge delivered 0 on such keys)."""
+    parent = finetune(base_state(), 12)
+    del parent["out.2.weight"]
+    save_file(parent, str(tmp_path / "parent.safetensors"))
+    child = finetune(parent | {"out.2.weight": base_state()["out.2.weight"]}, 13)
+    save_file(child, str(tmp_path / "child.safetensors"))
+    rows = [{"model": "child.safetensors", "delta_from": "parent.safetensors"}]
+    plan = plan_from_dict({"base": str(family["base"]), "method": method, "rows": rows, "output_dtype": "fp32"},
+                          tmp_path)
+    report = run_job({"plan_data": plan.to_dict(), "out": str(tmp_path / "merged.safetensors")}, lambda *_: None)
+    merged = read(tmp_path / "merged.safetensors")
+    torch.testing.assert_close(merged["out.2.weight"], child["out.2.weight"], rtol=0, atol=1e-6)
+    survival = report["survival"]
+    assert survival["predicted"] == pytest.approx([1.0]) and survival["measured"] == pytest.approx([1.0], abs=1e-6)
+
+
 def test_existing_output_is_refused_before_merging(family, tmp_path, capsys) -> None:
     out = tmp_path / "exists.safetensors"
     out.write_bytes(b"keep me")
