@@ -29,6 +29,8 @@ MERGE_RESIDUAL = 0.1  # ‖x_M − Σ w_j x_j‖ / ‖x_M‖ below this: M is re
 WEIGHT_FLOOR = 1e-3  # NNLS weights below this are dropped from a reported mix
 MIX_PRUNE = 5e-3  # an ingredient whose removal raises the mix's relative residual by less than this is dropped
 
+Mixes = dict[int, tuple[dict[int, float], float]]  # model → ({ingredient file: weight}, relative residual)
+
 
 class LineageItem(TypedDict):
     """One model's lineage.
@@ -161,6 +163,14 @@ def fitted_mix(h: np.ndarray, target: int, sources: Sequence[int]) -> tuple[dict
     return mix, residual
 
 
+def _derived_from(parents: Sequence[int | None], mixes: Mixes) -> dict[int, set[int]]:
+    """File → the files it was made from: its parent, or its mix's ingredients."""
+    derived_from = {j: {p} for j, p in enumerate(parents) if p is not None}
+    for j, (mix, _) in mixes.items():
+        derived_from.setdefault(j, set()).update(mix)
+    return derived_from
+
+
 def _descendants(derived_from: dict[int, set[int]], roots: set[int]) -> set[int]:
     """Files derived from any of ``roots``, directly or through other files (``derived_from``: file → the files
     it was made from, its parent or its mix's ingredients)."""
@@ -173,6 +183,38 @@ def _descendants(derived_from: dict[int, set[int]], roots: set[int]) -> set[int]
                 found.add(f)
                 grown = True
     return found
+
+
+def _ancestry(parents: Sequence[int | None], mixes: Mixes, f: int) -> set[int]:
+    """``f`` and every file it was made from, through parents and mixes' ingredients (a file past the models, an
+    extra delta-from file, has neither)."""
+    found: set[int] = set()
+    stack = [f]
+    while stack:
+        current = stack.pop()
+        if current in found:
+            continue
+        found.add(current)
+        if current < len(parents) and parents[current] is not None:
+            stack.append(parents[current])
+        stack += list(mixes.get(current, ({}, 0.0))[0])
+    return found
+
+
+def _break_cycles(h: np.ndarray, m: int, roots: set[int], parents: list[int | None],
+                  mixes: Mixes, allowed: Sequence[int]) -> None:
+    """Once ``m`` is found to be a mix of files that descend from it (the fit's retry allows them), re-parent,
+    until none does, each file an ingredient is made from whose parent is ``m`` (first) or descends from it:
+    its new parent is chosen among the files that do not descend from ``m``. Mixes already found stay."""
+    while True:
+        upstream = set().union(*(_ancestry(parents, mixes, f) for f in mixes[m][0]))
+        if m not in upstream:
+            return
+        below = _descendants(_derived_from(parents, mixes), roots)
+        links = sorted((parents[x] not in roots, x) for x in upstream
+                       if x < len(parents) and parents[x] is not None and parents[x] in roots | below)
+        x = links[0][1]
+        parents[x] = parent(h, x, [c for c in allowed if c not in roots and c not in below])
 
 
 def _unrelated(d: np.ndarray, h: np.ndarray, files: Sequence[int]) -> bool:
@@ -194,8 +236,11 @@ def lineage(h: np.ndarray, n_models: int, quality: Sequence[float]) -> list[Line
        threshold of its own ingredients (``D = 0.5·D_C`` for a 0.5/0.5 merge of orthogonal equal deltas),
        so if that fit fails, the fit is retried with the descendants allowed, and accepted only when it
        uses at least two files that are pairwise unrelated by the parent rule (a parent is close to the
-       mean of its small fine-tunes, but those sit close together); an ingredient that had the merge as
-       its parent then gets its parent again without it.
+       mean of its small fine-tunes, but those sit close together). The retry first allows only the merge's
+       own fine-tunes (its ingredients, by the parent rule), then theirs as well (an ingredient may be known
+       only through its fine-tune). A file an ingredient is made from whose parent descends from the
+       merge then gets its parent again among the files that do not (:func:`_break_cycles`), so no file
+       is its own ancestor.
     """
     h = np.asarray(h, dtype=np.float64)
     n_files = len(h)
@@ -205,28 +250,29 @@ def lineage(h: np.ndarray, n_models: int, quality: Sequence[float]) -> list[Line
     d = squared_distances(h)
     allowed = [f for f in range(n_files) if f not in dups]
     parents: list[int | None] = [parent(h, i, allowed) for i in range(n_models)]
-    mixes: dict[int, tuple[dict[int, float], float]] = {}
+    mixes: Mixes = {}
     # merges average their ingredients, so they sit nearer the base: fit the nearest models first
     for m in sorted(range(n_models), key=lambda i: (h[i, i], i)):
         if m in dups or parents[m] is not None or h[m, m] <= 0:
             continue
         roots = {m} | {j for j, kept in dups.items() if kept == m}
-        derived_from = {j: {p} for j, p in enumerate(parents) if p is not None}
         mixed_from = {j: set(mix) for j, (mix, _) in mixes.items()}
-        for j, ingredients in mixed_from.items():
-            derived_from.setdefault(j, set()).update(ingredients)
-        descendants = _descendants(derived_from, roots)
+        descendants = _descendants(_derived_from(parents, mixes), roots)
         sources = [f for f in allowed if f not in roots and f not in descendants]
         mix, residual = fitted_mix(h, m, sources)
         if residual >= MERGE_RESIDUAL or not mix:
-            sources = [f for f in allowed if f not in roots and f not in _descendants(mixed_from, roots)]
-            mix, residual = fitted_mix(h, m, sources)
-            if residual >= MERGE_RESIDUAL or len(mix) < 2 or not _unrelated(d, h, list(mix)):
+            excluded = roots | _descendants(mixed_from, roots)  # a merge is never an ingredient of its ingredient
+            children = {j for j in range(n_models) if parents[j] in roots}
+            # its own fine-tunes first (an ingredient sits at the merge's parent threshold), then theirs
+            for reach in (children, descendants):
+                sources = [f for f in allowed if f not in excluded and (f not in descendants or f in reach)]
+                mix, residual = fitted_mix(h, m, sources)
+                if residual < MERGE_RESIDUAL and len(mix) >= 2 and _unrelated(d, h, list(mix)):
+                    break
+            else:
                 continue
-            for f in mix:
-                if f < n_models and parents[f] == m:
-                    parents[f] = parent(h, f, [c for c in allowed if c != m])
         mixes[m] = (mix, residual)
+        _break_cycles(h, m, roots, parents, mixes, allowed)
 
     items: list[LineageItem] = []
     for i in range(n_models):

@@ -189,3 +189,56 @@ def test_a_merge_is_reported_with_its_fewest_ingredients() -> None:
     pq = items[3]["mix"]
     assert set(pq) == {0, 1} and pq[0] == pytest.approx(0.6, abs=2e-3) and pq[1] == pytest.approx(0.4, abs=2e-3)
     assert set(items[5]["mix"]) == {6}  # r32: pR_fp8 / 40
+
+
+def _ancestors(found: list[lineage.LineageItem], i: int) -> set[int]:
+    """Every file model ``i`` was made from, through parents and mixes (extra files past the models have none)."""
+    seen: set[int] = set()
+    stack = [i]
+    while stack:
+        current = stack.pop()
+        if current >= len(found):
+            continue
+        item = found[current]
+        for source in ([item["parent"]] if item["parent"] is not None else []) + list(item["mix"] or {}):
+            if source not in seen:
+                seen.add(source)
+                stack.append(source)
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_merge_whose_ingredient_has_a_fine_tune_is_found_without_a_cycle(seed: int) -> None:
+    """t12 merges t1 and t2; t1b is t1's fine-tune. t1 sits within the parent threshold of t12, so the fit of t12
+    is retried with its fine-tunes: the real ingredient t1 is taken, not its fine-tune t1b (which made t1 a
+    fine-tune of t12 and t12 a mix of t1b: each its own ancestor)."""
+    rng = np.random.default_rng(seed)
+    d1, d2 = unit(rng), unit(rng)
+    t1, t2 = d1, d2
+    t1b, t12 = t1 + 0.3 * d2, 0.52 * d1 + 0.48 * d2
+    found = lineage.lineage(gram([t1, t1b, t2, t12]), 4, [0.5] * 4)
+    assert found[3]["mix"] is not None and set(found[3]["mix"]) == {0, 2}
+    assert found[3]["mix"] == pytest.approx({0: 0.52, 2: 0.48}, abs=0.01)
+    assert [item["parent"] for item in found[:3]] == [None, 0, None]
+    assert all(i not in _ancestors(found, i) for i in range(4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), size=st.integers(3, 9))
+def test_no_model_is_its_own_ancestor(seed: int, size: int) -> None:
+    """Random families of fine-tunes and merges of earlier files: parents and mixes never form a cycle."""
+    rng = np.random.default_rng(seed)
+    files = [unit(rng)]
+    for _ in range(size - 1):
+        made = rng.integers(3)
+        if made == 0 or len(files) < 2:
+            files.append(unit(rng) * rng.uniform(0.5, 1.5))  # another fine-tune of the base
+        elif made == 1:
+            files.append(files[rng.integers(len(files))] + rng.uniform(0.1, 0.5) * unit(rng))  # a fine-tune
+        else:
+            a, b = rng.choice(len(files), 2, replace=False)
+            w = rng.uniform(0.3, 0.7)
+            files.append(w * files[a] + (1 - w) * files[b])  # a merge
+    order = rng.permutation(size)
+    found = lineage.lineage(gram([files[i] for i in order]), size, [0.5] * size)
+    assert all(i not in _ancestors(found, i) for i in range(size))
