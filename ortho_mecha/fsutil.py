@@ -80,6 +80,7 @@ def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another n
 
 
 _PARTIAL = re.compile(r"\.partial-(\d+)(?:-[0-9a-f]+)?$")  # its pid (and, from this version on, a random part)
+PARTIALS_ENV = "ORTHO_MECHA_PARTIALS"  # a file listing each temporary file this process makes (a job worker's)
 PARTIAL_NAME_BYTES = 200  # of the output's name in its temporary file's: a name near the 255-byte limit still fits
 
 
@@ -90,8 +91,34 @@ def _partial_prefix(out: Path) -> str:
 
 def partial_path(out: Path) -> Path:
     """A temporary name beside ``out`` for writing it: ``.OUT.partial-<pid>-<random>`` (hidden, never a model
-    name; the pid lets :func:`remove_stale_partials` tell a killed writer's leftover from a running one's)."""
-    return out.with_name(f"{_partial_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}")
+    name; the pid lets :func:`remove_stale_partials` tell a killed writer's leftover from a running one's).
+
+    With ``ORTHO_MECHA_PARTIALS`` set (a dashboard job's worker), the name is also listed in that file, so that
+    whoever kills the process removes what it was writing (:func:`remove_listed_partials`)."""
+    temp = out.with_name(f"{_partial_prefix(out)}{os.getpid()}-{secrets.token_hex(4)}")
+    if listing := os.environ.get(PARTIALS_ENV):
+        with open(listing, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(os.fsdecode(temp)) + "\n")
+    return temp
+
+
+def remove_listed_partials(listing: Path) -> None:
+    """Remove the temporary files listed in ``listing`` (:func:`partial_path`) whose writing process is gone and
+    that are still there: what a killed job worker was writing, removed by whoever stopped it."""
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return
+    for line in lines:
+        try:
+            temp = Path(json.loads(line))
+        except (ValueError, TypeError):
+            continue
+        match = _PARTIAL.search(temp.name)
+        if match is None or process_exists(int(match[1])) or not temp.exists():
+            continue
+        logger.info("removing %s, left by a writer that was stopped", temp)
+        temp.unlink(missing_ok=True)
 
 
 def discard(handle: Any, temp: Path) -> None:

@@ -40,7 +40,7 @@ import diskcache
 
 from ortho_mecha.cache import cache_dir, open_cache
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import process_exists
+from ortho_mecha.fsutil import PARTIALS_ENV, process_exists, remove_listed_partials
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ HEARTBEAT_S = 0.5  # how often a worker writes its heartbeat and latest progress
 STALE_AFTER_S = 30.0  # a running job whose heartbeat is older than this has a hung or vanished worker
 CANCEL_GRACE_S = 5.0  # how long cancel() waits for the job to stop by itself before killing it
 LAUNCH_GRACE_S = 30.0  # how long after its launch a worker may still show its launcher's command line
+PARTIALS_NAME = "partials.jsonl"  # in a job's folder: the temporary files its worker made (fsutil.partial_path)
 KILL_GRACE_S = 2.0  # how long a worker gets between SIGTERM and SIGKILL
 LOG_NAME = "worker.log"
 
@@ -336,6 +337,7 @@ def _launch(cache: diskcache.Cache, job_id: str) -> bool:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=os.environ | {PARTIALS_ENV: str(folder / PARTIALS_NAME)},  # what a kill must clean up
             )
     except OSError as error:
         changes = {"state": "failed", "ended": time.time(), "error": f"could not start the worker process: {error}"}
@@ -355,6 +357,7 @@ def _fail_dead_workers(cache: diskcache.Cache) -> None:
             continue
         pid, job_id = record["pid"], record["id"]
         if pid is not None and not _worker_alive(pid, job_id, launched=record["started"]):
+            remove_listed_partials(job_dir(job_id) / PARTIALS_NAME)  # what it was writing when it died
             error = f"worker process died (pid {pid}) before the job ended; its log: {record['log']}"
         elif now - record["heartbeat"] > STALE_AFTER_S:
             if pid is not None:
@@ -389,24 +392,19 @@ def _worker_alive(pid: int, job_id: str, launched: float | None = None) -> bool:
 
 
 def _stop_worker(pid: int, job_id: str) -> None:
-    """SIGTERM the worker's process group, then SIGKILL it if the worker is still there after ``KILL_GRACE_S``."""
-    if not _worker_alive(pid, job_id):
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)  # the worker leads its own session, so its group id is its pid
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + KILL_GRACE_S
-    while _worker_alive(pid, job_id) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _worker_alive(pid, job_id):
+    """SIGTERM the worker's process group, then SIGKILL it if the worker is still there after ``KILL_GRACE_S``;
+    then remove the temporary files it was writing (a killed merge's half output)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _worker_alive(pid, job_id):
+            break
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, sig)  # the worker leads its own session, so its group id is its pid
         except ProcessLookupError:
-            return
+            break
         deadline = time.monotonic() + KILL_GRACE_S
         while _worker_alive(pid, job_id) and time.monotonic() < deadline:
             time.sleep(0.05)
+    remove_listed_partials(job_dir(job_id) / PARTIALS_NAME)
 
 
 # --- records -------------------------------------------------------------------------------------

@@ -297,3 +297,46 @@ def test_a_worker_just_forked_counts_as_alive_before_its_exec() -> None:
     assert jobs._worker_alive(seen_as, job_id, launched=time.time())
     assert not jobs._worker_alive(seen_as, job_id, launched=time.time() - 2 * jobs.LAUNCH_GRACE_S)
     assert not jobs._worker_alive(seen_as, job_id)
+
+
+def test_a_merge_worker_killed_on_cancel_leaves_no_half_output(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed after its cancel grace (a merge busy with one long key, here a stopped process) cannot clean
+    up after itself: the canceller removes the temporary file it was writing, from the list the worker kept."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ortho_mecha.fsutil import PARTIALS_ENV, partial_path
+
+    monkeypatch.setattr(jobs, "KILL_GRACE_S", 0.2)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    base = {f"blocks.{i}.weight": torch.randn(48, 48, generator=generator) for i in range(400)}
+    paths = {}
+    for name, scale in (("base", 0.0), ("a", 0.05), ("b", 0.05)):
+        paths[name] = folder / f"{name}.safetensors"
+        save_file({k: v + scale * torch.randn(v.shape, generator=generator) for k, v in base.items()},
+                  str(paths[name]))
+    plan = {"base": str(paths["base"]), "method": "orthomerge", "output_dtype": "fp32",
+            "rows": [{"model": str(paths["a"])}, {"model": str(paths["b"])}]}
+    out = folder / "merged.safetensors"
+    job_id = jobs.submit("merge", {"plan_data": plan, "out": str(out)})
+    listing = jobs.job_dir(job_id) / jobs.PARTIALS_NAME
+    deadline = time.monotonic() + 60
+    temp: Path | None = None
+    while temp is None or not temp.exists():  # the writer's temporary file (after check_writable's probe)
+        assert time.monotonic() < deadline and not finished(jobs.status(job_id)), "the merge never started writing"
+        lines = listing.read_text(encoding="utf-8").splitlines() if listing.exists() else []
+        temp = Path(json.loads(lines[-1])) if len(lines) >= 2 else None
+        time.sleep(0.01)
+    pid = jobs.status(job_id)["pid"]
+    os.kill(pid, signal.SIGSTOP)  # busy past any grace: it can neither see the cancel nor clean up
+    record = jobs.cancel(job_id, grace=0.2)
+    assert record["state"] == "cancelled" and "ignored the cancel request" in record["error"]
+    assert not temp.exists() and not out.exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors"]
+    # outside a worker nothing is listed
+    monkeypatch.delenv(PARTIALS_ENV, raising=False)
+    partial_path(out)
+    assert len(listing.read_text(encoding="utf-8").splitlines()) == 2
