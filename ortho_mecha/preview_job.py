@@ -77,6 +77,35 @@ def settings_params(settings: PreviewSettings) -> dict[str, Any]:
     return data
 
 
+def page_fields(params: Mapping[str, Any], models: Any = None) -> dict[str, Any]:
+    """The Preview page's fields (widget key → value) as the ``preview`` or ``sweep`` job of these ``params`` ran:
+    shown beside its images on a reload, in a second tab or to another person. ``models``: the page's merged
+    models (a :class:`~ortho_mecha.workspace.ModelChoices`), to select the one rendered when it is listed. What
+    the job left to a user workflow (its own negative prompt and seed) stays as the page has it."""
+    settings = params.get("settings") or {}
+    size = settings.get("size")
+    fields: dict[str, Any] = {
+        "pv_arch": params.get("arch") if params.get("arch") in BUILTIN_ARCHS else None,  # not 'custom'
+        "pv_prompt": settings.get("prompt"),
+        "pv_negative": settings.get("negative"),
+        "pv_seed": settings.get("seed"),
+    }
+    fields = {key: value for key, value in fields.items() if value is not None}
+    fields |= {
+        "pv_steps": settings.get("steps"),
+        "pv_cfg": settings.get("cfg"),
+        "pv_size": f"{size[0]}x{size[1]}" if size else "",
+        "pv_clip": ", ".join(settings.get("clip") or ()),
+        "pv_vae": settings.get("vae") or "",
+    }
+    if "alphas" in params:  # a sweep
+        fields |= {"sw_alphas": ",".join(f"{alpha:g}" for alpha in params["alphas"]),
+                   "sw_name": Path(params["out"]).name, "sw_compare": bool(params.get("compare"))}
+    elif models is not None and params.get("model") and models.holds(params["model"]):
+        fields["pv_model"] = models.label(params["model"])
+    return fields
+
+
 def file_list(text: str) -> tuple[str, ...]:
     """File names typed as one text, separated by commas (blanks dropped)."""
     return tuple(name.strip() for name in text.split(",") if name.strip())

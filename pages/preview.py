@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import streamlit as st
 
-from ortho_mecha import comfy, preview_job, security, ui, workspace
+from ortho_mecha import comfy, jobs, preview_job, security, ui, workspace
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.workflows import BUILTIN_ARCHS, MAX_SEED, PreviewSettings
 
@@ -17,14 +18,29 @@ MIXER_PLAN = "the Mixer's plan"
 ui.require_app()
 st.title("Preview")
 
+merges = ui.model_choices((workspace.merges_dir(),))
+served_here = not security.is_lan_address(st.get_option("server.address"))
+# The fields start as the job in the URL ran (a reload, a second tab, a colleague see what made its images).
+for url_name in (ui.PREVIEW_URL, ui.SWEEP_URL):
+    job_id = ui.followed_job(url_name)
+    if job_id and (st.session_state.get(f"fields_from_{url_name}") != job_id or "pv_prompt" not in st.session_state):
+        with contextlib.suppress(OrthoMechaError):  # a job that cannot be read is said by its panel below
+            params = jobs.status(job_id)["params"]
+            st.session_state.update(preview_job.page_fields(params, merges))
+            if served_here:
+                st.session_state.update(pv_api=params["api"], pv_dir=params.get("comfy_dir") or "")
+        st.session_state[f"fields_from_{url_name}"] = job_id
+for key, default in (("pv_api", comfy.comfy_api()), ("pv_dir", os.environ.get("COMFYUI_DIR", "")), ("pv_seed", 0),
+                     ("pv_prompt", "a photo of a red fox in the snow, detailed fur"),
+                     ("pv_negative", "blurry, low quality"), ("sw_alphas", "0.5,1,1.5"), ("sw_name", "sweep")):
+    st.session_state.setdefault(key, default)
+
 with st.container(border=True):
     st.markdown("**ComfyUI**")
-    served_here = not security.is_lan_address(st.get_option("server.address"))
     left, right = st.columns(2)
-    api = left.text_input("Server address (COMFYUI_API)", value=comfy.comfy_api(), key="pv_api",
-                          disabled=not served_here)
+    api = left.text_input("Server address (COMFYUI_API)", key="pv_api", disabled=not served_here)
     folder = right.text_input(
-        "ComfyUI folder (COMFYUI_DIR)", value=os.environ.get("COMFYUI_DIR", ""), key="pv_dir",
+        "ComfyUI folder (COMFYUI_DIR)", key="pv_dir",
         placeholder="e.g. /opt/ComfyUI", help="the folder holding ComfyUI's models/: the model is linked into it "
         "for the render and unlinked afterwards; leave empty to copy the model into ComfyUI's models folder yourself",
         disabled=not served_here,
@@ -39,7 +55,7 @@ with st.container(border=True):
     arch = arch_column.selectbox("Architecture", [preview_job.AUTO_ARCH, *BUILTIN_ARCHS], key="pv_arch",
                                  help="picks the built-in workflow; auto: the one the model's keys are those of "
                                       "(for a sweep, the plan's base)")
-    seed = seed_column.number_input("Seed", min_value=0, max_value=min(MAX_SEED, BROWSER_INT_MAX), value=0, step=1,
+    seed = seed_column.number_input("Seed", min_value=0, max_value=min(MAX_SEED, BROWSER_INT_MAX), step=1,
                                     key="pv_seed")
     steps = steps_column.number_input("Steps", min_value=1, max_value=200, value=None, step=1, key="pv_steps",
                                       placeholder="default", help="empty: the architecture's default")
@@ -48,8 +64,8 @@ with st.container(border=True):
     size_text = size_column.text_input("Size", key="pv_size", placeholder="default",
                                        help="WIDTHxHEIGHT, e.g. 768x1024 (smaller renders faster); empty: the "
                                             "architecture's default (1024x1024, SD1.5 512x512)")
-    prompt = st.text_area("Prompt", value="a photo of a red fox in the snow, detailed fur", key="pv_prompt", height=80)
-    negative = st.text_area("Negative prompt", value="blurry, low quality", key="pv_negative", height=68)
+    prompt = st.text_area("Prompt", key="pv_prompt", height=80)
+    negative = st.text_area("Negative prompt", key="pv_negative", height=68)
     clip_column, vae_column = st.columns(2)
     clip = clip_column.text_input("Text encoder file(s)", key="pv_clip", placeholder="auto: from what ComfyUI lists",
                                   help="file names as ComfyUI lists them, separated by commas (two for Flux.1: "
@@ -67,7 +83,6 @@ settings = PreviewSettings(prompt=prompt, negative=negative, seed=int(seed),
 one, sweep = st.tabs(["One model", "Alpha sweep"])
 
 with one:
-    merges = ui.model_choices((workspace.merges_dir(),))
     if not merges.labels:
         st.info(f"No merged models yet in {workspace.merges_dir()}; merge a plan on the Merge page first.")
     else:
@@ -125,9 +140,9 @@ with sweep:
     else:
         source_column, alphas_column, name_column = st.columns([2, 1, 1])
         source = source_column.selectbox("Plan", plans, key="sw_plan", help="the Mixer's current plan or a preset")
-        alphas = alphas_column.text_input("Alphas", value="0.5,1,1.5", key="sw_alphas",
+        alphas = alphas_column.text_input("Alphas", key="sw_alphas",
                                           help="global alphas from 0 to 2, separated by commas")
-        name = name_column.text_input("Sweep name", value="sweep", key="sw_name",
+        name = name_column.text_input("Sweep name", key="sw_name",
                                       help="the folder merges/sweeps/NAME/ gets the merges, images and grid")
         compare = st.checkbox("Also preview the base and each model", key="sw_compare")
         swept = form_ok = None

@@ -165,6 +165,34 @@ def test_preview_page_renders_a_merge_in_the_background(
     assert any("tiny_seed0_001.png" in caption.value for caption in at.caption)
 
 
+def test_a_preview_link_shows_the_settings_that_made_its_images(
+    workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A reload, a second tab or a colleague opening ?preview=<id> sees the prompt, seed and size of the render,
+    not the page's defaults beside its images."""
+    write_model(workspace / "merges" / "first.safetensors")
+    write_model(workspace / "merges" / "second.safetensors")
+    at = _page(monkeypatch, comfy_stub)
+    typed = {"pv_prompt": "a watercolor cat on a roof", "pv_negative": "text, watermark", "pv_size": "512x768"}
+    at.selectbox(key="pv_model").set_value("second.safetensors")
+    at.selectbox(key="pv_arch").set_value("sd1")
+    at.number_input(key="pv_seed").set_value(1234)
+    for key, text in typed.items():
+        (at.text_area if key != "pv_size" else at.text_input)(key=key).set_value(text)
+    at.button(key="pv_render").click().run()
+    job_id = at.query_params["preview"]
+    _until(at, lambda a: a.get("image"), "the preview images")
+
+    other = _app()
+    other.query_params["preview"] = job_id
+    other.switch_page(ui.PAGES[3].path).run()
+    assert not other.exception and not _errors(other)
+    assert {key: (other.text_area if key != "pv_size" else other.text_input)(key=key).value for key in typed} == typed
+    assert other.number_input(key="pv_seed").value == 1234 and other.selectbox(key="pv_arch").value == "sd1"
+    assert other.selectbox(key="pv_model").value == "second.safetensors"
+    assert other.get("image")
+
+
 def test_preview_page_renders_with_an_uploaded_workflow(
     workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
