@@ -79,7 +79,8 @@ class RowStats:
     max_abs: dict[str, float] = field(default_factory=dict)  # per key: max |δ|
     base_sq: dict[str, float] = field(default_factory=dict)  # per key: ‖W_C‖², to judge relative change
     rounding_sq: float = 0.0  # squared relative rounding step of the inputs behind this delta
-    signal: dict[str, tuple[float, float]] = field(default_factory=dict)  # per signal key: (effective rank, SNR)
+    # per signal key: (effective rank, SNR), None where the delta is zero (a LoRA that does not touch the key)
+    signal: dict[str, tuple[float, float] | None] = field(default_factory=dict)
 
     @property
     def noise_sq(self) -> float:
@@ -92,13 +93,21 @@ class RowStats:
         return sorted(self.signal)
 
     @property
+    def _measured(self) -> list[tuple[float, float]]:
+        """The figures of the signal keys where the delta is not zero, in key order."""
+        return [figures for key in self.signal_keys if (figures := self.signal[key]) is not None]
+
+    @property
     def effective_rank(self) -> float:
-        """Mean over the measured keys; 1 (full rank: no credit for focus) when none was (--rank-samples 0)."""
-        return float(np.mean([self.signal[k][0] for k in self.signal_keys])) if self.signal else 1.0
+        """Mean over the measured keys where the delta is not zero; 1 (full rank: no credit for focus) when there
+        is none (a delta zero on every signal key tells nothing of its focus)."""
+        measured = self._measured
+        return float(np.mean([rank for rank, _ in measured])) if measured else 1.0
 
     @property
     def snr(self) -> float:
-        return float(np.mean([self.signal[k][1] for k in self.signal_keys])) if self.signal else 0.0
+        measured = self._measured
+        return float(np.mean([snr for _, snr in measured])) if measured else 0.0
 
     def merge(self, other: RowStats) -> None:
         """Add the figures of a pass over other keys."""
@@ -137,10 +146,12 @@ def _compute_dtype(exact: bool) -> torch.dtype:
 
 
 def _signal_keys(alignment: Alignment, k: int) -> list[str]:
-    """The ``k`` largest analysed keys with at least two dimensions (by element count)."""
+    """The ``k`` largest analysed 2-D keys (by element count), the matrices of linear layers that fine-tunes and
+    LoRAs change (an SD UNet's largest keys are 3×3 convs, which a LoRA of its attention layers leaves alone);
+    conv keys (flattened to out × rest) only where there are fewer than ``k`` matrices."""
     shapes = {c: alignment.base.tensors[alignment.maps[0].keys[c]].shape for c in alignment.keys}
     candidates = [c for c, s in shapes.items() if len(s) >= 2 and min(s[0], math.prod(s[1:])) > 1]
-    return sorted(candidates, key=lambda c: (-math.prod(shapes[c]), c))[:k]
+    return sorted(candidates, key=lambda c: (len(shapes[c]) > 2, -math.prod(shapes[c]), c))[:k]
 
 
 def sample_lines(shape: Sequence[int], columns: int | None, seed: int = 0) -> tuple[bool, torch.Tensor | None, float]:
@@ -178,12 +189,13 @@ def sampled_energy(sampled: torch.Tensor, tall: bool) -> np.ndarray:
     return np.clip(values[::-1], 0.0, None).astype(np.float64)
 
 
-def signal_figures(energies: np.ndarray) -> tuple[float, float]:
-    """(effective rank, SNR) of one delta from its σ²: fewest values holding 90 % of Σσ², over n; top 10 % ÷ rest."""
+def signal_figures(energies: np.ndarray) -> tuple[float, float] | None:
+    """(effective rank, SNR) of one delta from its σ²: fewest values holding 90 % of Σσ², over n; top 10 % ÷ rest.
+    None for a zero delta, which has neither."""
     n = len(energies)
     total = float(energies.sum())
     if n == 0 or total <= 0:
-        return 0.0, 0.0
+        return None
     r = int(np.searchsorted(np.cumsum(energies), ENERGY * total) + 1)
     top = max(1, math.ceil(0.1 * n))
     rest = float(energies[top:].sum())
@@ -697,7 +709,7 @@ class _SignalWork:
         self.dtype = dtype
         self.sampled = sampled  # False (--exact): every line, DESIGN's SVD of the whole delta
         self.tasks = _TaskQueue([(canon, r) for canon in signal_keys for r in stat_rows])
-        self.figures: dict[int, dict[str, tuple[float, float]]] = {r: {} for r in stat_rows}
+        self.figures: dict[int, dict[str, tuple[float, float] | None]] = {r: {} for r in stat_rows}
         self._base_cache: dict[str, torch.Tensor] = {}
         self._base_lock = threading.Lock()
 

@@ -20,7 +20,7 @@ from ortho_mecha.analysis import PassResult, RowStats
 from ortho_mecha.cache import open_cache
 from ortho_mecha.io import Model
 
-ENGINE_REVISION = 3
+ENGINE_REVISION = 4  # 4: signal keys are matrices first; a zero delta has no signal figures
 RowSig = tuple[str, str | None]
 
 

@@ -71,7 +71,8 @@ def _add_analyse(sub: argparse._SubParsersAction) -> None:
         metavar="MODEL=OTHER",
         help="take MODEL's delta against OTHER instead of the base (repeatable)",
     )
-    p.add_argument("--rank-samples", type=int, default=5, metavar="K", help="largest keys used for SVD signal (5)")
+    p.add_argument("--rank-samples", type=int, default=5, metavar="K",
+                   help="largest 2-D keys used for the SVD signal (5)")
     p.add_argument("--exact", action="store_true", help="float64 throughout (cosines within 1e-9)")
     p.add_argument("--json", metavar="REPORT.json", help="write the full report as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace REPORT.json if it exists")

@@ -315,6 +315,32 @@ def test_without_signal_samples_no_model_gets_credit_for_focus(tmp_path: Path) -
     assert all(score < 0.35 for score in rep["quality"]["score"]) and set(rep["quality"]["grade"]) == {"D"}
 
 
+def test_signal_keys_are_matrices_and_a_delta_zero_on_them_gets_no_focus_credit(tmp_path: Path) -> None:
+    """An SD UNet's largest keys are 3×3 convs, which an attention LoRA leaves alone: the signal comes from the
+    largest matrices, and a row whose delta is zero on every signal key is not "perfectly focused" (rank 0)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"conv.weight": (64, 64, 3, 3), "attn.to_q.weight": (96, 96), "ff.weight": (128, 64), "norm.bias": (64,)}
+    base = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+    noise = {key: 0.05 * torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+    files = {
+        "base": base,
+        "everywhere": {key: value + noise[key] for key, value in base.items()},
+        "conv_only": {key: value + noise[key] if key == "conv.weight" else value for key, value in base.items()},
+    }
+    for name, state in files.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+    run = A.analyse(tmp_path / "base.safetensors", [tmp_path / "everywhere.safetensors",
+                                                    tmp_path / "conv_only.safetensors"], rank_samples=2, exact=True,
+                    use_cache=False)
+    assert run.stats[0].signal_keys == ["attn.to_q.weight", "ff.weight"]  # not the larger conv
+    rep = A.report(run)
+    assert 0.5 < rep["signal"]["effective_rank"][0] < 1.0  # noise: nearly full rank
+    assert rep["signal"]["effective_rank"][1] == 1.0 and rep["signal"]["snr"][1] == 0.0  # nothing measured
+    assert rep["quality"]["grade"][1] == "D"
+
+
 def test_identical_model_is_a_null_delta(tmp_path: Path) -> None:
     paths = write_family_files(tmp_path / "m", "custom", "fp16", members=["base", "anime"])
     same = tmp_path / "m" / "same.safetensors"
@@ -424,7 +450,7 @@ def test_signal_figures_hand_computed() -> None:
     assert A.signal_figures(np.array([8.0, 2.0, 0.0, 0.0])) == (0.5, 4.0)
     rank, snr = A.signal_figures(np.array([1.0] + [0.0] * 9))
     assert rank == 0.1 and snr == A.SNR_CAP
-    assert A.signal_figures(np.zeros(3)) == (0.0, 0.0)
+    assert A.signal_figures(np.zeros(3)) is None  # a zero delta has no signal figures
 
 
 def whole_delta_energy(delta: torch.Tensor, columns: int) -> np.ndarray:
