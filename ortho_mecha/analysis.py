@@ -1178,8 +1178,14 @@ def summary_lines(rep: dict) -> list[str]:
             flags.append("null delta")
         if rep["outliers"]["keys"][i]:
             flags.append(f"outlier keys: {', '.join(rep['outliers']['keys'][i][:2])}")
-        if rep.get("lineage") and rep["lineage"][i]["parent"]:
-            flags.append(f"parent {Path(rep['lineage'][i]['parent']).name}")
+        lineage = (rep.get("lineage") or [{}] * len(names))[i]
+        if lineage.get("duplicate_of"):
+            flags.append(f"duplicate of {Path(lineage['duplicate_of']).name}")
+        if lineage.get("parent"):
+            flags.append(f"parent {Path(lineage['parent']).name}")
+        if lineage.get("mix"):
+            mix = sorted(lineage["mix"].items(), key=lambda item: -item[1])
+            flags.append("merge of " + " + ".join(f"{weight:.2f} {Path(source).name}" for source, weight in mix))
         if rep["delta_from"][i]:
             flags.append(f"delta from {Path(rep['delta_from'][i]).name}")
         lines.append(f"  {name:<{width}}  norm {rep['norms'][i]:.4g}  grade {grades[i]:<2}  {'; '.join(flags)}")

@@ -535,6 +535,11 @@ def test_summary_names_the_least_similar_pair_as_opposed_only_when_it_is() -> No
     lines = A.summary_lines(with_null)  # a null delta has no direction: its pairs are left out
     assert "  most similar: a.safetensors ~ b.safetensors (cos 0.900)" in lines
     assert not any("c.safetensors (cos" in line or "~ c.safetensors" in line for line in lines)
+    lineage = [{"parent": None, "mix": None, "duplicate_of": "/m/b.safetensors"}, {"parent": None, "mix": None},
+               {"parent": None, "mix": {"/m/a.safetensors": 0.3, "/m/b.safetensors": 0.7}, "duplicate_of": None}]
+    lines = A.summary_lines(with_null | {"lineage": lineage})  # the lineage's results, as its parents
+    assert lines[1].endswith("duplicate of b.safetensors")
+    assert lines[3].endswith("merge of 0.70 b.safetensors + 0.30 a.safetensors")
 
 
 def test_the_summary_says_what_was_read_and_how_long_it_took() -> None:
