@@ -45,6 +45,7 @@ MAX_ROUNDS = 50
 # delta: cos(δ_M − δ_B, δ_B) ≥ this. A child of B (B plus its own change) sits at ≈ 0; an unrelated file, or
 # one ingredient of a merge, far below (the row would cancel B's change, which another row may carry).
 ANCESTOR_COS = -0.05
+SAME_DIRECTION_COS = 0.99  # a file this parallel to a merge's ingredient (a scaled copy) counts as that ingredient
 GAIN_TOLERANCE = 1e-12  # an orthogonality gain must exceed this (per pair) to count as a rise
 
 
@@ -70,7 +71,7 @@ class _Family:
     dups: dict[int, int]
     d: np.ndarray
     lora: np.ndarray  # per model: a kohya LoRA row (delta from the base only, never a delta-from)
-    merges_of: dict[int, set[int]]  # per file: the models the lineage finds to be merges made from it
+    merges_of: dict[int, set[int]]  # per file: the models the lineage finds to be merges made from it (or a copy)
 
     @property
     def active(self) -> list[int]:
@@ -125,10 +126,13 @@ def _family(
         raise ValueError(f"{len(lora_rows)} LoRA flags for {n_models} models")
     found = lineage(h, n_models, q)  # its duplicates are duplicates(h, q)
     dups = {i: item["duplicate_of"] for i, item in enumerate(found) if item["duplicate_of"] is not None}
+    # the lineage names one of equivalent ingredients (i, or a scaled copy of i: 0.15 × 2δ_i is 0.3 δ_i)
+    parallel = cosine(h) >= SAME_DIRECTION_COS
     merges_of: dict[int, set[int]] = {}
     for m, item in enumerate(found):
-        for f in item["mix"] or {}:
-            merges_of.setdefault(f, set()).add(m)
+        for ingredient in item["mix"] or {}:
+            for f in np.nonzero(parallel[ingredient])[0]:
+                merges_of.setdefault(int(f), set()).add(m)
     return _Family(h, n_models, q, np.asarray(null, dtype=bool), labels, dups, squared_distances(h), lora_rows,
                    merges_of)
 

@@ -136,6 +136,18 @@ def test_optimizer_moves_a_delta_from_the_parent_rule_misses() -> None:
     assert all(c.enabled for c in chosen)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_merge_of_a_scaled_copy_of_a_model_is_not_its_delta_from(seed: int) -> None:
+    """m = 0.3 a + 0.7 b, with s = 2 a in the set: the lineage may name s (0.15 × 2a) as m's ingredient; m is
+    still made from a, and a's delta from m would be 0.7 (a − b), moving the merge against b."""
+    rng = np.random.default_rng(seed)
+    a, b = unit(rng), 0.4 * unit(rng)  # b smaller: a's delta from m does not point against m's
+    h = files_gram(np.stack([a, 0.3 * a + 0.7 * b, 2.0 * a, b]))  # b: only a delta-from file
+    fam = optimize._family(h, 3, [0.5] * 3, [False] * 3, ["a", "m", "s", "b"])
+    assert 1 not in fam.allowed_from(0) and 1 not in fam.allowed_from(2)
+    assert all(row.delta_from != 1 for row in optimize.optimize(h, 3, [0.5] * 3, [False] * 3))
+
+
 def test_cycle_is_broken_at_its_weakest_link() -> None:
     rng = np.random.default_rng(2)
     a, e = unit(rng), unit(rng)
