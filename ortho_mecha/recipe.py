@@ -44,7 +44,8 @@ sd-mecha's ``fallback`` to the row's plain coefficient for every other key::
 without block alphas, or whose coefficients equal its plain one everywhere, keeps the plain float.
 
 A texture boost wraps the result:
-``texture_boost(merged, base, subtract(texture, base), beta, mode)``. A checkpoint's text encoders and
+``texture_boost(merged, base, fallback(subtract(texture, base), subtract(base, base)), beta, mode)``
+(zero on a key the texture's file lacks). A checkpoint's text encoders and
 VAE chosen in the plan's ``components`` are put in front with ``pick_component(source, id) | merged``
 (:mod:`ortho_mecha.components`).
 
@@ -169,7 +170,7 @@ def _combine(
             return lora_delta_node(row.model, base, config_id)
         # a key a file lacks is read as the base's value there, as the analysis reads it
         if row.delta_from is None:
-            return _method("fallback")(sd_mecha.subtract(node(row.model), base), sd_mecha.subtract(base, base))
+            return _delta_from_base(node(row.model), base)
         return sd_mecha.subtract(_method("fallback")(node(row.model), base),
                                  _method("fallback")(node(row.delta_from), base))
 
@@ -197,6 +198,11 @@ def _combine(
     return _method("add_difference")(base, combined, alpha=alpha)
 
 
+def _delta_from_base(model: sd_mecha.RecipeNode, base: sd_mecha.RecipeNode) -> sd_mecha.RecipeNode:
+    """``fallback(subtract(model, base), subtract(base, base))``: the model's delta, zero on a key its file lacks."""
+    return _method("fallback")(sd_mecha.subtract(model, base), sd_mecha.subtract(base, base))
+
+
 def build_recipe(plan: Plan) -> sd_mecha.RecipeNode:
     """The sd-mecha recipe of ``plan`` (registers the base's derived config first)."""
     config_id = register_base_config(plan.base)
@@ -210,7 +216,7 @@ def build_recipe(plan: Plan) -> sd_mecha.RecipeNode:
     base = node(plan.base)
     merged = _combine(plan, plan.method, dict(plan.options), node, config_id)
     if plan.texture is not None:
-        texture = sd_mecha.subtract(node(plan.texture.model), base)
+        texture = _delta_from_base(node(plan.texture.model), base)  # zero where it lacks a key: the rows' merge stays
         merged = _method("texture_boost")(merged, base, texture, beta=plan.texture.alpha, mode=plan.texture.mode)
 
     def combine(method: str, options: dict[str, Any]) -> sd_mecha.RecipeNode:

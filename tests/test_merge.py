@@ -198,6 +198,19 @@ def test_a_key_missing_from_one_row_is_a_zero_delta_of_that_row_only(family, tmp
     assert not torch.equal(tensors["out.2.weight"], base)
 
 
+def test_a_texture_that_lacks_a_key_adds_nothing_there_and_the_rows_merge_stays(family, tmp_path) -> None:
+    state = finetune(base_state(), 14)
+    del state["out.2.weight"]
+    save_file(state, str(tmp_path / "detail.safetensors"))
+    rows = [{"model": str(family["a"])}]
+    plan = plan_from_dict({"base": str(family["base"]), "method": "ortho_superpose", "rows": rows,
+                           "output_dtype": "fp32", "texture": {"model": "detail.safetensors", "alpha": 0.3}}, tmp_path)
+    report = merge_plan(plan, tmp_path / "merged.safetensors")
+    assert report["repairs"]["missing"] == []  # it used to fail the key, then copy the base's value into it
+    torch.testing.assert_close(read(tmp_path / "merged.safetensors")["out.2.weight"], read(family["a"])["out.2.weight"],
+                               rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["add_difference", "ortho_superpose"])
 def test_a_key_a_delta_from_lacks_is_read_as_the_base_as_the_analysis_reads_it(family, tmp_path, method) -> None:
     """A pruned parent (a delta-from missing a key): there the row's delta is model − base, in the merge as in the
