@@ -109,8 +109,10 @@ class _OutputWriter:
     """Where sd-mecha puts merged keys: repairs each one and streams it into the temporary file.
 
     The header is written last, into room reserved up front (its size is bounded because every key,
-    shape and dtype is known before the merge starts). sd-mecha only ever assigns keys to its output
-    mapping, so ``__setitem__`` is all this needs of the MutableMapping protocol.
+    shape and dtype is known before the merge starts). Each key's bytes go to a place fixed up front, in the
+    base's key order, whatever order sd-mecha's threads finish the keys in: the same plan gives the same file,
+    byte for byte. sd-mecha only ever assigns keys to its output mapping, so ``__setitem__`` is all this needs
+    of the MutableMapping protocol.
     """
 
     def __init__(
@@ -129,7 +131,11 @@ class _OutputWriter:
         data_size = data_bytes(layout)
         worst = self._header({key: (data_size, data_size) for key in layout})
         self.header_room = -(-len(worst) // 8) * 8
-        self._position = 0
+        self.offsets: dict[str, tuple[int, int]] = {}
+        position = 0
+        for key, layout_entry in layout.items():
+            self.offsets[key] = (position, position + data_bytes({key: layout_entry}))
+            position = self.offsets[key][1]
         try:
             self._fh = open(path, "xb")  # noqa: SIM115 - closed by finish() or abort()
         except FileExistsError as exc:
@@ -209,10 +215,13 @@ class _OutputWriter:
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
         data = tensor_bytes(tensor)
+        start, end = self.offsets[key]
+        if len(data) != end - start:  # the dtype and shape were checked: this would be a bug, said before harm
+            raise RuntimeError(f"'{key}': {len(data)} bytes to write where the layout has {end - start}")
         with self._lock:
+            self._fh.seek(8 + self.header_room + start)
             self._fh.write(data)
-            self.entries[key] = (self._position, self._position + len(data))
-            self._position += len(data)
+            self.entries[key] = (start, end)
 
     def finish(self) -> None:
         """Copy the keys the merge did not produce from the base, write the header, fsync, close."""

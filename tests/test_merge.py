@@ -230,6 +230,23 @@ def test_a_key_a_delta_from_lacks_is_read_as_the_base_as_the_analysis_reads_it(f
     assert survival["predicted"] == pytest.approx([1.0]) and survival["measured"] == pytest.approx([1.0], abs=1e-6)
 
 
+def test_the_file_does_not_depend_on_the_order_the_keys_are_merged_in(family, tmp_path) -> None:
+    """sd-mecha's threads finish keys in any order; each key's bytes have a fixed place (the base's key order), so
+    the same plan gives the same bytes and the printed sha256 checks a reproduction."""
+    from ortho_mecha.io import DTYPES, Model
+
+    with Model(family["a"]) as model:
+        layout = {key: (DTYPES[info.dtype], tuple(info.shape)) for key, info in model.tensors.items()}
+        values = {key: model.read_tensor(key, dtype=dtype) for key, (dtype, _) in layout.items()}
+        for name, order in (("forward", list(layout)), ("backward", list(reversed(layout)))):
+            writer = _OutputWriter(tmp_path / f"{name}.safetensors", layout, {"m": "x"}, model)
+            for key in order:
+                writer[key] = values[key].clone()  # written, a value lets go of its data
+            writer.finish()
+    assert sha256(tmp_path / "forward.safetensors") == sha256(tmp_path / "backward.safetensors")
+    assert read(tmp_path / "backward.safetensors").keys() == values.keys()
+
+
 def test_existing_output_is_refused_before_merging(family, tmp_path, capsys) -> None:
     out = tmp_path / "exists.safetensors"
     out.write_bytes(b"keep me")
