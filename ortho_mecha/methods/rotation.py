@@ -64,6 +64,7 @@ PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 # Above this condition number of R + I (a rotation angle near π) the Cayley map is not trusted.
 CAYLEY_MAX_COND = 1e6
+CAYLEY_MAX_COND_FLOAT32 = 1e3  # precision="float32": its rotation is too coarse to invert R + I beyond this
 # The polar factor comes from eigh of MᵀM when its eigenvalue ratio is above this (cond(M) < 1e4);
 # its distance to the SVD result grows like 1e-16·cond(M)², measured ≈ 1e-10 at the threshold.
 EIGH_MIN_RATIO = 1e-8
@@ -113,7 +114,8 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
 
     R + I is normal with singular values 2|cos(φ/2)| over R's rotation angles φ, and ‖A‖₂ = tan(φ_max/2),
     so cond(R + I) ≤ sqrt(1 + ‖A‖₂²) ≤ sqrt(1 + ‖A‖_F²). The Frobenius bound is what is checked against
-    ``CAYLEY_MAX_COND``: free to compute, and on the safe side.
+    ``CAYLEY_MAX_COND`` (``CAYLEY_MAX_COND_FLOAT32`` for a float32 rotation): free to compute, and on the safe
+    side.
     """
     r = rotation.numpy()
     eye = np.eye(r.shape[0], dtype=r.dtype)
@@ -123,7 +125,8 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
         return None
     generator = (generator - generator.T) / 2.0
     theta = np.linalg.norm(generator)
-    if not np.isfinite(theta) or 1.0 + float(theta) ** 2 > CAYLEY_MAX_COND**2:
+    limit = CAYLEY_MAX_COND if r.dtype == np.float64 else CAYLEY_MAX_COND_FLOAT32
+    if not np.isfinite(theta) or 1.0 + float(theta) ** 2 > limit**2:
         return None
     return torch.from_numpy(generator)
 
