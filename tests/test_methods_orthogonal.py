@@ -198,6 +198,8 @@ def test_storage_unit_is_read_off_the_values(gen: torch.Generator) -> None:
     assert storage_unit(values.to(torch.float16).to(torch.float32)) == UNIT_ROUNDOFF["F16"]
     assert storage_unit(values.to(torch.float32)) == UNIT_ROUNDOFF["F32"]
     assert storage_unit(values) == UNIT_ROUNDOFF["F64"]
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):  # no floor, as the analysis and its prediction have it
+        assert storage_unit(values.to(fp8).to(torch.float32)) == 0.0
 
 
 def test_superpose_zero_deltas_and_alpha(gen: torch.Generator) -> None:

@@ -114,7 +114,10 @@ def _coefficients(gram: Tensor, rcond: float, floor: np.ndarray | float = 0.0) -
 def storage_unit(base: Tensor) -> float:
     """The unit roundoff of the dtype ``base``'s values were stored in: the coarsest of bf16, fp16 and fp32 in
     which every value is exactly representable (as after loading such a file into the merge dtype), else
-    float64's."""
+    float64's. A base whose values all fit fp8 gets none (0: no floor), as the analysis gives an fp8 base."""
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if torch.equal(base, base.to(fp8).to(base.dtype)):
+            return 0.0
     for dtype, name in ((torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float32, "F32")):
         if torch.equal(base, base.to(dtype).to(base.dtype)):
             return UNIT_ROUNDOFF[name]
