@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import short_names
 
 MIN_CELL = 24  # pixels: a cell still holds its value ("-0.93" at 7 px) and a row label fits beside it
 ALL_KEYS = "all keys"
@@ -51,14 +52,6 @@ METRICS: dict[str, Metric] = {
 }
 INTERFERENCE = Metric("interference", "interference", (-0.5, 0.5), "redblue", False,
                       "share of the rows' own energy their overlap adds to a plain sum (negative: they cancel)")
-
-
-def short_names(paths: Sequence[str]) -> list[str]:
-    """File stems, with the parent folder added where two stems are the same."""
-    stems = [Path(p).stem for p in paths]
-    return [
-        f"{Path(p).parent.name}/{stem}" if stems.count(stem) > 1 else stem for p, stem in zip(paths, stems, strict=True)
-    ]
 
 
 def blocks_of(report: Mapping[str, Any]) -> list[str]:

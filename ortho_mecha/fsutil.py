@@ -9,7 +9,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,14 @@ PARTIAL_NAME_BYTES = 200  # of the output's name in its temporary file's: a name
 def _partial_prefix(out: Path) -> str:
     name = os.fsencode(out.name)[:PARTIAL_NAME_BYTES].decode("utf-8", errors="ignore")
     return f".{name}.partial-"
+
+
+def short_names(paths: Sequence[str | Path]) -> list[str]:
+    """File stems, with the parent folder added where two stems are the same (``lA/lora``, ``lB/lora``)."""
+    stems = [Path(p).stem for p in paths]
+    return [
+        f"{Path(p).parent.name}/{stem}" if stems.count(stem) > 1 else stem for p, stem in zip(paths, stems, strict=True)
+    ]
 
 
 def partial_path(out: Path) -> Path:

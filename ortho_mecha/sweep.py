@@ -23,7 +23,7 @@ from typing import Any
 from ortho_mecha.comfy import ComfyClient, PreviewImage, preflight, run_preview, save_images
 from ortho_mecha.comfy import Progress as ComfyProgress
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes, output_folder
+from ortho_mecha.fsutil import atomic_write_bytes, output_folder, short_names
 from ortho_mecha.lora_rows import is_lora_file
 from ortho_mecha.merge import merge_plan
 from ortho_mecha.plan import Plan, Row, save_plan
@@ -73,24 +73,31 @@ def _merged(plan: Plan, folder: Path, name: str, progress: Progress | None) -> t
     return out, plan_path
 
 
-def _compared(plan: Plan) -> tuple[list[Cell], list[Row]]:
-    """(the base's and each enabled model row's cells, the enabled LoRA rows): a LoRA row's cell needs a merge."""
+def _compared(plan: Plan) -> tuple[list[Cell], list[tuple[Row, str]]]:
+    """(the base's and each enabled model row's cells, the enabled LoRA rows with their labels): a LoRA row's cell
+    needs a merge. Rows whose files share a name are labelled with their folders (``a/lora``, ``b/lora``)."""
+    enabled = [row for row in plan.rows if row.enabled]
     cells = [Cell("base", plan.base)]
     loras = []
-    for row in plan.rows:
-        if row.enabled and is_lora_file(row.model):
-            loras.append(row)
-        elif row.enabled:
-            cells.append(Cell(row.model.stem, row.model))
+    for row, label in zip(enabled, short_names([row.model for row in enabled]), strict=True):
+        if is_lora_file(row.model):
+            loras.append((row, label))
+        else:
+            cells.append(Cell(label, row.model))
     return cells, loras
 
 
-def _lora_cell(plan: Plan, row: Row, folder: Path, stem: str, progress: Progress | None) -> Cell:
+def _lora_cell(plan: Plan, row: Row, label: str, folder: Path, stem: str, progress: Progress | None) -> Cell:
     """The cell of a LoRA row: the base plus the LoRA at its row's alpha (and block alphas), merged."""
     on_base = replace(plan, method="add_difference", rows=(replace(row, repeat=1),), options={"alpha": 1.0},
                       texture=None, source=None)
-    model, plan_path = _merged(on_base, folder, f"{stem}_{row.model.stem}", progress)
-    return Cell(f"{row.model.stem}+base", model, plan=plan_path)
+    model, plan_path = _merged(on_base, folder, f"{stem}_{_file_part(label)}", progress)
+    return Cell(f"{label}+base", model, plan=plan_path)
+
+
+def _file_part(label: str) -> str:
+    """A cell's label as part of a file name (no spaces, no folder separators)."""
+    return label.replace(" ", "").replace("/", "_")
 
 
 def _plan_of(model: Path) -> Any:
@@ -149,7 +156,7 @@ def alpha_sweep(
         model, plan_path = _merged(at_alpha, folder, f"{stem}_alpha{alpha:g}", progress)
         cells.append(Cell(f"alpha {alpha:g}", model, plan=plan_path, alpha=alpha))
     if compare:
-        cells += compared + [_lora_cell(plan, row, folder, stem, progress) for row in loras]
+        cells += compared + [_lora_cell(plan, row, label, folder, stem, progress) for row, label in loras]
     columns: list[tuple[str, list[bytes]]] = []
     seed = None
     for n, cell in enumerate(cells, start=1):
@@ -162,7 +169,7 @@ def alpha_sweep(
         result = run_preview(cell.model, arch, settings, client=client, comfy=comfy, time_limit=time_limit,
                              progress=polled)
         images: list[PreviewImage] = result.images
-        cell.images = save_images(images, folder, f"{stem}_{cell.label.replace(' ', '')}_seed{result.seed}")
+        cell.images = save_images(images, folder, f"{stem}_{_file_part(cell.label)}_seed{result.seed}")
         seed = result.seed
         columns.append((cell.label, [image.data for image in images]))
     atomic_write_bytes(grid_path, grid(columns))

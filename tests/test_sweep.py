@@ -83,6 +83,25 @@ def test_compare_previews_a_lora_row_as_the_base_plus_the_lora(comfy_stub: Comfy
         assert f"{lora}: is a LoRA" in line and "--compare" in line
 
 
+def test_compare_tells_rows_of_the_same_file_name_apart(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:
+    """Trainers save every LoRA as pytorch_lora_weights.safetensors, kept in a folder each: the second one's merge
+    took the first one's name, and the sweep failed ("was not merged from this sweep's plan")."""
+    paths = write_family_files(tmp_path / "m", "sdxl", "fp16", members=MEMBERS)
+    for name in ("photo", "anime"):
+        (tmp_path / name).mkdir()
+    loras = [Path(extract_lora(paths[name], paths["base"], 4, tmp_path / name / "lora.safetensors").out)
+             for name in ("photo", "anime")]
+    plan = tmp_path / "mix.json"
+    plan.write_text(plan_from_dict({"base": str(paths["base"]), "method": "ortho_superpose",
+                                    "rows": [{"model": str(lora)} for lora in loras]}, tmp_path).to_json())
+    out = tmp_path / "sweep"
+    result = cli("preview", "--plan", plan, "--alphas", "1", "--compare", "--prompt", "a fox",
+                 "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", out)
+    assert result.code == 0, result.err
+    assert "photo/lora+base:" in result.out and "anime/lora+base:" in result.out
+    assert (out / "mix_sweep_photo_lora.safetensors").is_file() and (out / "mix_sweep_anime_lora.safetensors").is_file()
+
+
 def test_parse_alphas_and_errors(tmp_path: Path, cli_error: Callable) -> None:
     assert parse_alphas("0.5, 1,1.5,1") == [0.5, 1.0, 1.5]
     plan = write_plan(tmp_path)
