@@ -37,6 +37,7 @@ from filelock import FileLock
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import file_stamp, output_folder, process_exists
+from ortho_mecha.security import READ_SUFFIXES
 from ortho_mecha.workflows import (
     BUILTIN_ARCHS,
     FILE_FOLDERS,
@@ -754,7 +755,7 @@ def image_refs(entry: Mapping[str, Any]) -> list[ImageRef]:
 def header_tensors(model: Path) -> Mapping[str, Any] | None:
     """The tensors a model file's safetensors header lists (None for another kind of file). ``.sft`` is the
     name some Flux releases gave their safetensors files; ComfyUI lists it too."""
-    if model.suffix.lower() not in (".safetensors", ".sft"):
+    if model.suffix.lower() not in READ_SUFFIXES:
         return None
     from ortho_mecha.io import parse_header  # imports torch; only needed here
 

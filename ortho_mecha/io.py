@@ -31,6 +31,7 @@ import torch
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import refuse_unencodable
+from ortho_mecha.security import READ_SUFFIXES
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def refuse_unsupported(path: Path) -> None:
         )
     if suffix == ".gguf":
         raise OrthoMechaError("GGUF files are quantised; use a .safetensors model", path)
-    if suffix != ".safetensors":
+    if suffix not in READ_SUFFIXES:
         raise OrthoMechaError("not a .safetensors file (only safetensors models are read)", path)
 
 
@@ -428,7 +429,7 @@ def expand_model_paths(paths: list[str | Path]) -> list[Path]:
 def _models_in_dir(folder: Path) -> Iterator[Path]:
     seen_stems: set[str] = set()
     for file in sorted(folder.iterdir()):
-        if not file.is_file() or not file.name.endswith(".safetensors"):
+        if not file.is_file() or not file.name.lower().endswith(READ_SUFFIXES):
             continue
         match = SHARD_RE.match(file.name)
         if match is None:

@@ -50,6 +50,7 @@ from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.io import Model as FileModel
 from ortho_mecha.io import TensorInfo, parse_header
 from ortho_mecha.lora import lora_name
+from ortho_mecha.security import READ_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def refuse_lora(model: Any, role: str) -> None:
 def is_lora_file(path: str | Path) -> bool:
     """:func:`is_lora` from a file's header alone (no tensor read; one file, shards are never LoRAs)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() not in READ_SUFFIXES:
         return False
     tensors, _ = parse_header(path)
     return is_lora(tensors)

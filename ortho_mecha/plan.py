@@ -41,6 +41,7 @@ from ortho_mecha.lora_rows import is_lora_file, refuse_lora_delta_from
 from ortho_mecha.methods import METHOD_OPTIONS, OptionError, OptionSpec
 from ortho_mecha.methods.deltas import ALPHA
 from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
+from ortho_mecha.security import unmergeable_name
 
 if TYPE_CHECKING:
     from ortho_mecha.components import Component
@@ -324,6 +325,8 @@ class Plan:
             refuse_unsupported(path)
         except OrthoMechaError as exc:
             raise self._fail(f"{what} {path}: {str(exc).removeprefix(f'{exc.path}: ')}") from exc
+        if (named := unmergeable_name(path)) is not None:
+            raise self._fail(f"{what} {path}: {named}, and name that in the plan")
         if not path.is_file():
             remedy = "fix the path" if what == "base" else "fix the path or remove it from the plan"
             raise self._fail(f"{what} {path} does not exist; {remedy}")

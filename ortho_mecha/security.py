@@ -33,6 +33,7 @@ ROOTS_VARIABLE = "ORTHO_MECHA_ROOTS"
 WORKSPACE_VARIABLE = "ORTHO_MECHA_WORKSPACE"
 COMFYUI_VARIABLE = "COMFYUI_DIR"
 MODEL_SUFFIX = ".safetensors"
+READ_SUFFIXES = (MODEL_SUFFIX, ".sft")  # model files read, in any case (".sft": an early Flux name)
 MAX_OUTPUT_NAME = 200
 
 _OUTPUT_CHARACTERS = re.compile(r"[A-Za-z0-9._ -]")
@@ -240,7 +241,7 @@ def resolve_model_path(user_path: str | Path, roots: Iterable[Path]) -> Path:
     if not existing:
         raise OrthoMechaError(f"no such model file in the allowed model folders ({_listing(roots)})", text)
     real = existing[0]
-    if real.suffix.lower() != MODEL_SUFFIX:
+    if real.suffix.lower() not in READ_SUFFIXES:
         shown = "" if real.name == given.name else f" (it links to {real.name})"
         raise OrthoMechaError(
             f"not a {MODEL_SUFFIX} file{shown}; only safetensors models are read "
@@ -248,6 +249,15 @@ def resolve_model_path(user_path: str | Path, roots: Iterable[Path]) -> Path:
             text,
         )
     return real
+
+
+def unmergeable_name(path: Path) -> str | None:
+    """Why sd-mecha, which merges, will not open a model file named so (``.sft``, ``.SAFETENSORS``: the analysis
+    reads them), with the remedy; None for a name it opens."""
+    if path.suffix == MODEL_SUFFIX:
+        return None
+    return (f"sd-mecha, which merges, opens only files named *{MODEL_SUFFIX}: rename or link it as "
+            f"{path.stem}{MODEL_SUFFIX}")
 
 
 def utf8_name(path: str | Path) -> bool:
@@ -278,8 +288,8 @@ def list_models(roots: Iterable[Path]) -> list[Path]:
                 real = _real(path)
                 if (
                     real is not None
-                    and name.lower().endswith(MODEL_SUFFIX)
-                    and real.suffix.lower() == MODEL_SUFFIX
+                    and name.lower().endswith(READ_SUFFIXES)
+                    and real.suffix.lower() in READ_SUFFIXES
                     and real.is_file()
                     and _inside(real, real_roots)
                 ):

@@ -23,6 +23,7 @@ from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import check_writable, refuse_existing, refuse_input, refuse_text_output, write_json
 from ortho_mecha.io import Model, expand_model_paths
+from ortho_mecha.security import unmergeable_name
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class ModelCheck:
                            "'ortho-mecha convert' writes")
         if self.shards > 1:
             reasons.append(f"sharded in {self.shards} files: merge the single file 'ortho-mecha convert' writes")
+        elif (named := unmergeable_name(Path(self.path))) is not None:
+            reasons.append(named)
         return reasons
 
     @property

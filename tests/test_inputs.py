@@ -232,7 +232,7 @@ def bad_nf4(folder: Path) -> Bad:
 
 
 def bad_other_suffix(folder: Path) -> Bad:
-    path = save(folder / "model.sft", state(1))
+    path = save(folder / "model.onnx", state(1))
     return _with_base(path, "not a .safetensors file")
 
 
@@ -825,6 +825,27 @@ def test_validate_accepts_a_folder_and_skips_the_base_in_it(family: dict[str, Pa
     shared_lines = [line for line in result.out.splitlines() if "keys shared" in line]
     assert len(shared_lines) == len(family) - 1
     assert not any(str(family["base"]) + ":" in line for line in shared_lines)
+
+
+def test_sft_and_upper_case_names_are_read_and_a_plan_asks_to_rename_them(family: dict[str, Path], tmp_path: Path,
+                                                                          cli, cli_error) -> None:
+    """BFL's Flux releases are .sft; files from Windows may say .SAFETENSORS: every command reads them (a folder's
+    scan too), and plan/merge, whose sd-mecha opens only *.safetensors names, say to rename or link them."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    base = folder / "base.sft"
+    base.write_bytes(family["base"].read_bytes())
+    for name, file_name in (("anime", "anime.sft"), ("photo", "PHOTO.SAFETENSORS")):
+        (folder / file_name).write_bytes(family[name].read_bytes())
+    assert expand_model_paths([folder]) == [folder / "PHOTO.SAFETENSORS", folder / "anime.sft", base]
+    result = cli("analyse", "--base", base, folder / "anime.sft", folder / "PHOTO.SAFETENSORS", "--json",
+                 tmp_path / "r.json")
+    assert result.code == 0, result.err
+    plan = {"base": str(family["base"]), "method": "ortho_superpose", "rows": [{"model": str(folder / "anime.sft")}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    line = cli_error("merge", tmp_path / "plan.json", "--out", tmp_path / "out.safetensors")
+    assert "opens only files named *.safetensors: rename or link it as anime.safetensors" in line
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_a_model_named_twice_is_taken_once(family: dict[str, Path], cli) -> None:
