@@ -70,7 +70,7 @@ from ortho_mecha.lora import (
     write_lora,
 )
 from ortho_mecha.lora_rows import refuse_lora
-from ortho_mecha.validate import Alignment, align, refuse_input_as_output
+from ortho_mecha.validate import Alignment, align, check_report_output
 
 logger = logging.getLogger(__name__)
 
@@ -470,11 +470,9 @@ def cli_compress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _, loras = output_paths(out, models, args.base == AVERAGE)
     check_writable(loras[0] if out.is_dir() else out)  # before the fit: a folder that cannot be written fails now
-    if args.json:
-        report_path = Path(args.json)
+    if args.json:  # before the fit: a report that cannot be written would fail it after the LoRAs are written
         inputs = [Model(p) for p in models] + ([] if args.base == AVERAGE else [Model(args.base)])
-        refuse_input_as_output(report_path, inputs)
-        refuse_existing(report_path, overwrite=False, remedy=NEVER_OVERWRITTEN)
+        check_report_output(Path(args.json), inputs, overwrite=False, remedy=NEVER_OVERWRITTEN)
     result = fit(models, args.base, args.directions, args.rounds)
     written = export(result, out, args.rank, args.dtype)
     for line in written.summary_lines():

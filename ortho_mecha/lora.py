@@ -46,7 +46,7 @@ from ortho_mecha import __version__
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_bytes, check_writable, refuse_existing, write_json
 from ortho_mecha.io import Model
-from ortho_mecha.validate import align, key_map, refuse_input_as_output
+from ortho_mecha.validate import align, check_report_output, key_map, refuse_input_as_output
 
 if TYPE_CHECKING:
     from ortho_mecha.jobs import Progress
@@ -394,12 +394,8 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
 
 
 def cli_extract_lora(args: argparse.Namespace) -> int:
-    if args.json:
-        report_path = Path(args.json)
-        refuse_input_as_output(report_path, [Model(args.merged), Model(args.base)])
-        if report_path.resolve() == Path(args.out).resolve():
-            raise OrthoMechaError("is also the LoRA output; write the report to another file", report_path)
-        refuse_existing(report_path, args.overwrite)
+    if args.json:  # before the work: a report that cannot be written would fail it after the LoRA is written
+        check_report_output(Path(args.json), [Model(args.merged), Model(args.base)], args.overwrite)
     report = extract_lora(args.merged, args.base, args.rank, args.out, dtype=args.dtype, overwrite=args.overwrite)
     for line in report.summary_lines():
         print(line)

@@ -325,13 +325,17 @@ def refuse_input_as_output(output: Path, models: list[Model], what: str = "the r
     refuse_input(output, _files(models), what)
 
 
-def check_report_output(output: Path, models: list[Model], overwrite: bool) -> None:
+def check_report_output(output: Path, models: list[Model], overwrite: bool, remedy: str | None = None) -> None:
     """Raise, before any work, unless the JSON report can be written to ``output``: not an input, not named like
-    a model file, in an existing folder, and not an existing file unless ``overwrite``."""
+    a model file, in an existing folder that can be written, and not an existing file unless ``overwrite``
+    (``remedy``: what to do then, when the command has no --overwrite)."""
     refuse_text_output(output, _files(models), "the report")
     if not output.parent.is_dir():
         raise OrthoMechaError("the folder for the report does not exist", output.parent)
-    refuse_existing(output, overwrite)
+    if remedy is None:
+        refuse_existing(output, overwrite)
+    else:
+        refuse_existing(output, overwrite, remedy)
     check_writable(output)
 
 

@@ -320,6 +320,15 @@ def test_cli_errors_are_one_line(make_family, tmp_path, cli, cli_error, digests)
     assert not (tmp_path / "same.safetensors").exists()
     assert digests(base, model) == before
 
+    # a report that cannot be written fails before the LoRA is written, not after (then rc 2 with the LoRA there)
+    fresh = tmp_path / "fresh.safetensors"
+    line = cli_error("extract-lora", model, base, "--rank", 4, "--out", fresh, "--json", tmp_path / "no" / "r.json")
+    assert "the folder for the report does not exist" in line and not fresh.exists()
+    compressed = tmp_path / "compressed"
+    line = cli_error("compress", "--base", base, model, "--out", compressed, "--rank", 2, "--json",
+                     tmp_path / "no" / "r.json")
+    assert "the folder for the report does not exist" in line and not compressed.exists()
+
 
 def test_api_refuses_bad_dtype_before_reading(tmp_path) -> None:
     with pytest.raises(OrthoMechaError, match="valid: fp16, bf16, fp32"):
