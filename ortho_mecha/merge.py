@@ -63,10 +63,12 @@ from ortho_mecha.fsutil import (
     remove_stale_partials,
 )
 from ortho_mecha.hashing import sha256_file
-from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
+from ortho_mecha.io import DTYPES, Model, expand_model_paths, parse_header, tensor_bytes
+from ortho_mecha.lora_rows import is_lora_file
 from ortho_mecha.mecha_config import check_model, register_base_config
 from ortho_mecha.plan import Plan, load_plan, plan_from_dict, save_plan
 from ortho_mecha.recipe import build_recipe
+from ortho_mecha.validate import file_arch, other_family
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +397,12 @@ def _preflight(inputs: list[Path], out: str | Path, overwrite: bool) -> tuple[Pa
     sd-mecha cannot merge). (The output path, each input's check.)"""
     out = _check_output(out, overwrite, inputs)
     config_id = register_base_config(inputs[0])
-    return out, [check_model(config_id, inputs[0], path) for path in inputs[1:]]
+    checks = [check_model(config_id, inputs[0], path) for path in inputs[1:]]
+    base_arch = file_arch(parse_header(inputs[0])[0])
+    for path in inputs[1:]:
+        if not is_lora_file(path) and (family := other_family(base_arch, file_arch(parse_header(path)[0]))):
+            logger.warning("%s: %s", path, family)  # merged as asked: Chroma and Flux.1 may be merged on purpose
+    return out, checks
 
 
 def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:

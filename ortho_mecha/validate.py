@@ -53,6 +53,16 @@ def file_arch(tensors: Mapping[str, Any]) -> str:
     return arch_mod.detect({canonical_key(k.removeprefix(DIFFUSION_PREFIX)): t.shape for k, t in tensors.items()})
 
 
+def other_family(base_arch: str, model_arch: str) -> str | None:
+    """Why a full model whose keys are those of ``model_arch`` needs a second look over a ``base_arch`` base (Chroma
+    and Flux.1 share most keys, so it passes the half-shared rule): its delta holds the whole difference between
+    the two families. None for the same family, or where either is not known."""
+    if "custom" in (base_arch, model_arch) or base_arch == model_arch:
+        return None
+    return (f"its keys are those of a {model_arch} model, but the base is {base_arch}: its delta holds the whole "
+            "difference between the two families (is this the base you meant?)")
+
+
 @dataclass
 class KeyMap:
     """Canonical diffusion key → the file's own key, plus what the mapping did."""
@@ -121,6 +131,7 @@ class ModelCheck:
     missing_component_examples: list[str] = field(default_factory=list)
     lora: dict | None = None  # a kohya LoRA row: how its modules map (lora_rows.Binding.summary)
     shards: int = 1
+    family: str | None = None  # why its architecture, unlike the base's, needs a second look (other_family)
 
     @property
     def merge_refusals(self) -> list[str]:
@@ -142,6 +153,8 @@ class ModelCheck:
         from ortho_mecha.lora_rows import summary_notes
 
         notes = summary_notes(self.lora) if self.lora else []
+        if self.family:
+            notes.append(self.family)
         if self.prefix_stripped:
             notes.append(f"'{DIFFUSION_PREFIX}' prefix removed from {self.prefix_stripped} keys")
         if self.non_diffusion:
@@ -249,10 +262,14 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
                 f"this file: {arch_mod.detect(shapes)})",
                 model.path,
             )
+        model_arch = arch_mod.detect(shapes)
+        family = None if lora else other_family(detected, model_arch)
+        if family:
+            logger.warning("%s: %s", model.path, family)
         checks.append(
             ModelCheck(
                 path=str(model.path),
-                arch=arch_mod.detect(shapes),
+                arch=model_arch,
                 keys=len((lora.file if lora else model).tensors),
                 shared=len(shared),
                 shared_fraction=round(fraction, 6),
@@ -271,6 +288,7 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
                 missing_component_examples=missing_components[:3],
                 lora=lora.binding.summary() if lora else None,
                 shards=len(model.files),
+                family=family,
             )
         )
         maps.append(mapping)

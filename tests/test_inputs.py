@@ -848,6 +848,27 @@ def test_sft_and_upper_case_names_are_read_and_a_plan_asks_to_rename_them(family
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_a_model_of_a_sibling_family_is_flagged_not_passed_silently(tmp_path: Path, cli) -> None:
+    """Chroma shares most of Flux.1's keys, so a Chroma model over a Flux.1 base passes the half-shared rule: it is
+    said (validate's notes, a warning from analyse and merge), as its delta is the whole family difference."""
+    from tests.modelgen import write_family_files
+
+    paths = write_family_files(tmp_path / "m", "flux", "fp32", members=["base", "anime", "photo"])
+    guidance = {"distilled_guidance_layer.in_proj.weight": torch.zeros(4, 4, dtype=torch.float64)}  # Chroma's
+    chroma = stored(paths["photo"]) | guidance
+    save_file({k: v.float() for k, v in chroma.items()}, str(paths["photo"]))
+    result = cli("validate", "--base", paths["base"], paths["anime"], paths["photo"])
+    assert result.code == 0, result.err
+    note = "its keys are those of a chroma model, but the base is flux1"
+    assert note in result.out and result.out.count(note) == 1
+    plan = {"base": str(paths["base"]), "method": "ortho_superpose",
+            "rows": [{"model": str(paths["anime"])}, {"model": str(paths["photo"])}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    merged = cli("merge", tmp_path / "plan.json", "--out", tmp_path / "out.safetensors", "--no-survival")
+    assert merged.code == 0, merged.err  # merged as asked (siblings may be merged on purpose), but said
+    assert f"{paths['photo']}: {note}" in merged.err
+
+
 def test_a_model_named_twice_is_taken_once(family: dict[str, Path], cli) -> None:
     folder = family["base"].parent
     result = cli("validate", "--base", family["base"], family["anime"], folder, family["anime"])
