@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import short_names
 from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, selection_matrix
 from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, TensorInfo, expand_model_paths
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
@@ -1167,7 +1168,9 @@ def with_delta_from(a: Analysis, delta_from: Sequence[int | None]) -> Analysis:
 
 def summary_lines(rep: dict) -> list[str]:
     """A short human summary of a report."""
-    names = [Path(m).name for m in rep["models"]]
+    files = [*rep["models"], *(f for f in rep.get("files") or () if f not in rep["models"])]
+    shown = dict(zip(files, short_names(files, keep_suffix=True), strict=True))  # a folder where names collide
+    names = [shown[m] for m in rep["models"]]
     read = read_text(rep)
     lines = [f"{rep['arch']} base {Path(rep['base']).name}: {len(names)} models, {rep['keys']} keys, {read}"]
     width = max(len(n) for n in names)
@@ -1180,14 +1183,15 @@ def summary_lines(rep: dict) -> list[str]:
             flags.append(f"outlier keys: {', '.join(rep['outliers']['keys'][i][:2])}")
         lineage = (rep.get("lineage") or [{}] * len(names))[i]
         if lineage.get("duplicate_of"):
-            flags.append(f"duplicate of {Path(lineage['duplicate_of']).name}")
+            flags.append(f"duplicate of {shown.get(lineage['duplicate_of'], Path(lineage['duplicate_of']).name)}")
         if lineage.get("parent"):
-            flags.append(f"parent {Path(lineage['parent']).name}")
+            flags.append(f"parent {shown.get(lineage['parent'], Path(lineage['parent']).name)}")
         if lineage.get("mix"):
             mix = sorted(lineage["mix"].items(), key=lambda item: -item[1])
-            flags.append("merge of " + " + ".join(f"{weight:.2f} {Path(source).name}" for source, weight in mix))
+            flags.append("merge of " + " + ".join(f"{weight:.2f} {shown.get(source, Path(source).name)}"
+                                                   for source, weight in mix))
         if rep["delta_from"][i]:
-            flags.append(f"delta from {Path(rep['delta_from'][i]).name}")
+            flags.append(f"delta from {shown.get(rep['delta_from'][i], Path(rep['delta_from'][i]).name)}")
         lines.append(f"  {name:<{width}}  norm {rep['norms'][i]:.4g}  grade {grades[i]:<2}  {'; '.join(flags)}")
     cos = np.asarray(rep["cos"])
     real = [i for i in range(len(names)) if not rep["null"][i]]  # a null delta has no direction to compare

@@ -89,11 +89,12 @@ def _partial_prefix(out: Path) -> str:
     return f".{name}.partial-"
 
 
-def short_names(paths: Sequence[str | Path]) -> list[str]:
-    """File stems, with the parent folder added where two stems are the same (``lA/lora``, ``lB/lora``)."""
-    stems = [Path(p).stem for p in paths]
+def short_names(paths: Sequence[str | Path], keep_suffix: bool = False) -> list[str]:
+    """File stems (file names, ``keep_suffix``), with the parent folder added where two are the same (``lA/lora``,
+    ``lB/lora``: every HF repo's ``diffusion_pytorch_model``, every trainer's ``pytorch_lora_weights``)."""
+    names = [Path(p).name if keep_suffix else Path(p).stem for p in paths]
     return [
-        f"{Path(p).parent.name}/{stem}" if stems.count(stem) > 1 else stem for p, stem in zip(paths, stems, strict=True)
+        f"{Path(p).parent.name}/{name}" if names.count(name) > 1 else name for p, name in zip(paths, names, strict=True)
     ]
 
 

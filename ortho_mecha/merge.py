@@ -61,6 +61,7 @@ from ortho_mecha.fsutil import (
     place,
     refuse_existing,
     remove_stale_partials,
+    short_names,
 )
 from ortho_mecha.hashing import sha256_file
 from ortho_mecha.io import DTYPES, Model, expand_model_paths, parse_header, tensor_bytes
@@ -698,10 +699,11 @@ def summary(report: Mapping[str, Any]) -> str:
 
 def survival_lines(survival: Mapping[str, Any]) -> list[str]:
     """Each row's predicted and measured survival, one line per row."""
-    width = max(len(Path(r).name) for r in survival["rows"])
+    names = short_names(survival["rows"], keep_suffix=True)
+    width = max(len(name) for name in names)
     lines = [f"survival (predicted: {survival['label']}):"]
-    for row, predicted, measured in zip(survival["rows"], survival["predicted"], survival["measured"], strict=True):
-        lines.append(f"  {Path(row).name:<{width}}  predicted {predicted:6.3f}  measured {measured:6.3f}")
+    for name, predicted, measured in zip(names, survival["predicted"], survival["measured"], strict=True):
+        lines.append(f"  {name:<{width}}  predicted {predicted:6.3f}  measured {measured:6.3f}")
     return lines
 
 

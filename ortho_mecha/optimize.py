@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.fsutil import short_names
 from ortho_mecha.gram import cosine, delta_gram, selection_matrix, squared_distances
 from ortho_mecha.lineage import DUPLICATE_RATIO, lineage, parent
 from ortho_mecha.metrics import quality, survival_plain
@@ -380,7 +381,7 @@ def plan_from_report(
     # a file merge refuses takes no part: never the kept twin of a duplicate it can read, nor another's delta-from
     unusable = [x or bool(refused.get(i)) for i, x in enumerate(null_model)]
     ranked = [-1.0 if refused.get(i) else score for i, score in enumerate(scores)]  # below every quality score
-    choices = optimize(h, n, ranked, unusable, names=[Path(f).name for f in files], lora=lora)
+    choices = optimize(h, n, ranked, unusable, names=short_names(files, keep_suffix=True), lora=lora)
     if not any(c.enabled and not refused.get(i) for i, c in enumerate(choices)):
         raise fail("every model is null, a duplicate or refused by merge: there is nothing to merge")
     spec = plan_mod.METHODS[method]
@@ -424,7 +425,8 @@ def cli_plan(args: argparse.Namespace) -> int:
     plan = plan_from_report(report, args.method, source=report_path)
     plan_from_dict(plan, out.resolve().parent, out)  # the same checks a plan file gets when it is loaded
     write_json(out, plan, overwrite=args.overwrite)
-    for row in plan["rows"]:
-        print(f"{Path(row['model']).name}: {row['info']}")
+    for row, name in zip(plan["rows"], short_names([row["model"] for row in plan["rows"]], keep_suffix=True),
+                         strict=True):
+        print(f"{name}: {row['info']}")
     print(f"plan written to {out}")
     return 0

@@ -540,6 +540,8 @@ def test_summary_names_the_least_similar_pair_as_opposed_only_when_it_is() -> No
     lines = A.summary_lines(with_null | {"lineage": lineage})  # the lineage's results, as its parents
     assert lines[1].endswith("duplicate of b.safetensors")
     assert lines[3].endswith("merge of 0.70 b.safetensors + 0.30 a.safetensors")
+    same = rep([[1, 0.2], [0.2, 1]], [None, None]) | {"models": ["/x/a.safetensors", "/y/a.safetensors"]}
+    assert "  most similar: x/a.safetensors ~ y/a.safetensors (cos 0.200)" in A.summary_lines(same)  # told apart
 
 
 def test_the_summary_says_what_was_read_and_how_long_it_took() -> None:
