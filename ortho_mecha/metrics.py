@@ -209,7 +209,7 @@ def _estimate_coefficients(
     - ``ties``, ``dare``, ``geometric_median``: the mean of the listed deltas (what they reduce to when the
       deltas agree in sign everywhere and nothing is dropped).
     - ``model_stock``: the mean scaled by Model Stock's ``t = k·cos / (1 + (k − 1)·cos)``, cos the mean
-      cosine of consecutive listed deltas (sd-mecha takes it per output row and key; here over the whole G).
+      cosine of consecutive listed deltas (the method takes it per output row and key; here over the whole G).
     """
     alpha = float(options.get("alpha", 1.0))
     listed = alphas * repeats  # coefficient of each raw delta in a plain sum of the listed deltas

@@ -157,7 +157,8 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "model_stock",
-            "Model Stock: the average delta scaled by how much the rows agree (sd-mecha model_stock + add_difference)",
+            "Model Stock: the average delta scaled by how much the rows agree, per output row (as sd-mecha's "
+            "model_stock, conv kernels flattened) + add_difference",
             (ALPHA, OptionSpec("cos_eps", 1e-6, "cosine similarity epsilon", minimum=0.0, maximum=0.1)),
             repeat="list",
             min_rows=2,

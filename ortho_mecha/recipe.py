@@ -25,7 +25,7 @@ add_difference    ``add_difference(base, n_average(*δ), alpha)``, c_i = n·α_i
 ties              ``add_difference(base, ties_sum(*δ, k, vote_sgn), alpha)``, c_i = α_i, listed r_i times
 dare              ``add_difference(base, ties_sum_with_dropout(*δ, probability, rescale, della_eps, k,
                   vote_sgn, seed), alpha)``, c_i = α_i, listed r_i times
-model_stock       ``add_difference(base, model_stock(*δ, cos_eps), alpha)``, c_i = α_i, listed r_i times
+model_stock       ``add_difference(base, model_stock_rows(*δ, cos_eps), alpha)``, c_i = α_i, listed r_i times
 geometric_median  ``add_difference(base, geometric_median(*δ, eps, maxiter, ftol), alpha)``, listed r_i times
 ================  ==================================================================================
 
@@ -84,7 +84,7 @@ CLASSIC_COMBINERS = {
     "add_difference": "n_average",
     "ties": "ties_sum",
     "dare": "ties_sum_with_dropout",
-    "model_stock": "model_stock",
+    "model_stock": "model_stock_rows",  # ortho-mecha's: sd-mecha's divides by zero on 1×1 convs
     "geometric_median": "geometric_median",
 }
 

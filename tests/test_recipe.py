@@ -134,19 +134,48 @@ def test_ties_elects_signs_like_the_paper(family, weights) -> None:
         )
 
 
-def test_dare_and_model_stock_match_sd_mechas_own_wrappers(family) -> None:
+def test_dare_matches_sd_mechas_own_wrapper(family) -> None:
     config = register_base_config(family["base"])
     base, a, b = (model_node(family[n], config) for n in ("base", "a", "b"))
     rows = [{"model": "a.safetensors"}, {"model": "b.safetensors"}]
-    cases = [  # dare with apply_stock=True: sd-mecha 1.1.8 reads that flag the wrong way round (plain DARE-TIES)
-        ("dare", {"probability": 0.7, "seed": 5},
-         sd_mecha.add_ties_with_dare(base, a, b, probability=0.7, seed=5, apply_stock=True)),
-        ("model_stock", {}, sd_mecha.n_model_stock(base, a, b)),
-    ]
-    for method, options, reference in cases:
-        got = merged(build_recipe(make_plan(family, method, rows, options=options)))
-        expected = merged(reference)
-        assert all(torch.equal(got[k], expected[k]) for k in expected), method
+    # apply_stock=True: sd-mecha 1.1.8 reads that flag the wrong way round (plain DARE-TIES)
+    reference = sd_mecha.add_ties_with_dare(base, a, b, probability=0.7, seed=5, apply_stock=True)
+    got = merged(build_recipe(make_plan(family, "dare", rows, options={"probability": 0.7, "seed": 5})))
+    expected = merged(reference)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_model_stock_is_sd_mechas_per_output_row_with_conv_kernels_flattened(family) -> None:
+    """On matrices sd-mecha's n_model_stock; on convs the cosine is taken over each output channel's whole kernel
+    (sd-mecha takes it over the kernel's width: one element on a 1×1 conv, where t = ±inf)."""
+    config = register_base_config(family["base"])
+    base_node, a, b = (model_node(family[n], config) for n in ("base", "a", "b"))
+    rows = [{"model": "a.safetensors"}, {"model": "b.safetensors"}]
+    got = merged(build_recipe(make_plan(family, "model_stock", rows)))
+    sd = merged(sd_mecha.n_model_stock(base_node, a, b))
+    base, deltas = read(family["base"]), [read(family[n]) for n in ("a", "b")]
+    for key, value in got.items():
+        if not base[key].is_floating_point():
+            continue
+        if base[key].dim() <= 2:
+            torch.testing.assert_close(value, sd[key], rtol=0, atol=1e-12, msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            d = [(x[key].double() - base[key].double()).reshape(base[key].shape[0], -1) for x in deltas]
+            cos = torch.nn.functional.cosine_similarity(d[0], d[1], dim=-1)
+            mean = (d[0] + d[1]) / 2
+            expected = base[key].double() + ((2 * cos / (1 + cos)).unsqueeze(-1) * mean).reshape(base[key].shape)
+            torch.testing.assert_close(value, expected, rtol=0, atol=1e-10)
+
+
+def test_model_stock_of_rows_that_cancel_is_zero_not_infinite() -> None:
+    from ortho_mecha.methods.stock import model_stock_rows
+
+    delta = torch.randn(6, 4, 1, 1, dtype=torch.float64)  # a 1×1 conv, as an SD UNet's proj_in
+    flipped = delta.clone()
+    flipped[:3] *= -1  # half the output channels point against each other
+    out = model_stock_rows.__wrapped__(delta, flipped)
+    assert torch.isfinite(out).all() and torch.equal(out[:3], torch.zeros_like(out[:3]))
+    torch.testing.assert_close(out[3:], delta[3:], rtol=0, atol=1e-12)  # agreeing rows: t = 1, the mean
 
 
 def test_dare_is_the_dropped_rescaled_deltas_ties_mean(family, weights) -> None:

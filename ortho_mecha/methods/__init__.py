@@ -7,6 +7,7 @@ values, help — for up-front plan checks (:func:`validate_options`) and for bui
 - :mod:`.orthogonal`: ``ortho_project`` (ordered Gram–Schmidt), ``ortho_superpose`` (order-free)
 - :mod:`.rotation`: ``orthomerge`` (rotations averaged in skew space)
 - :mod:`.texture`: ``texture_boost``
+- :mod:`.stock`: ``model_stock_rows`` (Model Stock per output row, behind plans' ``model_stock``)
 - :mod:`.deltas`: ``scale_delta``, ``read_once`` and the shared helpers
 """
 
@@ -24,6 +25,7 @@ from ortho_mecha.methods.deltas import (
 )
 from ortho_mecha.methods.orthogonal import PROJECT_OPTIONS, SUPERPOSE_OPTIONS, ortho_project, ortho_superpose
 from ortho_mecha.methods.rotation import ORTHOMERGE_OPTIONS, orthomerge
+from ortho_mecha.methods.stock import model_stock_rows
 from ortho_mecha.methods.texture import TEXTURE_OPTIONS, texture_boost
 
 METHOD_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
@@ -53,6 +55,7 @@ __all__ = [
     "RECIPE_PARAMETERS",
     "OptionError",
     "OptionSpec",
+    "model_stock_rows",
     "ortho_project",
     "ortho_superpose",
     "orthomerge",
