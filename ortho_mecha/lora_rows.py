@@ -66,13 +66,27 @@ DIFFUSERS_DIT_PREFIX = "lora_transformer_"  # a DiT LoRA in diffusers' module na
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # a LoRA in PEFT/diffusers keys (ai-toolkit, diffusers)
 
 
-def refuse_peft_lora(tensors: Mapping[str, Any], path: str | Path) -> None:
-    """Refuse a LoRA in PEFT/diffusers keys (``….lora_A.weight``) with what it is and what to do: read as a model it
-    would share no key with the base and be called another architecture."""
+# adapters in other formats than kohya's: (key suffixes, what the file is)
+OTHER_ADAPTERS = (
+    ((".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"), "a LyCORIS LoHa adapter (….hada_w1_a keys)"),
+    ((".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a"), "a LyCORIS LoKr adapter (….lokr_w1 keys)"),
+    ((".diff", ".diff_b"), "a full-difference adapter (….diff keys, as ComfyUI's LoRA save writes them)"),
+)
+
+
+def refuse_other_adapters(tensors: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse an adapter file that is not a kohya LoRA (PEFT/diffusers, LyCORIS LoHa/LoKr, ComfyUI's ``.diff``) with
+    what it is and what to do: read as a model it would share no key with the base and be called another
+    architecture."""
     if any(name.endswith(PEFT_SUFFIXES) for name in tensors):
         raise OrthoMechaError(
             "is a LoRA in PEFT/diffusers key names (….lora_A.weight / lora_B.weight); ortho-mecha reads kohya LoRAs "
             "(lora_unet_…lora_down/lora_up.weight): convert it to kohya's format first", path)
+    for suffixes, what in OTHER_ADAPTERS:
+        if any(name.endswith(suffixes) for name in tensors):
+            raise OrthoMechaError(
+                f"is {what}, not a model or a kohya LoRA (lora_down/lora_up): ortho-mecha does not read this format; "
+                "apply it to its base with a tool that does (ComfyUI, say), save that model and use it", path)
 
 
 def is_lora(tensors: Mapping[str, Any]) -> bool:

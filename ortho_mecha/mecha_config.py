@@ -34,7 +34,7 @@ from sd_mecha.extensions.model_configs import KeyMetadata, ModelComponent, Model
 from ortho_mecha import components
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.io import DTYPES, Model
-from ortho_mecha.lora_rows import LoraModel, is_lora_file, register_lora_config
+from ortho_mecha.lora_rows import LoraModel, is_lora_file, refuse_other_adapters, register_lora_config
 from ortho_mecha.validate import DIFFUSION_PREFIX, MIN_SHARED, canonical_key, file_arch, is_checkpoint, key_map
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ def check_model(config_id: str, base: str | Path, path: str | Path) -> KeyCheck:
             shared += 1
     total = len(config.keys())
     if shared < MIN_SHARED * total:
+        refuse_other_adapters(tensors, path)  # says what such a file is
         raise OrthoMechaError(
             f"shares only {shared} of the {total} keys of the base {base} ({shared / total:.0%} < 50%): "
             "is it the same architecture?",

@@ -247,7 +247,7 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
             k for k in base_map.set_aside if k not in own and base.tensors[k].is_float]
         fraction = len(shared) / len(base_shapes)
         if fraction < MIN_SHARED and lora is None:
-            lora_rows.refuse_peft_lora(model.tensors, model.path)  # says what such a file is
+            lora_rows.refuse_other_adapters(model.tensors, model.path)  # says what such a file is
             integers = [t.dtype for t in model.tensors.values() if not t.is_float]
             if len(integers) > len(model.tensors) / 2:
                 raise OrthoMechaError(

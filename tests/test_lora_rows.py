@@ -267,6 +267,23 @@ def test_flux_loras_in_diffusers_or_peft_names_are_named_for_what_they_are(flux,
         analyse(flux["base"], [peft], use_cache=False)
 
 
+@pytest.mark.parametrize(("suffixes", "what"), [
+    ((".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"), "a LyCORIS LoHa adapter"),
+    ((".lokr_w1", ".lokr_w2"), "a LyCORIS LoKr adapter"),
+    ((".diff", ".diff_b"), "a full-difference adapter"),
+])
+def test_adapters_of_other_formats_are_named_for_what_they_are(flux, tmp_path, suffixes, what, cli_error) -> None:
+    """A LoHa, LoKr or ComfyUI .diff file was "custom, is it the same architecture?", blaming the base."""
+    module = "lora_unet_single_blocks_0_linear1"
+    adapter = save(tmp_path / "adapter.safetensors", {module + suffix: torch.zeros(4, 4) for suffix in suffixes})
+    with pytest.raises(OrthoMechaError, match=rf"{adapter}: is {what}.*not a model or a kohya LoRA"):
+        analyse(flux["base"], [adapter], use_cache=False)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": str(flux["base"]), "method": "ortho_superpose",
+                                "rows": [{"model": str(adapter)}]}), encoding="utf-8")
+    assert f"is {what}" in cli_error("merge", plan, "--out", tmp_path / "out.safetensors")
+
+
 def test_a_few_unmatched_modules_are_reported_not_fatal(flux, tmp_path) -> None:
     tensors = load_file(str(flux["lora"]))
     modules = {k.partition(".")[0] for k in tensors}
