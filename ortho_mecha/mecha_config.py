@@ -155,6 +155,7 @@ class KeyCheck:
     shared: int
     missing: int
     extra: int
+    set_aside: int = 0  # a LoRA row's text-encoder modules (a LoRA row merges its diffusion part only)
 
 
 def check_model(config_id: str, base: str | Path, path: str | Path) -> KeyCheck:
@@ -199,7 +200,7 @@ def _check_lora(base: str | Path, path: str | Path) -> KeyCheck:
         binding = LoraModel(file, shapes, base).binding
         total = len(base_model.tensors)
     mapped = len(binding.keys)
-    return KeyCheck(str(path), mapped, total - mapped, len(binding.set_aside) + len(binding.unmatched))
+    return KeyCheck(str(path), mapped, total - mapped, len(binding.unmatched), len(binding.set_aside))
 
 
 def model_node(path: str | Path, config_id: str, merge_space: str = "weight") -> sd_mecha.RecipeNode:

@@ -483,6 +483,7 @@ def execute(
         "output_sha256": sha256_file(out),  # (cached by fingerprint: a later preview or check reads no byte again)
         "inputs": [asdict(check) for check in checks],
         "extra_keys_ignored": sum(check.extra for check in checks),
+        "lora_modules_set_aside": sum(check.set_aside for check in checks),
         "repairs": {"nonfinite": dict(writer.nonfinite), "missing": writer.missing, "non_float": writer.non_float},
         "seconds": round(time.monotonic() - started, 3),
     }
@@ -692,6 +693,9 @@ def summary(report: Mapping[str, Any]) -> str:
     lines.append("repairs: " + ("; ".join(fixes) if fixes else "none"))
     if report["extra_keys_ignored"]:
         lines.append(f"ignored: {report['extra_keys_ignored']} keys of the inputs that the base does not have")
+    if report.get("lora_modules_set_aside"):
+        lines.append(f"set aside: {report['lora_modules_set_aside']} text-encoder modules of LoRA rows (a LoRA row "
+                     "merges its diffusion part only)")
     lines += ["sha256:"] + [f"  {digest}  {path}" for path, digest in report["sha256"].items()]
     lines.append(f"  {report['output_sha256']}  {report['output']} (output)")
     return "\n".join(lines)

@@ -213,7 +213,7 @@ def test_lora_extracted_from_a_fine_tune_points_where_it_does(flux) -> None:
     assert 4 <= check["lora"]["rank"] <= 8  # the planted rank 4, plus float32 rounding directions at most
 
 
-def test_validation_reports_mapped_and_set_aside_modules(sdxl, cli) -> None:
+def test_validation_reports_mapped_and_set_aside_modules(sdxl, cli, tmp_path) -> None:
     rep = report(analyse(sdxl["base"], [sdxl["lora"]], use_cache=False))
     summary = rep["validation"]["models"][0]["lora"]
     assert summary["mapped_keys"] == len(HAND) and summary["set_aside"] == 1 and summary["unmatched"] == 0
@@ -222,6 +222,12 @@ def test_validation_reports_mapped_and_set_aside_modules(sdxl, cli) -> None:
     assert result.code == 0
     assert f"kohya LoRA (rank ≤ 4): {len(HAND)} modules mapped" in result.out
     assert "1 text-encoder modules set aside" in result.out
+    plan = tmp_path / "lora_plan.json"  # merge says the same, not "keys the base does not have"
+    plan.write_text(json.dumps({"base": str(sdxl["base"]), "method": "ortho_superpose",
+                                "rows": [{"model": str(sdxl["lora"])}]}), encoding="utf-8")
+    merged = cli("merge", plan, "--out", tmp_path / "lora_merged.safetensors", "--no-survival")
+    assert merged.code == 0, merged.err
+    assert "set aside: 1 text-encoder modules of LoRA rows" in merged.out and "ignored:" not in merged.out
 
 
 def test_cached_analysis_adds_a_lora_as_one_new_row(sdxl) -> None:
