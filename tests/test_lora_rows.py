@@ -355,7 +355,7 @@ def test_merge_with_a_lora_row_equals_the_materialised_product(sdxl, tmp_path, m
     base = load_file(str(sdxl["base"]))
     assert not torch.equal(got[PREFIX + next(iter(HAND))], base[PREFIX + next(iter(HAND))])
     lora_input = next(i for i in report_lora["inputs"] if i["path"] == str(sdxl["lora"]))
-    assert lora_input["shared"] == len(HAND) and lora_input["extra"] == 1  # the text-encoder module
+    assert lora_input["shared"] == len(HAND) and lora_input["extra"] == 0 and lora_input["set_aside"] == 1  # TE module
     assert report_lora["repairs"]["missing"] == []  # untouched keys got a zero delta, not a copy of the base
 
 
