@@ -1225,6 +1225,10 @@ def cli_analyse(args: argparse.Namespace) -> int:
         raise OrthoMechaError(f"--rank-samples must be 1 or more (the largest keys whose SVD gives the signal "
                               f"figures), got {args.rank_samples}")
     delta_from = _parse_delta_from(args.delta_from)
+    if args.scheduler:  # said now, whether or not the analysis is cached
+        from ortho_mecha.distributed import check_scheduler
+
+        check_scheduler(args.scheduler)
     if args.json:  # said now, not after the pass
         inputs = [args.base, *expand_model_paths(args.models), *delta_from.values()]
         check_report_output(Path(args.json), [Model(p) for p in inputs], args.overwrite)

@@ -59,22 +59,33 @@ def worker_pass(
 SCHEDULER_FORMS = "local:N, tcp://HOST:PORT or HOST:PORT"
 
 
-def _client(scheduler: str, stack: ExitStack):
+def check_scheduler(scheduler: str) -> int | None:
+    """Raise unless ``scheduler`` is a scheduler address or ``local:N`` and Dask distributed is installed (said
+    before any work, and whether or not the analysis is cached); the N of ``local:N``, else None."""
     if not (scheduler.startswith("local:") or "://" in scheduler or re.fullmatch(r"[\w.\-\[\]:]+:\d+", scheduler)):
         raise OrthoMechaError(f"--scheduler '{scheduler}' is not a scheduler: give {SCHEDULER_FORMS}")
     try:
-        from dask.distributed import Client, LocalCluster
+        import dask.distributed  # noqa: F401 - only whether it can be
     except ImportError as exc:
         raise OrthoMechaError(
             "--scheduler needs Dask distributed, which is not installed: pip install \"ortho-mecha[distributed]\""
         ) from exc
-    if scheduler.startswith("local:"):
-        try:
-            workers = int(scheduler.removeprefix("local:"))
-        except ValueError as exc:
-            raise OrthoMechaError(f"--scheduler local:N needs a number of workers, got '{scheduler}'") from exc
-        if workers < 1:
-            raise OrthoMechaError(f"--scheduler local:N needs at least 1 worker, got {workers}")
+    if not scheduler.startswith("local:"):
+        return None
+    try:
+        workers = int(scheduler.removeprefix("local:"))
+    except ValueError as exc:
+        raise OrthoMechaError(f"--scheduler local:N needs a number of workers, got '{scheduler}'") from exc
+    if workers < 1:
+        raise OrthoMechaError(f"--scheduler local:N needs at least 1 worker, got {workers}")
+    return workers
+
+
+def _client(scheduler: str, stack: ExitStack):
+    workers = check_scheduler(scheduler)
+    from dask.distributed import Client, LocalCluster
+
+    if workers is not None:
         cluster = stack.enter_context(
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         )

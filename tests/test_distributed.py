@@ -59,6 +59,13 @@ def test_bad_scheduler_is_a_clear_error(tmp_path: Path) -> None:
         A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler="bogus")
 
 
+def test_a_bad_scheduler_is_refused_also_when_the_analysis_is_cached(tmp_path: Path, cli, cli_error) -> None:
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
+    assert cli("analyse", "--base", paths["base"], paths["anime"]).code == 0  # now cached
+    assert "'foo' is not a scheduler" in cli_error("analyse", "--base", paths["base"], paths["anime"],
+                                                   "--scheduler", "foo")
+
+
 def test_without_dask_the_error_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ortho_mecha.errors import OrthoMechaError
 
