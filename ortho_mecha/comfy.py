@@ -793,9 +793,10 @@ def model_facts(tensors: Mapping[str, Any] | None, arch: str) -> ModelFacts:
     def find(key: str) -> Any:  # a bare diffusion model, or a checkpoint's
         return tensors.get(key) or tensors.get(f"model.diffusion_model.{key}")
 
-    txt_in = find("txt_in.weight")
+    txt_in = find("txt_in.weight") or find("context_embedder.weight")  # diffusers names the text input so
     text_dim = txt_in.shape[1] if txt_in is not None and len(txt_in.shape) == 2 else None
-    guidance = find("guidance_in.in_layer.weight") is not None
+    guidance = (find("guidance_in.in_layer.weight") is not None
+                or any(".guidance_embedder." in name for name in tensors))  # diffusers: time_text_embed.guidance_…
     return ModelFacts(text_dim=text_dim, guidance=guidance, all_in_one=all_in_one)
 
 

@@ -226,6 +226,9 @@ def test_model_facts_come_from_the_file(comfy_stub: ComfyStub, tmp_path: Path) -
     assert preview(comfy_stub, nine_b, "flux2-klein").resolved.text_encoders == ("qwen_3_8b_fp8mixed.safetensors",)
     schnell = write_model(tmp_path / "schnell.safetensors", {"img_in.weight": (2, 64)})
     assert preview(comfy_stub, schnell, "flux1").resolved.steps == 4
+    diffusers_dev = {"x_embedder.weight": (2, 64), "time_text_embed.guidance_embedder.linear_1.weight": (2, 4)}
+    dev = write_model(tmp_path / "dev_diffusers.safetensors", diffusers_dev)
+    assert preview(comfy_stub, dev, "flux1").resolved.steps > 4  # its guidance input in diffusers' name: dev
 
 
 def user_graph(seed: object = 1, output: dict | None = None) -> dict:
