@@ -948,6 +948,19 @@ def _resolve_delta_from(models: list[Model], delta_from: dict[str, str]) -> tupl
     return extras, row_from
 
 
+def _refused_alone(base: Model, files: Sequence[Model], arch: str | None) -> list[str]:
+    """The error of each of ``files`` that the alignment refuses against ``base`` on its own (headers only)."""
+    from ortho_mecha.validate import align
+
+    refused = []
+    for file in files:
+        try:
+            align(base, [file], arch)
+        except OrthoMechaError as error:
+            refused.append(str(error))
+    return refused
+
+
 def default_chunk(base: Model, files: Sequence[Model]) -> int:
     """Elements per chunk: DEFAULT_CHUNK, or less (a power of two, at least MIN_CHUNK) where a chunk of the
     base and every file would pass CHUNK_BYTES (each file at its mean stored bytes per element)."""
@@ -984,9 +997,18 @@ def analyse(
         raise OrthoMechaError(f"--rank-samples must be 0 or more, got {rank_samples}")
     if chunk is not None and chunk < 1:
         raise OrthoMechaError(f"--chunk must be positive, got {chunk}")
-    base_model, opened, _ = open_models(base, list(models))
+    base_model, opened, problems = open_models(base, list(models), strict=False)
     extras, row_from = _resolve_delta_from(opened, dict(delta_from or {}))
-    alignment = align(base_model, [*opened, *extras], arch)
+    try:
+        alignment = align(base_model, [*opened, *extras], arch)
+    except OrthoMechaError as error:
+        if not problems and len(opened) + len(extras) == 1:
+            raise
+        problems += _refused_alone(base_model, [*opened, *extras], arch) or [str(error)]
+        problems = list(dict.fromkeys(problems))  # a problem of the base is every file's: said once
+    if problems:  # every file that cannot be used, in one message (not one run per file)
+        raise OrthoMechaError("; ".join(problems) if len(problems) == 1 else
+                              f"{len(problems)} files cannot be analysed: " + "; ".join(problems))
     file_models = [*opened, *extras]
     chunk = default_chunk(base_model, file_models) if chunk is None else chunk
     file_maps = list(range(1, len(file_models) + 1))

@@ -318,7 +318,12 @@ def open_models(
     if base_path.is_dir():
         raise OrthoMechaError("--base must be one model file, not a folder", base_path)
     base_model = Model(base_path)
-    paths = [p for p in expand_model_paths(list(models)) if Path(p).resolve() != base_path.resolve()]
+    paths = []
+    for path in expand_model_paths(list(models)):
+        if Path(path).resolve() != base_path.resolve():
+            paths.append(path)
+        elif Path(path).absolute() != base_path.absolute():  # the base's own folder lists it: no news
+            logger.warning("%s: is the base %s itself (a link to it, or another name); left out", path, base_path)
     if not paths:
         raise OrthoMechaError("no models to compare with the base (only the base itself was given)", base_path)
     opened: list[Model] = []

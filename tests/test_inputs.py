@@ -350,7 +350,8 @@ def test_bad_input_is_one_clear_line(case: str, tmp_path: Path, cli_error, diges
     assert not (folder / "UNPICKLED").exists()
 
 
-def test_validate_lists_every_file_it_cannot_use_and_checks_the_others(tmp_path: Path, cli, digests) -> None:
+def test_validate_lists_every_file_it_cannot_use_and_checks_the_others(tmp_path: Path, cli, cli_error,
+                                                                       digests) -> None:
     base, good = _base(tmp_path), save(tmp_path / "a.safetensors", state(1))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:-40])
@@ -367,6 +368,8 @@ def test_validate_lists_every_file_it_cannot_use_and_checks_the_others(tmp_path:
     assert [m["path"] for m in written["models"]] == [str(good)] and len(written["problems"]) == 2
     report.unlink()
     assert digests(tmp_path) == before
+    line = cli_error("analyse", "--base", base, cut, good, text)  # every file analyse cannot use, in one run
+    assert f"2 files cannot be analysed: {cut}: truncated" in line and f"; {text}: corrupt" in line
 
 
 @pytest.mark.parametrize("command", ["validate", "analyse"])
@@ -818,13 +821,18 @@ def test_validate_summary_and_json_report(family: dict[str, Path], tmp_path: Pat
     assert digests(family["base"].parent) == before
 
 
-def test_validate_accepts_a_folder_and_skips_the_base_in_it(family: dict[str, Path], cli) -> None:
+def test_validate_accepts_a_folder_and_skips_the_base_in_it(family: dict[str, Path], cli, tmp_path: Path) -> None:
     folder = family["base"].parent
     result = cli("validate", "--base", family["base"], folder)
     assert result.code == 0, result.err
     shared_lines = [line for line in result.out.splitlines() if "keys shared" in line]
     assert len(shared_lines) == len(family) - 1
     assert not any(str(family["base"]) + ":" in line for line in shared_lines)
+    assert "left out" not in result.err  # the base's own folder lists it: no news
+    link = tmp_path / "base_link.safetensors"
+    link.symlink_to(family["base"])
+    linked = cli("validate", "--base", family["base"], link, family["anime"])
+    assert linked.code == 0 and f"{link}: is the base {family['base']} itself" in linked.err  # said, not dropped
 
 
 def test_sft_and_upper_case_names_are_read_and_a_plan_asks_to_rename_them(family: dict[str, Path], tmp_path: Path,
