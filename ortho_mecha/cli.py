@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from ortho_mecha.arch import ALIASES, ARCH_IDS  # plain data: importing it loads neither torch nor sd-mecha
+from ortho_mecha.workflows import DEFAULT_ALPHAS  # plain data as well
 
 EXIT_ERROR = 2
 ARCH_CHOICES = [*ARCH_IDS, *ALIASES]  # canonical ids, then the seed tool's aliases
@@ -164,7 +165,7 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", nargs="?", help="the model (.safetensors) to preview (not with --plan)")
     p.add_argument("--plan", metavar="PLAN.json", help="alpha sweep: the plan to merge at each of --alphas")
-    p.add_argument("--alphas", default="0.5,1,1.5", metavar="A,B,...", help="sweep: global alphas (default 0.5,1,1.5)")
+    p.add_argument("--alphas", metavar="A,B,...", help=f"sweep: global alphas (default {DEFAULT_ALPHAS})")
     p.add_argument("--compare", action="store_true", help="sweep: also preview the base and each enabled row's model")
     p.add_argument(
         "--arch",

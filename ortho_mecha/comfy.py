@@ -1127,6 +1127,11 @@ def preview_arch(arch: str | None, model: str | Path, workflow: bool = False) ->
     return detected
 
 
+def workflow_marks(args: argparse.Namespace) -> dict[str, str | None]:
+    """The NODE.INPUT places the user marked for their own workflow (``--set-model`` …), by role."""
+    return {"model": args.set_model, "prompt": args.set_prompt, "negative": args.set_negative, "seed": args.set_seed}
+
+
 def cli_preview(args: argparse.Namespace) -> int:
     """``ortho-mecha preview``: render one preview through ComfyUI and write the images to ``--out``."""
     if args.plan:
@@ -1135,15 +1140,19 @@ def cli_preview(args: argparse.Namespace) -> int:
         return cli_sweep(args)
     if not args.model:
         raise OrthoMechaError("preview needs a MODEL to render, or --plan PLAN.json for an alpha sweep")
+    if sweep_only := [flag for flag, given in (("--alphas", args.alphas is not None), ("--compare", args.compare))
+                      if given]:
+        raise OrthoMechaError(f"{', '.join(sweep_only)} apply only to an alpha sweep (--plan PLAN.json), not to one "
+                              "MODEL")
     settings = settings_from_args(args)
-    marks = {"model": args.set_model, "prompt": args.set_prompt, "negative": args.set_negative, "seed": args.set_seed}
+    marks = workflow_marks(args)
     workflow = bindings = None
     if args.workflow:
         workflow = load_workflow(args.workflow)
         bindings = find_bindings(workflow, **marks, path=Path(args.workflow))
     elif any(marks.values()):
         given = ", ".join(f"--set-{role}" for role, mark in marks.items() if mark)
-        raise OrthoMechaError(f"{given} only apply to your own workflow (--workflow FILE.json)")
+        raise OrthoMechaError(f"{given} apply only to your own workflow (--workflow FILE.json)")
     arch = preview_arch(args.arch, args.model, workflow=workflow is not None)
     client = ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout))
     with output_folder(args.out) as out:  # made first: a folder that cannot be made fails before the render

@@ -27,7 +27,7 @@ from ortho_mecha.fsutil import atomic_write_bytes, output_folder, short_names
 from ortho_mecha.lora_rows import is_lora_file
 from ortho_mecha.merge import merge_plan
 from ortho_mecha.plan import Plan, Row, save_plan
-from ortho_mecha.workflows import PreviewSettings
+from ortho_mecha.workflows import DEFAULT_ALPHAS, PreviewSettings
 
 logger = logging.getLogger(__name__)
 
@@ -186,16 +186,17 @@ def alpha_sweep(
 
 def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` command
     """``ortho-mecha preview --plan PLAN.json --alphas A,B,... --out DIR``: the alpha sweep."""
-    from ortho_mecha.comfy import HTTP_TIMEOUT, comfy_dir, preview_arch, settings_from_args
+    from ortho_mecha.comfy import HTTP_TIMEOUT, comfy_dir, preview_arch, settings_from_args, workflow_marks
     from ortho_mecha.plan import load_plan
 
     if args.model:
         raise OrthoMechaError("give either a MODEL to preview or --plan for a sweep, not both")
-    if args.workflow:
-        raise OrthoMechaError("--workflow is not supported with --plan yet; sweeps use the built-in workflows")
+    if args.workflow or any(workflow_marks(args).values()):
+        raise OrthoMechaError("--workflow and --set-… are not supported with --plan yet; sweeps use the built-in "
+                              "workflows")
     settings = settings_from_args(args)
     plan = load_plan(args.plan)
-    alphas = parse_alphas(args.alphas)
+    alphas = parse_alphas(args.alphas or DEFAULT_ALPHAS)
     arch = preview_arch(args.arch, plan.base)
     with output_folder(args.out) as out:
         result = alpha_sweep(

@@ -70,6 +70,9 @@ MODEL_INPUTS = ("unet_name", "ckpt_name")
 SEED_INPUTS = ("seed", "noise_seed")
 
 
+DEFAULT_ALPHAS = "0.5,1,1.5"  # an alpha sweep's global alphas unless given
+
+
 class Wanted(NamedTuple):
     """A kind of file ComfyUI should offer: an example name (for messages) and patterns, most preferred first.
 

@@ -10,7 +10,7 @@ import streamlit as st
 
 from ortho_mecha import comfy, jobs, preview_job, security, ui, workspace
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.workflows import BUILTIN_ARCHS, MAX_SEED, PreviewSettings
+from ortho_mecha.workflows import BUILTIN_ARCHS, DEFAULT_ALPHAS, MAX_SEED, PreviewSettings
 
 BROWSER_INT_MAX = 2**53 - 1  # the largest whole number a browser number input holds exactly
 MIXER_PLAN = "the Mixer's plan"
@@ -32,7 +32,7 @@ for url_name in (ui.PREVIEW_URL, ui.SWEEP_URL):
         st.session_state[f"fields_from_{url_name}"] = job_id
 for key, default in (("pv_api", comfy.comfy_api()), ("pv_dir", os.environ.get("COMFYUI_DIR", "")), ("pv_seed", 0),
                      ("pv_prompt", "a photo of a red fox in the snow, detailed fur"),
-                     ("pv_negative", "blurry, low quality"), ("sw_alphas", "0.5,1,1.5"), ("sw_name", "sweep")):
+                     ("pv_negative", "blurry, low quality"), ("sw_alphas", DEFAULT_ALPHAS), ("sw_name", "sweep")):
     st.session_state.setdefault(key, default)
 
 with st.container(border=True):

@@ -760,9 +760,16 @@ def test_cli_preview_errors_are_one_line(comfy_stub: ComfyStub, tmp_path: Path, 
     ui = tmp_path / "ui.json"
     ui.write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}), encoding="utf-8")
     assert "Save (API)" in cli_error("preview", model, "--arch", "sd1", "--workflow", ui, *common)
-    assert "--set-model only apply to your own workflow" in cli_error(
+    assert "--set-model apply only to your own workflow" in cli_error(
         "preview", model, "--arch", "sd1", "--set-model", "1.ckpt_name", *common
     )
+    assert "--alphas, --compare apply only to an alpha sweep (--plan PLAN.json)" in cli_error(
+        "preview", model, "--arch", "sd1", "--alphas", "0,2", "--compare", *common
+    )  # they were ignored without a word
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"base": str(model), "method": "ortho_superpose", "rows": []}), encoding="utf-8")
+    assert "--set-… are not supported with --plan" in cli_error("preview", "--plan", plan, "--set-seed", "3.seed",
+                                                                *common)
     assert "size '12' is not WIDTHxHEIGHT" in cli_error("preview", model, "--arch", "sd1", "--size", "12", *common)
     assert "no such model file" in cli_error("preview", tmp_path / "absent.safetensors", "--arch", "sd1", "--api",
                                              comfy_stub.url, *common)  # fmt: skip
