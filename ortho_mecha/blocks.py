@@ -239,6 +239,8 @@ def parse_cell(text: Any, where: str = "block alphas") -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for item in str(text).split(","):
+        if not item.strip():  # a trailing or doubled comma
+            continue
         match = _CELL_ITEM.match(item)
         value = None
         if match:
@@ -248,6 +250,8 @@ def parse_cell(text: Any, where: str = "block alphas") -> dict[str, float]:
                 value = None
         if match is None or value is None or not math.isfinite(value):
             raise OrthoMechaError(f"{where}: cannot read {item.strip()!r}; write group=alpha pairs, e.g. in=1, out=0")
+        if any(group.lower() == match["group"].lower() for group in out):
+            raise OrthoMechaError(f"{where}: group '{match['group']}' is given twice; give each group once")
         out[match["group"]] = value
     return out
 

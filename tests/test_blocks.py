@@ -158,6 +158,9 @@ def test_cell_text_errors_and_empty_cells() -> None:
     for bad in ("in", "in=one", "in=1 out=0", "=1"):
         with pytest.raises(OrthoMechaError, match="write group=alpha pairs"):
             blocks.parse_cell(bad, "row 1")
+    assert blocks.parse_cell("out=0,") == {"out": 0.0}  # a trailing comma: nothing more ('' could not be read)
+    with pytest.raises(OrthoMechaError, match="row 1: group 'IN' is given twice"):  # the last one won silently
+        blocks.parse_cell("in=0.5, IN=1", "row 1")
 
 
 # --- the plan field -------------------------------------------------------------------------------------
