@@ -213,6 +213,9 @@ def _break_cycles(h: np.ndarray, m: int, roots: set[int], parents: list[int | No
         below = _descendants(_derived_from(parents, mixes), roots)
         links = sorted((parents[x] not in roots, x) for x in upstream
                        if x < len(parents) and parents[x] is not None and parents[x] in roots | below)
+        if not links:  # closed through mixes alone (the fit excludes that): the mix is not reported
+            del mixes[m]
+            return
         x = links[0][1]
         parents[x] = parent(h, x, [c for c in allowed if c not in roots and c not in below])
 
