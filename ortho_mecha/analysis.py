@@ -1269,6 +1269,9 @@ def cli_analyse(args: argparse.Namespace) -> int:
             one_thread=args.one_thread,
         )
     rep = report(result)
+    for check in rep["validation"]["models"]:
+        if check.get("family"):
+            logger.warning("%s: %s", check["path"], check["family"])
     for line in summary_lines(rep):
         print(line)
     if args.json:

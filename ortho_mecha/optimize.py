@@ -322,15 +322,13 @@ def _field(report: Mapping[str, Any], path: str, fail: Any) -> Any:
     return value
 
 
-def _merge_refusals(report: Mapping[str, Any], files: list[str]) -> dict[int, list[str]]:
-    """file index → why ``merge`` would refuse that file (shape mismatches, scaled fp8, shards), from the
-    report's validation, whose models come in the report's file order (as the user named them)."""
+def _checks(report: Mapping[str, Any], files: list[str]) -> dict[int, Mapping[str, Any]]:
+    """file index → its check in the report's validation (whose models come in the report's file order, as the
+    user named them): what ``merge`` would refuse (``merge_refusals``) and what needs a second look (``family``)."""
     checks = (report.get("validation") or {}).get("models") or []
     return {
-        i: list(check.get("merge_refusals") or [])
-        for i, check in enumerate(checks[: len(files)])
+        i: check for i, check in enumerate(checks[: len(files)])
         if isinstance(check, Mapping) and Path(str(check.get("path"))).name == Path(files[i]).name
-        and check.get("merge_refusals")
     }
 
 
@@ -377,7 +375,9 @@ def plan_from_report(
     lora = [bool(x) for x in report.get("lora") or [False] * n]  # reports before LoRA rows have no such field
     if len(lora) != n:
         raise fail(f"'lora' has {len(lora)} entries for {n} models")
-    refused = _merge_refusals(report, files)
+    checks = _checks(report, files)
+    refused = {i: list(check["merge_refusals"]) for i, check in checks.items() if check.get("merge_refusals")}
+    noted = {i: f"; {check['family']}" for i, check in checks.items() if check.get("family")}
     # a file merge refuses takes no part: never the kept twin of a duplicate it can read, nor another's delta-from
     unusable = [x or bool(refused.get(i)) for i, x in enumerate(null_model)]
     ranked = [-1.0 if refused.get(i) else score for i, score in enumerate(scores)]  # below every quality score
@@ -395,7 +395,8 @@ def plan_from_report(
                 "alpha": c.alpha,
                 "repeat": c.repeat,
                 "enabled": c.enabled and not refused.get(i),
-                "info": f"disabled: merge refuses it ({'; '.join(refused[i])})" if refused.get(i) else c.info,
+                "info": (f"disabled: merge refuses it ({'; '.join(refused[i])})" if refused.get(i) else c.info)
+                + noted.get(i, ""),
             }
             for i, c in enumerate(choices)
         ],

@@ -263,9 +263,7 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
                 model.path,
             )
         model_arch = arch_mod.detect(shapes)
-        family = None if lora else other_family(detected, model_arch)
-        if family:
-            logger.warning("%s: %s", model.path, family)
+        family = None if lora else other_family(detected, model_arch)  # said by each command, once
         checks.append(
             ModelCheck(
                 path=str(model.path),

@@ -872,9 +872,15 @@ def test_a_model_of_a_sibling_family_is_flagged_not_passed_silently(tmp_path: Pa
     plan = {"base": str(paths["base"]), "method": "ortho_superpose",
             "rows": [{"model": str(paths["anime"])}, {"model": str(paths["photo"])}]}
     (tmp_path / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
-    merged = cli("merge", tmp_path / "plan.json", "--out", tmp_path / "out.safetensors", "--no-survival")
-    assert merged.code == 0, merged.err  # merged as asked (siblings may be merged on purpose), but said
-    assert f"{paths['photo']}: {note}" in merged.err
+    assert note not in result.err  # said once
+    analysed = cli("analyse", "--base", paths["base"], paths["anime"], paths["photo"], "--json", tmp_path / "r.json")
+    assert analysed.code == 0 and analysed.err.count(note) == 1
+    planned = cli("plan", tmp_path / "r.json", "--json", tmp_path / "proposed.json")
+    assert planned.code == 0 and any(line.startswith("photo.safetensors:") and note in line
+                                     for line in planned.out.splitlines())  # in the row's reason too
+    merged = cli("merge", tmp_path / "plan.json", "--out", tmp_path / "out.safetensors")
+    assert merged.code == 0, merged.err  # merged as asked (siblings may be merged on purpose), but said, once
+    assert f"{paths['photo']}: {note}" in merged.err and merged.err.count(note) == 1
 
 
 def test_a_model_named_twice_is_taken_once(family: dict[str, Path], cli) -> None:
