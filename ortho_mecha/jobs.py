@@ -254,6 +254,11 @@ def run_worker(job_id: str) -> int:
             return 1
         logger.info("job %s (%s) started with %s", job_id, claimed["kind"], claimed["params"])
         reporter = _Reporter(cache, job_id)
+
+        def stopped(signum: int, frame: object) -> None:  # only cancel() or a stale-worker check sends it
+            raise Cancelled(f"job {job_id} was stopped by {signal.Signals(signum).name}")
+
+        signal.signal(signal.SIGTERM, stopped)  # a stop recorded as cancelled, not as the job's own failure
         outcome = _run(claimed, reporter)
         reporter.stop()
         outcome.update(progress=reporter.latest, ended=time.time())

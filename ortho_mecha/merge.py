@@ -295,19 +295,23 @@ class _ProgressBar:
 
 @contextlib.contextmanager
 def _stop_on_signals(control: _Control) -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into :class:`MergeInterrupted` (main thread only) and stop pending keys."""
+    """Turn SIGINT/SIGTERM into :class:`MergeInterrupted` (main thread only; or into what the process's own
+    handler raises, which is then called) and stop pending keys."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        control.stop.set()
+        control.stop.set()  # the keys not started are not merged
+        earlier = previous[signum]
+        if callable(earlier) and earlier is not signal.default_int_handler:
+            earlier(signum, frame)  # the process's own handler decides what the stop is (a job worker: cancelled)
         raise MergeInterrupted(f"merge stopped by {signal.Signals(signum).name}")
 
-    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-    # only where nobody else handles the signal (an ignored or custom handler is left alone)
+    # an ignored signal stays ignored; a handler of the process's own is called after the stop flag is set
     previous = {
-        sig: signal.signal(sig, handler) for sig, default in defaults.items() if signal.getsignal(sig) is default
+        sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None)
     }
     try:
         yield

@@ -299,16 +299,11 @@ def test_a_worker_just_forked_counts_as_alive_before_its_exec() -> None:
     assert not jobs._worker_alive(seen_as, job_id)
 
 
-def test_a_merge_worker_killed_on_cancel_leaves_no_half_output(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker killed after its cancel grace (a merge busy with one long key, here a stopped process) cannot clean
-    up after itself: the canceller removes the temporary file it was writing, from the list the worker kept."""
+def _slow_merge(tmp_path: Path) -> tuple[str, Path, Path]:
+    """A merge job of 400 small orthomerge keys, started: (job id, its output, the temporary file it writes)."""
     import torch
     from safetensors.torch import save_file
 
-    from ortho_mecha.fsutil import PARTIALS_ENV, partial_path
-
-    monkeypatch.setattr(jobs, "KILL_GRACE_S", 0.2)
     folder = tmp_path / "models"
     folder.mkdir()
     generator = torch.Generator().manual_seed(0)
@@ -330,13 +325,36 @@ def test_a_merge_worker_killed_on_cancel_leaves_no_half_output(tmp_path: Path,
         lines = listing.read_text(encoding="utf-8").splitlines() if listing.exists() else []
         temp = Path(json.loads(lines[-1])) if len(lines) >= 2 else None
         time.sleep(0.01)
+    return job_id, out, temp
+
+
+def test_a_merge_worker_stopped_by_sigterm_is_cancelled_not_failed(tmp_path: Path) -> None:
+    """The worker's SIGTERM (cancel's stop) used to surface as 'failed: MergeInterrupted: merge stopped by
+    SIGTERM' when the merge caught it before cancel() recorded its own state."""
+    job_id, out, temp = _slow_merge(tmp_path)
+    os.kill(jobs.status(job_id)["pid"], signal.SIGTERM)
+    record = wait_until(job_id, finished)
+    assert record["state"] == "cancelled", record
+    assert not temp.exists() and not out.exists()
+
+
+def test_a_merge_worker_killed_on_cancel_leaves_no_half_output(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed after its cancel grace (a merge busy with one long key, here a stopped process) cannot clean
+    up after itself: the canceller removes the temporary file it was writing, from the list the worker kept."""
+
+    from ortho_mecha.fsutil import PARTIALS_ENV, partial_path
+
+    monkeypatch.setattr(jobs, "KILL_GRACE_S", 0.2)
+    job_id, out, temp = _slow_merge(tmp_path)
+    listing = jobs.job_dir(job_id) / jobs.PARTIALS_NAME
     pid = jobs.status(job_id)["pid"]
     os.kill(pid, signal.SIGSTOP)  # busy past any grace: it can neither see the cancel nor clean up
     record = jobs.cancel(job_id, grace=0.2)
     # killed: after the grace, or at once when it had not reported progress yet (a loaded machine)
     assert record["state"] == "cancelled" and record["error"] is not None
     assert not temp.exists() and not out.exists()
-    assert sorted(p.name for p in folder.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors"]
     # outside a worker nothing is listed
     monkeypatch.delenv(PARTIALS_ENV, raising=False)
     partial_path(out)
