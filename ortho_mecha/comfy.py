@@ -1127,6 +1127,10 @@ def preview_arch(arch: str | None, model: str | Path, workflow: bool = False) ->
     return detected
 
 
+def _apply(flags: Sequence[str]) -> str:
+    return "applies" if len(flags) == 1 else "apply"
+
+
 def workflow_marks(args: argparse.Namespace) -> dict[str, str | None]:
     """The NODE.INPUT places the user marked for their own workflow (``--set-model`` …), by role."""
     return {"model": args.set_model, "prompt": args.set_prompt, "negative": args.set_negative, "seed": args.set_seed}
@@ -1142,8 +1146,8 @@ def cli_preview(args: argparse.Namespace) -> int:
         raise OrthoMechaError("preview needs a MODEL to render, or --plan PLAN.json for an alpha sweep")
     if sweep_only := [flag for flag, given in (("--alphas", args.alphas is not None), ("--compare", args.compare))
                       if given]:
-        raise OrthoMechaError(f"{', '.join(sweep_only)} apply only to an alpha sweep (--plan PLAN.json), not to one "
-                              "MODEL")
+        raise OrthoMechaError(f"{', '.join(sweep_only)} {_apply(sweep_only)} only to an alpha sweep "
+                              "(--plan PLAN.json), not to one MODEL")
     settings = settings_from_args(args)
     marks = workflow_marks(args)
     workflow = bindings = None
@@ -1151,8 +1155,8 @@ def cli_preview(args: argparse.Namespace) -> int:
         workflow = load_workflow(args.workflow)
         bindings = find_bindings(workflow, **marks, path=Path(args.workflow))
     elif any(marks.values()):
-        given = ", ".join(f"--set-{role}" for role, mark in marks.items() if mark)
-        raise OrthoMechaError(f"{given} apply only to your own workflow (--workflow FILE.json)")
+        given = [f"--set-{role}" for role, mark in marks.items() if mark]
+        raise OrthoMechaError(f"{', '.join(given)} {_apply(given)} only to your own workflow (--workflow FILE.json)")
     arch = preview_arch(args.arch, args.model, workflow=workflow is not None)
     client = ComfyClient(args.api, timeout=min(HTTP_TIMEOUT, args.timeout))
     with output_folder(args.out) as out:  # made first: a folder that cannot be made fails before the render

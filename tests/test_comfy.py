@@ -760,7 +760,7 @@ def test_cli_preview_errors_are_one_line(comfy_stub: ComfyStub, tmp_path: Path, 
     ui = tmp_path / "ui.json"
     ui.write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}), encoding="utf-8")
     assert "Save (API)" in cli_error("preview", model, "--arch", "sd1", "--workflow", ui, *common)
-    assert "--set-model apply only to your own workflow" in cli_error(
+    assert "--set-model applies only to your own workflow" in cli_error(
         "preview", model, "--arch", "sd1", "--set-model", "1.ckpt_name", *common
     )
     assert "--alphas, --compare apply only to an alpha sweep (--plan PLAN.json)" in cli_error(
