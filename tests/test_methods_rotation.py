@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ortho_mecha.methods import OptionError, orthomerge
+from ortho_mecha.methods import rotation as rotation_module
 from ortho_mecha.methods.rotation import (
     EIGH_MIN_RATIO,
     cayley_generator,
@@ -146,6 +147,29 @@ def test_sum_grows_with_copies(gen: torch.Generator) -> None:
     three, _ = merged_rotation(base, [delta] * 3, theta_agg="sum")
     torch.testing.assert_close(cayley_generator(three), 3 * cayley_generator(one), rtol=0, atol=1e-10)
     assert not torch.allclose(merge(base, delta, delta, delta, theta_agg="sum"), base + delta)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (6,)])
+@pytest.mark.parametrize("options", [
+    {"theta_agg": "median"}, {"theta_agg": "sum"}, {"theta_agg": "max", "direction_weight": "equal"},
+    {"conflict_aware": True, "direction_weight": "magnitude"}, {"precision": "float32"},
+])
+def test_a_repeated_row_is_worked_out_once_with_the_result_of_listing_it(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], options: dict
+) -> None:
+    """A row of repeat r reaches orthomerge as one tensor listed r times: its rotation is computed once, and the
+    result is that of r separate equal copies."""
+    base = randn(gen, shape)
+    a, b, c = (randn(gen, shape, 0.05) for _ in range(3))
+    copies = merge(base, a, a.clone(), b, c, c.clone(), c.clone(), **options)
+    calls = []
+    original = rotation_module._nearest_rotation
+    monkeypatch.setattr(rotation_module, "_nearest_rotation", lambda m, svd: calls.append(m) or original(m, svd))
+    listed = merge(base, a, a, b, c, c, c, **options)
+    tolerance = 1e-6 if options.get("precision") == "float32" else 1e-12  # float32 sums in another order
+    torch.testing.assert_close(listed, copies, rtol=0, atol=tolerance)
+    assert len(calls) == (3 if len(shape) > 1 else 0)
+    assert not torch.allclose(listed, merge(base, a, b, c, **options))  # the counts matter
 
 
 def _rotated_targets(gen: torch.Generator, generators: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -6,7 +6,7 @@ All linear algebra runs in float64 (or, as an explicit approximation, float32); 
 the base's dtype.
 
 Per matrix key, with W and the δ_i taken on the smaller side (k × m, k ≤ m): one blocked float64 pass over
-the inputs forms W Wᵀ and every δ_i Wᵀ (a single product per block) and the ‖δ_i‖²; the k × k algebra gives
+the inputs forms every W_i Wᵀ = (W + δ_i) Wᵀ (a single product per block) and the ‖δ_i‖²; the k × k algebra gives
 R* and the mean turn T = mean_i (R_i − I); since ρ_i = δ_i − (R_i − I) W, the output
 W + alpha (R* W + mean ρ_i − W) is W + alpha ((R* − I − T) W + mean δ_i), written by a second blocked pass.
 No float64 copy of a whole key and no per-row product with W beyond the Gram are made.
@@ -15,9 +15,9 @@ No float64 copy of a whole key and no per-row product with W beyond the Gram are
 # No `from __future__ import annotations`: sd-mecha reads the Parameter(...) annotations as objects.
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import scipy.linalg
 import torch
 from sd_mecha import Parameter, Return, merge_method
@@ -31,7 +31,6 @@ from ortho_mecha.methods.deltas import (
     combine,
     finite_deltas,
     mark_nonfinite,
-    nonzero,
     nonzero_indices,
 )
 
@@ -85,28 +84,34 @@ def nearest_rotation(m: Tensor, svd: bool = False) -> Tensor:
 def _nearest_rotation(m: Tensor, svd: bool) -> tuple[Tensor, bool]:
     """(:func:`nearest_rotation` of ``m``, whether the SVD was used).
 
-    LAPACK through scipy and numpy (their OpenBLAS: ``syevd``, ``gesdd``, and ``mᵀm`` as a symmetric
-    product), 1.2–1.7× torch's MKL for these sizes here.
+    torch's LAPACK (MKL), which lets go of the GIL: sd-mecha merges keys on several threads, and scipy's
+    ``eigh``, ``svd`` and ``getri`` hold the GIL, so two merge threads ran them one at a time. The symmetric
+    products through numpy, whose ``x.T @ x`` is BLAS's ``syrk`` (about half a general product).
     """
-    a = m.numpy()
     if not svd:
-        eigenvalues, v = scipy.linalg.eigh(a.T @ a, driver="evd", check_finite=False)
-        ratio = EIGH_MIN_RATIO if a.dtype == np.float64 else EIGH_MIN_RATIO_FLOAT32
+        eigenvalues, v = torch.linalg.eigh(_symmetric_product(m.T))
+        ratio = EIGH_MIN_RATIO if m.dtype == torch.float64 else EIGH_MIN_RATIO_FLOAT32
         svd = not eigenvalues[0] > ratio * eigenvalues[-1]
     if svd:
         try:
-            u, _, vh = scipy.linalg.svd(a, check_finite=False)
-        except np.linalg.LinAlgError:  # divide and conquer did not converge: the slower, sturdier driver
-            u, _, vh = scipy.linalg.svd(a, check_finite=False, lapack_driver="gesvd")
-        v = vh.T
-        smallest = -1
+            u, _, vh = torch.linalg.svd(m)
+        except torch.linalg.LinAlgError:  # divide and conquer did not converge: the slower, sturdier driver
+            u, _, vh = (torch.from_numpy(x) for x in scipy.linalg.svd(m.numpy(), lapack_driver="gesvd"))
+        rotation = u @ vh
+        if torch.linalg.slogdet(rotation).sign < 0:
+            rotation -= 2.0 * torch.outer(u[:, -1], vh[-1])
     else:
-        u = (a @ v) / np.sqrt(eigenvalues)
-        smallest = 0
-    rotation = u @ v.T
-    if np.linalg.slogdet(rotation)[0] < 0:
-        rotation -= 2.0 * np.outer(u[:, smallest], v[:, smallest])
-    return torch.from_numpy(rotation), svd
+        # U Vᵀ = m V Σ⁻¹ Vᵀ = m (B Bᵀ) with B = V Σ^-½
+        rotation = m @ _symmetric_product(v * eigenvalues**-0.25)
+        if torch.linalg.slogdet(rotation).sign < 0:
+            rotation -= torch.outer(m @ v[:, 0], v[:, 0]) * (2.0 / eigenvalues[0].sqrt())
+    return rotation, svd
+
+
+def _symmetric_product(x: Tensor) -> Tensor:
+    """x xᵀ, by BLAS's ``syrk`` (numpy's matmul takes that route for a matrix times its own transpose)."""
+    a = x.numpy()
+    return torch.from_numpy(a @ a.T)
 
 
 def cayley_generator(rotation: Tensor) -> Tensor | None:
@@ -117,25 +122,22 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
     ``CAYLEY_MAX_COND`` (``CAYLEY_MAX_COND_FLOAT32`` for a float32 rotation): free to compute, and on the safe
     side.
     """
-    r = rotation.numpy()
-    eye = np.eye(r.shape[0], dtype=r.dtype)
-    try:
-        generator = np.linalg.solve((r + eye).T, (r - eye).T).T
-    except np.linalg.LinAlgError:  # R + I exactly singular
+    eye = torch.eye(rotation.shape[0], dtype=rotation.dtype)
+    generator, info = torch.linalg.solve_ex(rotation + eye, rotation - eye, left=False)
+    if info > 0:  # R + I exactly singular
         return None
     generator = (generator - generator.T) / 2.0
-    theta = np.linalg.norm(generator)
-    limit = CAYLEY_MAX_COND if r.dtype == np.float64 else CAYLEY_MAX_COND_FLOAT32
-    if not np.isfinite(theta) or 1.0 + float(theta) ** 2 > limit**2:
+    theta = float(torch.linalg.matrix_norm(generator))
+    limit = CAYLEY_MAX_COND if rotation.dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
+    if not math.isfinite(theta) or 1.0 + theta**2 > limit**2:
         return None
-    return torch.from_numpy(generator)
+    return generator
 
 
 def cayley_rotation(generator: Tensor) -> Tensor:
-    """R = (I − A)⁻¹(I + A) for a skew A, computed as I + 2 (I − A)⁻¹ A (I − A is never singular)."""
-    a = generator.numpy()
-    eye = np.eye(a.shape[0], dtype=a.dtype)
-    return torch.from_numpy(eye + 2.0 * np.linalg.solve(eye - a, a))
+    """R = (I − A)⁻¹(I + A) for a skew A (I − A is never singular)."""
+    eye = torch.eye(generator.shape[0], dtype=generator.dtype)
+    return torch.linalg.solve(eye - generator, eye + generator)
 
 
 def _aggregate(thetas: Tensor, how: str) -> Tensor:
@@ -149,16 +151,19 @@ def _aggregate(thetas: Tensor, how: str) -> Tensor:
 
 
 def rotation_terms(
-    base_gram: Tensor,
-    cross_grams: Tensor,
+    target_grams: Tensor,
     norms: Tensor,
     theta_agg: str = THETA_AGG.default,
     conflict_aware: bool = CONFLICT_AWARE.default,
     direction_weight: str = DIRECTION_WEIGHT.default,
+    counts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(R*, mean_i (R_i − I)) from W Wᵀ, the δ_i Wᵀ (n, k, k) and the ‖δ_i‖ of non-zero deltas, in float64.
+    """(R*, mean_i (R_i − I)) from the W_i Wᵀ (n, k, k) and the ‖δ_i‖ of non-zero deltas, in float64.
 
-    1. R_i: proper rotation nearest to W_i Wᵀ = W Wᵀ + δ_i Wᵀ (:func:`nearest_rotation`).
+    ``counts`` (n, integer): how often each delta is listed (a row's repeat), as if listed that many times;
+    each listed delta's rotation is worked out once. Default: once each.
+
+    1. R_i: proper rotation nearest to W_i Wᵀ (:func:`nearest_rotation`).
     2. A_i: Cayley generator of R_i; where R_i + I is ill-conditioned, R_i = I and A_i = 0 (the whole delta
        stays in the residual ρ_i = δ_i − (R_i − I) W).
     3. θ_i = ‖A_i‖_F; A* = θ* · S / ‖S‖_F, S = Σ w_i A_i (A* = 0 where S = 0), θ* = agg(θ_i). Only the
@@ -167,20 +172,21 @@ def rotation_terms(
        the unmasked S are zeroed before summing again.
     4. R* = (I − A*)⁻¹(I + A*).
     """
-    eye = torch.eye(base_gram.shape[0], dtype=base_gram.dtype, device=base_gram.device)
+    eye = torch.eye(target_grams.shape[1], dtype=target_grams.dtype)
+    if counts is None:
+        counts = torch.ones(len(target_grams), dtype=torch.int64)
     generators = []
     turn = torch.zeros_like(eye)
     svd = False  # the rows' W_i Wᵀ share W's conditioning: once one needs the SVD, the others go straight to it
-    for cross in cross_grams:
-        rotation, svd = _nearest_rotation(base_gram + cross, svd)
+    for gram, count in zip(target_grams, counts.tolist(), strict=True):
+        rotation, svd = _nearest_rotation(gram, svd)
         generator = cayley_generator(rotation)
         if generator is None:
             logger.debug("rotation near π (R + I ill-conditioned): whole delta kept as residual")
             generators.append(torch.zeros_like(eye))
         else:
             generators.append(generator)
-            turn += rotation - eye
-    mean_turn = turn / len(cross_grams)
+            turn += (rotation - eye) * count
     stacked = torch.stack(generators)
     thetas = torch.linalg.matrix_norm(stacked)
     if direction_weight == "theta":
@@ -189,14 +195,16 @@ def rotation_terms(
         weights = norms
     else:
         weights = torch.ones_like(thetas)
+    weights = weights * counts
     direction = torch.einsum("i,ijk->jk", weights, stacked)
     if conflict_aware:
         agrees = torch.sign(stacked) == torch.sign(direction)
         direction = torch.einsum("i,ijk->jk", weights, stacked * agrees)
+    mean_turn = turn / int(counts.sum())
     norm = torch.linalg.matrix_norm(direction)
     if norm == 0:
         return eye, mean_turn
-    generator_star = direction * (_aggregate(thetas, theta_agg) / norm)
+    generator_star = direction * (_aggregate(thetas.repeat_interleave(counts), theta_agg) / norm)
     return cayley_rotation(generator_star), mean_turn
 
 
@@ -212,8 +220,7 @@ def merged_rotation(
     R* and the ρ_i as in :func:`rotation_terms`; mean ρ_i = mean δ_i − mean(R_i − I) W.
     """
     rotation, mean_turn = rotation_terms(
-        base @ base.T,
-        torch.stack([delta @ base.T for delta in deltas]),
+        torch.stack([(base + delta) @ base.T for delta in deltas]),
         torch.stack([torch.linalg.vector_norm(delta) for delta in deltas]),
         theta_agg,
         conflict_aware,
@@ -257,25 +264,30 @@ def _matrix_blocks(matrices: Sequence[Tensor], transposed: bool, dtype: torch.dt
 
 
 def _grams(matrices: Sequence[Tensor], transposed: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """([W Wᵀ, δ_1 Wᵀ, …] (n + 1, k, k), [‖W‖², ‖δ_1‖², …]) in ``dtype`` for matrices = [W, δ_1, …]."""
-    count = len(matrices)
+    """([W_1 Wᵀ, W_2 Wᵀ, …] (n, k, k), [‖δ_1‖², ‖δ_2‖², …]) in ``dtype`` for matrices = [W, δ_1, δ_2, …],
+    W_i = W + δ_i: one product per block and delta."""
+    count = len(matrices) - 1
     k = min(matrices[0].shape[0], matrices[0][0].numel())
     grams = torch.zeros((count, k, k), dtype=dtype)
     squared = torch.zeros(count, dtype=dtype)
     for _, block in _matrix_blocks(matrices, transposed, dtype):
-        base_t = block[0].T
-        grams.baddbmm_(block, base_t.expand(count, *base_t.shape))
-        squared += torch.linalg.vector_norm(block, dim=(1, 2)).square()
+        base, targets = block[0], block[1:]
+        squared += torch.linalg.vector_norm(targets, dim=(1, 2)).square()
+        targets += base  # the deltas' block becomes the targets' (the buffer is refilled for the next block)
+        grams.baddbmm_(targets, base.T.expand(count, *base.T.shape))
     return grams, squared
 
 
-def _apply(base: Tensor, deltas: Sequence[Tensor], correction: Tensor, alpha: float, transposed: bool) -> Tensor:
-    """W + alpha (correction · W + mean δ_i) on the smaller side, in blocks of the correction's dtype, in the
-    base's dtype."""
+def _apply(
+    base: Tensor, deltas: Sequence[Tensor], shares: Tensor, correction: Tensor, alpha: float, transposed: bool
+) -> Tensor:
+    """W + alpha (correction · W + Σ shares_i δ_i) on the smaller side, in blocks of the correction's dtype, in
+    the base's dtype."""
     out = torch.empty(base.shape, dtype=base.dtype)
     out_rows = out.view(base.shape[0], -1)
+    shares = shares.to(correction.dtype)
     for part, block in _matrix_blocks([base, *deltas], transposed, correction.dtype):
-        merged = block[1:].mean(dim=0).addmm_(correction, block[0]).mul_(alpha).add_(block[0])
+        merged = torch.tensordot(shares, block[1:], dims=1).addmm_(correction, block[0]).mul_(alpha).add_(block[0])
         if transposed:
             out_rows[part] = merged.T
         else:
@@ -320,29 +332,49 @@ def orthomerge(
     )
     if not deltas or options["alpha"] == 0:
         return base
-    clean, bad = finite_deltas(deltas)
-    return mark_nonfinite(_orthomerge(base, clean, options), bad)
+    distinct, counts = _listed_once(deltas)
+    clean, bad = finite_deltas(distinct)
+    return mark_nonfinite(_orthomerge(base, clean, counts, options), bad)
 
 
-def _orthomerge(base: Tensor, deltas: Sequence[Tensor], options: dict) -> Tensor:
+def _listed_once(deltas: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """The distinct delta tensors and how often each is listed: a row of repeat r reaches the method as the
+    same tensor r times, and its products and rotation need working out only once."""
+    distinct: list[Tensor] = []
+    counts: list[int] = []
+    for delta in deltas:
+        index = next((i for i, seen in enumerate(distinct) if seen is delta), None)
+        if index is None:
+            distinct.append(delta)
+            counts.append(1)
+        else:
+            counts[index] += 1
+    return distinct, counts
+
+
+def _orthomerge(base: Tensor, deltas: Sequence[Tensor], counts: Sequence[int], options: dict) -> Tensor:
+    """:func:`orthomerge` of finite ``deltas``, the i-th listed ``counts[i]`` times."""
     if base.dim() < 2:
-        kept = nonzero(deltas)
+        kept = [i for i, delta in enumerate(deltas) if bool(torch.any(delta != 0))]
         if not kept:
             return base
-        return combine(torch.full((1, len(kept)), 1.0 / len(kept), dtype=torch.float64), kept, base, options["alpha"])
+        shares = torch.tensor([[counts[i] for i in kept]], dtype=torch.float64)
+        return combine(shares / shares.sum(), [deltas[i] for i in kept], base, options["alpha"])
     matrices = [base, *deltas]
     transposed = base.shape[0] > base[0].numel()
     grams, squared = _grams(matrices, transposed, PRECISIONS[options["precision"]])
-    kept = nonzero_indices(deltas, squared[1:])
+    kept = nonzero_indices(deltas, squared)
     if not kept:
         return base
+    kept_counts = torch.tensor([counts[i] for i in kept], dtype=torch.int64)
     rotation, mean_turn = rotation_terms(
-        grams[0],
-        grams[1:][kept],
-        squared[1:][kept].sqrt(),
+        grams[kept],
+        squared[kept].sqrt(),
         options["theta_agg"],
         options["conflict_aware"],
         options["direction_weight"],
+        kept_counts,
     )
     correction = rotation - torch.eye(rotation.shape[0], dtype=rotation.dtype) - mean_turn
-    return _apply(base, [deltas[i] for i in kept], correction, options["alpha"], transposed)
+    shares = kept_counts.to(torch.float64) / int(kept_counts.sum())
+    return _apply(base, [deltas[i] for i in kept], shares, correction, options["alpha"], transposed)
