@@ -55,7 +55,7 @@ PRECISION = OptionSpec(
     "precision",
     "float64",
     "arithmetic of the Grams and rotations: 'float64' is the method; 'float32' about halves the time, at a "
-    "measured error of ~2e-5 of the merged delta on well-conditioned keys, up to ~6e-3 on square near-singular ones",
+    "measured error of ~2e-5 of the merged delta on well-conditioned keys, 1e-3 to 1e-1 on square near-singular ones",
     choices=("float64", "float32"),
 )
 ORTHOMERGE_OPTIONS = (ALPHA, THETA_AGG, CONFLICT_AWARE, DIRECTION_WEIGHT, PRECISION)
