@@ -319,3 +319,14 @@ def test_precision_option_is_checked() -> None:
     base = torch.ones(4, 4)
     with pytest.raises(OptionError, match="precision"):
         merge(base, base, precision="float16")
+
+
+def test_nearest_rotation_takes_the_svd_when_eigh_fails(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = randn(gen, (6, 6))
+    expected = nearest_rotation(m, svd=True)
+
+    def fails(_: torch.Tensor) -> None:
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    torch.testing.assert_close(nearest_rotation(m), expected, rtol=0, atol=0)

@@ -89,9 +89,13 @@ def _nearest_rotation(m: Tensor, svd: bool) -> tuple[Tensor, bool]:
     products through numpy, whose ``x.T @ x`` is BLAS's ``syrk`` (about half a general product).
     """
     if not svd:
-        eigenvalues, v = torch.linalg.eigh(_symmetric_product(m.T))
-        ratio = EIGH_MIN_RATIO if m.dtype == torch.float64 else EIGH_MIN_RATIO_FLOAT32
-        svd = not eigenvalues[0] > ratio * eigenvalues[-1]
+        try:
+            eigenvalues, v = torch.linalg.eigh(_symmetric_product(m.T))
+        except torch.linalg.LinAlgError:  # did not converge: the SVD below decides
+            svd = True
+        else:
+            ratio = EIGH_MIN_RATIO if m.dtype == torch.float64 else EIGH_MIN_RATIO_FLOAT32
+            svd = not eigenvalues[0] > ratio * eigenvalues[-1]
     if svd:
         try:
             u, _, vh = torch.linalg.svd(m)
