@@ -338,7 +338,7 @@ def orthomerge(
         return base
     distinct, counts = _listed_once(deltas)
     clean, bad = finite_deltas(distinct)
-    return mark_nonfinite(_orthomerge(base, clean, counts, options), bad)
+    return mark_nonfinite(_orthomerge(base, clean, options, counts), bad)
 
 
 def _listed_once(deltas: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
@@ -356,8 +356,12 @@ def _listed_once(deltas: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
     return distinct, counts
 
 
-def _orthomerge(base: Tensor, deltas: Sequence[Tensor], counts: Sequence[int], options: dict) -> Tensor:
-    """:func:`orthomerge` of finite ``deltas``, the i-th listed ``counts[i]`` times."""
+def _orthomerge(
+    base: Tensor, deltas: Sequence[Tensor], options: dict, counts: Sequence[int] | None = None
+) -> Tensor:
+    """:func:`orthomerge` of finite ``deltas``, the i-th listed ``counts[i]`` times (default: once each)."""
+    if counts is None:
+        counts = [1] * len(deltas)
     if base.dim() < 2:
         kept = [i for i, delta in enumerate(deltas) if bool(torch.any(delta != 0))]
         if not kept:
