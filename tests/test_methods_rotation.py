@@ -89,6 +89,17 @@ def test_cayley_refuses_rotation_by_pi() -> None:
     assert cayley_generator(plane_rotation(5, 3.0)) is not None
 
 
+@pytest.mark.parametrize("dtype, limit", [(torch.float64, 1e6), (torch.float32, 1e3)])
+def test_cayley_limit_is_on_the_condition_of_r_plus_i(dtype: torch.dtype, limit: float) -> None:
+    """DESIGN.md's rule: fall back where cond(R + I) > limit. One plane rotated by φ has cond(R + I) =
+    1/cos(φ/2) but ‖A‖_F = √2 tan(φ/2), so the cheap Frobenius bound alone would refuse from cond ≈ limit/√2."""
+    def turned(cond: float) -> torch.Tensor:
+        return plane_rotation(5, 2 * math.acos(1 / cond)).to(dtype)
+
+    assert cayley_generator(turned(0.85 * limit)) is not None
+    assert cayley_generator(turned(1.2 * limit)) is None
+
+
 # --- one delta reproduces its model ----------------------------------------------------------------------
 
 

@@ -121,10 +121,10 @@ def _symmetric_product(x: Tensor) -> Tensor:
 def cayley_generator(rotation: Tensor) -> Tensor | None:
     """A = (R − I)(R + I)⁻¹, made exactly skew; ``None`` when R + I is too ill-conditioned to invert.
 
+    The limit is ``CAYLEY_MAX_COND`` on cond(R + I) (``CAYLEY_MAX_COND_FLOAT32`` for a float32 rotation).
     R + I is normal with singular values 2|cos(φ/2)| over R's rotation angles φ, and ‖A‖₂ = tan(φ_max/2),
-    so cond(R + I) ≤ sqrt(1 + ‖A‖₂²) ≤ sqrt(1 + ‖A‖_F²). The Frobenius bound is what is checked against
-    ``CAYLEY_MAX_COND`` (``CAYLEY_MAX_COND_FLOAT32`` for a float32 rotation): free to compute, and on the safe
-    side.
+    so cond(R + I) ≤ sqrt(1 + ‖A‖₂²) ≤ sqrt(1 + ‖A‖_F²): free to compute, this bound settles every rotation
+    not near π; only above it is the condition itself computed.
     """
     eye = torch.eye(rotation.shape[0], dtype=rotation.dtype)
     generator, info = torch.linalg.solve_ex(rotation + eye, rotation - eye, left=False)
@@ -133,7 +133,9 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
     generator = (generator - generator.T) / 2.0
     theta = float(torch.linalg.matrix_norm(generator))
     limit = CAYLEY_MAX_COND if rotation.dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
-    if not math.isfinite(theta) or 1.0 + theta**2 > limit**2:
+    if not math.isfinite(theta):
+        return None
+    if 1.0 + theta**2 > limit**2 and not float(torch.linalg.cond(rotation + eye)) <= limit:
         return None
     return generator
 
