@@ -123,7 +123,7 @@ def exact_floor(paths: list[Path], threads: int) -> dict:
         return [model @ matrices[0].T for model in matrices[1:]]
 
     torch.set_num_threads(1)
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max(threads, 1)) as pool:
+    with threadpool_limits(limits=1), ThreadPoolExecutor(threads) as pool:
         start = time.perf_counter()
         grams = [gram for key_grams in pool.map(products, inputs) for gram in key_grams]
         middle = time.perf_counter()

@@ -123,9 +123,9 @@ def mark_nonfinite(out: Tensor, bad: Tensor | None) -> Tensor:
     return torch.where(bad, torch.full((), float("nan"), dtype=out.dtype), out)
 
 
-def nonzero(deltas: Sequence[Tensor]) -> list[Tensor]:
-    """The deltas that are not exactly zero: a zero delta has no direction and carries nothing."""
-    return [d for d in deltas if bool(torch.any(d != 0))]
+def nonzero(deltas: Sequence[Tensor]) -> list[int]:
+    """Indices of the deltas that are not exactly zero: a zero delta has no direction and carries nothing."""
+    return [i for i, d in enumerate(deltas) if bool(torch.any(d != 0))]
 
 
 def nonzero_indices(deltas: Sequence[Tensor], squared_norms: Tensor) -> list[int]:

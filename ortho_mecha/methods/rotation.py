@@ -31,6 +31,7 @@ from ortho_mecha.methods.deltas import (
     combine,
     finite_deltas,
     mark_nonfinite,
+    nonzero,
     nonzero_indices,
 )
 
@@ -127,7 +128,8 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
     not near π; only above it is the condition itself computed.
     """
     eye = torch.eye(rotation.shape[0], dtype=rotation.dtype)
-    generator, info = torch.linalg.solve_ex(rotation + eye, rotation - eye, left=False)
+    shifted = rotation + eye
+    generator, info = torch.linalg.solve_ex(shifted, rotation - eye, left=False)
     if info > 0:  # R + I exactly singular
         return None
     generator = (generator - generator.T) / 2.0
@@ -135,7 +137,7 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
     limit = CAYLEY_MAX_COND if rotation.dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
     if not math.isfinite(theta):
         return None
-    if 1.0 + theta**2 > limit**2 and not float(torch.linalg.cond(rotation + eye)) <= limit:
+    if 1.0 + theta**2 > limit**2 and not float(torch.linalg.cond(shifted)) <= limit:
         return None
     return generator
 
@@ -343,7 +345,7 @@ def orthomerge(
     return mark_nonfinite(_orthomerge(base, clean, options, counts), bad)
 
 
-def _listed_once(deltas: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
+def _listed_once(deltas: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
     """The distinct delta tensors and how often each is listed: a row of repeat r reaches the method as the
     same tensor r times, and its products and rotation need working out only once."""
     distinct: list[Tensor] = []
@@ -355,28 +357,23 @@ def _listed_once(deltas: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
             counts.append(1)
         else:
             counts[index] += 1
-    return distinct, counts
+    return distinct, torch.tensor(counts, dtype=torch.int64)
 
 
-def _orthomerge(
-    base: Tensor, deltas: Sequence[Tensor], options: dict, counts: Sequence[int] | None = None
-) -> Tensor:
-    """:func:`orthomerge` of finite ``deltas``, the i-th listed ``counts[i]`` times (default: once each)."""
-    if counts is None:
-        counts = [1] * len(deltas)
+def _orthomerge(base: Tensor, deltas: Sequence[Tensor], options: dict, counts: Tensor) -> Tensor:
+    """:func:`orthomerge` of finite ``deltas``, the i-th listed ``counts[i]`` times."""
     if base.dim() < 2:
-        kept = [i for i, delta in enumerate(deltas) if bool(torch.any(delta != 0))]
+        kept = nonzero(deltas)
         if not kept:
             return base
-        shares = torch.tensor([[counts[i] for i in kept]], dtype=torch.float64)
-        return combine(shares / shares.sum(), [deltas[i] for i in kept], base, options["alpha"])
+        return combine(_shares(counts[kept])[None], [deltas[i] for i in kept], base, options["alpha"])
     matrices = [base, *deltas]
     transposed = base.shape[0] > base[0].numel()
     grams, squared = _grams(matrices, transposed, PRECISIONS[options["precision"]])
     kept = nonzero_indices(deltas, squared)
     if not kept:
         return base
-    kept_counts = torch.tensor([counts[i] for i in kept], dtype=torch.int64)
+    kept_counts = counts[kept]
     rotation, mean_turn = rotation_terms(
         grams[kept],
         squared[kept].sqrt(),
@@ -386,5 +383,9 @@ def _orthomerge(
         kept_counts,
     )
     correction = rotation - torch.eye(rotation.shape[0], dtype=rotation.dtype) - mean_turn
-    shares = kept_counts.to(torch.float64) / int(kept_counts.sum())
-    return _apply(base, [deltas[i] for i in kept], shares, correction, options["alpha"], transposed)
+    return _apply(base, [deltas[i] for i in kept], _shares(kept_counts), correction, options["alpha"], transposed)
+
+
+def _shares(counts: Tensor) -> Tensor:
+    """Each kept delta's float64 share of the mean over the listed ones: its count over their total."""
+    return counts.to(torch.float64) / int(counts.sum())
