@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ortho_mecha.methods import OptionError, orthomerge
+from ortho_mecha.methods import OptionError, orthomerge, parallel
 from ortho_mecha.methods import rotation as rotation_module
 from ortho_mecha.methods.rotation import (
     EIGH_MIN_RATIO,
@@ -141,6 +141,21 @@ def test_reflected_target_reproduces_model(gen: torch.Generator) -> None:
     torch.testing.assert_close(merge(base, target - base), target, rtol=0, atol=1e-9)
 
 
+
+@pytest.mark.parametrize("noise", [0.0, 1e-6, 1e-3])
+@pytest.mark.parametrize("svd", [False, True])
+def test_the_cayley_step_refuses_a_reflection(gen: torch.Generator, noise: float, svd: bool) -> None:
+    """The float64 rows try the Cayley step before the determinant: it must refuse a reflection (det −1), whose
+    solve blows up symmetrically and would pass if only the skew part were looked at."""
+    base = randn(gen, (6, 11))
+    normal = torch.ones(6, dtype=torch.float64) / 6**0.5
+    reflection = torch.eye(6, dtype=torch.float64) - 2.0 * torch.outer(normal, normal)
+    target = reflection @ base + randn(gen, (6, 11), noise)
+    polar, _, _ = rotation_module._polar_factor(target @ base.T, svd)
+    assert float(torch.linalg.det(polar)) == pytest.approx(-1.0)
+    assert cayley_generator(polar) is None
+    torch.testing.assert_close(merge(base, target - base), target, rtol=0, atol=1e-9)
+
 # --- aggregation -------------------------------------------------------------------------------------
 
 
@@ -174,8 +189,8 @@ def test_a_repeated_row_is_worked_out_once_with_the_result_of_listing_it(
     a, b, c = (randn(gen, shape, 0.05) for _ in range(3))
     copies = merge(base, a, a.clone(), b, c, c.clone(), c.clone(), **options)
     calls = []
-    original = rotation_module._nearest_rotation
-    monkeypatch.setattr(rotation_module, "_nearest_rotation", lambda m, svd: calls.append(m) or original(m, svd))
+    original = rotation_module._polar_factor
+    monkeypatch.setattr(rotation_module, "_polar_factor", lambda m, svd: calls.append(m) or original(m, svd))
     listed = merge(base, a, a, b, c, c, c, **options)
     tolerance = 1e-6 if options.get("precision") == "float32" else 1e-12  # float32 sums in another order
     torch.testing.assert_close(listed, copies, rtol=0, atol=tolerance)
@@ -341,3 +356,29 @@ def test_nearest_rotation_takes_the_svd_when_eigh_fails(gen: torch.Generator, mo
 
     monkeypatch.setattr(torch.linalg, "eigh", fails)
     torch.testing.assert_close(nearest_rotation(m), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(40, 700), (700, 40), (24, 20, 3, 3)])
+def test_the_result_does_not_depend_on_how_steps_are_spread(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]
+) -> None:
+    """Rows, their products and the output's column blocks may run at once on several threads; every step
+    computes what it would alone, so the bytes are the same for 1, 2 or 3 workers."""
+    base = randn(gen, shape).float()
+    deltas = [randn(gen, shape, 0.05).float() for _ in range(5)]
+    results = []
+    for count in (1, 2, 3):
+        monkeypatch.setattr(parallel, "workers", lambda count=count: count)
+        results.append(merge(base, *deltas, deltas[1], theta_agg="median"))
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+    assert not torch.equal(results[0], base)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+@pytest.mark.parametrize("length", [1, 2, 5, 9])
+def test_spread_groups_cover_the_items_in_order(monkeypatch: pytest.MonkeyPatch, count: int, length: int) -> None:
+    monkeypatch.setattr(parallel, "workers", lambda: count)
+    groups = parallel.spread_groups(list, range(length))
+    assert [item for group in groups for item in group] == list(range(length))
+    assert len(groups) == min(count, length) and all(groups)

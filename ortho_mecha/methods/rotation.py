@@ -14,6 +14,7 @@ No float64 copy of a whole key and no per-row product with W beyond the Gram are
 
 # No `from __future__ import annotations`: sd-mecha reads the Parameter(...) annotations as objects.
 
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ from ortho_mecha.methods.deltas import (
     nonzero,
     nonzero_indices,
 )
+from ortho_mecha.methods.parallel import spread, spread_groups
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +81,15 @@ def nearest_rotation(m: Tensor, svd: bool = False) -> Tensor:
     several times cheaper than an SVD and agrees with it to ~1e-16·cond(m)² (≤ 1e-10 here); otherwise
     from the SVD, and straight from it with ``svd=True`` (when ``m`` is known to be ill-conditioned).
     """
-    return _nearest_rotation(m, svd)[0]
+    rotation, flip, _ = _polar_factor(m, svd)
+    if torch.linalg.slogdet(rotation).sign < 0:
+        rotation -= torch.outer(*flip)
+    return rotation
 
 
-def _nearest_rotation(m: Tensor, svd: bool) -> tuple[Tensor, bool]:
-    """(:func:`nearest_rotation` of ``m``, whether the SVD was used).
+def _polar_factor(m: Tensor, svd: bool) -> tuple[Tensor, tuple[Tensor, Tensor], bool]:
+    """(U Vᵀ for m = U Σ Vᵀ, (a, b) with U D Vᵀ = U Vᵀ − a bᵀ (D flips the smallest singular pair), whether
+    the SVD was used); see :func:`nearest_rotation`.
 
     torch's LAPACK (MKL), which lets go of the GIL: sd-mecha merges keys on several threads, and scipy's
     ``eigh``, ``svd`` and ``getri`` hold the GIL, so two merge threads ran them one at a time. The symmetric
@@ -102,15 +108,28 @@ def _nearest_rotation(m: Tensor, svd: bool) -> tuple[Tensor, bool]:
             u, _, vh = torch.linalg.svd(m)
         except torch.linalg.LinAlgError:  # divide and conquer did not converge: the slower, sturdier driver
             u, _, vh = (torch.from_numpy(x) for x in scipy.linalg.svd(m.numpy(), lapack_driver="gesvd"))
-        rotation = u @ vh
+        return u @ vh, (2.0 * u[:, -1], vh[-1]), True
+    # U Vᵀ = m V Σ⁻¹ Vᵀ = m (B Bᵀ) with B = V Σ^-½
+    flip = (m @ v[:, 0]) * (2.0 / eigenvalues[0].sqrt()), v[:, 0]
+    return m @ _symmetric_product(v * eigenvalues**-0.25), flip, False
+
+
+def _row_terms(gram: Tensor, svd: bool) -> tuple[Tensor, Tensor | None, bool]:
+    """(the proper rotation R nearest to ``gram`` (:func:`nearest_rotation`), its Cayley generator A or ``None``
+    where R is near π, whether the SVD was used).
+
+    A reflection (det −1) has the eigenvalue −1, so its R + I is singular and :func:`cayley_generator` refuses
+    it: in float64 the Cayley step goes first and the determinant is only looked at when it fails (a test
+    plants exact and near reflections). A float32
+    polar factor can be too far from orthogonal for that (~1e-7·cond(m)²), so its sign is checked first.
+    """
+    rotation, flip, svd = _polar_factor(gram, svd)
+    generator = cayley_generator(rotation) if rotation.dtype == torch.float64 else None
+    if generator is None:
         if torch.linalg.slogdet(rotation).sign < 0:
-            rotation -= 2.0 * torch.outer(u[:, -1], vh[-1])
-    else:
-        # U Vᵀ = m V Σ⁻¹ Vᵀ = m (B Bᵀ) with B = V Σ^-½
-        rotation = m @ _symmetric_product(v * eigenvalues**-0.25)
-        if torch.linalg.slogdet(rotation).sign < 0:
-            rotation -= torch.outer(m @ v[:, 0], v[:, 0]) * (2.0 / eigenvalues[0].sqrt())
-    return rotation, svd
+            rotation -= torch.outer(*flip)
+        generator = cayley_generator(rotation)
+    return rotation, generator, svd
 
 
 def _symmetric_product(x: Tensor) -> Tensor:
@@ -125,21 +144,22 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
     The limit is ``CAYLEY_MAX_COND`` on cond(R + I) (``CAYLEY_MAX_COND_FLOAT32`` for a float32 rotation).
     R + I is normal with singular values 2|cos(φ/2)| over R's rotation angles φ, and ‖A‖₂ = tan(φ_max/2),
     so cond(R + I) ≤ sqrt(1 + ‖A‖₂²) ≤ sqrt(1 + ‖A‖_F²): free to compute, this bound settles every rotation
-    not near π; only above it is the condition itself computed.
+    not near π; only above it is the condition itself computed. The bound is taken on A before it is made
+    skew: for a reflection (det −1, eigenvalue −1 along some x) the solve blows up as −(2/ε) x xᵀ, which is
+    symmetric and would vanish from the skew part, so a reflection is refused too.
     """
     eye = torch.eye(rotation.shape[0], dtype=rotation.dtype)
     shifted = rotation + eye
-    generator, info = torch.linalg.solve_ex(shifted, rotation - eye, left=False)
+    solved, info = torch.linalg.solve_ex(shifted, rotation - eye, left=False)
     if info > 0:  # R + I exactly singular
         return None
-    generator = (generator - generator.T) / 2.0
-    theta = float(torch.linalg.matrix_norm(generator))
+    bound = float(torch.linalg.matrix_norm(solved))
     limit = CAYLEY_MAX_COND if rotation.dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
-    if not math.isfinite(theta):
+    if not math.isfinite(bound):
         return None
-    if 1.0 + theta**2 > limit**2 and not float(torch.linalg.cond(shifted)) <= limit:
+    if 1.0 + bound**2 > limit**2 and not float(torch.linalg.cond(shifted)) <= limit:
         return None
-    return generator
+    return (solved - solved.T) / 2.0
 
 
 def cayley_rotation(generator: Tensor) -> Tensor:
@@ -183,12 +203,15 @@ def rotation_terms(
     eye = torch.eye(target_grams.shape[1], dtype=target_grams.dtype)
     if counts is None:
         counts = torch.ones(len(target_grams), dtype=torch.int64)
+    # The rows' W_i Wᵀ share W's conditioning. The first two rows (at once, see parallel.spread) find out whether
+    # the SVD is needed; the later ones go straight to it if either did. A rule of the rows alone, so the result
+    # does not depend on how many run at once.
+    first = spread(functools.partial(_row_terms, svd=False), target_grams[:2])
+    svd = any(used for _, _, used in first)
+    rows = first + spread(functools.partial(_row_terms, svd=svd), target_grams[2:])
     generators = []
     turn = torch.zeros_like(eye)
-    svd = False  # the rows' W_i Wᵀ share W's conditioning: once one needs the SVD, the others go straight to it
-    for gram, count in zip(target_grams, counts.tolist(), strict=True):
-        rotation, svd = _nearest_rotation(gram, svd)
-        generator = cayley_generator(rotation)
+    for (rotation, generator, _), count in zip(rows, counts.tolist(), strict=True):
         if generator is None:
             logger.debug("rotation near π (R + I ill-conditioned): whole delta kept as residual")
             generators.append(torch.zeros_like(eye))
@@ -237,16 +260,22 @@ def merged_rotation(
     return rotation, torch.stack(list(deltas)).mean(dim=0) - mean_turn @ base
 
 
-def _column_blocks(columns: int, k: int) -> Iterator[slice]:
-    """Slices of the m side of a k × m matrix: BLOCK_ELEMENTS elements each, but at least 256 columns, the
-    width from which a float64 product with the block runs at full speed."""
+def _column_blocks(matrix: Tensor, transposed: bool) -> list[slice]:
+    """Slices of the m side of an (out, in) ``matrix`` taken on its smaller side k (k × m): BLOCK_ELEMENTS
+    elements each, but at least 256 columns, the width from which a float64 product with the block runs at full
+    speed."""
+    rows = matrix.shape[0]
+    columns = matrix[0].numel()
+    k, m = (columns, rows) if transposed else (rows, columns)
     step = max(256, BLOCK_ELEMENTS // k)
-    for start in range(0, columns, step):
-        yield slice(start, min(columns, start + step))
+    return [slice(start, min(m, start + step)) for start in range(0, m, step)]
 
 
-def _matrix_blocks(matrices: Sequence[Tensor], transposed: bool, dtype: torch.dtype) -> Iterator[tuple[slice, Tensor]]:
-    """(m slice, ``dtype`` block (n, k, block width)) of the (out, in) ``matrices`` taken on their smaller side k.
+def _matrix_blocks(
+    matrices: Sequence[Tensor], transposed: bool, dtype: torch.dtype, parts: Sequence[slice]
+) -> Iterator[tuple[slice, Tensor]]:
+    """(m slice, ``dtype`` block (n, k, block width)) of the (out, in) ``matrices`` taken on their smaller side k,
+    for each of ``parts`` (from :func:`_column_blocks`).
 
     Transposed (out > in): blocks of whole rows, copied contiguously and handed out as transposed views.
     One buffer serves every block, so a block is only valid until the next one is drawn.
@@ -254,11 +283,10 @@ def _matrix_blocks(matrices: Sequence[Tensor], transposed: bool, dtype: torch.dt
     out_features = matrices[0].shape[0]
     views = [t.reshape(out_features, -1) for t in matrices]
     k = views[0].shape[1] if transposed else out_features
-    buffer = None
-    for part in _column_blocks(views[0].shape[0] if transposed else views[0].shape[1], k):
+    widest = max(part.stop - part.start for part in parts)
+    buffer = torch.empty((len(views), widest, k) if transposed else (len(views), k, widest), dtype=dtype)
+    for part in parts:
         width = part.stop - part.start
-        if buffer is None:  # the first block is the widest
-            buffer = torch.empty((len(views), width, k) if transposed else (len(views), k, width), dtype=dtype)
         if transposed:
             block = buffer[:, :width]
             for i, view in enumerate(views):
@@ -271,18 +299,24 @@ def _matrix_blocks(matrices: Sequence[Tensor], transposed: bool, dtype: torch.dt
             yield part, block
 
 
-def _grams(matrices: Sequence[Tensor], transposed: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """([W_1 Wᵀ, W_2 Wᵀ, …] (n, k, k), [‖δ_1‖², ‖δ_2‖², …]) in ``dtype`` for matrices = [W, δ_1, δ_2, …],
-    W_i = W + δ_i: one product per block and delta."""
-    count = len(matrices) - 1
-    k = min(matrices[0].shape[0], matrices[0][0].numel())
-    grams = torch.zeros((count, k, k), dtype=dtype)
-    squared = torch.zeros(count, dtype=dtype)
-    for _, block in _matrix_blocks(matrices, transposed, dtype):
-        base, targets = block[0], block[1:]
-        squared += torch.linalg.vector_norm(targets, dim=(1, 2)).square()
-        targets += base  # the deltas' block becomes the targets' (the buffer is refilled for the next block)
-        grams.baddbmm_(targets, base.T.expand(count, *base.T.shape))
+def _grams(base: Tensor, deltas: Sequence[Tensor], transposed: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """([W_1 Wᵀ, W_2 Wᵀ, …] (n, k, k), [‖δ_1‖², ‖δ_2‖², …]) in ``dtype``, W_i = W + δ_i, on the smaller side: one
+    product per block and delta. Groups of deltas run at once (:func:`~ortho_mecha.methods.parallel.spread_groups`),
+    each over all blocks, so every W_i Wᵀ is summed block by block in the same order whatever the grouping."""
+    k = min(base.shape[0], base[0].numel())
+    grams = torch.zeros((len(deltas), k, k), dtype=dtype)
+    squared = torch.zeros(len(deltas), dtype=dtype)
+    parts = _column_blocks(base, transposed)
+
+    def group(rows: range) -> None:
+        count = len(rows)
+        for _, block in _matrix_blocks([base, *(deltas[i] for i in rows)], transposed, dtype, parts):
+            base_block, targets = block[0], block[1:]
+            squared[rows.start:rows.stop] += torch.linalg.vector_norm(targets, dim=(1, 2)).square()
+            targets += base_block  # the deltas' block becomes the targets' (the buffer is refilled for the next one)
+            grams[rows.start:rows.stop].baddbmm_(targets, base_block.T.expand(count, *base_block.T.shape))
+
+    spread_groups(group, range(len(deltas)))
     return grams, squared
 
 
@@ -290,16 +324,21 @@ def _apply(
     base: Tensor, deltas: Sequence[Tensor], shares: Tensor, correction: Tensor, alpha: float, transposed: bool
 ) -> Tensor:
     """W + alpha (correction · W + Σ shares_i δ_i) on the smaller side, in blocks of the correction's dtype, in
-    the base's dtype."""
+    the base's dtype. Groups of blocks run at once (:func:`~ortho_mecha.methods.parallel.spread_groups`)."""
     out = torch.empty(base.shape, dtype=base.dtype)
     out_rows = out.view(base.shape[0], -1)
     shares = shares.to(correction.dtype)
-    for part, block in _matrix_blocks([base, *deltas], transposed, correction.dtype):
-        merged = torch.tensordot(shares, block[1:], dims=1).addmm_(correction, block[0]).mul_(alpha).add_(block[0])
-        if transposed:
-            out_rows[part] = merged.T
-        else:
-            out_rows[:, part] = merged
+
+    def group(parts: Sequence[slice]) -> None:
+        for part, block in _matrix_blocks([base, *deltas], transposed, correction.dtype, parts):
+            merged = torch.tensordot(shares, block[1:], dims=1).addmm_(correction, block[0]).mul_(alpha)
+            merged.add_(block[0])
+            if transposed:
+                out_rows[part] = merged.T
+            else:
+                out_rows[:, part] = merged
+
+    spread_groups(group, _column_blocks(base, transposed))
     return out
 
 
@@ -367,9 +406,8 @@ def _orthomerge(base: Tensor, deltas: Sequence[Tensor], options: dict, counts: T
         if not kept:
             return base
         return combine(_shares(counts[kept])[None], [deltas[i] for i in kept], base, options["alpha"])
-    matrices = [base, *deltas]
     transposed = base.shape[0] > base[0].numel()
-    grams, squared = _grams(matrices, transposed, PRECISIONS[options["precision"]])
+    grams, squared = _grams(base, deltas, transposed, PRECISIONS[options["precision"]])
     kept = nonzero_indices(deltas, squared)
     if not kept:
         return base
