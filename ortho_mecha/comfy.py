@@ -2,11 +2,11 @@
 
 Configuration: ``COMFYUI_API`` (default ``http://127.0.0.1:8188``) is the server, ``COMFYUI_DIR`` its
 install folder (the one holding ``models/``). With ``COMFYUI_DIR`` set, the model file is made visible
-to ComfyUI by a symbolic link under its name tagged with its size and time (:func:`link_name`, so a file
+to ComfyUI by a hard link under its name tagged with its size and time (:func:`link_name`, so a file
 written again is loaded again) in ``models/diffusion_models`` (UNETLoader families)
-or ``models/checkpoints`` (SD1.5, SDXL) — a hard link or a copy where links are not allowed — and the
-user's file is never moved or changed; :func:`model_linked` removes it again once the last preview
-using it (in any process) is done.
+or ``models/checkpoints`` (SD1.5, SDXL) — a symbolic link across file systems (replaced by a copy when
+ComfyUI cannot follow it), a copy where links are not allowed — and the user's file is never moved or
+changed; :func:`model_linked` removes it again once the last preview using it (in any process) is done.
 
 A preview is: ``GET /object_info`` (every node class and every file name the graph uses is checked
 against it, both combo encodings understood), ``POST /prompt``, polling ``/history/{id}`` and
@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -530,9 +530,11 @@ def _links_to(entry: Path, model: Path) -> str | None:
 def link_model(model: str | Path, comfy: str | Path, folder: str) -> LinkResult:
     """Make ``model`` appear in ComfyUI's ``models/<folder>`` under its :func:`link_name`, without moving it.
 
-    A symbolic link first; a hard link, then a copy (same size and modification time, so it is
-    recognised later) where links are not allowed. A file already there under that name is reused when
-    it is this model (link, hard link or such a copy) and refused otherwise.
+    A hard link first: it is a file of ComfyUI's own folder, so a ComfyUI in a container or on another machine
+    that mounts the folder reads it too. A symbolic link where the two folders are on different file systems (a
+    ComfyUI that cannot follow it gets a copy instead, see :func:`run_preview`); a copy (same size and
+    modification time, so it is recognised later) where links are not allowed. A file already there under that
+    name is reused when it is this model (link, hard link or such a copy) and refused otherwise.
     """
     model, comfy = Path(model).absolute(), Path(comfy)
     if not model.is_file():
@@ -551,7 +553,7 @@ def link_model(model: str | Path, comfy: str | Path, folder: str) -> LinkResult:
                 model,
             )
         return LinkResult(entry.name, entry, method, created=False)
-    for method, make in (("symlink", os.symlink), ("hardlink", os.link), ("copy", shutil.copy2)):
+    for method, make in (("hardlink", os.link), ("symlink", os.symlink), ("copy", shutil.copy2)):
         try:
             make(model, entry)
         except (OSError, NotImplementedError) as exc:
@@ -562,6 +564,34 @@ def link_model(model: str | Path, comfy: str | Path, folder: str) -> LinkResult:
         logger.info("%s %s → %s", method, model, entry)
         return LinkResult(entry.name, entry, method, created=True)
     raise OrthoMechaError(f"cannot link or copy the model into {folder_dir}; check its permissions", model)
+
+
+def copy_in_place_of(link: LinkResult, model: Path) -> LinkResult:
+    """Replace the symbolic link ``link`` (made by ortho-mecha) by a copy of ``model`` under the same name: written
+    beside it and renamed over it, so ComfyUI never lists a half file."""
+    partial = link.path.with_name(f".{link.path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copy2(model, partial)
+        os.replace(partial, link.path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OrthoMechaError(f"cannot copy the model into {link.path.parent} ({exc.strerror or exc})", model) from None
+    logger.info("copied %s → %s in place of the symbolic link", model, link.path)
+    return replace(link, method="copy")
+
+
+def _cannot_open(link: LinkResult | None, error: OrthoMechaError) -> bool:
+    """Whether ComfyUI failed to open the model through a symbolic link ortho-mecha made: its error names the
+    linked file as missing. A ComfyUI in a container, or on another machine that mounts its models folder, lists
+    the link but cannot follow it to the model's own path."""
+    text = str(error)
+    return (
+        link is not None
+        and link.method == "symlink"
+        and link.created
+        and link.name in text
+        and any(word in text for word in ("FileNotFoundError", "No such file", "not found"))
+    )
 
 
 @contextmanager
@@ -1015,9 +1045,19 @@ def run_preview(
         if problems:
             own = workflow is not None
             raise OrthoMechaError("; ".join(describe_problem(p, url, model_hint, own) for p in problems))
-        prompt_id = client.queue_prompt(graph)
-        logger.info("queued prompt %s on %s", prompt_id, url)
-        entry = wait_for(client, prompt_id, time_limit, progress, poll_interval)
+        while True:
+            prompt_id = client.queue_prompt(graph)
+            logger.info("queued prompt %s on %s", prompt_id, url)
+            try:
+                entry = wait_for(client, prompt_id, time_limit, progress, poll_interval)
+            except OrthoMechaError as error:
+                if not _cannot_open(link, error):
+                    raise
+                logger.warning("ComfyUI at %s cannot follow the symbolic link %s (a ComfyUI in a container or on "
+                               "another machine?); copying the model there instead and trying again", url, link.path)
+                link = copy_in_place_of(link, model.absolute())
+                continue
+            break
         refs = image_refs(entry)
         if not refs:
             raise OrthoMechaError(

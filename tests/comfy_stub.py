@@ -562,10 +562,15 @@ class ComfyStub:
             return ["execution_interrupted", {"prompt_id": prompt_id, "node_id": first,
                                               "node_type": prompt[first]["class_type"], "executed": [],
                                               "timestamp": _now_ms()}]  # fmt: skip
+        inputs = prompt[first]["inputs"]
+        folder = "checkpoints" if "ckpt_name" in inputs else "diffusion_models"
+        name = f"{folder}/{inputs.get('ckpt_name') or inputs.get('unet_name')}"
+        if self.mode == "container" and (self.root / "models" / name).is_symlink():
+            # ComfyUI in a container: a symbolic link to a path outside it leads nowhere
+            return ["execution_error", self._error_message(prompt_id, first, prompt[first]["class_type"],
+                    "FileNotFoundError", f"[Errno 2] No such file or directory: '/ComfyUI/models/{name}'",
+                    {k: [v] for k, v in inputs.items()})]  # fmt: skip
         if self.mode == "error":
-            inputs = prompt[first]["inputs"]
-            folder = "checkpoints" if "ckpt_name" in inputs else "diffusion_models"
-            name = f"{folder}/{inputs.get('ckpt_name') or inputs.get('unet_name')}"
             return ["execution_error", self._error_message(prompt_id, first, prompt[first]["class_type"],
                     "RuntimeError", f"ERROR: Could not detect model type of: {self.root / 'models' / name}\n\n",
                     {k: [v] for k, v in inputs.items()})]  # fmt: skip

@@ -194,7 +194,7 @@ def test_sd1_preview_end_to_end_writes_pngs(comfy_stub: ComfyStub, tmp_path: Pat
     seen: list[Progress] = []
     result = preview(comfy_stub, model, progress=seen.append)
     assert result.model_name == link_name(model) and re.fullmatch(r"merged\.[0-9a-f]{8}\.safetensors", link_name(model))
-    assert result.link is not None and result.link.method == "symlink" and result.link.created
+    assert result.link is not None and result.link.method == "hardlink" and result.link.created
     assert linked(comfy_stub.root, model) == []  # unlinked again
     assert sha256(model) == before
     assert [image.ref.kind for image in result.images] == ["output"]
@@ -511,8 +511,8 @@ def test_link_and_unlink_leave_the_source_untouched(comfy_stub: ComfyStub, tmp_p
     before = sha256(model)
     entry = comfy_stub.root / "models" / "diffusion_models" / link_name(model)
     with model_linked(model, comfy_stub.root, "diffusion_models") as link:
-        assert (link.name, link.path, link.method, link.created) == (entry.name, entry, "symlink", True)
-        assert entry.is_symlink() and entry.resolve() == model.resolve()
+        assert (link.name, link.path, link.method, link.created) == (entry.name, entry, "hardlink", True)
+        assert os.path.samefile(entry, model)  # a file of ComfyUI's own folder: a container mounting it reads it
         assert entry.name in client_for(comfy_stub).models("diffusion_models")
         assert link_model(model, comfy_stub.root, "diffusion_models").created is False  # reused
     assert not entry.exists() and not entry.is_symlink()
@@ -527,8 +527,8 @@ def test_previews_of_one_model_share_its_link_and_the_last_one_removes_it(comfy_
         assert first.created
         with model_linked(model, comfy_stub.root, "checkpoints") as second:
             assert not second.created and second.path == entry
-        assert entry.is_symlink()  # the first preview still renders with it
-    assert not entry.is_symlink() and not entry.exists() and model.is_file()
+        assert entry.is_file()  # the first preview still renders with it
+    assert not entry.exists() and model.is_file()
     assert not (entry.parent / LINK_USERS / entry.name).exists()  # nor its bookkeeping
     assert client_for(comfy_stub).models("checkpoints") == []  # the bookkeeping files are no models
 
@@ -542,14 +542,14 @@ def test_a_link_stays_while_a_preview_in_another_process_uses_it(comfy_stub: Com
         with model_linked(model, comfy_stub.root, "checkpoints"):
             (users / f"preview-{other.pid}-0000").touch()  # another process previewing the same model
             (users / "preview-999999999-0000").touch()  # a killed one's
-        assert entry.is_symlink()
+        assert entry.is_file()
         assert sorted(p.name for p in users.iterdir()) == ["made-by-ortho-mecha", f"preview-{other.pid}-0000"]
     finally:
         other.kill()
         other.wait()
     with model_linked(model, comfy_stub.root, "checkpoints") as again:  # once it is gone, the next preview
         assert not again.created
-    assert not entry.is_symlink() and model.is_file()  # ... removes the link ortho-mecha made
+    assert not entry.exists() and model.is_file()  # ... removes the link ortho-mecha made
 
 
 def test_a_model_written_again_under_its_name_is_sent_under_a_new_name(comfy_stub: ComfyStub,
@@ -596,7 +596,7 @@ def test_a_kept_link_and_a_users_own_link_are_never_removed(comfy_stub: ComfyStu
         pass
     with model_linked(model, comfy_stub.root, "checkpoints"):
         pass
-    assert entry.is_symlink()  # kept: the user's from then on
+    assert entry.is_file()  # kept: the user's from then on
     other = write_model(tmp_path / "own.safetensors")
     own = entry.with_name("own.safetensors")
     own.symlink_to(other)
@@ -605,8 +605,8 @@ def test_a_kept_link_and_a_users_own_link_are_never_removed(comfy_stub: ComfyStu
     assert own.is_symlink()
 
 
-@pytest.mark.parametrize("refused", [("symlink",), ("symlink", "link")])
-def test_hard_link_or_copy_where_links_are_not_allowed(
+@pytest.mark.parametrize("refused", [("link",), ("link", "symlink")])
+def test_symbolic_link_or_copy_where_hard_links_are_not_possible(
     refused: tuple[str, ...],
     comfy_stub: ComfyStub,
     tmp_path: Path,
@@ -615,16 +615,34 @@ def test_hard_link_or_copy_where_links_are_not_allowed(
     def refuse(*_: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    for name in refused:  # the file system refuses these (as on some network shares and Windows without rights)
+    for name in refused:  # refused: another file system (hard links), some network shares, Windows without rights
         monkeypatch.setattr(os, name, refuse)
     model = write_model(tmp_path / "merge.safetensors")
     before = sha256(model)
     with model_linked(model, comfy_stub.root, "checkpoints") as link:
-        assert link.method == ("hardlink" if refused == ("symlink",) else "copy") and link.name == link_name(model)
-        assert sha256(link.path) == before and not link.path.is_symlink()
+        assert link.method == ("symlink" if refused == ("link",) else "copy") and link.name == link_name(model)
+        assert sha256(link.path) == before and link.path.is_symlink() == (link.method == "symlink")
         assert link_model(model, comfy_stub.root, "checkpoints").method == link.method  # recognised again
     assert not link.path.exists() and sha256(model) == before
 
+
+def test_a_comfyui_that_cannot_follow_the_symbolic_link_gets_a_copy(
+    comfy_stub: ComfyStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hard links cannot cross file systems; a ComfyUI in a container (or on another machine) lists the symbolic
+    link made instead but cannot open it: the preview copies the model over the link and runs again."""
+    def other_file_system(*_: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", other_file_system)
+    comfy_stub.mode = "container"
+    model = write_model(tmp_path / "merge.safetensors")
+    before = sha256(model)
+    result = preview(comfy_stub, model)
+    assert result.link is not None and (result.link.method, result.link.created) == ("copy", True)
+    assert [p["prompt"]["1"]["inputs"]["ckpt_name"] for p in comfy_stub.received] == [link_name(model)] * 2
+    assert linked(comfy_stub.root, model) == [] and sha256(model) == before
+    assert not [p for p in (comfy_stub.root / "models" / "checkpoints").iterdir() if "partial" in p.name]
 
 def test_a_different_file_of_the_same_name_is_never_replaced(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     model = write_model(tmp_path / "merge.safetensors")
