@@ -184,7 +184,8 @@ def _add_preview(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             f"--set-{role}",
             metavar="NODE.INPUT",
-            help=f"with --workflow: the input that takes the {role} (e.g. {example}; default: detected)",
+            help=f"with --workflow: the input that takes the {role} (e.g. {example}; default: detected)"
+            + ("" if role == "model" else "; several, comma-separated, all take it (a refiner's too)"),
         )
     p.add_argument("--steps", type=int, help="sampling steps (default: the architecture's template)")
     p.add_argument("--cfg", type=float, help="CFG scale (default: the architecture's template)")

@@ -569,13 +569,15 @@ class Target:
 @dataclass(frozen=True)
 class Bindings:
     """Which inputs take the model name, the prompt, the negative prompt and the seed (None: none, or several in
-    ``several``: role → the candidates, an error only when a value for that role is given)."""
+    ``several``: role → the candidates, an error only when a value for that role is given). ``also``: role → more
+    inputs the user marked to take the same value (a base + refiner workflow's second prompt)."""
 
     model: Target
     prompt: Target | None = None
     negative: Target | None = None
     seed: Target | None = None
     several: dict[str, tuple[Target, ...]] = field(default_factory=dict)
+    also: dict[str, tuple[Target, ...]] = field(default_factory=dict)
 
 
 def load_workflow(path: str | Path) -> Graph:
@@ -758,8 +760,8 @@ def _several_message(candidates: Sequence[Target], role: str) -> str:
     what = {"model": "model loaders", "prompt": "positive prompts", "negative": "negative prompts",
             "seed": "seed inputs"}[role]
     listed = ", ".join(str(c) for c in candidates)
-    return (f"the workflow has several {what} ({listed}); say which one to use with --set-{role} NODE.INPUT (on the "
-            f"Preview page: '{role} input')")
+    return (f"the workflow has several {what} ({listed}); say which to use with --set-{role} NODE.INPUT, or several "
+            f"as NODE.INPUT,NODE.INPUT (on the Preview page: '{role} input')")
 
 
 def _single(candidates: Sequence[Target], role: str, path: Path | None) -> Target | None:
@@ -781,7 +783,8 @@ def find_bindings(
     Detection takes the single UNETLoader/CheckpointLoaderSimple file input, the CLIPTextEncode texts
     feeding the samplers' positive and negative inputs, and the single ``seed``/``noise_seed`` input. Several
     model loaders are an error naming them; several prompts or seeds (a base + refiner workflow) are one only
-    when a value for that role is given (:func:`apply_bindings`): otherwise the workflow keeps its own. An
+    when a value for that role is given (:func:`apply_bindings`): otherwise the workflow keeps its own. A mark
+    of the prompt, negative or seed may list several inputs, comma-separated, which all take the value. An
     input fed by a primitive node (PrimitiveInt, a string primitive) is set on that node.
     """
     model_target = (
@@ -813,14 +816,18 @@ def find_bindings(
     marked = {"prompt": prompt, "negative": negative, "seed": seed}
     targets: dict[str, Target | None] = {}
     several: dict[str, tuple[Target, ...]] = {}
+    also: dict[str, tuple[Target, ...]] = {}
     for role, mark in marked.items():
         if mark:
-            targets[role] = _parse_target(graph, mark, role, path)
+            first, *more = (_parse_target(graph, text.strip(), role, path) for text in mark.split(","))
+            targets[role] = first
+            if more:
+                also[role] = tuple(more)
         elif len(detected[role]) > 1:  # an error only if a value for this role is given (apply_bindings)
             targets[role], several[role] = None, tuple(detected[role])
         else:
             targets[role] = _single(detected[role], role, path)
-    return Bindings(model_target, targets["prompt"], targets["negative"], targets["seed"], several)
+    return Bindings(model_target, targets["prompt"], targets["negative"], targets["seed"], several, also)
 
 
 def apply_bindings(graph: Graph, bindings: Bindings, model_name: str, settings: PreviewSettings) -> Graph:
@@ -848,7 +855,8 @@ def apply_bindings(graph: Graph, bindings: Bindings, model_name: str, settings: 
             raise OrthoMechaError(
                 f"the workflow has no {what} that ortho-mecha can find; mark it with --set-{role} NODE.INPUT"
             )
-        out[target.node]["inputs"][target.input] = value
+        for each in (target, *bindings.also.get(role, ())):
+            out[each.node]["inputs"][each.input] = value
     return out
 
 

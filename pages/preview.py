@@ -92,8 +92,9 @@ with one:
             st.caption('A workflow exported from ComfyUI with "Save (API)", or an image ComfyUI saved (it holds the '
                        "workflow that made it). The model and prompt (and, unless it keeps its own, the negative "
                        "prompt and seed) go where it takes them: found by ortho-mecha, or the NODE.INPUT you mark "
-                       "(e.g. 4.ckpt_name). Architecture, steps, CFG, size, text encoders and VAE above do not apply "
-                       "to it.")
+                       "(e.g. 4.ckpt_name; several prompt, negative or seed inputs comma-separated, e.g. "
+                       "6.text,15.text for a refiner's too). Architecture, steps, CFG, size, text encoders and VAE "
+                       "above do not apply to it.")
             uploaded = st.file_uploader("Workflow (API format .json, or a PNG ComfyUI saved)", type=["json", "png"],
                                         key="pv_workflow")
             mark_columns = st.columns(len(preview_job.MARK_ROLES))

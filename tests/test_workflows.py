@@ -368,10 +368,34 @@ def test_several_seeds_matter_only_when_a_seed_is_given() -> None:
     assert out["refine"]["inputs"]["noise_seed"] == 5 and out[sampler]["inputs"] == {
         **graph[sampler]["inputs"], "noise_seed": graph[sampler]["inputs"]["noise_seed"]}
     with pytest.raises(OrthoMechaError, match=rf"several seed inputs \({sampler}\.noise_seed, refine\.noise_seed\); "
-                                              r"say which one to use with --set-seed"):
+                                              r"say which to use with --set-seed NODE\.INPUT, or several"):
         apply_bindings(graph, bindings, "m.safetensors", PreviewSettings("an owl", seed=3))
     marked = find_bindings(graph, seed="refine.noise_seed")
     assert apply_bindings(graph, marked, "m", PreviewSettings("an owl", seed=3))["refine"]["inputs"]["noise_seed"] == 3
+    both = apply_bindings(graph, find_bindings(graph, seed=f"{sampler}.noise_seed, refine.noise_seed"), "m",
+                          PreviewSettings("an owl", seed=3))
+    assert both["refine"]["inputs"]["noise_seed"] == both[sampler]["inputs"]["noise_seed"] == 3
+
+
+def test_a_refiners_prompts_take_the_text_when_marked_too() -> None:
+    """An SDXL base + refiner workflow has two positive and two negative encoders: marks may list both."""
+    graph = built("sdxl")
+    encoders = {n: node for n, node in graph.items() if node["class_type"] == "CLIPTextEncode"}
+    refined = {f"r{n}": json.loads(json.dumps(node)) for n, node in encoders.items()}
+    graph |= refined
+    sampler = next(n for n, node in graph.items() if node["class_type"] == "KSamplerAdvanced")
+    positive, negative = graph[sampler]["inputs"]["positive"][0], graph[sampler]["inputs"]["negative"][0]
+    graph["refine"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **graph[sampler]["inputs"], "positive": [f"r{positive}", 0], "negative": [f"r{negative}", 0]}}
+    with pytest.raises(OrthoMechaError, match="several positive prompts"):
+        apply_bindings(graph, find_bindings(graph), "m", PreviewSettings("an owl"))
+    bindings = find_bindings(graph, prompt=f"{positive}.text,r{positive}.text",
+                             negative=f"{negative}.text,r{negative}.text")
+    out = apply_bindings(graph, bindings, "m", PreviewSettings("an owl", negative="lowres"))
+    assert out[positive]["inputs"]["text"] == out[f"r{positive}"]["inputs"]["text"] == "an owl"
+    assert out[negative]["inputs"]["text"] == out[f"r{negative}"]["inputs"]["text"] == "lowres"
+    with pytest.raises(OrthoMechaError, match=r"--set-prompt 'nowhere\.text': the workflow has no node 'nowhere'"):
+        find_bindings(graph, prompt=f"{positive}.text,nowhere.text")
 
 
 def test_one_text_encoder_feeding_both_sides_needs_marks() -> None:
