@@ -823,6 +823,9 @@ def find_bindings(
             targets[role] = first
             if more:
                 also[role] = tuple(more)
+            if left := [str(t) for t in detected[role] if t not in (first, *more)]:
+                logger.warning("--set-%s: %s keep(s) the workflow's own value; list it too, comma-separated, to set it",
+                               role, ", ".join(left))
         elif len(detected[role]) > 1:  # an error only if a value for this role is given (apply_bindings)
             targets[role], several[role] = None, tuple(detected[role])
         else:

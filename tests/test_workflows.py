@@ -7,6 +7,7 @@ through its POST /prompt validation (tests/comfy_stub.py).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -377,7 +378,7 @@ def test_several_seeds_matter_only_when_a_seed_is_given() -> None:
     assert both["refine"]["inputs"]["noise_seed"] == both[sampler]["inputs"]["noise_seed"] == 3
 
 
-def test_a_refiners_prompts_take_the_text_when_marked_too() -> None:
+def test_a_refiners_prompts_take_the_text_when_marked_too(caplog: pytest.LogCaptureFixture) -> None:
     """An SDXL base + refiner workflow has two positive and two negative encoders: marks may list both."""
     graph = built("sdxl")
     encoders = {n: node for n, node in graph.items() if node["class_type"] == "CLIPTextEncode"}
@@ -389,6 +390,9 @@ def test_a_refiners_prompts_take_the_text_when_marked_too() -> None:
         **graph[sampler]["inputs"], "positive": [f"r{positive}", 0], "negative": [f"r{negative}", 0]}}
     with pytest.raises(OrthoMechaError, match="several positive prompts"):
         apply_bindings(graph, find_bindings(graph), "m", PreviewSettings("an owl"))
+    with caplog.at_level(logging.WARNING):
+        find_bindings(graph, prompt=f"{positive}.text")
+    assert f"--set-prompt: r{positive}.text keep(s) the workflow's own value" in caplog.text
     bindings = find_bindings(graph, prompt=f"{positive}.text,r{positive}.text",
                              negative=f"{negative}.text,r{negative}.text")
     out = apply_bindings(graph, bindings, "m", PreviewSettings("an owl", negative="lowres"))
