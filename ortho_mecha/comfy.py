@@ -51,7 +51,6 @@ from ortho_mecha.workflows import (
     Resolved,
     apply_bindings,
     arch_id,
-    arch_spec,
     bound_seed,
     file_spec,
     find_bindings,
@@ -806,6 +805,7 @@ def refuse_lora(tensors: Mapping[str, Any] | None, model: Path) -> None:
 
 
 ALL_IN_ONE_PARTS = (("text_encoders.", "cond_stage_model."), ("vae.", "first_stage_model."))  # COMFYUI.md
+OTHER_PARTS = (*ALL_IN_ONE_PARTS[0], *ALL_IN_ONE_PARTS[1], "conditioner.")  # SDXL's text encoders: conditioner.
 
 
 def model_facts(tensors: Mapping[str, Any] | None, arch: str) -> ModelFacts:
@@ -817,8 +817,9 @@ def model_facts(tensors: Mapping[str, Any] | None, arch: str) -> ModelFacts:
 
     all_in_one = is_checkpoint(tensors) and all(
         any(name.startswith(prefixes) for name in tensors) for prefixes in ALL_IN_ONE_PARTS)
+    diffusion_only = not any(name.startswith(OTHER_PARTS) for name in tensors)
     if arch not in ("flux1", "flux2-klein"):
-        return ModelFacts(all_in_one=all_in_one)
+        return ModelFacts(all_in_one=all_in_one, diffusion_only=diffusion_only)
 
     def find(key: str) -> Any:  # a bare diffusion model, or a checkpoint's
         return tensors.get(key) or tensors.get(f"model.diffusion_model.{key}")
@@ -827,7 +828,7 @@ def model_facts(tensors: Mapping[str, Any] | None, arch: str) -> ModelFacts:
     text_dim = txt_in.shape[1] if txt_in is not None and len(txt_in.shape) == 2 else None
     guidance = (find("guidance_in.in_layer.weight") is not None
                 or any(".guidance_embedder." in name for name in tensors))  # diffusers: time_text_embed.guidance_…
-    return ModelFacts(text_dim=text_dim, guidance=guidance, all_in_one=all_in_one)
+    return ModelFacts(text_dim=text_dim, guidance=guidance, all_in_one=all_in_one, diffusion_only=diffusion_only)
 
 
 def _user_workflow_check(settings: PreviewSettings) -> None:
@@ -860,21 +861,6 @@ def check_arch(model: Path, tensors: Mapping[str, Any] | None, arch: str) -> Non
         )
 
 
-def loader_mismatch(tensors: Mapping[str, Any] | None, arch: str) -> str | None:
-    """Why ``arch``'s built-in loader will not load a file of these header ``tensors``, or None: an SD1.5/SDXL
-    workflow loads a full checkpoint (ComfyUI's CheckpointLoaderSimple finds the diffusion model by its
-    ``model.diffusion_model.`` prefix and needs the text encoders and VAE beside it)."""
-    if tensors is None or arch_spec(arch).loader != "CheckpointLoaderSimple":
-        return None
-    from ortho_mecha.validate import is_checkpoint  # imports torch; only needed here
-
-    if is_checkpoint(tensors):
-        return None
-    return (f"it holds only a diffusion model (no 'model.diffusion_model.' checkpoint with text encoders and VAE), "
-            f"which the built-in {arch} workflow's checkpoint loader cannot load: render it with your own workflow "
-            "that loads it with UNETLoader beside a CLIP and a VAE loader")
-
-
 def _builtin_files(tensors: Mapping[str, Any] | None, arch: str) -> tuple[ModelFacts, ArchSpec]:
     """(the variant hints of a file of these header ``tensors``, ``arch``'s built-in files and loaders for it)."""
     facts = model_facts(tensors, arch_id(arch))
@@ -887,8 +873,6 @@ def _builtin_graph(model: Path, model_name: str, tensors: Mapping[str, Any] | No
     ``tensors``, for the checks), its text encoders and VAE chosen from ``info``."""
     facts, spec = files
     check_arch(model, tensors, spec.arch)
-    if (why := loader_mismatch(tensors, spec.arch)) is not None:
-        logger.warning("%s: %s", model, why)  # a warning: ComfyUI's answer decides
     te_options: list[str] = []
     if len(spec.text_encoders) == 2:
         te_options = _options(info, "DualCLIPLoader", "clip_name1")

@@ -167,8 +167,6 @@ def arch_note(model: Path, choice: str, keys: str = "its keys") -> ArchNote | No
         if detected is None:
             return ArchNote(f"{model.name}: {keys} match none of the built-in architectures; choose one under "
                             "Architecture, or use your own workflow", warning=True)
-        if (why := comfy.loader_mismatch(tensors, detected)) is not None:
-            return ArchNote(f"{model.name} ({detected}): {why}", warning=True)
         return ArchNote(f"Architecture: {detected}, from {keys}", warning=False)
     if detected in (None, arch_id(choice)):
         return None

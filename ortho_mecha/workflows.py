@@ -85,11 +85,16 @@ class Wanted(NamedTuple):
 
 T5XXL = Wanted("t5xxl_fp16.safetensors", (r"t5xxl_fp16", r"t5xxl"))
 CLIP_L = Wanted("clip_l.safetensors", (r"^clip_l\.", r"clip_l"))
+CLIP_G = Wanted("clip_g.safetensors", (r"^clip_g\.", r"clip_g"))
+SD1_VAE = Wanted("vae-ft-mse-840000-ema-pruned.safetensors", (r"vae-ft-mse", r"^sd[-_]?(v?1[-_.]?5)?[-_]?vae"))
+SDXL_VAE = Wanted("sdxl_vae.safetensors", (r"^sdxl[-_]?vae", r"sdxl.*vae"))
 QWEN3_4B = Wanted("qwen_3_4b.safetensors", (r"^qwen_?3_?4b\.", r"qwen_?3_?4b"))
 QWEN3_8B = Wanted("qwen_3_8b_fp8mixed.safetensors", (r"^qwen_?3_?8b\.", r"qwen_?3_?8b"))
 MISTRAL3 = Wanted("mistral_3_small_flux2_bf16.safetensors", (r"mistral_?3_?small_?flux2",))
 FLUX1_VAE = Wanted("ae.safetensors", (r"^ae\.(safetensors|sft)$", r"^flux_?1?[-_]vae"))
 FLUX2_VAE = Wanted("flux2-vae.safetensors", (r"^flux2[-_]vae", r"full_encoder_small_decoder"))
+# SD1.5/SDXL files holding only the UNet: the text encoders and VAE their checkpoints would hold (COMFYUI.md)
+SEPARATE_PARTS = {"sd1": ((CLIP_L,), SD1_VAE), "sdxl": ((CLIP_L, CLIP_G), SDXL_VAE)}
 # Flux.2 txt_in input width → its text encoder (3 stacked hidden layers of the LLM).
 FLUX2_TEXT_DIMS = {7680: QWEN3_4B, 12288: QWEN3_8B, 15360: MISTRAL3}
 FLUX2_DEV_GUIDANCE = 4.0  # the Flux.2 dev template's FluxGuidance
@@ -102,6 +107,7 @@ class ModelFacts:
     text_dim: int | None = None  # Flux.2: txt_in.weight.shape[1]
     guidance: bool | None = None  # Flux.1: has guidance_in (dev) or not (schnell)
     all_in_one: bool = False  # a checkpoint holding its text encoders and VAE beside the diffusion model
+    diffusion_only: bool = False  # no text encoder or VAE in the file (an SD1.5/SDXL UNet on its own)
 
 
 @dataclass(frozen=True)
@@ -254,7 +260,7 @@ def choose_files(
     return encoders, vae
 
 
-KNOWN_FILES = (T5XXL, CLIP_L, QWEN3_4B, QWEN3_8B, MISTRAL3, FLUX1_VAE, FLUX2_VAE)
+KNOWN_FILES = (T5XXL, CLIP_L, CLIP_G, QWEN3_4B, QWEN3_8B, MISTRAL3, FLUX1_VAE, FLUX2_VAE, SD1_VAE, SDXL_VAE)
 
 
 def named_file_doubts(spec: ArchSpec, settings: PreviewSettings, facts: ModelFacts = ModelFacts()) -> list[str]:
@@ -268,7 +274,8 @@ def named_file_doubts(spec: ArchSpec, settings: PreviewSettings, facts: ModelFac
     if spec.arch == "flux2-klein" and facts.text_dim is None and encoders:
         encoders = tuple(FLUX2_TEXT_DIMS.values())  # 4B, 9B or dev: not known without the model's txt_in
     named = (("text encoder", settings.clip, encoders),
-             ("VAE", (settings.vae,) if settings.vae else (), (spec.vae,) if spec.vae else ()))
+             ("VAE", (settings.vae,) if settings.vae else (),
+              (spec.vae,) if spec.vae else (SEPARATE_PARTS[spec.arch][1],) if spec.arch in SEPARATE_PARTS else ()))
     doubts = []
     for role, names, fits in named:
         for name in names:
@@ -387,14 +394,13 @@ def _finish(g: _Graph, samples: Link, vae: Link, model_name: str) -> Graph:
     return g.nodes
 
 
-def _checkpoint_graph(model_name: str, s: Resolved, *, advanced: bool) -> Graph:
+def _checkpoint_graph(model_name: str, s: Resolved, *, advanced: bool, clip_type: str) -> Graph:
     g = _Graph()
-    ckpt = g.add("CheckpointLoaderSimple", "Model", ckpt_name=model_name)
-    vae = _out(g.add("VAELoader", vae_name=s.vae)) if s.vae else _out(ckpt, 2)
-    positive, negative = _prompts(g, _out(ckpt, 1), s, zero_negative=False)
+    model, clip, vae = _loaders(g, model_name, s, clip_type)
+    positive, negative = _prompts(g, clip, s, zero_negative=False)
     latent = g.add("EmptyLatentImage", width=s.width, height=s.height, batch_size=1)
     common = {
-        "model": _out(ckpt),
+        "model": model,
         "steps": s.steps,
         "cfg": s.cfg,
         "sampler_name": "euler",
@@ -419,19 +425,21 @@ def _checkpoint_graph(model_name: str, s: Resolved, *, advanced: bool) -> Graph:
 
 
 def build_sd1(model_name: str, s: Resolved) -> Graph:
-    """SD1.5: the ComfyUI default graph (CheckpointLoaderSimple → KSampler)."""
-    return _checkpoint_graph(model_name, s, advanced=False)
+    """SD1.5: the ComfyUI default graph (CheckpointLoaderSimple → KSampler); a UNet on its own through UNETLoader,
+    CLIPLoader ``stable_diffusion`` and VAELoader."""
+    return _checkpoint_graph(model_name, s, advanced=False, clip_type="stable_diffusion")
 
 
 def build_sdxl(model_name: str, s: Resolved) -> Graph:
-    """SDXL: the sdxl_simple_example base pass (KSamplerAdvanced over all steps, no refiner)."""
-    return _checkpoint_graph(model_name, s, advanced=True)
+    """SDXL: the sdxl_simple_example base pass (KSamplerAdvanced over all steps, no refiner); a UNet on its own
+    through UNETLoader, DualCLIPLoader ``sdxl`` (clip_l, clip_g) and VAELoader."""
+    return _checkpoint_graph(model_name, s, advanced=True, clip_type="sdxl")
 
 
-def _dit_loaders(g: _Graph, model_name: str, s: Resolved, clip_type: str) -> tuple[Link, Link, Link]:
-    """(MODEL, CLIP, VAE) of a DiT family: UNETLoader with the chosen text encoder and VAE files, or, for an
-    all-in-one checkpoint (no text encoders chosen), CheckpointLoaderSimple's three outputs (flux_schnell.json's
-    way); a VAE the user named replaces the checkpoint's."""
+def _loaders(g: _Graph, model_name: str, s: Resolved, clip_type: str) -> tuple[Link, Link, Link]:
+    """(MODEL, CLIP, VAE): UNETLoader with the chosen text encoder and VAE files, or, for a checkpoint holding
+    them (no text encoders chosen: SD1.5/SDXL, a DiT family's all-in-one file), CheckpointLoaderSimple's three
+    outputs (flux_schnell.json's way); a VAE the user named replaces the checkpoint's."""
     if not s.text_encoders:
         ckpt = g.add("CheckpointLoaderSimple", "Model", ckpt_name=model_name)
         vae = _out(g.add("VAELoader", vae_name=s.vae)) if s.vae else _out(ckpt, 2)
@@ -448,7 +456,7 @@ def _dit_loaders(g: _Graph, model_name: str, s: Resolved, clip_type: str) -> tup
 
 def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: float | None) -> Graph:
     g = _Graph()
-    model, clip, vae = _dit_loaders(g, model_name, s, clip_type)
+    model, clip, vae = _loaders(g, model_name, s, clip_type)
     if shift is not None:
         model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=shift))
     positive, negative = _prompts(g, clip, s, zero_negative=True)
@@ -482,7 +490,7 @@ def build_zimage(model_name: str, s: Resolved) -> Graph:
 
 def _custom_sampler_graph(model_name: str, s: Resolved, *, flux2: bool) -> Graph:
     g = _Graph()
-    model, clip, vae = _dit_loaders(g, model_name, s, "flux2" if flux2 else "chroma")
+    model, clip, vae = _loaders(g, model_name, s, "flux2" if flux2 else "chroma")
     if not flux2:
         clip = _out(g.add("T5TokenizerOptions", clip=clip, min_padding=0, min_length=0))
         model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=1.0))
@@ -539,10 +547,14 @@ SPECS: dict[str, ArchSpec] = {
 def file_spec(arch: str, facts: ModelFacts) -> ArchSpec:
     """``arch``'s built-in workflow for one file: a DiT family's all-in-one checkpoint (``facts.all_in_one``) is
     loaded whole by CheckpointLoaderSimple, from ComfyUI's checkpoints folder, with no text encoder or VAE files
-    to choose."""
+    to choose; an SD1.5/SDXL UNet on its own (``facts.diffusion_only``) by UNETLoader, from diffusion_models,
+    beside the text encoder and VAE files a checkpoint would hold."""
     spec = arch_spec(arch)
     if facts.all_in_one and spec.loader == "UNETLoader":
         return replace(spec, loader="CheckpointLoaderSimple", text_encoders=(), vae=None)
+    if facts.diffusion_only and spec.arch in SEPARATE_PARTS:
+        encoders, vae = SEPARATE_PARTS[spec.arch]
+        return replace(spec, loader="UNETLoader", text_encoders=encoders, vae=vae)
     return spec
 
 

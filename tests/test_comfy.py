@@ -730,17 +730,41 @@ def test_cli_preview_detects_the_architecture_when_arch_is_not_given(
     assert "give --arch, or your own workflow" in cli_error("preview", unknown, *place)
 
 
-def test_a_bare_unet_for_a_checkpoint_workflow_gets_a_warning(comfy_stub: ComfyStub, tmp_path: Path,
-                                                              cli: Callable) -> None:
-    bare = write_model(tmp_path / "unet.safetensors", {"input_blocks.0.0.weight": (4, 4, 3, 3)})
-    result = cli("preview", bare, "--arch", "sd1", "--prompt", "a fox", "--api", comfy_stub.url, "--comfy-dir",
-                 comfy_stub.root, "--out", tmp_path / "out")
-    assert result.code == 0, result.err  # ComfyUI's answer decides; this stand-in does not load files
-    assert ("WARNING: " in result.err and "holds only a diffusion model" in result.err
-            and "with your own workflow that loads it with UNETLoader" in result.err)
-    assert "holds only a diffusion model" not in cli("preview", write_model(tmp_path / "full.safetensors"), "--arch",
-                                                     "sd1", "--prompt", "a fox", "--api", comfy_stub.url,
-                                                     "--comfy-dir", comfy_stub.root, "--out", tmp_path / "out").err
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", ""])
+def test_an_sd_unet_on_its_own_is_loaded_beside_text_encoder_and_vae_files(
+    comfy_stub: ComfyStub, tmp_path: Path, cli: Callable, cli_error: Callable, arch: str, prefix: str
+) -> None:
+    """An SD1.5/SDXL file holding only the UNet (prefixed or bare) cannot go through CheckpointLoaderSimple: the
+    built-in workflow loads it with UNETLoader beside the CLIP and VAE files a checkpoint would hold (COMFYUI.md),
+    and says which it lacks; a full checkpoint keeps the checkpoint loader."""
+    context = 768 if arch == "sd1" else 2048
+    keys = {f"{prefix}input_blocks.{i}.0.weight": (4, 4, 3, 3) for i in range(6)}
+    keys[f"{prefix}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = (8, context)
+    if arch == "sdxl":
+        keys[f"{prefix}label_emb.0.0.weight"] = (8, 16)
+    unet = write_model(tmp_path / f"{arch}_unet.safetensors", keys)
+    place = ["--arch", arch, "--prompt", "a fox", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root,
+             "--out", tmp_path / "out"]
+    vae = "vae-ft-mse-840000-ema-pruned.safetensors" if arch == "sd1" else "sdxl_vae.safetensors"
+    assert f"a VAE like {vae}" in cli_error("preview", unet, *place)
+    comfy_stub.add_file("vae", vae)
+    comfy_stub.add_file("text_encoders", "clip_g.safetensors")
+    result = cli("preview", unet, *place)
+    assert result.code == 0, result.err
+    nodes = {node["class_type"]: node["inputs"] for node in comfy_stub.received[-1]["prompt"].values()}
+    assert nodes["UNETLoader"]["unet_name"] == link_name(unet) and "CheckpointLoaderSimple" not in nodes
+    assert nodes["VAELoader"]["vae_name"] == vae
+    if arch == "sd1":
+        assert (nodes["CLIPLoader"]["clip_name"], nodes["CLIPLoader"]["type"]) == ("clip_l.safetensors",
+                                                                                   "stable_diffusion")
+    else:
+        loader = nodes["DualCLIPLoader"]
+        assert (loader["clip_name1"], loader["clip_name2"], loader["type"]) == ("clip_l.safetensors",
+                                                                                "clip_g.safetensors", "sdxl")
+    full = cli("preview", write_model(tmp_path / "full.safetensors"), *place[2:], "--arch", "sd1")
+    assert full.code == 0, full.err
+    assert any(node["class_type"] == "CheckpointLoaderSimple" for node in comfy_stub.received[-1]["prompt"].values())
 
 
 def test_cli_preview_with_a_user_workflow(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:

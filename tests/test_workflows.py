@@ -431,10 +431,10 @@ def test_named_files_of_another_model_are_doubted_and_others_trusted() -> None:
     assert doubts("zimage", vae="flux2-vae.safetensors") == [
         "the VAE 'flux2-vae.safetensors' is named like another model's file, not one this zimage model takes (it "
         "takes one like ae.safetensors); ComfyUI will likely fail with a shape mismatch"]
-    assert "it takes a VAE of its own family" in doubts("sdxl", vae="ae.safetensors")[0]
+    assert "it takes one like sdxl_vae.safetensors" in doubts("sdxl", vae="ae.safetensors")[0]
     assert len(doubts("flux1", clip=("qwen_3_4b.safetensors", "clip_l.safetensors"))) == 1
     assert doubts("flux1", clip=("t5xxl_fp8_e4m3fn.safetensors", "clip_l.safetensors")) == []  # either order
-    assert doubts("sdxl", vae="sdxl_vae.safetensors") == []  # names no known file: trusted
+    assert doubts("sdxl", vae="sdxl_vae.safetensors") == []  # SDXL's own
     assert doubts("flux2-klein", clip=("my_encoder.safetensors",)) == []
     assert doubts("flux2-klein", clip=("qwen_3_4b.safetensors",)) == []  # 4B or 9B: not known without txt_in
     assert len(doubts("flux2-klein", ModelFacts(text_dim=12288), clip=("qwen_3_4b.safetensors",))) == 1
