@@ -31,6 +31,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from filelock import FileLock
@@ -130,12 +131,21 @@ class QueuePlace:
     ahead: int
 
 
+def _shown(address: str) -> str:
+    """``address`` as messages show it: a password in it (``http://user:secret@host``) replaced by ``***``."""
+    parts = urlsplit(address)
+    if parts.password is None:
+        return address
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
 class ComfyClient:
     """A small client for ComfyUI's HTTP API; ``timeout`` bounds each request, in seconds."""
 
     def __init__(self, base_url: str | None = None, timeout: float = HTTP_TIMEOUT) -> None:
-        self.base_url = comfy_api(base_url)
-        if not self.base_url.startswith(("http://", "https://")):
+        self._address = comfy_api(base_url)  # requests go here; messages show base_url, without a password
+        self.base_url = _shown(self._address)
+        if not self._address.startswith(("http://", "https://")):
             raise OrthoMechaError(f"ComfyUI address '{self.base_url}' must start with http:// or https://")
         if timeout <= 0:
             raise OrthoMechaError(f"the request timeout must be positive, got {timeout}")
@@ -143,8 +153,13 @@ class ComfyClient:
         self.client_id = uuid.uuid4().hex
         self.session = requests.Session()
 
+    @property
+    def address(self) -> str:
+        """The server's address as given, credentials included (``base_url`` is the one messages show)."""
+        return self._address
+
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        url = self.base_url + path
+        url = self._address + path
         try:
             return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.Timeout:

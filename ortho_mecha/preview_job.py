@@ -61,7 +61,7 @@ def connect(api: str, folder: str) -> tuple[str, str | None]:
     client = comfy.ComfyClient(api, timeout=CONNECT_TIMEOUT)
     directory = comfy.comfy_dir(folder.strip()) if folder.strip() else None
     client.system_stats()
-    return client.base_url, None if directory is None else str(directory)
+    return client.address, None if directory is None else str(directory)
 
 
 def page_size(text: str) -> tuple[int, int] | None:

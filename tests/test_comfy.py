@@ -917,3 +917,11 @@ def test_an_option_the_builtin_workflow_needs_asks_for_a_newer_comfyui() -> None
     assert "the built-in workflow sets node 2 (CLIPLoader) input 'type' to 'flux2'" in builtin
     assert "update ComfyUI" in builtin and "choose one of" not in builtin
     assert "choose one of: stable_diffusion, sdxl" in describe_problem(old, "http://x", "", own_workflow=True)
+
+
+def test_a_password_in_the_server_address_is_not_shown(cli_error: Callable, tmp_path: Path) -> None:
+    client = ComfyClient("http://me:s3cret@127.0.0.1:9")
+    assert (client.base_url, client.address) == ("http://me:***@127.0.0.1:9", "http://me:s3cret@127.0.0.1:9")
+    error = cli_error("preview", write_model(tmp_path / "m.safetensors"), "--arch", "sd1", "--prompt", "x",
+                      "--api", "http://me:s3cret@127.0.0.1:9", "--out", tmp_path / "out")
+    assert "s3cret" not in error and "http://me:***@127.0.0.1:9" in error
