@@ -768,9 +768,11 @@ def wait_for(
                 progress(Progress(prompt_id, place.state, place.ahead, elapsed))
             if elapsed > time_limit:
                 client.cancel(prompt_id)
+                waiting = (f"it never started: {place.ahead} job(s) of ComfyUI's queue were still ahead of it; "
+                           if place.state == "pending" else "")
                 raise OrthoMechaError(
                     f"ComfyUI at {url} did not finish prompt {prompt_id} within {time_limit:g} s, so it was cancelled; "
-                    "allow more time with --timeout"
+                    f"{waiting}allow more time with --timeout"
                 )
             time.sleep(poll_interval)
     except ComfyUnreachable as exc:
