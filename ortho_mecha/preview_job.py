@@ -85,7 +85,8 @@ def page_fields(params: Mapping[str, Any], models: Any = None) -> dict[str, Any]
     settings = params.get("settings") or {}
     size = settings.get("size")
     fields: dict[str, Any] = {
-        "pv_arch": params.get("arch") if params.get("arch") in BUILTIN_ARCHS else None,  # not 'custom'
+        "pv_arch": choice if (choice := params.get("arch_choice", params.get("arch"))) in (AUTO_ARCH, *BUILTIN_ARCHS)
+        else None,  # as the user chose it ('auto' stays auto); not 'custom'
         "pv_prompt": settings.get("prompt"),
         "pv_negative": settings.get("negative"),
         "pv_seed": settings.get("seed"),
@@ -187,12 +188,13 @@ def file_doubts(model: Path, choice: str, settings: PreviewSettings) -> list[str
 
 
 def preview_params(model: Path, arch: str, settings: PreviewSettings, api: str, folder: str | None,
-                   workflow: UserWorkflow | None = None) -> dict[str, Any]:
+                   workflow: UserWorkflow | None = None, choice: str | None = None) -> dict[str, Any]:
     """The ``preview`` job's parameters: render ``model`` with ``arch``'s built-in workflow, or with the user's
     own ``workflow`` (its prompt is set where it takes it, and so are the negative prompt and seed unless it
-    keeps its own; a negative prompt or seed it has no input for is left out)."""
+    keeps its own; a negative prompt or seed it has no input for is left out). ``choice``: the page's
+    Architecture field (:data:`AUTO_ARCH` or ``arch``), shown again with the job's images."""
     params = {"model": str(model), "arch": arch_id(arch), "settings": settings_params(settings), "api": api,
-              "comfy_dir": folder}
+              "comfy_dir": folder, "arch_choice": choice or arch_id(arch)}
     if workflow is not None:
         if settings.steps is not None or settings.cfg is not None or settings.size or settings.clip or settings.vae:
             raise OrthoMechaError("steps, CFG, size, text encoders and VAE come from your own workflow: clear them "
@@ -230,8 +232,10 @@ def sweep_params(
     folder: str | None,
     compare: bool,
     workspace_dir: Path | None = None,
+    choice: str | None = None,
 ) -> dict[str, Any]:
-    """The ``sweep`` job's parameters; the plan is saved as ``<name>.json`` in the sweep's folder.
+    """The ``sweep`` job's parameters; the plan is saved as ``<name>.json`` in the sweep's folder. ``choice`` as
+    in :func:`preview_params`.
 
     ``alphas`` is the user's text ("0.5,1,1.5"). A sweep whose grid already exists is refused; a sweep
     of that name that stopped half-way is continued (its merges are reused when they come from the same plan).
@@ -251,6 +255,7 @@ def sweep_params(
         "alphas": values,
         "out": str(out),
         "arch": arch_id(arch),
+        "arch_choice": choice or arch_id(arch),
         "settings": settings_params(settings),
         "api": api,
         "comfy_dir": folder,

@@ -121,7 +121,7 @@ with one:
                 server, comfy_folder = preview_job.connect(api, folder)
                 render_arch = preview_job.page_arch(arch, merges.path(model), workflow=own is not None)
                 params = preview_job.preview_params(merges.path(model), render_arch, settings, server, comfy_folder,
-                                                    own)
+                                                    own, choice=arch)
                 ui.start_job("preview", params, ui.PREVIEW_URL, heavy=False)
                 st.rerun()
     record = ui.job_panel(ui.PREVIEW_URL, "preview")
@@ -163,7 +163,7 @@ with sweep:
                 server, comfy_folder = preview_job.connect(api, folder)
                 sweep_arch = preview_job.page_arch(arch, swept.base)
                 params = preview_job.sweep_params(swept, name, alphas, sweep_arch, settings, server, comfy_folder,
-                                                  compare)
+                                                  compare, choice=arch)
                 ui.start_job("sweep", params, ui.SWEEP_URL)
                 st.rerun()
     record = ui.job_panel(ui.SWEEP_URL, "sweep")

@@ -37,6 +37,18 @@ def test_settings_survive_the_job_parameters() -> None:
         preview_job._settings({**data, "sampler": "euler"}, "preview")
 
 
+
+@pytest.mark.parametrize("choice", ["auto", "sd1", None])
+def test_the_architecture_field_comes_back_as_the_user_chose_it(tmp_path: Path, choice: str | None) -> None:
+    """A render with Architecture "auto" shows "auto" again beside its images, not the family it found (which
+    would then apply to the next model of another family); a job of an older version shows its architecture."""
+    model = write_model(tmp_path / "m.safetensors")
+    params = preview_job.preview_params(model, "sd1", SETTINGS, "http://127.0.0.1:8188", None, choice=choice)
+    assert params["arch"] == "sd1"
+    assert preview_job.page_fields(params)["pv_arch"] == (choice or "sd1")
+    params.pop("arch_choice")
+    assert preview_job.page_fields(params)["pv_arch"] == "sd1"
+
 def test_connect_checks_address_folder_and_server(comfy_stub: ComfyStub, tmp_path: Path) -> None:
     assert preview_job.connect(comfy_stub.url + "/", str(comfy_stub.root)) == (comfy_stub.url, str(comfy_stub.root))
     assert preview_job.connect(comfy_stub.url, "  ") == (comfy_stub.url, None)
