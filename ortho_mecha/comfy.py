@@ -59,6 +59,7 @@ from ortho_mecha.workflows import (
     named_file_doubts,
     parse_size,
     resolve,
+    unused_negative,
 )
 
 logger = logging.getLogger(__name__)
@@ -905,6 +906,8 @@ def _builtin_graph(model: Path, model_name: str, tensors: Mapping[str, Any] | No
         raise OrthoMechaError("; ".join([*(missing_node_message(url, c, None) for c in missing), str(error)])) from None
     for doubt in named_file_doubts(spec, settings, facts):
         logger.warning("%s", doubt)  # a warning: the names may mislead, ComfyUI's answer decides
+    if (why := unused_negative(resolved)) is not None:
+        logger.warning("%s", why)
     return spec.build(model_name, resolved), resolved
 
 
@@ -1219,7 +1222,8 @@ def cli_preview(args: argparse.Namespace) -> int:
         r = result.resolved
         files = ", ".join([*r.text_encoders, *([r.vae] if r.vae else [])]) or "from the checkpoint"
         print(
-            f"ortho-mecha: {result.arch} {r.width}x{r.height}, {r.steps} steps, cfg {r.cfg:g}, seed {r.seed}; "
+            f"ortho-mecha: {result.arch} {r.width}x{r.height}, {r.steps} steps, {'guidance' if r.guided else 'cfg'} "
+            f"{r.cfg:g}, seed {r.seed}; "
             f"text encoders/VAE: {files}",
             file=sys.stderr,
         )

@@ -343,6 +343,18 @@ def resolve(
     return Resolved(settings.prompt, settings.negative or "", seed, steps, cfg, width, height, encoders, vae, guided)
 
 
+def unused_negative(s: Resolved) -> str | None:
+    """Why the negative prompt of these settings has no effect, or None: Flux.2 dev's workflow takes guidance, not
+    a negative, and at cfg 1 ComfyUI samples without the negative."""
+    if not s.negative:
+        return None
+    if s.guided:
+        return "the negative prompt has no effect: Flux.2 dev's workflow uses guidance (FluxGuidance), not a negative"
+    if s.cfg == 1.0:
+        return "the negative prompt has no effect at cfg 1 (ComfyUI samples without it); raise the cfg to use it"
+    return None
+
+
 def _check_seed(seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
         raise OrthoMechaError(f"seed must be between 0 and {MAX_SEED}, got {seed}")

@@ -926,3 +926,14 @@ def test_a_password_in_the_server_address_is_not_shown(cli_error: Callable, tmp_
     error = cli_error("preview", write_model(tmp_path / "m.safetensors"), "--arch", "sd1", "--prompt", "x",
                       "--api", "http://me:s3cret@127.0.0.1:9", "--out", tmp_path / "out")
     assert "s3cret" not in error and "http://me:***@127.0.0.1:9" in error
+
+
+def test_a_negative_prompt_without_effect_is_said(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:
+    """Flux.1 runs at cfg 1, where ComfyUI samples without the negative prompt: a negative given is said to do
+    nothing there, and not once the cfg is raised."""
+    flux = write_model(tmp_path / "flux.safetensors", FLUX_KEYS)
+    place = ["--prompt", "a fox", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", tmp_path / "out"]
+    said = "the negative prompt has no effect at cfg 1"
+    assert said in cli("preview", flux, *place, "--negative", "blurry").err
+    assert said not in cli("preview", flux, *place, "--negative", "blurry", "--cfg", "3.5").err
+    assert said not in cli("preview", flux, *place).err
