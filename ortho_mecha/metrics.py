@@ -206,8 +206,9 @@ def _estimate_coefficients(
       v_i the direction weights (θ and magnitude both ∝ ‖α_i δ_i‖ here): the rotation's part. The rest of
       each delta (the residual ρ_i) is averaged; :func:`merged_coefficients` mixes the two by each key's
       rotation share. Exact for one row and for identical rows; ``conflict_aware`` is not visible in G.
-    - ``ties``, ``dare``, ``geometric_median``: the mean of the listed deltas (what they reduce to when the
-      deltas agree in sign everywhere and nothing is dropped).
+    - ``ties``, ``dare``: entry by entry, as sd-mecha runs them, on deltas whose entries are modelled as
+      Gaussian with covariance G (:func:`_entrywise_coefficients`).
+    - ``geometric_median``: the mean of the listed deltas (what it reduces to when the deltas agree).
     - ``model_stock``: the mean scaled by Model Stock's ``t = k·cos / (1 + (k − 1)·cos)``, cos the mean
       cosine of consecutive listed deltas (the method takes it per output row and key; here over the whole G).
     """
@@ -216,7 +217,9 @@ def _estimate_coefficients(
     count = float(repeats.sum())
     if count == 0:
         return np.zeros(len(g))
-    if method in ("ties", "dare", "geometric_median"):
+    if method in ("ties", "dare"):
+        return alpha * _entrywise_coefficients(g, method, alphas, repeats, options)
+    if method == "geometric_median":
         return alpha * listed / count
     if method == "model_stock":
         listed_rows = np.repeat(np.arange(len(g)), repeats.astype(int))
@@ -245,6 +248,45 @@ def _estimate_coefficients(
     if size_sq <= 0:
         return np.zeros(len(g))
     return alpha * magnitude * direction / math.sqrt(size_sq)
+
+
+ENTRY_SAMPLES = 1 << 16  # entries drawn for the ties and dare estimate: a few % sampling error, a few ms
+
+
+def _entrywise_coefficients(
+    g: np.ndarray, method: str, alphas: np.ndarray, repeats: np.ndarray, options: Mapping[str, Any]
+) -> np.ndarray:
+    """sd-mecha's ``ties_sum`` (``ties``) or ``ties_sum_with_dropout`` (``dare``) of the listed rows, estimated
+    from G alone: they work entry by entry, so each entry's raw deltas are modelled as a Gaussian vector with
+    covariance G (both methods scale with their input, so G's scale does not matter), and a fixed-seed sample
+    of :data:`ENTRY_SAMPLES` entries goes through the method's steps: DARE's dropout (each listed copy its own
+    mask), each listed delta's top-k entries by magnitude, the sign election (by counted signs, or by summed
+    values with ``vote_sgn``), the mean of the agreeing entries, DARE's rescale by 1/(1 − p). Returns the
+    least-squares coefficients of the result on the rows' entries, whose survival ``(G a)_i / G_ii`` is the
+    sampled ``<Δ, δ_i> / ‖δ_i‖²`` (0 for a row not listed). The rows' own distributions (heavy tails,
+    sparsity) and DELLA's magnitude-ranked drop rates are not in G, which is why this is an estimate."""
+    rng = np.random.default_rng(0)
+    eigenvalues, vectors = np.linalg.eigh(g)
+    entries = rng.standard_normal((ENTRY_SAMPLES, len(g))) @ (vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))).T
+    rows = np.repeat(np.arange(len(g)), repeats.astype(int))
+    listed = entries[:, rows] * alphas[rows]
+    dropped = float(options.get("probability", 0.9)) if method == "dare" else 0.0
+    if dropped:
+        listed *= rng.random(listed.shape) >= dropped
+    rank = max(int((1.0 - float(options.get("k", 1.0))) * ENTRY_SAMPLES), 1)  # sd-mecha's filter_top_k
+    magnitude = np.abs(listed)
+    listed *= magnitude >= np.partition(magnitude, rank - 1, axis=0)[rank - 1]
+    signs = np.sign(listed)
+    elected = np.sign((listed if options.get("vote_sgn", False) else signs).sum(axis=1, keepdims=True))
+    agree = signs == elected
+    counts = agree.sum(axis=1)
+    merged = np.where(counts > 0, (listed * agree).sum(axis=1) / np.maximum(counts, 1), 0.0)
+    if dropped and options.get("rescale", True):
+        merged /= 1.0 - dropped
+    coefficients = np.zeros(len(g))
+    present = repeats > 0  # a row not listed takes no part (and no share of the fit's sampling noise)
+    coefficients[present] = np.linalg.lstsq(entries[:, present], merged, rcond=None)[0]
+    return coefficients
 
 
 def merged_coefficients(

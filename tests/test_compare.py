@@ -17,7 +17,7 @@ from ortho_mecha.plan import METHODS
 from tests.modelgen import write_family_files
 
 LINEAR_LIKE = ("add_difference", "ortho_superpose", "ortho_project")
-MEAN_LIKE = ("ties", "dare", "geometric_median")
+MEAN_LIKE = ("geometric_median",)
 
 
 def survival(result: compare.Comparison, method: str) -> np.ndarray:
@@ -65,8 +65,11 @@ def test_identical_rows_count_once_except_in_a_plain_sum() -> None:
     result = compare.compare_methods(np.full((n, n), 4.0), ["a", "b", "c"], [1.0] * n, [1] * n, "ties", {})
     np.testing.assert_allclose(survival(result, "add_difference"), [n] * n)
     assert summary(result, "add_difference")["norm ratio"] == pytest.approx(math.sqrt(n))
-    for method in ("weighted_sum", "ortho_superpose", "ortho_project", "orthomerge", *MEAN_LIKE, "model_stock"):
+    for method in ("weighted_sum", "ortho_superpose", "ortho_project", "orthomerge", *MEAN_LIKE, "model_stock",
+                   "ties"):
         np.testing.assert_allclose(survival(result, method), [1.0] * n, atol=1e-9, err_msg=method)
+    # DARE gives each identical copy its own dropout: an entry survives if any copy keeps it, then / (1 − p)
+    np.testing.assert_allclose(survival(result, "dare"), [(1 - 0.9**n) / 0.1] * n, rtol=0.03)
     assert summary(result, "ortho_superpose")["norm ratio"] == pytest.approx(1 / math.sqrt(n))
     # Every method points along the one delta, which all n rows carry: interference n − 1 whatever the
     # coefficients (ortho_project writes it −δ + δ + δ, ortho_superpose δ/3 + δ/3 + δ/3).

@@ -4,6 +4,7 @@ against merged vectors formed explicitly (numpy, and the registered methods' own
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -221,8 +222,33 @@ def test_orthomerge_estimate_mixes_rotation_and_mean_by_the_rotation_share() -> 
 def test_listed_methods_take_repeats_as_copies() -> None:
     x = np.eye(2) * np.array([[2.0], [1.0]])
     # mean of the listed deltas: row 0 listed twice → Δ = (2δ_0 + δ_1) / 3
-    survival = metrics.predicted_survival(gram(x), "ties", [1.0, 1.0], repeats=[2, 1])
+    survival = metrics.predicted_survival(gram(x), "geometric_median", [1.0, 1.0], repeats=[2, 1])
     np.testing.assert_allclose(survival, [2 / 3, 1 / 3])
+
+
+def test_ties_and_dare_estimates_follow_their_entrywise_steps() -> None:
+    """Closed forms for Gaussian entries (the estimate's model): TIES of two independent rows keeps an entry only
+    where the two signs agree (a tie elects sign 0), there their mean: survival 1/4 + 1/(2π) each. A listed copy
+    of a row is that row again (TIES of identical rows is the row); DARE drops each copy on its own, so n copies
+    keep an entry with probability 1 − pⁿ, rescaled by 1/(1 − p)."""
+    ties = metrics.predicted_survival(np.eye(2), "ties", [1.0, 1.0])
+    np.testing.assert_allclose(ties, [0.25 + 1 / (2 * math.pi)] * 2, rtol=0.03)
+    np.testing.assert_allclose(metrics.predicted_survival(np.eye(2), "ties", [1.0, 1.0], repeats=[3, 0]),
+                               [1.0, 0.0], atol=1e-9)
+    dare = metrics.predicted_survival(np.eye(2), "dare", [1.0, 1.0], {"probability": 0.5}, repeats=[3, 0])
+    np.testing.assert_allclose(dare, [(1 - 0.5**3) / 0.5, 0.0], rtol=0.03, atol=1e-9)
+    unscaled = metrics.predicted_survival(np.eye(2), "dare", [1.0, 1.0], {"probability": 0.5, "rescale": False},
+                                          repeats=[3, 0])
+    np.testing.assert_allclose(unscaled, dare / 2, rtol=1e-9)
+    halved = metrics.predicted_survival(np.eye(2), "ties", [2.0, 2.0], {"alpha": 0.5})
+    np.testing.assert_allclose(halved, ties, rtol=1e-9)  # both scale with their input
+    # k = 1/2 keeps |x| ≥ m, m the median of |x|: an entry the other row lost is kept whole (its sign alone elects),
+    # one both kept is their mean where the signs agree: E[x²; |x| ≥ m]/2 + (E[x²; |x| ≥ m]/4 + E[|x|; |x| ≥ m]²/2)/2
+    normal = statistics.NormalDist()
+    m = normal.inv_cdf(0.75)
+    second, first = 2 * (m * normal.pdf(m) + 0.25), 2 * normal.pdf(m)
+    trimmed = metrics.predicted_survival(np.eye(2), "ties", [1.0, 1.0], {"k": 0.5})
+    np.testing.assert_allclose(trimmed, [second / 2 + (second / 4 + first**2 / 2) / 2] * 2, rtol=0.03)
 
 
 def test_unknown_method_and_option_are_errors() -> None:
