@@ -39,7 +39,7 @@ from ortho_mecha.fsutil import short_names
 from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, selection_matrix
 from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, TensorInfo, expand_model_paths
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
-from ortho_mecha.progress import read_text
+from ortho_mecha.progress import counted, read_text
 from ortho_mecha.validate import Alignment
 
 try:
@@ -1194,7 +1194,8 @@ def summary_lines(rep: dict) -> list[str]:
     shown = dict(zip(files, short_names(files, keep_suffix=True), strict=True))  # a folder where names collide
     names = [shown[m] for m in rep["models"]]
     read = read_text(rep)
-    lines = [f"{rep['arch']} base {Path(rep['base']).name}: {len(names)} models, {rep['keys']} keys, {read}"]
+    lines = [f"{rep['arch']} base {Path(rep['base']).name}: {counted(len(names), 'model')}, "
+             f"{counted(rep['keys'], 'key')}, {read}"]
     width = max(len(n) for n in names)
     grades = rep.get("quality", {}).get("grade", ["?"] * len(names))
     for i, name in enumerate(names):

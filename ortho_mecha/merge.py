@@ -68,6 +68,7 @@ from ortho_mecha.io import DTYPES, Model, expand_model_paths, parse_header, tens
 from ortho_mecha.lora_rows import is_lora_file
 from ortho_mecha.mecha_config import check_model, register_base_config
 from ortho_mecha.plan import Plan, load_plan, plan_from_dict, save_plan
+from ortho_mecha.progress import counted, duration
 from ortho_mecha.recipe import build_recipe
 from ortho_mecha.validate import file_arch, other_family
 
@@ -119,9 +120,11 @@ class _OutputWriter:
     """
 
     def __init__(
-        self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str], base: Model
+        self, path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str], base: Model,
+        out: Path | None = None,
     ) -> None:
         self.path = path
+        self.out = out or path  # the file the user asked for, named in messages
         self.layout = layout
         self.metadata = metadata
         self.base = base
@@ -208,12 +211,12 @@ class _OutputWriter:
         self.nonfinite[key] = count
         return torch.where(bad, replacement, wide).to(tensor.dtype)
 
-    @staticmethod
-    def _overflow(key: str, count: int, dtype: torch.dtype, largest: float) -> OrthoMechaError:
+    def _overflow(self, key: str, count: int, dtype: torch.dtype, largest: float) -> OrthoMechaError:
         return OrthoMechaError(
-            f"'{key}' has {count} values beyond the range of the output dtype {SAFETENSORS_NAMES[dtype]} (the "
-            f"largest there: {largest:.4g}); write it as bf16 or fp32 (a plan's \"output_dtype\", convert's "
-            "--dtype); nothing was written"
+            f"'{key}' has {count} value{'s' if count != 1 else ''} beyond the range of the output dtype "
+            f"{SAFETENSORS_NAMES[dtype]} (the largest there: {largest:.4g}); write it as bf16 or fp32 (a plan's "
+            "\"output_dtype\", convert's --dtype); nothing was written",
+            self.out,
         )
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
@@ -526,7 +529,7 @@ def _written(out: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], 
     remove_stale_partials(out)
     temp = partial_path(out)
     try:
-        writer = _OutputWriter(temp, layout, metadata, base)
+        writer = _OutputWriter(temp, layout, metadata, base, out)
     except OSError as exc:
         raise OrthoMechaError(f"cannot write the output ({exc.strerror or exc})", out) from None
     try:
@@ -598,8 +601,8 @@ def cli_convert(args: argparse.Namespace) -> int:
         report = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=bar.update)
     shards = f" from {report['files']} shards" if report["files"] > 1 else ""
     scaled = f", {report['dequantised']} scaled fp8 weights dequantised" if report["dequantised"] else ""
-    print(f"wrote {report['output']}{shards}: {report['keys']} keys{scaled}, {report['bytes'] / 2**20:.1f} MiB, "
-          f"{report['seconds']:.1f} s")
+    print(f"wrote {report['output']}{shards}: {counted(report['keys'], 'key')}{scaled}, "
+          f"{report['bytes'] / 2**20:.1f} MiB, {duration(report['seconds'])}")
     return 0
 
 
@@ -681,8 +684,8 @@ def summary(report: Mapping[str, Any]) -> str:
     """A few lines for the terminal: output, repairs, ignored keys, hashes."""
     repairs = report["repairs"]
     lines = [
-        f"merged {report['rows']} rows ({report['method']}) → {report['output']} "
-        f"({report['bytes'] / 2**20:.1f} MiB, {report['output_dtype']}, {report['seconds']:.1f} s)"
+        f"merged {counted(report['rows'], 'row')} ({report['method']}) → {report['output']} "
+        f"({report['bytes'] / 2**20:.1f} MiB, {report['output_dtype']}, {duration(report['seconds'])})"
     ]
     fixes = []
     if repairs["nonfinite"]:

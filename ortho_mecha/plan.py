@@ -116,7 +116,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "weighted_sum",
             "weighted average of the rows' deltas, the row alphas (× repeat) as weights, added to the base "
-            "(sd-mecha n_average + add_difference)",
+            "(sd-mecha n_average + add_difference); the weights are relative, so one row gives its whole delta "
+            "whatever its alpha: scale the result with the global alpha",
             (ALPHA,),
             repeat="scale",
         ),

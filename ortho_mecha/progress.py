@@ -45,6 +45,14 @@ def read_text(report: Mapping[str, Any]) -> str:
     """What an analysis report's pass read and how long it took ("7.3 MiB read in 40 ms"), or "from cache"."""
     if not report["bytes_read"]:
         return "from cache"
-    seconds = report["seconds"]
-    took = f"{seconds:.1f} s" if seconds >= 0.1 else f"{max(1.0, seconds * 1000):.0f} ms"
-    return f"{report['bytes_read'] / 2**20:.1f} MiB read in {took}"
+    return f"{report['bytes_read'] / 2**20:.1f} MiB read in {duration(report['seconds'])}"
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a person: "3.2 s", or "40 ms" below a tenth of a second (never "0.0 s")."""
+    return f"{seconds:.1f} s" if seconds >= 0.1 else f"{max(1.0, seconds * 1000):.0f} ms"
+
+
+def counted(count: int, noun: str) -> str:
+    """"1 model", "3 models"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -555,17 +555,17 @@ def test_a_bf16_base_merges_to_bf16_and_an_fp16_overflow_is_an_error(tmp_path: P
     assert torch.isfinite(read(tmp_path / "bf16.safetensors")["img_in.bias"].float()).all()
     fp16 = plan_from_dict({"base": "base.safetensors", "method": "ortho_superpose", "rows": rows,
                            "output_dtype": "fp16"}, tmp_path)
-    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond the range of the output "
+    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 value beyond the range of the output "
                        r"dtype F16 \(the largest there: 9\.\d+e\+04\); write it as bf16 or fp32"):
         merge_plan(fp16, tmp_path / "fp16.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors",
                                                             "bf16.safetensors"]
-    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond .*convert's --dtype"):
+    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 value beyond .*convert's --dtype"):
         convert(tmp_path / "base.safetensors", tmp_path / "fp16copy.safetensors", dtype="fp16")
     assert not (tmp_path / "fp16copy.safetensors").exists()
     fp8 = plan_from_dict({"base": "base.safetensors", "method": "ortho_superpose", "rows": rows,
                           "output_dtype": "fp8_e4m3fn"}, tmp_path)  # no Inf in e4m3fn: a cast saturates at 448
-    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 values beyond the range of the output dtype "
+    with pytest.raises(OrthoMechaError, match=r"'img_in\.bias' has 1 value beyond the range of the output dtype "
                        r"F8_E4M3 \(the largest there: 9\.\d+e\+04\)"):
         merge_plan(fp8, tmp_path / "fp8.safetensors")
     assert not (tmp_path / "fp8.safetensors").exists()
@@ -580,8 +580,8 @@ def test_a_merged_value_beyond_fp16_is_an_error_even_where_the_base_fits(tmp_pat
         save_file({"w": base["w"] + 20000.0}, str(tmp_path / f"{name}.safetensors"))
     plan = plan_from_dict({"base": "base.safetensors", "method": "add_difference", "output_dtype": "fp16",
                            "rows": [{"model": "a.safetensors"}, {"model": "b.safetensors"}]}, tmp_path)
-    with pytest.raises(OrthoMechaError, match=r"'w' has 16 values beyond the range of the output dtype F16 "
-                                              r"\(the largest there: 8e\+04\)"):
+    with pytest.raises(OrthoMechaError, match=r"out\.safetensors: 'w' has 16 values beyond the range of the output "
+                                              r"dtype F16 \(the largest there: 8e\+04\)"):  # the file is named
         merge_plan(plan, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
