@@ -31,7 +31,7 @@ from ortho_mecha.workflows import DEFAULT_ALPHAS, PreviewSettings
 
 logger = logging.getLogger(__name__)
 
-LABEL_HEIGHT = 28
+LABEL_SHARE = 0.045  # a label's text height over its column's width: readable when the grid is shown screen-wide
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -108,19 +108,23 @@ def _plan_of(model: Path) -> Any:
 
 
 def grid(columns: Sequence[tuple[str, Sequence[bytes]]]) -> bytes:
-    """A PNG with one labelled column per (label, images); images of a column stacked top to bottom."""
-    from PIL import Image, ImageDraw
+    """A PNG with one labelled column per (label, images); images of a column stacked top to bottom. The labels'
+    size follows the images' (:data:`LABEL_SHARE` of a column's width, at least 10 px)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     opened = [(label, [Image.open(io.BytesIO(b)).convert("RGB") for b in images]) for label, images in columns]
     width = max((im.width for _, ims in opened for im in ims), default=64)
     height = max((im.height for _, ims in opened for im in ims), default=64)
     rows = max((len(ims) for _, ims in opened), default=1)
-    sheet = Image.new("RGB", (width * len(opened), LABEL_HEIGHT + height * rows), "white")
+    size = max(10, round(width * LABEL_SHARE))
+    font = ImageFont.load_default(size=size)
+    label_height, margin = round(size * 1.6), max(4, size // 3)
+    sheet = Image.new("RGB", (width * len(opened), label_height + height * rows), "white")
     draw = ImageDraw.Draw(sheet)
     for c, (label, images) in enumerate(opened):
-        draw.text((c * width + 6, 6), label, fill="black")
+        draw.text((c * width + margin, margin), label, fill="black", font=font)
         for r, image in enumerate(images):
-            sheet.paste(image, (c * width, LABEL_HEIGHT + r * height))
+            sheet.paste(image, (c * width, label_height + r * height))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -112,17 +112,27 @@ def test_parse_alphas_and_errors(tmp_path: Path, cli_error: Callable) -> None:
     assert "needs a MODEL" in cli_error("preview", *common)
 
 
-def test_grid_lays_out_columns() -> None:
-    def png(color: str) -> bytes:
-        buffer = io.BytesIO()
-        Image.new("RGB", (32, 24), color).save(buffer, format="PNG")
-        return buffer.getvalue()
+def png(color: str, size: tuple[int, int] = (32, 24)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
 
+
+def test_grid_lays_out_columns() -> None:
     sheet = Image.open(io.BytesIO(grid([("a", [png("red"), png("red")]), ("b", [png("blue")])])))
-    assert sheet.size == (64, 28 + 48)
-    assert sheet.getpixel((5, 28 + 5)) == (255, 0, 0)
-    assert sheet.getpixel((32 + 5, 28 + 5)) == (0, 0, 255)
-    assert sheet.getpixel((32 + 5, 28 + 24 + 5)) == (255, 255, 255)  # the shorter column stays blank
+    label = 16  # 10 px text (the least) and its margins
+    assert sheet.size == (64, label + 48)
+    assert sheet.getpixel((5, label + 5)) == (255, 0, 0)
+    assert sheet.getpixel((32 + 5, label + 5)) == (0, 0, 255)
+    assert sheet.getpixel((32 + 5, label + 24 + 5)) == (255, 255, 255)  # the shorter column stays blank
+
+
+def test_grid_labels_grow_with_the_images() -> None:
+    """A 5-column grid of 1024-px images is shown screen-wide at a fifth of its size: 10 px labels became ~2 px."""
+    sheet = Image.open(io.BytesIO(grid([(f"alpha {a}", [png("gray", (1024, 1024))]) for a in range(5)])))
+    label = sheet.height - 1024
+    inked = [y for y in range(label) if any(sheet.getpixel((x, y)) != (255, 255, 255) for x in range(0, 1024, 2))]
+    assert label >= 60 and max(inked) - min(inked) >= 30  # text ~46 px tall, ~9 px at a fifth
 
 
 def test_sweep_checks_comfyui_before_merging(comfy_stub: ComfyStub, tmp_path: Path, cli_error: Callable) -> None:
