@@ -182,6 +182,8 @@ def sampled_energy(sampled: torch.Tensor, tall: bool) -> np.ndarray:
     """
     m = sampled.numpy()
     gram = m.T @ m if tall else m @ m.T
+    if not np.isfinite(gram).all():  # NaN/Inf in the delta: LAPACK would fail; the pass names the file and key
+        return np.full(len(gram), np.nan)
     if _kernels is None:
         values = scipy.linalg.eigh(gram, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False)
     else:  # the same LAPACK routine, without holding the GIL (scipy's wrapper holds it, stalling the pass)
