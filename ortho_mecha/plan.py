@@ -331,7 +331,8 @@ class Plan:
             raise self._fail(f"{what} {path}: {named}, and name that in the plan")
         if not path.is_file():
             remedy = "fix the path" if what == "base" else "fix the path or remove it from the plan"
-            raise self._fail(f"{what} {path} does not exist; {remedy}")
+            problem = "is a folder, not a model file" if path.is_dir() else "does not exist"
+            raise self._fail(f"{what} {path} {problem}; {remedy}")
 
     def _check_rows(self, method: MethodSpec) -> None:
         self._check_file(self.base, "base")

@@ -148,6 +148,15 @@ def test_validation_errors_name_the_plan_file(family: dict[str, Path], changes: 
     assert str(caught.value).startswith(f"{path}: ")
 
 
+
+def test_a_folder_named_like_a_model_is_said_to_be_a_folder(family: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "dir.safetensors"
+    folder.mkdir()
+    for changes in ({"base": str(folder)}, {"rows": [{"model": str(folder)}]}):
+        path = write_plan(family["base"].parent, plan_data(**changes), name="folder.json")
+        with pytest.raises(OrthoMechaError, match=r"dir\.safetensors is a folder, not a model file; fix the path"):
+            load_plan(path)
+
 def test_a_delta_from_naming_the_base_is_the_default(family: dict[str, Path]) -> None:
     folder = family["base"].parent
     spelled = plan_from_dict(plan_data(rows=[{"model": "a.safetensors", "delta_from": "./base.safetensors"}]), folder)
