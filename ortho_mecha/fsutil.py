@@ -73,8 +73,11 @@ def refuse_unencodable(path: Path) -> None:
 
 def refuse_existing(path: Path, overwrite: bool, remedy: str = "choose another name or pass --overwrite") -> None:
     """Raise if ``path`` exists and the user did not ask to overwrite it; ``remedy`` says how to go on. Also
-    refuses a path that is not UTF-8 (:func:`refuse_unencodable`): every output passes through here."""
+    refuses a folder, overwrite or not, and a path that is not UTF-8 (:func:`refuse_unencodable`): every output
+    passes through here."""
     refuse_unencodable(path)
+    if path.is_dir():  # no --overwrite replaces a folder (and finding out after the work would waste it)
+        raise OrthoMechaError("is a folder; name a file", path)
     if os.path.lexists(path) and not overwrite:  # a link to a missing file is the user's too
         raise OrthoMechaError(f"already exists; {remedy}", path)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes, check_writable, partial_path, place
+from ortho_mecha.fsutil import atomic_write_bytes, check_writable, partial_path, place, refuse_existing
 
 
 def dead_pid() -> int:
@@ -71,3 +71,20 @@ def test_a_link_to_a_missing_file_counts_as_an_existing_output(tmp_path: Path) -
     with pytest.raises(OrthoMechaError, match="already exists"):
         atomic_write_bytes(link, b"{}")
     assert link.is_symlink()
+
+
+def test_no_output_replaces_a_folder(tmp_path: Path, cli_error) -> None:
+    """Found out before the work: 'analyse --json FOLDER --overwrite' ran the whole pass, then failed."""
+    folder = tmp_path / "report.json"
+    folder.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(OrthoMechaError, match=r"report\.json: is a folder; name a file"):
+            refuse_existing(folder, overwrite)
+    import torch
+    from safetensors.torch import save_file
+
+    for name, shift in (("base", 0.0), ("m", 0.1)):
+        save_file({"w": torch.full((4, 4), shift)}, str(tmp_path / f"{name}.safetensors"))
+    error = cli_error("analyse", "--base", tmp_path / "base.safetensors", tmp_path / "m.safetensors", "--json",
+                      folder, "--overwrite", "--no-cache")
+    assert error.endswith("report.json: is a folder; name a file")
