@@ -35,7 +35,7 @@ from ortho_mecha.methods.deltas import (
     nonzero,
     nonzero_indices,
 )
-from ortho_mecha.methods.parallel import spread, spread_groups
+from ortho_mecha.methods.parallel import key_at_work, spread, spread_groups
 
 logger = logging.getLogger(__name__)
 
@@ -118,18 +118,21 @@ def _row_terms(gram: Tensor, svd: bool) -> tuple[Tensor, Tensor | None, bool]:
     """(the proper rotation R nearest to ``gram`` (:func:`nearest_rotation`), its Cayley generator A or ``None``
     where R is near π, whether the SVD was used).
 
-    A reflection (det −1) has the eigenvalue −1, so its R + I is singular and :func:`cayley_generator` refuses
-    it: in float64 the Cayley step goes first and the determinant is only looked at when it fails (a test
-    plants exact and near reflections). A float32
-    polar factor can be too far from orthogonal for that (~1e-7·cond(m)²), so its sign is checked first.
+    A reflection (det −1) has the eigenvalue −1, so its R + I is singular: a Cayley solve that the free bound of
+    :func:`cayley_generator` settles is of a proper rotation, and then the determinant is not needed. That is
+    tried first for a float64 polar factor from ``eigh`` (a well-conditioned ``gram``, where a reflection is rare);
+    the SVD's (ill-conditioned: about every other one is a reflection) and a float32 one (too far from
+    orthogonal to rely on it, ~1e-7·cond²) have their sign checked first. A test plants exact and near
+    reflections on both paths.
     """
     rotation, flip, svd = _polar_factor(gram, svd)
-    generator = cayley_generator(rotation) if rotation.dtype == torch.float64 else None
-    if generator is None:
-        if torch.linalg.slogdet(rotation).sign < 0:
-            rotation -= torch.outer(*flip)
-        generator = cayley_generator(rotation)
-    return rotation, generator, svd
+    if rotation.dtype == torch.float64 and not svd:
+        solved, _, settled = _cayley_solve(rotation)
+        if solved is not None and settled:
+            return rotation, (solved - solved.T) / 2.0, svd
+    if torch.linalg.slogdet(rotation).sign < 0:
+        rotation -= torch.outer(*flip)
+    return rotation, cayley_generator(rotation), svd
 
 
 def _symmetric_product(x: Tensor) -> Tensor:
@@ -148,18 +151,26 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
     skew: for a reflection (det −1, eigenvalue −1 along some x) the solve blows up as −(2/ε) x xᵀ, which is
     symmetric and would vanish from the skew part, so a reflection is refused too.
     """
+    solved, shifted, settled = _cayley_solve(rotation)
+    if solved is None:
+        return None
+    limit = CAYLEY_MAX_COND if rotation.dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
+    if not settled and not float(torch.linalg.cond(shifted)) <= limit:
+        return None
+    return (solved - solved.T) / 2.0
+
+
+def _cayley_solve(rotation: Tensor) -> tuple[Tensor | None, Tensor, bool]:
+    """((R − I)(R + I)⁻¹ before it is made skew, or None where R + I is singular or the result not finite; R + I;
+    whether the free bound of :func:`cayley_generator` settles that R + I is well-conditioned)."""
     eye = torch.eye(rotation.shape[0], dtype=rotation.dtype)
     shifted = rotation + eye
     solved, info = torch.linalg.solve_ex(shifted, rotation - eye, left=False)
-    if info > 0:  # R + I exactly singular
-        return None
     bound = float(torch.linalg.matrix_norm(solved))
+    if info > 0 or not math.isfinite(bound):  # R + I exactly singular, or as good as
+        return None, shifted, False
     limit = CAYLEY_MAX_COND if rotation.dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
-    if not math.isfinite(bound):
-        return None
-    if 1.0 + bound**2 > limit**2 and not float(torch.linalg.cond(shifted)) <= limit:
-        return None
-    return (solved - solved.T) / 2.0
+    return solved, shifted, 1.0 + bound**2 <= limit**2
 
 
 def cayley_rotation(generator: Tensor) -> Tensor:
@@ -203,12 +214,11 @@ def rotation_terms(
     eye = torch.eye(target_grams.shape[1], dtype=target_grams.dtype)
     if counts is None:
         counts = torch.ones(len(target_grams), dtype=torch.int64)
-    # The rows' W_i Wᵀ share W's conditioning. The first two rows (at once, see parallel.spread) find out whether
-    # the SVD is needed; the later ones go straight to it if either did. A rule of the rows alone, so the result
-    # does not depend on how many run at once.
-    first = spread(functools.partial(_row_terms, svd=False), target_grams[:2])
-    svd = any(used for _, _, used in first)
-    rows = first + spread(functools.partial(_row_terms, svd=svd), target_grams[2:])
+    # The rows' W_i Wᵀ share W's conditioning: the first row finds out whether the SVD is needed, and the others
+    # (at once, see parallel.spread) go straight to it if it was. A rule of the rows alone, so the result does
+    # not depend on how many run at once.
+    first = _row_terms(target_grams[0], svd=False)
+    rows = [first, *spread(functools.partial(_row_terms, svd=first[2]), target_grams[1:])]
     generators = []
     turn = torch.zeros_like(eye)
     for (rotation, generator, _), count in zip(rows, counts.tolist(), strict=True):
@@ -406,6 +416,12 @@ def _orthomerge(base: Tensor, deltas: Sequence[Tensor], options: dict, counts: T
         if not kept:
             return base
         return combine(_shares(counts[kept])[None], [deltas[i] for i in kept], base, options["alpha"])
+    with key_at_work():
+        return _rotation_merge(base, deltas, options, counts)
+
+
+def _rotation_merge(base: Tensor, deltas: Sequence[Tensor], options: dict, counts: Tensor) -> Tensor:
+    """:func:`_orthomerge` of a matrix key."""
     transposed = base.shape[0] > base[0].numel()
     grams, squared = _grams(base, deltas, transposed, PRECISIONS[options["precision"]])
     kept = nonzero_indices(deltas, squared)
