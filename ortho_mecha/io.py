@@ -112,24 +112,36 @@ def refuse_unsupported(path: Path) -> None:
         raise OrthoMechaError("not a .safetensors file (only safetensors models are read)", path)
 
 
+FORMAT_HINTS = ((b"\x89PNG", "a PNG image"), (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.ckpt is one)"),
+                (b"\x80", "a Python pickle"), (b"{", "JSON text"))
+
+
+def _format_hint(head: bytes) -> str:
+    """What a file that is not safetensors looks like, from its first bytes (" (it is a PNG image)"), or ""."""
+    return next((f" (it is {what})" for magic, what in FORMAT_HINTS if head.startswith(magic)), "")
+
+
 def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and check one safetensors file's header; return its tensors and its ``__metadata__``."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(9)
             if head[:4] == b"GGUF":
                 raise OrthoMechaError("this is a GGUF file (quantised); it cannot be analysed or merged", path)
-            if len(head) < 8:
+            if len(head) < 9:
                 raise OrthoMechaError(f"truncated: {size} bytes is too short for a safetensors header", path)
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(HEADER_LIMIT, size - 8):
+            if head[8:9] != b"{":  # the safetensors format: 8 bytes of header length, then the JSON header
+                raise OrthoMechaError(f"not a safetensors file{_format_hint(head)}; is it another format renamed?",
+                                      path)
+            (header_len,) = struct.unpack("<Q", head[:8])
+            if header_len < 2 or header_len > min(HEADER_LIMIT, size - 8):
                 raise OrthoMechaError(
                     f"corrupt or truncated: the header claims {header_len} bytes but the file has {size - 8} after "
                     "the length field",
                     path,
                 )
-            raw = fh.read(header_len)
+            raw = b"{" + fh.read(header_len - 1)
     except IsADirectoryError as exc:
         raise OrthoMechaError("is a directory, expected a .safetensors file", path) from exc
     except FileNotFoundError as exc:

@@ -102,7 +102,13 @@ def bad_pickle_base(folder: Path) -> Bad:
 
 def bad_pickle_named_safetensors(folder: Path) -> Bad:
     path = write_pickle(folder / "renamed.safetensors", folder / "UNPICKLED")
-    return _with_base(path, "corrupt or truncated: the header claims")
+    return _with_base(path, "not a safetensors file (it is a Python pickle); is it another format renamed?")
+
+
+def bad_png_named_safetensors(folder: Path) -> Bad:
+    path = folder / "picture.safetensors"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    return _with_base(path, "not a safetensors file (it is a PNG image)")
 
 
 def bad_truncated_data(folder: Path) -> Bad:
@@ -300,6 +306,7 @@ BAD_INPUTS: dict[str, Callable[[Path], Bad]] = {
     "pickle-bin": lambda f: bad_pickle_model(f, ".bin"),
     "pickle-as-base": bad_pickle_base,
     "pickle-named-safetensors": bad_pickle_named_safetensors,
+    "png-named-safetensors": bad_png_named_safetensors,
     "truncated-data": bad_truncated_data,
     "truncated-header": bad_truncated_header,
     "empty-file": bad_empty_file,
@@ -362,14 +369,15 @@ def test_validate_lists_every_file_it_cannot_use_and_checks_the_others(tmp_path:
     result = cli("validate", "--base", base, cut, good, text, "--json", report)
     assert result.code == 2
     assert f"{good}: 6/6 keys shared (100%), OK" in result.out  # checked although a file before it is broken
-    assert f"cannot be used: {cut}: truncated" in result.out and f"cannot be used: {text}: corrupt" in result.out
+    assert f"cannot be used: {cut}: truncated" in result.out
+    assert f"cannot be used: {text}: not a safetensors file" in result.out
     assert result.err.strip() == "ortho-mecha: error: 2 of 3 models cannot be used (listed above)"
     written = json.loads(report.read_text())
     assert [m["path"] for m in written["models"]] == [str(good)] and len(written["problems"]) == 2
     report.unlink()
     assert digests(tmp_path) == before
     line = cli_error("analyse", "--base", base, cut, good, text)  # every file analyse cannot use, in one run
-    assert f"2 files cannot be analysed: {cut}: truncated" in line and f"; {text}: corrupt" in line
+    assert f"2 files cannot be analysed: {cut}: truncated" in line and f"; {text}: not a safetensors file" in line
 
 
 @pytest.mark.parametrize("command", ["validate", "analyse"])
