@@ -413,6 +413,11 @@ def _preflight(inputs: list[Path], out: str | Path, overwrite: bool) -> tuple[Pa
     return out, checks
 
 
+def replaces_an_input(plan: Plan, out: Path) -> bool:
+    """Whether ``out`` is one of ``plan``'s input files (a merge into it is refused)."""
+    return out.resolve() in {Path(p).resolve() for p in plan.input_files()}
+
+
 def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:
     """:func:`_preflight` of ``plan``'s inputs and ``out``, for ``merge --dry-run``."""
     _preflight([Path(p).resolve() for p in plan.input_files()], out, overwrite)

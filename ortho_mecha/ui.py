@@ -589,11 +589,16 @@ def extract_lora_panel(choices: Any, base: str) -> None:
 
 def restore_merged_plan(job_id: str) -> Any:
     """The plan a merge job merged (kept in the job's parameters), made this session's plan; the Mixer shows it
-    too when it has no state yet. For a page opened from a URL naming a merge job (a reload, a new tab)."""
+    too when it has no state yet. For a page opened from a URL naming a merge job (a reload, a new tab). None for
+    an id that names no job: the page's job panel says so (once)."""
     from ortho_mecha import workspace
     from ortho_mecha.merge import job_plan
 
-    plan = job_plan(jobs.status(job_id)["params"])
+    try:
+        record = jobs.status(job_id)
+    except OrthoMechaError:
+        return None
+    plan = job_plan(record["params"])
     st.session_state["plan"] = plan
     if "mix" not in st.session_state:
         set_mix(workspace.table_from_plan(plan, model_choices()))

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from ortho_mecha import recipe, security, ui, workspace
-from ortho_mecha.merge import job_plan, summary
+from ortho_mecha.merge import job_plan, replaces_an_input, summary
 
 ui.require_app()
 st.title("Merge")
@@ -28,7 +28,7 @@ else:
         name = left.text_input("Output file name", value=workspace.free_output_name(workspace.merges_dir()),
                                key="merge_name", help="a plain file name; letters, digits, '.', '_', '-' and spaces")
         overwrite = right.checkbox("Replace an existing file", key="merge_overwrite")
-        taken = False
+        ready = False  # a name that is refused, taken or one of the plan's inputs: said above, and no button
         with ui.shown_errors():
             target = workspace.merges_dir() / security.validate_output_name(name)
             ahead = ui.plan_forecast(plan, target)
@@ -36,9 +36,13 @@ else:
             if ahead.fits_disk is False:
                 st.warning("Not enough free disk space for the output there; free some space first.")
             taken = target.exists() and not overwrite
-            if taken and not ui.written_by_followed_merge(target):
+            own_input = replaces_an_input(plan, target)
+            if own_input:
+                st.warning(f"{target.name} is one of the plan's inputs: choose another name.")
+            elif taken and not ui.written_by_followed_merge(target):
                 st.warning(f"{target.name} exists already: choose another name, or tick 'Replace an existing file'.")
-        if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start", disabled=taken):
+            ready = not taken and not own_input
+        if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start", disabled=not ready):
             with ui.shown_errors():
                 ui.start_job("merge", workspace.merge_job_params(plan, name, overwrite), ui.MERGE_URL)
                 st.rerun()

@@ -7,8 +7,10 @@ Jobs run as the real app runs them, in detached worker processes; the tests poll
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -109,8 +111,17 @@ def test_every_page_renders_and_the_round_trip_merges(
     at.switch_page(ui.PAGES[2].path).run()
     assert at.title[0].value == "Merge"
     at.text_input(key="merge_name").set_value("../escape").run()
-    at.button(key="merge_start").click().run()
-    assert any("must be a file name" in error or "must not contain" in error for error in _errors(at))
+    said = [e for e in _errors(at) if "must be a file name" in e or "must not contain" in e]
+    assert len(said) == 1 and at.button(key="merge_start").disabled  # said once, and nothing to click
+    own = workspace / "merges" / "own.safetensors"  # a row that is an earlier merge, and the name typed is its
+    own.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(optimized.enabled_rows[0].model, own)
+    at.session_state["plan"] = replace(optimized, rows=(replace(optimized.rows[0], model=own), *optimized.rows[1:]))
+    at.text_input(key="merge_name").set_value("own").run()
+    assert any("own.safetensors is one of the plan's inputs" in w.value for w in at.warning)
+    assert at.button(key="merge_start").disabled
+    at.session_state["plan"] = optimized
+    own.unlink()
     at.text_input(key="merge_name").set_value("round trip").run()
     at.button(key="merge_start").click().run()
     assert not _errors(at)
@@ -124,6 +135,12 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert not any("exists already" in warning.value for warning in at.warning)  # it is the one just written
     at.text_input(key="merge_name").set_value("merged.safetensors").run()
     assert not at.button(key="merge_start").disabled
+
+    # A URL naming no job says so once (the plan's restore and the job panel both said it)
+    stray = _app()
+    stray.query_params["merge"] = "../../etc/passwd"
+    stray.switch_page(ui.PAGES[2].path).run()
+    assert not stray.exception and len(_errors(stray)) == 1
 
     # A new session opened on the job's URL (a reload) shows the plan that job merged, not "make a plan first".
     reloaded = _app()
