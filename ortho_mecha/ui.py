@@ -587,6 +587,15 @@ def extract_lora_panel(choices: Any, base: str) -> None:
 # --- the Merge page --------------------------------------------------------------------------------
 
 
+def job_params(job_id: str) -> dict[str, Any] | None:
+    """The parameters of the job ``job_id``; None for an id that names no job, which the page's
+    :func:`job_panel` says (once)."""
+    try:
+        return jobs.status(job_id)["params"]
+    except OrthoMechaError:
+        return None
+
+
 def restore_merged_plan(job_id: str) -> Any:
     """The plan a merge job merged (kept in the job's parameters), made this session's plan; the Mixer shows it
     too when it has no state yet. For a page opened from a URL naming a merge job (a reload, a new tab). None for
@@ -594,11 +603,10 @@ def restore_merged_plan(job_id: str) -> Any:
     from ortho_mecha import workspace
     from ortho_mecha.merge import job_plan
 
-    try:
-        record = jobs.status(job_id)
-    except OrthoMechaError:
+    params = job_params(job_id)
+    if params is None:
         return None
-    plan = job_plan(record["params"])
+    plan = job_plan(params)
     st.session_state["plan"] = plan
     if "mix" not in st.session_state:
         set_mix(workspace.table_from_plan(plan, model_choices()))

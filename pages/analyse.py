@@ -39,9 +39,9 @@ st.session_state["analyse_visited"] = True
 # Widgets start from the analysis the URL shows, when its files are still under the roots.
 job_id = ui.followed_job(ui.ANALYSIS_URL)
 # (Streamlit forgets a page's widget values once another page is shown: they start from the analysis again.)
-if job_id and (st.session_state.get("analyse_widgets_from") != job_id or "an_base" not in st.session_state):
+params = ui.job_params(job_id) if job_id else None  # None for an id naming no job: the job panel says so
+if params and (st.session_state.get("analyse_widgets_from") != job_id or "an_base" not in st.session_state):
     with ui.shown_errors():
-        params = jobs.status(job_id)["params"]
         st.session_state["an_base"] = choices.label(params["base"])
         st.session_state["an_models"] = [choices.label(m) for m in params["models"]]
         for model, other in (params.get("delta_from") or {}).items():

@@ -137,10 +137,11 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert not at.button(key="merge_start").disabled
 
     # A URL naming no job says so once (the plan's restore and the job panel both said it)
-    stray = _app()
-    stray.query_params["merge"] = "../../etc/passwd"
-    stray.switch_page(ui.PAGES[2].path).run()
-    assert not stray.exception and len(_errors(stray)) == 1
+    for page, url_name in ((ui.PAGES[2], "merge"), (ui.PAGES[0], "analysis")):
+        stray = _app()
+        stray.query_params[url_name] = "../../etc/passwd"
+        stray.switch_page(page.path).run()
+        assert not stray.exception and len(_errors(stray)) == 1, (url_name, _errors(stray))
 
     # A new session opened on the job's URL (a reload) shows the plan that job merged, not "make a plan first".
     reloaded = _app()
