@@ -317,11 +317,14 @@ def open_models(
         raise OrthoMechaError("--base must be one model file, not a folder", base_path)
     base_model = Model(base_path)
     paths = []
+    named = {Path(m).absolute() for m in models if not Path(m).is_dir()}  # files given one by one, not found in folders
     for path in expand_model_paths(list(models)):
         if Path(path).resolve() != base_path.resolve():
             paths.append(path)
-        elif Path(path).absolute() != base_path.absolute():  # the base's own folder lists it: no news
+        elif Path(path).absolute() != base_path.absolute():
             logger.warning("%s: is the base %s itself (a link to it, or another name); left out", path, base_path)
+        elif Path(path).absolute() in named:  # (the base's own folder lists it too: no news)
+            logger.warning("%s: is the base; left out of the models", path)
     if not paths:
         raise OrthoMechaError("no models to compare with the base (only the base itself was given)", base_path)
     opened: list[Model] = []

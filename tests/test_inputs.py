@@ -841,6 +841,9 @@ def test_validate_accepts_a_folder_and_skips_the_base_in_it(family: dict[str, Pa
     link.symlink_to(family["base"])
     linked = cli("validate", "--base", family["base"], link, family["anime"])
     assert linked.code == 0 and f"{link}: is the base {family['base']} itself" in linked.err  # said, not dropped
+    for command in ("validate", "analyse"):  # the base itself among the models, by its own name
+        again = cli(command, "--base", family["base"], family["base"], family["anime"])
+        assert again.code == 0 and f"{family['base']}: is the base; left out of the models" in again.err
 
 
 def test_sft_and_upper_case_names_are_read_and_a_plan_asks_to_rename_them(family: dict[str, Path], tmp_path: Path,
