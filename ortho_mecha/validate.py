@@ -323,10 +323,10 @@ def open_models(
             paths.append(path)
         elif Path(path).absolute() != base_path.absolute():
             logger.warning("%s: is the base %s itself (a link to it, or another name); left out", path, base_path)
-        elif Path(path).absolute() in named:  # (the base's own folder lists it too: no news)
-            logger.warning("%s: is the base; left out of the models", path)
     if not paths:
         raise OrthoMechaError("no models to compare with the base (only the base itself was given)", base_path)
+    if base_path.absolute() in named:  # named again among the models (the base's own folder lists it: no news)
+        logger.warning("%s: is the base; left out of the models", base_path)
     opened: list[Model] = []
     problems: list[str] = []
     for path in paths:
