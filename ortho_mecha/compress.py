@@ -236,7 +236,7 @@ class Fit:
     rounds: int
     keys: list[KeyFit]
     error: list[float]  # per model: sqrt(Σ_keys ‖W_m − Ŵ_m‖²) / sqrt(Σ_keys ‖W_m − W̃‖²)
-    left_out: list[str] = field(default_factory=list)  # keys not in every model (not fitted)
+    left_out: list[str] = field(default_factory=list)  # keys not in every model with one shape (not fitted)
     non_diffusion: int = 0  # text-encoder / VAE keys of the first model, not fitted
 
     def to_dict(self) -> dict:
@@ -478,7 +478,8 @@ def cli_compress(args: argparse.Namespace) -> int:
     for line in written.summary_lines():
         print(line)
     if result.left_out:
-        print(f"  {len(result.left_out)} keys not in every model were left out, e.g. {result.left_out[0]}")
+        print(f"  {len(result.left_out)} keys not in every model with the same shape were left out, e.g. "
+              f"{result.left_out[0]}")
     if result.non_diffusion:
         print(f"  {result.non_diffusion} text-encoder/VAE keys are outside the fit and the LoRAs (they hold the "
               "diffusion model only): the models' differences there are not in them")
