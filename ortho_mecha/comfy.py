@@ -37,7 +37,7 @@ import requests
 from filelock import FileLock
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import file_stamp, output_folder, process_exists
+from ortho_mecha.fsutil import file_stamp, output_folder, partial_path, place, process_exists
 from ortho_mecha.security import READ_SUFFIXES
 from ortho_mecha.workflows import (
     BUILTIN_ARCHS,
@@ -568,28 +568,34 @@ def link_model(model: str | Path, comfy: str | Path, folder: str) -> LinkResult:
                 model,
             )
         return LinkResult(entry.name, entry, method, created=False)
-    for method, make in (("hardlink", os.link), ("symlink", os.symlink), ("copy", shutil.copy2)):
+    for method, make in (("hardlink", os.link), ("symlink", os.symlink), ("copy", _copied)):
         try:
             make(model, entry)
         except (OSError, NotImplementedError) as exc:
             logger.info("cannot %s %s into %s (%s); trying the next way", method, model, folder_dir, exc)
-            if method == "copy":
-                entry.unlink(missing_ok=True)  # a half-written copy
             continue
         logger.info("%s %s → %s", method, model, entry)
         return LinkResult(entry.name, entry, method, created=True)
     raise OrthoMechaError(f"cannot link or copy the model into {folder_dir}; check its permissions", model)
 
 
-def copy_in_place_of(link: LinkResult, model: Path) -> LinkResult:
-    """Replace the symbolic link ``link`` (made by ortho-mecha) by a copy of ``model`` under the same name: written
-    beside it and renamed over it, so ComfyUI never lists a half file."""
-    partial = link.path.with_name(f".{link.path.name}.partial-{uuid.uuid4().hex[:8]}")
+def _copied(model: Path, entry: Path, overwrite: bool = False) -> None:
+    """Copy ``model`` (its modification time too, by which :func:`_links_to` knows the copy) to ``entry``: written
+    under a temporary name beside it (:func:`~ortho_mecha.fsutil.partial_path`) and moved into place, so ComfyUI
+    never lists a half file."""
+    temp = partial_path(entry)
     try:
-        shutil.copy2(model, partial)
-        os.replace(partial, link.path)
+        shutil.copy2(model, temp)
+        place(temp, entry, overwrite)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def copy_in_place_of(link: LinkResult, model: Path) -> LinkResult:
+    """Replace the symbolic link ``link`` (made by ortho-mecha) by a copy of ``model`` under the same name."""
+    try:
+        _copied(model, link.path, overwrite=True)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise OrthoMechaError(f"cannot copy the model into {link.path.parent} ({exc.strerror or exc})", model) from None
     logger.info("copied %s → %s in place of the symbolic link", model, link.path)
     return replace(link, method="copy")

@@ -141,7 +141,8 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                     "the length field",
                     path,
                 )
-            raw = b"{" + fh.read(header_len - 1)
+            fh.seek(8)
+            raw = fh.read(header_len)
     except IsADirectoryError as exc:
         raise OrthoMechaError("is a directory, expected a .safetensors file", path) from exc
     except FileNotFoundError as exc:

@@ -41,7 +41,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -335,7 +335,7 @@ def _check_output(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
         raise OrthoMechaError("the output folder does not exist", out.parent)
     if out.is_dir():
         raise OrthoMechaError("is a folder; give the output a file name inside it", out)
-    if out.resolve() in {p.resolve() for p in inputs}:
+    if _among(out, inputs):
         raise OrthoMechaError("the output would replace one of its own inputs; choose another name", out)
     refuse_existing(out, overwrite)
     check_writable(out)
@@ -415,7 +415,12 @@ def _preflight(inputs: list[Path], out: str | Path, overwrite: bool) -> tuple[Pa
 
 def replaces_an_input(plan: Plan, out: Path) -> bool:
     """Whether ``out`` is one of ``plan``'s input files (a merge into it is refused)."""
-    return out.resolve() in {Path(p).resolve() for p in plan.input_files()}
+    return _among(out, plan.input_files())
+
+
+def _among(out: Path, inputs: Iterable[str | Path]) -> bool:
+    """Whether ``out`` is one of ``inputs`` (by real path: a link or another spelling counts)."""
+    return out.resolve() in {Path(p).resolve() for p in inputs}
 
 
 def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:

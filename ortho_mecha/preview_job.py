@@ -162,8 +162,7 @@ def arch_note(model: Path, choice: str, keys: str = "its keys") -> ArchNote | No
     """With ``auto``: the architecture ``model``'s ``keys`` give, or a warning that they give none. With a chosen
     one: a warning when the model has the keys of another built-in architecture (its workflow would not load
     it), else nothing."""
-    tensors = comfy.header_tensors(model)  # read once, for the architecture and the loader
-    detected = comfy.builtin_arch_of(model, tensors)
+    detected = comfy.builtin_arch_of(model)
     if choice == AUTO_ARCH:
         if detected is None:
             return ArchNote(f"{model.name}: {keys} match none of the built-in architectures; choose one under "

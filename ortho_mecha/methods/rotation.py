@@ -154,8 +154,7 @@ def cayley_generator(rotation: Tensor) -> Tensor | None:
     solved, shifted, settled = _cayley_solve(rotation)
     if solved is None:
         return None
-    limit = CAYLEY_MAX_COND if rotation.dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
-    if not settled and not float(torch.linalg.cond(shifted)) <= limit:
+    if not settled and not float(torch.linalg.cond(shifted)) <= _cayley_limit(rotation.dtype):
         return None
     return (solved - solved.T) / 2.0
 
@@ -169,8 +168,12 @@ def _cayley_solve(rotation: Tensor) -> tuple[Tensor | None, Tensor, bool]:
     bound = float(torch.linalg.matrix_norm(solved))
     if info > 0 or not math.isfinite(bound):  # R + I exactly singular, or as good as
         return None, shifted, False
-    limit = CAYLEY_MAX_COND if rotation.dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
-    return solved, shifted, 1.0 + bound**2 <= limit**2
+    return solved, shifted, 1.0 + bound**2 <= _cayley_limit(rotation.dtype) ** 2
+
+
+def _cayley_limit(dtype: torch.dtype) -> float:
+    """The largest cond(R + I) trusted for a rotation of ``dtype``."""
+    return CAYLEY_MAX_COND if dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
 
 
 def cayley_rotation(generator: Tensor) -> Tensor:
