@@ -1254,14 +1254,13 @@ def cli_analyse(args: argparse.Namespace) -> int:
         from ortho_mecha.distributed import check_scheduler
 
         check_scheduler(args.scheduler)
-    models = expand_model_paths(args.models)  # once: a file given twice is said once
     if args.json:  # said now, not after the pass
-        inputs = [args.base, *models, *delta_from.values()]
+        inputs = [args.base, *expand_model_paths(args.models, warn=False), *delta_from.values()]
         check_report_output(Path(args.json), [Model(p) for p in inputs], args.overwrite)
     with TqdmProgress("analysing") as bar:
         result = analyse(
             args.base,
-            models,
+            args.models,
             delta_from,
             arch=args.arch,
             exact=args.exact,

@@ -12,9 +12,12 @@ single-threaded worker processes on this machine. Dask is an optional extra:
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import heapq
 import logging
 import re
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,6 +31,10 @@ from ortho_mecha.validate import Alignment, align
 logger = logging.getLogger(__name__)
 
 SHARDS_PER_WORKER = 4  # more shards than workers so a slow worker does not hold up the end
+CONNECT_SECONDS = 10.0  # to reach the scheduler and hear it answer as one
+WORKERLESS_SECONDS = 30.0  # how long a cluster may have no worker (before the pass, or after losing them all)
+POLL_SECONDS = 1.0
+SHARED_FILES = "every worker must see the model files at the same absolute paths as this machine (shared storage)"
 
 
 def shard_keys(alignment: Alignment, shards: int) -> list[list[str]]:
@@ -45,15 +52,37 @@ def shard_keys(alignment: Alignment, shards: int) -> list[list[str]]:
 
 def worker_pass(
     base: str, files: Sequence[str], arch: str, rows_t: np.ndarray, plan: PassPlan, keys: list[str],
-    exact: bool, chunk: int, rank_samples: int,
+    exact: bool, chunk: int, rank_samples: int, digests: Sequence[str],
 ) -> PassResult:
-    """Runs on a worker: open the files, line them up as the client did, pass over ``keys``."""
-    from ortho_mecha.io import Model
+    """Runs on a worker: open the files, check that they are the client's (``digests``: the
+    :func:`~ortho_mecha.io.sampled_digest` of the base and of each file), line them up as the client did, pass
+    over ``keys``. An error names the worker."""
+    from ortho_mecha.io import Model, sampled_digest
 
-    alignment = align(Model(base), [Model(f) for f in files], arch)
-    file_maps = list(range(1, len(files) + 1))
-    return run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk, rank_samples=rank_samples,
-                    keys=keys, one_thread=True)  # a worker has one core
+    try:
+        models = []
+        for path, digest in zip([base, *files], digests, strict=True):
+            if not Path(path).exists():
+                raise OrthoMechaError(f"not found on this worker: {SHARED_FILES}", path)
+            model = Model(path)
+            if sampled_digest(model.files) != digest:
+                raise OrthoMechaError(f"this worker reads another file than the client's at that path: {SHARED_FILES}",
+                                      path)
+            models.append(model)
+        alignment = align(models[0], models[1:], arch)
+        return run_pass(alignment, list(range(1, len(files) + 1)), rows_t, plan, exact=exact, chunk=chunk,
+                        rank_samples=rank_samples, keys=keys, one_thread=True)  # a worker has one core
+    except OrthoMechaError as exc:
+        raise OrthoMechaError(f"on Dask worker {_worker_address()}: {exc}") from None
+
+
+def _worker_address() -> str:
+    from dask.distributed import get_worker
+
+    try:
+        return get_worker().address
+    except ValueError:  # called outside a worker (a test runs the worker's part in its own process)
+        return "(none: run in this process)"
 
 
 SCHEDULER_FORMS = "local:N, tcp://HOST:PORT or HOST:PORT"
@@ -62,7 +91,7 @@ SCHEDULER_FORMS = "local:N, tcp://HOST:PORT or HOST:PORT"
 def check_scheduler(scheduler: str) -> int | None:
     """Raise unless ``scheduler`` is a scheduler address or ``local:N`` and Dask distributed is installed (said
     before any work, and whether or not the analysis is cached); the N of ``local:N``, else None."""
-    if not (scheduler.startswith("local:") or "://" in scheduler or re.fullmatch(r"[\w.\-\[\]:]+:\d+", scheduler)):
+    if not (scheduler.startswith("local:") or re.fullmatch(r"(tcp://)?(\[[0-9A-Fa-f:.]+\]|[\w.\-]+):\d+", scheduler)):
         raise OrthoMechaError(f"--scheduler '{scheduler}' is not a scheduler: give {SCHEDULER_FORMS}")
     try:
         import dask.distributed  # noqa: F401 - only whether it can be
@@ -91,9 +120,33 @@ def _client(scheduler: str, stack: ExitStack):
         )
         return stack.enter_context(Client(cluster))
     try:
-        return stack.enter_context(Client(scheduler, timeout="10s"))
+        # Client's own timeout bounds the connection but not the scheduler's answer, which a listener of another
+        # kind never gives
+        asyncio.run(_answers(scheduler if "://" in scheduler else f"tcp://{scheduler}"))
+        client = stack.enter_context(Client(scheduler, timeout=f"{CONNECT_SECONDS:.0f}s"))
+    except TimeoutError as exc:
+        raise OrthoMechaError(
+            f"cannot reach the Dask scheduler at {scheduler}: no Dask answer within {CONNECT_SECONDS:.0f} s "
+            "(is a Dask scheduler listening there?)"
+        ) from exc
     except OSError as exc:
         raise OrthoMechaError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+    try:
+        client.wait_for_workers(1, timeout=WORKERLESS_SECONDS)
+    except TimeoutError as exc:
+        raise OrthoMechaError(
+            f"the Dask scheduler at {scheduler} has no workers (waited {WORKERLESS_SECONDS:.0f} s): start some with "
+            f"'dask worker {scheduler}'; {SHARED_FILES}"
+        ) from exc
+    return client
+
+
+async def _answers(address: str) -> None:
+    """Connect to ``address`` and wait for its handshake, within CONNECT_SECONDS (TimeoutError, or OSError)."""
+    from distributed.comm import connect
+
+    comm = await asyncio.wait_for(connect(address, timeout=CONNECT_SECONDS), CONNECT_SECONDS)
+    await comm.close()
 
 
 def distributed_pass(
@@ -107,24 +160,45 @@ def distributed_pass(
     rank_samples: int,
     progress: Progress | None = None,
 ) -> PassResult:
-    """The pass of :func:`analysis.run_pass`, sharded by key over the workers of ``scheduler``."""
+    """The pass of :func:`analysis.run_pass`, sharded by key over the workers of ``scheduler``; its ``seconds``
+    are the wall time from the first shard sent to the last one back."""
+    from ortho_mecha.io import sampled_digest
+
     files = [str(Path(m.path).resolve()) for m in alignment.models]
     base = str(Path(alignment.base.path).resolve())
+    digests = [sampled_digest(m.files) for m in (alignment.base, *alignment.models)]
     with ExitStack() as stack:
         client = _client(scheduler, stack)
-        from dask.distributed import as_completed  # installed: the client says so
-        workers = max(1, len(client.scheduler_info().get("workers", {})))
+        from dask.distributed import wait  # installed: the client says so
+
+        workers = len(client.nthreads())
         shards = shard_keys(alignment, workers * SHARDS_PER_WORKER)
         logger.info("distributing %d keys in %d shards over %d workers", len(alignment.keys), len(shards), workers)
-        futures = [
+        start = time.perf_counter()
+        pending = {
             client.submit(worker_pass, base, files, alignment.arch, rows_t, plan, shard, exact, chunk, rank_samples,
-                          pure=False)
+                          digests, pure=False)
             for shard in shards
-        ]
-        parts = []
-        for done, future in enumerate(as_completed(futures), start=1):
-            parts.append(future.result())
+        }
+        parts: list[PassResult] = []
+        workerless_since = None
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+            except TimeoutError:  # nothing finished: is anyone still at work?
+                if client.nthreads():
+                    workerless_since = None
+                elif workerless_since is None:
+                    workerless_since = time.monotonic()
+                elif time.monotonic() - workerless_since > WORKERLESS_SECONDS:
+                    raise OrthoMechaError(
+                        f"the Dask scheduler at {scheduler} lost all its workers and none came back in "
+                        f"{WORKERLESS_SECONDS:.0f} s: {len(pending)} of {len(shards)} shards were not done"
+                    ) from None
+                continue
+            parts.extend(future.result() for future in done)
             if progress is not None:
-                progress({"fraction": done / len(futures), "shards_done": done, "shards": len(futures),
+                progress({"fraction": len(parts) / len(shards), "shards_done": len(parts), "shards": len(shards),
                           "files": len(files) + 1, "bytes": sum(p.bytes_read for p in parts)})
-    return combine_passes(parts)
+        seconds = time.perf_counter() - start
+    return dataclasses.replace(combine_passes(parts), seconds=seconds)

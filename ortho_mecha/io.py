@@ -22,7 +22,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -240,6 +240,22 @@ def _shard_files(path: Path) -> list[Path]:
     return shards
 
 
+def sampled_digest(files: Sequence[Path], stamped: bool = False) -> str:
+    """A hash of each file's size, its first 64 KiB (the header) and 16 blocks of 4 KiB spread over it: cheap, and
+    different for two files of one layout. ``stamped``: each file's name and mtime count too (a cache fingerprint);
+    without, a copy of a file has its digest."""
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update((f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}" if stamped else f"{stat.st_size}").encode())
+        with open(file, "rb") as fh:
+            digest.update(fh.read(64 * 1024))
+            for i in range(1, 17):
+                fh.seek(stat.st_size * i // 17)
+                digest.update(fh.read(4096))
+    return digest.hexdigest()[:32]
+
+
 class Model:
     """A model on disk (one safetensors file, or the shards of one): lazily readable, key by key."""
 
@@ -312,16 +328,7 @@ class Model:
     @cached_property
     def fingerprint(self) -> str:
         """Size, mtime and a hash of the header plus sampled bytes of every file: cheap, changes when the file does."""
-        digest = hashlib.sha256()
-        for file in self.files:
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-            with open(file, "rb") as fh:
-                digest.update(fh.read(64 * 1024))
-                for i in range(1, 17):
-                    fh.seek(stat.st_size * i // 17)
-                    digest.update(fh.read(4096))
-        return digest.hexdigest()[:32]
+        return sampled_digest(self.files, stamped=True)
 
     @property
     def scaled_fp8(self) -> bool:
@@ -417,9 +424,10 @@ class Model:
         return f"Model({str(self.path)!r}, {len(self.tensors)} tensors)"
 
 
-def expand_model_paths(paths: list[str | Path]) -> list[Path]:
+def expand_model_paths(paths: list[str | Path], warn: bool = True) -> list[Path]:
     """Expand folders into their models (shards grouped into one), keep files as given, in order; a file
-    named twice (also through a folder, or a link) is kept once, where it first comes, with a warning."""
+    named twice (also through a folder, or a link) is kept once, where it first comes, with a warning (unless not
+    ``warn``: a look at the files ahead of the command that expands them again, and warns)."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -432,10 +440,10 @@ def expand_model_paths(paths: list[str | Path]) -> list[Path]:
             out.append(path)
     kept: dict[Path, Path] = {}
     for path in out:
-        if path.resolve() in kept:
-            logger.warning("%s: given more than once; taken once", path)
-        else:
+        if path.resolve() not in kept:
             kept[path.resolve()] = path
+        elif warn:
+            logger.warning("%s: given more than once; taken once", path)
     return list(kept.values())
 
 

@@ -837,6 +837,8 @@ def test_validate_accepts_a_folder_and_skips_the_base_in_it(family: dict[str, Pa
     assert len(shared_lines) == len(family) - 1
     assert not any(str(family["base"]) + ":" in line for line in shared_lines)
     assert "left out" not in result.err  # the base's own folder lists it: no news
+    analysed = cli("analyse", "--base", family["base"], folder, "--json", tmp_path / "report.json")
+    assert analysed.code == 0 and "left out" not in analysed.err, analysed.err
     link = tmp_path / "base_link.safetensors"
     link.symlink_to(family["base"])
     linked = cli("validate", "--base", family["base"], link, family["anime"])

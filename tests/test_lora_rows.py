@@ -492,14 +492,15 @@ def test_key_sharded_worker_passes_bind_the_lora_like_the_client(sdxl) -> None:
     # what each Dask worker runs (distributed.worker_pass re-opens the files by path and aligns them again)
     from ortho_mecha.analysis import PassPlan, combine_passes, row_selection
     from ortho_mecha.distributed import shard_keys, worker_pass
-    from ortho_mecha.io import Model
+    from ortho_mecha.io import Model, sampled_digest
     from ortho_mecha.validate import align
 
     files = [str(sdxl["anime"]), str(sdxl["lora"])]
+    digests = [sampled_digest([Path(p)]) for p in (sdxl["base"], *files)]
     alignment = align(Model(sdxl["base"]), [Model(f) for f in files])
     rows_t = row_selection(2, 2, [None, None])
     plan = PassPlan(h_rows=[0, 1], stat_rows=[0, 1])
-    parts = [worker_pass(str(sdxl["base"]), files, alignment.arch, rows_t, plan, keys, True, 1 << 12, 0)
+    parts = [worker_pass(str(sdxl["base"]), files, alignment.arch, rows_t, plan, keys, True, 1 << 12, 0, digests)
              for keys in shard_keys(alignment, 3)]
     h = np.sum(list(combine_passes(parts).h_key.values()), axis=0)
     np.testing.assert_allclose(h, brute_force(sdxl, ["anime", "lora"]), rtol=1e-9)
