@@ -57,7 +57,7 @@ from ortho_mecha.fsutil import (
     removed_on_failure,
     write_json,
 )
-from ortho_mecha.io import DTYPES, Model, expand_model_paths, tensor_bytes
+from ortho_mecha.io import DTYPES, ROUNDING, Model, expand_model_paths, tensor_bytes
 from ortho_mecha.lora import (
     LowRank,
     Uncaptured,
@@ -191,13 +191,17 @@ class KeyFit:
     norm_dq: float | None  # ‖δQ‖
     error: list[float]  # per model ‖W_m − Ŵ_m‖ / ‖W_m − W̃‖ on this key (0 where the model equals the base)
     delta2: list[float]  # ‖W_m − W̃‖² per model
+    noise2: float  # (rounding step of the key's dtype · ‖W̃‖)²: a delta2 up to this is rounding, the model is W̃
     residual2: list[float]  # ‖W_m − Ŵ_m‖² per model
     a: list[float]  # δW = Σ_m a_m (W_m − W̃)
     c: list[float] | None  # δQ = Σ_m c_m (W_m − W̃)
 
 
-def fit_key(key: str, shape: tuple[int, ...], gram: np.ndarray, directions: int, rounds: int) -> KeyFit:
-    """Fit one key from the Gram of its M deltas (see the module docstring)."""
+def fit_key(
+    key: str, shape: tuple[int, ...], gram: np.ndarray, directions: int, rounds: int, noise2: float = 0.0
+) -> KeyFit:
+    """Fit one key from the Gram of its M deltas (see the module docstring); a model whose delta2 is at most
+    ``noise2`` (rounding) equals the base, and its error is 0."""
     size = gram.shape[0]
     floor = ZERO_RTOL * max(float(np.trace(gram)), 0.0)
     lam, a = als(gram, rounds, floor)
@@ -209,8 +213,6 @@ def fit_key(key: str, shape: tuple[int, ...], gram: np.ndarray, directions: int,
         residual = residual - np.outer(kappa, c)
     delta2 = np.clip(np.diag(gram), 0.0, None)
     residual2 = np.clip(np.diag(residual @ gram @ residual.T), 0.0, None)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        error = np.where(delta2 > 0, np.sqrt(residual2 / np.where(delta2 > 0, delta2, 1.0)), 0.0)
     return KeyFit(
         key=key,
         shape=list(shape),
@@ -218,12 +220,20 @@ def fit_key(key: str, shape: tuple[int, ...], gram: np.ndarray, directions: int,
         kappa=None if kappa is None else kappa.tolist(),
         norm_dw=math.sqrt(max(float(a @ gram @ a), 0.0)),
         norm_dq=None if c is None else math.sqrt(max(float(c @ gram @ c), 0.0)),
-        error=error.tolist(),
+        error=_relative_error(residual2, delta2, noise2).tolist(),
         delta2=delta2.tolist(),
+        noise2=noise2,
         residual2=residual2.tolist(),
         a=a.tolist(),
         c=None if c is None else c.tolist(),
     )
+
+
+def _relative_error(residual2: np.ndarray, delta2: np.ndarray, noise2: float) -> np.ndarray:
+    """sqrt(residual2 / delta2) per model, 0 where delta2 is rounding (at most ``noise2``): that model is the base."""
+    real = delta2 > noise2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(real, np.sqrt(residual2 / np.where(real, delta2, 1.0)), 0.0)
 
 
 @dataclass
@@ -258,24 +268,24 @@ def fit(models: list[str | Path], base: str | Path | None = None, directions: in
         fits = []
         for canon in family.keys:
             gram = np.zeros((len(family.models), len(family.models)))
-            for _, _, deltas, _ in family.chunks(canon):
+            base2 = 0.0
+            for _, _, deltas, base_chunk in family.chunks(canon):
                 gram += (deltas @ deltas.T).numpy()
-            _, _, shape = family.reference_info(canon)
-            fits.append(fit_key(canon, shape, (gram + gram.T) / 2.0, directions, rounds))
+                base2 += float(base_chunk.square().sum())
+            _, dtype, shape = family.reference_info(canon)
+            fits.append(fit_key(canon, shape, (gram + gram.T) / 2.0, directions, rounds, base2 * ROUNDING[dtype] ** 2))
             logger.debug("%s: λ %s, errors %s", canon, fits[-1].lam, fits[-1].error)
     finally:
         family.close()
     delta2 = np.sum([k.delta2 for k in fits], axis=0) if fits else np.zeros(len(family.models))
     residual2 = np.sum([k.residual2 for k in fits], axis=0) if fits else np.zeros(len(family.models))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        error = np.where(delta2 > 0, np.sqrt(residual2 / np.where(delta2 > 0, delta2, 1.0)), 0.0)
     return Fit(
         base=str(family.base.path) if family.base else AVERAGE,
         models=[str(m.path) for m in family.models],
         directions=directions,
         rounds=rounds,
         keys=fits,
-        error=error.tolist(),
+        error=_relative_error(residual2, delta2, sum(k.noise2 for k in fits)).tolist(),
         left_out=family.left_out,
         non_diffusion=family.alignment.maps[0].non_diffusion,
     )
