@@ -4,16 +4,25 @@ A checkpoint (more than 5 keys under ``model.diffusion_model.``, ComfyUI's rule)
 encoders and VAE beside the diffusion model. Each is recognised by the prefix of its keys, in one table,
 :data:`COMPONENTS`:
 
-========  ==========================================  =================================================
-id        what                                        key prefixes
-========  ==========================================  =================================================
-clip_l    CLIP ViT-L text encoder (SD1.x, SDXL)       ``cond_stage_model.transformer.``,
-                                                      ``conditioner.embedders.0.transformer.``
-clip_g    OpenCLIP ViT-bigG text encoder (SDXL)       ``conditioner.embedders.1.model.``,
-                                                      ``conditioner.embedders.0.model.`` (SDXL refiner)
-clip_h    OpenCLIP ViT-H text encoder (SD2.x)         ``cond_stage_model.model.``
-vae       the VAE                                     ``first_stage_model.``
-========  ==========================================  =================================================
+============  ======================================  =================================================
+id            what                                    key prefixes
+============  ======================================  =================================================
+clip_l        CLIP ViT-L text encoder (SD1.x, SDXL,   ``cond_stage_model.transformer.``,
+              Flux.1)                                 ``conditioner.embedders.0.transformer.``,
+                                                      ``text_encoders.clip_l.``
+clip_g        OpenCLIP ViT-bigG text encoder (SDXL)   ``conditioner.embedders.1.model.``,
+                                                      ``conditioner.embedders.0.model.`` (SDXL refiner),
+                                                      ``text_encoders.clip_g.``
+clip_h        OpenCLIP ViT-H text encoder (SD2.x)     ``cond_stage_model.model.``
+t5xxl         T5-XXL text encoder (Flux.1, Chroma)    ``text_encoders.t5xxl.``, ``cond_stage_model.t5xxl.``
+qwen3_4b      Qwen3-4B (Flux.2 Klein 4B, Z-Image)     ``text_encoders.qwen3_4b.``
+qwen3_8b      Qwen3-8B (Flux.2 Klein 9B)              ``text_encoders.qwen3_8b.``
+mistral3_24b  Mistral-3 24B (Flux.2 dev)              ``text_encoders.mistral3_24b.``
+vae           the VAE                                 ``first_stage_model.``, ``vae.``
+============  ======================================  =================================================
+
+The ``text_encoders.`` and ``vae.`` prefixes are those of ComfyUI's all-in-one checkpoints of DiT models
+(Chroma's keep the SD names).
 
 Every other key (the diffusion model, and odd keys such as ``alphas_cumprod``) is in no component.
 Diffusion-only files carry no components.
@@ -76,13 +85,21 @@ class ComponentSpec:
 
 COMPONENTS: tuple[ComponentSpec, ...] = (
     ComponentSpec(
-        "clip_l", "CLIP-L text encoder", ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+        "clip_l",
+        "CLIP-L text encoder",
+        ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", "text_encoders.clip_l."),
     ),
     ComponentSpec(
-        "clip_g", "CLIP-G text encoder", ("conditioner.embedders.1.model.", "conditioner.embedders.0.model.")
+        "clip_g",
+        "CLIP-G text encoder",
+        ("conditioner.embedders.1.model.", "conditioner.embedders.0.model.", "text_encoders.clip_g."),
     ),
     ComponentSpec("clip_h", "CLIP-H text encoder", ("cond_stage_model.model.",)),
-    ComponentSpec("vae", "VAE", ("first_stage_model.",)),
+    ComponentSpec("t5xxl", "T5-XXL text encoder", ("text_encoders.t5xxl.", "cond_stage_model.t5xxl.")),
+    ComponentSpec("qwen3_4b", "Qwen3-4B text encoder", ("text_encoders.qwen3_4b.",)),
+    ComponentSpec("qwen3_8b", "Qwen3-8B text encoder", ("text_encoders.qwen3_8b.",)),
+    ComponentSpec("mistral3_24b", "Mistral-3 24B text encoder", ("text_encoders.mistral3_24b.",)),
+    ComponentSpec("vae", "VAE", ("first_stage_model.", "vae.")),
 )
 LABELS = {spec.id: spec.label for spec in COMPONENTS}
 SOURCES = ("base", "model", "merge")
@@ -180,8 +197,7 @@ def check(plan: Plan, fail: Callable[[str], OrthoMechaError], check_file: Callab
     for name, choice in plan.components.items():
         where = f"component '{name}'"
         if name not in present:
-            carried = ", ".join(present) if present else "none (it is a diffusion-only file)"
-            raise fail(f"{where}: the base {plan.base} has no such component; it has: {carried}")
+            raise fail(f"{where}: the base {plan.base} has no such component; it has: {_carried(plan.base, present)}")
         if choice.source not in SOURCES:
             raise fail(f"{where}: unknown source {json.dumps(choice.source)}; {_suggest(str(choice.source), SOURCES)}")
         if (choice.model is not None) != (choice.source == "model"):
@@ -193,6 +209,15 @@ def check(plan: Plan, fail: Callable[[str], OrthoMechaError], check_file: Callab
             _check_carries(plan.base, choice.model, name, present[name], fail)
         if choice.source == "merge":
             _check_merge(plan, name, choice, fail)
+
+
+def _carried(base: Path, present: Mapping[str, list[str]]) -> str:
+    """The components the base carries, as said in an error."""
+    if present:
+        return ", ".join(present)
+    with Model(base) as model:
+        checkpoint = is_checkpoint(model.tensors)
+    return f"none of {_ids()}" if checkpoint else "none (it is a diffusion-only file)"
 
 
 def _check_carries(base: Path, path: Path, name: str, keys: list[str], fail: Callable[[str], OrthoMechaError]) -> None:

@@ -13,7 +13,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ortho_mecha.demo import DTYPES, Shapes, family_weights, low_rank_delta, random_base, sdxl_layout, write_model
+from ortho_mecha.demo import (
+    DTYPES,
+    Shapes,
+    family_weights,
+    flux_layout,
+    low_rank_delta,
+    random_base,
+    sdxl_layout,
+    write_model,
+)
 
 __all__ = [
     "DTYPES",
@@ -54,7 +63,26 @@ def sd1_checkpoint_layout(channels: int = 16, text: int = 32) -> Shapes:
     }
 
 
-CHECKPOINT_LAYOUTS = {"sd1": sd1_checkpoint_layout, "sdxl": lambda: sdxl_layout(channels=16, text=32)}
+def flux_checkpoint_layout(hidden: int = 32, text: int = 32) -> Shapes:
+    """ComfyUI's all-in-one Flux.1 checkpoint keys: the transformer under ``model.diffusion_model.``, CLIP-L and
+    T5-XXL under ``text_encoders.``, the VAE under ``vae.``."""
+    clip, t5 = "text_encoders.clip_l.transformer.text_model.", "text_encoders.t5xxl.transformer."
+    return {f"model.diffusion_model.{k}": shape for k, shape in flux_layout(hidden=hidden).items()} | {
+        f"{clip}embeddings.token_embedding.weight": (50, text),
+        f"{clip}encoder.layers.0.self_attn.q_proj.weight": (text, text),
+        f"{t5}shared.weight": (50, text),
+        f"{t5}encoder.block.0.layer.0.SelfAttention.q.weight": (text, text),
+        f"{t5}encoder.final_layer_norm.weight": (text,),
+        "vae.encoder.conv_in.weight": (16, 3, 3, 3),
+        "vae.decoder.conv_out.weight": (3, 16, 3, 3),
+    }
+
+
+CHECKPOINT_LAYOUTS = {
+    "sd1": sd1_checkpoint_layout,
+    "sdxl": lambda: sdxl_layout(channels=16, text=32),
+    "flux_aio": flux_checkpoint_layout,
+}
 
 
 def write_checkpoint_family(folder: Path, layout: str = "sd1", dtype: str = "fp32", seed: int = 0) -> dict[str, Path]:

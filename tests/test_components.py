@@ -38,6 +38,11 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_checkpoint_family(tmp_path_factory.mktemp("sdxl"), "sdxl", seed=1)
 
 
+@pytest.fixture(scope="module")
+def flux_aio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_checkpoint_family(tmp_path_factory.mktemp("flux_aio"), "flux_aio", seed=2)
+
+
 def make_plan(family: dict[str, Path], method: str = "orthomerge", **extra: object) -> Plan:
     data = {"base": "base.safetensors", "method": method, "rows": ROWS, "output_dtype": "fp32"} | extra
     return plan_from_dict(data, family["base"].parent)
@@ -62,12 +67,14 @@ def assert_equal_on(got: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 # -- detection ----------------------------------------------------------------------------------------
 
 
-def test_components_are_found_by_prefix_in_table_order(sd1, sdxl) -> None:
+def test_components_are_found_by_prefix_in_table_order(sd1, sdxl, flux_aio) -> None:
     assert list(components.base_components(sd1["base"])) == ["clip_l", "vae"]
     assert list(components.base_components(sdxl["base"])) == ["clip_l", "clip_g", "vae"]
+    assert list(components.base_components(flux_aio["base"])) == ["clip_l", "t5xxl", "vae"]  # ComfyUI's all-in-one
     assert POSITION_IDS in keys_of(sd1, "clip_l")
     assert components.base_components(sd1["diffusion_only"]) == {}
-    assert [spec.id for spec in COMPONENTS] == ["clip_l", "clip_g", "clip_h", "vae"]
+    assert [spec.id for spec in COMPONENTS] == ["clip_l", "clip_g", "clip_h", "t5xxl", "qwen3_4b", "qwen3_8b",
+                                                "mistral3_24b", "vae"]
 
 
 def test_split_needs_a_checkpoint_and_knows_the_refiner_and_sd2() -> None:
@@ -236,21 +243,23 @@ def test_mixer_state_and_plan_go_both_ways(sdxl) -> None:
 # -- real merges --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["sd1", "sdxl"])
+@pytest.mark.parametrize("layout", ["sd1", "sdxl", "flux_aio"])
 def test_each_source_gives_exactly_its_tensors_and_leaves_the_rest_alone(layout, request, tmp_path) -> None:
     family = request.getfixturevalue(layout)
     texture = {"model": "c.safetensors", "alpha": 0.1, "mode": "add"}
     choices = {"clip_l": {"source": "model", "model": "a.safetensors"}, "vae": {"source": "base"}}
     if layout == "sdxl":
         choices["clip_g"] = {"source": "model", "model": "c.safetensors"}
+    if layout == "flux_aio":
+        choices["t5xxl"] = {"source": "model", "model": "c.safetensors"}
     got = merged_file(make_plan(family, components=choices, texture=texture), tmp_path / "chosen.safetensors")
     plain = merged_file(make_plan(family, texture=texture), tmp_path / "plain.safetensors")
     a, c, base = (load_file(str(family[n])) for n in ("a", "c", "base"))
     float_keys = [k for k in keys_of(family, "clip_l") if k != POSITION_IDS]
     assert_equal_on(got, a, float_keys)  # from a model: bit-identical, no texture added
     assert_equal_on(got, base, keys_of(family, "vae"))  # from the base: bit-identical
-    if layout == "sdxl":
-        assert_equal_on(got, c, keys_of(family, "clip_g"))
+    if layout != "sd1":
+        assert_equal_on(got, c, keys_of(family, "clip_g" if layout == "sdxl" else "t5xxl"))
     diffusion = [k for k in base if k.startswith(DIFFUSION)]
     assert_equal_on(got, plain, diffusion)  # the diffusion model does not see the choices
     assert not torch.equal(plain[float_keys[0]], a[float_keys[0]])  # and without them the encoder is merged
