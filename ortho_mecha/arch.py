@@ -10,7 +10,7 @@ detection uses. Anything else is ``custom`` and goes through exactly the same pa
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 ARCH_IDS = ("sd1", "sdxl", "flux1", "flux2-klein", "chroma", "zimage", "custom")
 ALIASES = {"chroma-flow": "chroma", "zimage-base": "zimage"}
@@ -18,6 +18,7 @@ ALIASES = {"chroma-flow": "chroma", "zimage-base": "zimage"}
 FLUX_KEY = "double_blocks.0.img_attn.norm.key_norm.weight"
 UNET_KEY = "input_blocks.0.0.weight"
 ZIMAGE_KEYS = ("cap_embedder.1.weight", "noise_refiner.0.attention.k_norm.weight")
+DIFFUSERS_FLUX_KEYS = ("x_embedder.weight", "context_embedder.weight", "transformer_blocks.0.attn.to_q.weight")
 ZIMAGE_DIM = 3840
 SD1_CONTEXT = 768
 SDXL_CONTEXT = 2048  # the SDXL refiner (1280) and SD2 (1024) also carry UNet keys, some with label_emb
@@ -57,6 +58,12 @@ def detect(shapes: Mapping[str, Sequence[int]]) -> str:
             return "sdxl" if context == SDXL_CONTEXT else "custom"
         return "sd1" if context == SD1_CONTEXT else "custom"
     return "custom"
+
+
+def is_diffusers_flux(keys: Collection[str]) -> bool:
+    """Whether canonical ``keys`` are a Flux.1 transformer in diffusers' layout (``transformer_blocks.N.attn.to_q``,
+    ``x_embedder``, ``context_embedder``): ``custom`` to :func:`detect`, as its keys are not the BFL ones."""
+    return all(k in keys for k in DIFFUSERS_FLUX_KEYS)
 
 
 def _context_dim(shapes: Mapping[str, Sequence[int]]) -> int | None:

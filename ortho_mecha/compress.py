@@ -66,6 +66,7 @@ from ortho_mecha.lora import (
     kohya_metadata,
     lora_dtype,
     lora_name,
+    lora_prefix,
     lora_tensors,
     write_lora,
 )
@@ -409,9 +410,10 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
         kept, total = np.zeros(count), np.zeros(count)
         lost = [Uncaptured() for _ in range(count)]
         try:
+            prefix = lora_prefix(family.keys)
             for canon, key_fit in fits.items():
                 dw, dq = _directions(family, key_fit, writer)
-                name = lora_name(canon)
+                name = lora_name(canon, prefix)
                 for m in range(count):
                     lam, kappa = key_fit.lam[m], key_fit.kappa[m] if key_fit.kappa else 0.0
                     if dw.ndim < 2 or name is None:

@@ -11,8 +11,12 @@ A1111 load:
   ``.weight``, dots written as underscores (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``,
   ``lora_unet_double_blocks_0_img_attn_qkv``). ComfyUI maps every ``diffusion_model.*.weight`` of the
   loaded model to exactly this name; A1111 reads ``lora_unet_`` as ``diffusion_model_``. So the names
-  follow the input's own (original, non-diffusers) layout; a key not ending in ``.weight`` has no such
-  name and is reported as not captured.
+  follow the input's own layout; a key not ending in ``.weight`` has no such name and is reported as not
+  captured.
+- A Flux.1 transformer in diffusers' layout (``transformer_blocks.N.attn.to_q``, …) is loaded by ComfyUI as
+  its own (BFL) Flux model, whose ``lora_unet_`` names are the BFL ones; it maps the diffusers module names
+  with the prefix ``lora_transformer_`` instead (``lora_transformer_transformer_blocks_0_attn_to_q``, as
+  OneTrainer writes them), so such a model's LoRA takes that prefix.
 
 1-D keys (norms, biases) cannot be factorised and are reported as not captured, with their total
 delta norm. Zero deltas are skipped. The rank is clamped per key to ``min(out, in)`` and directions with
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +48,7 @@ import torch
 from safetensors.torch import save
 
 from ortho_mecha import __version__
+from ortho_mecha.arch import is_diffusers_flux
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_bytes, check_writable, refuse_existing, write_json
 from ortho_mecha.io import Model
@@ -57,13 +63,20 @@ CHUNK = 1 << 22  # elements per streamed read / per Gram block
 ZERO_RTOL = 1e-12  # σ² below this fraction of σ₁² counts as zero (float64 Gram rounding is ~1e-13)
 LORA_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREFIX = "lora_unet_"
+DIFFUSERS_DIT_PREFIX = "lora_transformer_"  # a DiT's modules in diffusers' names, kohya-style keys
 
 
-def lora_name(key: str) -> str | None:
+def lora_name(key: str, prefix: str = PREFIX) -> str | None:
     """The kohya module name of a canonical diffusion key, or None when the key has no such name."""
     if not key.endswith(".weight"):
         return None
-    return PREFIX + key[: -len(".weight")].replace(".", "_")
+    return prefix + key[: -len(".weight")].replace(".", "_")
+
+
+def lora_prefix(keys: Collection[str]) -> str:
+    """The prefix of the module names ComfyUI gives a model of canonical ``keys``: ``lora_transformer_`` for a
+    Flux.1 transformer in diffusers' layout, else ``lora_unet_``."""
+    return DIFFUSERS_DIT_PREFIX if is_diffusers_flux(keys) else PREFIX
 
 
 @dataclass(frozen=True)
@@ -324,6 +337,7 @@ def extract_lora(
     one_d, unnamed = Uncaptured(), Uncaptured()
     zero = missing = 0
     kept_sum = total_sum = 0.0
+    prefix = lora_prefix(alignment.keys)
     for done, canon in enumerate(alignment.keys):
         if progress is not None:
             progress({"fraction": done / len(alignment.keys), "keys_done": done, "keys_total": len(alignment.keys)})
@@ -337,7 +351,7 @@ def extract_lora(
         if not math.isfinite(norm2):
             raise OrthoMechaError(f"key '{merged_key}' holds NaN or Inf values (here or in the base {base_model.path})",
                                   merged_model.path)
-        name = lora_name(canon)
+        name = lora_name(canon, prefix)
         if delta.ndim < 2 or name is None:
             (one_d if delta.ndim < 2 else unnamed).add(canon, norm2)
             continue

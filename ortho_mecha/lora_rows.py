@@ -49,7 +49,7 @@ import torch
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.io import Model as FileModel
 from ortho_mecha.io import TensorInfo, parse_header
-from ortho_mecha.lora import lora_name
+from ortho_mecha.lora import DIFFUSERS_DIT_PREFIX, lora_name, lora_prefix
 from ortho_mecha.security import READ_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ LISTED = 5
 PRODUCT_DTYPE = "F64"  # the product is formed in float64
 
 
-DIFFUSERS_DIT_PREFIX = "lora_transformer_"  # a DiT LoRA in diffusers' module names, kohya-style keys
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # a LoRA in PEFT/diffusers keys (ai-toolkit, diffusers)
 
 
@@ -220,10 +219,11 @@ def module_names(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, str],
     """Kohya module name → canonical base key, for every matrix key of the base (its own spelling and, for
     SD-style UNets, the diffusers one), and the names two keys would share (left out: ambiguous)."""
     claims: dict[str, set[str]] = {}
+    prefix = lora_prefix(shapes)  # a Flux transformer in diffusers' layout: lora_transformer_ (ComfyUI's name)
     for canon, shape in shapes.items():
         if len(shape) < 2:
             continue
-        names = {lora_name(canon)}
+        names = {lora_name(canon), lora_name(canon, prefix)}
         diffusers = diffusers_unet_key(canon)
         if diffusers is not None:
             names.add(lora_name(diffusers))

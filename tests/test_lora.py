@@ -127,6 +127,39 @@ def test_lora_names_follow_comfyui_unet_keys() -> None:
     assert lora_name("pos_embed") is None
 
 
+def test_a_diffusers_flux_transformer_gets_the_names_comfyui_maps_for_it(tmp_path) -> None:
+    # ComfyUI loads a diffusers-layout Flux as its BFL model: lora_unet_transformer_blocks_… would match nothing
+    # there; it maps the diffusers modules as lora_transformer_… (OneTrainer's names)
+    shapes = {"x_embedder.weight": (16, 8), "context_embedder.weight": (16, 12),
+              "transformer_blocks.0.attn.to_q.weight": (16, 16),
+              "single_transformer_blocks.0.proj_out.weight": (16, 32), "transformer_blocks.0.norm1.linear.bias": (96,)}
+    base, merged = planted(shapes, rank=2)
+    save(tmp_path / "base.safetensors", base)
+    save(tmp_path / "merged.safetensors", merged)
+    out = tmp_path / "lora.safetensors"
+    report = extract_lora(tmp_path / "merged.safetensors", tmp_path / "base.safetensors", 2, out, dtype="fp32")
+    assert sorted(r.lora for r in report.keys) == [
+        "lora_transformer_context_embedder", "lora_transformer_single_transformer_blocks_0_proj_out",
+        "lora_transformer_transformer_blocks_0_attn_to_q", "lora_transformer_x_embedder"]
+    lora = load_file(str(out))
+    for result in report.keys:
+        error = float((merged[result.key] - reapply(lora, result.lora, base[result.key])).norm())
+        assert error <= 1e-6 * float((merged[result.key] - base[result.key]).norm())
+    from ortho_mecha.io import Model
+    from ortho_mecha.lora_rows import LoraModel
+
+    with Model(tmp_path / "base.safetensors") as base_model:  # and it reads back as a LoRA row of that base
+        row = LoraModel(Model(out), {k: v.shape for k, v in base_model.tensors.items()}, base_model.path)
+    assert sorted(row.tensors) == sorted(r.key for r in report.keys)
+    del shapes["context_embedder.weight"]  # not a diffusers Flux (one identifying key short): the usual names
+    base, merged = planted(shapes, rank=2)
+    save(tmp_path / "base2.safetensors", base)
+    save(tmp_path / "merged2.safetensors", merged)
+    other = extract_lora(tmp_path / "merged2.safetensors", tmp_path / "base2.safetensors", 2,
+                         tmp_path / "l2.safetensors")
+    assert all(r.lora.startswith("lora_unet_") for r in other.keys)
+
+
 # -- files: re-applied LoRAs ---------------------------------------------------------------------------
 
 
