@@ -256,10 +256,15 @@ def align(base: Model, models: list[Model], arch: str | None = None) -> Alignmen
                     "fp32/fp16/bf16/fp8 file",
                     model.path,
                 )
+            if len(mismatched) > len(missing):  # most keys are there, in other shapes
+                k = mismatched[0]
+                why = (f"{len(mismatched)} of its keys have other shapes than the base's, e.g. '{k}' "
+                       f"{list(shapes[k])} vs {list(base_shapes[k])}: a model of another size or variant?")
+            else:
+                why = f"is it the same architecture? (base: {detected}, this file: {arch_mod.detect(shapes)})"
             raise OrthoMechaError(
                 f"shares only {len(shared)} of the {len(base_shapes)} diffusion keys of the base {base.path} "
-                f"({fraction:.0%} < 50%): is it the same architecture? (base: {detected}, "
-                f"this file: {arch_mod.detect(shapes)})",
+                f"({fraction:.0%} < 50%): {why}",
                 model.path,
             )
         model_arch = arch_mod.detect(shapes)

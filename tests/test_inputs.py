@@ -710,6 +710,20 @@ def test_shape_mismatch_is_reported_and_left_out(tmp_path: Path, cli) -> None:
         assert "layers.1.attn.qkv.weight" in alignment.keys  # still analysed for the others
 
 
+def test_a_model_of_another_width_is_said_to_have_other_shapes(tmp_path: Path, cli_error) -> None:
+    # the same key names at another width: "is it the same architecture? (base: custom, this file: custom)" answered
+    # itself; the shapes are the reason
+    base = save(tmp_path / "base.safetensors", state(0))
+    wider = {k: torch.ones(2 * v.shape[0], *v.shape[1:]) for k, v in state(1).items()}
+    model = save(tmp_path / "wider.safetensors", wider)
+    error = cli_error("validate", "--base", base, model)
+    assert ("shares only 0 of the 6 diffusion keys of the base" in error and "6 of its keys have other shapes than "
+            "the base's, e.g. 'layers.0.attn.qkv.weight' [12, 4] vs [6, 4]: a model of another size or variant?"
+            in error), error
+    stranger = save(tmp_path / "stranger.safetensors", {f"other.{i}.weight": torch.ones(3, 3) for i in range(4)})
+    assert "is it the same architecture?" in cli_error("validate", "--base", base, stranger)  # other names: as before
+
+
 def test_exactly_half_the_keys_is_enough(tmp_path: Path) -> None:
     base = save(tmp_path / "base.safetensors", state(0))
     half = {k: v for i, (k, v) in enumerate(state(1).items()) if i % 2 == 0}
