@@ -298,6 +298,12 @@ def list_models(roots: Iterable[Path]) -> list[Path]:
     return sorted(min(paths, key=lambda path: (path != real, str(path))) for real, paths in by_target.items())
 
 
+def inside_roots(path: str | Path, roots: Iterable[Path]) -> bool:
+    """Whether ``path`` (symlinks followed, ``..`` collapsed) lies under one of ``roots``, whether or not it exists."""
+    real = _real(Path(path).expanduser())
+    return real is not None and _inside(real, [r for r in map(_real, roots) if r is not None])
+
+
 def _real(path: Path) -> Path | None:
     """``path`` with symlinks followed and ``..`` collapsed; None for a symlink loop or an unreadable link."""
     try:

@@ -239,11 +239,47 @@ def job_panel(url_name: str, what: str) -> dict[str, Any] | None:
     except OrthoMechaError as error:
         st.error(str(error))
         return None
+    if not _inside_roots(record):
+        st.error(f"job `{job_id}` read model files outside the allowed model folders; it is not shown here")
+        return None
     if record["state"] in jobs.FINISHED_STATES:
         _show_outcome(record, what)
         return record
     _poll(job_id, what)
     return None
+
+
+def _inside_roots(record: Mapping[str, Any]) -> bool:
+    """Whether every model file an analysis or merge job read lies under the allowed folders or the dashboard's
+    merges (a job of another configuration, over other folders, is not shown: a shared cache, or roots narrowed
+    since). A file deleted since still counts where it was."""
+    params = record["params"]
+    try:
+        if record["kind"] == "analyse":
+            files = [params["base"], *params["models"], *(params.get("delta_from") or {}).values()]
+        elif record["kind"] == "merge":
+            from ortho_mecha.merge import job_plan
+
+            files = job_plan(params).input_files()
+        else:
+            return True
+    except (OrthoMechaError, KeyError, TypeError):  # parameters of no such job: nothing of it is shown
+        return False
+    from ortho_mecha import workspace
+
+    roots = [*security.allowed_roots(), workspace.merges_dir()]  # the dashboard's merges are inputs too
+    return all(security.inside_roots(path, roots) for path in files)
+
+
+def merging_into(job_id: str | None) -> str | None:
+    """The output file name of the merge job ``job_id`` while it is queued or running; None otherwise."""
+    if job_id is None:
+        return None
+    try:
+        record = jobs.status(job_id)
+    except OrthoMechaError:
+        return None
+    return None if record["state"] in jobs.FINISHED_STATES else Path(record["params"]["out"]).name
 
 
 def _show_outcome(record: Mapping[str, Any], what: str) -> None:
@@ -588,12 +624,13 @@ def extract_lora_panel(choices: Any, base: str) -> None:
 
 
 def job_params(job_id: str) -> dict[str, Any] | None:
-    """The parameters of the job ``job_id``; None for an id that names no job, which the page's
-    :func:`job_panel` says (once)."""
+    """The parameters of the job ``job_id``; None for an id that names no job, or a job over files outside the
+    allowed folders, which the page's :func:`job_panel` says (once)."""
     try:
-        return jobs.status(job_id)["params"]
+        record = jobs.status(job_id)
     except OrthoMechaError:
         return None
+    return record["params"] if _inside_roots(record) else None
 
 
 def restore_merged_plan(job_id: str) -> Any:

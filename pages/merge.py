@@ -42,7 +42,11 @@ else:
             elif taken and not ui.written_by_followed_merge(target):
                 st.warning(f"{target.name} exists already: choose another name, or tick 'Replace an existing file'.")
             ready = not taken and not own_input
-        if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start", disabled=not ready):
+        writing = ui.merging_into(merge_job)
+        if writing:
+            st.info(f"Merging into `{writing}` (below): the next merge can start when it ends.")
+        if st.button("Merge", type="primary", icon=":material/merge:", key="merge_start",
+                     disabled=not ready or bool(writing)):
             with ui.shown_errors():
                 ui.start_job("merge", workspace.merge_job_params(plan, name, overwrite), ui.MERGE_URL)
                 st.rerun()

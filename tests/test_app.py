@@ -191,6 +191,30 @@ def test_a_bad_job_id_in_the_url_is_an_error_message(workspace: Path) -> None:
     assert any("is not a job id" in error for error in _errors(at))
 
 
+def test_a_job_over_files_outside_the_allowed_folders_is_not_shown(workspace: Path, tmp_path: Path) -> None:
+    # a shared cache, or roots narrowed since: another configuration's jobs read files this one may not show
+    from ortho_mecha import jobs
+
+    paths = write_family_files(tmp_path / "elsewhere", "flux", "fp16", members=["base", "anime"])
+    analysis = jobs.submit("analyse", {"base": str(paths["base"]), "models": [str(paths["anime"])]})
+    plan = {"base": str(paths["base"]), "method": "weighted_sum", "rows": [{"model": str(paths["anime"])}]}
+    merge = jobs.submit("merge", {"plan_data": plan, "out": str(tmp_path / "elsewhere" / "merged.safetensors")})
+    deadline = time.monotonic() + WAIT_S
+    while not all(jobs.status(j)["state"] in jobs.FINISHED_STATES for j in (analysis, merge)):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert [jobs.status(j)["state"] for j in (analysis, merge)] == ["done", "done"]  # they ran, over those files
+    for page, url_name, job_id in ((ui.PAGES[0], "analysis", analysis), (ui.PAGES[2], "merge", merge)):
+        at = _app()
+        at.query_params[url_name] = job_id
+        at.switch_page(page.path).run()
+        assert not at.exception
+        assert _errors(at) == [f"job `{job_id}` read model files outside the allowed model folders; it is not shown "
+                               "here"], _errors(at)
+        assert not _charts(at) and not at.success and not at.dataframe  # nothing of its result
+        assert str(tmp_path / "elsewhere") not in str([*at.markdown, *at.caption, *at.code])
+
+
 def test_every_page_renders_without_an_analysis(workspace: Path) -> None:
     (workspace / "models").mkdir(parents=True)  # no demo: the Analyse page says where to put models
     for page in ui.PAGES:
