@@ -124,6 +124,37 @@ class Family:
     def inputs(self) -> list[Model]:
         return [*self.models, *([self.base] if self.base else [])]
 
+    def beside(self) -> list[str]:
+        """The first model's float keys beside the diffusion model (a checkpoint's text encoders and VAE) that every
+        model has, in one shape: the written average base carries their average too, so it loads as a checkpoint."""
+        first = self.models[0]
+        return [key for key in self.alignment.maps[self._index[0]].set_aside
+                if first.tensors[key].is_float and all(key in m.tensors and m.tensors[key].shape ==
+                                                        first.tensors[key].shape for m in self.models[1:])]
+
+    def beside_info(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """The dtype the average of a :meth:`beside` key is written in, and its shape."""
+        info = self.models[0].tensors[key]
+        return info.dtype if info.dtype in WRITTEN_DTYPES else "F16", info.shape
+
+    def average_beside(self, key: str, writer: StreamingFile) -> list[float]:
+        """Stream the models' average of a :meth:`beside` key into ``writer``; each model's ‖W_m − average‖²."""
+        dtype, shape = self.beside_info(key)
+        numel = math.prod(shape)
+        norms2 = [0.0] * len(self.models)
+        step = max(1, CHUNK // len(self.models))
+        for start in range(0, numel, step):
+            stop = min(numel, start + step)
+            stack = torch.stack([m.read(key, start, stop, torch.float64) for m in self.models])
+            average = stack.mean(0).to(DTYPES[dtype])
+            if not bool(torch.isfinite(stack.sum())):
+                bad = next(m for m, row in zip(self.models, stack, strict=True) if not bool(torch.isfinite(row).all()))
+                raise OrthoMechaError(f"key '{key}' holds NaN or Inf values", bad.path)
+            writer.write(average)
+            for m, norm2 in enumerate((stack - average.to(torch.float64)).square().sum(dim=1).tolist()):
+                norms2[m] += norm2
+        return norms2
+
     def model_key(self, m: int, canon: str) -> str:
         key = self.alignment.file_key(self._index[m], canon)
         assert key is not None
@@ -403,6 +434,8 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
             for canon in fits:
                 key, written_dtype, shape = family.reference_info(canon)
                 layout[key] = (written_dtype, shape)
+            beside = family.beside()
+            layout |= {key: family.beside_info(key) for key in beside}
             meta = {"ortho_mecha_version": __version__, "ortho_mecha_kind": "compress-average"}
             writer = StreamingFile(average_path, layout, meta | {"ortho_mecha_models": json.dumps(result.models)})
         count = len(family.models)
@@ -425,6 +458,9 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
                         tensors[m] |= lora_tensors(name, low, tuple(dw.shape), torch_dtype)
                         kept[m], total[m] = kept[m] + low.kept, total[m] + low.total
             if writer:
+                for key in beside:  # the text encoders and VAE: their average, which no LoRA changes
+                    for m, norm2 in enumerate(family.average_beside(key, writer)):
+                        lost[m].add(key, norm2)
                 written.append(writer.finish())
             base_written = str(written[0]) if writer else result.base
         except BaseException:
@@ -493,8 +529,10 @@ def cli_compress(args: argparse.Namespace) -> int:
         print(f"  {len(result.left_out)} keys not in every model with the same shape were left out, e.g. "
               f"{result.left_out[0]}")
     if result.non_diffusion:
+        kept = ("the written base holds their average" if result.base == AVERAGE else
+                f"the base {result.base} keeps its own")
         print(f"  {result.non_diffusion} text-encoder/VAE keys are outside the fit and the LoRAs (they hold the "
-              "diffusion model only): the models' differences there are not in them")
+              f"diffusion model only): {kept}, and the models' differences there are in no LoRA")
     if args.json:
         write_json(Path(args.json), {"fit": result.to_dict(), "export": written.to_dict()})
         print(f"report written to {args.json}")

@@ -330,3 +330,25 @@ def test_cli_compress_says_text_encoders_and_vae_are_outside_the_loras(tmp_path,
                  "--rank", 2)
     assert result.code == 0, result.err
     assert "text-encoder/VAE keys are outside the fit and the LoRAs" in result.out
+    assert f"the base {family['base']} keeps its own" in result.out
+
+
+def test_the_average_base_of_checkpoints_carries_their_text_encoders_and_vae(tmp_path, cli) -> None:
+    # without them the written base was a checkpoint with no CLIP or VAE, and nothing held the models' encoders
+    from ortho_mecha.components import base_components
+    from tests.modelgen import POSITION_IDS, write_checkpoint_family
+
+    family = write_checkpoint_family(tmp_path / "sd1", "sd1", "fp16")
+    models = [family[n] for n in ("a", "b", "c")]
+    result = cli("compress", "--base", "average", *models, "--out", tmp_path / "out", "--rank", 2)
+    assert result.code == 0, result.err
+    assert "the written base holds their average" in result.out
+    written = load_file(str(tmp_path / "out" / AVERAGE_FILE))
+    beside = [k for keys in base_components(family["a"]).values() for k in keys if k != POSITION_IDS]
+    assert beside and set(beside) <= set(written)
+    stacked = [load_file(str(p)) for p in models]
+    for key in beside:
+        mean = torch.stack([m[key].double() for m in stacked]).mean(0)
+        assert written[key].dtype == torch.float16
+        torch.testing.assert_close(written[key], mean.half(), rtol=0, atol=0)  # the average, as the fp16 models
+    assert list(base_components(tmp_path / "out" / AVERAGE_FILE)) == list(base_components(family["a"]))
