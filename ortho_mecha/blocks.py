@@ -12,6 +12,8 @@ architecture                groups, in depth order
                             (``output_blocks.*``); ``time_embed``, ``label_emb``, ``out.*`` are in none
 ``flux1``, ``chroma``,      ``double`` (``double_blocks.*``), ``single`` (``single_blocks.*``); the
 ``flux2-klein``             embedders, modulation and final layer are in none
+``custom``: Flux.1 in       ``double`` (``transformer_blocks.*``), ``single``
+diffusers' layout           (``single_transformer_blocks.*``), as above
 ``zimage``                  up to :data:`LAYER_RANGES` contiguous ranges of the base's ``layers.N``, named
                             ``layers.0-9`` …, as even as the layer count allows (30 layers: 0-9, 10-19,
                             20-29); refiners and embedders are in none
@@ -48,6 +50,8 @@ from ortho_mecha.errors import OrthoMechaError
 LAYER_RANGES = 3  # how many ranges Z-Image-style ``layers.N`` are split into
 UNET_GROUPS = {"in": "input_blocks.", "mid": "middle_block.", "out": "output_blocks."}
 FLUX_GROUPS = {"double": "double_blocks.", "single": "single_blocks."}
+DIFFUSERS_FLUX_GROUPS = {"double": "transformer_blocks.", "single": "single_transformer_blocks."}
+NAMED_GROUPS = {"unet": UNET_GROUPS, "flux": FLUX_GROUPS, "flux-diffusers": DIFFUSERS_FLUX_GROUPS}
 KIND_OF_ARCH = {
     "sd1": "unet",
     "sdxl": "unet",
@@ -63,7 +67,8 @@ PRESETS: dict[str, str] = {
     "style": "late blocks at the row's alpha, early ones at 0 (UNet out, Flux single blocks): structure's complement",
 }
 # Fixed preset weights of the named group kinds; ordered kinds ramp instead (see the module docstring).
-_STRUCTURE = {"unet": {"in": 1.0, "mid": 1.0, "out": 0.0}, "flux": {"double": 1.0, "single": 0.0}}
+_STRUCTURE = {"unet": {"in": 1.0, "mid": 1.0, "out": 0.0}, "flux": {"double": 1.0, "single": 0.0},
+              "flux-diffusers": {"double": 1.0, "single": 0.0}}
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 _NUMBERED = re.compile(r"^(?P<family>.+)\.(?P<index>\d+)$")
@@ -83,10 +88,8 @@ class BlockLayout:
 
     def group_of(self, key: str) -> str | None:
         """The group of a canonical key, or None when it is in no group (it keeps the row's alpha)."""
-        if self.kind == "unet":
-            return next((g for g, prefix in UNET_GROUPS.items() if key.startswith(prefix)), None)
-        if self.kind == "flux":
-            return next((g for g, prefix in FLUX_GROUPS.items() if key.startswith(prefix)), None)
+        if self.kind in NAMED_GROUPS:
+            return next((g for g, prefix in NAMED_GROUPS[self.kind].items() if key.startswith(prefix)), None)
         if self.kind == "layers":
             match = _LAYER.match(key)
             if match is None:
@@ -132,7 +135,9 @@ def layout_for_keys(arch: str, keys: Sequence[str], names: Mapping[str, str] | N
     """The block layout of a model with these canonical keys and architecture id (see the module docstring)."""
     arch = arch_mod.canonical_arch(arch)
     kind = KIND_OF_ARCH[arch]
-    named = {"unet": UNET_GROUPS, "flux": FLUX_GROUPS}.get(kind)
+    if kind == "custom" and arch_mod.is_diffusers_flux(keys):
+        kind = "flux-diffusers"
+    named = NAMED_GROUPS.get(kind)
     ranges: tuple[tuple[int, int], ...] = ()
     if named is not None:
         groups = tuple(g for g, prefix in named.items() if any(k.startswith(prefix) for k in keys))

@@ -78,6 +78,13 @@ def test_flux_style_groups_are_double_and_single() -> None:
         layout = blocks.layout_for_keys(arch, keys)
         assert layout.groups == ("double", "single")
         assert [layout.group_of(k) for k in keys] == [None, "double", "single", None, None]
+    # Flux.1 in diffusers' layout ("custom" to detection): the same two groups, on its own block names
+    diffusers = ["x_embedder.weight", "context_embedder.weight", "transformer_blocks.0.attn.to_q.weight",
+                 "single_transformer_blocks.3.proj_out.weight", "time_text_embed.timestep_embedder.linear_1.weight"]
+    layout = blocks.layout_for_keys("custom", diffusers)
+    assert layout.groups == ("double", "single")
+    assert [layout.group_of(k) for k in diffusers] == [None, None, "double", "single", None]
+    assert blocks.preset_alphas("structure", layout, 0.8) == {"double": 0.8, "single": 0.0}
 
 
 def test_zimage_layers_are_split_into_thirds_of_the_base_layer_count() -> None:
