@@ -1140,7 +1140,8 @@ def settings_from_args(args: argparse.Namespace) -> PreviewSettings:
 
 def builtin_arch_of(model: str | Path, tensors: Mapping[str, Any] | None = None) -> str | None:
     """The built-in architecture whose keys ``model`` has (its header ``tensors``, read when not given), or None
-    (``custom``)."""
+    (``custom``). A Flux.1 transformer in diffusers' layout is ``flux1``: UNETLoader loads it as one."""
+    from ortho_mecha.arch import is_diffusers_flux
     from ortho_mecha.io import refuse_unsupported
     from ortho_mecha.validate import file_arch
 
@@ -1148,6 +1149,8 @@ def builtin_arch_of(model: str | Path, tensors: Mapping[str, Any] | None = None)
     if tensors is None:
         refuse_unsupported(Path(model))  # says what the file is and what to do instead
     detected = file_arch(tensors)
+    if detected == "custom" and is_diffusers_flux(tensors):  # ComfyUI's UNETLoader converts it to its Flux.1
+        return "flux1"
     return None if detected == "custom" else detected
 
 

@@ -729,6 +729,22 @@ def test_cli_preview_detects_the_architecture_when_arch_is_not_given(
     assert any(node["class_type"] == "UNETLoader" for node in comfy_stub.received[-1]["prompt"].values())
     unknown = write_model(tmp_path / "custom.safetensors")  # a UNet key, no cross-attention: no built-in architecture
     assert "give --arch, or your own workflow" in cli_error("preview", unknown, *place)
+    # Flux.1 in diffusers' layout: UNETLoader converts it to its Flux.1, so the Flux.1 workflow (here dev: guidance)
+    diffusers = write_model(tmp_path / "flux_diffusers.safetensors", {
+        "x_embedder.weight": (8, 64), "context_embedder.weight": (8, 4096), "transformer_blocks.0.attn.to_q.weight":
+        (8, 8), "time_text_embed.guidance_embedder.linear_1.weight": (8, 256)})
+    result = cli("preview", diffusers, *place)
+    assert result.code == 0, result.err
+    assert "architecture flux1 (detected from flux_diffusers.safetensors" in result.err
+    sent = comfy_stub.received[-1]["prompt"]
+    bfl = write_model(tmp_path / "flux_dev.safetensors", FLUX_KEYS | {"guidance_in.in_layer.weight": (8, 256)})
+    assert cli("preview", bfl, *place).code == 0
+    same = comfy_stub.received[-1]["prompt"]
+    for prompt in (sent, same):  # the files' own names apart, the BFL dev file's workflow
+        for node in prompt.values():
+            if node["class_type"] in ("UNETLoader", "SaveImage"):
+                node["inputs"].pop("unet_name" if node["class_type"] == "UNETLoader" else "filename_prefix")
+    assert sent == same
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
