@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import short_names
-from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, selection_matrix
+from ortho_mecha.gram import UNIT_ROUNDOFF, cosine, delta_gram, noise_floor, noise_unit, selection_matrix
 from ortho_mecha.io import DTYPES, ITEMSIZES, ROUNDING, Model, TensorInfo, expand_model_paths
 from ortho_mecha.lora_rows import is_lora, refuse_lora_delta_from
 from ortho_mecha.progress import counted, read_text
@@ -855,11 +855,15 @@ class Analysis:
 
     @functools.cached_property
     def noise_floors(self) -> np.ndarray:
-        """Per key of ``h_key``: the rounding-noise energy of deltas of the base's stored dtype
-        (:func:`ortho_mecha.gram.noise_floor`), below which ``ortho_superpose`` drops a direction; 0 where
-        the base's energy on the key is not known. Computed once per analysis (the Mixer asks on every rerun)."""
+        """Per key of ``h_key``: the rounding-noise energy of deltas of the base's stored dtype, or of the files'
+        where coarser (:func:`ortho_mecha.gram.noise_floor`, :func:`~ortho_mecha.gram.noise_unit`, as the recipe
+        passes it), below which ``ortho_superpose`` drops a direction; 0 where the base's energy on the key is
+        not known. Computed once per analysis (the Mixer asks on every rerun)."""
+        from ortho_mecha.lora_rows import is_lora_file
+
         base_sq = next((st.base_sq for st in self.stats if st.base_sq), {})
-        units = [0.0 if t is None else UNIT_ROUNDOFF.get(t.dtype, 0.0) for t in self._base_tensors]
+        rows_unit = noise_unit(self.base, [f for f in self.files if not is_lora_file(f)])
+        units = [0.0 if t is None else max(UNIT_ROUNDOFF.get(t.dtype, 0.0), rows_unit) for t in self._base_tensors]
         return noise_floor(np.array([base_sq.get(k, 0.0) for k in self.h_key]), np.array(units))
 
     @functools.cached_property

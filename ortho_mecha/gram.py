@@ -10,7 +10,8 @@ which is ``T H Tᵀ`` with ``T[i, m_i] = 1`` and ``T[i, b_i] = −1``. No file i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +32,23 @@ def noise_floor(base_sq: np.ndarray | float, unit: np.ndarray | float) -> np.nda
     leaves only it), where in exact arithmetic the direction would not exist at all.
     """
     return NOISE_MARGIN * (2.0 / 3.0) * np.square(unit) * np.asarray(base_sq, dtype=np.float64)
+
+
+def file_unit(path: str | Path) -> float:
+    """The coarsest unit roundoff among a model file's stored float tensors (from its header; 0 for fp8 ones,
+    whose rounding no floor covers, as for an fp8 base)."""
+    from ortho_mecha.io import Model
+
+    with Model(path) as model:
+        return max((UNIT_ROUNDOFF.get(t.dtype, 0.0) for t in model.tensors.values() if t.is_float), default=0.0)
+
+
+def noise_unit(base: str | Path, rows: Iterable[str | Path]) -> float:
+    """The coarsest unit roundoff of the ``rows``' files when coarser than the ``base`` file's, else 0: fp16 rows
+    over an fp32 base carry fp16 rounding noise, which ``ortho_superpose`` cannot read off the base's values
+    (its ``noise_unit``)."""
+    coarsest = max(map(file_unit, rows), default=0.0)
+    return coarsest if coarsest > file_unit(base) else 0.0
 
 
 def selection_matrix(n_files: int, models: Sequence[int], delta_from: Sequence[int | None]) -> np.ndarray:

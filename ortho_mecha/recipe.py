@@ -16,8 +16,9 @@ is and how often the row is listed depends on the method (``MethodSpec.repeat``)
 method            recipe (α_i, r_i: the row's alpha and repeat; ``alpha``: the global option)
 ================  ==================================================================================
 ortho_project     ``ortho_project(base, *δ, alpha)``, c_i = α_i·r_i
-ortho_superpose   ``ortho_superpose(base, *δ, alpha, granularity, rcond, noise_scale)``, c_i = α_i·r_i,
-                  noise_scale = max_i |c_i| (per key with block alphas)
+ortho_superpose   ``ortho_superpose(base, *δ, alpha, granularity, rcond, noise_scale[, noise_unit])``,
+                  c_i = α_i·r_i, noise_scale = max_i |c_i| (per key with block alphas), noise_unit the rows'
+                  files' unit roundoff where coarser than the base's (:func:`ortho_mecha.gram.noise_unit`)
 orthomerge        ``orthomerge(base, *δ, …)``, c_i = α_i, row listed r_i times
 weighted_sum      ``add_difference(base, n_average(*δ), alpha)``, c_i = n·α_i·r_i / Σ α_j·r_j
                   (a weighted mean of the deltas; with every delta-from the base, Σ w_i M_i / Σ w_i)
@@ -71,6 +72,7 @@ from sd_mecha.extensions import merge_methods
 from ortho_mecha import __version__, blocks, components
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_text, refuse_existing, refuse_text_output
+from ortho_mecha.gram import noise_unit
 from ortho_mecha.lora_rows import is_lora_file, lora_delta_node
 from ortho_mecha.mecha_config import model_node, register_base_config
 from ortho_mecha.plan import METHODS, Plan, Row, load_plan
@@ -186,6 +188,10 @@ def _combine(
     options = dict(options)
     if method == "ortho_superpose":
         options["noise_scale"] = _noise_scale(zones, config_id)
+        unit = noise_unit(plan.base, [p for row in rows if not is_lora_file(row.model)
+                                      for p in (row.model, row.delta_from) if p is not None])
+        if unit:
+            options["noise_unit"] = unit
     if method in ORTHO_METHODS:
         return _method(method)(base, *deltas, **options)
     alpha = options.pop("alpha")

@@ -65,3 +65,39 @@ def test_a_plan_with_a_texture_says_its_prediction_is_before_the_texture(tmp_pat
                            "rows": [{"model": str(paths["anime"])}],
                            "texture": {"model": str(paths["photo"]), "alpha": 0.5, "mode": "add"}}, tmp_path)
     assert evaluate.predict(plan)["label"] == "exact, before the texture boost"
+
+
+def test_fp16_rows_over_an_fp32_base_keep_their_rounding_noise_out_of_a_superpose(tmp_path: Path) -> None:
+    # an fp32 base with fp16 fine-tunes (the usual mix): the rows' fp16 rounding is what separates a merge row from
+    # the exact merge of the others; the fp32 base's floor could not see it, and the merge blew it up ~100× while
+    # the survival read 1.000 (QA5 arch F0)
+    from safetensors.torch import load_file
+
+    from ortho_mecha.recipe import recipe_text
+    from tests.modelgen import write_model
+
+    base = write_family_files(tmp_path / "b", "flux", "fp32", members=["base"])["base"]
+    fp16 = write_family_files(tmp_path / "m", "flux", "fp16", members=["anime", "photo", "anime_photo_merge"])
+    exact = write_family_files(tmp_path / "x", "flux", "fp32", members=["anime", "photo", "anime_photo_merge"])
+    stored = {k: v.double() for k, v in load_file(str(base)).items()}
+    merge_row = {k: v.double() for k, v in load_file(str(fp16["anime_photo_merge"])).items()}
+    write_model(tmp_path / "m" / "opposite.safetensors", {k: 2 * stored[k] - merge_row[k] for k in stored}, "fp16")
+
+    def merged_norm(rows: dict[str, Path], names: list[str]) -> tuple[float, dict]:
+        plan = plan_from_dict({"base": str(base), "method": "ortho_superpose", "output_dtype": "fp32",
+                               "rows": [{"model": str(rows[n])} for n in names]}, tmp_path)
+        out = tmp_path / f"{len(list(tmp_path.glob('*.safetensors')))}.safetensors"
+        merge_plan(plan, out)
+        got = load_file(str(out))
+        return float(np.sqrt(sum(float((got[k].double() - stored[k]).square().sum()) for k in stored))), plan
+
+    names = ["anime", "photo", "anime_photo_merge"]
+    stored_rows, plan = merged_norm(fp16, names)
+    exact_rows, _ = merged_norm(exact, names)  # the same relations in fp32: no rounding to fit
+    assert stored_rows == pytest.approx(exact_rows, rel=0.02)
+    assert "noise_unit=" in recipe_text(plan)
+    survival = evaluate.measure(plan, tmp_path / "0.safetensors")
+    assert np.abs(np.array(survival["measured"]) - np.array(survival["predicted"])).max() < 0.02
+    rows = fp16 | {"opposite": tmp_path / "m" / "opposite.safetensors"}
+    cancelled, _ = merged_norm(rows, ["anime_photo_merge", "opposite"])  # an fp16 opposite cancels its row
+    assert cancelled < 0.05 * exact_rows

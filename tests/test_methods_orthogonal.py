@@ -176,6 +176,8 @@ def test_superpose_floor_scales_with_the_rows_scale(gen: torch.Generator) -> Non
     assert share(superpose_method(base, half, other, noise_scale=0.5)) == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(ValueError, match="noise_scale"):
         superpose_method(base, half, noise_scale=-1.0)
+    with pytest.raises(ValueError, match="noise_unit"):
+        superpose_method(base, half, noise_unit=float("nan"))
 
 
 def test_superpose_keeps_a_lone_row_under_the_floor(gen: torch.Generator) -> None:

@@ -177,6 +177,7 @@ def ortho_superpose(
     granularity: Parameter(str) = GRANULARITY.default,
     rcond: Parameter(float) = RCOND.default,
     noise_scale: Parameter(float) = 1.0,
+    noise_unit: Parameter(float) = 0.0,
 ) -> Return(Tensor, "weight"):
     """Order-free orthogonal superposition: every delta keeps exactly its own magnitude along its direction.
 
@@ -195,25 +196,29 @@ def ortho_superpose(
     noise_scale ≥ 0: the largest factor the deltas were scaled by before this method (a plan's row alphas,
     per key with block alphas; what ``ortho-mecha recipe`` passes): their rounding noise was scaled with them,
     so the floor is ``noise_scale²`` times the stored inputs'. Default 1: unscaled deltas.
+    noise_unit ≥ 0: the unit roundoff of the rows' stored dtype when it is coarser than the base's (fp16 rows
+    over an fp32 base: their rounding noise is fp16's, which the base's values cannot tell; what
+    ``ortho-mecha recipe`` passes then). The floor takes the coarser of it and the base's. Default 0: the base's.
     """
     options = check_options(
         "ortho_superpose", SUPERPOSE_OPTIONS, {"alpha": alpha, "granularity": granularity, "rcond": rcond}
     )
-    if not math.isfinite(noise_scale) or noise_scale < 0:
-        raise ValueError(f"ortho_superpose: noise_scale must be a finite number ≥ 0, got {noise_scale}")
+    for name, value in (("noise_scale", noise_scale), ("noise_unit", noise_unit)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"ortho_superpose: {name} must be a finite number ≥ 0, got {value}")
     if not deltas or options["alpha"] == 0:
         return base
     clean, bad = finite_deltas(deltas)
-    return mark_nonfinite(_superpose(base, clean, options, noise_scale), bad)
+    return mark_nonfinite(_superpose(base, clean, options, noise_scale, noise_unit), bad)
 
 
-def _superpose(base: Tensor, deltas: Sequence[Tensor], options: dict, noise_scale: float) -> Tensor:
+def _superpose(base: Tensor, deltas: Sequence[Tensor], options: dict, noise_scale: float, noise_unit: float) -> Tensor:
     rows = base.shape[0] if options["granularity"] == "row" and base.dim() >= 2 else 1
     gram = gram64(deltas, rows)
     kept = nonzero_indices(deltas, torch.diagonal(gram, dim1=1, dim2=2).sum(dim=0))
     if not kept:
         return base
     base_sq = base.to(torch.float64).reshape(rows, -1).square().sum(dim=1)  # per solve: ‖W_C‖² of its part
-    floor = noise_floor(base_sq.numpy(), storage_unit(base)) * noise_scale**2
+    floor = noise_floor(base_sq.numpy(), max(storage_unit(base), noise_unit)) * noise_scale**2
     coefficients = _coefficients(gram[:, kept][:, :, kept], options["rcond"], floor)
     return combine(coefficients, [deltas[i] for i in kept], base, options["alpha"])
