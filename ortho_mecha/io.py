@@ -59,7 +59,7 @@ ITEMSIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 ROUNDING = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F8_E4M3": 2.0**-4, "F8_E5M2": 2.0**-3}
 
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-IGNORED_SUFFIXES = (".scale_input", ".input_scale")
+IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")  # .comfy_quant: ComfyUI's per-layer quant marker
 IGNORED_KEYS = {"scaled_fp8"}
 QUANT_MARKERS = ("quant_state", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "bitsandbytes")
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
@@ -287,12 +287,24 @@ class Model:
         self._fd_lock = threading.Lock()
 
     def _refuse_quantised(self, raw: dict[str, TensorInfo]) -> None:
-        for name in raw:
+        for name, info in raw.items():
             lowered = name.lower()
             if any(marker in lowered for marker in QUANT_MARKERS):
                 raise OrthoMechaError(
                     f"bitsandbytes/NF4-quantised model (key '{name}'); ortho-mecha reads fp32, fp16, bf16 and fp8 "
                     "safetensors only",
+                    self.path,
+                )
+            if name.endswith(SCALE_SUFFIXES + IGNORED_SUFFIXES) or info.dtype in FLOAT_DTYPES:
+                continue
+            stem = name.rsplit(".", 1)[0]
+            marked = f"{stem}.comfy_quant" in raw or any(
+                c in raw for c in (f"{stem}.scale_weight", f"{name}_scale", f"{stem}.weight_scale"))
+            if marked:  # int8 (int8_tensorwise), packed NVFP4/MXFP4, …
+                raise OrthoMechaError(
+                    f"quantised weights of ComfyUI's mixed-precision kind (key '{name}' is {info.dtype}, with a scale "
+                    "or a .comfy_quant marker): only fp8 ones are dequantised; use the model's fp32/fp16/bf16/fp8 "
+                    "file",
                     self.path,
                 )
 

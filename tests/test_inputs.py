@@ -237,6 +237,17 @@ def bad_nf4(folder: Path) -> Bad:
     return _with_base(path, "bitsandbytes/NF4-quantised model (key 'layers.0.attn.qkv.weight.absmax')")
 
 
+def bad_comfy_int8(folder: Path) -> Bad:
+    # ComfyUI's mixed-precision layout with int8_tensorwise weights: its integers were read as weights
+    tensors = state(1) | {
+        "layers.0.attn.qkv.weight": torch.ones(6, 4, dtype=torch.int8),
+        "layers.0.attn.qkv.weight_scale": torch.ones(()),
+        "layers.0.attn.qkv.comfy_quant": torch.tensor(list(b'{"format": "int8_tensorwise"}'), dtype=torch.uint8),
+    }
+    path = save(folder / "int8mixed.safetensors", tensors)
+    return _with_base(path, "quantised weights of ComfyUI's mixed-precision kind (key 'layers.0.attn.qkv.weight' is I8")
+
+
 def bad_other_suffix(folder: Path) -> Bad:
     path = save(folder / "model.onnx", state(1))
     return _with_base(path, "not a .safetensors file")
@@ -327,6 +338,7 @@ BAD_INPUTS: dict[str, Callable[[Path], Bad]] = {
     "gguf-magic": bad_gguf_magic,
     "gguf-suffix": bad_gguf_suffix,
     "nf4-bitsandbytes": bad_nf4,
+    "comfy-int8-mixed": bad_comfy_int8,
     "other-suffix": bad_other_suffix,
     "only-the-base": bad_only_the_base,
     "no-float-tensors": bad_no_float_tensors,
@@ -761,6 +773,27 @@ def test_a_converted_scaled_fp8_model_merges_as_what_it_represents(read_files, t
     with safe_open(str(merged), "pt") as f:
         for key, value in expected.items():
             assert torch.allclose(f.get_tensor(key).double(), value, rtol=1e-5, atol=1e-6), key
+
+
+def test_comfyui_fp8_mixed_precision_converts_without_its_quant_markers(tmp_path: Path, cli) -> None:
+    # ComfyUI's fp8mixed layout: <layer>.weight fp8, <layer>.weight_scale, <layer>.comfy_quant (a U8 JSON marker
+    # by which ComfyUI loads a layer as quantised). A converted copy kept the markers, so ComfyUI would have read
+    # its bf16 weights as fp8 layers without a scale; a merge on it copied them in as "repairs"
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, 4, generator=generator)
+    scale = weight.abs().max() / 448.0
+    quantised = (weight / scale).to(torch.float8_e4m3fn)
+    marker = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    path = save(tmp_path / "fp8mixed.safetensors", {
+        "layers.0.attn.qkv.weight": quantised, "layers.0.attn.qkv.weight_scale": scale.reshape(()),
+        "layers.0.attn.qkv.comfy_quant": marker, "layers.0.norm.weight": torch.ones(4, dtype=torch.bfloat16)})
+    copy = tmp_path / "copy.safetensors"
+    result = cli("convert", path, "--out", copy, "--dtype", "bf16")
+    assert result.code == 0, result.err
+    with safe_open(str(copy), "pt") as f:
+        assert sorted(f.keys()) == ["layers.0.attn.qkv.weight", "layers.0.norm.weight"]
+        expected = (quantised.to(torch.float64) * scale.double()).to(torch.bfloat16)
+        assert torch.equal(f.get_tensor("layers.0.attn.qkv.weight"), expected)
 
 
 def test_convert_keeps_dtypes_by_default_and_joins_shards(sharded: tuple[Path, Path], read_files, tmp_path: Path,
