@@ -107,7 +107,8 @@ class ModelFacts:
     text_dim: int | None = None  # Flux.2: txt_in.weight.shape[1]
     guidance: bool | None = None  # Flux.1: has guidance_in (dev) or not (schnell)
     all_in_one: bool = False  # a checkpoint holding its text encoders and VAE beside the diffusion model
-    diffusion_only: bool = False  # no text encoder or VAE in the file (an SD1.5/SDXL UNet on its own)
+    diffusion_only: bool = False  # SD1.5/SDXL: lacks its text encoder(s) (a UNet on its own, or a pruned checkpoint)
+    no_vae: bool = False  # SD1.5/SDXL: a checkpoint without its VAE ("no-VAE" releases)
 
 
 @dataclass(frozen=True)
@@ -559,14 +560,17 @@ SPECS: dict[str, ArchSpec] = {
 def file_spec(arch: str, facts: ModelFacts) -> ArchSpec:
     """``arch``'s built-in workflow for one file: a DiT family's all-in-one checkpoint (``facts.all_in_one``) is
     loaded whole by CheckpointLoaderSimple, from ComfyUI's checkpoints folder, with no text encoder or VAE files
-    to choose; an SD1.5/SDXL UNet on its own (``facts.diffusion_only``) by UNETLoader, from diffusion_models,
-    beside the text encoder and VAE files a checkpoint would hold."""
+    to choose; an SD1.5/SDXL UNet on its own, or a checkpoint lacking a text encoder (``facts.diffusion_only``), by
+    UNETLoader, from diffusion_models, beside the text encoder and VAE files a checkpoint would hold; an SD1.5/SDXL
+    checkpoint lacking only its VAE (``facts.no_vae``) by CheckpointLoaderSimple beside a VAE file."""
     spec = arch_spec(arch)
     if facts.all_in_one and spec.loader == "UNETLoader":
         return replace(spec, loader="CheckpointLoaderSimple", text_encoders=(), vae=None)
     if facts.diffusion_only and spec.arch in SEPARATE_PARTS:
         encoders, vae = SEPARATE_PARTS[spec.arch]
         return replace(spec, loader="UNETLoader", text_encoders=encoders, vae=vae)
+    if facts.no_vae and spec.arch in SEPARATE_PARTS:  # the checkpoint's model and text encoders, a VAE file
+        return replace(spec, vae=SEPARATE_PARTS[spec.arch][1])
     return spec
 
 

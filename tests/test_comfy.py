@@ -784,6 +784,36 @@ def test_an_sd_unet_on_its_own_is_loaded_beside_text_encoder_and_vae_files(
     assert any(node["class_type"] == "CheckpointLoaderSimple" for node in comfy_stub.received[-1]["prompt"].values())
 
 
+def test_an_sd_checkpoint_lacking_its_vae_or_a_text_encoder_gets_those_files(
+    comfy_stub: ComfyStub, tmp_path: Path, cli: Callable, cli_error: Callable
+) -> None:
+    """A "no-VAE" SD1.5 checkpoint went to CheckpointLoaderSimple alone, whose missing VAE a real ComfyUI refuses
+    only once the prompt runs ("VAE is invalid: None"); an SDXL checkpoint without CLIP-G likewise its CLIP. Now the
+    VAE file is loaded beside the checkpoint, and a checkpoint short of a text encoder loads like a UNet alone."""
+    place = ["--prompt", "a fox", "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", tmp_path / "out"]
+    no_vae = {k: v for k, v in SD_CHECKPOINT_KEYS.items() if not k.startswith("first_stage_model.")}
+    model = write_model(tmp_path / "no_vae.safetensors", no_vae)
+    assert "a VAE like vae-ft-mse-840000-ema-pruned.safetensors" in cli_error("preview", model, "--arch", "sd1",
+                                                                              *place)  # named before anything is sent
+    comfy_stub.add_file("vae", "vae-ft-mse-840000-ema-pruned.safetensors")
+    assert cli("preview", model, "--arch", "sd1", *place).code == 0
+    nodes = {node["class_type"]: node["inputs"] for node in comfy_stub.received[-1]["prompt"].values()}
+    assert nodes["CheckpointLoaderSimple"]["ckpt_name"] == link_name(model)
+    assert nodes["VAELoader"]["vae_name"] == "vae-ft-mse-840000-ema-pruned.safetensors"
+    decode = next(n for n in comfy_stub.received[-1]["prompt"].values() if n["class_type"] == "VAEDecode")
+    assert comfy_stub.received[-1]["prompt"][decode["inputs"]["vae"][0]]["class_type"] == "VAELoader"
+    sdxl = {f"model.diffusion_model.input_blocks.{i}.0.weight": (4, 4, 3, 3) for i in range(6)} | {
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (4,),  # CLIP-L only: no CLIP-G
+        "first_stage_model.decoder.conv_in.weight": (4, 4, 3, 3)}
+    comfy_stub.add_file("vae", "sdxl_vae.safetensors")
+    comfy_stub.add_file("text_encoders", "clip_g.safetensors")
+    assert cli("preview", write_model(tmp_path / "no_clip_g.safetensors", sdxl), "--arch", "sdxl", *place).code == 0
+    nodes = {node["class_type"]: node["inputs"] for node in comfy_stub.received[-1]["prompt"].values()}
+    assert "CheckpointLoaderSimple" not in nodes and "UNETLoader" in nodes
+    assert (nodes["DualCLIPLoader"]["clip_name1"], nodes["DualCLIPLoader"]["clip_name2"]) == (
+        "clip_l.safetensors", "clip_g.safetensors")
+
+
 def test_cli_preview_with_a_user_workflow(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:
     graph = build_workflow("sdxl", "x.safetensors", resolve(arch_spec("sdxl"), SETTINGS))
     bindings = find_bindings(graph)
