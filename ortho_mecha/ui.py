@@ -235,7 +235,7 @@ def job_panel(url_name: str, what: str) -> dict[str, Any] | None:
     if job_id is None:
         return None
     try:
-        record = jobs.status(job_id)
+        record = job_record(url_name, job_id)
     except OrthoMechaError as error:
         st.error(str(error))
         return None
@@ -247,6 +247,18 @@ def job_panel(url_name: str, what: str) -> dict[str, Any] | None:
         return record
     _poll(job_id, what)
     return None
+
+
+def job_record(url_name: str, job_id: str) -> dict[str, Any]:
+    """The record of the job ``job_id``, named in the URL under ``url_name``; an error for an id that names no job,
+    or a job of another kind than that name's (an analysis's id in ``?merge=``)."""
+    record = jobs.status(job_id)
+    kind = URL_KINDS[url_name]
+    if record["kind"] != kind:
+        raise OrthoMechaError(f"job `{job_id}` is not a{'n' if kind[0] in 'ae' else ''} {kind} job but "
+                              f"a{'n' if record['kind'][0] in 'ae' else ''} {record['kind']} one: open it on its "
+                              "own page")
+    return record
 
 
 def _inside_roots(record: Mapping[str, Any]) -> bool:
@@ -276,7 +288,7 @@ def merging_into(job_id: str | None) -> str | None:
     if job_id is None:
         return None
     try:
-        record = jobs.status(job_id)
+        record = job_record(MERGE_URL, job_id)
     except OrthoMechaError:
         return None
     return None if record["state"] in jobs.FINISHED_STATES else Path(record["params"]["out"]).name
@@ -312,6 +324,8 @@ PREVIEW_URL = "preview"
 SWEEP_URL = "sweep"
 LORA_URL = "lora"
 MIX_URL = "mix"  # the Mixer's plan, kept by workspace.remember_mix
+URL_KINDS = {ANALYSIS_URL: "analyse", MERGE_URL: "merge", PREVIEW_URL: "preview", SWEEP_URL: "sweep",
+             LORA_URL: "extract-lora"}  # the job kind each URL name follows
 
 
 def remember_analysis(record: Mapping[str, Any]) -> None:
@@ -327,7 +341,7 @@ def written_by_followed_merge(path: Path) -> bool:
     if job_id is None:
         return False
     try:
-        record = jobs.status(job_id)
+        record = job_record(MERGE_URL, job_id)
     except OrthoMechaError:
         return False
     output = (record.get("result") or {}).get("output") if record["state"] == "done" else None
@@ -623,11 +637,11 @@ def extract_lora_panel(choices: Any, base: str) -> None:
 # --- the Merge page --------------------------------------------------------------------------------
 
 
-def job_params(job_id: str) -> dict[str, Any] | None:
-    """The parameters of the job ``job_id``; None for an id that names no job, or a job over files outside the
-    allowed folders, which the page's :func:`job_panel` says (once)."""
+def job_params(url_name: str, job_id: str) -> dict[str, Any] | None:
+    """The parameters of the job ``job_id`` named under ``url_name``; None for an id that names no job of that
+    kind, or a job over files outside the allowed folders, which the page's :func:`job_panel` says (once)."""
     try:
-        record = jobs.status(job_id)
+        record = job_record(url_name, job_id)
     except OrthoMechaError:
         return None
     return record["params"] if _inside_roots(record) else None
@@ -640,7 +654,7 @@ def restore_merged_plan(job_id: str) -> Any:
     from ortho_mecha import workspace
     from ortho_mecha.merge import job_plan
 
-    params = job_params(job_id)
+    params = job_params(MERGE_URL, job_id)
     if params is None:
         return None
     plan = job_plan(params)

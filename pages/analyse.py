@@ -39,7 +39,8 @@ st.session_state["analyse_visited"] = True
 # Widgets start from the analysis the URL shows, when its files are still under the roots.
 job_id = ui.followed_job(ui.ANALYSIS_URL)
 # (Streamlit forgets a page's widget values once another page is shown: they start from the analysis again.)
-params = ui.job_params(job_id) if job_id else None  # None for an id naming no job: the job panel says so
+# None for an id naming no job of its kind: the job panel says so
+params = ui.job_params(ui.ANALYSIS_URL, job_id) if job_id else None
 if params and (st.session_state.get("analyse_widgets_from") != job_id or "an_base" not in st.session_state):
     with ui.shown_errors():
         st.session_state["an_base"] = choices.label(params["base"])

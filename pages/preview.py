@@ -8,7 +8,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ortho_mecha import comfy, jobs, preview_job, security, ui, workspace
+from ortho_mecha import comfy, preview_job, security, ui, workspace
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.workflows import BUILTIN_ARCHS, DEFAULT_ALPHAS, MAX_SEED, PreviewSettings
 
@@ -25,7 +25,7 @@ for url_name in (ui.PREVIEW_URL, ui.SWEEP_URL):
     job_id = ui.followed_job(url_name)
     if job_id and (st.session_state.get(f"fields_from_{url_name}") != job_id or "pv_prompt" not in st.session_state):
         with contextlib.suppress(OrthoMechaError):  # a job that cannot be read is said by its panel below
-            params = jobs.status(job_id)["params"]
+            params = ui.job_record(url_name, job_id)["params"]
             st.session_state.update(preview_job.page_fields(params, merges))
             if served_here:
                 st.session_state.update(pv_api=params["api"], pv_dir=params.get("comfy_dir") or "")

@@ -215,6 +215,22 @@ def test_a_job_over_files_outside_the_allowed_folders_is_not_shown(workspace: Pa
         assert str(tmp_path / "elsewhere") not in str([*at.markdown, *at.caption, *at.code])
 
 
+def test_a_job_of_another_kind_in_the_url_is_an_error_message(workspace: Path) -> None:
+    # an analysis's id in ?merge= (or a merge's in ?analysis=, ?preview=) raised KeyError on the page (QA5 dash F4)
+    from ortho_mecha import jobs
+
+    sleeper = jobs.submit("sleep", {"seconds": 0}, heavy=False)
+    for page, url_name in ((ui.PAGES[0], "analysis"), (ui.PAGES[2], "merge"), (ui.PAGES[3], "preview"),
+                           (ui.PAGES[3], "sweep")):
+        at = _app()
+        at.query_params[url_name] = sleeper
+        at.switch_page(page.path).run()
+        assert not at.exception, (url_name, at.exception)
+        assert [e for e in _errors(at) if "is not a" in e] == [
+            f"job `{sleeper}` is not a{'n' if url_name == 'analysis' else ''} {ui.URL_KINDS[url_name]} job but a "
+            "sleep one: open it on its own page"], _errors(at)
+
+
 def test_every_page_renders_without_an_analysis(workspace: Path) -> None:
     (workspace / "models").mkdir(parents=True)  # no demo: the Analyse page says where to put models
     for page in ui.PAGES:
