@@ -271,7 +271,13 @@ def utf8_name(path: str | Path) -> bool:
 
 
 def list_models(roots: Iterable[Path]) -> list[Path]:
-    """Every ``.safetensors`` file under ``roots`` that ``resolve_model_path`` accepts, sorted.
+    """Every ``.safetensors`` file under ``roots`` that ``resolve_model_path`` accepts, sorted (:func:`scan_models`)."""
+    return scan_models(roots)[0]
+
+
+def scan_models(roots: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """(every ``.safetensors`` file under ``roots`` that ``resolve_model_path`` accepts, sorted; the symbolic links
+    under ``roots`` to model files or folders outside every root, sorted: not listed, so that a page can say why).
 
     Linked folders are not entered; a linked file is listed only when its target is inside a root; a
     file reachable by several paths is listed once, by its own path when that is under a root.
@@ -279,23 +285,30 @@ def list_models(roots: Iterable[Path]) -> list[Path]:
     roots = list(roots)
     real_roots = [real for real in map(_real, roots) if real is not None]
     by_target: dict[Path, list[Path]] = {}
+    outside: list[Path] = []
     for root in roots:
         if not root.is_dir():
             continue
-        for folder, _, names in os.walk(root):
+        for folder, folders, names in os.walk(root):
+            for name in folders:
+                path = Path(folder) / name
+                real = _real(path)
+                if path.is_symlink() and (real is None or not _inside(real, real_roots)):
+                    outside.append(path)
             for name in names:
                 path = Path(folder) / name
                 real = _real(path)
-                if (
-                    real is not None
-                    and name.lower().endswith(READ_SUFFIXES)
-                    and real.suffix.lower() in READ_SUFFIXES
-                    and real.is_file()
-                    and _inside(real, real_roots)
-                ):
+                if not name.lower().endswith(READ_SUFFIXES):
+                    continue
+                if real is None or not real.is_file():
+                    continue
+                if not _inside(real, real_roots):
+                    outside.append(path)  # only a link leads outside the roots it is under
+                elif real.suffix.lower() in READ_SUFFIXES:
                     by_target.setdefault(real, []).append(path)
     # One entry per file: the file's own path when it is listed, else the first of the links to it.
-    return sorted(min(paths, key=lambda path: (path != real, str(path))) for real, paths in by_target.items())
+    models = sorted(min(paths, key=lambda path: (path != real, str(path))) for real, paths in by_target.items())
+    return models, sorted(set(outside))
 
 
 def inside_roots(path: str | Path, roots: Iterable[Path]) -> bool:

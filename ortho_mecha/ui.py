@@ -357,6 +357,11 @@ def model_choices(roots: tuple[Path, ...] | None = None) -> Any:
     for name in choices.unnamed:
         st.warning(f"{name}: left out, as its file name is not valid UTF-8 (a browser can neither show nor send it "
                    "back); rename the file to use it")
+    if choices.outside:
+        shown = ", ".join(str(p) for p in choices.outside[:3]) + (", …" if len(choices.outside) > 3 else "")
+        st.warning(f"{len(choices.outside)} link(s) under the model folders point outside them and are left out "
+                   f"({shown}): a link may only lead inside the allowed folders; to use those models, start the "
+                   "dashboard with ORTHO_MECHA_ROOTS naming their folders too")
     return choices
 
 

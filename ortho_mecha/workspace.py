@@ -83,6 +83,7 @@ class ModelChoices:
     roots: tuple[Path, ...]
     by_label: Mapping[str, Path]
     unnamed: tuple[str, ...] = ()  # files left out: their names are not valid UTF-8 (shown with U+FFFD)
+    outside: tuple[Path, ...] = ()  # links under the roots to files or folders outside them: left out
 
     @classmethod
     def scan(cls, roots: Iterable[Path] | None = None) -> ModelChoices:
@@ -92,12 +93,13 @@ class ModelChoices:
         roots = tuple(security.allowed_roots() if roots is None else roots)
         named: list[Path] = []
         unnamed: list[str] = []
-        for path in security.list_models(roots):
+        models, outside = security.scan_models(roots)
+        for path in models:
             if security.utf8_name(path):
                 named.append(path)
             else:
                 unnamed.append(shown_path(path))
-        return cls(roots, _labels(named, roots), tuple(unnamed))
+        return cls(roots, _labels(named, roots), tuple(unnamed), tuple(outside))
 
     @property
     def labels(self) -> list[str]:

@@ -213,6 +213,14 @@ def test_a_job_over_files_outside_the_allowed_folders_is_not_shown(workspace: Pa
                                "here"], _errors(at)
         assert not _charts(at) and not at.success and not at.dataframe  # nothing of its result
         assert str(tmp_path / "elsewhere") not in str([*at.markdown, *at.caption, *at.code])
+    # a link under the allowed folders to those files is left out, and said (the README used to invite links)
+    (workspace / "models").mkdir(parents=True, exist_ok=True)
+    (workspace / "models" / "linked.safetensors").symlink_to(paths["anime"])
+    at = _app()
+    at.switch_page(ui.PAGES[1].path).run()
+    assert not at.exception
+    assert any("1 link(s) under the model folders point outside them and are left out" in w.value and
+               "linked.safetensors" in w.value for w in at.warning), [w.value for w in at.warning]
 
 
 def test_a_job_of_another_kind_in_the_url_is_an_error_message(workspace: Path) -> None:

@@ -302,6 +302,9 @@ def test_a_file_reached_from_two_roots_is_listed_once_by_its_own_path(tmp_path: 
     (first / "a-link.safetensors").symlink_to(second / "model.safetensors")
     assert security.list_models([first, second]) == [second / "model.safetensors"]
     assert security.list_models([first]) == []  # its target is outside the only root
+    (first / "linked-folder").symlink_to(second)
+    assert security.scan_models([first]) == ([], [first / "a-link.safetensors", first / "linked-folder"])  # said
+    assert security.scan_models([first, second]) == ([second / "model.safetensors"], [])  # inside: no news
 
 
 _FOLDERS = [".", "..", "models", "sub", "linkdir"]
