@@ -12,6 +12,7 @@ per alpha (then base and models), one row per image of a batch.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -95,9 +96,17 @@ def _lora_cell(plan: Plan, row: Row, label: str, folder: Path, stem: str, progre
     return Cell(f"{label}+base", model, plan=plan_path)
 
 
+FILE_PART_MAX = 60  # characters of a cell's label in its files' names (a model's own name may be 200 and more)
+
+
 def _file_part(label: str) -> str:
-    """A cell's label as part of a file name (no spaces, no folder separators)."""
-    return label.replace(" ", "").replace("/", "_")
+    """A cell's label as part of a file name (no spaces, no folder separators); a long one (a model's long name)
+    cut to FILE_PART_MAX characters, with a hash of the whole, so that the sweep's names stay under the file
+    system's limit and distinct."""
+    part = label.replace(" ", "").replace("/", "_")
+    if len(part) <= FILE_PART_MAX:
+        return part
+    return f"{part[:FILE_PART_MAX - 9]}-{hashlib.sha256(part.encode()).hexdigest()[:8]}"
 
 
 def _plan_of(model: Path) -> Any:

@@ -164,3 +164,23 @@ def test_a_sweep_without_comfy_dir_is_refused_before_merging_unless_comfyui_will
     result = cli(*common, "--out", inside)
     assert result.code == 0, result.err
     assert comfy_stub.received[-1]["prompt"]["1"]["inputs"]["ckpt_name"] == "sweeps/mix_sweep_alpha1.safetensors"
+
+
+def test_a_compared_model_with_a_long_name_gets_short_image_names(comfy_stub: ComfyStub, tmp_path: Path,
+                                                                  cli: Callable) -> None:
+    """A model's own name may be 236 characters; its cell's images were named after it in full and the sweep failed
+    at the very end with "File name too long" (QA5 dash F6)."""
+    paths = write_family_files(tmp_path / "m", "flux", "fp16", members=MEMBERS)
+    long_name = tmp_path / "m" / f"very_long_model_name_{'x' * 200}_v1.safetensors"
+    paths["anime"].rename(long_name)
+    plan = tmp_path / "mix.json"
+    plan.write_text(plan_from_dict({"base": str(paths["base"]), "method": "weighted_sum",
+                                    "rows": [{"model": str(long_name)}, {"model": str(paths["photo"])}]},
+                                   tmp_path).to_json())
+    out = tmp_path / "a_sweep_name_of_some_length"
+    result = cli("preview", "--plan", plan, "--alphas", "1", "--compare", "--prompt", "a fox",
+                 "--api", comfy_stub.url, "--comfy-dir", comfy_stub.root, "--out", out)
+    assert result.code == 0, result.err
+    names = [p.name for p in out.iterdir()]
+    assert max(len(n) for n in names) < 160, names
+    assert len([n for n in names if n.startswith("mix_sweep_very_long_model_name_x")]) == 1  # its one image
