@@ -658,6 +658,9 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     if not isinstance(params.get("out"), str):
         raise OrthoMechaError("merge job: 'out' must be a file path")
     plan = job_plan(params)
+    # the dashboard's wording (merge_plan says the same with the command line's remedy)
+    refuse_existing(Path(params["out"]), bool(params.get("overwrite", False)),
+                    remedy="choose another name, or tick 'Replace an existing file'")
     report = merge_plan(
         plan,
         params["out"],

@@ -253,6 +253,10 @@ def test_existing_output_is_refused_before_merging(family, tmp_path, capsys) -> 
     with pytest.raises(OrthoMechaError, match="already exists; choose another name or pass --overwrite"):
         merge_plan(make_plan(family), out)
     assert out.read_bytes() == b"keep me" and leftovers(tmp_path) == []
+    from ortho_mecha.merge import run_job  # the dashboard's job says what its page offers, not a flag
+    with pytest.raises(OrthoMechaError, match="already exists; choose another name, or tick 'Replace an existing"):
+        run_job({"plan_data": make_plan(family).to_dict(), "out": str(out)}, lambda _: None)
+    assert out.read_bytes() == b"keep me"
     plan_path = write_plan(tmp_path, make_plan(family).to_dict())
     assert main(["merge", str(plan_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
