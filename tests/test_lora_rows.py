@@ -302,6 +302,26 @@ def test_a_few_unmatched_modules_are_reported_not_fatal(flux, tmp_path) -> None:
     assert rep["cos"][0][1] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_a_lora_is_refused_only_when_most_of_its_modules_match_no_key(flux, tmp_path) -> None:
+    # a Flux LoRA on Chroma (no modulation layers) leaves about a third of its modules unmatched, and ComfyUI applies
+    # the rest: refused at 5 %, it is taken (and its unmatched modules said); most modules unmatched: another model
+    tensors = load_file(str(flux["lora"]))
+    modules = sorted({k.partition(".")[0] for k in tensors})
+
+    def with_strays(count: int) -> Path:
+        stray = dict(tensors)
+        for i in range(count):
+            stray[f"lora_unet_not_here_{i}.lora_down.weight"] = torch.ones(1, 3)
+            stray[f"lora_unet_not_here_{i}.lora_up.weight"] = torch.ones(3, 1)
+        return save(tmp_path / f"stray{count}.safetensors", stray)
+
+    third = with_strays(len(modules) // 2)  # a third of all modules
+    rep = report(analyse(flux["base"], [third], use_cache=False))
+    assert rep["validation"]["models"][0]["lora"]["unmatched"] == len(modules) // 2
+    with pytest.raises(OrthoMechaError, match="diffusion modules match no key"):
+        analyse(flux["base"], [with_strays(len(modules) + 1)], use_cache=False)
+
+
 @pytest.mark.parametrize(("tensors", "message"), [
     ({"lora_unet_img_in.hada_w1_a": torch.ones(2, 2), "lora_unet_img_in.lora_down.weight": torch.ones(1, 64)},
      "LyCORIS"),
