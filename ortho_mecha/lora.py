@@ -255,7 +255,8 @@ class ExtractReport:
     unnamed: Uncaptured  # matrices whose key does not end in ``.weight``: no kohya name
     missing_in_merged: int
     only_in_merged: int
-    non_diffusion: int  # text-encoder / VAE keys of a checkpoint, not compared
+    non_diffusion: int  # text-encoder / VAE keys of a checkpoint, not in the LoRA
+    non_diffusion_norm: float = 0.0  # ‖merged − base‖ over those keys (both files', one shape): what the LoRA lacks
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,7 +264,8 @@ class ExtractReport:
     def summary_lines(self) -> list[str]:
         lines = [
             f"wrote {self.out}: {len(self.keys)} keys at rank ≤ {self.rank} ({self.dtype}), "
-            f"kept {self.energy_kept:.2%} of the matrix delta energy ({self.energy_kept_all:.2%} of all of it)"
+            f"kept {self.energy_kept:.2%} of the matrix delta energy ({self.energy_kept_all:.2%} of the diffusion "
+            "model's)"
         ]
         if self.one_d.keys:
             lines.append(
@@ -282,7 +284,10 @@ class ExtractReport:
                 f"{self.only_in_merged} keys only in the merged model (not compared)"
             )
         if self.non_diffusion:
-            lines.append(f"  {self.non_diffusion} text-encoder/VAE keys not compared (a LoRA of the UNet/transformer)")
+            differ = (f"they differ from the base's by norm {self.non_diffusion_norm:.4g}, which the LoRA does not "
+                      "carry" if self.non_diffusion_norm else "they equal the base's")
+            lines.append(f"  {self.non_diffusion} text-encoder/VAE keys are not in the LoRA (a LoRA of the "
+                         f"UNet/transformer): {differ}")
         return lines
 
 
@@ -386,7 +391,19 @@ def extract_lora(
         missing_in_merged=missing,
         only_in_merged=check.extra,
         non_diffusion=alignment.maps[1].non_diffusion,
+        non_diffusion_norm=_beside_norm(merged_model, base_model, alignment.maps[1].set_aside),
     )
+
+
+def _beside_norm(merged: Model, base: Model, keys: list[str]) -> float:
+    """‖merged − base‖ over ``keys`` (a checkpoint's text encoders and VAE) that both files hold as floats in one
+    shape."""
+    norm2 = 0.0
+    for key in keys:
+        mine, theirs = merged.tensors[key], base.tensors.get(key)
+        if theirs is not None and mine.is_float and theirs.is_float and mine.shape == theirs.shape:
+            norm2 += float(read_delta(merged, key, base, key).double().square().sum())
+    return math.sqrt(norm2)
 
 
 def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:

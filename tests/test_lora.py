@@ -255,7 +255,12 @@ def test_sdxl_layout_key_names(make_family, tmp_path) -> None:
     assert "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q.alpha" in lora
     assert not any("diffusion_model" in k or "conditioner" in k or "first_stage" in k for k in lora)
     assert all(v.dtype == torch.float16 for k, v in lora.items() if not k.endswith(".alpha"))
-    assert report.non_diffusion == 3  # two text-encoder keys and one VAE key, not compared
+    assert report.non_diffusion == 3  # two text-encoder keys and one VAE key, not in the LoRA
+    anime = stored(paths["anime"])
+    beside = [k for k in base if not k.startswith(PREFIX)]
+    expected_norm = math.sqrt(sum(float((anime[k] - base[k]).square().sum()) for k in beside))
+    assert expected_norm > 0 and report.non_diffusion_norm == pytest.approx(expected_norm, rel=1e-6)  # said, measured
+    assert any(f"differ from the base's by norm {expected_norm:.4g}" in line for line in report.summary_lines())
 
 
 def test_flux_layout_key_names_and_metadata(make_family, tmp_path) -> None:
