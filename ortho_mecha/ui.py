@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,6 +326,21 @@ LORA_URL = "lora"
 MIX_URL = "mix"  # the Mixer's plan, kept by workspace.remember_mix
 URL_KINDS = {ANALYSIS_URL: "analyse", MERGE_URL: "merge", PREVIEW_URL: "preview", SWEEP_URL: "sweep",
              LORA_URL: "extract-lora"}  # the job kind each URL name follows
+
+
+LEFT_OUT_SHOWN = 3  # left-out models said one by one; more are listed in one folded warning
+
+
+def left_out_warnings(problems: Sequence[str]) -> None:
+    """The models an analysis left out, each with its reason: a warning each, or, when there are many (a folder
+    of another model's files still selected), one warning and the list folded under it."""
+    if len(problems) <= LEFT_OUT_SHOWN:
+        for problem in problems:
+            st.warning(f"left out of the analysis: {problem}")
+        return
+    st.warning(f"{len(problems)} models were left out of the analysis; the reasons are listed below")
+    with st.expander(f"The {len(problems)} models left out"):
+        st.text("\n".join(problems))  # plain text: file names are not Markdown
 
 
 def remember_analysis(record: Mapping[str, Any]) -> None:

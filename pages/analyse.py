@@ -70,8 +70,7 @@ with st.container(border=True):
             st.rerun()
 
 record = ui.job_panel(ui.ANALYSIS_URL, "analysis")
-for problem in (record or {}).get("params", {}).get("left_out", []):  # kept with the job: shown with its report
-    st.warning(f"left out of the analysis: {problem}")
+ui.left_out_warnings((record or {}).get("params", {}).get("left_out", []))  # kept with the job: shown with its report
 if record is None or record["state"] != "done":
     st.stop()
 ui.remember_analysis(record)

@@ -279,6 +279,22 @@ def test_a_model_of_another_architecture_is_left_out_and_said_with_the_report(wo
     assert at.session_state["report"]["models"] == [str(mine["anime"].resolve()), str(mine["photo"].resolve())]
 
 
+def test_many_left_out_models_are_one_warning_with_the_list_folded() -> None:
+    # a folder of another model's files still selected after the base changed gave 34 warnings above the report
+    def page(count: int) -> None:
+        from ortho_mecha import ui
+
+        ui.left_out_warnings([f"m{i}.safetensors: shares only 0 of the 6 keys" for i in range(count)])
+
+    few = AppTest.from_function(page, args=(2,)).run()
+    assert [w.value for w in few.warning] == [f"left out of the analysis: m{i}.safetensors: shares only 0 of the 6 keys"
+                                              for i in range(2)]
+    many = AppTest.from_function(page, args=(34,)).run()
+    assert [w.value for w in many.warning] == ["34 models were left out of the analysis; the reasons are listed below"]
+    assert many.expander[0].label == "The 34 models left out"
+    assert "m33.safetensors: shares only 0" in many.text[0].value
+
+
 def test_lan_without_a_password_shows_only_how_to_set_one(workspace: Path) -> None:
     config.set_option("server.address", "0.0.0.0")
     at = _app().run()
