@@ -1279,6 +1279,9 @@ def cli_analyse(args: argparse.Namespace) -> int:
     for check in rep["validation"]["models"]:
         if check.get("family"):
             logger.warning("%s: %s", check["path"], check["family"])
+        if check.get("shape_mismatch"):  # its figures leave those keys out: said, not only in the report
+            logger.warning("%s: %s with a shape unlike the base's left out of its figures (merge refuses it), e.g. %s",
+                           check["path"], counted(len(check["shape_mismatch"]), "key"), check["shape_mismatch"][0])
     for line in summary_lines(rep):
         print(line)
     if args.json:

@@ -703,16 +703,18 @@ def summary(report: Mapping[str, Any]) -> str:
     fixes = []
     if repairs["nonfinite"]:
         fixes.append(
-            f"{len(repairs['nonfinite'])} keys had NaN/Inf ({sum(repairs['nonfinite'].values())} elements, "
+            f"{counted(len(repairs['nonfinite']), 'key')} had NaN/Inf "
+            f"({counted(sum(repairs['nonfinite'].values()), 'element')}, "
             "replaced by the base's values)"
         )
     if repairs["missing"]:
-        fixes.append(f"{len(repairs['missing'])} keys not produced by the merge copied from the base")
+        fixes.append(f"{counted(len(repairs['missing']), 'key')} not produced by the merge copied from the base")
     if repairs["non_float"]:
-        fixes.append(f"{len(repairs['non_float'])} non-float keys copied from the base")
+        fixes.append(f"{counted(len(repairs['non_float']), 'non-float key')} copied from the base")
     lines.append("repairs: " + ("; ".join(fixes) if fixes else "none"))
     if report["extra_keys_ignored"]:
-        lines.append(f"ignored: {report['extra_keys_ignored']} keys of the inputs that the base does not have")
+        lines.append(f"ignored: {counted(report['extra_keys_ignored'], 'key')} of the inputs that the base does not "
+                     "have")
     if report.get("lora_modules_set_aside"):
         lines.append(f"set aside: {report['lora_modules_set_aside']} text-encoder modules of LoRA rows (a LoRA row "
                      "merges its diffusion part only)")

@@ -23,6 +23,7 @@ from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import check_writable, refuse_existing, refuse_input, refuse_text_output, write_json
 from ortho_mecha.io import Model, expand_model_paths
+from ortho_mecha.progress import counted
 from ortho_mecha.security import unmergeable_name
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ class ModelCheck:
         """Why ``ortho-mecha merge`` would refuse this file although the analysis reads it (empty: it would not)."""
         reasons = []
         if self.shape_mismatch:
-            reasons.append(f"{len(self.shape_mismatch)} keys have a shape unlike the base's")
+            count = len(self.shape_mismatch)
+            reasons.append(f"{counted(count, 'key')} {'has' if count == 1 else 'have'} a shape unlike the base's")
         if self.scaled_fp8:
             reasons.append("scaled fp8 (sd-mecha reads fp8 without its scales): merge the copy "
                            "'ortho-mecha convert' writes")
@@ -174,7 +176,8 @@ class ModelCheck:
             notes.append(f"{self.extra} keys not in the base (ignored)")
         if self.shape_mismatch:
             shown = ", ".join(self.shape_mismatch[:LISTED])
-            notes.append(f"{len(self.shape_mismatch)} keys with a shape unlike the base's (left out): {shown}")
+            keys = counted(len(self.shape_mismatch), "key")
+            notes.append(f"{keys} with a shape unlike the base's (left out): {shown}")
         return notes
 
 

@@ -318,8 +318,8 @@ def test_cli_merge_of_a_checkpoint_with_components_passes_its_checks_and_repairs
     out = tmp_path / "out.safetensors"
     result = cli("merge", plan_path, "--out", out)
     assert result.code == 0, result.err
-    assert "1 keys had NaN/Inf (1 elements, replaced by the base's values)" in result.out
-    assert "1 non-float keys copied from the base" in result.out  # position_ids, as for any checkpoint
+    assert "1 key had NaN/Inf (1 element, replaced by the base's values)" in result.out
+    assert "1 non-float key copied from the base" in result.out  # position_ids, as for any checkpoint
     assert "survival" in result.out
     got, base = load_file(str(out)), load_file(str(sd1["base"]))
     model = load_file(str(tmp_path / "poisoned.safetensors"))

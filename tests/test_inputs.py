@@ -705,12 +705,15 @@ def test_shape_mismatch_is_reported_and_left_out(tmp_path: Path, cli) -> None:
     report = tmp_path / "report.json"
     result = cli("validate", "--base", base, model, "--json", report)
     assert result.code == 0, result.err
-    assert "1 keys with a shape unlike the base's (left out): layers.1.attn.qkv.weight" in result.out
-    assert (f"{model}: 5/6 keys shared (83%), OK for analysis; merge refuses it: 1 keys have a shape unlike the "
+    assert "1 key with a shape unlike the base's (left out): layers.1.attn.qkv.weight" in result.out
+    assert (f"{model}: 5/6 keys shared (83%), OK for analysis; merge refuses it: 1 key has a shape unlike the "
             "base's") in result.out
+    analysed = cli("analyse", "--base", base, model, "--json", tmp_path / "analysis.json")
+    assert analysed.code == 0 and (f"{model}: 1 key with a shape unlike the base's left out of its figures (merge "
+                                   "refuses it), e.g. layers.1.attn.qkv.weight") in analysed.err, analysed.err
     check = json.loads(report.read_text())["models"][0]
     assert check["shape_mismatch"] == ["layers.1.attn.qkv.weight"]
-    assert check["merge_refusals"] == ["1 keys have a shape unlike the base's"]
+    assert check["merge_refusals"] == ["1 key has a shape unlike the base's"]
     from ortho_mecha.mecha_config import check_model, register_base_config
 
     with pytest.raises(OrthoMechaError, match=r"key 'layers\.1\.attn\.qkv\.weight' has shape \[6, 5\]"):

@@ -263,7 +263,7 @@ def test_existing_output_is_refused_before_merging(family, tmp_path, capsys) -> 
     assert err.count("\n") == 1 and str(out) in err
     assert main(["merge", str(plan_path), "--out", str(out), "--overwrite"]) == 0
     printed = capsys.readouterr().out
-    assert str(out) in printed and "repairs: 1 non-float keys copied from the base" in printed
+    assert str(out) in printed and "repairs: 1 non-float key copied from the base" in printed
     assert hashlib.sha256(family["base"].read_bytes()).hexdigest() in printed
     assert header(out)[0].keys() == read(family["base"]).keys()
 

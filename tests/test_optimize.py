@@ -219,7 +219,7 @@ def test_plan_from_report_can_take_an_extra_file_as_delta_from(tmp_path: Path) -
 
 def test_plan_disables_a_model_that_merge_would_refuse(tmp_path: Path) -> None:
     report = report_for(planted(), tmp_path)
-    reason = "1 keys have a shape unlike the base's"
+    reason = "1 key has a shape unlike the base's"
     report["validation"] = {"models": [
         {"path": f"models/{Path(f).name}", "merge_refusals": [reason] if Path(f).stem == "a" else []}
         for f in report["files"]
