@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
+import importlib.metadata
 import logging
 import re
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,7 @@ SHARDS_PER_WORKER = 4  # more shards than workers so a slow worker does not hold
 CONNECT_SECONDS = 10.0  # to reach the scheduler and hear it answer as one
 WORKERLESS_SECONDS = 30.0  # how long a cluster may have no worker (before the pass, or after losing them all)
 POLL_SECONDS = 1.0
+PACKAGE = "ortho-mecha"
 SHARED_FILES = "every worker must see the model files at the same absolute paths as this machine (shared storage)"
 
 
@@ -138,7 +141,24 @@ def _client(scheduler: str, stack: ExitStack):
             f"the Dask scheduler at {scheduler} has no workers (waited {WORKERLESS_SECONDS:.0f} s): start some with "
             f"'dask worker {scheduler}'; {SHARED_FILES}"
         ) from exc
+    _check_workers(client, scheduler)
     return client
+
+
+def _check_workers(client: Any, scheduler: str) -> None:
+    """Raise unless every worker runs this ortho-mecha version (a worker without it could not even read the pass's
+    task, and only its own log would say so while the client waited)."""
+    try:
+        theirs = client.run(importlib.metadata.version, PACKAGE)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise OrthoMechaError(f"a worker of the Dask scheduler at {scheduler} has no {PACKAGE}: install it there "
+                              f"(pip install \"ortho-mecha[distributed]\"), the version this machine has") from exc
+    ours = importlib.metadata.version(PACKAGE)
+    other = {worker: version for worker, version in theirs.items() if version != ours}
+    if other:
+        worker, version = next(iter(other.items()))
+        raise OrthoMechaError(f"Dask worker {worker} runs ortho-mecha {version}, this machine {ours}: install the "
+                              "same version on every worker (a pass's figures depend on it)")
 
 
 async def _answers(address: str) -> None:

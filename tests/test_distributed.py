@@ -100,6 +100,17 @@ def test_a_scheduler_without_workers_is_said_not_waited_for(tmp_path: Path, monk
         A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler=cluster.scheduler_address)
 
 
+def test_a_worker_without_ortho_mecha_is_said_not_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # such a worker cannot read the pass's task; only its own log said so, while the client waited for ever
+    from dask.distributed import LocalCluster
+
+    monkeypatch.setattr(distributed, "PACKAGE", "ortho-mecha-not-installed")  # what the workers lack
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
+    with (LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+          pytest.raises(OrthoMechaError, match="has no ortho-mecha-not-installed: install it there")):
+        A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler=cluster.scheduler_address)
+
+
 def test_a_listener_that_is_not_a_scheduler_is_said_not_waited_for(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(distributed, "CONNECT_SECONDS", 1.0)
