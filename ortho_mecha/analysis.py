@@ -842,6 +842,7 @@ class Analysis:
     seconds: float = 0.0
     bytes_read: int = 0
     numels: dict[str, int] = field(default_factory=dict)
+    cached_files: int = 0  # files whose figures came from the cache (the pass read only the others)
 
     @functools.cached_property
     def _base_tensors(self) -> list[TensorInfo | None]:
@@ -1060,6 +1061,7 @@ def analyse(
         seconds=seconds,
         bytes_read=bytes_read,
         numels={k: _numel(alignment, k) for k in alignment.keys},
+        cached_files=len(fps) - len(plan.h_rows),
     )
 
 
@@ -1154,6 +1156,7 @@ def report(a: Analysis) -> dict:
         "validation": a.validation,
         "seconds": round(a.seconds, 3),
         "bytes_read": a.bytes_read,
+        "cached_files": a.cached_files,
     }
     _add_proposals(out, h, g)
     return out

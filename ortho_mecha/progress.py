@@ -45,7 +45,9 @@ def read_text(report: Mapping[str, Any]) -> str:
     """What an analysis report's pass read and how long it took ("7.3 MiB read in 40 ms"), or "from cache"."""
     if not report["bytes_read"]:
         return "from cache"
-    return f"{report['bytes_read'] / 2**20:.1f} MiB read in {duration(report['seconds'])}"
+    read = f"{report['bytes_read'] / 2**20:.1f} MiB read in {duration(report['seconds'])}"
+    cached = report.get("cached_files", 0)
+    return f"{read} (figures of {counted(cached, 'file')} from the cache)" if cached else read
 
 
 def duration(seconds: float) -> str:
