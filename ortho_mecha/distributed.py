@@ -20,6 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ def _client(scheduler: str, stack: ExitStack):
     try:
         # Client's own timeout bounds the connection but not the scheduler's answer, which a listener of another
         # kind never gives
-        asyncio.run(_answers(scheduler if "://" in scheduler else f"tcp://{scheduler}"))
+        answers(scheduler if "://" in scheduler else f"tcp://{scheduler}")
         client = stack.enter_context(Client(scheduler, timeout=f"{CONNECT_SECONDS:.0f}s"))
     except TimeoutError as exc:
         raise OrthoMechaError(
@@ -161,12 +162,17 @@ def _check_workers(client: Any, scheduler: str) -> None:
                               "same version on every worker (a pass's figures depend on it)")
 
 
-async def _answers(address: str) -> None:
-    """Connect to ``address`` and wait for its handshake, within CONNECT_SECONDS (TimeoutError, or OSError)."""
+def answers(address: str) -> None:
+    """Connect to the Dask ``address`` and wait for its handshake, within CONNECT_SECONDS: TimeoutError, or OSError
+    when it cannot be reached. In a thread of its own, as the calling one may be running an event loop already."""
     from distributed.comm import connect
 
-    comm = await asyncio.wait_for(connect(address, timeout=CONNECT_SECONDS), CONNECT_SECONDS)
-    await comm.close()
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=CONNECT_SECONDS), CONNECT_SECONDS)
+        await comm.close()
+
+    with ThreadPoolExecutor(1) as probe:
+        probe.submit(asyncio.run, handshake()).result()
 
 
 def distributed_pass(

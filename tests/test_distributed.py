@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import sys
@@ -118,10 +119,16 @@ def test_a_listener_that_is_not_a_scheduler_is_said_not_waited_for(tmp_path: Pat
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, then never answers (as a web server waiting
     accepted: list[socket.socket] = []               # for its request does)
     threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
     try:
         with pytest.raises(OrthoMechaError, match="no Dask answer within 1 s"):
-            A.analyse(paths["base"], [paths["anime"]], use_cache=False,
-                      scheduler=f"tcp://127.0.0.1:{silent.getsockname()[1]}")
+            A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler=address)
+
+        async def in_a_running_loop() -> None:  # as after a test (or a caller) that left its event loop running
+            distributed.answers(address)
+
+        with pytest.raises(TimeoutError):
+            asyncio.run(in_a_running_loop())
     finally:
         silent.close()
         for conn in accepted:

@@ -37,7 +37,7 @@ METHOD_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
 }
 
 # parameters a plan's recipe computes (never a user's option): ortho_superpose's rows' largest coefficient
-RECIPE_PARAMETERS: dict[str, dict[str, OptionValue]] = {"ortho_superpose": {"noise_scale": 1.0}}
+RECIPE_PARAMETERS: dict[str, dict[str, OptionValue]] = {"ortho_superpose": {"noise_scale": 1.0, "noise_unit": 0.0}}
 
 
 def validate_options(method: str, options: Mapping[str, OptionValue]) -> dict[str, OptionValue]:
