@@ -7,6 +7,7 @@ import shutil
 import socket
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +128,8 @@ def test_a_listener_that_is_not_a_scheduler_is_said_not_waited_for(tmp_path: Pat
         async def in_a_running_loop() -> None:  # as after a test (or a caller) that left its event loop running
             distributed.answers(address)
 
-        with pytest.raises(TimeoutError):
-            asyncio.run(in_a_running_loop())
+        with ThreadPoolExecutor(1) as other, pytest.raises(TimeoutError):  # its own thread: this one may have one
+            other.submit(asyncio.run, in_a_running_loop()).result()
     finally:
         silent.close()
         for conn in accepted:
