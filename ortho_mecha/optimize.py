@@ -214,6 +214,13 @@ def _find_cycle(delta_from: Sequence[int | None], n: int) -> list[int]:
     return []
 
 
+def _rank(fam: _Family, dropped: int, kept: int) -> str:
+    """Why ``dropped`` gives way to ``kept``: its lower quality score, or, on a tie, its later place in the list."""
+    if fam.quality[dropped] == fam.quality[kept]:
+        return "the same quality (the one listed first is kept)"
+    return "lower quality"
+
+
 def _finish(fam: _Family, delta_from: list[int | None], notes: Mapping[int, str]) -> list[RowChoice]:
     """Redundancy and repeat rules on G from the chosen delta-froms; a reason per row."""
     g = delta_gram(fam.h, list(range(fam.n)), delta_from)
@@ -227,11 +234,11 @@ def _finish(fam: _Family, delta_from: list[int | None], notes: Mapping[int, str]
             k = fam.dups[i]
             share = math.sqrt(fam.d[i, k] / fam.h[k, k]) if fam.h[k, k] > 0 else 0.0
             how = f"differs by {100 * share:.2g} % of its delta" if share > 0 else "identical"
-            disabled[i] = f"disabled: duplicate of {fam.names[k]} ({how}), lower quality"
+            disabled[i] = f"disabled: duplicate of {fam.names[k]} ({how}), {_rank(fam, i, k)}"
     for i in sorted(fam.active, key=lambda i: (-fam.quality[i], i)):
         twin = max(kept, key=lambda k: (cos[i, k], -k), default=None)
         if twin is not None and cos[i, twin] > REDUNDANT_COS:
-            disabled[i] = f"disabled: cos {cos[i, twin]:.2f} with {fam.names[twin]}, lower quality"
+            disabled[i] = f"disabled: cos {cos[i, twin]:.2f} with {fam.names[twin]}, {_rank(fam, i, twin)}"
         else:
             kept.append(i)
     choices = []

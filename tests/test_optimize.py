@@ -108,6 +108,9 @@ def test_optimizer_collapses_copies_and_is_deterministic(seed: int) -> None:
     rows = rows_by_name(first)
     assert not rows["a_copy"].enabled and not rows["a_near"].enabled and not rows["null"].enabled
     assert rows["a"].enabled and rows["u"].enabled
+    assert "(identical), lower quality;" in rows["a_copy"].info  # 0.4 against a's 0.7
+    tied = optimize.optimize(h, 8, [0.7, 0.7, *QUALITY[2:]], NULL, names=NAMES)  # a tie is said as one
+    assert "(identical), the same quality (the one listed first is kept);" in rows_by_name(tied)["a_copy"].info
 
 
 def _orthogonality(h: np.ndarray, choices: list[optimize.RowChoice], rows: list[int]) -> float:
