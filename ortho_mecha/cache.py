@@ -26,12 +26,17 @@ class CacheUnusable(OrthoMechaError):
     """A sub-cache's database cannot be opened or read: corrupt (a crash, a bad disk, a sync tool) or read-only."""
 
     def __init__(self, error: sqlite3.DatabaseError, path: Path | None = None) -> None:
-        super().__init__(
-            f"the cache database is unusable ({error}); `ortho-mecha cache clear` removes it (analyses and file "
-            "hashes are then computed again), or set ORTHO_MECHA_CACHE to another folder (analyse --no-cache runs "
-            "without it)",
-            path or cache_dir(),
-        )
+        where = path or cache_dir()
+        # a database this user may not write (another user's, a read-only mount) is fine: it must not be cleared
+        self.read_only = "readonly" in str(error) or not os.access(where, os.W_OK)
+        if self.read_only:
+            message = ("the cache cannot be written here (another user's, or read-only); set ORTHO_MECHA_CACHE to a "
+                       "folder of yours (analyse --no-cache runs without it)")
+        else:
+            message = (f"the cache database is unusable ({error}); `ortho-mecha cache clear` removes it (analyses "
+                       "and file hashes are then computed again), or set ORTHO_MECHA_CACHE to another folder "
+                       "(analyse --no-cache runs without it)")
+        super().__init__(message, where)
 
 
 def open_cache(name: str) -> diskcache.Cache:
@@ -55,16 +60,20 @@ CLEARED = ("analysis", "hashes")
 def cli_cache(args) -> int:
     """``ortho-mecha cache show|clear``: what the cache holds, or empty it (jobs are kept). A sub-cache whose
     database cannot be opened or read is removed whole."""
+    if not cache_dir().is_dir():  # looking, or clearing nothing, makes no folder
+        print(f"cache: {cache_dir()} (empty: nothing analysed yet)")
+        return 0
     if args.action == "clear":
         for name in CLEARED:
             try:
                 with open_cache(name) as cache:
                     cache.clear()
-            except (CacheUnusable, sqlite3.DatabaseError):
-                shutil.rmtree(cache_dir() / name, ignore_errors=True)
-                if (cache_dir() / name).exists():
-                    raise OrthoMechaError("the cache database is unusable and cannot be removed; remove the folder "
-                                          "yourself", cache_dir() / name) from None
+            except CacheUnusable as error:
+                if error.read_only:
+                    raise
+                _remove(name)
+            except sqlite3.DatabaseError:
+                _remove(name)
         print(f"cleared {', '.join(CLEARED)} under {cache_dir()}")
         return 0
     from ortho_mecha.analysis_cache import cache_summary
@@ -75,3 +84,11 @@ def cli_cache(args) -> int:
         mode = "exact" if record["exact"] else "default"
         print(f"  {record['kind']}: base {record['base_fingerprint'][:12]} ({mode}), {record['entries']} entries")
     return 0
+
+
+def _remove(name: str) -> None:
+    """Remove the sub-cache ``name`` whose database cannot be read (corrupt), or say that it cannot be."""
+    shutil.rmtree(cache_dir() / name, ignore_errors=True)
+    if (cache_dir() / name).exists():
+        raise OrthoMechaError("the cache database is unusable and cannot be removed; remove the folder yourself",
+                              cache_dir() / name)

@@ -160,6 +160,25 @@ def test_cache_lives_where_ORTHO_MECHA_CACHE_says(
     assert not home.exists()  # nothing under ~/.cache
 
 
+def test_looking_at_a_cache_that_is_not_there_makes_none_and_a_read_only_one_is_not_called_corrupt(
+    cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    from ortho_mecha.cache import CacheUnusable
+
+    monkeypatch.setenv("ORTHO_MECHA_CACHE", str(tmp_path / "none"))
+    for action in ("show", "clear"):
+        result = cli("cache", action)
+        assert result.code == 0 and "(empty: nothing analysed yet)" in result.out
+    assert not (tmp_path / "none").exists()
+    # another user's cache, or a read-only mount: its database is fine, and clearing it is not the remedy
+    error = CacheUnusable(sqlite3.OperationalError("attempt to write a readonly database"), tmp_path)
+    assert error.read_only and "cannot be written here" in str(error) and "cache clear" not in str(error)
+    corrupt = CacheUnusable(sqlite3.DatabaseError("file is not a database"), tmp_path)
+    assert not corrupt.read_only and "cache clear` removes it" in str(corrupt)
+
+
 def test_a_corrupt_cache_is_named_with_its_remedy_and_cache_clear_removes_it(
     cli, cli_error, private_cache: Path, tmp_path: Path
 ) -> None:
