@@ -17,6 +17,7 @@ import dataclasses
 import heapq
 import importlib.metadata
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ CONNECT_SECONDS = 10.0  # to reach the scheduler and hear it answer as one
 WORKERLESS_SECONDS = 30.0  # how long a cluster may have no worker (before the pass, or after losing them all)
 POLL_SECONDS = 1.0
 PACKAGE = "ortho-mecha"
+LOCAL_PER_CORE = 4  # local:N takes at most this many worker processes per core (local:200 is a typo, not a plan)
 SHARED_FILES = "every worker must see the model files at the same absolute paths as this machine (shared storage)"
 
 
@@ -109,8 +111,10 @@ def check_scheduler(scheduler: str) -> int | None:
         workers = int(scheduler.removeprefix("local:"))
     except ValueError as exc:
         raise OrthoMechaError(f"--scheduler local:N needs a number of workers, got '{scheduler}'") from exc
-    if workers < 1:
-        raise OrthoMechaError(f"--scheduler local:N needs at least 1 worker, got {workers}")
+    cores = os.cpu_count() or 1
+    if not 1 <= workers <= LOCAL_PER_CORE * cores:
+        raise OrthoMechaError(f"--scheduler local:N starts N single-threaded worker processes on this machine, from 1 "
+                              f"to {LOCAL_PER_CORE * cores} here ({cores} cores); got {workers}")
     return workers
 
 

@@ -59,6 +59,9 @@ def test_bad_scheduler_is_a_clear_error(tmp_path: Path) -> None:
     paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:2])
     with pytest.raises(OrthoMechaError, match="local:N needs a number"):
         A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler="local:two")
+    for count in (0, 1000):
+        with pytest.raises(OrthoMechaError, match=f"worker processes on this machine, from 1 to .*got {count}"):
+            A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler=f"local:{count}")
     with pytest.raises(OrthoMechaError, match="cannot reach the Dask scheduler"):
         A.analyse(paths["base"], [paths["anime"]], use_cache=False, scheduler="tcp://127.0.0.1:9")
     for bad in ("bogus", "tcp://", "http://127.0.0.1:8786", "inproc://x", "tls://127.0.0.1:8786", "host:port"):
