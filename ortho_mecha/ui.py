@@ -350,16 +350,18 @@ def remember_analysis(record: Mapping[str, Any]) -> None:
     st.session_state["report"] = record["result"]
 
 
-def written_by_followed_merge(path: Path) -> bool:
-    """Whether ``path`` is the output of the merge job this page follows (just written: no warning that it exists)."""
-    job_id = job_in_url(MERGE_URL)
+def written_by_followed(url_name: str, path: Path) -> bool:
+    """Whether ``path`` is the output of the job this page follows under ``url_name`` (a merge's, a LoRA
+    extraction's): just written, so no warning that it exists."""
+    job_id = job_in_url(url_name)
     if job_id is None:
         return False
     try:
-        record = job_record(MERGE_URL, job_id)
+        record = job_record(url_name, job_id)
     except OrthoMechaError:
         return False
-    output = (record.get("result") or {}).get("output") if record["state"] == "done" else None
+    result = (record.get("result") or {}) if record["state"] == "done" else {}
+    output = result.get("output") or result.get("out")
     return output is not None and Path(output).resolve() == path.resolve()
 
 
@@ -638,8 +640,14 @@ def extract_lora_panel(choices: Any, base: str) -> None:
     stem = Path(model).stem if model else "merged"
     name = middle.text_input("LoRA file name", value=f"{stem}-lora.safetensors", key=f"lora_name_{stem}",
                              help=f"written to {workspace.loras_dir()}; letters, digits, '.', '_', '-' and spaces")
-    if right.button("Extract LoRA", icon=":material/compress:", key="lora_start", disabled=model is None):
-        start_job("extract-lora", workspace.lora_job_params(model, lora_base, int(rank), name, choices), LORA_URL)
+    params = None  # said as the fields change, as the Merge page does: a bad or taken name, the base as the model
+    with shown_errors():
+        if model is not None:
+            target = workspace.loras_dir() / security.validate_output_name(name)
+            if not written_by_followed(LORA_URL, target):
+                params = workspace.lora_job_params(model, lora_base, int(rank), name, choices)
+    if right.button("Extract LoRA", icon=":material/compress:", key="lora_start", disabled=params is None) and params:
+        start_job("extract-lora", params, LORA_URL)
         st.rerun()
     record = job_panel(LORA_URL, "LoRA extraction")
     if record is not None and record["state"] == "done":

@@ -39,7 +39,7 @@ else:
             own_input = replaces_an_input(plan, target)
             if own_input:
                 st.warning(f"{target.name} is one of the plan's inputs: choose another name.")
-            elif taken and not ui.written_by_followed_merge(target):
+            elif taken and not ui.written_by_followed(ui.MERGE_URL, target):
                 st.warning(f"{target.name} exists already: choose another name, or tick 'Replace an existing file'.")
             ready = not taken and not own_input
         writing = ui.merging_into(merge_job)
