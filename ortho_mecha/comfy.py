@@ -843,11 +843,13 @@ def model_facts(tensors: Mapping[str, Any] | None, arch: str) -> ModelFacts:
 
     all_in_one = is_checkpoint(tensors) and all(
         any(name.startswith(prefixes) for name in tensors) for prefixes in ALL_IN_ONE_PARTS)
-    diffusion_only = not any(name.startswith(OTHER_PARTS) for name in tensors)
     if arch in SD_TEXT_PARTS:  # a checkpoint lacking a text encoder or its VAE (pruned, "no-VAE") needs the files
-        diffusion_only = not all(any(name.startswith(part) for name in tensors) for part in SD_TEXT_PARTS[arch])
-        no_vae = not any(name.startswith("first_stage_model.") for name in tensors)
-        return ModelFacts(all_in_one=all_in_one, diffusion_only=diffusion_only, no_vae=no_vae)
+        return ModelFacts(
+            all_in_one=all_in_one,
+            diffusion_only=not all(any(name.startswith(part) for name in tensors) for part in SD_TEXT_PARTS[arch]),
+            no_vae=not any(name.startswith("first_stage_model.") for name in tensors),
+        )
+    diffusion_only = not any(name.startswith(OTHER_PARTS) for name in tensors)
     if arch not in ("flux1", "flux2-klein"):
         return ModelFacts(all_in_one=all_in_one, diffusion_only=diffusion_only)
 

@@ -89,6 +89,18 @@ NEVER_OVERWRITTEN = "compress never replaces a file: choose another --out folder
 # -- the models lined up ---------------------------------------------------------------------------
 
 
+def _written_dtype(dtype: str) -> str:
+    """The dtype an average of tensors stored in ``dtype`` is written in: the same, or F16 for fp8 and others."""
+    return dtype if dtype in WRITTEN_DTYPES else "F16"
+
+
+def _nonfinite(key: str, models: list[Model], stack: torch.Tensor, fallback: Model | None = None) -> OrthoMechaError:
+    """The error for NaN/Inf in ``key``, naming the first of ``models`` whose row of ``stack`` holds them (else
+    ``fallback``'s file: the base)."""
+    bad = next((m for m, row in zip(models, stack, strict=True) if not bool(torch.isfinite(row).all())), fallback)
+    return OrthoMechaError(f"key '{key}' holds NaN or Inf values", None if bad is None else bad.path)
+
+
 class Family:
     """The models (and the base file, unless the base is their average) lined up on shared keys."""
 
@@ -135,7 +147,7 @@ class Family:
     def beside_info(self, key: str) -> tuple[str, tuple[int, ...]]:
         """The dtype the average of a :meth:`beside` key is written in, and its shape."""
         info = self.models[0].tensors[key]
-        return info.dtype if info.dtype in WRITTEN_DTYPES else "F16", info.shape
+        return _written_dtype(info.dtype), info.shape
 
     def average_beside(self, key: str, writer: StreamingFile) -> list[float]:
         """Stream the models' average of a :meth:`beside` key into ``writer``; each model's ‖W_m − average‖²."""
@@ -148,8 +160,7 @@ class Family:
             stack = torch.stack([m.read(key, start, stop, torch.float64) for m in self.models])
             average = stack.mean(0).to(DTYPES[dtype])
             if not bool(torch.isfinite(stack.sum())):
-                bad = next(m for m, row in zip(self.models, stack, strict=True) if not bool(torch.isfinite(row).all()))
-                raise OrthoMechaError(f"key '{key}' holds NaN or Inf values", bad.path)
+                raise _nonfinite(key, self.models, stack)
             writer.write(average)
             for m, norm2 in enumerate((stack - average.to(torch.float64)).square().sum(dim=1).tolist()):
                 norms2[m] += norm2
@@ -164,7 +175,7 @@ class Family:
         """The first model's own key, the dtype the average is written in, and the shape."""
         key = self.model_key(0, canon)
         info = self.models[0].tensors[key]
-        return key, info.dtype if info.dtype in WRITTEN_DTYPES else "F16", info.shape
+        return key, _written_dtype(info.dtype), info.shape
 
     def chunks(self, canon: str) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(start, stop, X, W̃)`` over the key: X the M deltas ``[M, stop − start]``, W̃ the base, float64."""
@@ -180,9 +191,7 @@ class Family:
             else:
                 base = self.base.read(self.alignment.maps[0].keys[canon], start, stop, torch.float64)
             if not bool(torch.isfinite(stack.sum() + base.sum())):
-                rows = zip(self.models, stack, strict=True)
-                bad = next((m for m, row in rows if not bool(torch.isfinite(row).all())), self.base)
-                raise OrthoMechaError(f"key '{canon}' holds NaN or Inf values", None if bad is None else bad.path)
+                raise _nonfinite(canon, self.models, stack, self.base)
             yield start, stop, stack - base, base
 
     def close(self) -> None:

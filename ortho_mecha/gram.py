@@ -10,6 +10,7 @@ which is ``T H Tᵀ`` with ``T[i, m_i] = 1`` and ``T[i, b_i] = −1``. No file i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -36,7 +37,18 @@ def noise_floor(base_sq: np.ndarray | float, unit: np.ndarray | float) -> np.nda
 
 def file_unit(path: str | Path) -> float:
     """The coarsest unit roundoff among a model file's stored float tensors (from its header; 0 for fp8 ones,
-    whose rounding no floor covers, as for an fp8 base)."""
+    whose rounding no floor covers, as for an fp8 base). Cached per file path, size and modification time: the
+    Mixer's recipe asks for every row's on each rerun."""
+    real = Path(path).resolve()
+    try:
+        stat = real.stat()
+    except OSError:  # not there (any more): the header read says so
+        return _read_unit.__wrapped__(real, 0, 0)
+    return _read_unit(real, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=512)
+def _read_unit(path: Path, _size: int, _mtime_ns: int) -> float:
     from ortho_mecha.io import Model
 
     with Model(path) as model:

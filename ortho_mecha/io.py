@@ -256,6 +256,12 @@ def sampled_digest(files: Sequence[Path], stamped: bool = False) -> str:
     return digest.hexdigest()[:32]
 
 
+def _scale_keys(name: str) -> tuple[str, str, str]:
+    """The names a quantised weight ``name``'s scale tensor goes by (ComfyUI's scaled fp8, its mixed precision)."""
+    stem = name.rsplit(".", 1)[0]
+    return f"{stem}.scale_weight", f"{name}_scale", f"{stem}.weight_scale"
+
+
 class Model:
     """A model on disk (one safetensors file, or the shards of one): lazily readable, key by key."""
 
@@ -297,9 +303,7 @@ class Model:
                 )
             if name.endswith(SCALE_SUFFIXES + IGNORED_SUFFIXES) or info.dtype in FLOAT_DTYPES:
                 continue
-            stem = name.rsplit(".", 1)[0]
-            marked = f"{stem}.comfy_quant" in raw or any(
-                c in raw for c in (f"{stem}.scale_weight", f"{name}_scale", f"{stem}.weight_scale"))
+            marked = f"{name.rsplit('.', 1)[0]}.comfy_quant" in raw or any(c in raw for c in _scale_keys(name))
             if marked:  # int8 (int8_tensorwise), packed NVFP4/MXFP4, …
                 raise OrthoMechaError(
                     f"quantised weights of ComfyUI's mixed-precision kind (key '{name}' is {info.dtype}, with a scale "
@@ -316,9 +320,7 @@ class Model:
                 continue
             scale = None
             if info.dtype in FP8_DTYPES:
-                stem = name.rsplit(".", 1)[0]
-                candidates = [f"{stem}.scale_weight", f"{name}_scale", f"{stem}.weight_scale"]
-                scale = next((c for c in candidates if c in raw), None)
+                scale = next((c for c in _scale_keys(name) if c in raw), None)
                 if scale is not None:
                     n_scale = raw[scale].numel
                     rows = info.shape[0] if info.shape else 1

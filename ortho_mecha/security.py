@@ -290,16 +290,15 @@ def scan_models(roots: Iterable[Path]) -> tuple[list[Path], list[Path]]:
         if not root.is_dir():
             continue
         for folder, folders, names in os.walk(root):
-            for name in folders:
+            for name in folders:  # a linked folder is not entered; one leading outside the roots is said
                 path = Path(folder) / name
-                real = _real(path)
-                if path.is_symlink() and (real is None or not _inside(real, real_roots)):
+                if path.is_symlink() and ((real := _real(path)) is None or not _inside(real, real_roots)):
                     outside.append(path)
             for name in names:
-                path = Path(folder) / name
-                real = _real(path)
                 if not name.lower().endswith(READ_SUFFIXES):
                     continue
+                path = Path(folder) / name
+                real = _real(path)
                 if real is None or not real.is_file():
                     continue
                 if not _inside(real, real_roots):

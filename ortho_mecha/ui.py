@@ -255,10 +255,14 @@ def job_record(url_name: str, job_id: str) -> dict[str, Any]:
     record = jobs.status(job_id)
     kind = URL_KINDS[url_name]
     if record["kind"] != kind:
-        raise OrthoMechaError(f"job `{job_id}` is not a{'n' if kind[0] in 'ae' else ''} {kind} job but "
-                              f"a{'n' if record['kind'][0] in 'ae' else ''} {record['kind']} one: open it on its "
+        raise OrthoMechaError(f"job `{job_id}` is not {_a(kind)} job but {_a(record['kind'])} one: open it on its "
                               "own page")
     return record
+
+
+def _a(kind: str) -> str:
+    """A job kind with its article: "an analyse", "a merge"."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def _inside_roots(record: Mapping[str, Any]) -> bool:
