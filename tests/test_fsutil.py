@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes, check_writable, partial_path, place, refuse_existing
+from ortho_mecha.fsutil import (
+    INDENTED_UP_TO,
+    atomic_write_bytes,
+    check_writable,
+    partial_path,
+    place,
+    refuse_existing,
+    write_json,
+)
 
 
 def dead_pid() -> int:
@@ -88,3 +99,21 @@ def test_no_output_replaces_a_folder(tmp_path: Path, cli_error) -> None:
     error = cli_error("analyse", "--base", tmp_path / "base.safetensors", tmp_path / "m.safetensors", "--json",
                       folder, "--overwrite", "--no-cache")
     assert error.endswith("report.json: is a folder; name a file")
+
+
+def test_json_reports_turn_non_finite_figures_to_null_and_stay_readable(tmp_path: Path) -> None:
+    """A NaN or ±Inf figure is no JSON: it is written as null; paths as text, numpy figures as numbers; a small
+    report is indented (one field a line), a large one compact, and both read back to the same data."""
+    small = {"h": [[1.5, math.nan], [math.inf, -math.inf]], "file": tmp_path / "a.safetensors",
+             "norm": np.float64(2.25), "row": np.arange(3)}
+    path = write_json(tmp_path / "small.json", small)
+    text = path.read_text()
+    assert json.loads(text) == {"h": [[1.5, None], [None, None]], "file": str(tmp_path / "a.safetensors"),
+                                "norm": 2.25, "row": [0, 1, 2]}
+    assert text.count("\n") > 5 and text.endswith("\n")
+    big = {"cos": np.random.default_rng(0).standard_normal((300, 300)).tolist()}
+    path = write_json(tmp_path / "big.json", big)
+    assert path.stat().st_size > INDENTED_UP_TO and path.read_text().count("\n") == 1
+    assert json.loads(path.read_text()) == big
+    with pytest.raises(OrthoMechaError, match="exists"):
+        write_json(path, small)
