@@ -14,6 +14,7 @@ from pathlib import Path
 import diskcache
 
 from ortho_mecha.errors import OrthoMechaError
+from ortho_mecha.progress import counted
 
 
 def cache_dir() -> Path:
@@ -82,7 +83,13 @@ def cli_cache(args) -> int:
     print(f"cache: {cache_dir()} ({summary['bytes'] / 2**20:.1f} MiB of analyses)")
     for record in summary["records"]:
         mode = "exact" if record["exact"] else "default"
-        print(f"  {record['kind']}: base {record['base_fingerprint'][:12]} ({mode}), {record['entries']} entries")
+        base = record["base_fingerprint"][:12]
+        if record["base"]:
+            base = f"{record['base']} ({base})"
+        print(f"  base {base}, {mode}: {counted(record['files'], 'file')}, {counted(record['rows'], 'analysed delta')}")
+    if summary["older_records"]:
+        print(f"  {counted(summary['older_records'], 'record')} of another version of ortho-mecha "
+              "('ortho-mecha cache clear' removes them)")
     return 0
 
 

@@ -82,6 +82,17 @@ def delta_gram(h: np.ndarray, models: Sequence[int], delta_from: Sequence[int | 
     return (g + g.T) / 2.0
 
 
+def delta_norms_sq(h: np.ndarray, models: Sequence[int], delta_from: Sequence[int | None]) -> np.ndarray:
+    """The diagonal of :func:`delta_gram`, ‖x_m − x_b‖² = H_mm − 2 H_mb + H_bb per row, without the N×N product."""
+    m = np.asarray(models, dtype=np.intp)
+    norms = h[m, m].astype(np.float64)
+    pairs = [(i, b) for i, b in enumerate(delta_from) if b is not None]
+    if pairs:
+        rows, b = (np.array(x, dtype=np.intp) for x in zip(*pairs, strict=True))
+        norms[rows] += h[b, b] - 2.0 * h[m[rows], b]
+    return norms
+
+
 def cosine(g: np.ndarray) -> np.ndarray:
     """cos_ab = G_ab / sqrt(G_aa G_bb); 0 where either delta is zero, 1 on the diagonal of non-zero rows."""
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))

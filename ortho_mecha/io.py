@@ -23,7 +23,7 @@ import re
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -153,11 +153,10 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise OrthoMechaError(f"cannot read: {exc.strerror or exc}", path) from exc
 
     def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        seen: dict[str, object] = {}
-        for key, value in pairs:
-            if key in seen:
-                raise OrthoMechaError(f"corrupt header: key '{key}' appears twice", path)
-            seen[key] = value
+        seen = dict(pairs)
+        if len(seen) < len(pairs):  # rare: the Python loop only to name the key
+            key = next(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
+            raise OrthoMechaError(f"corrupt header: key '{key}' appears twice", path)
         return seen
 
     try:
@@ -177,7 +176,8 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            dtype, shape = entry["dtype"], tuple(map(int, entry["shape"]))
+            begin, end = map(int, entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
             raise OrthoMechaError(f"corrupt header entry for '{name}'", path) from exc
         if dtype not in DTYPES:
@@ -186,22 +186,22 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 f"(supported: {', '.join(sorted(DTYPES))}); 4-bit and other packed formats are not supported",
                 path,
             )
-        if min(shape, default=0) < 0 or int(begin) < 0 or int(end) < int(begin):
+        if min(shape, default=0) < 0 or begin < 0 or end < begin:
             raise OrthoMechaError(
                 f"corrupt header: '{name}' has a negative size (shape {list(shape)}, offsets [{begin}, {end}])", path
             )
-        info = TensorInfo(name, dtype, shape, path, data_start + int(begin), data_start + int(end))
-        if int(end) - int(begin) != info.numel * info.itemsize:
+        nbytes = math.prod(shape) * ITEMSIZES[dtype]
+        if end - begin != nbytes:
             raise OrthoMechaError(
-                f"corrupt header: '{name}' is {dtype}{list(shape)} ({info.numel * info.itemsize} bytes) but its "
-                f"offsets span {int(end) - int(begin)} bytes",
+                f"corrupt header: '{name}' is {dtype}{list(shape)} ({nbytes} bytes) but its offsets span "
+                f"{end - begin} bytes",
                 path,
             )
-        if int(end) > data_size:
+        if end > data_size:
             raise OrthoMechaError(
-                f"truncated: '{name}' ends at byte {int(end)} of the data but the file holds only {data_size}", path
+                f"truncated: '{name}' ends at byte {end} of the data but the file holds only {data_size}", path
             )
-        tensors[name] = info
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
     _check_overlaps(tensors, path)
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
@@ -240,6 +240,15 @@ def _shard_files(path: Path) -> list[Path]:
     return shards
 
 
+def model_files(path: Path) -> list[Path]:
+    """The files a model path stands for, headers unread: its shards (given the index JSON or one shard), or
+    itself once it is a file ortho-mecha reads (:func:`refuse_unsupported`)."""
+    if path.name.endswith(".json") or SHARD_RE.match(path.name):
+        return _shard_files(path)
+    refuse_unsupported(path)
+    return [path]
+
+
 def sampled_digest(files: Sequence[Path], stamped: bool = False) -> str:
     """A hash of each file's size, its first 64 KiB (the header) and 16 blocks of 4 KiB spread over it: cheap, and
     different for two files of one layout. ``stamped``: each file's name and mtime count too (a cache fingerprint);
@@ -271,11 +280,7 @@ class Model:
         self.path = Path(path)
         if self.path.is_dir():
             raise OrthoMechaError("is a directory, expected a .safetensors file or a shard index JSON", self.path)
-        if self.path.name.endswith(".json") or SHARD_RE.match(self.path.name):
-            self.files = _shard_files(self.path)
-        else:
-            refuse_unsupported(self.path)
-            self.files = [self.path]
+        self.files = model_files(self.path)
         self.metadata: dict[str, str] = {}
         raw: dict[str, TensorInfo] = {}
         for file in self.files:
@@ -293,15 +298,16 @@ class Model:
         self._fd_lock = threading.Lock()
 
     def _refuse_quantised(self, raw: dict[str, TensorInfo]) -> None:
+        names = "\n".join(raw).lower()  # one search of every name, not one per key and marker
+        if any(marker in names for marker in QUANT_MARKERS):
+            name = next(name for name in raw if any(marker in name.lower() for marker in QUANT_MARKERS))
+            raise OrthoMechaError(
+                f"bitsandbytes/NF4-quantised model (key '{name}'); ortho-mecha reads fp32, fp16, bf16 and fp8 "
+                "safetensors only",
+                self.path,
+            )
         for name, info in raw.items():
-            lowered = name.lower()
-            if any(marker in lowered for marker in QUANT_MARKERS):
-                raise OrthoMechaError(
-                    f"bitsandbytes/NF4-quantised model (key '{name}'); ortho-mecha reads fp32, fp16, bf16 and fp8 "
-                    "safetensors only",
-                    self.path,
-                )
-            if name.endswith(SCALE_SUFFIXES + IGNORED_SUFFIXES) or info.dtype in FLOAT_DTYPES:
+            if info.dtype in FLOAT_DTYPES or name.endswith(SCALE_SUFFIXES + IGNORED_SUFFIXES):
                 continue
             marked = f"{name.rsplit('.', 1)[0]}.comfy_quant" in raw or any(c in raw for c in _scale_keys(name))
             if marked:  # int8 (int8_tensorwise), packed NVFP4/MXFP4, …
@@ -329,7 +335,7 @@ class Model:
                             f"scale '{scale}' has {n_scale} values; expected 1 or one per row ({rows}) of '{name}'",
                             self.path,
                         )
-            tensors[name] = TensorInfo(info.name, info.dtype, info.shape, info.file, info.start, info.end, scale)
+            tensors[name] = info if scale is None else replace(info, scale=scale)
         self._scales = {t.scale: raw[t.scale] for t in tensors.values() if t.scale}
         return tensors
 

@@ -144,14 +144,19 @@ def nnls_on_gram(h: np.ndarray, target: int, sources: Sequence[int]) -> tuple[np
     return w, math.sqrt(max(residual_sq, 0.0) / own)
 
 
-def fitted_mix(h: np.ndarray, target: int, sources: Sequence[int]) -> tuple[dict[int, float], float]:
+def fitted_mix(h: np.ndarray, target: int, sources: Sequence[int],
+               accepted_below: float = math.inf) -> tuple[dict[int, float], float]:
     """({file: weight}, relative residual) of the NNLS fit of ``target`` on ``sources`` (:func:`nnls_on_gram`),
     with the fewest ingredients that explain it as well: ingredients are dropped, the lightest first, while the
     fit without them is within ``MIX_PRUNE`` of the residual. NNLS has many equal solutions when the sources are
     dependent (a file and its exact opposite; a file, its fine-tune and a tiny weight on both) and returns
-    one of them; the plainest is the one to report."""
+    one of them; the plainest is the one to report. A fit whose residual is not below ``accepted_below`` is
+    returned unpruned: pruning never lowers the residual, so the caller refuses it either way (of 200
+    unrelated models each took ~150 refits for nothing)."""
     w, residual = nnls_on_gram(h, target, sources)
     mix = {f: float(x) for f, x in zip(sources, w, strict=True) if x > WEIGHT_FLOOR}
+    if residual >= accepted_below:
+        return mix, residual
     for f in sorted(mix, key=mix.__getitem__):
         if len(mix) < 2:
             break
@@ -262,14 +267,14 @@ def lineage(h: np.ndarray, n_models: int, quality: Sequence[float]) -> list[Line
         mixed_from = {j: set(mix) for j, (mix, _) in mixes.items()}
         descendants = _descendants(_derived_from(parents, mixes), roots)
         sources = [f for f in allowed if f not in roots and f not in descendants]
-        mix, residual = fitted_mix(h, m, sources)
+        mix, residual = fitted_mix(h, m, sources, MERGE_RESIDUAL)
         if residual >= MERGE_RESIDUAL or not mix:
             excluded = roots | _descendants(mixed_from, roots)  # a merge is never an ingredient of its ingredient
             children = {j for j in range(n_models) if parents[j] in roots}
             # its own fine-tunes first (an ingredient sits at the merge's parent threshold), then theirs
             for reach in (children, descendants):
                 sources = [f for f in allowed if f not in excluded and (f not in descendants or f in reach)]
-                mix, residual = fitted_mix(h, m, sources)
+                mix, residual = fitted_mix(h, m, sources, MERGE_RESIDUAL)
                 if residual < MERGE_RESIDUAL and len(mix) >= 2 and _unrelated(d, h, list(mix)):
                     break
             else:

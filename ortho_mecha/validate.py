@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import check_writable, refuse_existing, refuse_input, refuse_text_output, write_json
-from ortho_mecha.io import Model, expand_model_paths
+from ortho_mecha.io import Model, expand_model_paths, model_files
 from ortho_mecha.progress import counted
 from ortho_mecha.security import unmergeable_name
 
@@ -347,17 +347,19 @@ def open_models(
     return base_model, opened, problems
 
 
-def _files(models: list[Model]) -> list[Path]:
-    """Every file of ``models``, shards included."""
-    return [p for m in models for p in (m.path, *m.files)]
+def _files(models: Sequence[Model | str | Path]) -> list[Path]:
+    """Every file of ``models`` (opened, or paths whose headers are not read), shards included."""
+    return [p for m in models
+            for p in ((m.path, *m.files) if isinstance(m, Model) else (Path(m), *model_files(Path(m))))]
 
 
-def refuse_input_as_output(output: Path, models: list[Model], what: str = "the report") -> None:
+def refuse_input_as_output(output: Path, models: Sequence[Model | str | Path], what: str = "the report") -> None:
     """Raise if ``output`` is one of the models' files (:func:`ortho_mecha.fsutil.refuse_input`)."""
     refuse_input(output, _files(models), what)
 
 
-def check_report_output(output: Path, models: list[Model], overwrite: bool, remedy: str | None = None) -> None:
+def check_report_output(output: Path, models: Sequence[Model | str | Path], overwrite: bool,
+                        remedy: str | None = None) -> None:
     """Raise, before any work, unless the JSON report can be written to ``output``: not an input, not named like
     a model file, in an existing folder that can be written, and not an existing file unless ``overwrite``
     (``remedy``: what to do then, when the command has no --overwrite)."""

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import diskcache
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from ortho_mecha import analysis as A
 from ortho_mecha.analysis_cache import Store
-from ortho_mecha.gram import cosine, delta_gram
+from ortho_mecha.gram import cosine, delta_gram, delta_norms_sq
 from ortho_mecha.progress import read_text
 from tests.modelgen import flat_delta, stored, write_family_files
 
@@ -426,6 +427,7 @@ def test_delta_identity(seed: int, n_files: int, delta_from: list[int | None]) -
     froms = [None if b is None or b % n_files == m else b % n_files for m, b in zip(rows, delta_from, strict=False)]
     explicit = np.stack([x[m] - (x[b] if b is not None else 0) for m, b in zip(rows, froms, strict=True)])
     assert np.allclose(delta_gram(h, rows, froms), explicit @ explicit.T, atol=1e-9)
+    assert np.allclose(delta_norms_sq(h, rows, froms), (explicit**2).sum(axis=1), atol=1e-9)
 
 
 @settings(max_examples=40, deadline=None)
@@ -576,3 +578,49 @@ def test_the_report_keeps_twelve_significant_digits_of_small_grams() -> None:
     """plan recomputes from the report's h: a Gram of tiny deltas (1e-12) must not be rounded to one digit."""
     h = np.array([[4.97661234567891e-12, -1.2345678901234e-15], [-1.2345678901234e-15, 3.0]])
     assert A._round(h) == [[4.97661234568e-12, -1.23456789012e-15], [-1.23456789012e-15, 3.0]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_reports_vectorised_rounding_equals_formatting_each_value(seed: int) -> None:
+    """``_round`` scales by powers of ten instead of formatting every entry (a 200-model report has millions):
+    over values of every scale, signs, zeros and non-finite ones, it gives exactly ``float(f"{v:.12g}")``."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(50_000) * 10.0 ** rng.integers(-40, 40, 50_000)
+    values[:8] = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e300, -5e-324, 0.5]
+    rounded = np.array(A._round(values.reshape(100, 500))).ravel()
+    expected = np.array([float(f"{v:.12g}") for v in values])
+    np.testing.assert_array_equal(rounded, expected)
+
+
+def test_the_cache_keeps_a_record_per_pair_and_an_analysis_reads_only_its_own_pairs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: list[A.PassPlan]
+) -> None:
+    """The cache of a base grows with the pairs ever analysed, one small record each, and a later analysis of
+    a few of them reads those pairs only (one record of every pair, loaded whole, cost a 2-model analysis
+    against a 200-model history 826 MB)."""
+    from ortho_mecha.analysis_cache import H_PAIR
+    from ortho_mecha.cache import open_cache
+
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:6])
+    four = [paths[n] for n in MEMBERS[1:5]]
+    A.analyse(paths["base"], four)
+
+    def h_records() -> int:
+        return sum(1 for key in open_cache("analysis").iterkeys() if key[0] == H_PAIR)
+
+    assert h_records() == 4 * 5 // 2  # every pair of the four, and each with itself
+    grown = A.analyse(paths["base"], [four[0], paths[MEMBERS[5]]])
+    assert passes[-1].h_rows == [1] and h_records() == 10 + 2  # (a, new) and (new, new)
+    asked: list[tuple] = []
+    real_get = diskcache.Cache.get
+
+    def counting_get(self: diskcache.Cache, key: object, *args: object, **kwargs: object) -> object:
+        if isinstance(key, tuple) and key[0] == H_PAIR:
+            asked.append(key)
+        return real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(diskcache.Cache, "get", counting_get)
+    again = A.analyse(paths["base"], four[:2])
+    assert again.bytes_read == 0 and len(asked) == 3
+    full = A.analyse(paths["base"], [four[0], paths[MEMBERS[5]]], use_cache=False)
+    np.testing.assert_allclose(grown.h, full.h, rtol=1e-5)

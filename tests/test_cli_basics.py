@@ -160,6 +160,23 @@ def test_cache_lives_where_ORTHO_MECHA_CACHE_says(
     assert not home.exists()  # nothing under ~/.cache
 
 
+def test_cache_show_names_each_base_with_its_files_and_older_records(cli, private_cache: Path, tmp_path: Path) -> None:
+    """``cache show`` says which base each analysis was against (it listed fingerprints only), how many files and
+    deltas it holds figures of, and that records of another version are there for ``cache clear``."""
+    from ortho_mecha.cache import open_cache
+    from tests.modelgen import write_family_files
+
+    paths = write_family_files(tmp_path / "m", "custom", "fp16", members=["base", "anime", "photo"])
+    assert cli("analyse", "--base", paths["base"], paths["anime"], paths["photo"]).code == 0
+    with open_cache("analysis") as cache:
+        cache.set(("gram", "0.0.1", 4, "f" * 40, False), {"keys": [], "fps": [], "h": None})
+    shown = cli("cache", "show")
+    assert shown.code == 0, shown.err
+    assert f"base {paths['base'].absolute()} (" in shown.out
+    assert "default: 2 files, 2 analysed deltas" in shown.out
+    assert "1 record of another version of ortho-mecha ('ortho-mecha cache clear' removes them)" in shown.out
+
+
 def test_looking_at_a_cache_that_is_not_there_makes_none_and_a_read_only_one_is_not_called_corrupt(
     cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
