@@ -5,7 +5,10 @@ Prints, each figure from one run on the same files (warm page cache; each step i
 - time and peak RSS as N grows to 200 small models (read cost linear in N, products N²);
 - adding 1 model to a cached analysis of 50 ÷ a fresh analysis of 51;
 - the streaming pass vs a naive one (whole state dicts loaded, deltas flattened, one big Gram);
-- the whole pipeline on 200 small models: analyse, optimize, merge with ortho_superpose (peak memory).
+- the whole pipeline on 200 small models: analyse, optimize, merge with ortho_superpose (peak memory);
+- 200 models of 1,700 small keys (SDXL's key count) through ``ortho-mecha analyse --json``: fresh, re-run from the
+  cache, and 2 of them against that cache, each with its report written (the cost there is the N² × keys
+  figures, not the read).
 
     .venv/bin/python bench/scale.py                      # everything, a few minutes
     .venv/bin/python bench/scale.py --only growth --max-models 200
@@ -14,7 +17,10 @@ Prints, each figure from one run on the same files (warm page cache; each step i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -71,6 +77,37 @@ def two_hundred(paths: list[Path]) -> dict:
     return {"stages": stages, "enabled_rows": len(plan.enabled_rows)}
 
 
+def many_keys(folder: Path, models: int, keys: int) -> list[Path]:
+    """Base + ``models`` fp16 fine-tunes of ``keys`` 16×16 keys (a custom layout), reused when already on disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "spec.json"
+    paths = [folder / "base.safetensors"] + [folder / f"model_{i:03d}.safetensors" for i in range(models)]
+    wanted = {"models": models, "keys": keys}
+    if spec.exists() and json.loads(spec.read_text()) == wanted and all(p.exists() for p in paths):
+        return paths
+    g = torch.Generator().manual_seed(7)
+    base = {f"blocks.{i // 10}.layer{i % 10}.weight": torch.randn(16, 16, generator=g) * 0.05 for i in range(keys)}
+    save_file({k: v.half() for k, v in base.items()}, str(paths[0]))
+    for p in paths[1:]:
+        save_file({k: (v + torch.randn(16, 16, generator=g) * 0.01).half() for k, v in base.items()}, str(p))
+    spec.write_text(json.dumps(wanted))
+    return paths
+
+
+def cli_analyse(paths: list[Path]) -> None:
+    """``ortho-mecha analyse --base BASE MODELS --json REPORT`` with the cache in the models' folder."""
+    from ortho_mecha.cli import main as cli
+
+    os.environ["ORTHO_MECHA_CACHE"] = str(paths[0].parent / "cache")
+    report = paths[0].parent / "report.json"
+    report.unlink(missing_ok=True)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        cli(["analyse", "--base", str(paths[0]), *map(str, paths[1:]), "--json", str(report)])
+
+
 def run_step(step: str, paths: list[Path]) -> None:
     if step == "read":
         run_and_report(step, lambda: read_files(paths), children=True)
@@ -84,6 +121,8 @@ def run_step(step: str, paths: list[Path]) -> None:
         incremental(paths)
     elif step == "two_hundred":
         run_and_report(step, lambda: two_hundred(paths))
+    elif step == "cli":
+        run_and_report(step, lambda: cli_analyse(paths))
 
 
 def ratios(folder: Path, size_mb: float) -> None:
@@ -131,13 +170,29 @@ def whole_pipeline(folder: Path, size_mb: float, models: int) -> None:
           f"{done['peak_rss_gib']:.2f} GiB, peak anonymous {done['peak_anon_gib']:.2f} GiB")
 
 
+def with_many_keys(folder: Path, models: int, keys: int) -> None:
+    paths = many_keys(folder / f"{models}x{keys}keys", models, keys)
+    shutil.rmtree(paths[0].parent / "cache", ignore_errors=True)
+    fresh = measured(__file__, "cli", *paths)
+    size = (paths[0].parent / "report.json").stat().st_size
+    cached = measured(__file__, "cli", *paths)
+    two = measured(__file__, "cli", *paths[:3])
+    cache = sum(f.stat().st_size for f in (paths[0].parent / "cache").rglob("*") if f.is_file())
+    print(f"{models} models x {keys} keys, 'analyse --json' (report {size / 2**20:.0f} MiB, cache {cache / 2**20:.0f} "
+          f"MiB): fresh {fresh['seconds']:.1f} s, peak RSS {fresh['peak_rss_gib']:.2f} GiB; from the cache "
+          f"{cached['seconds']:.1f} s (ratio {cached['seconds'] / fresh['seconds']:.2f}), peak RSS "
+          f"{cached['peak_rss_gib']:.2f} GiB; 2 of them against that cache {two['seconds']:.2f} s, peak RSS "
+          f"{two['peak_rss_gib']:.2f} GiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ortho-mecha-bench"))
     parser.add_argument("--size-mb", type=float, default=64, help="model size for the ratio and naive runs")
     parser.add_argument("--small-mb", type=float, default=4, help="model size for the growth and incremental runs")
     parser.add_argument("--max-models", type=int, default=200)
-    parser.add_argument("--only", choices=["ratios", "growth", "incremental", "naive", "pipeline"])
+    parser.add_argument("--keys", type=int, default=1700, help="keys per model of the many-keys run")
+    parser.add_argument("--only", choices=["ratios", "growth", "incremental", "naive", "pipeline", "keys"])
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,6 +209,8 @@ def main() -> None:
         versus_naive(args.dir, args.size_mb)
     if args.only in (None, "pipeline"):
         whole_pipeline(args.dir, args.small_mb, args.max_models)
+    if args.only in (None, "keys"):
+        with_many_keys(args.dir, args.max_models, args.keys)
 
 
 if __name__ == "__main__":

@@ -600,8 +600,9 @@ def run_pass(
         for other in reducers[1:]:
             reducer.add(other)
         report(force=True)
+        base_sq = {canon: totals.base_sq for canon, totals in reducer.totals.items()}
         for canon in keys:
-            totals = reducer.totals.get(canon)
+            totals = reducer.totals.pop(canon, None)  # let go of each key's sums once its Gram is made
             h_key[canon] = _finish_key(None if totals is None else totals.gram, n_files, h_rows)
             if totals is not None:
                 _store_peaks(stats, stat_rows, canon, totals.peaks)
@@ -612,7 +613,6 @@ def run_pass(
             mask[stat_rows] = True
             both = np.where(mask[:, None], both, both.T)
             agree = np.where(mask[:, None], agree, agree.T)
-            base_sq = {canon: reducer.totals[canon].base_sq for canon in keys if canon in reducer.totals}
             _finish_row_stats(alignment, files, file_maps, rows_t, stat_rows, stats, base_sq)
             for r, per_key in signal.figures.items():
                 stats[r].signal.update(per_key)
@@ -1049,9 +1049,10 @@ def analyse(
             result = run_pass(alignment, file_maps, rows_t, plan, exact=exact, chunk=chunk,
                               rank_samples=rank_samples, progress=progress, one_thread=one_thread)
         known.fill(result)
+        seconds, bytes_read = result.seconds, result.bytes_read
+        del result  # its per-key Grams are in ``known`` now (0.5 GB at 200 files and 1,700 keys)
         _refuse_nonfinite(known.h_key, file_models)  # before the cache keeps it
         store.save(alignment.keys, fps, row_sigs, known)
-        seconds, bytes_read = result.seconds, result.bytes_read
     elif progress is not None:
         progress({"fraction": 1.0, "cached": True, "files": len(fps) + 1, "bytes": 0})
     return Analysis(
