@@ -1,20 +1,23 @@
 """The analysis cache: what one pass computed, kept under the files' fingerprints in diskcache.
 
-Small records, one per pair, so an analysis reads only the pairs it asks for and the cache of a base grows with
-the pairs ever analysed, not with their square times the keys in one record that every analysis loads whole:
-- H: per pair of files analysed against a base (by fingerprint), their H entry on every key (float64 bytes);
+One record per computed row, so an analysis reads the records of its own files only, and a base's cache grows
+with the rows ever computed against it (one keys × M × M record that every analysis loaded whole made a 2-model
+analysis against a 200-model history cost 0.8 GiB):
+- H: per file whose row was computed against a base (by fingerprint), its H entries on every key (float64
+  bytes) against each file it was analysed with, by that file's fingerprint;
 - per analysed delta (a model's fingerprint and its delta-from's): its tensor figures (outlier maxima, noise
-  floor, signal; these also depend on ``rank_samples``);
-- per pair of analysed deltas: their sign conflict counts.
-All are keyed by the tool's version, the engine revision, the base's fingerprint and the mode; H also by the
-key list. Adding a model computes one new row and stores its pairs only. A changed file has a new fingerprint
-and is simply a new file to the store.
+  floor, signal; these also depend on ``rank_samples``), and its sign conflict counts against the deltas it
+  was analysed with.
+Every key is text made of the kind, the tool's version, the engine revision, the base's fingerprint and the
+mode, and for H the key list's digest ("h|VERSION|REVISION|BASE|MODE|KEYS|FILE"; diskcache would pickle a
+tuple key on every read). An entry is known when either file's record holds the other. Adding a model computes
+its row and writes its record only. A changed file has a new fingerprint and is simply a new file to the store.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,9 +27,9 @@ from ortho_mecha.analysis import PassResult, RowStats
 from ortho_mecha.cache import open_cache
 from ortho_mecha.io import Model
 
-ENGINE_REVISION = 5  # 5: one record per pair (4: one record of every pair per base)
+ENGINE_REVISION = 5  # 5: one record per computed row (4: one record of every pair per base)
 RowSig = tuple[str, str | None]
-H_PAIR, ROW, CONFLICTS, BASE = "h", "row", "conflicts", "base"
+H_ROW, ROW, CONFLICTS, BASE = "h", "row", "conflicts", "base"
 
 
 @dataclass
@@ -82,19 +85,23 @@ def _sig_text(sig: RowSig) -> str:
     return sig[0] if sig[1] is None else f"{sig[0]}-{sig[1]}"
 
 
-def _pairs(n: int) -> list[tuple[int, int]]:
-    return list(itertools.combinations_with_replacement(range(n), 2))
-
-
-def _ordered(a: str, b: str) -> tuple[str, str]:
-    return (a, b) if a <= b else (b, a)
+def _fill(records: list[dict], ids: list[str], put: Callable[[int, int, object], bool]) -> np.ndarray:
+    """Which pairs the row ``records`` (id → value, one record per row, {} where none) know, each put by
+    ``put(i, j, value)`` (which says whether it took the value) at (i, j) and (j, i)."""
+    known = np.zeros((len(ids), len(ids)), dtype=bool)
+    for i, record in enumerate(records):
+        for j, other in enumerate(ids) if record else ():
+            value = record.get(other)
+            if value is not None and not known[i, j] and put(i, j, value):
+                known[i, j] = known[j, i] = True
+    return known
 
 
 class Store:
     """One base's cached analyses (see the module docstring)."""
 
     def __init__(self, base_fp: str, exact: bool, rank_samples: int, enabled: bool, base_path: str = "") -> None:
-        self.tag = (__version__, ENGINE_REVISION, base_fp, bool(exact))
+        self.tag = f"{__version__}|{ENGINE_REVISION}|{base_fp}|{'exact' if exact else 'default'}"
         self.rank_samples = int(rank_samples)
         self.base_path = base_path
         self.enabled = enabled
@@ -104,14 +111,18 @@ class Store:
     def open(cls, base: Model, exact: bool, rank_samples: int, enabled: bool = True) -> Store:
         return cls(base.fingerprint, exact, rank_samples, enabled, str(base.path.absolute()))
 
-    def _h_key(self, digest: str, a: str, b: str) -> tuple:
-        return (H_PAIR, *self.tag, digest, *_ordered(a, b))
+    def _h_key(self, digest: str, fp: str) -> str:
+        return f"{H_ROW}|{self.tag}|{digest}|{fp}"
 
-    def _row_key(self, sig: RowSig) -> tuple:
-        return (ROW, *self.tag, self.rank_samples, _sig_text(sig))
+    def _row_key(self, sig: RowSig) -> str:
+        return f"{ROW}|{self.tag}|{self.rank_samples}|{_sig_text(sig)}"
 
-    def _conflicts_key(self, a: RowSig, b: RowSig) -> tuple:
-        return (CONFLICTS, *self.tag, *_ordered(_sig_text(a), _sig_text(b)))
+    def _conflicts_key(self, sig: RowSig) -> str:
+        return f"{CONFLICTS}|{self.tag}|{_sig_text(sig)}"
+
+    def _records(self, record_keys: list[str]) -> list[dict]:
+        assert self.cache is not None
+        return [self.cache.get(key) or {} for key in record_keys]
 
     def lookup(self, keys: list[str], fps: list[str], sigs: list[RowSig]) -> Known:
         n_files, n_rows = len(fps), len(sigs)
@@ -120,20 +131,25 @@ class Store:
         stats: list[RowStats | None] = [None] * n_rows
         h_cached = np.zeros((n_files, n_files), dtype=bool)
         conflicts_cached = np.zeros((n_rows, n_rows), dtype=bool)
+
+        def put_h(i: int, j: int, value: object) -> bool:
+            if not isinstance(value, bytes) or len(value) != 8 * len(keys):
+                return False
+            h[:, i, j] = h[:, j, i] = np.frombuffer(value, dtype=np.float64)
+            return True
+
+        def put_counts(i: int, j: int, value: object) -> bool:
+            (both[i, j], agree[i, j]) = (both[j, i], agree[j, i]) = value
+            return True
+
         if self.cache is not None:
-            digest = _keys_digest(keys)
             with self.cache.transact():  # one transaction: each read's access time is written in it
-                for i, j in _pairs(n_files) if keys else []:
-                    value = self.cache.get(self._h_key(digest, fps[i], fps[j]))
-                    if value is not None and len(value) == 8 * len(keys):
-                        h[:, i, j] = h[:, j, i] = np.frombuffer(value, dtype=np.float64)
-                        h_cached[i, j] = h_cached[j, i] = True
+                if keys:
+                    digest = _keys_digest(keys)
+                    h_cached = _fill(self._records([self._h_key(digest, fp) for fp in fps]), fps, put_h)
+                texts = [_sig_text(sig) for sig in sigs]
+                conflicts_cached = _fill(self._records([self._conflicts_key(sig) for sig in sigs]), texts, put_counts)
                 stats = [self.cache.get(self._row_key(sig)) for sig in sigs]
-                for i, j in _pairs(n_rows):
-                    value = self.cache.get(self._conflicts_key(sigs[i], sigs[j]))
-                    if value is not None:
-                        (both[i, j], agree[i, j]) = (both[j, i], agree[j, i]) = value
-                        conflicts_cached[i, j] = conflicts_cached[j, i] = True
         missing_files = _rows_covering(~h_cached) if keys else []
         without_stats = [r for r in range(n_rows) if stats[r] is None]
         unknown = ~conflicts_cached
@@ -143,23 +159,33 @@ class Store:
         return Known(keys, h, h_cached, both, agree, conflicts_cached, stats, missing_files, missing_rows)
 
     def save(self, keys: list[str], fps: list[str], sigs: list[RowSig], known: Known) -> None:
-        """Store what ``known`` has that the cache did not: new pairs' H entries and conflicts, new rows' figures."""
+        """Store the rows the pass computed: each computed file's H entries against every file of this analysis
+        (added to its record; a pair of two computed files in one of them), and each computed delta's figures and
+        conflict counts."""
         if self.cache is None:
             return
-        digest = _keys_digest(keys)
+        texts = [_sig_text(sig) for sig in sigs]
         with self.cache.transact():
-            self.cache.set((BASE, *self.tag), self.base_path)
-            for i, j in _pairs(len(fps)) if keys else []:
-                column = known.h[:, i, j]
-                if not known.h_cached[i, j] and not np.isnan(column).any():
-                    self.cache.set(self._h_key(digest, fps[i], fps[j]), np.ascontiguousarray(column).tobytes())
+            self.cache.set(f"{BASE}|{self.tag}", self.base_path)
+            if keys:
+                digest = _keys_digest(keys)
+                computed = set(known.missing_files)
+                for r in known.missing_files:  # a pair of two computed rows goes in the first one's record only
+                    columns = {fp: known.h[:, r, j].tobytes() for j, fp in enumerate(fps)
+                               if not (j < r and j in computed) and not np.isnan(known.h[:, r, j]).any()}
+                    self._add_to(self._h_key(digest, fps[r]), columns)
             for r in known.missing_rows:
+                counts = {text: (float(known.both[r, j]), float(known.agree[r, j])) for j, text in enumerate(texts)
+                          if not (np.isnan(known.both[r, j]) or np.isnan(known.agree[r, j]))}
+                self._add_to(self._conflicts_key(sigs[r]), counts)
                 if known.stats[r] is not None:
                     self.cache.set(self._row_key(sigs[r]), known.stats[r])
-            for i, j in _pairs(len(sigs)):
-                counts = (float(known.both[i, j]), float(known.agree[i, j]))
-                if not known.conflicts_cached[i, j] and not np.isnan(counts).any():
-                    self.cache.set(self._conflicts_key(sigs[i], sigs[j]), counts)
+
+    def _add_to(self, key: str, entries: dict) -> None:
+        """The record ``key`` with ``entries`` added (a row computed again, against files its record lacked)."""
+        assert self.cache is not None
+        record = self.cache.get(key) or {}
+        self.cache.set(key, record | entries)
 
 
 def cache_summary() -> dict:
@@ -169,17 +195,18 @@ def cache_summary() -> dict:
     bases: dict[tuple, dict] = {}
     older = 0
     for key in cache.iterkeys():
-        if not isinstance(key, tuple) or len(key) < 5 or key[1:3] != (__version__, ENGINE_REVISION):
+        parts = key.split("|") if isinstance(key, str) else []
+        if parts[1:3] != [__version__, str(ENGINE_REVISION)] or len(parts) < 5:
             older += 1
             continue
-        kind, (base_fp, exact) = key[0], key[3:5]
+        kind, base_fp, exact = parts[0], parts[3], parts[4] == "exact"
         entry = bases.setdefault((base_fp, exact), {"base": None, "files": set(), "rows": set()})
         if kind == BASE:
             entry["base"] = cache.get(key)
-        elif kind == H_PAIR:
-            entry["files"].update(key[-2:])
+        elif kind == H_ROW:
+            entry["files"].add(parts[-1])
         elif kind == ROW:
-            entry["rows"].add(key[-1])
+            entry["rows"].add(parts[-1])
     records = [
         {"base": found["base"], "base_fingerprint": base_fp, "exact": exact, "files": len(found["files"]),
          "rows": len(found["rows"])}

@@ -592,13 +592,13 @@ def test_the_reports_vectorised_rounding_equals_formatting_each_value(seed: int)
     np.testing.assert_array_equal(rounded, expected)
 
 
-def test_the_cache_keeps_a_record_per_pair_and_an_analysis_reads_only_its_own_pairs(
+def test_the_cache_keeps_a_record_per_computed_row_and_an_analysis_reads_only_its_own_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passes: list[A.PassPlan]
 ) -> None:
-    """The cache of a base grows with the pairs ever analysed, one small record each, and a later analysis of
-    a few of them reads those pairs only (one record of every pair, loaded whole, cost a 2-model analysis
+    """The cache of a base grows with the rows ever computed, one record each, and a later analysis of a few
+    of its files reads their records only (one record of every pair, loaded whole, cost a 2-model analysis
     against a 200-model history 826 MB)."""
-    from ortho_mecha.analysis_cache import H_PAIR
+    from ortho_mecha.analysis_cache import H_ROW
     from ortho_mecha.cache import open_cache
 
     paths = write_family_files(tmp_path / "m", "custom", "fp16", members=MEMBERS[:6])
@@ -606,21 +606,26 @@ def test_the_cache_keeps_a_record_per_pair_and_an_analysis_reads_only_its_own_pa
     A.analyse(paths["base"], four)
 
     def h_records() -> int:
-        return sum(1 for key in open_cache("analysis").iterkeys() if key[0] == H_PAIR)
+        return sum(1 for key in open_cache("analysis").iterkeys() if key.startswith(f"{H_ROW}|"))
 
-    assert h_records() == 4 * 5 // 2  # every pair of the four, and each with itself
+    assert h_records() == 4
     grown = A.analyse(paths["base"], [four[0], paths[MEMBERS[5]]])
-    assert passes[-1].h_rows == [1] and h_records() == 10 + 2  # (a, new) and (new, new)
+    assert passes[-1].h_rows == [1] and h_records() == 5  # the new file's row, against the one it came with
     asked: list[tuple] = []
     real_get = diskcache.Cache.get
 
     def counting_get(self: diskcache.Cache, key: object, *args: object, **kwargs: object) -> object:
-        if isinstance(key, tuple) and key[0] == H_PAIR:
+        if isinstance(key, str) and key.startswith(f"{H_ROW}|"):
             asked.append(key)
         return real_get(self, key, *args, **kwargs)
 
     monkeypatch.setattr(diskcache.Cache, "get", counting_get)
-    again = A.analyse(paths["base"], four[:2])
-    assert again.bytes_read == 0 and len(asked) == 3
-    full = A.analyse(paths["base"], [four[0], paths[MEMBERS[5]]], use_cache=False)
-    np.testing.assert_allclose(grown.h, full.h, rtol=1e-5)
+    again = A.analyse(paths["base"], [four[1], paths[MEMBERS[5]], four[2]])  # (photo, new) was never computed
+    assert passes[-1].h_rows in ([0], [1]) and len(asked) == 3 + 1  # its 3 files; the computed row's, to add to
+    assert np.isfinite(again.h).all() and again.cached_files == 2
+    full = A.analyse(paths["base"], [four[1], paths[MEMBERS[5]], four[2]], use_cache=False)
+    np.testing.assert_allclose(again.h, full.h, rtol=1e-5)
+    asked.clear()
+    assert A.analyse(paths["base"], four[:2]).bytes_read == 0 and len(asked) == 2
+    np.testing.assert_allclose(grown.h, A.analyse(paths["base"], [four[0], paths[MEMBERS[5]]], use_cache=False).h,
+                               rtol=1e-5)
