@@ -49,20 +49,27 @@ def layout(size_mb: float, family: str = "sdxl") -> dict[str, tuple[int, ...]]:
 def generate(folder: Path, models: int, size_mb: float, seed: int = 0, family: str = "sdxl") -> list[Path]:
     """Base + ``models`` fp16 fine-tunes (small random deltas) of ``family``'s shapes, reused when already
     on disk."""
+    wanted = {"models": models, "size_mb": size_mb, "seed": seed} | ({"family": family} if family != "sdxl" else {})
+    return generate_shapes(folder, models, layout(size_mb, family), wanted, seed)
+
+
+def generate_shapes(folder: Path, models: int, shapes: dict[str, tuple[int, ...]], wanted: dict, seed: int = 0,
+                    scale: float = 0.02, delta_scale: float = 0.002) -> list[Path]:
+    """Base (N(0, ``scale``) values) + ``models`` fp16 fine-tunes (deltas N(0, ``delta_scale``)) of ``shapes``,
+    reused when the folder's ``spec.json`` records ``wanted`` (what the caller's files are made from)."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     spec = folder / "spec.json"
     paths = [folder / "base.safetensors"] + [folder / f"model_{i:03d}.safetensors" for i in range(models)]
-    wanted = {"models": models, "size_mb": size_mb, "seed": seed} | ({"family": family} if family != "sdxl" else {})
     if spec.exists() and json.loads(spec.read_text()) == wanted and all(p.exists() for p in paths):
         return paths
     g = torch.Generator().manual_seed(seed)
-    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in layout(size_mb, family).items()}
+    base = {k: torch.randn(s, generator=g) * scale for k, s in shapes.items()}
     save_file({k: v.half() for k, v in base.items()}, str(paths[0]))
     for p in paths[1:]:
-        save_file({k: (v + torch.randn(v.shape, generator=g) * 0.002).half() for k, v in base.items()}, str(p))
+        save_file({k: (v + torch.randn(v.shape, generator=g) * delta_scale).half() for k, v in base.items()}, str(p))
     spec.write_text(json.dumps(wanted))
     return paths
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from common import generate, measured, read_files, run_and_report
+from common import generate, generate_shapes, measured, read_files, run_and_report
 
 
 def naive(paths: list[Path]) -> None:
@@ -79,22 +78,9 @@ def two_hundred(paths: list[Path]) -> dict:
 
 def many_keys(folder: Path, models: int, keys: int) -> list[Path]:
     """Base + ``models`` fp16 fine-tunes of ``keys`` 16×16 keys (a custom layout), reused when already on disk."""
-    import torch
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    spec = folder / "spec.json"
-    paths = [folder / "base.safetensors"] + [folder / f"model_{i:03d}.safetensors" for i in range(models)]
-    wanted = {"models": models, "keys": keys}
-    if spec.exists() and json.loads(spec.read_text()) == wanted and all(p.exists() for p in paths):
-        return paths
-    g = torch.Generator().manual_seed(7)
-    base = {f"blocks.{i // 10}.layer{i % 10}.weight": torch.randn(16, 16, generator=g) * 0.05 for i in range(keys)}
-    save_file({k: v.half() for k, v in base.items()}, str(paths[0]))
-    for p in paths[1:]:
-        save_file({k: (v + torch.randn(16, 16, generator=g) * 0.01).half() for k, v in base.items()}, str(p))
-    spec.write_text(json.dumps(wanted))
-    return paths
+    shapes = {f"blocks.{i // 10}.layer{i % 10}.weight": (16, 16) for i in range(keys)}
+    return generate_shapes(folder, models, shapes, {"models": models, "keys": keys}, seed=7, scale=0.05,
+                           delta_scale=0.01)
 
 
 def cli_analyse(paths: list[Path]) -> None:
