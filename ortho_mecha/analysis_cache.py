@@ -17,7 +17,7 @@ its row and writes its record only. A changed file has a new fingerprint and is 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +97,12 @@ def _fill(records: list[dict], ids: list[str], put: Callable[[int, int, object],
     return known
 
 
+def _kept(r: int, n: int, computed: Collection[int]) -> list[int]:
+    """The others row ``r``'s record takes among ``n``: a pair of two ``computed`` rows goes in the first one's
+    record only (:func:`_fill` finds it from either side)."""
+    return [j for j in range(n) if not (j < r and j in computed)]
+
+
 class Store:
     """One base's cached analyses (see the module docstring)."""
 
@@ -104,7 +110,6 @@ class Store:
         self.tag = f"{__version__}|{ENGINE_REVISION}|{base_fp}|{'exact' if exact else 'default'}"
         self.rank_samples = int(rank_samples)
         self.base_path = base_path
-        self.enabled = enabled
         self.cache = open_cache("analysis") if enabled else None
 
     @classmethod
@@ -159,23 +164,24 @@ class Store:
         return Known(keys, h, h_cached, both, agree, conflicts_cached, stats, missing_files, missing_rows)
 
     def save(self, keys: list[str], fps: list[str], sigs: list[RowSig], known: Known) -> None:
-        """Store the rows the pass computed: each computed file's H entries against every file of this analysis
-        (added to its record; a pair of two computed files in one of them), and each computed delta's figures and
-        conflict counts."""
+        """Store the rows the pass computed: each computed file's H entries against every file of this analysis, and
+        each computed delta's figures and conflict counts against every delta (added to its record; a pair of two
+        computed rows in one of them, :func:`_kept`)."""
         if self.cache is None:
             return
         texts = [_sig_text(sig) for sig in sigs]
+        h_rows, stat_rows = set(known.missing_files), set(known.missing_rows)
         with self.cache.transact():
             self.cache.set(f"{BASE}|{self.tag}", self.base_path)
             if keys:
                 digest = _keys_digest(keys)
-                computed = set(known.missing_files)
-                for r in known.missing_files:  # a pair of two computed rows goes in the first one's record only
-                    columns = {fp: known.h[:, r, j].tobytes() for j, fp in enumerate(fps)
-                               if not (j < r and j in computed) and not np.isnan(known.h[:, r, j]).any()}
+                for r in known.missing_files:
+                    columns = {fps[j]: known.h[:, r, j].tobytes() for j in _kept(r, len(fps), h_rows)
+                               if not np.isnan(known.h[:, r, j]).any()}
                     self._add_to(self._h_key(digest, fps[r]), columns)
             for r in known.missing_rows:
-                counts = {text: (float(known.both[r, j]), float(known.agree[r, j])) for j, text in enumerate(texts)
+                counts = {texts[j]: (float(known.both[r, j]), float(known.agree[r, j]))
+                          for j in _kept(r, len(texts), stat_rows)
                           if not (np.isnan(known.both[r, j]) or np.isnan(known.agree[r, j]))}
                 self._add_to(self._conflicts_key(sigs[r]), counts)
                 if known.stats[r] is not None:
