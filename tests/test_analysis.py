@@ -611,7 +611,7 @@ def test_the_cache_keeps_a_record_per_computed_row_and_an_analysis_reads_only_it
     assert h_records() == 4
     grown = A.analyse(paths["base"], [four[0], paths[MEMBERS[5]]])
     assert passes[-1].h_rows == [1] and h_records() == 5  # the new file's row, against the one it came with
-    asked: list[tuple] = []
+    asked: list[str] = []
     real_get = diskcache.Cache.get
 
     def counting_get(self: diskcache.Cache, key: object, *args: object, **kwargs: object) -> object:
