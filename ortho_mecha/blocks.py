@@ -94,14 +94,29 @@ class BlockLayout:
             match = _LAYER.match(key)
             if match is None:
                 return None
-            index = int(match[1])
-            return next((g for g, (a, b) in zip(self.groups, self.layer_ranges, strict=True) if a <= index <= b), None)
+            return self._range_of(int(match[1]))
         block = arch_mod.block_of(key)
         return block if block in self.groups else None
 
     def file_keys(self, group: str) -> list[str]:
         """The base file's own names of the keys in ``group`` (a layout read from a file only)."""
         return [name for canon, name in self.names.items() if self.group_of(canon) == group]
+
+    def _range_of(self, layer: int) -> str | None:
+        """The layer-range group holding ``layer``, if any."""
+        return next((g for g, (a, b) in zip(self.groups, self.layer_ranges, strict=True) if a <= layer <= b), None)
+
+    def _nearest(self, given: str) -> str | None:
+        """The group a misspelt ``given`` most likely means: for layer ranges, the range holding its first layer
+        (``layers.0-10`` → ``layers.0-9``, where the spelling alone is closer to ``layers.10-19``); else the
+        closest spelling."""
+        match = re.match(r"^layers\.(\d+)", given) if self.kind == "layers" else None
+        if match is not None:
+            held = self._range_of(int(match[1]))
+            if held is not None:
+                return held
+        close = difflib.get_close_matches(given, self.groups, n=1)
+        return close[0] if close else None
 
     def check(self, block_alphas: Any, where: str, low: float, high: float) -> dict[str, float]:
         """``block_alphas`` as {group: alpha} if every name is a group of this layout (in any case: ``IN`` is ``in``)
@@ -117,8 +132,8 @@ class BlockLayout:
         for given, value in block_alphas.items():
             group = spelled.get(str(given).lower(), given)
             if group not in self.groups:
-                close = difflib.get_close_matches(str(group), self.groups, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
+                close = self._nearest(str(group))
+                hint = f"did you mean '{close}'? " if close else ""
                 valid = ", ".join(self.groups) or "none"
                 raise OrthoMechaError(
                     f"{where}: unknown block group '{group}' for the {self.arch} base; {hint}valid groups: {valid}"

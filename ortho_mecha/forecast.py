@@ -3,7 +3,7 @@
 Everything comes from the safetensors headers (shapes and dtypes; no tensor is read) and from a few
 short measurements of this machine: reading speed of the inputs, float64 element throughput, matrix
 multiply speed and a symmetric eigendecomposition. The time is an estimate (within a small factor);
-the output size is exact up to the header.
+the output size is exact.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from ortho_mecha.io import Model
+from ortho_mecha.merge import output_bytes
 from ortho_mecha.plan import Plan
 from ortho_mecha.validate import key_map
 
 DTYPE_BYTES = {"fp8_e4m3fn": 1, "fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 PROCESS_BASELINE = 700 * 2**20  # torch + sd-mecha + Python, measured RSS of an idle merge process
-HEADER_SLACK = 1.01
 ORTHO_METHODS = {"ortho_project", "ortho_superpose"}
 
 
@@ -130,8 +130,7 @@ def forecast(plan: Plan, out: str | Path | None = None, threads: int = 1) -> For
     paths = plan.input_files()  # a component taken from a model is one more input
     base = Model(plan.base)
     shapes = {canon: base.tensors[name].shape for canon, name in key_map(base).keys.items()}
-    every = {name: info.shape for name, info in base.tensors.items()}
-    out_bytes = int(sum(math.prod(s) for s in every.values()) * DTYPE_BYTES[plan.output_dtype] * HEADER_SLACK)
+    out_bytes = output_bytes(plan)
     inputs_bytes = sum(Model(p).nbytes for p in paths)
     n_rows = sum(r.repeat if plan.method == "orthomerge" else 1 for r in plan.rows if r.enabled)
     n_inputs = len(paths)

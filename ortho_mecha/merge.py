@@ -109,6 +109,36 @@ def data_bytes(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in layout.values())
 
 
+def output_layout(base: Model, output_dtype: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The merged file's (dtype, shape) per key: the base's keys, float ones in ``output_dtype``."""
+    out_dtype = TORCH_DTYPES[output_dtype]
+    return {key: (out_dtype if info.is_float else DTYPES[info.dtype], tuple(info.shape))
+            for key, info in base.tensors.items()}
+
+
+def merge_metadata(recipe_text: str, hashes: Mapping[str, str], plan_json: str | None) -> dict[str, str]:
+    """The merged file's metadata: its recipe, every input's sha256, the tool's version and the plan."""
+    return {META_RECIPE: recipe_text, META_HASHES: json.dumps(dict(hashes)), META_VERSION: __version__} | (
+        {META_PLAN: plan_json} if plan_json is not None else {})
+
+
+def _header(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str],
+            offsets: Mapping[str, tuple[int, int]]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    for key, (start, end) in offsets.items():
+        dtype, shape = layout[key]
+        header[key] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def header_room(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> int:
+    """Bytes reserved for the header of a merged file: room for the longest it can be (every offset as long as the
+    data's size), rounded up to 8. The file is 8 + this + :func:`data_bytes` long."""
+    data_size = data_bytes(layout)
+    worst = _header(layout, metadata, {key: (data_size, data_size) for key in layout})
+    return -(-len(worst) // 8) * 8
+
+
 class _OutputWriter:
     """Where sd-mecha puts merged keys: repairs each one and streams it into the temporary file.
 
@@ -134,9 +164,7 @@ class _OutputWriter:
         self.missing: list[str] = []
         self._lock = threading.Lock()
         self._base_lock = threading.Lock()
-        data_size = data_bytes(layout)
-        worst = self._header({key: (data_size, data_size) for key in layout})
-        self.header_room = -(-len(worst) // 8) * 8
+        self.header_room = header_room(layout, metadata)
         self.offsets: dict[str, tuple[int, int]] = {}
         position = 0
         for key, layout_entry in layout.items():
@@ -147,13 +175,6 @@ class _OutputWriter:
         except FileExistsError as exc:
             raise OrthoMechaError("another merge into the same file is running in this process", path) from exc
         self._fh.seek(8 + self.header_room)
-
-    def _header(self, offsets: Mapping[str, tuple[int, int]]) -> bytes:
-        header: dict[str, Any] = {"__metadata__": self.metadata}
-        for key, (start, end) in offsets.items():
-            dtype, shape = self.layout[key]
-            header[key] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [start, end]}
-        return json.dumps(header, separators=(",", ":")).encode()
 
     def _base_tensor(self, key: str) -> torch.Tensor:
         with self._base_lock:
@@ -235,7 +256,7 @@ class _OutputWriter:
             if key not in self.entries:
                 (self.missing if self.base.tensors[key].is_float else self.non_float).append(key)
                 self._write(key, self._base_tensor(key).to(dtype))
-        header = self._header({key: self.entries[key] for key in self.layout})
+        header = _header(self.layout, self.metadata, {key: self.entries[key] for key in self.layout})
         self._fh.seek(0)
         self._fh.write(struct.pack("<Q", self.header_room))
         self._fh.write(header + b" " * (self.header_room - len(header)))
@@ -448,12 +469,8 @@ def execute(
     inputs = _input_files(recipe, base)
     merge_device = _check_device(device, threads)
     out, checks = _preflight(inputs, out, overwrite)
-    out_dtype = TORCH_DTYPES[output_dtype]
     with Model(base) as base_model:
-        layout = {
-            key: (out_dtype if info.is_float else DTYPES[info.dtype], tuple(info.shape))
-            for key, info in base_model.tensors.items()
-        }
+        layout = output_layout(base_model, output_dtype)
         _check_free_space(out.parent, data_bytes(layout))
         stamps = {path: file_stamp(path) for path in inputs}  # before hashing: the hashes are of these files
         hashes = {}
@@ -461,11 +478,8 @@ def execute(
             if progress is not None:
                 progress({"fraction": 0.0, "message": f"sha256 of {path.name}"})
             hashes[str(path)] = sha256_file(path)
-        metadata = {
-            META_RECIPE: recipe_text if recipe_text is not None else sd_mecha.serialize(recipe),
-            META_HASHES: json.dumps(hashes),
-            META_VERSION: __version__,
-        } | ({META_PLAN: plan_json} if plan_json is not None else {})
+        metadata = merge_metadata(recipe_text if recipe_text is not None else sd_mecha.serialize(recipe), hashes,
+                                  plan_json)
         control = _Control()
         workers = _merge_threads(threads, len(inputs))
         with _stop_on_signals(control), _torch_threads_per_worker(workers):
@@ -640,6 +654,17 @@ def merge_plan(
         progress=progress,
     )
     return {"method": plan.method, "rows": len(plan.enabled_rows)} | report
+
+
+def output_bytes(plan: Plan) -> int:
+    """The size of the file :func:`merge_plan` writes for ``plan``: exact, as the header's room depends only on
+    the keys, the metadata's lengths (an input's sha256 is always 64 hex digits) and the data's size."""
+    recipe = build_recipe(plan)
+    inputs = _input_files(recipe, Path(plan.base).resolve())
+    with Model(inputs[0]) as base:
+        layout = output_layout(base, plan.output_dtype)
+    metadata = merge_metadata(sd_mecha.serialize(recipe), {str(path): "0" * 64 for path in inputs}, plan.to_json())
+    return 8 + header_room(layout, metadata) + data_bytes(layout)
 
 
 def job_plan(params: Mapping[str, Any]) -> Plan:

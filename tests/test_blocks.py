@@ -99,6 +99,11 @@ def test_zimage_layers_are_split_into_thirds_of_the_base_layer_count() -> None:
     assert blocks.layout_for_keys("zimage", [f"layers.{i}.w" for i in range(10)]).groups == (
         "layers.0-3", "layers.4-6", "layers.7-9")
     assert blocks.layout_for_keys("zimage", ["layers.0.w", "layers.1.w"]).groups == ("layers.0", "layers.1")
+    # a range misspelt: the hint is the range holding its first layer, not the closest spelling (layers.10-19)
+    with pytest.raises(OrthoMechaError, match=r"unknown block group 'layers.0-10'.*did you mean 'layers.0-9'\?"):
+        layout.check({"layers.0-10": 1}, "plan.json row 1", 0.0, 1.0)
+    with pytest.raises(OrthoMechaError, match=r"did you mean 'layers.20-29'\?"):
+        layout.check({"layers.20-30": 1}, "plan.json row 1", 0.0, 1.0)
 
 
 @given(st.integers(min_value=1, max_value=200), st.integers(min_value=1, max_value=6))
