@@ -220,10 +220,23 @@ def _carried(base: Path, present: Mapping[str, list[str]]) -> str:
     return f"none of {_ids()}" if checkpoint else "none (it is a diffusion-only file)"
 
 
+def _prefix(name: str, key: str) -> str:
+    """The prefix of component ``name`` that ``key`` starts with."""
+    spec = next(spec for spec in COMPONENTS if spec.id == name)
+    return next(prefix for prefix in spec.prefixes if key.startswith(prefix))
+
+
 def _check_carries(base: Path, path: Path, name: str, keys: list[str], fail: Callable[[str], OrthoMechaError]) -> None:
     """Raise unless the model at ``path`` has every key of component ``name`` with the base's shape."""
     with Model(base) as base_model, Model(path) as model:
         missing = [key for key in keys if key not in model.tensors]
+        theirs = split(model.tensors).get(name) if len(missing) == len(keys) else None
+        if theirs:
+            raise fail(
+                f"component '{name}': the model {path} carries its {LABELS[name]} under '{_prefix(name, theirs[0])}', "
+                f"the base {base} under '{_prefix(name, keys[0])}' (checkpoints of different layouts); choose a "
+                "checkpoint laid out like the base"
+            )
         if missing:
             raise fail(
                 f"component '{name}': the model {path} lacks {len(missing)} of its {len(keys)} keys "

@@ -200,6 +200,19 @@ def test_bad_components_are_refused_naming_the_plan_and_the_fix(sd1, tmp_path, c
     assert str(caught.value).startswith(f"{path}: ")
 
 
+def test_a_component_under_another_layouts_prefix_is_named_as_such(sd1, sdxl) -> None:
+    """An SDXL checkpoint's CLIP-L (conditioner.embedders.0.transformer.) for an SD1.5 base (cond_stage_model.
+    transformer.): the model does carry one, so the refusal says where each file keeps it, not that all is lacking."""
+    choices = {"clip_l": {"source": "model", "model": str(sdxl["base"])}}
+    with pytest.raises(OrthoMechaError) as caught:
+        plan_from_dict({"base": str(sd1["base"]), "method": "orthomerge", "rows": ROWS, "components": choices},
+                       sd1["base"].parent)
+    message = str(caught.value)
+    assert "carries its CLIP-L text encoder under 'conditioner.embedders.0.transformer.'" in message
+    assert "under 'cond_stage_model.transformer.' (checkpoints of different layouts)" in message
+    assert "lacks" not in message
+
+
 def test_a_model_with_another_text_encoder_shape_is_refused(sd1, tmp_path) -> None:
     other = load_file(str(sd1["a"]))
     key = f"{'cond_stage_model.transformer.text_model.'}final_layer_norm.weight"
