@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -369,6 +370,17 @@ def written_by_followed(url_name: str, path: Path) -> bool:
     return output is not None and Path(output).resolve() == path.resolve()
 
 
+def say_just_written(target: Path, replace: bool) -> None:
+    """Say that ``target`` is the file the job below just wrote, which is why its name cannot be used again, and
+    propose the next free name (with ``replace``: or the page's 'Replace an existing file')."""
+    from ortho_mecha import workspace
+
+    free = workspace.free_output_name(target.parent, re.sub(r"-\d+$", "", target.stem))
+    remedy = ", or tick 'Replace an existing file'" if replace else ""
+    st.info(f"`{target.name}` is the file just written (below). For another one, choose a new name, e.g. "
+            f"`{free}`{remedy}.")
+
+
 def model_choices(roots: tuple[Path, ...] | None = None) -> Any:
     """:meth:`ModelChoices.scan <ortho_mecha.workspace.ModelChoices.scan>` of ``roots`` (default: the allowed
     roots), with a warning naming each file left out for a name a browser cannot carry."""
@@ -648,7 +660,9 @@ def extract_lora_panel(choices: Any, base: str) -> None:
     with shown_errors():
         if model is not None:
             target = workspace.loras_dir() / security.validate_output_name(name)
-            if not written_by_followed(LORA_URL, target):
+            if written_by_followed(LORA_URL, target):
+                say_just_written(target, replace=False)
+            else:
                 params = workspace.lora_job_params(model, lora_base, int(rank), name, choices)
     if right.button("Extract LoRA", icon=":material/compress:", key="lora_start", disabled=params is None) and params:
         start_job("extract-lora", params, LORA_URL)

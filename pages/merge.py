@@ -39,7 +39,9 @@ else:
             own_input = replaces_an_input(plan, target)
             if own_input:
                 st.warning(f"{target.name} is one of the plan's inputs: choose another name.")
-            elif taken and not ui.written_by_followed(ui.MERGE_URL, target):
+            elif taken and ui.written_by_followed(ui.MERGE_URL, target):
+                ui.say_just_written(target, replace=True)
+            elif taken:
                 st.warning(f"{target.name} exists already: choose another name, or tick 'Replace an existing file'.")
             ready = not taken and not own_input
         writing = ui.merging_into(merge_job)

@@ -132,7 +132,9 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert any("Dry-run forecast for `round trip.safetensors`" in caption.value for caption in at.caption)
     at.run()  # the form, seen again, knows the name is taken now: no Merge over the file just written
     assert at.button(key="merge_start").disabled
-    assert not any("exists already" in warning.value for warning in at.warning)  # it is the one just written
+    assert not any("exists already" in warning.value for warning in at.warning)  # it is the one just written,
+    assert any(info.value == "`round trip.safetensors` is the file just written (below). For another one, choose a "
+               "new name, e.g. `round trip-2.safetensors`, or tick 'Replace an existing file'." for info in at.info)
     at.text_input(key="merge_name").set_value("merged.safetensors").run()
     assert not at.button(key="merge_start").disabled
 
