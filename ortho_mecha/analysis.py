@@ -851,6 +851,7 @@ class Analysis:
     bytes_read: int = 0
     numels: dict[str, int] = field(default_factory=dict)
     cached_files: int = 0  # files whose figures came from the cache (the pass read only the others)
+    fingerprints: dict[str, str] = field(default_factory=dict)  # base and every file: their fingerprint when read
 
     @functools.cached_property
     def _base_tensors(self) -> list[TensorInfo | None]:
@@ -1075,6 +1076,8 @@ def analyse(
         bytes_read=bytes_read,
         numels={k: _numel(alignment, k) for k in alignment.keys},
         cached_files=len(fps) - len(plan.h_rows),
+        fingerprints={os.path.abspath(m.path): fp
+                      for m, fp in zip([base_model, *file_models], [base_model.fingerprint, *fps], strict=True)},
     )
 
 
@@ -1331,8 +1334,9 @@ def cli_analyse(args: argparse.Namespace) -> int:
 def run_job(params: dict, progress: Progress) -> dict:
     """Background-job entry (``ortho_mecha.jobs`` kind ``analyse``): params as :func:`analyse` takes them.
 
-    Returns the JSON report; the analysis itself stays in the cache, so ``analyse`` with the same
-    arguments afterwards returns at once with no file read.
+    Returns the JSON report, with the ``fingerprints`` of the files it was made from (a page that shows the
+    report later checks the files against them); the analysis itself stays in the cache, so ``analyse`` with
+    the same arguments afterwards returns at once with no file read.
     """
     result = analyse(
         params["base"],
@@ -1343,4 +1347,4 @@ def run_job(params: dict, progress: Progress) -> dict:
         rank_samples=int(params.get("rank_samples", 5)),
         progress=progress,
     )
-    return report(result)
+    return report(result) | {"fingerprints": result.fingerprints}

@@ -355,6 +355,24 @@ def remember_analysis(record: Mapping[str, Any]) -> None:
     st.session_state["report"] = record["result"]
 
 
+def say_if_changed(report: Mapping[str, Any], params: Mapping[str, Any] | None) -> None:
+    """Warn when files a finished analysis read have changed since (its ``fingerprints``): its figures are of the
+    files as they were. With the analysis job's ``params``, a button runs it again (the analysis cache keeps
+    the unchanged files quick); without, the warning points to the Analyse page."""
+    from ortho_mecha import workspace
+
+    changed = workspace.changed_files(report.get("fingerprints", {}), st.session_state.setdefault("_seen_files", {}))
+    if not changed:
+        return
+    where = "" if params is not None else " Analyse them again on the Analyse page."
+    st.warning(f"Changed since this analysis read them: {', '.join(Path(p).name for p in changed)}. The figures "
+               f"shown are of the files as they were.{where}")
+    if params is not None and st.button("Analyse again", icon=":material/refresh:", key="analyse_again"):
+        with shown_errors():
+            start_job("analyse", params, ANALYSIS_URL)
+            st.rerun()
+
+
 def written_by_followed(url_name: str, path: Path) -> bool:
     """Whether ``path`` is the output of the job this page follows under ``url_name`` (a merge's, a LoRA
     extraction's): just written, so no warning that it exists."""

@@ -158,6 +158,27 @@ def unreadable(paths: Iterable[Path]) -> dict[Path, str]:
     return problems
 
 
+def changed_files(fingerprints: Mapping[str, str], seen: dict[str, tuple[list, str]]) -> list[str]:
+    """The files of ``fingerprints`` (path → fingerprint when an analysis read them) that are not the same now:
+    changed, replaced, gone or unreadable. ``seen`` (kept by the caller, e.g. per session) remembers the size, mtime
+    and inode of each model's files with its fingerprint then, so a model is hashed again only when those move."""
+    from ortho_mecha.io import Model, model_files  # imports torch: only when a page checks files
+
+    changed = []
+    for path, then in fingerprints.items():
+        try:
+            stamp = [(s.st_size, s.st_mtime_ns, s.st_ino) for s in (f.stat() for f in model_files(Path(path)))]
+            if path not in seen or seen[path][0] != stamp:
+                with Model(path) as model:
+                    seen[path] = (stamp, model.fingerprint)
+            now = seen[path][1]
+        except (OSError, OrthoMechaError):
+            now = None
+        if now != then:
+            changed.append(path)
+    return changed
+
+
 def analysis_params(choices: ModelChoices, base: str, models: Sequence[str],
                     delta_from: Mapping[str, str]) -> dict[str, Any]:
     """The ``analyse`` job's parameters for the Analyse page's picks (labels). Models whose files cannot be read

@@ -75,6 +75,7 @@ if record is None or record["state"] != "done":
     st.stop()
 ui.remember_analysis(record)
 report = record["result"]
+ui.say_if_changed(report, record["params"])
 names = charts.short_names(report["models"])
 
 read = progress.read_text(report)

@@ -20,6 +20,8 @@ if not choices.labels:
     st.info("No model files under the allowed folders; add some, then analyse them on the Analyse page.")
     st.stop()
 analysis = ui.current_analysis(choices)
+if analysis is not None:
+    ui.say_if_changed(analysis[1], None)
 
 if "mix" not in st.session_state:
     ui.set_mix(ui.first_mix(choices, analysis))

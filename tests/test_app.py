@@ -373,6 +373,33 @@ def test_on_a_lan_the_preview_page_uses_the_servers_comfyui_settings(
 
 
 @pytest.mark.slow
+def test_a_stored_analysis_whose_files_changed_says_so_and_runs_again(workspace: Path) -> None:
+    """A new session shows the last analysis at once, from its job; once a file it read has changed (same name,
+    other weights), the Analyse and Mixer pages say which, and 'Analyse again' gives figures of the files now."""
+    first = _app().run()
+    _until(first, lambda a: len(_charts(a)) >= 3, "the demo analysis")
+    assert not any("Changed since" in w.value for w in first.warning)
+    demo = workspace / "models" / "demo"
+    old = first.session_state["report"]["cos"]
+    (demo / "photo.safetensors").write_bytes((demo / "anime_v2.safetensors").read_bytes())  # photo is now anime_v2
+
+    again = _app().run()
+    said = [w.value for w in again.warning if "Changed since" in w.value]
+    assert said == ["Changed since this analysis read them: photo.safetensors. The figures shown are of the files "
+                    "as they were."]
+    again.switch_page(ui.PAGES[1].path).run()
+    assert any(w.value.startswith("Changed since this analysis read them: photo.safetensors.") and
+               w.value.endswith("Analyse them again on the Analyse page.") for w in again.warning)
+    again.switch_page(ui.PAGES[0].path).run()
+    again.button(key="analyse_again").click().run()
+    _until(again, lambda a: len(_charts(a)) >= 3 and a.session_state["report"]["cos"] != old, "the new analysis")
+    assert not any("Changed since" in w.value for w in again.warning)
+    models = [Path(m).name for m in again.session_state["report"]["models"]]
+    cos = again.session_state["report"]["cos"]
+    assert cos[models.index("photo.safetensors")][models.index("anime_v2.safetensors")] > 0.999  # the files now
+
+
+@pytest.mark.slow
 def test_analyse_comes_back_after_another_page_and_an_empty_mixer_leaves_no_plan(workspace: Path) -> None:
     at = _app().run()
     _until(at, lambda a: len(_charts(a)) >= 3, "the analysis heatmaps")

@@ -251,3 +251,21 @@ def test_a_mixer_plan_naming_an_unreadable_file_is_refused(models: tuple[dict[st
         workspace.plan_from_table(label[paths["base"]], rows, "ortho_superpose", {}, None, choices)
     rows[1]["enabled"] = False  # a disabled row is not read by the merge
     assert workspace.plan_from_table(label[paths["base"]], rows, "ortho_superpose", {}, None, choices).rows
+
+
+def test_changed_files_names_a_rewritten_replaced_or_missing_model_and_hashes_only_what_moved(tmp_path: Path) -> None:
+    from ortho_mecha.io import Model
+
+    paths = write_family_files(tmp_path, "sdxl", "fp16", members=["base", "anime", "photo", "anime_v2"])
+    then = {}
+    for path in paths.values():
+        with Model(path) as model:
+            then[str(path)] = model.fingerprint
+    seen: dict = {}
+    assert workspace.changed_files(then, seen) == []
+    assert set(seen) == set(then)
+    remembered = dict(seen)
+    assert workspace.changed_files(then, seen) == [] and seen == remembered  # nothing moved: nothing hashed again
+    paths["photo"].write_bytes(paths["anime_v2"].read_bytes())  # same name, another model's weights
+    paths["anime"].unlink()
+    assert workspace.changed_files(then, seen) == [str(paths["anime"]), str(paths["photo"])]
