@@ -1277,11 +1277,17 @@ def summary_lines(rep: dict) -> list[str]:
 
 
 def _parse_delta_from(items: list[str]) -> dict[str, str]:
-    pairs = {}
+    """``--delta-from MODEL=OTHER`` items as {MODEL: OTHER}; one OTHER per model (however its path is spelt)."""
+    pairs: dict[str, str] = {}
+    given: dict[str, str] = {}  # real path of each MODEL → the item that named it
     for item in items:
         model, sep, other = item.partition("=")
         if not sep or not model or not other:
             raise OrthoMechaError(f"--delta-from expects MODEL=OTHER, got '{item}'")
+        earlier = given.setdefault(os.path.realpath(model), item)
+        if earlier != item and os.path.realpath(earlier.partition("=")[2]) != os.path.realpath(other):
+            raise OrthoMechaError(f"--delta-from gives {model} two delta-froms ('{earlier}' and '{item}'): "
+                                  "one per model")
         pairs[model] = other
     return pairs
 

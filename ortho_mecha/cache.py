@@ -61,6 +61,8 @@ CLEARED = ("analysis", "hashes")
 def cli_cache(args) -> int:
     """``ortho-mecha cache show|clear``: what the cache holds, or empty it (jobs are kept). A sub-cache whose
     database cannot be opened or read is removed whole."""
+    if cache_dir().exists() and not cache_dir().is_dir():
+        raise OrthoMechaError("is not a folder: set ORTHO_MECHA_CACHE to a folder (it is made if missing)", cache_dir())
     if not cache_dir().is_dir():  # looking, or clearing nothing, makes no folder
         print(f"cache: {cache_dir()} (empty: nothing analysed yet)")
         return 0
@@ -80,17 +82,33 @@ def cli_cache(args) -> int:
     from ortho_mecha.analysis_cache import cache_summary
 
     summary = cache_summary()
+    if not summary["records"] and not summary["older_records"]:
+        print(f"cache: {cache_dir()} (empty: nothing analysed yet)")
+        return 0
     print(f"cache: {cache_dir()} ({summary['bytes'] / 2**20:.1f} MiB of analyses)")
     for record in summary["records"]:
         mode = "exact" if record["exact"] else "default"
         base = record["base_fingerprint"][:12]
         if record["base"]:
-            base = f"{record['base']} ({base})"
+            base = f"{record['base']} ({base}{_base_now(record['base'], record['base_fingerprint'])})"
         print(f"  base {base}, {mode}: {counted(record['files'], 'file')}, {counted(record['rows'], 'analysed delta')}")
     if summary["older_records"]:
         print(f"  {counted(summary['older_records'], 'record')} of another version of ortho-mecha "
               "('ortho-mecha cache clear' removes them)")
     return 0
+
+
+def _base_now(path: str, fingerprint: str) -> str:
+    """'' when the base file at ``path`` is still the one of ``fingerprint``, else what became of it (said beside
+    the record: its figures serve the old file only)."""
+    from ortho_mecha.io import Model
+
+    try:
+        with Model(path) as model:
+            now = model.fingerprint
+    except (OSError, OrthoMechaError):
+        return "; no such file now"
+    return "" if now == fingerprint else "; the file has changed since"
 
 
 def _remove(name: str) -> None:

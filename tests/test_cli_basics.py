@@ -175,6 +175,18 @@ def test_cache_show_names_each_base_with_its_files_and_older_records(cli, privat
     assert f"base {paths['base'].absolute()} (" in shown.out
     assert "default: 2 files, 2 analysed deltas" in shown.out
     assert "1 record of another version of ortho-mecha ('ortho-mecha cache clear' removes them)" in shown.out
+    current = f"base {paths['base'].absolute()} ("
+    line = next(line for line in shown.out.splitlines() if current in line)
+    assert line.endswith("), default: 2 files, 2 analysed deltas")  # the file as it is: no remark
+    # the base rewritten: the old records are said to be of the file as it was; a new analysis has its own
+    paths["base"].write_bytes(paths["photo"].read_bytes())
+    assert cli("analyse", "--base", paths["base"], paths["anime"]).code == 0
+    lines = [line for line in cli("cache", "show").out.splitlines() if current in line]
+    assert len(lines) == 2 and sum("; the file has changed since), default: 2 files" in line for line in lines) == 1
+    paths["base"].unlink()
+    assert all("; no such file now)" in line for line in cli("cache", "show").out.splitlines() if current in line)
+    assert cli("cache", "clear").code == 0
+    assert "(empty: nothing analysed yet)" in cli("cache", "show").out  # not "0.0 MiB of analyses"
 
 
 def test_looking_at_a_cache_that_is_not_there_makes_none_and_a_read_only_one_is_not_called_corrupt(
@@ -189,6 +201,10 @@ def test_looking_at_a_cache_that_is_not_there_makes_none_and_a_read_only_one_is_
         result = cli("cache", action)
         assert result.code == 0 and "(empty: nothing analysed yet)" in result.out
     assert not (tmp_path / "none").exists()
+    (tmp_path / "a file").write_text("")  # a file where the folder should be: said, as analyse says it
+    monkeypatch.setenv("ORTHO_MECHA_CACHE", str(tmp_path / "a file"))
+    shown = cli("cache", "show")
+    assert shown.code == 2 and "is not a folder" in shown.err
     # another user's cache, or a read-only mount: its database is fine, and clearing it is not the remedy
     error = CacheUnusable(sqlite3.OperationalError("attempt to write a readonly database"), tmp_path)
     assert error.read_only and "cannot be written here" in str(error) and "cache clear" not in str(error)
@@ -231,6 +247,12 @@ def test_options_may_come_between_a_commands_models(cli, tmp_path: Path) -> None
     with pytest.raises(SystemExit) as refused:  # an unknown option stays argparse's usage error
         cli("validate", "--base", base, anime, "--bogus", photo)
     assert refused.value.code == 2
+    # one delta-from per model, however its path is spelt; the same one twice is no conflict
+    twice = cli("analyse", "--base", base, anime, v2, "--delta-from", f"{v2}={anime}", "--delta-from",
+                f"{tmp_path}/./anime_v2.safetensors={photo}")
+    assert twice.code == 2 and "two delta-froms" in twice.err and f"'{v2}={anime}'" in twice.err
+    assert cli("analyse", "--base", base, anime, v2, "--no-cache", "--delta-from", f"{v2}={anime}", "--delta-from",
+               f"{v2}={tmp_path}/./anime.safetensors").code == 0
 
 
 def test_a_usage_mistake_is_one_line_with_status_2() -> None:
