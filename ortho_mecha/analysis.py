@@ -850,7 +850,8 @@ class Analysis:
     seconds: float = 0.0
     bytes_read: int = 0
     numels: dict[str, int] = field(default_factory=dict)
-    cached_files: int = 0  # files whose figures came from the cache (the pass read only the others)
+    cached_files: int = 0  # files whose Gram rows came from the cache (the pass read only the others)
+    cached_rows: int = 0  # models whose signal, conflict and outlier figures came from the cache
     fingerprints: dict[str, str] = field(default_factory=dict)  # base and every file: their fingerprint when read
 
     @functools.cached_property
@@ -1076,6 +1077,7 @@ def analyse(
         bytes_read=bytes_read,
         numels={k: _numel(alignment, k) for k in alignment.keys},
         cached_files=len(fps) - len(plan.h_rows),
+        cached_rows=len(row_sigs) - len(plan.stat_rows),
         fingerprints={os.path.abspath(m.path): fp
                       for m, fp in zip([base_model, *file_models], [base_model.fingerprint, *fps], strict=True)},
     )
@@ -1195,6 +1197,7 @@ def report(a: Analysis) -> dict:
         "seconds": round(a.seconds, 3),
         "bytes_read": a.bytes_read,
         "cached_files": a.cached_files,
+        "cached_rows": a.cached_rows,
     }
     _add_proposals(out, h, g)
     return out

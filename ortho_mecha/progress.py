@@ -46,8 +46,11 @@ def read_text(report: Mapping[str, Any]) -> str:
     if not report["bytes_read"]:
         return "from cache"
     read = f"{report['bytes_read'] / 2**20:.1f} MiB read in {duration(report['seconds'])}"
-    cached = report.get("cached_files", 0)
-    return f"{read} (figures of {counted(cached, 'file')} from the cache)" if cached else read
+    cached, rows = report.get("cached_files", 0), report.get("cached_rows", 0)
+    if not cached:
+        return read
+    rows_too = f", figures of {counted(rows, 'model')}" if rows else ""
+    return f"{read} (Gram of {counted(cached, 'file')}{rows_too} from the cache)"
 
 
 def duration(seconds: float) -> str:

@@ -275,7 +275,9 @@ def test_cache_reuses_and_extends(tmp_path: Path, passes: list[A.PassPlan]) -> N
     grown = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]])
     assert passes[-1].h_rows == [3], "adding one model computes one new H row"
     assert grown.cached_files == 3 and first.cached_files == 0
-    assert read_text(A.report(grown)).endswith(" (figures of 3 files from the cache)")  # said, not only done
+    assert read_text(A.report(grown)).endswith(" (Gram of 3 files, figures of 3 models from the cache)")  # said
+    ranked = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]], rank_samples=2)  # the Gram only is cached
+    assert read_text(A.report(ranked)).endswith(" (Gram of 4 files from the cache)") and ranked.cached_rows == 0
     full = A.analyse(paths["base"], [paths[n] for n in MEMBERS[1:5]], use_cache=False)
     assert np.allclose(grown.h, full.h, rtol=1e-5, atol=0)  # default mode: float32 products per chunk
     assert np.array_equal(grown.both, full.both)
