@@ -105,6 +105,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("report", help="the analysis report (from `ortho-mecha analyse --json`)")
     p.add_argument("--json", required=True, metavar="PLAN.json", help="the plan to write")
     p.add_argument("--method", default="ortho_superpose", metavar="NAME", help="merge method (ortho_superpose)")
+    p.add_argument("--autofill", action="store_true",
+                   help="the auto-fill's rows (each model's parent as delta-from, then the redundancy and repeat "
+                        "rules) without the optimizer's search over delta-froms")
     p.add_argument("--overwrite", action="store_true", help="replace PLAN.json if it exists")
     p.set_defaults(handler=_lazy("ortho_mecha.optimize:cli_plan"))
 

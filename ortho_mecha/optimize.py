@@ -340,11 +340,12 @@ def _checks(report: Mapping[str, Any], files: list[str]) -> dict[int, Mapping[st
 
 
 def plan_from_report(
-    report: Mapping[str, Any], method: str = "ortho_superpose", source: str | Path | None = None
+    report: Mapping[str, Any], method: str = "ortho_superpose", source: str | Path | None = None,
+    search: bool = True,
 ) -> dict[str, Any]:
-    """A plan (DESIGN §6 JSON format) proposed by :func:`optimize` from an ``ortho-mecha analyse --json``
-    report. Paths are kept as the report has them; each row carries its reason in ``info``; options are the
-    method's defaults. ``source`` names the report in error messages."""
+    """A plan (DESIGN §6 JSON format) proposed by :func:`optimize` (``search``) or :func:`autofill` from an
+    ``ortho-mecha analyse --json`` report. Paths are kept as the report has them; each row carries its reason in
+    ``info``; options are the method's defaults. ``source`` names the report in error messages."""
     from ortho_mecha import plan as plan_mod  # imports the methods (torch); only when a plan is made
 
     def fail(message: str) -> OrthoMechaError:
@@ -388,7 +389,8 @@ def plan_from_report(
     # a file merge refuses takes no part: never the kept twin of a duplicate it can read, nor another's delta-from
     unusable = [x or bool(refused.get(i)) for i, x in enumerate(null_model)]
     ranked = [-1.0 if refused.get(i) else score for i, score in enumerate(scores)]  # below every quality score
-    choices = optimize(h, n, ranked, unusable, names=short_names(files, keep_suffix=True), lora=lora)
+    propose = optimize if search else autofill
+    choices = propose(h, n, ranked, unusable, names=short_names(files, keep_suffix=True), lora=lora)
     if not any(c.enabled and not refused.get(i) for i, c in enumerate(choices)):
         raise fail("every model is null, a duplicate or refused by merge: there is nothing to merge")
     spec = plan_mod.METHODS[method]
@@ -415,7 +417,7 @@ def plan_from_report(
 
 
 def cli_plan(args: argparse.Namespace) -> int:
-    """``ortho-mecha plan REPORT.json --json PLAN.json [--method NAME] [--overwrite]``."""
+    """``ortho-mecha plan REPORT.json --json PLAN.json [--method NAME] [--autofill] [--overwrite]``."""
     from ortho_mecha.fsutil import read_json, refuse_existing, refuse_text_output, write_json
     from ortho_mecha.plan import METHODS, plan_from_dict
 
@@ -430,7 +432,7 @@ def cli_plan(args: argparse.Namespace) -> int:
         raise OrthoMechaError("a report must be a JSON object", report_path)
     refuse_text_output(out, [Path(f) for f in (report.get("base"), *(report.get("files") or report.get("models") or []))
                              if isinstance(f, str)], "the plan")
-    plan = plan_from_report(report, args.method, source=report_path)
+    plan = plan_from_report(report, args.method, source=report_path, search=not args.autofill)
     plan_from_dict(plan, out.resolve().parent, out)  # the same checks a plan file gets when it is loaded
     write_json(out, plan, overwrite=args.overwrite)
     for row, name in zip(plan["rows"], short_names([row["model"] for row in plan["rows"]], keep_suffix=True),

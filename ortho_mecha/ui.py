@@ -445,8 +445,8 @@ def loaded_analysis(params: Mapping[str, Any]) -> Any:
 
 
 def first_mix(choices: Any, analysis: tuple[str, Mapping[str, Any]] | None) -> dict[str, Any]:
-    """The Mixer's state in a new session: the plan its URL names (a reload, a shared link), else rows from the
-    analysis shown (one row per model), else an empty table."""
+    """The Mixer's state in a new session: the plan its URL names (a reload, a shared link), else the auto-fill's
+    rows for the analysis shown (one row per model), else an empty table."""
     from ortho_mecha import workspace
 
     if (mix_id := st.query_params.get(MIX_URL)) is not None:
@@ -460,7 +460,11 @@ def first_mix(choices: Any, analysis: tuple[str, Mapping[str, Any]] | None) -> d
     if analysis is not None:
         with shown_errors():
             state["base"] = choices.label(analysis[1]["base"])
-            state["rows"] = workspace.table_rows_from_report(analysis[1], choices)
+            try:  # the auto-fill (DESIGN §4): parents as delta-froms, redundant rows off, each with its reason
+                filled = workspace.optimized_mix(analysis[1], state["method"], state, choices, search=False)
+                state["rows"] = filled["rows"]
+            except OrthoMechaError:  # nothing to merge (every model null or refused): the rows as analysed
+                state["rows"] = workspace.table_rows_from_report(analysis[1], choices)
     return state
 
 

@@ -349,8 +349,10 @@ def table_from_plan(plan: Any, choices: ModelChoices) -> dict[str, Any]:
             "texture": texture, "components": components.to_table(plan.components, choices)}
 
 
-def optimized_mix(report: Mapping[str, Any], method: str, mix: Mapping[str, Any], choices: ModelChoices) -> dict:
-    """The Mixer's state with the optimizer's rows for ``report`` (:func:`ortho_mecha.optimize.plan_from_report`).
+def optimized_mix(report: Mapping[str, Any], method: str, mix: Mapping[str, Any], choices: ModelChoices,
+                  search: bool = True) -> dict:
+    """The Mixer's state with the optimizer's rows for ``report`` (:func:`ortho_mecha.optimize.plan_from_report`;
+    without ``search``, the auto-fill's).
 
     Base and rows come from the proposal (each row's reason in ``info``); the method, its options, the
     texture and the components stay as ``mix`` has them. Deterministic: the same report gives the same rows.
@@ -358,7 +360,7 @@ def optimized_mix(report: Mapping[str, Any], method: str, mix: Mapping[str, Any]
     from ortho_mecha.optimize import plan_from_report
     from ortho_mecha.plan import plan_from_dict
 
-    proposed = plan_from_dict(plan_from_report(report, method), Path(report["base"]).parent)
+    proposed = plan_from_dict(plan_from_report(report, method, search=search), Path(report["base"]).parent)
     table = table_from_plan(proposed, choices)
     return {**table, "method": method, "options": dict(mix["options"]), "texture": mix["texture"],
             "components": dict(mix.get("components") or {})}

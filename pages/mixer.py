@@ -46,15 +46,21 @@ base = st.selectbox("Base model", labels, index=labels.index(mix["base"]) if mix
 if broken := workspace.unreadable([choices.path(base)]):  # one message, and no plan on a base merge cannot read
     st.error(f"{broken.popitem()[1]}: choose another base model")
     st.stop()
-caption_column, optimize_column = st.columns([3, 1], vertical_alignment="bottom")
+caption_column, fill_column, optimize_column = st.columns([2, 1, 1], vertical_alignment="bottom")
 caption_column.caption("One row per model: its delta is alpha × (model − delta-from). Add rows at the bottom, "
                        "delete by selecting a row's left edge.")
-if optimize_column.button("Optimize rows", icon=":material/auto_fix_high:", key="mix_optimize",
+fill = fill_column.button("Auto-fill", icon=":material/format_list_bulleted:", key="mix_autofill",
                           disabled=analysis is None, width="stretch",
-                          help="propose delta-froms, alphas and repeats from the analysis (the reasons go to "
-                               "'info'); the method, its options and the texture stay"):
+                          help="each model's parent as its delta-from, redundant rows off, very new ones twice (the "
+                               "reasons go to 'info'); the method, its options and the texture stay")
+optimize = optimize_column.button("Optimize rows", icon=":material/auto_fix_high:", key="mix_optimize",
+                                  disabled=analysis is None, width="stretch",
+                                  help="the auto-fill, then a search for the delta-froms that make the rows most "
+                                       "orthogonal (the reasons go to 'info'); the method, its options and the "
+                                       "texture stay")
+if fill or optimize:
     with ui.shown_errors():
-        ui.set_mix(workspace.optimized_mix(analysis[1], mix["method"], mix, choices))
+        ui.set_mix(workspace.optimized_mix(analysis[1], mix["method"], mix, choices, search=optimize))
         st.rerun()
 edited = st.data_editor(
     workspace.table_frame(mix["rows"]),

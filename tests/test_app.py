@@ -90,8 +90,13 @@ def test_every_page_renders_and_the_round_trip_merges(
     methods = at.selectbox(key="mix_method_1")
     assert "ortho_superpose" in methods.options
     assert any("survival" in str(frame.value.columns) for frame in at.dataframe)
-    plan = at.session_state["plan"]
-    assert len(plan.enabled_rows) == 7
+    filled = at.session_state["plan"]  # the auto-fill's rows (DESIGN §4): parents, duplicates off, with reasons
+    assert len(filled.rows) == 7 and len(filled.enabled_rows) < 7 and all(row.info for row in filled.rows)
+    assert any("duplicate" in row.info for row in filled.rows if not row.enabled)
+    v2 = next(row for row in filled.rows if row.model.name == "anime_v2.safetensors")
+    assert v2.delta_from is not None and v2.delta_from.name == "anime.safetensors" and "its parent" in v2.info
+    at.button(key="mix_autofill").click().run()
+    assert at.session_state["plan"] == filled
     # The optimizer fills the rows from the analysis, a reason per row; the same report gives the same rows.
     at.button(key="mix_optimize").click().run()
     assert not at.exception and not _errors(at)

@@ -66,7 +66,8 @@ def test_compare_methods_and_extract_lora(analysed: Path) -> None:
     assert list(summary.loc[summary["current"], "method"]) == ["ortho_superpose"]
     survival = _frame_with(at, "geometric_median")
     assert list(survival["row"]) == [f"models/fam/{m}.safetensors" for m in MEMBERS[1:]]
-    assert survival["ortho_superpose"].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+    repeats = [row.repeat for row in at.session_state["plan"].rows]  # the auto-fill's: 2 for a row of new information
+    assert survival["ortho_superpose"].tolist() == pytest.approx(repeats, abs=1e-6)  # each carried whole, r times
     assert any("pale bars are estimates" in caption.value for caption in at.caption)
     charts = [chart for chart in at.get("vega_lite_chart") if "xOffset" in chart.proto.spec]
     assert len(charts) == 1

@@ -269,6 +269,12 @@ def test_cli_plan_writes_a_plan_that_loads(
     assert out.read_text() == written
     assert cli("plan", report_path, "--json", out, "--method", "orthomerge", "--overwrite").code == 0
     assert load_plan(out).method == "orthomerge"
+    assert cli("plan", report_path, "--json", out, "--autofill", "--overwrite").code == 0  # no search
+    filled = optimize.plan_from_report(report, search=False)
+    assert [row.info for row in load_plan(out).rows] == [row["info"] for row in filled["rows"]]
+    assert "k.safetensors: enabled: delta from a.safetensors (its parent)" in cli(
+        "plan", report_path, "--json", out, "--autofill", "--overwrite").out
+    assert not any("chosen by the optimizer" in row["info"] for row in filled["rows"])
     assert not list(tmp_path.glob(".plan.json.*"))  # no temporary file left behind
     report_text = report_path.read_text()
     assert "is one of the inputs" in cli_error("plan", report_path, "--json", report_path, "--overwrite")
