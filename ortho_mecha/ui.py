@@ -646,6 +646,16 @@ def mix_figures(
     return MixFigures(rows.labels, survival, interference)
 
 
+def say_lost_rows(survival: Any) -> None:
+    """Warn of the rows the mix would carry (almost) nothing of (:func:`~ortho_mecha.workspace.lost_rows`)."""
+    from ortho_mecha import workspace
+
+    if lost := workspace.lost_rows(survival):
+        st.warning("This mix carries almost nothing of " + ", ".join(
+            f"{Path(model).stem} (survival {value:.2f})" for model, value in lost) + ": rows that oppose each other "
+            "cancel (see Info); turn one of them off or lower its alpha.")
+
+
 def latest_merge(choices: Any) -> str | None:
     """The label of the newest merge's output: the merge job the URL names when it is done, else the newest
     finished merge job's; None when there is none whose output is still a model file under the roots."""

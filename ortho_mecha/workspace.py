@@ -553,6 +553,17 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
     return survival, metrics.interference(weighted, np.ones(len(rows.labels)))
 
 
+LOST_SURVIVAL = 0.01  # a row whose predicted survival is below this carries (almost) nothing into the merge
+
+
+def lost_rows(survival: Any) -> list[tuple[str, float]]:
+    """(model, predicted survival) of the rows of :func:`mix_predictions`' survival table that the merge would
+    carry almost nothing of, or the opposite of (an opposite row cancels them)."""
+    predicted = next(column for column in survival.columns if column.startswith("survival (") and "plain" not in column)
+    return [(model, float(value)) for model, value in zip(survival["model"], survival[predicted], strict=True)
+            if value < LOST_SURVIVAL]
+
+
 def survival_frame(survival: Mapping[str, Any]) -> Any:
     """The merge job's ``survival`` (rows, predicted, measured, label) as a table: one line per enabled row."""
     import pandas as pd

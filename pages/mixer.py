@@ -147,6 +147,7 @@ with predicted:
         with ui.shown_errors():
             figures = ui.mix_figures(analysis, mix, choices)
             if figures is not None:
+                ui.say_lost_rows(figures.survival)
                 st.dataframe(figures.survival, hide_index=True)
                 if len(figures.labels) > 1:
                     names = charts.short_names(figures.labels)

@@ -269,3 +269,11 @@ def test_changed_files_names_a_rewritten_replaced_or_missing_model_and_hashes_on
     paths["photo"].write_bytes(paths["anime_v2"].read_bytes())  # same name, another model's weights
     paths["anime"].unlink()
     assert workspace.changed_files(then, seen) == [str(paths["anime"]), str(paths["photo"])]
+
+
+def test_lost_rows_are_those_the_mix_carries_almost_nothing_of() -> None:
+    import pandas as pd
+
+    survival = pd.DataFrame({"model": ["a", "b", "c"], "alpha": [1.0] * 3, "repeat": [1] * 3,
+                             "survival (exact)": [0.5, 0.004, -0.2], "survival (plain average)": [0.0, 0.0, 0.0]})
+    assert workspace.lost_rows(survival) == [("b", 0.004), ("c", -0.2)]
