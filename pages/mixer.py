@@ -71,7 +71,8 @@ edited = st.data_editor(
         "enabled": st.column_config.CheckboxColumn("enabled", default=True),
         "model": st.column_config.SelectboxColumn("model", options=labels, required=True, width="large"),
         "delta_from": st.column_config.SelectboxColumn(
-            "delta-from", options=[BASE_LABEL, *labels], default=BASE_LABEL, required=True, width="medium"
+            "delta-from", options=[BASE_LABEL, *(label for label in labels if label != base)], default=BASE_LABEL,
+            required=True, width="medium"
         ),
         "alpha": st.column_config.NumberColumn(
             "alpha", min_value=ALPHA_RANGE[0], max_value=ALPHA_RANGE[1], step=0.05, default=1.0, format="%.2f",
