@@ -206,7 +206,11 @@ class _OutputWriter:
         """``value`` (the merge's result, in the merge dtype) in the output ``dtype``, its NaN/Inf elements replaced by
         the base's values (counted). A finite value the output dtype cannot hold (above fp16's 65504, say) is an
         error naming the key: written, it would be Inf, and replaced by the base's value it would silently drop
-        the merge there. fp8 e4m3fn has no Inf and a cast saturates at ±448: beyond that is the same error."""
+        the merge there. fp8 e4m3fn has no Inf and a cast saturates at ±448: beyond that is the same error. An fp8
+        ``value`` (``convert`` keeps a plain fp8 key as it is) is looked at in float32, exactly: torch compares no
+        fp8."""
+        if value.element_size() == 1:
+            value = value.float()
         if dtype == torch.float8_e4m3fn:
             beyond = value.abs() > torch.finfo(dtype).max
             if bool(beyond.any()):
@@ -225,6 +229,8 @@ class _OutputWriter:
         if bool(beyond.any()):
             raise self._overflow(key, int(beyond.sum()), dtype, float(value[beyond].abs().max()))
         base = self._base_tensor(key)
+        if base.element_size() == 1:  # fp8: as the value above
+            base = base.float()
         replacement = base.to(wide.dtype)
         overflow = bad & ~torch.isfinite(replacement) & torch.isfinite(base)  # the base's own value does not fit
         if bool(overflow.any()):

@@ -799,6 +799,24 @@ def test_comfyui_fp8_mixed_precision_converts_without_its_quant_markers(tmp_path
         assert torch.equal(f.get_tensor("layers.0.attn.qkv.weight"), expected)
 
 
+def test_convert_keeps_a_plain_fp8_key_as_it_is(tmp_path: Path, cli) -> None:
+    """A scaled-fp8 file whose norms are plain fp8 (no scale), kept by the default --dtype keep: the fp8 values are
+    written as they are (torch compares no fp8: the range check failed with a torch message naming nothing)."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(6, 4, generator=generator)
+    scale = weight.abs().max() / 448.0
+    norm = torch.tensor([0.5, 1.0, float("nan"), -2.0]).to(torch.float8_e4m3fn)
+    path = save(tmp_path / "scaled.safetensors", {
+        "layers.0.attn.qkv.weight": (weight / scale).to(torch.float8_e4m3fn),
+        "layers.0.attn.qkv.scale_weight": scale.reshape(1), "layers.0.norm.weight": norm})
+    copy = tmp_path / "copy.safetensors"
+    result = cli("convert", path, "--out", copy)
+    assert result.code == 0, result.err
+    with safe_open(str(copy), "pt") as f:
+        kept = f.get_tensor("layers.0.norm.weight")
+        assert kept.dtype == torch.float8_e4m3fn and torch.equal(kept.view(torch.uint8), norm.view(torch.uint8))
+
+
 def test_convert_keeps_dtypes_by_default_and_joins_shards(sharded: tuple[Path, Path], read_files, tmp_path: Path,
                                                           cli) -> None:
     single, folder = sharded
