@@ -368,6 +368,11 @@ def extract_lora(
         kept_sum, total_sum = kept_sum + low.kept, total_sum + low.total
         results.append(KeyResult(canon, name, list(delta.shape), low.rank, low.energy, math.sqrt(low.total), low.tail))
         logger.debug("%s: rank %d, kept %.4f of %.4g", canon, low.rank, low.energy, low.total)
+    if not tensors and unnamed.delta_norm > 0:
+        raise OrthoMechaError(
+            f"none of its matrix keys that differ from the base {base_model.path} has a kohya module name (a LoRA "
+            f"names a module by its '<module>.weight' key; here e.g. '{unnamed.examples[0]}'): no LoRA can carry "
+            "the difference; nothing was written", merged_model.path)
     if not tensors:
         raise OrthoMechaError(
             f"equals the base {base_model.path} on every matrix key: there is no difference to extract",

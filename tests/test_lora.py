@@ -307,6 +307,15 @@ def test_zero_deltas_are_skipped_and_uncaptured_keys_counted(tmp_path) -> None:
     assert report.energy_kept == pytest.approx(1.0)
     assert report.energy_kept_all == pytest.approx(total / (total + lost), rel=1e-6)
 
+    # only unnamed matrix keys differ: said so, not that the model equals the base
+    base, merged = planted({"encoder.attn.w": (6, 5), "head.proj": (4, 5)}, rank=2, seed=5)
+    save(tmp_path / "base2.safetensors", base)
+    save(tmp_path / "merged2.safetensors", merged)
+    with pytest.raises(OrthoMechaError, match=r"none of its matrix keys that differ from the base .* has a kohya "
+                                              r"module name .*here e.g. 'encoder.attn.w'\): no LoRA can carry"):
+        extract_lora(tmp_path / "merged2.safetensors", tmp_path / "base2.safetensors", 4, tmp_path / "l2.safetensors")
+    assert not (tmp_path / "l2.safetensors").exists()
+
 
 # -- the command line ----------------------------------------------------------------------------------
 
