@@ -286,6 +286,7 @@ def main() -> None:
         merge_dtype=MERGE_DTYPE,
         output_dtype=OUTPUT_DTYPE,
         plan_json=PLAN,
+        recipe_text=RECIPE,  # recorded as written: sd-mecha re-serializes a loaded true as the 1.0 beside it
         overwrite=args.overwrite,
         threads=args.threads,
         device=args.device,

@@ -118,7 +118,8 @@ def merge_three_ways(plan_path: Path, base: Path, folder: Path, *merge_options: 
     assert main(["merge", str(plan_path), "--out", str(first), *merge_options]) == 0
     assert main(["recipe", str(plan_path), "--mecha", str(mecha), "--script", str(script)]) == 0
     register_base_config(base)
-    execute(sd_mecha.deserialize_path(mecha), from_mecha, base=base, merge_dtype="fp64", output_dtype="fp32")
+    execute(sd_mecha.deserialize_path(mecha), from_mecha, base=base, merge_dtype="fp64", output_dtype="fp32",
+            recipe_text=mecha.read_text())  # as README says: the recipe recorded as written
     run = subprocess.run([sys.executable, str(script), str(from_script)], capture_output=True, text=True,
                          timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr

@@ -124,8 +124,13 @@ def test_values_are_the_recipes_values(family, tmp_path) -> None:
     torch.testing.assert_close(tensors[key], expected, rtol=0, atol=1e-6)
 
 
-def test_mecha_file_and_script_reproduce_the_merge_bit_for_bit(family, tmp_path) -> None:
-    plan_path = write_plan(tmp_path, make_plan(family, "orthomerge", merge_dtype="fp64").to_dict())
+@pytest.mark.parametrize(("method", "options"), [("orthomerge", {}), ("orthomerge", {"conflict_aware": True}),
+                                                 ("dare", {})])
+def test_mecha_file_and_script_reproduce_the_merge_bit_for_bit(family, tmp_path, method, options) -> None:
+    """Also with a true beside a 1.0 in the recipe (conflict_aware, dare's options), which sd-mecha 1.1.8 writes
+    as one literal when it serializes a loaded recipe: the script records the recipe as written."""
+    data = make_plan(family, method, merge_dtype="fp64").to_dict()
+    plan_path = write_plan(tmp_path, data | {"options": data["options"] | options})
     first, from_mecha, from_script, printed = merge_three_ways(plan_path, family["base"], tmp_path)
     assert json.loads(printed)["output"] == str(from_script)
     assert_same_merge(first, from_mecha, from_script)
