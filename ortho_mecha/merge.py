@@ -431,13 +431,19 @@ def _preflight(inputs: list[Path], out: str | Path, overwrite: bool) -> tuple[Pa
     folder, not an input), then every input against the base ``inputs[0]`` (shapes, shared keys, files
     sd-mecha cannot merge). (The output path, each input's check.)"""
     out = _check_output(out, overwrite, inputs)
+    return out, _check_inputs(inputs)
+
+
+def _check_inputs(inputs: list[Path]) -> list[Any]:
+    """Each input's check against the base ``inputs[0]`` (shapes, shared keys, files sd-mecha cannot merge); a
+    model of a related family (Chroma beside Flux.1) is merged as asked, with a warning."""
     config_id = register_base_config(inputs[0])
     checks = [check_model(config_id, inputs[0], path) for path in inputs[1:]]
     base_arch = file_arch(parse_header(inputs[0])[0])
     for path in inputs[1:]:
         if not is_lora_file(path) and (family := other_family(base_arch, file_arch(parse_header(path)[0]))):
             logger.warning("%s: %s", path, family)  # merged as asked: Chroma and Flux.1 may be merged on purpose
-    return out, checks
+    return checks
 
 
 def replaces_an_input(plan: Plan, out: Path) -> bool:
@@ -453,6 +459,12 @@ def _among(out: Path, inputs: Iterable[str | Path]) -> bool:
 def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:
     """:func:`_preflight` of ``plan``'s inputs and ``out``, for ``merge --dry-run``."""
     _preflight([Path(p).resolve() for p in plan.input_files()], out, overwrite)
+
+
+def check_plan_inputs(plan: Plan) -> None:
+    """The input checks of :func:`check_plan` alone (every file against the plan's base), as the dashboard's
+    Mixer and Merge pages make them before a merge is started; the output they check themselves."""
+    _check_inputs([Path(p).resolve() for p in plan.input_files()])
 
 
 def execute(

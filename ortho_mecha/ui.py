@@ -742,9 +742,30 @@ def restore_merged_plan(job_id: str) -> Any:
     return plan
 
 
+def check_plan_inputs(plan: Any) -> None:
+    """Raise what ``merge`` would say of ``plan``'s input files (a row of another architecture than the base,
+    keys of other shapes, a file sd-mecha cannot merge), as ``merge --dry-run`` does; the outcome is kept per plan
+    for the session (it reads every input's header)."""
+    from ortho_mecha.merge import check_plan_inputs as check
+
+    key = plan.to_json()
+    memo = st.session_state.setdefault("_input_checks", {})
+    if key not in memo:
+        memo.clear()
+        try:
+            check(plan)
+            memo[key] = None
+        except OrthoMechaError as error:
+            memo[key] = error
+    if memo[key] is not None:
+        raise memo[key]
+
+
 def plan_forecast(plan: Any, out: Path) -> Any:
-    """The dry-run :class:`~ortho_mecha.forecast.Forecast` of merging ``plan`` into ``out``, kept per plan and
-    output for the session (it reads the inputs' headers and, once per process, measures this machine)."""
+    """The dry-run :class:`~ortho_mecha.forecast.Forecast` of merging ``plan`` into ``out`` after the input checks
+    of :func:`check_plan_inputs`, kept per plan and output for the session (it reads the inputs' headers and, once
+    per process, measures this machine)."""
+    check_plan_inputs(plan)
     key = (plan.to_json(), str(out))
     memo = st.session_state.setdefault("_forecasts", {})
     if key not in memo:

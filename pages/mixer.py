@@ -136,6 +136,7 @@ else:
     with ui.shown_errors():
         plan = workspace.plan_from_table(base, rows, method, options, texture, choices, chosen_components)
         st.session_state["plan"] = plan
+        ui.check_plan_inputs(plan)  # a row merge would refuse (another architecture, say): said here already
     if plan is not None:
         ui.remember_mix(plan)
 

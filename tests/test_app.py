@@ -407,6 +407,24 @@ def test_a_stored_analysis_whose_files_changed_says_so_and_runs_again(workspace:
 
 
 @pytest.mark.slow
+def test_a_row_of_another_architecture_is_refused_on_the_mixer_and_the_merge_page(workspace: Path) -> None:
+    """What `merge --dry-run` says of the inputs is said before Merge is clicked (not only by the failed job)."""
+    at = _app().run()
+    _until(at, lambda a: len(_charts(a)) >= 3, "the demo analysis")
+    write_family_files(workspace / "models" / "other", "sdxl", "fp16", members=["base", "anime"])
+    at.switch_page(ui.PAGES[1].path).run()
+    rows_key = f"mix_rows_{at.session_state['mix']['version']}"
+    at.session_state[rows_key] = {"edited_rows": {}, "deleted_rows": [], "added_rows": [
+        {"enabled": True, "model": "models/other/anime.safetensors", "delta_from": "(base)", "alpha": 1.0,
+         "repeat": 1}]}
+    at.run()
+    said = [e for e in _errors(at) if "anime.safetensors" in e and "same architecture" in e]
+    assert len(said) == 1, _errors(at)
+    at.switch_page(ui.PAGES[2].path).run()
+    assert any("same architecture" in e for e in _errors(at)) and at.button(key="merge_start").disabled
+
+
+@pytest.mark.slow
 def test_analyse_comes_back_after_another_page_and_an_empty_mixer_leaves_no_plan(workspace: Path) -> None:
     at = _app().run()
     _until(at, lambda a: len(_charts(a)) >= 3, "the analysis heatmaps")
