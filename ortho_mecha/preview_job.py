@@ -40,7 +40,7 @@ from ortho_mecha.workflows import (
 logger = logging.getLogger(__name__)
 
 SWEEPS_FOLDER = "sweeps"  # under the workspace's merges/
-CONNECT_TIMEOUT = 5.0  # seconds the up-front check of the server may take
+CONNECT_TIMEOUT = 15.0  # seconds the up-front check of the server may take (one loading a model answers late)
 
 
 def comfy_settings(server_address: str | None, api: str, folder: str) -> tuple[str, str]:

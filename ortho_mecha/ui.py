@@ -742,6 +742,14 @@ def restore_merged_plan(job_id: str) -> Any:
     return plan
 
 
+def connect_comfy(api: str, folder: str) -> tuple[str, str | None]:
+    """:func:`ortho_mecha.preview_job.connect`, with a spinner while ComfyUI is asked (a busy one answers late)."""
+    from ortho_mecha import preview_job
+
+    with st.spinner(f"Checking ComfyUI at {api.strip() or 'its default address'} …"):
+        return preview_job.connect(api, folder)
+
+
 def check_plan_inputs(plan: Any) -> None:
     """Raise what ``merge`` would say of ``plan``'s input files (a row of another architecture than the base,
     keys of other shapes, a file sd-mecha cannot merge), as ``merge --dry-run`` does; the outcome is kept per plan

@@ -118,7 +118,7 @@ with one:
             with ui.shown_errors():
                 if uploaded is not None and own is None:
                     raise OrthoMechaError(f"{uploaded.name}: fix the workflow (see above) or remove it")
-                server, comfy_folder = preview_job.connect(api, folder)
+                server, comfy_folder = ui.connect_comfy(api, folder)
                 render_arch = preview_job.page_arch(arch, merges.path(model), workflow=own is not None)
                 params = preview_job.preview_params(merges.path(model), render_arch, settings, server, comfy_folder,
                                                     own, choice=arch)
@@ -160,7 +160,7 @@ with sweep:
         if st.button("Run the sweep", type="primary", icon=":material/view_column:", key="sw_start",
                      disabled=swept is None or not form_ok or not size_ok):  # what cannot be run says why above
             with ui.shown_errors():
-                server, comfy_folder = preview_job.connect(api, folder)
+                server, comfy_folder = ui.connect_comfy(api, folder)
                 sweep_arch = preview_job.page_arch(arch, swept.base)
                 params = preview_job.sweep_params(swept, name, alphas, sweep_arch, settings, server, comfy_folder,
                                                   compare, choice=arch)
