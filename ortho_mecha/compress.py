@@ -436,6 +436,13 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
     fits = {k.key: k for k in result.keys}
     if [k for k in family.keys if k in fits] != list(fits):
         raise OrthoMechaError("the models changed since the fit (its keys are not theirs); fit again", out)
+    prefix = lora_prefix(family.keys)
+    if fits and not any(len(k.shape) >= 2 and lora_name(k.key, prefix) is not None for k in fits.values()):
+        family.close()
+        example = next((k.key for k in fits.values() if len(k.shape) >= 2), next(iter(fits)))
+        raise OrthoMechaError(
+            f"none of the models' matrix keys has a kohya module name (a LoRA names a module by its "
+            f"'<module>.weight' key; here e.g. '{example}'): no LoRA can carry their deltas; nothing was written", out)
     with output_folder(out), removed_on_failure() as written:  # the set lands whole, or not at all
         writer = None
         if average_path is not None:
@@ -452,7 +459,6 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
         kept, total = np.zeros(count), np.zeros(count)
         lost = [Uncaptured() for _ in range(count)]
         try:
-            prefix = lora_prefix(family.keys)
             for canon, key_fit in fits.items():
                 dw, dq = _directions(family, key_fit, writer)
                 name = lora_name(canon, prefix)

@@ -229,6 +229,26 @@ def test_export_against_a_base_rebuilds_every_model(tmp_path, directions: int, d
     assert digests(tmp_path / "models") == before
 
 
+def test_export_of_keys_no_lora_can_name_is_refused_and_writes_nothing(tmp_path) -> None:
+    """Matrix keys without '.weight' have no kohya module name: the LoRAs would hold nothing (they were written
+    empty, said to keep 100 %)."""
+    generator = torch.Generator().manual_seed(3)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    base = {"encoder.attn.w": randn((6, 5), generator), "head.proj": randn((4, 5), generator)}
+    save_file(base, str(folder / "base.safetensors"))
+    models = []
+    for m, lam in enumerate(LAMBDAS[:2]):
+        d = {k: randn(v.shape, generator) for k, v in base.items()}
+        save_file({k: base[k] + lam * d[k] for k in base}, str(folder / f"m{m}.safetensors"))
+        models.append(folder / f"m{m}.safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(OrthoMechaError, match=r"has a kohya module name .*here e.g. 'encoder.attn.w'\): no LoRA can "
+                                              r"carry their deltas; nothing was written"):
+        export(fit(models, folder / "base.safetensors", 1), out, rank=4)
+    assert not out.exists()
+
+
 def test_export_with_the_average_writes_the_base_and_rebuilds_models(tmp_path) -> None:
     family = planted_family(tmp_path / "models")
     out = tmp_path / "out"
