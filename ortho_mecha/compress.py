@@ -55,6 +55,7 @@ from ortho_mecha.fsutil import (
     refuse_existing,
     remove_stale_partials,
     removed_on_failure,
+    require_folder,
     write_json,
 )
 from ortho_mecha.io import DTYPES, ROUNDING, Model, expand_model_paths, tensor_bytes
@@ -429,8 +430,7 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OrthoMechaError("exists and is not a folder", out)
-    if not out.parent.is_dir():
-        raise OrthoMechaError("the folder for this output does not exist", out.parent)
+    require_folder(out.parent)
     average_path, lora_paths = output_paths(out, result.models, result.base == AVERAGE)
     family = Family(result.models, result.base)
     fits = {k.key: k for k in result.keys}

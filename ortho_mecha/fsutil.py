@@ -23,9 +23,10 @@ logger = logging.getLogger(__name__)
 
 def read_json(path: Path, what: str, missing: str) -> object:
     """The JSON document in ``path`` (a ``what``: "plan", "report"); ``missing`` is the message when there is
-    no such file. Unreadable, non-UTF-8 (a model file given by mistake) or invalid JSON: one clear error."""
+    no such file. Unreadable, non-UTF-8 (a model file given by mistake) or invalid JSON: one clear error. A
+    byte-order mark (Windows editors write one) is skipped."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
         raise OrthoMechaError(missing, path) from exc
     except UnicodeDecodeError as exc:
@@ -40,6 +41,13 @@ def read_json(path: Path, what: str, missing: str) -> object:
 
 
 MODEL_LIKE = (MODEL_SUFFIX, *OTHER_MODEL_SUFFIXES)  # names a text output must not take
+
+
+def require_folder(folder: Path, what: str = "the folder for this output") -> None:
+    """Raise unless ``folder`` (where an output goes) is an existing folder, saying whether it is missing or a file."""
+    if not folder.is_dir():
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise OrthoMechaError(f"{what} {problem}", folder)
 
 
 def refuse_input(output: Path, inputs: Iterable[Path], what: str) -> None:
@@ -193,8 +201,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
     place (:func:`place`: never over a file unless ``overwrite``)."""
     path = Path(path)
     refuse_existing(path, overwrite)
-    if not path.parent.is_dir():
-        raise OrthoMechaError("the folder for this output does not exist", path.parent)
+    require_folder(path.parent)
     remove_stale_partials(path)
     tmp = partial_path(path)
     try:

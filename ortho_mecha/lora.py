@@ -50,7 +50,7 @@ from safetensors.torch import save
 from ortho_mecha import __version__
 from ortho_mecha.arch import is_diffusers_flux
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes, check_writable, refuse_existing, write_json
+from ortho_mecha.fsutil import atomic_write_bytes, check_writable, refuse_existing, require_folder, write_json
 from ortho_mecha.io import Model
 from ortho_mecha.validate import align, check_report_output, key_map, refuse_input_as_output
 
@@ -199,8 +199,7 @@ def check_output(out: Path, inputs: list[Model], overwrite: bool) -> Path:
     """A ``.safetensors`` path in an existing folder, not an input, not existing unless ``overwrite``."""
     if out.suffix != ".safetensors":
         raise OrthoMechaError("the LoRA must be written to a .safetensors file", out)
-    if not out.parent.is_dir():
-        raise OrthoMechaError("the folder for this output does not exist", out.parent)
+    require_folder(out.parent)
     refuse_input_as_output(out, inputs, "the LoRA")
     refuse_existing(out, overwrite)
     check_writable(out)

@@ -180,6 +180,13 @@ def check_model(config_id: str, base: str | Path, path: str | Path) -> KeyCheck:
                     f"{list(meta.shape)} for '{key}': is it the same architecture?",
                     path,
                 )
+            if not tensors[found].is_float and meta.dtype is not None and meta.dtype.is_floating_point:
+                raise OrthoMechaError(
+                    f"key '{found}' is stored as {tensors[found].dtype}, not floating point, but the base {base} has "
+                    f"{str(meta.dtype).removeprefix('torch.')} weights for '{key}': it is no weight the merge can use "
+                    "(the analysis reads it as the base's value)",
+                    path,
+                )
             shared += 1
     total = len(config.keys())
     if shared < MIN_SHARED * total:

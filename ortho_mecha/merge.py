@@ -61,6 +61,7 @@ from ortho_mecha.fsutil import (
     place,
     refuse_existing,
     remove_stale_partials,
+    require_folder,
     short_names,
 )
 from ortho_mecha.hashing import sha256_file
@@ -358,8 +359,7 @@ def _check_output(out: str | Path, overwrite: bool, inputs: list[Path]) -> Path:
     out = out.parent.resolve() / out.name
     if out.suffix != ".safetensors":
         raise OrthoMechaError("the output must be a .safetensors file", out)
-    if not out.parent.is_dir():
-        raise OrthoMechaError("the output folder does not exist", out.parent)
+    require_folder(out.parent, "the output folder")
     if out.is_dir():
         raise OrthoMechaError("is a folder; give the output a file name inside it", out)
     if _among(out, inputs):

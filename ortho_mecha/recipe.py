@@ -71,7 +71,7 @@ from sd_mecha.extensions import merge_methods
 
 from ortho_mecha import __version__, blocks, components
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_text, refuse_existing, refuse_text_output
+from ortho_mecha.fsutil import atomic_write_text, refuse_existing, refuse_text_output, require_folder
 from ortho_mecha.gram import noise_unit
 from ortho_mecha.lora_rows import is_lora_file, lora_delta_node
 from ortho_mecha.mecha_config import model_node, register_base_config
@@ -314,8 +314,7 @@ def write_recipe(plan: Plan, mecha: Path | None, script: Path | None, overwrite:
         if path is not None:
             refuse_text_output(path, inputs, what)
             refuse_existing(path, overwrite)
-            if not path.parent.is_dir():
-                raise OrthoMechaError("the folder for this output does not exist", path.parent)
+            require_folder(path.parent)
     written = []
     if mecha is not None:
         written.append(atomic_write_text(mecha, recipe_text(plan), overwrite))

@@ -24,7 +24,7 @@ from typing import Any
 from ortho_mecha.comfy import ComfyClient, PreviewImage, preflight, run_preview, save_images
 from ortho_mecha.comfy import Progress as ComfyProgress
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import atomic_write_bytes, output_folder, short_names
+from ortho_mecha.fsutil import atomic_write_bytes, output_folder, require_folder, short_names
 from ortho_mecha.lora_rows import is_lora_file
 from ortho_mecha.merge import merge_plan
 from ortho_mecha.plan import Plan, Row, save_plan
@@ -154,8 +154,7 @@ def alpha_sweep(
 ) -> dict[str, Any]:
     """Run the sweep (see the module docstring); returns the cells and the grid's path."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise OrthoMechaError("the sweep's output folder does not exist", folder)
+    require_folder(folder, "the sweep's output folder")
     stem = (plan.source.stem if plan.source else plan.base.stem) + "_sweep"
     grid_path = folder / f"{stem}.png"
     if grid_path.exists():

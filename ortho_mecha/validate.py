@@ -21,7 +21,14 @@ import torch
 
 from ortho_mecha import arch as arch_mod
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import check_writable, refuse_existing, refuse_input, refuse_text_output, write_json
+from ortho_mecha.fsutil import (
+    check_writable,
+    refuse_existing,
+    refuse_input,
+    refuse_text_output,
+    require_folder,
+    write_json,
+)
 from ortho_mecha.io import Model, expand_model_paths, model_files
 from ortho_mecha.progress import counted
 from ortho_mecha.security import unmergeable_name
@@ -364,8 +371,7 @@ def check_report_output(output: Path, models: Sequence[Model | str | Path], over
     a model file, in an existing folder that can be written, and not an existing file unless ``overwrite``
     (``remedy``: what to do then, when the command has no --overwrite)."""
     refuse_text_output(output, _files(models), "the report")
-    if not output.parent.is_dir():
-        raise OrthoMechaError("the folder for the report does not exist", output.parent)
+    require_folder(output.parent, "the folder for the report")
     if remedy is None:
         refuse_existing(output, overwrite)
     else:

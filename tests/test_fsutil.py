@@ -19,6 +19,7 @@ from ortho_mecha.fsutil import (
     check_writable,
     partial_path,
     place,
+    read_json,
     refuse_existing,
     write_json,
 )
@@ -99,6 +100,14 @@ def test_no_output_replaces_a_folder(tmp_path: Path, cli_error) -> None:
     error = cli_error("analyse", "--base", tmp_path / "base.safetensors", tmp_path / "m.safetensors", "--json",
                       folder, "--overwrite", "--no-cache")
     assert error.endswith("report.json: is a folder; name a file")
+    # an output whose folder is a file: said so, not "does not exist"
+    (tmp_path / "notes").write_text("")
+    error = cli_error("analyse", "--base", tmp_path / "base.safetensors", tmp_path / "m.safetensors", "--json",
+                      tmp_path / "notes" / "r.json", "--no-cache")
+    assert error.endswith("notes: the folder for the report is a file, not a folder")
+    error = cli_error("extract-lora", tmp_path / "m.safetensors", tmp_path / "base.safetensors", "--rank", 2,
+                      "--out", tmp_path / "notes" / "l.safetensors")
+    assert error.endswith("notes: the folder for this output is a file, not a folder")
 
 
 def test_json_reports_turn_non_finite_figures_to_null_and_stay_readable(tmp_path: Path) -> None:
@@ -117,3 +126,13 @@ def test_json_reports_turn_non_finite_figures_to_null_and_stay_readable(tmp_path
     assert json.loads(path.read_text()) == big
     with pytest.raises(OrthoMechaError, match="exists"):
         write_json(path, small)
+
+
+def test_a_json_file_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> None:
+    """Windows Notepad starts UTF-8 files with a byte-order mark: a plan saved there is read, not refused."""
+    path = tmp_path / "plan.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"method": "orthomerge"}).encode())
+    assert read_json(path, "plan", "no such plan") == {"method": "orthomerge"}
+    path.write_bytes(b"\xef\xbb\xbf{oops")
+    with pytest.raises(OrthoMechaError, match="not valid JSON"):
+        read_json(path, "plan", "no such plan")

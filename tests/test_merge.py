@@ -137,6 +137,20 @@ def test_mecha_file_and_script_reproduce_the_merge_bit_for_bit(family, tmp_path,
     assert header(from_script)[1][META_PLAN] == header(first)[1][META_PLAN]
 
 
+def test_a_weight_stored_as_integers_is_refused_naming_the_key(family, tmp_path) -> None:
+    """The analysis reads a float key stored as integers in a fine-tune as the base's value; merge summed the integers
+    in as weights, with no word."""
+    state = finetune(base_state(), 13)
+    state["time_embed.0.bias"] = torch.arange(state["time_embed.0.bias"].numel(), dtype=torch.int32)
+    odd = tmp_path / "ints.safetensors"
+    save_file(state, str(odd))
+    plan = plan_from_dict({"base": str(family["base"]), "method": "add_difference", "rows": [{"model": str(odd)}]},
+                          tmp_path)
+    with pytest.raises(OrthoMechaError, match=r"key 'time_embed.0.bias' is stored as I32, not floating point"):
+        merge_plan(plan, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_nan_elements_are_replaced_by_the_base_values(family, tmp_path) -> None:
     state = finetune(base_state(), 11)
     state["time_embed.0.weight"][3, 5] = float("nan")
