@@ -240,11 +240,11 @@ def sweep_params(
     of that name that stopped half-way is continued (its merges are reused when they come from the same plan).
     """
     from ortho_mecha.plan import save_plan
-    from ortho_mecha.sweep import parse_alphas  # imports the merge machinery (torch)
+    from ortho_mecha.sweep import parse_alphas, sweep_stem  # imports the merge machinery (torch)
 
     values = parse_alphas(alphas)
     out = sweep_folder(name, workspace_dir)
-    grid = out / f"{out.name}_sweep.png"
+    grid = out / f"{sweep_stem(out.name)}.png"
     if grid.exists():
         raise OrthoMechaError("a sweep of that name is done already; choose another name", grid)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@ merge already there from the same plan is reused, any other file of that name is
 overwritten) — then previewed through ComfyUI with one seed. With ``compare`` the base and each enabled
 row's model are previewed too; a LoRA row, which ComfyUI cannot load as a model, is previewed as the model
 it stands for, the base plus the LoRA (merged beside the others as ``<stem>_<lora>.safetensors``). The
-images are saved beside the merges and combined into one labelled grid (``<stem>_sweep.png``): one column
-per alpha (then base and models), one row per image of a batch.
+images are saved beside the merges and combined into one labelled grid (``<stem>_sweep.png``,
+:func:`sweep_stem`): one column per alpha (then base and models), one row per image of a batch.
 """
 
 from __future__ import annotations
@@ -139,6 +139,12 @@ def grid(columns: Sequence[tuple[str, Sequence[bytes]]]) -> bytes:
     return buffer.getvalue()
 
 
+def sweep_stem(name: str) -> str:
+    """The stem of a sweep's files for a plan named ``name``: ``<name>_sweep``, or ``name`` itself when it already
+    ends in "sweep" (a sweep named "sweep" writes ``sweep.png``, not ``sweep_sweep.png``)."""
+    return name if name.lower().endswith("sweep") else f"{name}_sweep"
+
+
 def alpha_sweep(
     plan: Plan,
     alphas: Sequence[float],
@@ -155,7 +161,7 @@ def alpha_sweep(
     """Run the sweep (see the module docstring); returns the cells and the grid's path."""
     folder = Path(folder)
     require_folder(folder, "the sweep's output folder")
-    stem = (plan.source.stem if plan.source else plan.base.stem) + "_sweep"
+    stem = sweep_stem(plan.source.stem if plan.source else plan.base.stem)
     grid_path = folder / f"{stem}.png"
     if grid_path.exists():
         raise OrthoMechaError("already exists; choose another folder or move it away", grid_path)

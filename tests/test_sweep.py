@@ -184,3 +184,10 @@ def test_a_compared_model_with_a_long_name_gets_short_image_names(comfy_stub: Co
     names = [p.name for p in out.iterdir()]
     assert max(len(n) for n in names) < 160, names
     assert len([n for n in names if n.startswith("mix_sweep_very_long_model_name_x")]) == 1  # its one image
+
+
+def test_a_sweep_named_sweep_does_not_say_it_twice() -> None:
+    from ortho_mecha.sweep import sweep_stem
+
+    assert [sweep_stem(n) for n in ("mix", "sweep", "my Sweep", "sweeper")] == [
+        "mix_sweep", "sweep", "my Sweep", "sweeper_sweep"]
