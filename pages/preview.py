@@ -87,6 +87,8 @@ with one:
         st.info(f"No merged models yet in {workspace.merges_dir()}; merge a plan on the Merge page first.")
     else:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
+        if latest := ui.latest_merge(merges):  # the merge just made, not the first name in the folder
+            st.session_state.setdefault("pv_model", latest)
         model = left.selectbox("Merged model", merges.labels, key="pv_model")
         with st.expander("Your own workflow (optional)", icon=":material/account_tree:"):
             st.caption('A workflow exported from ComfyUI with "Save (API)", or an image ComfyUI saved (it holds the '

@@ -171,10 +171,13 @@ def test_every_page_renders_and_the_round_trip_merges(
     # Preview: an alpha sweep of the Mixer's plan through the stand-in ComfyUI, as a job, ends in the grid.
     monkeypatch.setenv("COMFYUI_API", comfy_stub.url)
     monkeypatch.setenv("COMFYUI_DIR", str(comfy_stub.root))
+    shutil.copy(workspace / "merges" / "round trip.safetensors", workspace / "merges" / "an older one.safetensors")
     at.switch_page(ui.PAGES[3].path).run()
     assert not at.exception and not _errors(at)
     assert at.title[0].value == "Preview"
-    assert at.selectbox(key="pv_model").options == ["round trip.safetensors"]
+    picked = at.selectbox(key="pv_model")
+    assert picked.options == ["an older one.safetensors", "round trip.safetensors"]
+    assert picked.value == "round trip.safetensors"  # the merge just made, not the first name
     assert at.selectbox(key="pv_arch").value == "auto"
     captions = [c.value for c in at.caption]
     assert "Architecture: flux1, from its keys" in captions  # the demo merge's
