@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,16 +429,22 @@ def current_analysis(choices: Any) -> tuple[dict[str, Any], dict[str, Any]] | No
     return done[0]["params"], done[0]["result"]
 
 
+def _kept(name: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in the session under ``name`` for ``key``: the latest key only (a page asks again for the
+    same thing on every rerun, and seldom goes back to an older one)."""
+    memo = st.session_state.setdefault(name, {})
+    if key not in memo:
+        memo.clear()
+        memo[key] = compute()
+    return memo[key]
+
+
 def loaded_analysis(params: Mapping[str, Any]) -> Any:
     """The :class:`~ortho_mecha.analysis.Analysis` of ``params``, from the analysis cache (no file read)."""
-    key = json.dumps(params, sort_keys=True)
-    memo = st.session_state.setdefault("_analyses", {})
-    if key not in memo:
-        from ortho_mecha.analysis import analyse
+    from ortho_mecha.analysis import analyse
 
-        memo.clear()
-        memo[key] = analyse(params["base"], params["models"], params.get("delta_from") or {})
-    return memo[key]
+    return _kept("_analyses", json.dumps(params, sort_keys=True),
+                 lambda: analyse(params["base"], params["models"], params.get("delta_from") or {}))
 
 
 # --- the Mixer -------------------------------------------------------------------------------------
@@ -756,29 +762,22 @@ def check_plan_inputs(plan: Any) -> None:
     for the session (it reads every input's header)."""
     from ortho_mecha.merge import check_plan_inputs as check
 
-    key = plan.to_json()
-    memo = st.session_state.setdefault("_input_checks", {})
-    if key not in memo:
-        memo.clear()
+    def refusal() -> OrthoMechaError | None:
         try:
             check(plan)
-            memo[key] = None
         except OrthoMechaError as error:
-            memo[key] = error
-    if memo[key] is not None:
-        raise memo[key]
+            return error
+        return None
+
+    if (error := _kept("_input_checks", plan.to_json(), refusal)) is not None:
+        raise error
 
 
 def plan_forecast(plan: Any, out: Path) -> Any:
     """The dry-run :class:`~ortho_mecha.forecast.Forecast` of merging ``plan`` into ``out`` after the input checks
     of :func:`check_plan_inputs`, kept per plan and output for the session (it reads the inputs' headers and, once
     per process, measures this machine)."""
-    check_plan_inputs(plan)
-    key = (plan.to_json(), str(out))
-    memo = st.session_state.setdefault("_forecasts", {})
-    if key not in memo:
-        from ortho_mecha.forecast import forecast
+    from ortho_mecha.forecast import forecast
 
-        memo.clear()
-        memo[key] = forecast(plan, out)
-    return memo[key]
+    check_plan_inputs(plan)
+    return _kept("_forecasts", (plan.to_json(), str(out)), lambda: forecast(plan, out))
