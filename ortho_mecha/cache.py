@@ -101,12 +101,10 @@ def cli_cache(args) -> int:
 def _base_now(path: str, fingerprint: str) -> str:
     """'' when the base file at ``path`` is still the one of ``fingerprint``, else what became of it (said beside
     the record: its figures serve the old file only)."""
-    from ortho_mecha.io import Model
+    from ortho_mecha.io import fingerprint_now
 
-    try:
-        with Model(path) as model:
-            now = model.fingerprint
-    except (OSError, OrthoMechaError):
+    now = fingerprint_now(path)
+    if now is None:
         return "; no such file now"
     return "" if now == fingerprint else "; the file has changed since"
 

@@ -444,6 +444,15 @@ class Model:
         return f"Model({str(self.path)!r}, {len(self.tensors)} tensors)"
 
 
+def fingerprint_now(path: str | Path) -> str | None:
+    """The :attr:`Model.fingerprint` of the model at ``path`` now; None when it is gone or cannot be read."""
+    try:
+        with Model(path) as model:
+            return model.fingerprint
+    except (OSError, OrthoMechaError):
+        return None
+
+
 def expand_model_paths(paths: list[str | Path], warn: bool = True) -> list[Path]:
     """Expand folders into their models (shards grouped into one), keep files as given, in order; a file
     named twice (also through a folder, or a link) is kept once, where it first comes, with a warning (unless not

@@ -162,19 +162,18 @@ def changed_files(fingerprints: Mapping[str, str], seen: dict[str, tuple[list, s
     """The files of ``fingerprints`` (path → fingerprint when an analysis read them) that are not the same now:
     changed, replaced, gone or unreadable. ``seen`` (kept by the caller, e.g. per session) remembers the size, mtime
     and inode of each model's files with its fingerprint then, so a model is hashed again only when those move."""
-    from ortho_mecha.io import Model, model_files  # imports torch: only when a page checks files
+    from ortho_mecha.io import fingerprint_now, model_files  # imports torch: only when a page checks files
 
     changed = []
     for path, then in fingerprints.items():
         try:
             stamp = [(s.st_size, s.st_mtime_ns, s.st_ino) for s in (f.stat() for f in model_files(Path(path)))]
-            if path not in seen or seen[path][0] != stamp:
-                with Model(path) as model:
-                    seen[path] = (stamp, model.fingerprint)
-            now = seen[path][1]
-        except (OSError, OrthoMechaError):
-            now = None
-        if now != then:
+        except (OSError, OrthoMechaError):  # gone, or no longer a model file
+            changed.append(path)
+            continue
+        if path not in seen or seen[path][0] != stamp:
+            seen[path] = (stamp, fingerprint_now(path))
+        if seen[path][1] != then:
             changed.append(path)
     return changed
 
