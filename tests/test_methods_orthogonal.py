@@ -269,6 +269,8 @@ def test_output_keeps_input_dtype(gen: torch.Generator) -> None:
         (lambda b, d: superpose_method(b, d, alpha=-0.5), "[0, inf)"),
         (lambda b, d: project(b, d, alpha=-1.0), "[0, inf)"),
         (lambda b, d: scale_delta.__wrapped__(d, alpha=-1.0), "[0, inf)"),
+        (lambda b, d: scale_delta.__wrapped__(d, alpha=float("inf")), "[0, inf)"),
+        (lambda b, d: project(b, d, alpha=float("nan")), "[0, inf)"),
     ],
 )
 def test_invalid_options_raise_with_allowed_values(call: Callable[..., torch.Tensor], expected: str) -> None:

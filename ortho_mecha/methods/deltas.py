@@ -15,6 +15,7 @@ temporaries stay a few MB per merge thread whatever the size of the key, and sta
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -66,7 +67,7 @@ class OptionSpec:
             raise OptionError(message) from None
         low_ok = self.minimum is None or (number > self.minimum if self.exclusive else number >= self.minimum)
         high_ok = self.maximum is None or (number < self.maximum if self.exclusive else number <= self.maximum)
-        if not (low_ok and high_ok):
+        if not (low_ok and high_ok and math.isfinite(number)):
             raise OptionError(f"{method}: {self.name}={value!r} is out of range; use a value in {self.range_text()}")
         return number
 
