@@ -79,8 +79,8 @@ def settings_params(settings: PreviewSettings) -> dict[str, Any]:
 
 def page_fields(params: Mapping[str, Any], models: Any = None) -> dict[str, Any]:
     """The Preview page's fields (widget key → value) as the ``preview`` or ``sweep`` job of these ``params`` ran:
-    shown beside its images on a reload, in a second tab or to another person. ``models``: the page's merged
-    models (a :class:`~ortho_mecha.workspace.ModelChoices`), to select the one rendered when it is listed. What
+    shown beside its images on a reload, in a second tab or to another person. ``models``: the page's models
+    (a :class:`~ortho_mecha.workspace.ModelChoices`), to select the one rendered when it is listed. What
     the job left to a user workflow (its own negative prompt and seed) stays as the page has it."""
     settings = params.get("settings") or {}
     size = settings.get("size")

@@ -18,7 +18,7 @@ MIXER_PLAN = "the Mixer's plan"
 ui.require_app()
 st.title("Preview")
 
-merges = ui.model_choices((workspace.merges_dir(),))
+models = ui.model_choices().with_folder(workspace.merges_dir())  # a merge, or any model to compare it with
 served_here = not security.is_lan_address(st.get_option("server.address"))
 # The fields start as the job in the URL ran (a reload, a second tab, a colleague see what made its images).
 for url_name in (ui.PREVIEW_URL, ui.SWEEP_URL):
@@ -26,7 +26,7 @@ for url_name in (ui.PREVIEW_URL, ui.SWEEP_URL):
     if job_id and (st.session_state.get(f"fields_from_{url_name}") != job_id or "pv_prompt" not in st.session_state):
         with contextlib.suppress(OrthoMechaError):  # a job that cannot be read is said by its panel below
             params = ui.job_record(url_name, job_id)["params"]
-            st.session_state.update(preview_job.page_fields(params, merges))
+            st.session_state.update(preview_job.page_fields(params, models))
             if served_here:
                 st.session_state.update(pv_api=params["api"], pv_dir=params.get("comfy_dir") or "")
         st.session_state[f"fields_from_{url_name}"] = job_id
@@ -83,13 +83,15 @@ settings = PreviewSettings(prompt=prompt, negative=negative, seed=int(seed),
 one, sweep = st.tabs(["One model", "Alpha sweep"])
 
 with one:
-    if not merges.labels:
-        st.info(f"No merged models yet in {workspace.merges_dir()}; merge a plan on the Merge page first.")
+    if not models.labels:
+        st.info(f"No model files under the model folders or in {workspace.merges_dir()}; merge a plan on the Merge "
+                "page first.")
     else:
         left, right = st.columns([3, 1], vertical_alignment="bottom")
-        if latest := ui.latest_merge(merges):  # the merge just made, not the first name in the folder
+        if latest := ui.latest_merge(models):  # the merge just made, not the first name in the folders
             st.session_state.setdefault("pv_model", latest)
-        model = left.selectbox("Merged model", merges.labels, key="pv_model")
+        model = left.selectbox("Model", models.labels, key="pv_model",
+                               help="a merge, or any model under the model folders (its base or an input, say)")
         with st.expander("Your own workflow (optional)", icon=":material/account_tree:"):
             st.caption('A workflow exported from ComfyUI with "Save (API)", or an image ComfyUI saved (it holds the '
                        "workflow that made it). The model and prompt (and, unless it keeps its own, the negative "
@@ -111,9 +113,9 @@ with one:
                     st.caption(f"{uploaded.name}: {len(own.graph)} nodes; it will be used for this render.")
         if uploaded is None:  # the built-in workflow of the chosen architecture
             with ui.shown_errors():
-                if note := preview_job.arch_note(merges.path(model), arch):
+                if note := preview_job.arch_note(models.path(model), arch):
                     (st.warning if note.warning else st.caption)(note.text)
-                for doubt in preview_job.file_doubts(merges.path(model), arch, settings):
+                for doubt in preview_job.file_doubts(models.path(model), arch, settings):
                     st.warning(doubt)
         if right.button("Render", type="primary", icon=":material/image:", key="pv_render", width="stretch",
                         disabled=not size_ok):  # a size that cannot be read says why above
@@ -121,8 +123,8 @@ with one:
                 if uploaded is not None and own is None:
                     raise OrthoMechaError(f"{uploaded.name}: fix the workflow (see above) or remove it")
                 server, comfy_folder = ui.connect_comfy(api, folder)
-                render_arch = preview_job.page_arch(arch, merges.path(model), workflow=own is not None)
-                params = preview_job.preview_params(merges.path(model), render_arch, settings, server, comfy_folder,
+                render_arch = preview_job.page_arch(arch, models.path(model), workflow=own is not None)
+                params = preview_job.preview_params(models.path(model), render_arch, settings, server, comfy_folder,
                                                     own, choice=arch)
                 ui.start_job("preview", params, ui.PREVIEW_URL, heavy=False)
                 st.rerun()

@@ -164,9 +164,10 @@ def test_preview_page_renders_a_merge_in_the_background(
     workspace: Path, comfy_stub: ComfyStub, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     write_model(workspace / "merges" / "tiny.safetensors")
+    write_model(workspace / "models" / "an input.safetensors")  # any model can be previewed, to compare with
     at = _page(monkeypatch, comfy_stub)
     assert at.text_input(key="pv_api").value == comfy_stub.url
-    assert at.selectbox(key="pv_model").options == ["tiny.safetensors"]
+    assert at.selectbox(key="pv_model").options == ["merges/tiny.safetensors", "models/an input.safetensors"]
     at.selectbox(key="pv_arch").set_value("sd1")
     at.button(key="pv_render").click().run()
     assert not _errors(at)
@@ -186,7 +187,7 @@ def test_a_preview_link_shows_the_settings_that_made_its_images(
     write_model(workspace / "merges" / "second.safetensors")
     at = _page(monkeypatch, comfy_stub)
     typed = {"pv_prompt": "a watercolor cat on a roof", "pv_negative": "text, watermark", "pv_size": "512x768"}
-    at.selectbox(key="pv_model").set_value("second.safetensors")
+    at.selectbox(key="pv_model").set_value("merges/second.safetensors")
     at.selectbox(key="pv_arch").set_value("sd1")
     at.number_input(key="pv_seed").set_value(1234)
     for key, text in typed.items():
@@ -201,7 +202,7 @@ def test_a_preview_link_shows_the_settings_that_made_its_images(
     assert not other.exception and not _errors(other)
     assert {key: (other.text_area if key != "pv_size" else other.text_input)(key=key).value for key in typed} == typed
     assert other.number_input(key="pv_seed").value == 1234 and other.selectbox(key="pv_arch").value == "sd1"
-    assert other.selectbox(key="pv_model").value == "second.safetensors"
+    assert other.selectbox(key="pv_model").value == "merges/second.safetensors"
     assert other.get("image")
 
 
