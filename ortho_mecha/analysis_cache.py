@@ -25,7 +25,7 @@ import numpy as np
 from ortho_mecha import __version__
 from ortho_mecha.analysis import PassResult, RowStats
 from ortho_mecha.cache import open_cache
-from ortho_mecha.io import Model
+from ortho_mecha.io import Model, fingerprint_now
 
 ENGINE_REVISION = 5  # 5: one record per computed row (4: one record of every pair per base)
 RowSig = tuple[str, str | None]
@@ -194,6 +194,33 @@ class Store:
         self.cache.set(key, record | entries)
 
 
+def _current(key: object) -> list[str] | None:
+    """A record key's parts ([kind, version, revision, base fingerprint, mode, …]) when it is of this version of
+    the tool, else None."""
+    parts = key.split("|") if isinstance(key, str) else []
+    return parts if parts[1:3] == [__version__, str(ENGINE_REVISION)] and len(parts) >= 5 else None
+
+
+def clear_stale() -> tuple[int, list[str]]:
+    """Remove the records no analysis can use again: of another version of the tool, and of bases whose file is
+    gone or has changed since (their figures are of the file as it was). Returns (records removed, the base
+    files whose records went). Records of a base whose file is not known are kept."""
+    cache = open_cache("analysis")
+    keys = list(cache.iterkeys())
+    gone: dict[str, str] = {}  # base fingerprint → its file
+    for key in keys:
+        parts = _current(key)
+        if parts and parts[0] == BASE and (path := cache.get(key)) and fingerprint_now(path) != parts[3]:
+            gone[parts[3]] = path
+    removed = 0
+    with cache.transact():
+        for key in keys:
+            parts = _current(key)
+            if (parts is None or parts[3] in gone) and cache.delete(key):
+                removed += 1
+    return removed, sorted(set(gone.values()))
+
+
 def cache_summary() -> dict:
     """What the analysis cache holds: per base (its file when known) and mode, the files and the analysed deltas
     it has figures of; records of other versions of the tool; size on disk."""
@@ -201,8 +228,8 @@ def cache_summary() -> dict:
     bases: dict[tuple, dict] = {}
     older = 0
     for key in cache.iterkeys():
-        parts = key.split("|") if isinstance(key, str) else []
-        if parts[1:3] != [__version__, str(ENGINE_REVISION)] or len(parts) < 5:
+        parts = _current(key)
+        if parts is None:
             older += 1
             continue
         kind, base_fp, exact = parts[0], parts[3], parts[4] == "exact"

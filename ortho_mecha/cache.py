@@ -59,13 +59,18 @@ CLEARED = ("analysis", "hashes")
 
 
 def cli_cache(args) -> int:
-    """``ortho-mecha cache show|clear``: what the cache holds, or empty it (jobs are kept). A sub-cache whose
-    database cannot be opened or read is removed whole."""
+    """``ortho-mecha cache show|clear [--stale]``: what the cache holds, or empty it (jobs are kept), or with
+    ``--stale`` remove only the analyses no analysis can use again. A sub-cache whose database cannot be opened or
+    read is removed whole."""
+    if args.stale and args.action != "clear":
+        raise OrthoMechaError("--stale goes with clear: ortho-mecha cache clear --stale")
     if cache_dir().exists() and not cache_dir().is_dir():
         raise OrthoMechaError("is not a folder: set ORTHO_MECHA_CACHE to a folder (it is made if missing)", cache_dir())
     if not cache_dir().is_dir():  # looking, or clearing nothing, makes no folder
         print(f"cache: {cache_dir()} (empty: nothing analysed yet)")
         return 0
+    if args.action == "clear" and args.stale:
+        return _clear_stale()
     if args.action == "clear":
         for name in CLEARED:
             try:
@@ -95,6 +100,20 @@ def cli_cache(args) -> int:
     if summary["older_records"]:
         print(f"  {counted(summary['older_records'], 'record')} of another version of ortho-mecha "
               "('ortho-mecha cache clear' removes them)")
+    if summary["older_records"] or any(record["base"] and _base_now(record["base"], record["base_fingerprint"])
+                                       for record in summary["records"]):
+        print("  'ortho-mecha cache clear --stale' removes only what no analysis can use again")
+    return 0
+
+
+def _clear_stale() -> int:
+    """``cache clear --stale``: the analysis records of bases gone or changed, and of other versions, removed."""
+    from ortho_mecha.analysis_cache import clear_stale
+
+    removed, bases = clear_stale()
+    said = f" (analyses against {', '.join(bases)}: gone or changed since)" if bases else ""
+    print(f"removed {counted(removed, 'stale record')} under {cache_dir()}{said}; file hashes and the other "
+          "analyses are kept")
     return 0
 
 

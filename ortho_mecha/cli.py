@@ -97,6 +97,9 @@ def _add_analyse(sub: argparse._SubParsersAction) -> None:
 def _add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="show or clear the analysis cache (location: $ORTHO_MECHA_CACHE)")
     p.add_argument("action", choices=["show", "clear"])
+    p.add_argument("--stale", action="store_true",
+                   help="with clear: remove only what no analysis can use again (analyses against a base file that is "
+                        "gone or has changed since, records of another version of ortho-mecha)")
     p.set_defaults(handler=_lazy("ortho_mecha.cache:cli_cache"))
 
 

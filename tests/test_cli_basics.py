@@ -184,7 +184,40 @@ def test_cache_show_names_each_base_with_its_files_and_older_records(cli, privat
     lines = [line for line in cli("cache", "show").out.splitlines() if current in line]
     assert len(lines) == 2 and sum("; the file has changed since), default: 2 files" in line for line in lines) == 1
     paths["base"].unlink()
-    assert all("; no such file now)" in line for line in cli("cache", "show").out.splitlines() if current in line)
+    shown = cli("cache", "show").out
+    assert all("; no such file now)" in line for line in shown.splitlines() if current in line)
+    assert "'ortho-mecha cache clear --stale' removes only what no analysis can use again" in shown
+    assert cli("cache", "show", "--stale").code == 2  # --stale goes with clear
+
+
+def test_cache_clear_stale_keeps_the_analyses_that_can_still_be_used(cli, private_cache: Path, tmp_path: Path) -> None:
+    """``cache clear --stale`` removes the records of a base that has changed or is gone, and of another version of
+    the tool; an analysis against a base as it is stays cached (its second run reads no delta again)."""
+    from ortho_mecha.cache import open_cache
+    from tests.modelgen import write_family_files
+
+    kept = write_family_files(tmp_path / "kept", "custom", "fp16", members=["base", "anime", "photo"])
+    changed = write_family_files(tmp_path / "changed", "custom", "fp16", members=["base", "anime"])
+    gone = write_family_files(tmp_path / "gone", "custom", "fp16", members=["base", "photo"])
+    for family in (kept, changed, gone):
+        models = [str(path) for name, path in family.items() if name != "base"]
+        assert cli("analyse", "--base", family["base"], *models).code == 0
+    with open_cache("analysis") as cache:
+        cache.set(("gram", "0.0.1", 4, "f" * 40, False), {"keys": [], "fps": [], "h": None})
+        before = len(cache)
+    changed["base"].write_bytes(kept["photo"].read_bytes())
+    gone["base"].unlink()
+    cleared = cli("cache", "clear", "--stale")
+    assert cleared.code == 0, cleared.err
+    assert str(changed["base"].absolute()) in cleared.out and str(gone["base"].absolute()) in cleared.out
+    shown = cli("cache", "show").out
+    assert f"base {kept['base'].absolute()} (" in shown and "default: 2 files, 2 analysed deltas" in shown
+    assert str(changed["base"].absolute()) not in shown and str(gone["base"].absolute()) not in shown
+    assert "another version" not in shown and "--stale" not in shown
+    with open_cache("analysis") as cache:
+        assert f"removed {before - len(cache)} stale records" in cleared.out
+    again = cli("analyse", "--base", kept["base"], kept["anime"], kept["photo"])
+    assert again.code == 0 and "keys, from cache" in again.out
     assert cli("cache", "clear").code == 0
     assert "(empty: nothing analysed yet)" in cli("cache", "show").out  # not "0.0 MiB of analyses"
 
