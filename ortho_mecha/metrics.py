@@ -208,7 +208,8 @@ def _estimate_coefficients(
       rotation share. Exact for one row and for identical rows; ``conflict_aware`` is not visible in G.
     - ``ties``, ``dare``: entry by entry, as sd-mecha runs them, on deltas whose entries are modelled as
       Gaussian with covariance G (:func:`_entrywise_coefficients`).
-    - ``geometric_median``: the mean of the listed deltas (what it reduces to when the deltas agree).
+    - ``geometric_median``: sd-mecha's Weiszfeld iterations run on G (:func:`_weiszfeld`): exact for the summed
+      Gram, an estimate for the keys, each of which has its own median.
     - ``model_stock``: the mean scaled by Model Stock's ``t = k·cos / (1 + (k − 1)·cos)``, cos the mean
       cosine of consecutive listed deltas (the method takes it per output row and key; here over the whole G).
     """
@@ -220,7 +221,7 @@ def _estimate_coefficients(
     if method in ("ties", "dare"):
         return alpha * _entrywise_coefficients(g, method, alphas, repeats, options)
     if method == "geometric_median":
-        return alpha * listed / count
+        return alpha * alphas * _weiszfeld(alphas[:, None] * g * alphas[None, :], repeats, options)
     if method == "model_stock":
         listed_rows = np.repeat(np.arange(len(g)), repeats.astype(int))
         cos = cosine(g)
@@ -248,6 +249,31 @@ def _estimate_coefficients(
     if size_sq <= 0:
         return np.zeros(len(g))
     return alpha * magnitude * direction / math.sqrt(size_sq)
+
+
+def _weiszfeld(points: np.ndarray, copies: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
+    """The geometric median of points p_i listed ``copies[i]`` times, as coefficients b with median Σ b_i p_i,
+    from the points' Gram alone (‖p_i − m‖² = P_ii − 2 (P b)_i + bᵀ P b): sd-mecha's ``geometric_median`` run in
+    coefficient space — from the mean, weights copies_i / max(‖p_i − m‖, eps), at most ``maxiter`` steps."""
+    eps = float(options.get("eps", 1e-6))
+    maxiter = int(options.get("maxiter", 100))
+    ftol = float(options.get("ftol", 1e-20))
+    copies = np.where(np.diag(points) > 0, copies, 0.0)  # a zero delta is left out, as the merge leaves it out
+    if not copies.any():
+        return np.zeros(len(points))
+    coefficients = copies / copies.sum()
+
+    def distances(b: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.clip(np.diag(points) - 2.0 * points @ b + b @ points @ b, 0.0, None))
+
+    objective = float(copies @ distances(coefficients))
+    for _ in range(max(0, maxiter)):
+        weights = copies / np.maximum(distances(coefficients), eps)
+        coefficients = weights / weights.sum()
+        previous, objective = objective, float(copies @ distances(coefficients))
+        if abs(previous - objective) <= ftol * objective:
+            break
+    return coefficients
 
 
 ENTRY_SAMPLES = 1 << 16  # entries drawn for the ties and dare estimate: a few % sampling error, a few ms

@@ -27,7 +27,8 @@ ties              ``add_difference(base, ties_sum(*δ, k, vote_sgn), alpha)``, c
 dare              ``add_difference(base, ties_sum_with_dropout(*δ, probability, rescale, della_eps, k,
                   vote_sgn, seed), alpha)``, c_i = α_i, listed r_i times
 model_stock       ``add_difference(base, model_stock_rows(*δ, cos_eps), alpha)``, c_i = α_i, listed r_i times
-geometric_median  ``add_difference(base, geometric_median(*δ, eps, maxiter, ftol), alpha)``, listed r_i times
+geometric_median  ``add_difference(base, geometric_median_rows(*δ, eps, maxiter, ftol), alpha)``, c_i = α_i,
+                  listed r_i times
 ================  ==================================================================================
 
 (n = the number of deltas.) A row with ``block_alphas`` (:mod:`ortho_mecha.blocks`) has a coefficient per block
@@ -35,7 +36,9 @@ group: in group g every row takes its block alpha for g where it lists one, its 
 coefficients of that group follow the table from those alphas. So what couples the rows couples them within
 each group: weighted_sum stays a weighted mean in every block (a row with ``out`` 0 leaves the out blocks to
 the other rows; if every row's weight there is 0 they get the base), add_difference and the ortho methods
-scale each row's delta per block. The per-key coefficient is sd-mecha's own per-key value, a
+scale each row's delta per block. model_stock and geometric_median leave out a delta that is zero on a key
+(:mod:`ortho_mecha.methods.stock`), so a row at 0 in a group is absent there too. The per-key coefficient is
+sd-mecha's own per-key value, a
 ``sd_mecha.literal`` dict of the base config's keys whose coefficient differs from the row's, with
 sd-mecha's ``fallback`` to the row's plain coefficient for every other key::
 
@@ -87,7 +90,7 @@ CLASSIC_COMBINERS = {
     "ties": "ties_sum",
     "dare": "ties_sum_with_dropout",
     "model_stock": "model_stock_rows",  # ortho-mecha's: sd-mecha's divides by zero on 1×1 convs
-    "geometric_median": "geometric_median",
+    "geometric_median": "geometric_median_rows",  # sd-mecha's, over the deltas not zero on the key
 }
 
 

@@ -8,6 +8,7 @@ import statistics
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -221,9 +222,26 @@ def test_orthomerge_estimate_mixes_rotation_and_mean_by_the_rotation_share() -> 
 
 def test_listed_methods_take_repeats_as_copies() -> None:
     x = np.eye(2) * np.array([[2.0], [1.0]])
-    # mean of the listed deltas: row 0 listed twice → Δ = (2δ_0 + δ_1) / 3
+    # row 0 listed twice outweighs row 1 (2 ≥ 1): the geometric median is row 0's point (the mean was (2δ_0 + δ_1)/3)
     survival = metrics.predicted_survival(gram(x), "geometric_median", [1.0, 1.0], repeats=[2, 1])
-    np.testing.assert_allclose(survival, [2 / 3, 1 / 3])
+    np.testing.assert_allclose(survival, [1.0, 0.0], atol=1e-5)
+
+
+def test_geometric_median_estimate_is_sd_mechas_median_of_the_summed_gram() -> None:
+    """Run on one key, the estimate is what the merge computes (Weiszfeld on the Gram = Weiszfeld on the tensors),
+    with repeats as copies and a row at alpha 0 or with a zero delta left out, as the merge leaves it out."""
+    from ortho_mecha.methods.stock import geometric_median_rows
+
+    rng = np.random.default_rng(7)
+    deltas = rng.normal(size=(4, 300))
+    deltas[3] = 0.0
+    alphas, repeats = np.array([1.0, 0.7, 0.0, 1.3]), np.array([1, 3, 1, 2])
+    listed = [torch.from_numpy(alpha * delta) for alpha, delta, r in zip(alphas, deltas, repeats, strict=True)
+              for _ in range(r)]
+    merged = geometric_median_rows.__wrapped__(*listed).numpy()
+    coefficients = metrics.merged_coefficients(gram(deltas), "geometric_median", alphas, repeats=repeats)
+    np.testing.assert_allclose(coefficients @ deltas, merged, rtol=0, atol=1e-9)
+    assert coefficients[2] == 0 and coefficients[3] == 0
 
 
 def test_ties_and_dare_estimates_follow_their_entrywise_steps() -> None:

@@ -281,3 +281,14 @@ def test_recipe_checks_both_outputs_before_writing_either(family, tmp_path, caps
     assert main(["recipe", str(plan_path), "--mecha", str(same), "--script", str(same)]) == 2
     assert "given for both --mecha and --script" in capsys.readouterr().err
     assert not same.exists()
+
+
+@pytest.mark.parametrize("method", ["model_stock", "geometric_median"])
+def test_a_row_at_alpha_0_is_absent_from_model_stock_and_the_geometric_median(family, method) -> None:
+    """A row at alpha 0 (or at 0 in a block group) leaves the merge as if it were not listed, as in a weighted sum:
+    counted as a zero delta, it took Model Stock's t to 0 (the base came out) and halved the median's other row.
+    With one delta left, both methods return it (Model Stock's t is 1 for one delta)."""
+    alone = merged(build_recipe(make_plan(family, "add_difference", [{"model": "a.safetensors"}])))
+    with_zero = merged(build_recipe(make_plan(family, method, [{"model": "a.safetensors"},
+                                                               {"model": "b.safetensors", "alpha": 0.0}])))
+    assert_close(with_zero, alone)

@@ -7,7 +7,8 @@ values, help — for up-front plan checks (:func:`validate_options`) and for bui
 - :mod:`.orthogonal`: ``ortho_project`` (ordered Gram–Schmidt), ``ortho_superpose`` (order-free)
 - :mod:`.rotation`: ``orthomerge`` (rotations averaged in skew space)
 - :mod:`.texture`: ``texture_boost``
-- :mod:`.stock`: ``model_stock_rows`` (Model Stock per output row, behind plans' ``model_stock``)
+- :mod:`.stock`: ``model_stock_rows`` (Model Stock per output row) and ``geometric_median_rows``, behind plans'
+  ``model_stock`` and ``geometric_median``, over the deltas a key has
 - :mod:`.deltas`: ``scale_delta``, ``read_once`` and the shared helpers
 """
 
@@ -25,7 +26,7 @@ from ortho_mecha.methods.deltas import (
 )
 from ortho_mecha.methods.orthogonal import PROJECT_OPTIONS, SUPERPOSE_OPTIONS, ortho_project, ortho_superpose
 from ortho_mecha.methods.rotation import ORTHOMERGE_OPTIONS, orthomerge
-from ortho_mecha.methods.stock import model_stock_rows
+from ortho_mecha.methods.stock import geometric_median_rows, model_stock_rows
 from ortho_mecha.methods.texture import TEXTURE_OPTIONS, texture_boost
 
 METHOD_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
@@ -55,6 +56,7 @@ __all__ = [
     "RECIPE_PARAMETERS",
     "OptionError",
     "OptionSpec",
+    "geometric_median_rows",
     "model_stock_rows",
     "ortho_project",
     "ortho_superpose",

@@ -1,9 +1,14 @@
-"""Model Stock (Jang et al. 2024) as mergekit and sd-mecha approximate it, per output row of every kind of key.
+"""Model Stock (Jang et al. 2024) and the geometric median over the deltas a key really has.
 
 sd-mecha's ``model_stock`` takes the cosine over a tensor's last axis: for a conv weight that is the kernel's
 width, one element for a 1×1 conv (every ``proj_in``/``skip_connection`` of an SD1.5 or SDXL UNet), where the
-cosine is ±1 and the scale ``t`` divides by zero (written as ±3.4e38). This is the same formula over each output
-row of the weight, the conv kernels flattened as everywhere else in ortho-mecha.
+cosine is ±1 and the scale ``t`` divides by zero (written as ±3.4e38). ``model_stock_rows`` is the same formula
+over each output row of the weight, the conv kernels flattened as everywhere else in ortho-mecha.
+
+Both methods leave out a delta that is zero on the key, as ``orthomerge`` does: a row at alpha 0 there (a block
+alpha of 0: "structure from A" leaves A's out blocks alone) is absent from that key, as in a weighted sum and
+TIES. Counted, a zero delta has cosine 0 with the others, so Model Stock's t fell to 0 and the key kept the base,
+and the geometric median took the origin as a point, halving the other row.
 """
 
 # No `from __future__ import annotations`: sd-mecha reads the Parameter(...) annotations as objects.
@@ -12,7 +17,13 @@ import itertools
 
 import torch
 from sd_mecha import Parameter, Return, merge_method
+from sd_mecha.extensions import merge_methods
 from torch import Tensor
+
+
+def _present(deltas: tuple[Tensor, ...]) -> list[Tensor]:
+    """The deltas that are not zero everywhere on this key."""
+    return [delta for delta in deltas if bool(delta.any())]
 
 
 @merge_method
@@ -23,8 +34,13 @@ def model_stock_rows(
     """Δ = t · mean_i δ_i, with ``t = k·c / (1 + (k − 1)·c)`` per output row, c the mean cosine of consecutive
     deltas over the row (conv kernels flattened: [out, in·kh·kw]; a 1-D or 0-d key is one row), k the number
     of deltas. Where ``1 + (k − 1)·c ≤ cos_eps`` (the deltas cancel on that row) t = 0. On 2-D keys this is
-    sd-mecha's ``model_stock`` (cosine over the last axis), up to that guard.
+    sd-mecha's ``model_stock`` (cosine over the last axis), up to that guard. A delta that is zero on the key is
+    left out (k counts the others); with none left, Δ = 0.
     """
+    present = _present(deltas)
+    if not present:
+        return torch.zeros_like(deltas[0])
+    deltas = present
     count = len(deltas)
     shape = deltas[0].shape
     rows = [delta.reshape(shape[0] if delta.dim() > 1 else 1, -1) for delta in deltas]
@@ -34,3 +50,20 @@ def model_stock_rows(
     t = torch.where(denominator > cos_eps, count * cos / denominator.clamp_min(cos_eps), torch.zeros_like(cos))
     mean = torch.stack(rows).mean(dim=0)
     return (t.unsqueeze(-1) * mean).reshape(shape)
+
+
+@merge_method
+def geometric_median_rows(
+    *deltas: Parameter(Tensor, "delta"),
+    eps: Parameter(float) = 1e-6,
+    maxiter: Parameter(int) = 100,
+    ftol: Parameter(float) = 1e-20,
+) -> Return(Tensor, "delta"):
+    """Δ = argmin_m Σ_i ‖δ_i − m‖ over the deltas not zero on the key (sd-mecha's ``geometric_median``: Weiszfeld
+    iterations from the mean, distances clamped below at ``eps``, stopped after ``maxiter`` or when the objective
+    moves by less than ``ftol`` of itself); Δ = 0 where every delta is zero.
+    """
+    present = _present(deltas)
+    if not present:
+        return torch.zeros_like(deltas[0])
+    return merge_methods.resolve("geometric_median").__wrapped__(*present, eps=eps, maxiter=maxiter, ftol=ftol)
