@@ -864,6 +864,13 @@ class Analysis:
             names = key_map(base).keys
             return [base.tensors[names[k]] if k in names else None for k in self.h_key]
 
+    @property
+    def base_norm(self) -> float | None:
+        """‖C‖ over the analysed keys (None where the pass recorded no base energy)."""
+        base_sq = next((st.base_sq for st in self.stats if st.base_sq), {})
+        total = sum(base_sq.get(k, 0.0) for k in self.h_key)
+        return math.sqrt(total) if total > 0 else None
+
     @functools.cached_property
     def noise_floors(self) -> np.ndarray:
         """Per key of ``h_key``: the rounding-noise energy of deltas of the base's stored dtype, or of the files'
@@ -1162,6 +1169,8 @@ def row_figures(a: Analysis, g: np.ndarray, g_key_diag: dict[str, np.ndarray]) -
 
 def report(a: Analysis) -> dict:
     """The JSON report (DESIGN.md §4, §6b): per-model fields are lists in ``models`` order, matrices N×N."""
+    from ortho_mecha.lineage import change_from_base
+
     n = len(a.models)
     rows = list(range(n))
     h = a.h  # the sum over every key's Gram, formed once for the whole report
@@ -1190,6 +1199,9 @@ def report(a: Analysis) -> dict:
         "new_info": _round(1.0 - cos**2),
         "conflict_ratio": _round(conflict_ratio(a.both, a.agree)),
         "norms": _round(np.sqrt(np.clip(np.diag(g), 0, None))),
+        "base_norm": a.base_norm,
+        # ‖M − C‖ / ‖C‖ per model: above lineage.OTHER_LINEAGE_CHANGE, not a fine-tune of the base
+        "change": [None if c is None else round(c, 6) for c in change_from_base(h, n, a.base_norm)],
         "blocks": blocks,
         **figures,
         "stale": a.stale,
@@ -1240,6 +1252,8 @@ def with_delta_from(a: Analysis, delta_from: Sequence[int | None]) -> Analysis:
 
 def summary_lines(rep: dict) -> list[str]:
     """A short human summary of a report."""
+    from ortho_mecha.lineage import OTHER_LINEAGE_CHANGE, other_lineage_note
+
     files = [*rep["models"], *(f for f in rep.get("files") or () if f not in rep["models"])]
     shown = dict(zip(files, short_names(files, keep_suffix=True), strict=True))  # a folder where names collide
     names = [shown[m] for m in rep["models"]]
@@ -1252,6 +1266,9 @@ def summary_lines(rep: dict) -> list[str]:
         flags = []
         if rep["null"][i]:
             flags.append("null delta")
+        change = (rep.get("change") or [None] * len(names))[i]  # reports before it have no such field
+        if change is not None and change > OTHER_LINEAGE_CHANGE:
+            flags.append(other_lineage_note(change))
         if rep["outliers"]["keys"][i]:
             flags.append(f"outlier keys: {', '.join(rep['outliers']['keys'][i][:2])}")
         lineage = (rep.get("lineage") or [{}] * len(names))[i]

@@ -28,6 +28,9 @@ PARENT_RATIO = 0.5  # D_MP below this fraction of D_MC (and P nearer the base th
 MERGE_RESIDUAL = 0.1  # ‖x_M − Σ w_j x_j‖ / ‖x_M‖ below this: M is reported as a merge of those files
 WEIGHT_FLOOR = 1e-3  # NNLS weights below this are dropped from a reported mix
 MIX_PRUNE = 5e-3  # an ingredient whose removal raises the mix's relative residual by less than this is dropped
+# ‖M − C‖ / ‖C‖ above this: M is not a fine-tune of the base C (a fine-tune changes it by a few %; an independently
+# trained model of the same shape lies ~√2 of the base's size away)
+OTHER_LINEAGE_CHANGE = 1.0
 
 Mixes = dict[int, tuple[dict[int, float], float]]  # model → ({ingredient file: weight}, relative residual)
 
@@ -51,6 +54,20 @@ class LineageItem(TypedDict):
     confidence: float
     residual: float | None
     duplicate_of: int | None
+
+
+def change_from_base(h: np.ndarray, n_models: int, base_norm: float | None) -> list[float | None]:
+    """Each model's relative change ‖M − C‖ / ‖C‖ over the analysed keys (None without the base's norm); above
+    :data:`OTHER_LINEAGE_CHANGE` the model is of another lineage than the base."""
+    if not base_norm:
+        return [None] * n_models
+    return [math.sqrt(max(float(h[i, i]), 0.0)) / base_norm for i in range(n_models)]
+
+
+def other_lineage_note(change: float) -> str:
+    """What a relative change above :data:`OTHER_LINEAGE_CHANGE` means, in a line."""
+    return (f"not a fine-tune of this base: its change from it is {100 * change:.0f} % of the base's own size "
+            "(a fine-tune changes a few %)")
 
 
 def duplicates(h: np.ndarray, quality: Sequence[float]) -> dict[int, int]:

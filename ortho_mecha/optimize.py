@@ -31,7 +31,14 @@ import numpy as np
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import short_names
 from ortho_mecha.gram import cosine, delta_gram, selection_matrix, squared_distances
-from ortho_mecha.lineage import DUPLICATE_RATIO, lineage, parent
+from ortho_mecha.lineage import (
+    DUPLICATE_RATIO,
+    OTHER_LINEAGE_CHANGE,
+    change_from_base,
+    lineage,
+    other_lineage_note,
+    parent,
+)
 from ortho_mecha.metrics import quality, survival_plain
 
 LORA_INFO = "LoRA: its product is its delta, from the base"  # a kohya LoRA row's reason / info mark
@@ -385,14 +392,28 @@ def plan_from_report(
         raise fail(f"'lora' has {len(lora)} entries for {n} models")
     checks = _checks(report, files)
     refused = {i: list(check["merge_refusals"]) for i, check in checks.items() if check.get("merge_refusals")}
+    base_norm = report.get("base_norm")  # reports before it have none: no lineage check
+    other = {i: other_lineage_note(change) for i, change in enumerate(change_from_base(h, n, base_norm))
+             if change is not None and change > OTHER_LINEAGE_CHANGE and not lora[i]}
     noted = {i: f"; {check['family']}" for i, check in checks.items() if check.get("family")}
     # a file merge refuses takes no part: never the kept twin of a duplicate it can read, nor another's delta-from
-    unusable = [x or bool(refused.get(i)) for i, x in enumerate(null_model)]
-    ranked = [-1.0 if refused.get(i) else score for i, score in enumerate(scores)]  # below every quality score
+    # nor does a model of another lineage than the base: its "delta" is another model, not a fine-tune's change
+    unusable = [x or bool(refused.get(i)) or i in other for i, x in enumerate(null_model)]
+    left_out = set(refused) | set(other)
+    ranked = [-1.0 if i in left_out else score for i, score in enumerate(scores)]  # below every quality score
     propose = optimize if search else autofill
     choices = propose(h, n, ranked, unusable, names=short_names(files, keep_suffix=True), lora=lora)
-    if not any(c.enabled and not refused.get(i) for i, c in enumerate(choices)):
-        raise fail("every model is null, a duplicate or refused by merge: there is nothing to merge")
+    if not any(c.enabled and i not in left_out for i, c in enumerate(choices)):
+        raise fail("every model is null, a duplicate, of another lineage than the base or refused by merge: there "
+                   "is nothing to merge")
+
+    def info(i: int, choice: RowChoice) -> str:
+        if refused.get(i):
+            return f"disabled: merge refuses it ({'; '.join(refused[i])})"
+        if i in other:
+            return f"disabled: {other[i]}; enable it by hand if it is meant to be merged"
+        return choice.info
+
     spec = plan_mod.METHODS[method]
     return {
         "base": _field(report, "base", fail),
@@ -403,9 +424,8 @@ def plan_from_report(
                 "delta_from": None if c.delta_from is None else files[c.delta_from],
                 "alpha": c.alpha,
                 "repeat": c.repeat,
-                "enabled": c.enabled and not refused.get(i),
-                "info": (f"disabled: merge refuses it ({'; '.join(refused[i])})" if refused.get(i) else c.info)
-                + noted.get(i, ""),
+                "enabled": c.enabled and i not in left_out,
+                "info": info(i, c) + noted.get(i, ""),
             }
             for i, c in enumerate(choices)
         ],

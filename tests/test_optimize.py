@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ortho_mecha import optimize
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.gram import cosine, delta_gram
+from tests.modelgen import stored
 
 DIM = 3000
 NAMES = ["a", "a_copy", "a_near", "k", "u", "opposite", "null", "strong"]
@@ -339,3 +341,38 @@ def test_the_optimizer_never_takes_a_merge_made_from_a_model_as_its_delta_from()
     h = files_gram(np.stack([a, p, 0.5 * a + 0.5 * p, u]))
     choices = dict(zip(names, optimize.optimize(h, 4, [0.6] * 4, [False] * 4, names=names), strict=True))
     assert choices["a"].delta_from is None and choices["p"].delta_from is None, (choices["a"].info, choices["p"].info)
+
+
+def test_plan_leaves_out_a_model_of_another_lineage_than_the_base(tmp_path: Path) -> None:
+    """A model whose change from the base is larger than the base itself is not a fine-tune of it: the plan disables
+    it (it was enabled with repeat 2 for its "new information") and never takes it as a delta-from."""
+    report = report_for(planted(), tmp_path) | {"base_norm": 2.0}  # "strong": ~3× a's unit norm, change ~1.5
+    change = np.sqrt(report["h"][7][7]) / 2.0
+    rows = dict(zip(NAMES, optimize.plan_from_report(report)["rows"], strict=True))
+    assert rows["strong"]["enabled"] is False and rows["strong"]["alpha"] == 0.0
+    expected = f"disabled: not a fine-tune of this base: its change from it is {100 * change:.0f} %"
+    assert change > 1.4 and rows["strong"]["info"].startswith(expected)
+    assert rows["a"]["enabled"] and rows["u"]["enabled"]  # changes of 50–56 % stay
+    before = dict(zip(NAMES, optimize.plan_from_report(report_for(planted(), tmp_path))["rows"], strict=True))
+    assert before["strong"]["enabled"]  # a report without the base's norm (an older one) is planned as before
+
+
+def test_analyse_flags_an_independently_trained_model_and_plan_disables_it(tmp_path: Path, cli) -> None:
+    from ortho_mecha.demo import random_base
+    from tests.modelgen import write_family_files, write_model
+
+    paths = write_family_files(tmp_path, "sdxl", "fp16", members=["base", "anime", "photo"])
+    other = random_base({k: tuple(v.shape) for k, v in stored(paths["base"]).items()},
+                        torch.Generator().manual_seed(99))  # same shapes, trained apart: another lineage
+    write_model(tmp_path / "stranger.safetensors", other, "fp16")
+    report = tmp_path / "report.json"
+    stranger = tmp_path / "stranger.safetensors"
+    analysed = cli("analyse", "--base", paths["base"], paths["anime"], paths["photo"], stranger, "--json", report)
+    assert analysed.code == 0, analysed.err
+    line = next(line for line in analysed.out.splitlines() if "stranger" in line)
+    assert "not a fine-tune of this base" in line
+    changes = json.loads(report.read_text())["change"]
+    assert changes[2] > 1.0 and max(changes[:2]) < 0.5
+    assert cli("plan", report, "--json", tmp_path / "plan.json").code == 0
+    rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
+    assert [row["enabled"] for row in rows] == [True, True, False]
