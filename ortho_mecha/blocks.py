@@ -138,6 +138,9 @@ class BlockLayout:
                 raise OrthoMechaError(
                     f"{where}: unknown block group '{group}' for the {self.arch} base; {hint}valid groups: {valid}"
                 )
+            if group in out:
+                raise OrthoMechaError(f"{where}: block group '{group}' is given twice (names are read in any case); "
+                                      "keep one")
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise OrthoMechaError(
                     f"{where}: block alpha {group}={value!r} must be a number in {low:g}–{high:g}"

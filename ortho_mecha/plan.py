@@ -223,7 +223,8 @@ _TEXTURE_FIELDS = ("model", "alpha", "mode")
 
 
 def _suggest(value: str, valid: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(value, valid, n=1)
+    same = [name for name in valid if name.lower() == str(value).lower()]  # "TIES": names are lower case
+    close = same or difflib.get_close_matches(value, valid, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"{hint}valid: {', '.join(valid)}"
 

@@ -104,6 +104,9 @@ def test_zimage_layers_are_split_into_thirds_of_the_base_layer_count() -> None:
         layout.check({"layers.0-10": 1}, "plan.json row 1", 0.0, 1.0)
     with pytest.raises(OrthoMechaError, match=r"did you mean 'layers.20-29'\?"):
         layout.check({"layers.20-30": 1}, "plan.json row 1", 0.0, 1.0)
+    # names are read in any case, so one group spelt twice is an error, not the last value silently
+    with pytest.raises(OrthoMechaError, match=r"plan.json row 1: block group 'layers.0-9' is given twice"):
+        layout.check({"layers.0-9": 1, "LAYERS.0-9": 0}, "plan.json row 1", 0.0, 1.0)
 
 
 @given(st.integers(min_value=1, max_value=200), st.integers(min_value=1, max_value=6))

@@ -109,6 +109,7 @@ def test_every_method_validates_with_its_defaults(family: dict[str, Path]) -> No
         ),
         ({"rows": [{"model": "a.safetensors", "delta_from": "a.safetensors"}]}, r"delta-from cycle a.safetensors ←"),
         ({"method": "orthomerg"}, r"unknown method 'orthomerg'; did you mean 'orthomerge'\? valid: ortho_project"),
+        ({"method": "TIES"}, r"unknown method 'TIES'; did you mean 'ties'\? valid: ortho_project"),
         ({"method": "slerp"}, r"unknown method 'slerp'; .*valid: ortho_project, ortho_superpose, orthomerge"),
         ({"options": {"theta": "mean"}}, r"method 'orthomerge' has no option 'theta'; did you mean 'theta_agg'\?"),
         ({"options": {"theta_agg": "avg"}}, r"option 'theta_agg' .* is \"avg\"; allowed: \"mean\", \"median\""),
