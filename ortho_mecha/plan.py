@@ -70,6 +70,12 @@ class MethodSpec:
     repeat: str
     min_rows: int = 1
 
+    def __post_init__(self) -> None:
+        # a plan's global alpha is bounded as a row's (0–2); the methods themselves take any alpha ≥ 0
+        bounded = tuple(replace(spec, maximum=ALPHA_RANGE[1]) if spec.name == ALPHA.name else spec
+                        for spec in self.options)
+        object.__setattr__(self, "options", bounded)
+
     def option(self, name: str) -> OptionSpec | None:
         return next((spec for spec in self.options if spec.name == name), None)
 

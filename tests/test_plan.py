@@ -114,7 +114,8 @@ def test_every_method_validates_with_its_defaults(family: dict[str, Path]) -> No
         ({"options": {"theta": "mean"}}, r"method 'orthomerge' has no option 'theta'; did you mean 'theta_agg'\?"),
         ({"options": {"theta_agg": "avg"}}, r"option 'theta_agg' .* is \"avg\"; allowed: \"mean\", \"median\""),
         ({"options": {"conflict_aware": 1}}, r"option 'conflict_aware' .* is 1; allowed: true, false"),
-        ({"options": {"alpha": -1}}, r"option 'alpha' of method 'orthomerge' is -1; allowed: a number in \[0, inf\)"),
+        ({"options": {"alpha": -1}}, r"option 'alpha' of method 'orthomerge' is -1; allowed: a number in \[0, 2\]"),
+        ({"options": {"alpha": 50}}, r"option 'alpha' of method 'orthomerge' is 50; allowed: a number in \[0, 2\]"),
         (
             {"method": "geometric_median", "options": {"maxiter": 2.5}},
             r"option 'maxiter' .* is 2.5; allowed: an integer in \[1, 10000\]",
