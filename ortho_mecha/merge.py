@@ -110,10 +110,21 @@ def data_bytes(layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> int
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in layout.values())
 
 
+# an LDM checkpoint's (SD1.x, SD2.x) top-level diffusion-schedule buffers: not weights, stored in float32
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
+})
+
+
 def output_layout(base: Model, output_dtype: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """The merged file's (dtype, shape) per key: the base's keys, float ones in ``output_dtype``."""
+    """The merged file's (dtype, shape) per key: the base's keys, float ones in ``output_dtype`` — but an SD
+    checkpoint's noise-schedule buffers (:data:`SCHEDULE_BUFFERS`, e.g. ``alphas_cumprod``, which a UI samples
+    with) keep the base's dtype, as integer keys do."""
     out_dtype = TORCH_DTYPES[output_dtype]
-    return {key: (out_dtype if info.is_float else DTYPES[info.dtype], tuple(info.shape))
+    return {key: (out_dtype if info.is_float and key not in SCHEDULE_BUFFERS else DTYPES[info.dtype],
+                  tuple(info.shape))
             for key, info in base.tensors.items()}
 
 

@@ -167,7 +167,7 @@ class ModelCheck:
         if self.prefix_stripped:
             notes.append(f"'{DIFFUSION_PREFIX}' prefix removed from {self.prefix_stripped} keys")
         if self.non_diffusion:
-            notes.append(f"{self.non_diffusion} text-encoder/VAE keys set aside (diffusion analysis)")
+            notes.append(f"{self.non_diffusion} text-encoder/VAE/other keys set aside (diffusion analysis)")
         if self.renamed:
             notes.append(f"{self.renamed} '.scale' norm keys read as '.weight'")
         if self.scaled_fp8:

@@ -426,3 +426,21 @@ def test_mixer_text_encoder_controls_edit_the_plan_and_round_trip_through_preset
     assert not at.exception
     assert not [box for box in at.selectbox if box.key and box.key.startswith("mix_te_")]
     assert at.session_state["plan"].components == {}
+
+
+def test_a_noise_schedule_buffer_keeps_the_bases_dtype(tmp_path: Path) -> None:
+    """An SD checkpoint's top-level float buffers (``alphas_cumprod``, which A1111 samples with) are not weights:
+    written in the base's float32 whatever the output dtype, with the base's values (they were rounded to fp16)."""
+    from ortho_mecha.merge import output_bytes
+
+    family = write_checkpoint_family(tmp_path, "sd1", "fp16")
+    schedule = torch.cumprod(1.0 - torch.linspace(8.5e-4, 1.2e-2, 1000, dtype=torch.float64), 0).float()
+    for name in ("base", "a", "b", "c"):
+        tensors = load_file(str(family[name])) | {"alphas_cumprod": schedule}
+        save_file(tensors, str(family[name]))
+    plan = make_plan(family, "weighted_sum", output_dtype="fp16")
+    out = tmp_path / "merged.safetensors"
+    got = merged_file(plan, out)
+    assert got["alphas_cumprod"].dtype == torch.float32 and torch.equal(got["alphas_cumprod"], schedule)
+    assert got[f"{DIFFUSION}out.2.weight"].dtype == torch.float16
+    assert output_bytes(plan) == out.stat().st_size  # the forecast knows the layout too

@@ -651,7 +651,7 @@ def test_prefixed_checkpoint_lines_up_with_a_bare_base(tmp_path: Path, cli) -> N
     result = cli("validate", "--base", base, ckpt)
     assert result.code == 0, result.err
     assert "'model.diffusion_model.' prefix removed from 6 keys" in result.out
-    assert "3 text-encoder/VAE keys set aside (diffusion analysis)" in result.out
+    assert "3 text-encoder/VAE/other keys set aside (diffusion analysis)" in result.out
 
 
 def test_a_file_lacking_the_checkpoint_bases_text_encoder_and_vae_is_told_so(tmp_path: Path, cli) -> None:
