@@ -373,8 +373,12 @@ def extract_lora(
             f"names a module by its '<module>.weight' key; here e.g. '{unnamed.examples[0]}'): no LoRA can carry "
             "the difference; nothing was written", merged_model.path)
     if not tensors:
+        beside = _beside_norm(merged_model, base_model, alignment.maps[1].set_aside)
+        where = (f"its text-encoder/VAE keys differ (norm {beside:.4g}), and a LoRA here holds the UNet/transformer "
+                 "only: merge the text encoder with a plan's 'components' instead" if beside
+                 else "there is no difference to extract")
         raise OrthoMechaError(
-            f"equals the base {base_model.path} on every matrix key: there is no difference to extract",
+            f"equals the base {base_model.path} on every matrix key of the diffusion model: {where}",
             merged_model.path,
         )
     metadata = kohya_metadata(tensors, base=base_model.path, merged=merged_model.path, rank=rank, kind="extract-lora")

@@ -317,6 +317,23 @@ def test_zero_deltas_are_skipped_and_uncaptured_keys_counted(tmp_path) -> None:
     assert not (tmp_path / "l2.safetensors").exists()
 
 
+def test_a_text_encoder_only_change_is_named_not_called_equal(tmp_path) -> None:
+    """A checkpoint whose diffusion model equals the base but whose text encoder changed: the error says where the
+    difference is (it said the files were equal) and how to merge it."""
+    from tests.modelgen import write_checkpoint_family
+
+    family = write_checkpoint_family(tmp_path, "sd1", "fp32")
+    tensors = load_file(str(family["base"]))
+    key = next(k for k in tensors if k.startswith("cond_stage_model.") and tensors[k].ndim == 2
+               and tensors[k].is_floating_point())
+    tensors[key] = tensors[key] + 0.01
+    save_file(tensors, str(tmp_path / "te_only.safetensors"))
+    with pytest.raises(OrthoMechaError, match=r"equals the base .* on every matrix key of the diffusion model: its "
+                                              r"text-encoder/VAE keys differ \(norm [0-9.e-]+\).*'components'"):
+        extract_lora(tmp_path / "te_only.safetensors", family["base"], 4, tmp_path / "l.safetensors")
+    assert not (tmp_path / "l.safetensors").exists()
+
+
 # -- the command line ----------------------------------------------------------------------------------
 
 
