@@ -236,7 +236,8 @@ def _finish(fam: _Family, delta_from: list[int | None], notes: Mapping[int, str]
     disabled: dict[int, str] = {}
     for i in range(fam.n):
         if fam.null[i]:
-            disabled[i] = "disabled: null delta (no change from the base beyond rounding noise)"
+            disabled[i] = ("disabled: null delta (no change from the base beyond rounding noise in the analysed keys: "
+                           "a checkpoint's text encoders and VAE are not among them)")
         elif i in fam.dups:
             k = fam.dups[i]
             share = math.sqrt(fam.d[i, k] / fam.h[k, k]) if fam.h[k, k] > 0 else 0.0
