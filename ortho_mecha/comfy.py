@@ -753,7 +753,9 @@ def wait_for(
     progress: Callable[[Progress], None] | None = None,
     poll_interval: float = 0.5,
 ) -> Mapping[str, Any]:
-    """Poll until ``prompt_id`` is in the history; cancel it and raise after ``time_limit`` seconds."""
+    """Poll until ``prompt_id`` is in the history; cancel it and raise after ``time_limit`` seconds. Whatever
+    else stops the wait — Ctrl-C, or ``progress`` raising (a dashboard job being cancelled) — cancels the prompt
+    in ComfyUI too (:func:`cancel_quietly`), so it does not go on blocking the queue."""
     url = client.base_url
     start = time.monotonic()
     try:
@@ -787,12 +789,21 @@ def wait_for(
             f"ComfyUI at {url} stopped answering while prompt {prompt_id} was queued or running ({exc.reason}); it "
             "may have crashed or been restarted, see its console"
         ) from None
-    except KeyboardInterrupt:
-        try:
-            client.cancel(prompt_id)
-        except OrthoMechaError:
-            logger.warning("could not cancel prompt %s on %s", prompt_id, url)
+    except OrthoMechaError:
+        raise  # ComfyUI's own failure, or the time limit's (cancelled already)
+    except BaseException:
+        cancel_quietly(client, prompt_id)
         raise
+
+
+def cancel_quietly(client: ComfyClient, prompt_id: str) -> None:
+    """Take ``prompt_id`` off ComfyUI's queue (or interrupt it); a server that does not answer is only logged."""
+    try:
+        client.cancel(prompt_id)
+    except OrthoMechaError as error:
+        logger.warning("could not cancel prompt %s in ComfyUI: %s", prompt_id, error)
+    else:
+        logger.info("cancelled prompt %s in ComfyUI at %s", prompt_id, client.base_url)
 
 
 def image_refs(entry: Mapping[str, Any]) -> list[ImageRef]:

@@ -10,8 +10,8 @@ reported at once rather than as a failed job.
 A preview's images are saved beside the merged model (``<stem>_seed<seed>_NNN.png``); a sweep writes its
 merges, images and grid into ``merges/sweeps/<name>/`` (see :mod:`ortho_mecha.sweep`). Cancelling a
 preview job also takes its prompt off ComfyUI's queue (or interrupts it when it already runs): the job
-notices the cancel request at its next poll of ComfyUI. A sweep stops between merges and between
-previews; a preview of a sweep that is already in ComfyUI when the sweep is cancelled runs to its end.
+notices the cancel request at its next poll of ComfyUI. A sweep stops at the next key of a merge, or at
+the next poll of a preview, whose prompt it takes off ComfyUI's queue (or interrupts) likewise.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from ortho_mecha import comfy, security, workspace
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.jobs import Cancelled, Progress
+from ortho_mecha.jobs import Progress
 from ortho_mecha.workflows import (
     BUILTIN_ARCHS,
     PreviewSettings,
@@ -307,13 +307,9 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         marks = params.get("marks") or {}
         bindings = find_bindings(workflow, **{role: marks.get(role) for role in MARK_ROLES})
 
-    def report(place: comfy.Progress) -> None:
+    def report(place: comfy.Progress) -> None:  # a cancel raises here, and comfy.wait_for cancels the prompt
         where = "rendering in ComfyUI" if place.state == "running" else f"queued in ComfyUI, {place.ahead} ahead"
-        try:
-            progress({"message": f"{where} ({place.elapsed:.0f} s)"})
-        except Cancelled:
-            cancel_prompt(client, place.prompt_id)
-            raise
+        progress({"message": f"{where} ({place.elapsed:.0f} s)"})
 
     progress({"message": f"sending {model.name} to ComfyUI at {client.base_url}"})
     result = comfy.run_preview(model, arch, settings, client=client, comfy=comfy_folder, workflow=workflow,
@@ -327,16 +323,6 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         "seed": result.seed,
         "prompt_id": result.prompt_id,
     }
-
-
-def cancel_prompt(client: comfy.ComfyClient, prompt_id: str) -> None:
-    """Take ``prompt_id`` off ComfyUI's queue (or interrupt it); a server that does not answer is only logged."""
-    try:
-        client.cancel(prompt_id)
-    except OrthoMechaError as error:
-        logger.warning("could not cancel prompt %s in ComfyUI: %s", prompt_id, error)
-    else:
-        logger.info("cancelled prompt %s in ComfyUI at %s", prompt_id, client.base_url)
 
 
 def sweep_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:

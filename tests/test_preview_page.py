@@ -128,6 +128,35 @@ def test_cancelling_a_preview_job_cancels_the_prompt_in_comfyui(tmp_path: Path) 
         stub.stop()
 
 
+def test_cancelling_a_sweep_job_cancels_its_prompt_in_comfyui(tmp_path: Path) -> None:
+    """The sweep's preview ran on in ComfyUI after its job was cancelled, blocking the queue (QA7 finding 1)."""
+    from tests.test_sweep import write_plan
+
+    stub = ComfyStub(tmp_path / "ComfyUI", delay=60.0)
+    stub.add_standard_files()
+    stub.start()
+    try:
+        out = tmp_path / "sweep"
+        out.mkdir()
+        params = {"plan": str(write_plan(tmp_path)), "alphas": [1.0], "out": str(out), "arch": "sdxl",
+                  "settings": preview_job.settings_params(SETTINGS), "api": stub.url, "comfy_dir": str(stub.root)}
+
+        def progress(info: dict) -> None:
+            if info.get("message", "").endswith("running"):
+                raise Cancelled("cancel requested")
+
+        with pytest.raises(Cancelled):
+            preview_job.sweep_job(params, progress)
+        deadline = time.monotonic() + 10
+        while not stub.history and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (prompt_id, entry), = stub.history.items()
+        assert stub.interrupts == [{"prompt_id": prompt_id}]
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+    finally:
+        stub.stop()
+
+
 def test_sweep_parameters_are_checked_before_the_job(tmp_path: Path, make_family) -> None:
     from ortho_mecha.plan import plan_from_dict
 
