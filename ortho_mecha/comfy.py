@@ -951,6 +951,12 @@ def _missing_classes(spec: ArchSpec, model_name: str, info: Mapping[str, Any]) -
     return [c for c in dict.fromkeys(classes) if c not in info]
 
 
+def _as_listed(name: str, options: Sequence[str]) -> str:
+    """``name``, a path under a models folder (``flux/x.safetensors``), as ComfyUI spells it in its ``options``: a
+    ComfyUI on Windows lists ``flux\\x.safetensors``."""
+    return next((option for option in options if option.replace("\\", "/") == name), name)
+
+
 def _listed_name(model: Path, folder: str | None, options: Sequence[str]) -> str | None:
     """The name ComfyUI lists ``model`` under when the file lies in a ``models/<folder>`` tree (a subfolder
     name such as ``flux/x.safetensors``), found without COMFYUI_DIR: the listed name must be the path's tail."""
@@ -1049,11 +1055,12 @@ def run_preview(
     with ExitStack() as linked:
         if comfy is not None:
             link = linked.enter_context(model_linked(model, comfy, folder, keep_link))
-            model_name = link.name
             if link.created:
                 info = client.object_info()  # the file lists changed
+            model_name = _as_listed(link.name, _options(info, model_class, model_input))
+            where = "lies in ComfyUI's folder as" if link.method == "in place" else "is linked as"
             model_hint = (
-                f"it is linked as {link.path}, yet ComfyUI does not list it: is COMFYUI_DIR ({comfy}) the folder of "
+                f"it {where} {link.path}, yet ComfyUI does not list it: is COMFYUI_DIR ({comfy}) the folder of "
                 f"the ComfyUI at {url}?"
             )
         else:

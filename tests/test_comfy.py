@@ -661,6 +661,22 @@ def test_a_model_already_in_comfyuis_folder_is_used_in_place(comfy_stub: ComfySt
     assert result.model_name == "merges/m.safetensors" and model.is_file()
 
 
+def test_a_model_in_a_subfolder_of_comfy_dir_is_sent_as_a_windows_comfyui_lists_it(comfy_stub: ComfyStub,
+                                                                                   tmp_path: Path) -> None:
+    """A ComfyUI on Windows (or COMFYUI_DIR=/mnt/c/... under WSL) lists ``merges\\m.safetensors``: the model was sent
+    as ``merges/m.safetensors`` and refused as "linked as ..., yet ComfyUI does not list it" (QA7 finding 2)."""
+    comfy_stub.backslash = True
+    model = write_model(comfy_stub.root / "models" / "checkpoints" / "merges" / "m.safetensors")
+    result = preview(comfy_stub, model)
+    assert result.model_name == "merges\\m.safetensors"
+    assert comfy_stub.received[-1]["prompt"]["1"]["inputs"]["ckpt_name"] == "merges\\m.safetensors"
+    other = tmp_path / "OtherComfy"  # not the server's folder: nothing is linked, so nothing is said to be
+    elsewhere = write_model(other / "models" / "checkpoints" / "m.safetensors")
+    with pytest.raises(OrthoMechaError, match=r"it lies in ComfyUI's folder as .*OtherComfy/models/checkpoints/m\."
+                       r"safetensors, yet ComfyUI does not list it: is COMFYUI_DIR"):
+        preview(comfy_stub, elsewhere, comfy=other)
+
+
 def test_a_symlinked_model_whose_file_is_in_comfyuis_folder_is_never_deleted(
     comfy_stub: ComfyStub,
     tmp_path: Path,
