@@ -959,15 +959,32 @@ def _as_listed(name: str, options: Sequence[str]) -> str:
 
 def _listed_name(model: Path, folder: str | None, options: Sequence[str]) -> str | None:
     """The name ComfyUI lists ``model`` under when the file lies in a ``models/<folder>`` tree (a subfolder
-    name such as ``flux/x.safetensors``), found without COMFYUI_DIR: the listed name must be the path's tail."""
+    name such as ``flux/x.safetensors``), found without COMFYUI_DIR: the listed name must be the path's tail,
+    after ``models/<folder>/``."""
     if folder is None:
         return None
     tail = model.absolute().as_posix()
     for option in sorted(options, key=len, reverse=True):
         name = option.replace("\\", "/")
-        if any(tail.endswith(f"/{where}/{name}") for where in (folder, *FOLDER_ALIASES.get(folder, ()))):
+        if any(tail.endswith(f"/models/{where}/{name}") for where in (folder, *FOLDER_ALIASES.get(folder, ()))):
             return option
     return None
+
+
+def _name_without_comfy_dir(model: Path, folder: str | None, options: Sequence[str], url: str) -> str | None:
+    """:func:`_listed_name`, or None when ComfyUI lists ``model`` nowhere; an error when it lists a file of the
+    same name that is not this one's path: ComfyUI lists no sizes or dates, so nothing tells that it is this
+    file, and a preview of it could show other weights."""
+    listed = _listed_name(model, folder, options)
+    namesakes = [option for option in options if option.replace("\\", "/").rsplit("/", 1)[-1] == model.name]
+    if listed is None and namesakes:
+        raise OrthoMechaError(
+            f"ComfyUI at {url} lists a '{namesakes[0]}' in its {folder} folder, but this file does not lie in a "
+            f"ComfyUI models/{folder} folder, so that may be another file: set COMFYUI_DIR to your ComfyUI folder "
+            "so that ortho-mecha links this one (on the Preview page: the ComfyUI folder field)",
+            model,
+        )
+    return listed
 
 
 def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comfy: Path | None, model: Path,
@@ -993,7 +1010,7 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
         spec = files[1]
         folder = FILE_FOLDERS[spec.model_input]
         where = (folder, *FOLDER_ALIASES.get(folder, ()))
-        if out is not None and not set(where) & set(out.absolute().parts):
+        if out is not None and not any(f"/models/{w}/" in f"{out.absolute().as_posix()}/" for w in where):
             raise OrthoMechaError(
                 f"ComfyUI only sees the sweep's merges in its models/{folder} folder: set COMFYUI_DIR to your "
                 "ComfyUI folder (each merge is linked there while it is previewed; on the Preview page: the "
@@ -1002,7 +1019,7 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
             )
         options = combo_options(input_spec(info, spec.loader, spec.model_input)) or []
         for path in listed:
-            if _listed_name(path, folder, options) is None and path.name not in options:
+            if _name_without_comfy_dir(path, folder, options, client.base_url) is None:
                 raise OrthoMechaError(
                     f"is not in ComfyUI's {folder} list at {client.base_url}, so it cannot be previewed beside the "
                     "sweep: set COMFYUI_DIR to your ComfyUI folder so ortho-mecha can link it",
@@ -1028,7 +1045,8 @@ def run_preview(
 
     With ``comfy`` (ComfyUI's folder) the model is linked into its models folder first and, unless
     ``keep_link``, unlinked afterwards (see :func:`model_linked`), whatever fails in between.
-    Without it, the model must be where ComfyUI lists it already. Returns the image bytes.
+    Without it, the model must lie in ComfyUI's models folder, where ComfyUI lists it already (a file elsewhere
+    that has the name of one ComfyUI lists is refused). Returns the image bytes.
     """
     model = Path(model)
     if not model.is_file():
@@ -1064,8 +1082,8 @@ def run_preview(
                 f"the ComfyUI at {url}?"
             )
         else:
-            listed = _listed_name(model, folder, combo_options(input_spec(info, model_class, model_input)) or [])
-            model_name = listed or model.name
+            options = _options(info, model_class, model_input)
+            model_name = _name_without_comfy_dir(model, folder, options, url) or model.name  # not listed: said below
             model_hint = (
                 "set COMFYUI_DIR so ortho-mecha can link it, or copy it to <ComfyUI folder>/models/"
                 f"{folder or '<the loader folder>'}"

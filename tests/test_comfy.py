@@ -423,8 +423,24 @@ def test_missing_model_without_comfy_dir(comfy_stub: ComfyStub, tmp_path: Path) 
     with pytest.raises(OrthoMechaError, match=expected):
         preview(comfy_stub, model, "chroma", comfy=None)
     assert comfy_stub.received == []  # refused before queueing
-    comfy_stub.add_file("diffusion_models", "m.safetensors")
-    assert preview(comfy_stub, model, "chroma", comfy=None).link is None  # listed by name: used as is
+
+
+@pytest.mark.parametrize("listed", ["m.safetensors", "flux/m.safetensors"])
+def test_a_file_comfyui_lists_under_the_models_name_is_not_taken_for_it_without_comfy_dir(
+    comfy_stub: ComfyStub, tmp_path: Path, listed: str
+) -> None:
+    """ComfyUI's own m.safetensors (or flux/m.safetensors, for a model in elsewhere/diffusion_models/flux/) was
+    rendered in place of the user's file, silently (QA7 finding 3): ComfyUI lists no sizes, so nothing tells
+    they are the same file."""
+    model = write_model(tmp_path / "elsewhere" / "diffusion_models" / "flux" / "m.safetensors",
+                        {"txt_in.weight": (2, 7680)})
+    comfy_stub.add_file("diffusion_models", listed, b"another model")
+    with pytest.raises(OrthoMechaError, match=rf"^{re.escape(str(model))}: ComfyUI at http://127\.0\.0\.1:\d+ lists "
+                       rf"a '{listed}' in its diffusion_models folder, but this file does not lie in a ComfyUI "
+                       r"models/diffusion_models folder, so that may be another file: set COMFYUI_DIR"):
+        preview(comfy_stub, model, "chroma", comfy=None)
+    assert comfy_stub.received == []
+    assert preview(comfy_stub, model, "chroma").link is not None  # with COMFYUI_DIR: linked, under its own name
 
 
 def test_comfy_dir_of_another_install(comfy_stub: ComfyStub, tmp_path: Path) -> None:

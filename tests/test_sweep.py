@@ -160,6 +160,9 @@ def test_a_sweep_without_comfy_dir_is_refused_before_merging_unless_comfyui_will
     inside = comfy_stub.root / "models" / "checkpoints" / "sweeps"  # where ComfyUI lists the merges
     error = cli_error(*common, "--compare", "--out", inside)
     assert "base.safetensors: is not in ComfyUI's checkpoints list" in error
+    comfy_stub.add_file("checkpoints", "base.safetensors", b"another base")  # ComfyUI's own, not the plan's
+    error = cli_error(*common, "--compare", "--out", inside)
+    assert "base.safetensors: ComfyUI at" in error and "lists a 'base.safetensors'" in error
     assert not list(inside.glob("*.safetensors"))
     result = cli(*common, "--out", inside)
     assert result.code == 0, result.err
