@@ -7,7 +7,8 @@ user can get wrong — the server address, the ComfyUI folder, the architecture,
 name — before a job is queued; :func:`connect` also asks the server once, so a ComfyUI that is down is
 reported at once rather than as a failed job.
 
-A preview's images are saved beside the merged model (``<stem>_seed<seed>_NNN.png``); a sweep writes its
+A preview's images (``<stem>_seed<seed>_NNN.png``) are saved beside the model when it is one of the workspace's
+merges, else in the workspace's ``previews/`` (:func:`image_folder`); a sweep writes its
 merges, images and grid into ``merges/sweeps/<name>/`` (see :mod:`ortho_mecha.sweep`). Cancelling a
 preview job also takes its prompt off ComfyUI's queue (or interrupts it when it already runs): the job
 notices the cancel request at its next poll of ComfyUI. A sweep stops at the next key of a merge, or at
@@ -295,8 +296,17 @@ def _client(params: Mapping[str, Any], kind: str) -> tuple[comfy.ComfyClient, Pa
     return comfy.ComfyClient(_text(params, "api", kind)), comfy.comfy_dir(folder) if folder else None
 
 
+def image_folder(model: Path, workspace_dir: Path | None = None) -> Path:
+    """Where a preview job saves ``model``'s images: beside it when it is one of the workspace's merges, else in the
+    workspace's ``previews/`` — never in ComfyUI's models folder or another model folder (read-only, maybe)."""
+    if model.resolve().is_relative_to(workspace.merges_dir(workspace_dir).resolve()):
+        return model.parent
+    return workspace.previews_dir(workspace_dir)
+
+
 def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """Job ``preview``: render the model, save the images beside it; cancelling also cancels it in ComfyUI."""
+    """Job ``preview``: render the model, save the images (:func:`image_folder`); cancelling also cancels it in
+    ComfyUI."""
     model = Path(_text(params, "model", "preview"))
     arch = _text(params, "arch", "preview")
     settings = _settings(params.get("settings"), "preview")
@@ -314,7 +324,7 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
     progress({"message": f"sending {model.name} to ComfyUI at {client.base_url}"})
     result = comfy.run_preview(model, arch, settings, client=client, comfy=comfy_folder, workflow=workflow,
                                bindings=bindings, progress=report)
-    paths = comfy.save_images(result.images, model.parent, f"{model.stem}_seed{result.seed}")
+    paths = comfy.save_images(result.images, image_folder(model), f"{model.stem}_seed{result.seed}")
     return {
         "images": [str(path) for path in paths],
         "model": str(model),
