@@ -37,7 +37,7 @@ import requests
 from filelock import FileLock
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import file_stamp, output_folder, partial_path, place, process_exists
+from ortho_mecha.fsutil import atomic_write_bytes, file_stamp, output_folder, partial_path, place, process_exists
 from ortho_mecha.security import READ_SUFFIXES
 from ortho_mecha.workflows import (
     BUILTIN_ARCHS,
@@ -1123,7 +1123,9 @@ def run_preview(
 
 
 def save_images(images: Sequence[PreviewImage], out_dir: str | Path, stem: str) -> list[Path]:
-    """Write the images as ``<stem>_<n>.png`` in ``out_dir``, never over an existing file."""
+    """Write the images as ``<stem>_<n>.png`` in ``out_dir``, never over an existing file, each atomically
+    (:func:`~ortho_mecha.fsutil.atomic_write_bytes`: a hidden partial file moved into place, so a full disk leaves
+    no half image under the name); a failure is an error naming the image's file."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1136,12 +1138,12 @@ def save_images(images: Sequence[PreviewImage], out_dir: str | Path, stem: str) 
             path = out_dir / f"{stem}_{number:03d}{image.suffix}"
             number += 1
             try:
-                with open(path, "xb") as fh:
-                    fh.write(image.data)
-            except FileExistsError:
-                continue
-            written.append(path)
-            break
+                written.append(atomic_write_bytes(path, image.data))
+                break
+            except OrthoMechaError:
+                if os.path.lexists(path):  # the name is taken (an earlier image, or one written meanwhile)
+                    continue
+                raise
     return written
 
 

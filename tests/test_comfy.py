@@ -720,6 +720,27 @@ def test_save_images_never_overwrites(tmp_path_factory: pytest.TempPathFactory, 
     assert all((out / f"m_{n:03d}.png").read_bytes() == b"old" for n in existing)
 
 
+@pytest.mark.parametrize("failing", ["fsync", "open"])
+def test_an_image_that_cannot_be_written_leaves_no_half_file_and_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A disk that filled up mid-write left a truncated s_001.png under its name, and the error named no file
+    (QA7 finding 5)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s_001.png").write_bytes(b"old")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, full)
+    image = PreviewImage(PNG_SIGNATURE + bytes(100), ImageRef("9", "x.png", "", "output"))
+    with pytest.raises(OrthoMechaError, match=rf"^{re.escape(str(out / 's_002.png'))}: cannot write.*No space left"):
+        save_images([image], out, "s")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["s_001.png"] and (out / "s_001.png").read_bytes() == b"old"
+
+
 # --------------------------------------------------------------------------------------------------
 # The command line
 
