@@ -699,6 +699,11 @@ class Progress:
     ahead: int
     elapsed: float
 
+    @property
+    def where(self) -> str:
+        """The job's place for a person: "running", or "queued, 2 job(s) ahead"."""
+        return "running" if self.state == "running" else f"queued, {self.ahead} job(s) ahead"
+
 
 @dataclass(frozen=True)
 class PreviewImage:
@@ -1162,8 +1167,7 @@ def _print_progress() -> Callable[[Progress], None] | None:
         if last and last[-1] == now:
             return
         last.append(now)
-        where = "running" if p.state == "running" else f"queued, {p.ahead} job(s) ahead"
-        print(f"ortho-mecha: prompt {p.prompt_id} {where}", file=sys.stderr)
+        print(f"ortho-mecha: prompt {p.prompt_id} {p.where}", file=sys.stderr)
 
     return show
 

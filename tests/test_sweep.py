@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from ortho_mecha.lora import extract_lora
@@ -56,6 +58,19 @@ def test_sweep_merges_previews_and_grids(comfy_stub: ComfyStub, tmp_path: Path, 
     # alpha 0 is the base: a second run reuses the merges it made and refuses to overwrite the grid
     again = cli(*argv)
     assert again.code == 2 and "mix_sweep.png" in again.err and "already exists" in again.err
+
+
+def test_a_sweep_on_a_terminal_shows_its_merges_and_previews(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep was silent through every merge and render, for minutes with real models (QA7 finding 6)."""
+    plan = write_plan(tmp_path)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stderr, standing in for a terminal
+    result = cli("preview", "--plan", plan, "--alphas", "0.5,1", "--prompt", "a fox", "--api", comfy_stub.url,
+                 "--comfy-dir", comfy_stub.root, "--out", tmp_path / "sweep")
+    assert result.code == 0, result.err
+    for said in ("merging alpha 0.5", "merging alpha 1", "previewing alpha 0.5", "previewing alpha 1: "):
+        assert said in result.err
+    assert result.err.index("merging alpha 1") < result.err.index("previewing alpha 0.5")
 
 
 def test_compare_previews_a_lora_row_as_the_base_plus_the_lora(comfy_stub: ComfyStub, tmp_path: Path,
