@@ -229,7 +229,7 @@ def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` comman
                               "workflows")
     settings = settings_from_args(args)
     plan = load_plan(args.plan)
-    alphas = parse_alphas(args.alphas or DEFAULT_ALPHAS)
+    alphas = parse_alphas(DEFAULT_ALPHAS if args.alphas is None else args.alphas)  # "" is a mistake, not the default
     arch = preview_arch(args.arch, plan.base)
     with output_folder(args.out) as out, TqdmProgress("sweep", messages=True) as bar:
         result = alpha_sweep(

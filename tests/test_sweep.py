@@ -123,6 +123,7 @@ def test_parse_alphas_and_errors(tmp_path: Path, cli_error: Callable) -> None:
     common = ["--arch", "sdxl", "--prompt", "p", "--out", tmp_path / "o"]
     assert "between 0 and 2" in cli_error("preview", "--plan", plan, "--alphas", "3", *common)
     assert "numbers separated by commas" in cli_error("preview", "--plan", plan, "--alphas", "a,b", *common)
+    assert "one or more values" in cli_error("preview", "--plan", plan, "--alphas", "", *common)  # not the defaults
     assert "not both" in cli_error("preview", tmp_path / "x.safetensors", "--plan", plan, *common)
     assert "needs a MODEL" in cli_error("preview", *common)
 
