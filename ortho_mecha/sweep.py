@@ -7,7 +7,8 @@ overwritten) — then previewed through ComfyUI with one seed. With ``compare`` 
 row's model are previewed too; a LoRA row, which ComfyUI cannot load as a model, is previewed as the model
 it stands for, the base plus the LoRA (merged beside the others as ``<stem>_<lora>.safetensors``). The
 images are saved beside the merges and combined into one labelled grid (``<stem>_sweep.png``,
-:func:`sweep_stem`): one column per alpha (then base and models), one row per image of a batch.
+:func:`sweep_stem`; the stem of ``mix.json`` or ``mix.plan.json`` is ``mix``): one column per alpha (then base
+and models), one row per image of a batch.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def alpha_sweep(
     """Run the sweep (see the module docstring); returns the cells and the grid's path."""
     folder = Path(folder)
     require_folder(folder, "the sweep's output folder")
-    stem = sweep_stem(plan.source.stem if plan.source else plan.base.stem)
+    stem = sweep_stem(plan.source.stem.removesuffix(".plan") if plan.source else plan.base.stem)  # x.plan.json: x
     grid_path = folder / f"{stem}.png"
     if grid_path.exists():
         raise OrthoMechaError("already exists; choose another folder or move it away", grid_path)

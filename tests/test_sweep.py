@@ -73,6 +73,16 @@ def test_a_sweep_on_a_terminal_shows_its_merges_and_previews(comfy_stub: ComfySt
     assert result.err.index("merging alpha 1") < result.err.index("previewing alpha 0.5")
 
 
+def test_a_plan_named_x_plan_json_gives_files_named_x(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:
+    """mix.plan.json gave mix.plan_sweep_alpha1.plan.json and mix.plan_sweep.png (QA7 finding 11)."""
+    plan = write_plan(tmp_path).rename(tmp_path / "mix.plan.json")
+    out = tmp_path / "sweep"
+    result = cli("preview", "--plan", plan, "--alphas", "1", "--prompt", "a fox", "--api", comfy_stub.url,
+                 "--comfy-dir", comfy_stub.root, "--out", out)
+    assert result.code == 0, result.err
+    assert (out / "mix_sweep.png").is_file() and (out / "mix_sweep_alpha1.plan.json").is_file()
+
+
 def test_compare_previews_a_lora_row_as_the_base_plus_the_lora(comfy_stub: ComfyStub, tmp_path: Path,
                                                                 cli: Callable, cli_error: Callable) -> None:
     paths = write_family_files(tmp_path / "m", "sdxl", "fp16", members=MEMBERS)
