@@ -37,7 +37,7 @@ import requests
 from filelock import FileLock
 
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.fsutil import file_stamp, output_folder, partial_path, place, process_exists
+from ortho_mecha.fsutil import atomic_write_bytes, file_stamp, output_folder, partial_path, place, process_exists
 from ortho_mecha.security import READ_SUFFIXES
 from ortho_mecha.workflows import (
     BUILTIN_ARCHS,
@@ -699,6 +699,11 @@ class Progress:
     ahead: int
     elapsed: float
 
+    @property
+    def where(self) -> str:
+        """The job's place for a person: "running", or "queued, 2 job(s) ahead"."""
+        return "running" if self.state == "running" else f"queued, {self.ahead} job(s) ahead"
+
 
 @dataclass(frozen=True)
 class PreviewImage:
@@ -753,7 +758,9 @@ def wait_for(
     progress: Callable[[Progress], None] | None = None,
     poll_interval: float = 0.5,
 ) -> Mapping[str, Any]:
-    """Poll until ``prompt_id`` is in the history; cancel it and raise after ``time_limit`` seconds."""
+    """Poll until ``prompt_id`` is in the history; cancel it and raise after ``time_limit`` seconds. Whatever
+    else stops the wait — Ctrl-C, or ``progress`` raising (a dashboard job being cancelled) — cancels the prompt
+    in ComfyUI too (:func:`cancel_quietly`), so it does not go on blocking the queue."""
     url = client.base_url
     start = time.monotonic()
     try:
@@ -787,12 +794,21 @@ def wait_for(
             f"ComfyUI at {url} stopped answering while prompt {prompt_id} was queued or running ({exc.reason}); it "
             "may have crashed or been restarted, see its console"
         ) from None
-    except KeyboardInterrupt:
-        try:
-            client.cancel(prompt_id)
-        except OrthoMechaError:
-            logger.warning("could not cancel prompt %s on %s", prompt_id, url)
+    except OrthoMechaError:
+        raise  # ComfyUI's own failure, or the time limit's (cancelled already)
+    except BaseException:
+        cancel_quietly(client, prompt_id)
         raise
+
+
+def cancel_quietly(client: ComfyClient, prompt_id: str) -> None:
+    """Take ``prompt_id`` off ComfyUI's queue (or interrupt it); a server that does not answer is only logged."""
+    try:
+        client.cancel(prompt_id)
+    except OrthoMechaError as error:
+        logger.warning("could not cancel prompt %s in ComfyUI: %s", prompt_id, error)
+    else:
+        logger.info("cancelled prompt %s in ComfyUI at %s", prompt_id, client.base_url)
 
 
 def image_refs(entry: Mapping[str, Any]) -> list[ImageRef]:
@@ -940,17 +956,40 @@ def _missing_classes(spec: ArchSpec, model_name: str, info: Mapping[str, Any]) -
     return [c for c in dict.fromkeys(classes) if c not in info]
 
 
+def _as_listed(name: str, options: Sequence[str]) -> str:
+    """``name``, a path under a models folder (``flux/x.safetensors``), as ComfyUI spells it in its ``options``: a
+    ComfyUI on Windows lists ``flux\\x.safetensors``."""
+    return next((option for option in options if option.replace("\\", "/") == name), name)
+
+
 def _listed_name(model: Path, folder: str | None, options: Sequence[str]) -> str | None:
     """The name ComfyUI lists ``model`` under when the file lies in a ``models/<folder>`` tree (a subfolder
-    name such as ``flux/x.safetensors``), found without COMFYUI_DIR: the listed name must be the path's tail."""
+    name such as ``flux/x.safetensors``), found without COMFYUI_DIR: the listed name must be the path's tail,
+    after ``models/<folder>/``."""
     if folder is None:
         return None
     tail = model.absolute().as_posix()
     for option in sorted(options, key=len, reverse=True):
         name = option.replace("\\", "/")
-        if any(tail.endswith(f"/{where}/{name}") for where in (folder, *FOLDER_ALIASES.get(folder, ()))):
+        if any(tail.endswith(f"/models/{where}/{name}") for where in (folder, *FOLDER_ALIASES.get(folder, ()))):
             return option
     return None
+
+
+def _name_without_comfy_dir(model: Path, folder: str | None, options: Sequence[str], url: str) -> str | None:
+    """:func:`_listed_name`, or None when ComfyUI lists ``model`` nowhere; an error when it lists a file of the
+    same name that is not this one's path: ComfyUI lists no sizes or dates, so nothing tells that it is this
+    file, and a preview of it could show other weights."""
+    listed = _listed_name(model, folder, options)
+    namesakes = [option for option in options if option.replace("\\", "/").rsplit("/", 1)[-1] == model.name]
+    if listed is None and namesakes:
+        raise OrthoMechaError(
+            f"ComfyUI at {url} lists a '{namesakes[0]}' in its {folder} folder, but this file does not lie in a "
+            f"ComfyUI models/{folder} folder, so that may be another file: set COMFYUI_DIR to your ComfyUI folder "
+            "so that ortho-mecha links this one (on the Preview page: the ComfyUI folder field)",
+            model,
+        )
+    return listed
 
 
 def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comfy: Path | None, model: Path,
@@ -976,7 +1015,7 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
         spec = files[1]
         folder = FILE_FOLDERS[spec.model_input]
         where = (folder, *FOLDER_ALIASES.get(folder, ()))
-        if out is not None and not set(where) & set(out.absolute().parts):
+        if out is not None and not any(f"/models/{w}/" in f"{out.absolute().as_posix()}/" for w in where):
             raise OrthoMechaError(
                 f"ComfyUI only sees the sweep's merges in its models/{folder} folder: set COMFYUI_DIR to your "
                 "ComfyUI folder (each merge is linked there while it is previewed; on the Preview page: the "
@@ -985,7 +1024,7 @@ def preflight(arch: str, settings: PreviewSettings, *, client: ComfyClient, comf
             )
         options = combo_options(input_spec(info, spec.loader, spec.model_input)) or []
         for path in listed:
-            if _listed_name(path, folder, options) is None and path.name not in options:
+            if _name_without_comfy_dir(path, folder, options, client.base_url) is None:
                 raise OrthoMechaError(
                     f"is not in ComfyUI's {folder} list at {client.base_url}, so it cannot be previewed beside the "
                     "sweep: set COMFYUI_DIR to your ComfyUI folder so ortho-mecha can link it",
@@ -1011,7 +1050,8 @@ def run_preview(
 
     With ``comfy`` (ComfyUI's folder) the model is linked into its models folder first and, unless
     ``keep_link``, unlinked afterwards (see :func:`model_linked`), whatever fails in between.
-    Without it, the model must be where ComfyUI lists it already. Returns the image bytes.
+    Without it, the model must lie in ComfyUI's models folder, where ComfyUI lists it already (a file elsewhere
+    that has the name of one ComfyUI lists is refused). Returns the image bytes.
     """
     model = Path(model)
     if not model.is_file():
@@ -1038,16 +1078,17 @@ def run_preview(
     with ExitStack() as linked:
         if comfy is not None:
             link = linked.enter_context(model_linked(model, comfy, folder, keep_link))
-            model_name = link.name
             if link.created:
                 info = client.object_info()  # the file lists changed
+            model_name = _as_listed(link.name, _options(info, model_class, model_input))
+            where = "lies in ComfyUI's folder as" if link.method == "in place" else "is linked as"
             model_hint = (
-                f"it is linked as {link.path}, yet ComfyUI does not list it: is COMFYUI_DIR ({comfy}) the folder of "
+                f"it {where} {link.path}, yet ComfyUI does not list it: is COMFYUI_DIR ({comfy}) the folder of "
                 f"the ComfyUI at {url}?"
             )
         else:
-            listed = _listed_name(model, folder, combo_options(input_spec(info, model_class, model_input)) or [])
-            model_name = listed or model.name
+            options = _options(info, model_class, model_input)
+            model_name = _name_without_comfy_dir(model, folder, options, url) or model.name  # not listed: said below
             model_hint = (
                 "set COMFYUI_DIR so ortho-mecha can link it, or copy it to <ComfyUI folder>/models/"
                 f"{folder or '<the loader folder>'}"
@@ -1087,7 +1128,9 @@ def run_preview(
 
 
 def save_images(images: Sequence[PreviewImage], out_dir: str | Path, stem: str) -> list[Path]:
-    """Write the images as ``<stem>_<n>.png`` in ``out_dir``, never over an existing file."""
+    """Write the images as ``<stem>_<n>.png`` in ``out_dir``, never over an existing file, each atomically
+    (:func:`~ortho_mecha.fsutil.atomic_write_bytes`: a hidden partial file moved into place, so a full disk leaves
+    no half image under the name); a failure is an error naming the image's file."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1100,12 +1143,12 @@ def save_images(images: Sequence[PreviewImage], out_dir: str | Path, stem: str) 
             path = out_dir / f"{stem}_{number:03d}{image.suffix}"
             number += 1
             try:
-                with open(path, "xb") as fh:
-                    fh.write(image.data)
-            except FileExistsError:
-                continue
-            written.append(path)
-            break
+                written.append(atomic_write_bytes(path, image.data))
+                break
+            except OrthoMechaError:
+                if os.path.lexists(path):  # the name is taken (an earlier image, or one written meanwhile)
+                    continue
+                raise
     return written
 
 
@@ -1124,8 +1167,7 @@ def _print_progress() -> Callable[[Progress], None] | None:
         if last and last[-1] == now:
             return
         last.append(now)
-        where = "running" if p.state == "running" else f"queued, {p.ahead} job(s) ahead"
-        print(f"ortho-mecha: prompt {p.prompt_id} {where}", file=sys.stderr)
+        print(f"ortho-mecha: prompt {p.prompt_id} {p.where}", file=sys.stderr)
 
     return show
 

@@ -7,11 +7,12 @@ user can get wrong — the server address, the ComfyUI folder, the architecture,
 name — before a job is queued; :func:`connect` also asks the server once, so a ComfyUI that is down is
 reported at once rather than as a failed job.
 
-A preview's images are saved beside the merged model (``<stem>_seed<seed>_NNN.png``); a sweep writes its
+A preview's images (``<stem>_seed<seed>_NNN.png``) are saved beside the model when it is one of the workspace's
+merges, else in the workspace's ``previews/`` (:func:`image_folder`); a sweep writes its
 merges, images and grid into ``merges/sweeps/<name>/`` (see :mod:`ortho_mecha.sweep`). Cancelling a
 preview job also takes its prompt off ComfyUI's queue (or interrupts it when it already runs): the job
-notices the cancel request at its next poll of ComfyUI. A sweep stops between merges and between
-previews; a preview of a sweep that is already in ComfyUI when the sweep is cancelled runs to its end.
+notices the cancel request at its next poll of ComfyUI. A sweep stops at the next key of a merge, or at
+the next poll of a preview, whose prompt it takes off ComfyUI's queue (or interrupts) likewise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from ortho_mecha import comfy, security, workspace
 from ortho_mecha.errors import OrthoMechaError
-from ortho_mecha.jobs import Cancelled, Progress
+from ortho_mecha.jobs import Progress
 from ortho_mecha.workflows import (
     BUILTIN_ARCHS,
     PreviewSettings,
@@ -295,8 +296,17 @@ def _client(params: Mapping[str, Any], kind: str) -> tuple[comfy.ComfyClient, Pa
     return comfy.ComfyClient(_text(params, "api", kind)), comfy.comfy_dir(folder) if folder else None
 
 
+def image_folder(model: Path, workspace_dir: Path | None = None) -> Path:
+    """Where a preview job saves ``model``'s images: beside it when it is one of the workspace's merges, else in the
+    workspace's ``previews/`` — never in ComfyUI's models folder or another model folder (read-only, maybe)."""
+    if model.resolve().is_relative_to(workspace.merges_dir(workspace_dir).resolve()):
+        return model.parent
+    return workspace.previews_dir(workspace_dir)
+
+
 def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """Job ``preview``: render the model, save the images beside it; cancelling also cancels it in ComfyUI."""
+    """Job ``preview``: render the model, save the images (:func:`image_folder`); cancelling also cancels it in
+    ComfyUI."""
     model = Path(_text(params, "model", "preview"))
     arch = _text(params, "arch", "preview")
     settings = _settings(params.get("settings"), "preview")
@@ -307,18 +317,14 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         marks = params.get("marks") or {}
         bindings = find_bindings(workflow, **{role: marks.get(role) for role in MARK_ROLES})
 
-    def report(place: comfy.Progress) -> None:
+    def report(place: comfy.Progress) -> None:  # a cancel raises here, and comfy.wait_for cancels the prompt
         where = "rendering in ComfyUI" if place.state == "running" else f"queued in ComfyUI, {place.ahead} ahead"
-        try:
-            progress({"message": f"{where} ({place.elapsed:.0f} s)"})
-        except Cancelled:
-            cancel_prompt(client, place.prompt_id)
-            raise
+        progress({"message": f"{where} ({place.elapsed:.0f} s)"})
 
     progress({"message": f"sending {model.name} to ComfyUI at {client.base_url}"})
     result = comfy.run_preview(model, arch, settings, client=client, comfy=comfy_folder, workflow=workflow,
                                bindings=bindings, progress=report)
-    paths = comfy.save_images(result.images, model.parent, f"{model.stem}_seed{result.seed}")
+    paths = comfy.save_images(result.images, image_folder(model), f"{model.stem}_seed{result.seed}")
     return {
         "images": [str(path) for path in paths],
         "model": str(model),
@@ -327,16 +333,6 @@ def run_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:
         "seed": result.seed,
         "prompt_id": result.prompt_id,
     }
-
-
-def cancel_prompt(client: comfy.ComfyClient, prompt_id: str) -> None:
-    """Take ``prompt_id`` off ComfyUI's queue (or interrupt it); a server that does not answer is only logged."""
-    try:
-        client.cancel(prompt_id)
-    except OrthoMechaError as error:
-        logger.warning("could not cancel prompt %s in ComfyUI: %s", prompt_id, error)
-    else:
-        logger.info("cancelled prompt %s in ComfyUI at %s", prompt_id, client.base_url)
 
 
 def sweep_job(params: dict[str, Any], progress: Progress) -> dict[str, Any]:

@@ -12,13 +12,17 @@ from tqdm import tqdm
 
 class TqdmProgress:
     """A context manager whose ``update(dict)`` drives a tqdm bar from ``fraction`` (and shows files, keys,
-    signal SVDs and bytes read)."""
+    signal SVDs and bytes read); with ``messages``, each ``message`` (what is being done: "merging alpha 0.5")
+    replaces the description."""
 
-    def __init__(self, description: str, total: int = 1000) -> None:
-        self.total = total
+    def __init__(self, description: str, total: int = 1000, messages: bool = False) -> None:
+        self.total, self.messages = total, messages
         self.bar = tqdm(total=total, desc=description, unit="‰", disable=not sys.stderr.isatty(), leave=False)
 
     def update(self, info: dict) -> None:
+        message = info.get("message") if self.messages and not self.bar.disable else None  # (no desc when off)
+        if message and message != self.bar.desc:
+            self.bar.set_description_str(message)
         target = int(min(max(info.get("fraction", 0.0), 0.0), 1.0) * self.total)
         if target > self.bar.n:
             self.bar.update(target - self.bar.n)

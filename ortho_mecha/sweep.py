@@ -7,7 +7,8 @@ overwritten) — then previewed through ComfyUI with one seed. With ``compare`` 
 row's model are previewed too; a LoRA row, which ComfyUI cannot load as a model, is previewed as the model
 it stands for, the base plus the LoRA (merged beside the others as ``<stem>_<lora>.safetensors``). The
 images are saved beside the merges and combined into one labelled grid (``<stem>_sweep.png``,
-:func:`sweep_stem`): one column per alpha (then base and models), one row per image of a batch.
+:func:`sweep_stem`; the stem of ``mix.json`` or ``mix.plan.json`` is ``mix``): one column per alpha (then base
+and models), one row per image of a batch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from ortho_mecha.comfy import ComfyClient, PreviewImage, preflight, run_preview, save_images
-from ortho_mecha.comfy import Progress as ComfyProgress
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.fsutil import atomic_write_bytes, output_folder, require_folder, short_names
 from ortho_mecha.lora_rows import is_lora_file
@@ -139,6 +139,19 @@ def grid(columns: Sequence[tuple[str, Sequence[bytes]]]) -> bytes:
     return buffer.getvalue()
 
 
+def _step(progress: Progress | None, done: int, steps: int, message: str) -> Progress:
+    """The progress callback of one step (a merge, a preview) of a sweep of ``steps``, ``done`` before it: the
+    step's own ``fraction`` (a merge's keys) scaled into the sweep's, said as ``message`` (with a preview's
+    ``detail``: its place in ComfyUI's queue). A cancelled job stops where ``progress`` raises."""
+
+    def report(info: dict[str, Any]) -> None:
+        if progress is not None:
+            detail = f": {info['detail']}" if "detail" in info else ""
+            progress({**info, "fraction": (done + info.get("fraction", 0.0)) / steps, "message": message + detail})
+
+    return report
+
+
 def sweep_stem(name: str) -> str:
     """The stem of a sweep's files for a plan named ``name``: ``<name>_sweep``, or ``name`` itself when it already
     ends in "sweep" (a sweep named "sweep" writes ``sweep.png``, not ``sweep_sweep.png``)."""
@@ -161,31 +174,33 @@ def alpha_sweep(
     """Run the sweep (see the module docstring); returns the cells and the grid's path."""
     folder = Path(folder)
     require_folder(folder, "the sweep's output folder")
-    stem = sweep_stem(plan.source.stem if plan.source else plan.base.stem)
+    stem = sweep_stem(plan.source.stem.removesuffix(".plan") if plan.source else plan.base.stem)  # x.plan.json: x
     grid_path = folder / f"{stem}.png"
     if grid_path.exists():
         raise OrthoMechaError("already exists; choose another folder or move it away", grid_path)
     compared, loras = _compared(plan)
     preflight(arch, settings, client=client, comfy=comfy, model=plan.base, out=folder,
               listed=[cell.model for cell in compared] if compare else ())  # before any merge is written
+    loras = loras if compare else []
+    merges = len(alphas) + len(loras)
+    steps = merges + len(alphas) + (len(compared) + len(loras) if compare else 0)  # merges, then previews
     cells: list[Cell] = []
     for alpha in alphas:
         at_alpha = replace(plan, options={**plan.options, "alpha": alpha}, source=None)
-        model, plan_path = _merged(at_alpha, folder, f"{stem}_alpha{alpha:g}", progress)
+        step = _step(progress, len(cells), steps, f"merging alpha {alpha:g}")
+        model, plan_path = _merged(at_alpha, folder, f"{stem}_alpha{alpha:g}", step)
         cells.append(Cell(f"alpha {alpha:g}", model, plan=plan_path, alpha=alpha))
     if compare:
-        cells += compared + [_lora_cell(plan, row, label, folder, stem, progress) for row, label in loras]
+        cells += compared + [_lora_cell(plan, row, label, folder, stem,
+                                        _step(progress, len(alphas) + n, steps, f"merging {label}+base"))
+                             for n, (row, label) in enumerate(loras)]
     columns: list[tuple[str, list[bytes]]] = []
     seed = None
-    for n, cell in enumerate(cells, start=1):
-        if progress is not None:
-            progress({"fraction": (n - 1) / len(cells), "message": f"previewing {cell.label}"})
-        def polled(state: ComfyProgress, label: str = cell.label, done: int = n - 1) -> None:
-            if progress is not None:  # also where a cancelled job stops (its progress raises)
-                progress({"fraction": done / len(cells), "message": f"previewing {label}: {state.state}"})
-
+    for n, cell in enumerate(cells):
+        step = _step(progress, merges + n, steps, f"previewing {cell.label}")
+        step({})
         result = run_preview(cell.model, arch, settings, client=client, comfy=comfy, time_limit=time_limit,
-                             progress=polled)
+                             progress=lambda state, step=step: step({"detail": state.where}))
         images: list[PreviewImage] = result.images
         cell.images = save_images(images, folder, f"{stem}_{_file_part(cell.label)}_seed{result.seed}")
         seed = result.seed
@@ -206,6 +221,7 @@ def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` comman
     """``ortho-mecha preview --plan PLAN.json --alphas A,B,... --out DIR``: the alpha sweep."""
     from ortho_mecha.comfy import HTTP_TIMEOUT, comfy_dir, preview_arch, settings_from_args, workflow_marks
     from ortho_mecha.plan import load_plan
+    from ortho_mecha.progress import TqdmProgress
 
     if args.model:
         raise OrthoMechaError("give either a MODEL to preview or --plan for a sweep, not both")
@@ -214,9 +230,9 @@ def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` comman
                               "workflows")
     settings = settings_from_args(args)
     plan = load_plan(args.plan)
-    alphas = parse_alphas(args.alphas or DEFAULT_ALPHAS)
+    alphas = parse_alphas(DEFAULT_ALPHAS if args.alphas is None else args.alphas)  # "" is a mistake, not the default
     arch = preview_arch(args.arch, plan.base)
-    with output_folder(args.out) as out:
+    with output_folder(args.out) as out, TqdmProgress("sweep", messages=True) as bar:
         result = alpha_sweep(
             plan,
             alphas,
@@ -227,6 +243,7 @@ def cli_sweep(args: Any) -> int:  # argparse.Namespace of the ``preview`` comman
             comfy=comfy_dir(args.comfy_dir),
             compare=args.compare,
             time_limit=args.timeout,
+            progress=bar.update,
         )
     for cell in result["cells"]:
         print(f"{cell['label']}: {', '.join(cell['images'])}")

@@ -2,7 +2,8 @@
 
 The workspace (``security.workspace_dir()``) holds ``models/`` (the demo family is written to
 ``models/demo`` on first start), ``plans/`` (Mixer presets, one JSON plan per name), ``merges/``
-(merge outputs) and ``loras/`` (LoRAs extracted by the Mixer). Model files are shown in the dashboard by
+(merge outputs), ``loras/`` (LoRAs extracted by the Mixer) and ``previews/`` (the Preview page's images of
+models that are not merges). Model files are shown in the dashboard by
 a label — their path relative to the root they lie in — and every label a browser sends back is turned
 into a path through :class:`ModelChoices`, which re-checks it with ``security.resolve_model_path``, so a
 page can only name files inside the allowed roots.
@@ -49,6 +50,10 @@ def plans_dir(workspace: Path | None = None) -> Path:
 
 def merges_dir(workspace: Path | None = None) -> Path:
     return (workspace or security.workspace_dir()) / "merges"
+
+
+def previews_dir(workspace: Path | None = None) -> Path:
+    return (workspace or security.workspace_dir()) / "previews"
 
 
 def loras_dir(workspace: Path | None = None) -> Path:

@@ -405,6 +405,7 @@ class ComfyStub:
                 (root / "models" / directory).mkdir(parents=True, exist_ok=True)
         self.delay, self.mode, self.answer_delay = delay, mode, answer_delay
         self.missing_classes: set[str] = set()
+        self.backslash = False  # list subfolders as a ComfyUI on Windows does (``flux\\x.safetensors``)
         self.object_info_calls = 0
         self.object_info_fails_after: int | None = None  # answer 500 to GET /object_info after this many
         self.prompt_answer: bytes | None = None  # POST /prompt answers 200 with these bytes (a proxy's HTML page)
@@ -468,7 +469,8 @@ class ComfyStub:
             for current, _, filenames in os.walk(base, followlinks=True):
                 for filename in filenames:
                     if Path(filename).suffix.lower() in MODEL_EXTENSIONS:
-                        names.append((Path(current) / filename).relative_to(base).as_posix())
+                        name = (Path(current) / filename).relative_to(base).as_posix()
+                        names.append(name.replace("/", "\\") if self.backslash else name)
         return sorted(set(names))
 
     def object_info(self) -> dict[str, Any]:

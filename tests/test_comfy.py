@@ -423,8 +423,24 @@ def test_missing_model_without_comfy_dir(comfy_stub: ComfyStub, tmp_path: Path) 
     with pytest.raises(OrthoMechaError, match=expected):
         preview(comfy_stub, model, "chroma", comfy=None)
     assert comfy_stub.received == []  # refused before queueing
-    comfy_stub.add_file("diffusion_models", "m.safetensors")
-    assert preview(comfy_stub, model, "chroma", comfy=None).link is None  # listed by name: used as is
+
+
+@pytest.mark.parametrize("listed", ["m.safetensors", "flux/m.safetensors"])
+def test_a_file_comfyui_lists_under_the_models_name_is_not_taken_for_it_without_comfy_dir(
+    comfy_stub: ComfyStub, tmp_path: Path, listed: str
+) -> None:
+    """ComfyUI's own m.safetensors (or flux/m.safetensors, for a model in elsewhere/diffusion_models/flux/) was
+    rendered in place of the user's file, silently (QA7 finding 3): ComfyUI lists no sizes, so nothing tells
+    they are the same file."""
+    model = write_model(tmp_path / "elsewhere" / "diffusion_models" / "flux" / "m.safetensors",
+                        {"txt_in.weight": (2, 7680)})
+    comfy_stub.add_file("diffusion_models", listed, b"another model")
+    with pytest.raises(OrthoMechaError, match=rf"^{re.escape(str(model))}: ComfyUI at http://127\.0\.0\.1:\d+ lists "
+                       rf"a '{listed}' in its diffusion_models folder, but this file does not lie in a ComfyUI "
+                       r"models/diffusion_models folder, so that may be another file: set COMFYUI_DIR"):
+        preview(comfy_stub, model, "chroma", comfy=None)
+    assert comfy_stub.received == []
+    assert preview(comfy_stub, model, "chroma").link is not None  # with COMFYUI_DIR: linked, under its own name
 
 
 def test_comfy_dir_of_another_install(comfy_stub: ComfyStub, tmp_path: Path) -> None:
@@ -661,6 +677,22 @@ def test_a_model_already_in_comfyuis_folder_is_used_in_place(comfy_stub: ComfySt
     assert result.model_name == "merges/m.safetensors" and model.is_file()
 
 
+def test_a_model_in_a_subfolder_of_comfy_dir_is_sent_as_a_windows_comfyui_lists_it(comfy_stub: ComfyStub,
+                                                                                   tmp_path: Path) -> None:
+    """A ComfyUI on Windows (or COMFYUI_DIR=/mnt/c/... under WSL) lists ``merges\\m.safetensors``: the model was sent
+    as ``merges/m.safetensors`` and refused as "linked as ..., yet ComfyUI does not list it" (QA7 finding 2)."""
+    comfy_stub.backslash = True
+    model = write_model(comfy_stub.root / "models" / "checkpoints" / "merges" / "m.safetensors")
+    result = preview(comfy_stub, model)
+    assert result.model_name == "merges\\m.safetensors"
+    assert comfy_stub.received[-1]["prompt"]["1"]["inputs"]["ckpt_name"] == "merges\\m.safetensors"
+    other = tmp_path / "OtherComfy"  # not the server's folder: nothing is linked, so nothing is said to be
+    elsewhere = write_model(other / "models" / "checkpoints" / "m.safetensors")
+    with pytest.raises(OrthoMechaError, match=r"it lies in ComfyUI's folder as .*OtherComfy/models/checkpoints/m\."
+                       r"safetensors, yet ComfyUI does not list it: is COMFYUI_DIR"):
+        preview(comfy_stub, elsewhere, comfy=other)
+
+
 def test_a_symlinked_model_whose_file_is_in_comfyuis_folder_is_never_deleted(
     comfy_stub: ComfyStub,
     tmp_path: Path,
@@ -686,6 +718,27 @@ def test_save_images_never_overwrites(tmp_path_factory: pytest.TempPathFactory, 
     assert all(int(p.stem.split("_")[1]) not in existing for p in written)
     assert [p.read_bytes() for p in written] == [image.data for image in images]
     assert all((out / f"m_{n:03d}.png").read_bytes() == b"old" for n in existing)
+
+
+@pytest.mark.parametrize("failing", ["fsync", "open"])
+def test_an_image_that_cannot_be_written_leaves_no_half_file_and_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A disk that filled up mid-write left a truncated s_001.png under its name, and the error named no file
+    (QA7 finding 5)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s_001.png").write_bytes(b"old")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, full)
+    image = PreviewImage(PNG_SIGNATURE + bytes(100), ImageRef("9", "x.png", "", "output"))
+    with pytest.raises(OrthoMechaError, match=rf"^{re.escape(str(out / 's_002.png'))}: cannot write.*No space left"):
+        save_images([image], out, "s")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["s_001.png"] and (out / "s_001.png").read_bytes() == b"old"
 
 
 # --------------------------------------------------------------------------------------------------

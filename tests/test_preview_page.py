@@ -60,8 +60,10 @@ def test_connect_checks_address_folder_and_server(comfy_stub: ComfyStub, tmp_pat
         preview_job.connect(comfy_stub.url, str(tmp_path))
 
 
-def test_preview_job_saves_images_beside_the_model(comfy_stub: ComfyStub, tmp_path: Path) -> None:
-    model = write_model(tmp_path / "merges" / "mix.safetensors")
+def test_preview_job_saves_images_beside_a_merge(
+    comfy_stub: ComfyStub, workspace: Path  # noqa: F811
+) -> None:
+    model = write_model(workspace / "merges" / "mix.safetensors")
     params = preview_job.preview_params(model, "sd1", SETTINGS, comfy_stub.url, str(comfy_stub.root))
     messages: list[str] = []
     result = preview_job.run_job(params, lambda info: messages.append(info["message"]))
@@ -76,10 +78,26 @@ def test_preview_job_saves_images_beside_the_model(comfy_stub: ComfyStub, tmp_pa
     assert messages[0].startswith("sending mix.safetensors")
 
 
-def test_preview_job_renders_with_an_uploaded_workflow(comfy_stub: ComfyStub, tmp_path: Path) -> None:
+def test_preview_job_saves_images_of_another_model_in_the_workspace(
+    comfy_stub: ComfyStub, workspace: Path  # noqa: F811
+) -> None:
+    """The images of a model in ComfyUI's models folder were written there, beside it (QA7 finding 4): into a
+    folder that is ComfyUI's, or read-only, which fails only after the render."""
+    model = write_model(comfy_stub.root / "models" / "checkpoints" / "theirs.safetensors")
+    before = sorted((comfy_stub.root / "models").rglob("*"))
+    params = preview_job.preview_params(model, "sd1", SETTINGS, comfy_stub.url, str(comfy_stub.root))
+    result = preview_job.run_job(params, lambda info: None)
+    assert [Path(p).parent for p in result["images"]] == [workspace / "previews"]
+    assert Path(result["images"][0]).name == "theirs_seed7_001.png"
+    assert sorted((comfy_stub.root / "models").rglob("*")) == before
+
+
+def test_preview_job_renders_with_an_uploaded_workflow(
+    comfy_stub: ComfyStub, workspace: Path  # noqa: F811
+) -> None:
     from tests.test_comfy import user_graph
 
-    model = write_model(tmp_path / "merges" / "mix.safetensors")
+    model = write_model(workspace / "merges" / "mix.safetensors")
     graph = user_graph(seed=["prim", 0]) | {"prim": {"class_type": "PrimitiveInt", "inputs": {"value": 3}}}
     upload = json.dumps(graph).encode()
     with pytest.raises(OrthoMechaError, match=r"mine\.json: .*not valid JSON"):
@@ -124,6 +142,35 @@ def test_cancelling_a_preview_job_cancels_the_prompt_in_comfyui(tmp_path: Path) 
         assert stub.interrupts == [{"prompt_id": prompt_id}]  # it was running: interrupted, not left to finish
         assert entry["status"]["messages"][-1][0] == "execution_interrupted"
         assert linked(stub.root, model) == []
+    finally:
+        stub.stop()
+
+
+def test_cancelling_a_sweep_job_cancels_its_prompt_in_comfyui(tmp_path: Path) -> None:
+    """The sweep's preview ran on in ComfyUI after its job was cancelled, blocking the queue (QA7 finding 1)."""
+    from tests.test_sweep import write_plan
+
+    stub = ComfyStub(tmp_path / "ComfyUI", delay=60.0)
+    stub.add_standard_files()
+    stub.start()
+    try:
+        out = tmp_path / "sweep"
+        out.mkdir()
+        params = {"plan": str(write_plan(tmp_path)), "alphas": [1.0], "out": str(out), "arch": "sdxl",
+                  "settings": preview_job.settings_params(SETTINGS), "api": stub.url, "comfy_dir": str(stub.root)}
+
+        def progress(info: dict) -> None:
+            if info.get("message", "").endswith("running"):
+                raise Cancelled("cancel requested")
+
+        with pytest.raises(Cancelled):
+            preview_job.sweep_job(params, progress)
+        deadline = time.monotonic() + 10
+        while not stub.history and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (prompt_id, entry), = stub.history.items()
+        assert stub.interrupts == [{"prompt_id": prompt_id}]
+        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
     finally:
         stub.stop()
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from ortho_mecha.lora import extract_lora
@@ -56,6 +58,29 @@ def test_sweep_merges_previews_and_grids(comfy_stub: ComfyStub, tmp_path: Path, 
     # alpha 0 is the base: a second run reuses the merges it made and refuses to overwrite the grid
     again = cli(*argv)
     assert again.code == 2 and "mix_sweep.png" in again.err and "already exists" in again.err
+
+
+def test_a_sweep_on_a_terminal_shows_its_merges_and_previews(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep was silent through every merge and render, for minutes with real models (QA7 finding 6)."""
+    plan = write_plan(tmp_path)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # capsys's stderr, standing in for a terminal
+    result = cli("preview", "--plan", plan, "--alphas", "0.5,1", "--prompt", "a fox", "--api", comfy_stub.url,
+                 "--comfy-dir", comfy_stub.root, "--out", tmp_path / "sweep")
+    assert result.code == 0, result.err
+    for said in ("merging alpha 0.5", "merging alpha 1", "previewing alpha 0.5", "previewing alpha 1: "):
+        assert said in result.err
+    assert result.err.index("merging alpha 1") < result.err.index("previewing alpha 0.5")
+
+
+def test_a_plan_named_x_plan_json_gives_files_named_x(comfy_stub: ComfyStub, tmp_path: Path, cli: Callable) -> None:
+    """mix.plan.json gave mix.plan_sweep_alpha1.plan.json and mix.plan_sweep.png (QA7 finding 11)."""
+    plan = write_plan(tmp_path).rename(tmp_path / "mix.plan.json")
+    out = tmp_path / "sweep"
+    result = cli("preview", "--plan", plan, "--alphas", "1", "--prompt", "a fox", "--api", comfy_stub.url,
+                 "--comfy-dir", comfy_stub.root, "--out", out)
+    assert result.code == 0, result.err
+    assert (out / "mix_sweep.png").is_file() and (out / "mix_sweep_alpha1.plan.json").is_file()
 
 
 def test_compare_previews_a_lora_row_as_the_base_plus_the_lora(comfy_stub: ComfyStub, tmp_path: Path,
@@ -108,6 +133,7 @@ def test_parse_alphas_and_errors(tmp_path: Path, cli_error: Callable) -> None:
     common = ["--arch", "sdxl", "--prompt", "p", "--out", tmp_path / "o"]
     assert "between 0 and 2" in cli_error("preview", "--plan", plan, "--alphas", "3", *common)
     assert "numbers separated by commas" in cli_error("preview", "--plan", plan, "--alphas", "a,b", *common)
+    assert "one or more values" in cli_error("preview", "--plan", plan, "--alphas", "", *common)  # not the defaults
     assert "not both" in cli_error("preview", tmp_path / "x.safetensors", "--plan", plan, *common)
     assert "needs a MODEL" in cli_error("preview", *common)
 
@@ -160,6 +186,9 @@ def test_a_sweep_without_comfy_dir_is_refused_before_merging_unless_comfyui_will
     inside = comfy_stub.root / "models" / "checkpoints" / "sweeps"  # where ComfyUI lists the merges
     error = cli_error(*common, "--compare", "--out", inside)
     assert "base.safetensors: is not in ComfyUI's checkpoints list" in error
+    comfy_stub.add_file("checkpoints", "base.safetensors", b"another base")  # ComfyUI's own, not the plan's
+    error = cli_error(*common, "--compare", "--out", inside)
+    assert "base.safetensors: ComfyUI at" in error and "lists a 'base.safetensors'" in error
     assert not list(inside.glob("*.safetensors"))
     result = cli(*common, "--out", inside)
     assert result.code == 0, result.err
