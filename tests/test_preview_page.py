@@ -122,6 +122,16 @@ def test_preview_job_renders_with_an_uploaded_workflow(
     assert [Path(p).name for p in result["images"]] == ["mix_seed11_001.png"]
 
 
+def assert_interrupted(stub: ComfyStub) -> None:
+    """The stand-in's one prompt was running and was interrupted (not left to finish)."""
+    deadline = time.monotonic() + 10
+    while not stub.history and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (prompt_id, entry), = stub.history.items()
+    assert stub.interrupts == [{"prompt_id": prompt_id}]
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
 def test_cancelling_a_preview_job_cancels_the_prompt_in_comfyui(tmp_path: Path) -> None:
     stub = ComfyStub(tmp_path / "ComfyUI", delay=60.0)
     stub.add_standard_files()
@@ -135,12 +145,7 @@ def test_cancelling_a_preview_job_cancels_the_prompt_in_comfyui(tmp_path: Path) 
 
         with pytest.raises(Cancelled):
             preview_job.run_job(params, progress)
-        deadline = time.monotonic() + 10
-        while not stub.history and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (prompt_id, entry), = stub.history.items()
-        assert stub.interrupts == [{"prompt_id": prompt_id}]  # it was running: interrupted, not left to finish
-        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+        assert_interrupted(stub)
         assert linked(stub.root, model) == []
     finally:
         stub.stop()
@@ -165,12 +170,7 @@ def test_cancelling_a_sweep_job_cancels_its_prompt_in_comfyui(tmp_path: Path) ->
 
         with pytest.raises(Cancelled):
             preview_job.sweep_job(params, progress)
-        deadline = time.monotonic() + 10
-        while not stub.history and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (prompt_id, entry), = stub.history.items()
-        assert stub.interrupts == [{"prompt_id": prompt_id}]
-        assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+        assert_interrupted(stub)
     finally:
         stub.stop()
 
