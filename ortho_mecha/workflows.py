@@ -97,7 +97,9 @@ FLUX2_VAE = Wanted("flux2-vae.safetensors", (r"^flux2[-_]vae", r"full_encoder_sm
 SEPARATE_PARTS = {"sd1": ((CLIP_L,), SD1_VAE), "sdxl": ((CLIP_L, CLIP_G), SDXL_VAE)}
 # Flux.2 txt_in input width → its text encoder (3 stacked hidden layers of the LLM).
 FLUX2_TEXT_DIMS = {7680: QWEN3_4B, 12288: QWEN3_8B, 15360: MISTRAL3}
-FLUX2_DEV_GUIDANCE = 4.0  # the Flux.2 dev template's FluxGuidance
+# the FluxGuidance of a guidance-distilled model (one with guidance_in), which its --cfg sets: the Flux.2 dev
+# template's 4, and Flux.1 dev's 3.5 (ComfyUI's default when no FluxGuidance node is there); its sampler's cfg is 1
+DEV_GUIDANCE = {"flux2-klein": 4.0, "flux1": 3.5}
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class Resolved:
     height: int
     text_encoders: tuple[str, ...]  # (): the checkpoint's own
     vae: str | None  # None: the checkpoint's own VAE
-    guided: bool = False  # Flux.2 dev: cfg is the FluxGuidance value into a BasicGuider (no negative)
+    guided: bool = False  # Flux.1/Flux.2 dev: cfg is the FluxGuidance value (no negative); the sampler's cfg is 1
 
 
 @dataclass(frozen=True)
@@ -325,9 +327,9 @@ def resolve(
     facts: ModelFacts = ModelFacts(),
 ) -> Resolved:
     """Fill in ``spec``'s defaults, check the numbers, and choose the files."""
-    guided = spec.arch == "flux2-klein" and facts.guidance is True
+    guided = spec.arch in DEV_GUIDANCE and facts.guidance is True
     steps = settings.steps if settings.steps is not None else _default_steps(spec, facts)
-    cfg = settings.cfg if settings.cfg is not None else FLUX2_DEV_GUIDANCE if guided else spec.cfg
+    cfg = settings.cfg if settings.cfg is not None else DEV_GUIDANCE[spec.arch] if guided else spec.cfg
     width, height = settings.size if settings.size is not None else (spec.size, spec.size)
     if not 1 <= steps <= 10000:
         raise OrthoMechaError(f"steps must be between 1 and 10000, got {steps}")
@@ -345,12 +347,12 @@ def resolve(
 
 
 def unused_negative(s: Resolved) -> str | None:
-    """Why the negative prompt of these settings has no effect, or None: Flux.2 dev's workflow takes guidance, not
-    a negative, and at cfg 1 ComfyUI samples without the negative."""
+    """Why the negative prompt of these settings has no effect, or None: a dev model's workflow (Flux.1, Flux.2) takes
+    guidance, not a negative, and at cfg 1 ComfyUI samples without the negative."""
     if not s.negative:
         return None
     if s.guided:
-        return "the negative prompt has no effect: Flux.2 dev's workflow uses guidance (FluxGuidance), not a negative"
+        return "the negative prompt has no effect: a dev model's workflow uses guidance (FluxGuidance), not a negative"
     if s.cfg == 1.0:
         return "the negative prompt has no effect at cfg 1 (ComfyUI samples without it); raise the cfg to use it"
     return None
@@ -472,7 +474,12 @@ def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: 
     model, clip, vae = _loaders(g, model_name, s, clip_type)
     if shift is not None:
         model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=shift))
-    positive, negative = _prompts(g, clip, s, zero_negative=True)
+    if s.guided:  # Flux.1 dev: --cfg is its distilled guidance; the sampler runs at cfg 1, the negative zeroed
+        positive = _out(g.add("CLIPTextEncode", "Positive prompt", text=s.prompt, clip=clip))
+        negative = _out(g.add("ConditioningZeroOut", "Negative (zeroed)", conditioning=positive))
+        positive = _out(g.add("FluxGuidance", conditioning=positive, guidance=s.cfg))
+    else:
+        positive, negative = _prompts(g, clip, s, zero_negative=True)
     latent = g.add("EmptySD3LatentImage", width=s.width, height=s.height, batch_size=1)
     sampler_name, scheduler = ("res_multistep", "simple") if shift is not None else ("euler", "simple")
     sampler = g.add(
@@ -480,7 +487,7 @@ def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: 
         model=model,
         seed=s.seed,
         steps=s.steps,
-        cfg=s.cfg,
+        cfg=1.0 if s.guided else s.cfg,
         sampler_name=sampler_name,
         scheduler=scheduler,
         positive=positive,
@@ -492,7 +499,8 @@ def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: 
 
 
 def build_flux1(model_name: str, s: Resolved) -> Graph:
-    """Flux.1: flux_dev_full_text_to_image (UNETLoader, DualCLIPLoader flux, KSampler euler/simple)."""
+    """Flux.1: flux_dev_full_text_to_image (UNETLoader, DualCLIPLoader flux, KSampler euler/simple); dev (a model
+    with guidance_in) with its guidance in a FluxGuidance node (3.5, ComfyUI's default; --cfg sets it)."""
     return _ksampler_dit_graph(model_name, s, clip_type="flux", shift=None)
 
 

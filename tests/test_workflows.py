@@ -272,6 +272,19 @@ def test_flux1_schnell_gets_four_steps() -> None:
     assert one(built("flux1", facts=ModelFacts(guidance=True)), "KSampler")["steps"] == 20
 
 
+def test_flux1_dev_cfg_is_its_guidance_and_the_sampler_stays_at_cfg_1() -> None:
+    """--cfg on Flux.1 dev set the KSampler's true CFG (twice the sampling, the negative switched on) while the
+    distilled guidance stayed at ComfyUI's hidden 3.5; now it is the FluxGuidance, as on Flux.2 dev."""
+    dev = ModelFacts(guidance=True)
+    default = built("flux1", facts=dev)
+    assert one(default, "FluxGuidance")["guidance"] == 3.5 and one(default, "KSampler")["cfg"] == 1.0
+    assert nodes_of(default, "ConditioningZeroOut")
+    chosen = built("flux1", PreviewSettings("p", cfg=2.5), facts=dev)
+    assert one(chosen, "FluxGuidance")["guidance"] == 2.5 and one(chosen, "KSampler")["cfg"] == 1.0
+    schnell = built("flux1", PreviewSettings("p", cfg=2.0), facts=ModelFacts(guidance=False))
+    assert not nodes_of(schnell, "FluxGuidance") and one(schnell, "KSampler")["cfg"] == 2.0
+
+
 # --------------------------------------------------------------------------------------------------
 # The user's own workflow
 
