@@ -902,6 +902,11 @@ def check_arch(model: Path, tensors: Mapping[str, Any] | None, arch: str) -> Non
     from ortho_mecha.validate import file_arch  # imports torch; only needed here
 
     found = file_arch(tensors)
+    if found == "custom" and any(name.endswith("img_in_patch.weight") for name in tensors):
+        raise OrthoMechaError(
+            f"its keys are those of a pixel-space model (Chroma Radiance: img_in_patch, nerf blocks), which the "
+            f"built-in {arch} workflow cannot run (it decodes latents with a VAE): preview it with your own workflow "
+            "(--workflow, or the Preview page's 'Your own workflow')", model)
     if found not in ("custom", arch):
         raise OrthoMechaError(
             f"its keys are those of a {found} model, not {arch}: preview it as {found} (or with your own workflow)",

@@ -338,6 +338,13 @@ def test_a_model_of_another_architecture_is_refused(comfy_stub: ComfyStub, tmp_p
                                                         "img_in.weight": (2, 4)})
     with pytest.raises(OrthoMechaError, match=r"flux\.safetensors: its keys are those of a flux1 model, not sd1"):
         preview(comfy_stub, flux, "sd1")
+    # Chroma Radiance reads as custom, but no latent workflow runs it: forcing --arch chroma is refused too
+    radiance = write_model(tmp_path / "radiance.safetensors", {"double_blocks.0.img_attn.norm.key_norm.weight": (4,),
+                                                                "img_in_patch.weight": (2, 3, 2, 2),
+                                                                "distilled_guidance_layer.norms.0.scale": (4,)})
+    with pytest.raises(OrthoMechaError, match=r"radiance\.safetensors: its keys are those of a pixel-space model "
+                                              r"\(Chroma Radiance.*your own workflow"):
+        preview(comfy_stub, radiance, "chroma")
     assert not comfy_stub.received
 
 
