@@ -933,7 +933,7 @@ def _builtin_graph(model: Path, model_name: str, tensors: Mapping[str, Any] | No
         te_options = _options(info, "CLIPLoader", "clip_name")
     vae_options = _options(info, "VAELoader", "vae_name") if spec.vae or settings.vae else []
     try:
-        resolved = resolve(spec, settings, te_options, vae_options, facts)
+        resolved = resolve(spec, settings, te_options, vae_options, facts, f"ComfyUI at {url}")
     except OrthoMechaError as error:  # said together with the nodes ComfyUI lacks, so one run names everything
         missing = _missing_classes(spec, model_name, info)
         if not missing:

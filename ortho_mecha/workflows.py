@@ -234,9 +234,11 @@ def choose_files(
     text_encoder_options: Sequence[str],
     vae_options: Sequence[str],
     facts: ModelFacts = ModelFacts(),
+    server: str = "ComfyUI",
 ) -> tuple[tuple[str, ...], str | None]:
     """The text encoders and VAE for ``spec``: the user's names, or the best match among ComfyUI's files. Every
-    file ComfyUI lacks is named in one error (a fresh ComfyUI may lack all of Flux.1's clip_l, t5xxl and ae)."""
+    file ComfyUI lacks is named in one error (a fresh ComfyUI may lack all of Flux.1's clip_l, t5xxl and ae), which
+    names the ``server``."""
     slots = spec.text_encoders if settings.clip else text_encoders_wanted(spec, facts)  # named: no width needed
     missing: list[str] = []
     if settings.clip:
@@ -255,10 +257,13 @@ def choose_files(
     else:
         vae = None
     if missing:
+        kinds = (("text encoder", "models/text_encoders"), ("VAE", "models/vae"))
+        lacking = [folder for kind, folder in kinds if any(item.startswith(f"a {kind} ") for item in missing)]
+        folders = " and ".join(lacking)
         raise OrthoMechaError(
-            f"ComfyUI lacks files the built-in {spec.arch} workflow needs: {'; '.join(missing)}. Put them in "
-            "ComfyUI's models/text_encoders and models/vae, or name yours with --clip / --vae (on the Preview page: "
-            "Text encoder file(s), VAE file)"
+            f"{server} lacks files the built-in {spec.arch} workflow needs: {'; '.join(missing)}. Put them in "
+            f"ComfyUI's {folders}, or name yours with --clip / --vae (on the Preview page: Text encoder file(s), "
+            "VAE file)"
         )
     return encoders, vae
 
@@ -325,8 +330,9 @@ def resolve(
     text_encoder_options: Sequence[str] = (),
     vae_options: Sequence[str] = (),
     facts: ModelFacts = ModelFacts(),
+    server: str = "ComfyUI",
 ) -> Resolved:
-    """Fill in ``spec``'s defaults, check the numbers, and choose the files."""
+    """Fill in ``spec``'s defaults, check the numbers, and choose the files (``server`` names ComfyUI in errors)."""
     guided = spec.arch in DEV_GUIDANCE and facts.guidance is True
     steps = settings.steps if settings.steps is not None else _default_steps(spec, facts)
     cfg = settings.cfg if settings.cfg is not None else DEV_GUIDANCE[spec.arch] if guided else spec.cfg
@@ -342,7 +348,7 @@ def resolve(
             )
     seed = 0 if settings.seed is None else settings.seed
     _check_seed(seed)
-    encoders, vae = choose_files(spec, settings, text_encoder_options, vae_options, facts)
+    encoders, vae = choose_files(spec, settings, text_encoder_options, vae_options, facts, server)
     return Resolved(settings.prompt, settings.negative or "", seed, steps, cfg, width, height, encoders, vae, guided)
 
 

@@ -150,7 +150,8 @@ def test_a_comfyui_lacking_nodes_and_files_is_told_all_of_them_at_once(comfy_stu
     comfy_stub.missing_classes = {"ModelSamplingAuraFlow"}
     (comfy_stub.root / "models" / "vae" / "ae.safetensors").unlink()
     with pytest.raises(OrthoMechaError, match=r"has no node 'ModelSamplingAuraFlow' \(the built-in workflow uses "
-                       r"it\).*; ComfyUI lacks files the built-in zimage workflow needs: a VAE like ae"):  # fmt: skip
+                       r"it\).*; ComfyUI at http://[0-9.:]+ lacks files the built-in zimage workflow needs: "
+                       r"a VAE like ae"):
         preview(comfy_stub, write_model(tmp_path / "m.safetensors", ZIMAGE_KEYS), "zimage")
     assert comfy_stub.received == []
 

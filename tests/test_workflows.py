@@ -245,7 +245,8 @@ def test_pick_file_returns_an_option_exactly_when_one_matches(options: list[str]
 def test_missing_text_encoder_or_vae_names_what_to_get() -> None:
     with pytest.raises(OrthoMechaError, match=r"zimage workflow needs: a text encoder like qwen_3_4b\.safetensors"):
         resolve(arch_spec("zimage"), SETTINGS, ["clip_l.safetensors"], VAES)
-    with pytest.raises(OrthoMechaError, match=r"flux2-klein workflow needs: a VAE like flux2-vae.safetensors.*--vae"):
+    with pytest.raises(OrthoMechaError, match=r"flux2-klein workflow needs: a VAE like flux2-vae.safetensors[^;]*\. "
+                                              r"Put them in ComfyUI's models/vae, or .*--vae"):  # only that folder
         resolve(arch_spec("flux2-klein"), SETTINGS, TEXT_ENCODERS, ["ae.safetensors"])
     with pytest.raises(OrthoMechaError, match=r"a text encoder like clip_l.*; a text encoder like t5xxl.*; a VAE"):
         resolve(arch_spec("flux1"), SETTINGS, [], [])  # a fresh ComfyUI: everything it lacks, in one message
