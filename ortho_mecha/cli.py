@@ -12,8 +12,10 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sqlite3
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -317,6 +319,15 @@ def _configure_logging(debug: bool) -> None:
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool its pipe's reader left
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, systemd, a CI runner) raised as an interrupt, so that what Ctrl-C cleans up (a half
+    output, a prompt still running in ComfyUI, a model linked into its folder) is cleaned up here too."""
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
@@ -329,14 +340,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_ERROR
     _configure_logging(args.debug)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's handler, its failures turned into one line and an exit status."""
     try:
         return int(args.handler(args) or 0)
     except BrokenPipeError:  # the reader went away (``… | head``): quiet, with the status of a SIGPIPE'd tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
-        print("ortho-mecha: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (:class:`Terminated`): the shell's 128 + signal
+        terminated = isinstance(interrupt, Terminated)
+        print(f"ortho-mecha: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except sqlite3.DatabaseError as exc:  # the cache's database went bad while in use: say which, and the remedy
         from ortho_mecha.cache import CacheUnusable
 

@@ -7,9 +7,11 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -1044,3 +1046,30 @@ def test_a_negative_prompt_without_effect_is_said(comfy_stub: ComfyStub, tmp_pat
     assert said in cli("preview", flux, *place, "--negative", "blurry").err
     assert said not in cli("preview", flux, *place, "--negative", "blurry", "--cfg", "3.5").err
     assert said not in cli("preview", flux, *place).err
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None:
+    """``timeout`` or systemd stop a preview with SIGTERM: its prompt is interrupted in ComfyUI, the model's link
+    leaves ComfyUI's folder and no empty output folder stays (all three were left), with the shell's status 143."""
+    stub = ComfyStub(tmp_path / "ComfyUI", delay=60.0)
+    stub.add_standard_files()
+    stub.start()
+    try:
+        model = write_model(tmp_path / "slow.safetensors", ZIMAGE_KEYS)
+        out = tmp_path / "out"
+        run = subprocess.Popen(
+            [sys.executable, "-m", "ortho_mecha", "preview", str(model), "--arch", "zimage", "--prompt", "a fox",
+             "--api", stub.url, "--comfy-dir", str(stub.root), "--out", str(out)],
+            stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
+        deadline = time.monotonic() + 60
+        while not stub.received and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        assert stub.received, run.stderr.read() if run.stderr else ""
+        time.sleep(0.5)  # the prompt is running
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 143
+        assert "ortho-mecha: terminated" in (run.stderr.read() if run.stderr else "")
+        assert len(stub.interrupts) == 1
+        assert linked(stub.root, model, "diffusion_models") == [] and not out.exists()
+    finally:
+        stub.stop()
