@@ -131,12 +131,22 @@ def grid(columns: Sequence[tuple[str, Sequence[bytes]]]) -> bytes:
     sheet = Image.new("RGB", (width * len(opened), label_height + height * rows), "white")
     draw = ImageDraw.Draw(sheet)
     for c, (label, images) in enumerate(opened):
-        draw.text((c * width + margin, margin), label, fill="black", font=font)
+        draw.text((c * width + margin, margin), _fitted(draw, label, font, width - 2 * margin), fill="black", font=font)
         for r, image in enumerate(images):
             sheet.paste(image, (c * width, label_height + r * height))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _fitted(draw: Any, label: str, font: Any, room: float) -> str:
+    """``label`` as drawn in ``room`` pixels: whole when it fits, else cut and ended with '…' (a model's long file
+    name ran over the next column's label)."""
+    if draw.textlength(label, font=font) <= room:
+        return label
+    while label and draw.textlength(label + "…", font=font) > room:
+        label = label[:-1]
+    return label + "…"
 
 
 def _step(progress: Progress | None, done: int, steps: int, message: str) -> Progress:

@@ -161,6 +161,18 @@ def test_grid_labels_grow_with_the_images() -> None:
     assert label >= 60 and max(inked) - min(inked) >= 30  # text ~46 px tall, ~9 px at a fifth
 
 
+def test_a_long_label_stays_in_its_column() -> None:
+    """A model's long file name ran over the next column's label; it is cut with '…' at its column's edge."""
+    name = "juggernautXL_juggXIByRundiffusion_v11_fp16_pruned"
+    sheet = Image.open(io.BytesIO(grid([(name, [png("gray", (128, 128))]), ("b", [png("gray", (128, 128))])])))
+    label = sheet.height - 128
+    first = [x for x in range(sheet.width) for y in range(label) if sheet.getpixel((x, y)) != (255, 255, 255)
+             and x < 128]
+    assert first and max(first) < 128 - 2  # inside its column, short of the margin
+    ink_of_b = [x for x in range(128, 256) for y in range(label) if sheet.getpixel((x, y)) != (255, 255, 255)]
+    assert ink_of_b and min(ink_of_b) >= 128 + 2  # the next column holds its own label only
+
+
 def test_sweep_checks_comfyui_before_merging(comfy_stub: ComfyStub, tmp_path: Path, cli_error: Callable) -> None:
     """ComfyUI down, or unable to run the workflow: the sweep stops before writing any merge."""
     plan = write_plan(tmp_path)
