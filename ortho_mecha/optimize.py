@@ -10,7 +10,8 @@ Everything works on the file Gram H (no file is read): a row's delta against any
    delta-from is tried and the one that raises the orthogonality of the enabled rows (mean over pairs of
    ``1 − cos²``) the most is kept; then delta-from cycles (A ← B ← A) are broken by resetting the weakest
    link (the largest ``D_AB / D_AC``) to the base;
-4. rows visited in descending quality: a row with cos > 0.8 to an already kept row is disabled (alpha 0);
+4. rows visited in descending quality: a row with cos > 0.8 to an already kept row is disabled (alpha 0); then
+   a row the lineage finds to be a merge of kept rows (all from the base) is disabled: it adds no direction;
 5. a kept row with new information ``1 − cos² > 0.85`` against every other kept row gets repeat 2.
 
 Every row carries a one-line reason. Results are deterministic: ties go to the lower file index.
@@ -80,6 +81,8 @@ class _Family:
     d: np.ndarray
     lora: np.ndarray  # per model: a kohya LoRA row (delta from the base only, never a delta-from)
     merges_of: dict[int, set[int]]  # per file: the models the lineage finds to be merges made from it (or a copy)
+    mixes: dict[int, dict[int, float]]  # per model the lineage finds to be a merge: its ingredients (file → weight)
+    parallel: np.ndarray  # files × files: deltas within SAME_DIRECTION_COS of each other (scaled copies)
 
     @property
     def active(self) -> list[int]:
@@ -141,8 +144,9 @@ def _family(
         for ingredient in item["mix"] or {}:
             for f in np.nonzero(parallel[ingredient])[0]:
                 merges_of.setdefault(int(f), set()).add(m)
+    mixes = {m: dict(item["mix"]) for m, item in enumerate(found) if item["mix"]}
     return _Family(h, n_models, q, np.asarray(null, dtype=bool), labels, dups, squared_distances(h), lora_rows,
-                   merges_of)
+                   merges_of, mixes, parallel)
 
 
 def orthogonality(g: np.ndarray, rows: Sequence[int]) -> float:
@@ -249,6 +253,9 @@ def _finish(fam: _Family, delta_from: list[int | None], notes: Mapping[int, str]
             disabled[i] = f"disabled: cos {cos[i, twin]:.2f} with {fam.names[twin]}, {_rank(fam, i, twin)}"
         else:
             kept.append(i)
+    for i, why in _merges_of_kept(fam, kept, delta_from).items():
+        kept.remove(i)
+        disabled[i] = why
     choices = []
     for i in range(fam.n):
         origin = _origin(fam, i, delta_from[i], notes.get(i))
@@ -267,6 +274,21 @@ def _finish(fam: _Family, delta_from: list[int | None], notes: Mapping[int, str]
         parts += [f"opposes {fam.names[j]} (cos {cos[i, j]:.2f}): their deltas largely cancel" for j in opposed]
         choices.append(RowChoice(delta_from[i], 1.0, repeat, True, "enabled: " + "; ".join(parts)))
     return choices
+
+
+def _merges_of_kept(fam: _Family, kept: list[int], delta_from: Sequence[int | None]) -> dict[int, str]:
+    """The kept rows the lineage finds to be merges of other kept rows (each ingredient, or a scaled copy of it,
+    kept with its delta from the base, as the merge's): such a row adds no direction its ingredients lack and
+    only counts their share of it again (a 0.5/0.5 merge beside both took survival from them). With the reason."""
+    from_base = [k for k in kept if delta_from[k] is None]
+    found = {}
+    for i in list(from_base):
+        mix = fam.mixes.get(i)
+        if mix and all(any(k != i and fam.parallel[f, k] for k in from_base) for f in mix):
+            from_base.remove(i)  # a merge of merges is judged by what stays
+            parts = " + ".join(f"{weight:.2f} {fam.names[f]}" for f, weight in mix.items())
+            found[i] = f"disabled: a merge of {parts} (its lineage), which are enabled: it adds nothing they lack"
+    return found
 
 
 def _origin(fam: _Family, i: int, b: int | None, note: str | None) -> str:

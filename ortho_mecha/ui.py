@@ -656,10 +656,14 @@ def say_lost_rows(survival: Any) -> None:
     """Warn of the rows the mix would carry (almost) nothing of (:func:`~ortho_mecha.workspace.lost_rows`)."""
     from ortho_mecha import workspace
 
-    if lost := workspace.lost_rows(survival):
+    lost = workspace.lost_rows(survival)
+    if silent := [Path(model).stem for model, _, alpha in lost if alpha == 0]:
+        st.warning(f"{', '.join(silent)}: enabled at alpha 0, so the mix carries nothing of it; give it an alpha "
+                   "(auto-fill sets 0 on the rows it turns off).")
+    if cancelled := [(model, value) for model, value, alpha in lost if alpha != 0]:
         st.warning("This mix carries almost nothing of " + ", ".join(
-            f"{Path(model).stem} (survival {value:.2f})" for model, value in lost) + ": rows that oppose each other "
-            "cancel (see Info); turn one of them off or lower its alpha.")
+            f"{Path(model).stem} (survival {round(value, 2) + 0.0:.2f})" for model, value in cancelled)
+            + ": rows that oppose each other cancel (see Info); turn one of them off or lower its alpha.")
 
 
 def latest_merge(choices: Any) -> str | None:

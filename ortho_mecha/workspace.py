@@ -560,11 +560,12 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
 LOST_SURVIVAL = 0.01  # a row whose predicted survival is below this carries (almost) nothing into the merge
 
 
-def lost_rows(survival: Any) -> list[tuple[str, float]]:
-    """(model, predicted survival) of the rows of :func:`mix_predictions`' survival table that the merge would
-    carry almost nothing of, or the opposite of (an opposite row cancels them)."""
+def lost_rows(survival: Any) -> list[tuple[str, float, float]]:
+    """(model, predicted survival, alpha) of the rows of :func:`mix_predictions`' survival table that the merge
+    would carry almost nothing of, or the opposite of: at alpha 0, or cancelled by an opposite row."""
     predicted = next(column for column in survival.columns if column.startswith("survival (") and "plain" not in column)
-    return [(model, float(value)) for model, value in zip(survival["model"], survival[predicted], strict=True)
+    return [(model, float(value), float(alpha))
+            for model, value, alpha in zip(survival["model"], survival[predicted], survival["alpha"], strict=True)
             if value < LOST_SURVIVAL]
 
 

@@ -89,6 +89,12 @@ def test_a_merge_made_from_a_model_is_never_called_its_parent() -> None:
     rows = optimize.autofill(h, 3, [0.5] * 3, [False] * 3, names=["style_a", "style_b", "mix_a_b"])
     assert [row.delta_from for row in rows] == [None, None, None]
     assert not any("its parent" in row.info for row in rows)
+    # both ingredients enabled: the merge adds no direction they lack and would count their shares again
+    assert [row.enabled for row in rows] == [True, True, False] and rows[2].alpha == 0.0
+    assert rows[2].info.startswith("disabled: a merge of 0.50 style_a + 0.50 style_b (its lineage), which are enabled")
+    # one ingredient left out (null here): the merge is the only carrier of its share and stays
+    alone = optimize.autofill(h, 3, [0.5] * 3, [False, True, False], names=["style_a", "style_b", "mix_a_b"])
+    assert alone[2].enabled
 
 
 def test_duplicates_never_become_a_delta_from() -> None:

@@ -274,6 +274,6 @@ def test_changed_files_names_a_rewritten_replaced_or_missing_model_and_hashes_on
 def test_lost_rows_are_those_the_mix_carries_almost_nothing_of() -> None:
     import pandas as pd
 
-    survival = pd.DataFrame({"model": ["a", "b", "c"], "alpha": [1.0] * 3, "repeat": [1] * 3,
-                             "survival (exact)": [0.5, 0.004, -0.2], "survival (plain average)": [0.0, 0.0, 0.0]})
-    assert workspace.lost_rows(survival) == [("b", 0.004), ("c", -0.2)]
+    survival = pd.DataFrame({"model": ["a", "b", "c", "d"], "alpha": [1.0, 1.0, 0.5, 0.0], "repeat": [1] * 4,
+                             "survival (exact)": [0.5, 0.004, -0.2, -1e-4], "survival (plain average)": [0.0] * 4})
+    assert workspace.lost_rows(survival) == [("b", 0.004, 1.0), ("c", -0.2, 0.5), ("d", -1e-4, 0.0)]
