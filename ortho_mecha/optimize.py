@@ -55,6 +55,7 @@ MAX_ROUNDS = 50
 # one ingredient of a merge, far below (the row would cancel B's change, which another row may carry).
 ANCESTOR_COS = -0.05
 SAME_DIRECTION_COS = 0.99  # a file this parallel to a merge's ingredient (a scaled copy) counts as that ingredient
+INCOMPLETE_PENALTY = 0.05  # off the quality score of a model whose file lacks base keys (a grade step is 0.15)
 GAIN_TOLERANCE = 1e-12  # an orthogonality gain must exceed this (per pair) to count as a rise
 
 
@@ -423,7 +424,11 @@ def plan_from_report(
     # nor does a model of another lineage than the base: its "delta" is another model, not a fine-tune's change
     unusable = [x or bool(refused.get(i)) or i in other for i, x in enumerate(null_model)]
     left_out = set(refused) | set(other)
-    ranked = [-1.0 if i in left_out else score for i, score in enumerate(scores)]  # below every quality score
+    # a file lacking base keys ranks below a complete one of about its quality: of two duplicates the complete one
+    # is kept (else the merge gets no change from that model on the keys its copy lacks)
+    incomplete = {i for i, check in checks.items() if i < n and check.get("missing")}
+    ranked = [-1.0 if i in left_out else score - INCOMPLETE_PENALTY * (i in incomplete)
+              for i, score in enumerate(scores)]  # below every quality score
     propose = optimize if search else autofill
     choices = propose(h, n, ranked, unusable, names=short_names(files, keep_suffix=True), lora=lora)
     if not any(c.enabled and i not in left_out for i, c in enumerate(choices)):
@@ -435,6 +440,8 @@ def plan_from_report(
             return f"disabled: merge refuses it ({'; '.join(refused[i])})"
         if i in other:
             return f"disabled: {other[i]}; enable it by hand if it is meant to be merged"
+        if i in incomplete:
+            return f"{choice.info}; its file lacks {checks[i]['missing']} base key(s) (ranked below a complete one)"
         return choice.info
 
     spec = plan_mod.METHODS[method]

@@ -382,3 +382,18 @@ def test_analyse_flags_an_independently_trained_model_and_plan_disables_it(tmp_p
     assert cli("plan", report, "--json", tmp_path / "plan.json").code == 0
     rows = json.loads((tmp_path / "plan.json").read_text())["rows"]
     assert [row["enabled"] for row in rows] == [True, True, False]
+
+
+def test_of_two_duplicates_the_complete_file_is_kept(tmp_path: Path) -> None:
+    """A copy lacking a base key scored a hair above its complete twin and was kept: the merge then carried no change
+    from that model on the key. A file lacking keys ranks below a complete one of about its quality."""
+    tie = report_for(planted(), tmp_path)
+    tie["signal"]["effective_rank"][:3] = [0.3, 0.3, 0.3]  # a and its two copies score about the same
+    plain = dict(zip(NAMES, optimize.plan_from_report(tie)["rows"], strict=True))
+    assert plain["a"]["enabled"] and not plain["a_copy"]["enabled"]  # complete, a keeps its place
+    report = tie | {"validation": {"models": [
+        {"path": f"models/{Path(f).name}", "missing": 1 if Path(f).stem == "a" else 0} for f in tie["files"]
+    ]}}
+    rows = dict(zip(NAMES, optimize.plan_from_report(report)["rows"], strict=True))
+    assert not rows["a"]["enabled"] and "lacks 1 base key(s)" in rows["a"]["info"]
+    assert [rows[name]["enabled"] for name in ("a_copy", "a_near")].count(True) == 1
