@@ -114,22 +114,34 @@ def heatmap(matrix: np.ndarray, labels: Sequence[str], spec: Metric, title: str 
 MAP_LABEL_PX = 160  # the model map's point labels are cut (with …) at this width
 
 
+def off_map(report: Mapping[str, Any]) -> list[int]:
+    """The models the model map leaves out: those of another lineage than the base (their distance, about the
+    base's own size, squeezed every fine-tune into one dot)."""
+    from ortho_mecha.lineage import OTHER_LINEAGE_CHANGE
+
+    changes = report.get("change") or [None] * len(report["models"])
+    return [i for i, change in enumerate(changes) if change is not None and change > OTHER_LINEAGE_CHANGE]
+
+
 def model_map(report: Mapping[str, Any]) -> alt.LayerChart:
-    """The 2-D model map (classical MDS of the lineage distances), points coloured by quality grade."""
-    names = short_names(report["models"])
-    points = report["map"]
-    grades = report["quality"]["grade"]
+    """The 2-D model map (classical MDS of the lineage distances), points coloured by quality grade; models of
+    another lineage (:func:`off_map`) are left out, and the axes fit the points drawn, with room at the edges."""
+    left_out = set(off_map(report))
+    drawn = [i for i in range(len(report["models"])) if i not in left_out]
+    names = [short_names(report["models"])[i] for i in drawn]
+    points = [report["map"][i] for i in drawn]
     frame = pd.DataFrame({
         "model": names,
         "x": [p["x"] for p in points],
         "y": [p["y"] for p in points],
-        "grade": grades,
-        "norm": report["norms"],
+        "grade": [report["quality"]["grade"][i] for i in drawn],
+        "norm": [report["norms"][i] for i in drawn],
     })
     frame["label"], frame["near"] = map_labels(names, frame["x"].to_numpy(), frame["y"].to_numpy())
+    scale = alt.Scale(zero=False, padding=24)  # no clipped dots at the edges
     base = alt.Chart(frame, title="model map (distances between models)").encode(
-        x=alt.X("x:Q", title=None, axis=alt.Axis(labels=False)),
-        y=alt.Y("y:Q", title=None, axis=alt.Axis(labels=False)),
+        x=alt.X("x:Q", title=None, axis=alt.Axis(labels=False), scale=scale),
+        y=alt.Y("y:Q", title=None, axis=alt.Axis(labels=False), scale=scale),
     )
     dots = base.mark_circle(size=140).encode(
         color=alt.Color("grade:N", sort=["A+", "A", "B", "C", "D"]),
@@ -172,6 +184,8 @@ def quality_frame(report: Mapping[str, Any]) -> pd.DataFrame:
         "grade": report["quality"]["grade"],
         "score": report["quality"]["score"],
         "delta norm": report["norms"],
+        # ‖M − base‖ ÷ ‖base‖ in %: a fine-tune changes a few %, over 100 % is another lineage (reports before: none)
+        "change %": [None if c is None else 100.0 * c for c in report.get("change") or [None] * len(report["models"])],
         "effective rank": report["signal"]["effective_rank"],
         "SNR": report["signal"]["snr"],
         "max outlier": report["outliers"]["max_outlier"],
@@ -179,6 +193,16 @@ def quality_frame(report: Mapping[str, Any]) -> pd.DataFrame:
         "null delta": report["null"],
         "delta from": ["base" if d is None else Path(d).stem for d in report["delta_from"]],
     })
+
+
+TABLE_ROW_PX = 35  # a st.dataframe row (and its header), in pixels
+TABLE_MAX_ROWS = 30  # the tallest table shown whole; a longer one scrolls
+
+
+def table_height(rows: int) -> int:
+    """A st.dataframe height that shows ``rows`` rows whole, up to :data:`TABLE_MAX_ROWS` (its default height showed
+    ten and scrolled the rest in a page with room to spare)."""
+    return (min(rows, TABLE_MAX_ROWS) + 1) * TABLE_ROW_PX + 3
 
 
 LINEAGE_HELP = (

@@ -76,6 +76,7 @@ if record is None or record["state"] != "done":
 ui.remember_analysis(record)
 report = record["result"]
 ui.say_if_changed(report, record["params"])
+ui.say_other_lineage(report)
 names = charts.short_names(report["models"])
 
 read = progress.read_text(report)
@@ -104,13 +105,19 @@ with quality:
     st.dataframe(
         charts.quality_frame(report),
         hide_index=True,
-        column_config={"score": st.column_config.ProgressColumn("score", min_value=0.0, max_value=1.0, format="%.2f")},
+        height=charts.table_height(len(names)),
+        column_config={"score": st.column_config.ProgressColumn("score", min_value=0.0, max_value=1.0, format="%.2f"),
+                       "change %": st.column_config.NumberColumn("change %", format="%.1f",
+                                                                 help="‖model − base‖ ÷ ‖base‖: a fine-tune changes "
+                                                                      "a few %; over 100 % is another lineage")},
     )
     st.caption("Grades: A+ > 0.80, A 0.65–0.80, B 0.50–0.65, C 0.35–0.50, D < 0.35; a null delta is graded D.")
 with lineage:
     st.caption(charts.LINEAGE_HELP)
-    st.dataframe(charts.lineage_frame(report), hide_index=True)
+    st.dataframe(charts.lineage_frame(report), hide_index=True, height=charts.table_height(len(names)))
 with model_map:
+    if away := charts.off_map(report):
+        st.caption("Left out, of another lineage than the base: " + ", ".join(names[i] for i in away))
     st.altair_chart(charts.model_map(report), width="content")
 with outliers:
     frame = charts.outlier_frame(report)

@@ -117,3 +117,27 @@ def test_lineage_table_names_parents_mixes_and_duplicates() -> None:
     assert frame["parent"].tolist() == ["base", "a", "base", "base", "base"]
     assert frame["merge of"][2] == "a × 0.50, b × 0.50"
     assert frame["duplicate of"].tolist() == ["", "", "", "b_copy", ""]
+
+
+def test_quality_table_shows_the_change_and_tables_are_tall_enough() -> None:
+    report = {"models": ["/m/a.safetensors", "/m/b.safetensors"], "quality": {"grade": ["A", "D"], "score": [0.7, 0.1]},
+              "norms": [1.0, 30.0], "signal": {"effective_rank": [0.1, 0.9], "snr": [50.0, 1.0]},
+              "outliers": {"max_outlier": [3.0, 3.0]}, "null": [False, False], "delta_from": [None, None],
+              "change": [0.04, 1.3]}
+    frame = charts.quality_frame(report)
+    assert frame["change %"].tolist() == pytest.approx([4.0, 130.0])
+    assert charts.quality_frame({k: v for k, v in report.items() if k != "change"})["change %"].isna().all()
+    assert charts.table_height(13) > charts.table_height(10) and charts.table_height(100) == charts.table_height(30)
+
+
+def test_model_map_leaves_out_models_of_another_lineage() -> None:
+    """An unrelated model (change ~1.3 of the base) stretched the map and drew ten fine-tunes as one dot."""
+    names = ["a", "b", "stranger"]
+    report = {"models": [f"/m/{n}.safetensors" for n in names], "quality": {"grade": ["A", "A", "D"]},
+              "norms": [1.0, 1.0, 30.0], "change": [0.05, 0.06, 1.3],
+              "map": [{"x": 0.0, "y": 0.0}, {"x": 0.05, "y": 0.1}, {"x": 30.0, "y": 0.0}]}
+    assert charts.off_map(report) == [2]
+    spec = charts.model_map(report).to_dict()
+    rows = spec["datasets"][spec["data"]["name"]]
+    assert [row["model"] for row in rows] == ["a", "b"] and [row["label"] for row in rows] == ["a", "b"]
+    assert charts.off_map({k: v for k, v in report.items() if k != "change"}) == []  # older reports: all drawn
