@@ -440,6 +440,9 @@ def plan_from_report(
             return f"disabled: merge refuses it ({'; '.join(refused[i])})"
         if i in other:
             return f"disabled: {other[i]}; enable it by hand if it is meant to be merged"
+        if null_model[i] and any(str(dtype).startswith("F8") for dtype in (checks.get(i) or {}).get("dtypes") or {}):
+            return ("disabled: null delta: its change from the base is within the rounding noise of its fp8 storage "
+                    "(a change of a few % cannot be told from fp8 rounding; a bf16/fp16 copy of the model can)")
         if i in incomplete:
             return f"{choice.info}; its file lacks {checks[i]['missing']} base key(s) (ranked below a complete one)"
         return choice.info

@@ -397,3 +397,16 @@ def test_of_two_duplicates_the_complete_file_is_kept(tmp_path: Path) -> None:
     rows = dict(zip(NAMES, optimize.plan_from_report(report)["rows"], strict=True))
     assert not rows["a"]["enabled"] and "lacks 1 base key(s)" in rows["a"]["info"]
     assert [rows[name]["enabled"] for name in ("a_copy", "a_near")].count(True) == 1
+
+
+def test_a_null_fp8_row_is_said_to_be_within_fp8_rounding(tmp_path: Path) -> None:
+    """An fp8 copy of a real fine-tune reads as null (its change is at fp8's rounding): the reason says so, not
+    'no change from the base'."""
+    report = report_for(planted(), tmp_path)
+    report["validation"] = {"models": [
+        {"path": f"models/{Path(f).name}", "dtypes": {"F8_E4M3": 10} if Path(f).stem == "null" else {"F16": 10}}
+        for f in report["files"]
+    ]}
+    rows = dict(zip(NAMES, optimize.plan_from_report(report)["rows"], strict=True))
+    assert not rows["null"]["enabled"] and "within the rounding noise of its fp8 storage" in rows["null"]["info"]
+    assert "fp8" not in rows["a_copy"]["info"]
