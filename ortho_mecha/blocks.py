@@ -342,7 +342,9 @@ def alpha_chart(frame: Any, groups: Sequence[str]) -> Any:
     base = alt.Chart(frame, title="alpha per block group").encode(
         x=alt.X("group:N", sort=list(groups), title=None, axis=alt.Axis(labelAngle=0)),
         y=alt.Y("alpha:Q", scale=alt.Scale(domain=[0, 2]), title="alpha"),
-        color=alt.Color("row:N", title=None, legend=alt.Legend(orient="right", labelLimit=240)),  # one per line
+        # one per line, in the table's order ("10: …" after "9: …", not after "1: …")
+        color=alt.Color("row:N", title=None, sort=list(dict.fromkeys(frame["row"])),
+                        legend=alt.Legend(orient="right", labelLimit=240)),
         tooltip=["row:N", "group:N", alt.Tooltip("alpha:Q", format=".2f"), alt.Tooltip("set:N", title="block alpha")],
     )
     # rows of equal alphas draw the same line: a dash per row keeps each of them in sight

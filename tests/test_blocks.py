@@ -443,3 +443,12 @@ def test_mixer_block_alphas_presets_inputs_chart_and_preset_round_trip(dashboard
     assert at.session_state["plan"].rows[0].block_alphas == {}
     _load(at, "blocks")
     assert at.session_state["plan"] == expected
+
+
+def test_the_alpha_chart_lists_rows_in_the_tables_order() -> None:
+    """Its legend was sorted as text: "10: …" came before "2: …"."""
+    layout = blocks.layout_for_keys("zimage", [f"layers.{i}.w" for i in range(9)])
+    labels = [f"{n}: model{n}" for n in range(1, 12)]
+    frame = blocks.alpha_frame(labels, [1.0] * 11, [{}] * 11, layout)
+    spec = blocks.alpha_chart(frame, layout.groups).to_dict()
+    assert spec["layer"][0]["encoding"]["color"]["sort"] == labels
