@@ -305,6 +305,7 @@ class _ProgressBar:
         self.progress, self.control, self.total = progress, control, total
         self.done = 0
         self._lock = threading.Lock()
+        self._started = time.monotonic()
 
     def __enter__(self) -> _ProgressBar:
         return self
@@ -321,11 +322,12 @@ class _ProgressBar:
             self.done += n
             if self.progress is None:
                 return
-            info = {
+            elapsed = time.monotonic() - self._started
+            info = {  # the keys are said by whoever shows it ("key 214 of 457"), with the time left at this pace
                 "fraction": self.done / max(1, self.total),
-                "message": f"merged {self.done} of {self.total} keys",
                 "keys_done": self.done,
                 "keys_total": self.total,
+                "eta_s": elapsed / self.done * (self.total - self.done),
             }
             try:
                 self.progress(info)

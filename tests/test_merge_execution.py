@@ -62,3 +62,17 @@ def test_finite_values_whose_sum_overflows_are_not_repaired(tmp_path: Path) -> N
     merged = load_file(str(out))
     assert torch.equal(merged["input_blocks.0.0.bias"], torch.full((8,), 40000.0, dtype=torch.float16))
     assert merged["time_embed.0.bias"][2] == base["time_embed.0.bias"][2].half()
+
+
+def test_merge_progress_says_the_keys_once_and_the_time_left(family: dict[str, Path], tmp_path: Path) -> None:
+    """The dashboard showed "key 214 of 457 · merged 214 of 457 keys" and no time left."""
+    from ortho_mecha.ui import describe_progress
+
+    seen: list[dict] = []
+    merge_plan(plan_for(family["base"], [family["a"], family["b"]]), tmp_path / "out.safetensors", threads=0,
+               progress=lambda info: seen.append(dict(info)) if "keys_done" in info else None)
+    last = seen[-1]
+    assert last["keys_done"] == last["keys_total"] and last["eta_s"] == 0.0
+    assert all(info["eta_s"] >= 0 for info in seen)
+    line = describe_progress(seen[0])
+    assert line.count(str(seen[0]["keys_total"])) == 1 and "left" in line
