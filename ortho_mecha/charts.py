@@ -208,8 +208,9 @@ def table_height(rows: int) -> int:
 LINEAGE_HELP = (
     "parent: the file the model's delta is nearest to (the base when no file is nearer than half the way); "
     "merge of: the files whose deltas, weighted, explain it (what the weights miss of 1 is the base's share); "
-    "duplicate of: a model it copies. Confidence: how clearly the evidence clears the rule that decided, "
-    "1 for an exact copy or mix, 0 on the rule's threshold. A low confidence beside 'the base' means another "
+    "duplicate of: a model it copies (and then its twin's parent or mix, with the twin's confidence). Confidence: "
+    "how clearly the evidence clears the rule that decided the parent or mix, 1 for an exact parent's copy or an "
+    "exact mix, 0 on the rule's threshold. A low confidence beside 'the base' means another "
     "file nearer the base lies about half the way to the model (often a merge made from it): the base still won."
 )
 
