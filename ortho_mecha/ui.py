@@ -756,6 +756,7 @@ def restore_merged_plan(job_id: str) -> Any:
         return None
     plan = job_plan(params)
     st.session_state["plan"] = plan
+    st.session_state.setdefault("merge_name", Path(params["out"]).name)  # the name field as the job had it
     if "mix" not in st.session_state:
         set_mix(workspace.table_from_plan(plan, model_choices()))
     return plan

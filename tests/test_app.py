@@ -157,8 +157,11 @@ def test_every_page_renders_and_the_round_trip_merges(
     reloaded.query_params["merge"] = at.query_params["merge"]
     reloaded.switch_page(ui.PAGES[2].path).run()
     assert not reloaded.exception and not _errors(reloaded)
-    assert not reloaded.info
+    assert not any("Make a plan" in info.value for info in reloaded.info)
     assert reloaded.session_state["plan"] == optimized
+    # the name field as the job had it (it read merged.safetensors above the result for round trip.safetensors)
+    assert reloaded.text_input(key="merge_name").value == "round trip.safetensors"
+    assert any(info.value.startswith("`round trip.safetensors` is the file just written") for info in reloaded.info)
     assert any("written" in s.value for s in reloaded.success)
 
     # Back from another page, whose links drop the page's query: the merge this session followed shows again.
