@@ -109,7 +109,11 @@ with quality:
         column_config={"score": st.column_config.ProgressColumn("score", min_value=0.0, max_value=1.0, format="%.2f"),
                        "change %": st.column_config.NumberColumn("change %", format="%.1f",
                                                                  help="‖model − base‖ ÷ ‖base‖: a fine-tune changes "
-                                                                      "a few %; over 100 % is another lineage")},
+                                                                      "a few %; over 100 % is another lineage"),
+                       "max outlier": st.column_config.NumberColumn(
+                           "max outlier", help="the largest element change against the key's typical one (Gaussian "
+                           "noise ≈ 3; above 5 lowers the score); keys changed far more than the model's other keys "
+                           "are listed on the Outliers tab")},
     )
     st.caption("Grades: A+ > 0.80, A 0.65–0.80, B 0.50–0.65, C 0.35–0.50, D < 0.35; a null delta is graded D.")
 with lineage:
