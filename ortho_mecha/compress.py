@@ -399,6 +399,9 @@ class ModelExport:
     energy_kept: float  # Σ kept σ² / Σ ‖λ_m δW + κ_m δQ‖² over the LoRA's keys
     fit_error: float  # the fit's relative error (before the LoRA's truncation)
     not_captured: Uncaptured  # 1-D and unnamed keys of the fitted delta
+    # ‖W_m − (base + LoRA)‖ / ‖W_m − W̃‖ over the fitted keys is at most this: the fit's residual plus what the
+    # LoRA drops of the fitted delta (its truncation, and the keys it cannot carry), by the triangle inequality
+    error_bound: float = 0.0
 
 
 @dataclass
@@ -416,7 +419,8 @@ class ExportReport:
         for m in self.models:
             lines.append(
                 f"  {m.lora}: fit error {m.fit_error:.2%}, LoRA rank ≤ {self.rank} keeps {m.energy_kept:.2%} "
-                f"of the fitted delta; not captured: {m.not_captured.keys} keys (norm {m.not_captured.delta_norm:.4g})"
+                f"of the fitted delta, so base + this LoRA is within {m.error_bound:.2%} of the model (at most); "
+                f"not captured: {m.not_captured.keys} keys (norm {m.not_captured.delta_norm:.4g})"
             )
         return lines
 
@@ -456,7 +460,7 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
             writer = StreamingFile(average_path, layout, meta | {"ortho_mecha_models": json.dumps(result.models)})
         count = len(family.models)
         tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
-        kept, total = np.zeros(count), np.zeros(count)
+        kept, total, dropped = np.zeros(count), np.zeros(count), np.zeros(count)
         lost = [Uncaptured() for _ in range(count)]
         try:
             for canon, key_fit in fits.items():
@@ -465,7 +469,8 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
                 for m in range(count):
                     lam, kappa = key_fit.lam[m], key_fit.kappa[m] if key_fit.kappa else 0.0
                     if dw.ndim < 2 or name is None:
-                        lost[m].add(canon, float((lam * dw + kappa * dq).pow(2).sum()))
+                        lost[m].add(canon, norm2 := float((lam * dw + kappa * dq).pow(2).sum()))
+                        dropped[m] += norm2
                 if dw.ndim < 2 or name is None:
                     continue
                 for m, low in enumerate(_per_model(key_fit, dw, dq, rank)):
@@ -484,6 +489,7 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
             raise
         finally:
             family.close()
+        bounds = _error_bounds(result, total - kept + dropped)
         exports = []
         for m, (model, path) in enumerate(zip(result.models, lora_paths, strict=True)):
             metadata = kohya_metadata(
@@ -491,8 +497,20 @@ def export(result: Fit, out_dir: str | Path, rank: int = 64, dtype: str = "fp16"
             )
             written.append(write_lora(path, tensors[m], metadata, overwrite=False))
             energy = kept[m] / total[m] if total[m] > 0 else 1.0
-            exports.append(ModelExport(model, str(path), len(tensors[m]) // 3, energy, result.error[m], lost[m]))
+            exports.append(ModelExport(model, str(path), len(tensors[m]) // 3, energy, result.error[m], lost[m],
+                                       float(bounds[m])))
         return ExportReport(base_written, rank, dtype, exports)
+
+
+def _error_bounds(result: Fit, dropped2: np.ndarray) -> np.ndarray:
+    """Per model, ‖W_m − (base + LoRA)‖ / ‖W_m − W̃‖ over the fitted keys at most: (‖residual‖ + ‖what the LoRA
+    drops of the fitted delta‖) / ‖delta‖; 0 for a model the fit found equal to the base (error 0)."""
+    delta2 = np.sum([k.delta2 for k in result.keys], axis=0) if result.keys else np.zeros(len(result.models))
+    residual2 = np.sum([k.residual2 for k in result.keys], axis=0) if result.keys else np.zeros(len(result.models))
+    real = (np.asarray(result.error) > 0) & (delta2 > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = (np.sqrt(residual2) + np.sqrt(np.clip(dropped2, 0.0, None))) / np.sqrt(np.where(real, delta2, 1.0))
+    return np.where(real, bound, 0.0)
 
 
 def _directions(family: Family, key_fit: KeyFit, writer: StreamingFile | None) -> tuple[torch.Tensor, torch.Tensor]:
