@@ -675,6 +675,18 @@ def say_lost_rows(survival: Any) -> None:
             + ": rows that oppose each other cancel (see Info); turn one of them off or lower its alpha.")
 
 
+def say_repeat_scales(method: str, survival: Any) -> None:
+    """Where a row's repeat scales its delta (ortho_superpose, ortho_project, add_difference), say that a row at
+    repeat 2 is carried about twice: auto-fill gives repeat 2 to rows of new information, which surprised users
+    of other tools, who expect a model's own strength."""
+    from ortho_mecha.plan import METHODS
+
+    if method in METHODS and METHODS[method].repeat == "scale" and method != "weighted_sum" and (
+            survival["repeat"] > 1).any():
+        st.caption("Survival is the share of a row's own change that the merge carries: a row at repeat 2 (auto-fill's "
+                   "mark of new information) is carried about twice; set repeat 1 for a model's own strength.")
+
+
 def latest_merge(choices: Any) -> str | None:
     """The label of the newest merge's output: the merge job the URL names when it is done, else the newest
     finished merge job's; None when there is none whose output is still a model file under the roots."""

@@ -151,6 +151,7 @@ with predicted:
             if figures is not None:
                 ui.say_lost_rows(figures.survival)
                 st.dataframe(figures.survival, hide_index=True)
+                ui.say_repeat_scales(method, figures.survival)
                 if len(figures.labels) > 1:
                     names = charts.short_names(figures.labels)
                     st.altair_chart(charts.heatmap(figures.interference, names, charts.INTERFERENCE,

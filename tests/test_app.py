@@ -97,6 +97,7 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert v2.delta_from is not None and v2.delta_from.name == "anime.safetensors" and "its parent" in v2.info
     at.button(key="mix_autofill").click().run()
     assert at.session_state["plan"] == filled
+    assert any("carried about twice" in caption.value for caption in at.caption)  # its rows at repeat 2
     lost = [w.value for w in at.warning if w.value.startswith("This mix carries almost nothing of ")]
     assert len(lost) == 1 and "anime (survival" in lost[0] and "anime_opposite (survival" in lost[0]  # they cancel
     # The optimizer fills the rows from the analysis, a reason per row; the same report gives the same rows.
