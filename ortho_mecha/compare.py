@@ -116,23 +116,27 @@ def compare_methods(
     """Every method of :data:`METHODS` on the same rows (module docstring for the figures).
 
     ``key_grams``: the rows' per-key delta Grams (keys, n, n) — or one Gram (n, n); ``labels``, ``alphas``,
-    ``repeats``: each row's name, alpha and repeat; ``current``/``options``: the Mixer's method and its
-    options (other methods take their defaults); ``floors``: per key, ``ortho_superpose``'s rounding-noise
-    floor (:attr:`ortho_mecha.analysis.Analysis.noise_floors`); ``rotation_shares``: per key, what
-    ``orthomerge``'s rotation carries (:attr:`ortho_mecha.analysis.Analysis.rotation_shares`).
+    ``repeats``: each row's name, alpha and repeat (``alphas`` (keys, n) with block alphas: each row's alpha per
+    key); ``current``/``options``: the Mixer's method and its options (other methods take their defaults);
+    ``floors``: per key, ``ortho_superpose``'s rounding-noise floor
+    (:attr:`ortho_mecha.analysis.Analysis.noise_floors`); ``rotation_shares``: per key, what ``orthomerge``'s
+    rotation carries (:attr:`ortho_mecha.analysis.Analysis.rotation_shares`).
     """
     if current not in METHODS:
         raise OrthoMechaError(f"unknown method {current!r}; valid: {', '.join(METHODS)}")
     grams = np.asarray(key_grams, dtype=np.float64)
     grams = grams[None] if grams.ndim == 2 else grams
     n = len(labels)
-    if grams.shape[1:] != (n, n) or len(alphas) != n or len(repeats) != n:
-        raise ValueError(f"{n} rows need (keys, {n}, {n}) Grams and {n} alphas and repeats, got {grams.shape}, "
-                         f"{len(alphas)}, {len(repeats)}")
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if grams.shape[1:] != (n, n) or alphas.shape not in ((n,), (len(grams), n)) or len(repeats) != n:
+        raise ValueError(f"{n} rows need (keys, {n}, {n}) Grams, {n} alphas (or keys × {n}) and {n} repeats, got "
+                         f"{grams.shape}, {alphas.shape}, {len(repeats)}")
     labels = _unique(labels)
     total = grams.sum(axis=0)
-    weights = np.asarray(alphas, dtype=np.float64) * np.asarray(repeats, dtype=np.float64)
-    reference = float((weights**2 * np.diag(total)).sum())  # Σ_i ‖w_i δ_i‖²
+    # each row's weight on each key: a block alpha scales the row's delta on its group's keys only
+    weights = np.broadcast_to(alphas * np.asarray(repeats, dtype=np.float64), (len(grams), n))
+    weighted = np.einsum("kij,ki,kj->ij", grams, weights, weights)  # the Gram of the weighted deltas
+    reference = float(np.trace(weighted))  # Σ_i ‖w_i δ_i‖²
     per_row: list[dict[str, Any]] = []
     summary: list[dict[str, Any]] = []
     for name, spec in METHODS.items():
@@ -163,11 +167,12 @@ def compare_methods(
         rows=pd.DataFrame(per_row, columns=list(ROW_COLUMNS)),
         summary=pd.DataFrame(summary, columns=list(SUMMARY_COLUMNS)),
         orthogonality=orthogonality,
-        row_interference=float(metrics.interference(total, weights).sum()),
+        row_interference=float(metrics.interference(weighted, np.ones(n)).sum()),
     )
 
 
 def compare_rows(rows: Any, method: str, options: Mapping[str, Any]) -> Comparison:
     """:func:`compare_methods` for the Mixer's :class:`~ortho_mecha.workspace.RowGram`."""
-    return compare_methods(rows.key_grams, rows.labels, rows.alphas, rows.repeats, method, options, rows.floors,
-                           rows.rotation_shares)
+    per_key = rows.key_alphas()  # with block alphas, as the Mixer's predicted figures take them
+    return compare_methods(rows.key_grams, rows.labels, rows.alphas if per_key is None else per_key, rows.repeats,
+                           method, options, rows.floors, rows.rotation_shares)

@@ -191,3 +191,16 @@ def test_exact_figures_match_a_real_merge(tmp_path: Path) -> None:
         norm = math.sqrt(merged.h[at, at] / weighted)  # ‖out − base‖ / sqrt(Σ ‖α_i r_i δ_i‖²)
         assert summary(result, method)["norm ratio"] == pytest.approx(norm, rel=0.01), method
     assert summary(result, "add_difference")["mean survival"] > summary(result, "weighted_sum")["mean survival"]
+
+
+def test_block_alphas_are_compared_as_they_are_merged() -> None:
+    """Compare methods took each row's plain alpha where block alphas set it per key (2.000 shown where the Mixer's
+    figures, and the merge, gave 0.92): two orthogonal rows, each kept on one of two equal keys."""
+    grams = np.stack([np.eye(2), np.eye(2)])  # per key: unit deltas a, b, orthogonal
+    per_key = np.array([[1.0, 0.0], [0.0, 1.0]])  # a on key 0 only ("structure"), b on key 1 only ("style")
+    result = compare.compare_methods(grams, ["a", "b"], per_key, [1, 1], "add_difference", {})
+    np.testing.assert_allclose(survival(result, "add_difference"), [0.5, 0.5], atol=1e-12)  # half of each delta
+    np.testing.assert_allclose(survival(result, "ortho_superpose"), [0.5, 0.5], atol=1e-12)
+    assert summary(result, "add_difference")["norm ratio"] == pytest.approx(1.0)
+    plain = compare.compare_methods(grams, ["a", "b"], [1.0, 1.0], [1, 1], "add_difference", {})
+    np.testing.assert_allclose(survival(plain, "add_difference"), [1.0, 1.0], atol=1e-12)
