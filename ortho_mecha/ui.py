@@ -657,7 +657,8 @@ def mix_figures(
         )
     if not rows.labels:
         return None
-    survival, interference = workspace.mix_predictions(rows, mix["method"], mix["options"])
+    texture = bool((mix.get("texture") or {}).get("model"))
+    survival, interference = workspace.mix_predictions(rows, mix["method"], mix["options"], texture)
     return MixFigures(rows.labels, survival, interference)
 
 

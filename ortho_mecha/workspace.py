@@ -529,9 +529,10 @@ def row_gram(analysis: Any, rows: Sequence[Mapping[str, Any]], choices: ModelCho
                    list(analysis.h_key), listed, layout, analysis.noise_floors, analysis.rotation_shares)
 
 
-def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> tuple[Any, Any]:
+def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any], texture: bool = False) -> tuple[Any, Any]:
     """(survival table, interference matrix) of the rows under ``method``: the predicted survival (and the
-    plain-average survival, for comparison) and the weighted pairwise interference (``metrics.interference``)."""
+    plain-average survival, for comparison) and the weighted pairwise interference (``metrics.interference``).
+    With a ``texture`` boost in the plan the survival is labelled as before it, as the Merge page labels it."""
     import numpy as np
     import pandas as pd
 
@@ -547,7 +548,8 @@ def mix_predictions(rows: RowGram, method: str, options: Mapping[str, Any]) -> t
         "model": rows.labels,
         "alpha": rows.alphas,
         "repeat": rows.repeats,
-        f"survival ({metrics.survival_label(method, options)})": predicted,
+        f"survival ({metrics.survival_label(method, options)}{', before the texture boost' if texture else ''})":
+            predicted,
         "survival (plain average)": metrics.survival_plain(rows.gram),
     })
     if per_key is None:

@@ -375,6 +375,9 @@ def test_table_round_trips_block_alphas_and_figures_follow_them(flux) -> None:
     np.testing.assert_allclose(with_blocks[0][column], along / own, rtol=1e-9)
     assert with_blocks[0][column][0] < plain[0][column][0] - 0.1
     assert not np.allclose(with_blocks[1], plain[1])  # interference follows the per-key weights too
+    boosted = workspace.mix_predictions(workspace.row_gram(analysis, table["rows"], choices), "add_difference", {},
+                                        texture=True)[0]
+    assert "survival (exact, before the texture boost)" in boosted.columns  # as the Merge page labels it
 
 
 # --- the Mixer's Block alphas section under AppTest -----------------------------------------------------------
