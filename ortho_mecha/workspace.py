@@ -622,6 +622,12 @@ def lora_job_params(model: str, base: str, rank: int, output_name: str, choices:
     model_path, base_path = choices.path(model), choices.path(base)
     if model_path == base_path:
         raise OrthoMechaError(f"{model!r} is the base itself: choose the merged model to extract and its base")
+    from ortho_mecha.lora_rows import is_lora_file
+
+    for label, path in ((model, model_path), (base, base_path)):
+        if is_lora_file(path):  # said before a job starts (the job refused it once running)
+            raise OrthoMechaError(f"{label!r} is a kohya LoRA, not a full model: extract-lora takes the merged model "
+                                  "and its base")
     folder = loras_dir(workspace)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / security.validate_output_name(output_name)

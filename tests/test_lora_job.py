@@ -111,3 +111,13 @@ def test_job_parameters_are_checked_before_the_job(models, model, base, rank, na
     choices, space = models
     with pytest.raises(OrthoMechaError, match=message):
         workspace.lora_job_params(model, base, rank, name, choices, space)
+
+
+def test_a_lora_as_the_model_is_refused_before_the_job(models) -> None:
+    """It was refused only once the job ran ("LoRA extraction failed: … is a kohya LoRA")."""
+    choices, space = models
+    lora.extract_lora(space / "models" / "anime.safetensors", space / "models" / "base.safetensors", 2,
+                      space / "models" / "anime lora.safetensors")
+    choices = workspace.ModelChoices.scan([space])
+    with pytest.raises(OrthoMechaError, match=r"'models/anime lora\.safetensors' is a kohya LoRA, not a full model"):
+        workspace.lora_job_params("models/anime lora.safetensors", "models/base.safetensors", 2, "x", choices, space)
