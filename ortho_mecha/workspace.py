@@ -359,13 +359,17 @@ def optimized_mix(report: Mapping[str, Any], method: str, mix: Mapping[str, Any]
     without ``search``, the auto-fill's).
 
     Base and rows come from the proposal (each row's reason in ``info``); the method, its options, the
-    texture and the components stay as ``mix`` has them. Deterministic: the same report gives the same rows.
+    texture, the components and each model's block alphas stay as ``mix`` has them (they were dropped without a
+    word). Deterministic: the same report gives the same rows.
     """
     from ortho_mecha.optimize import plan_from_report
     from ortho_mecha.plan import plan_from_dict
 
     proposed = plan_from_dict(plan_from_report(report, method, search=search), Path(report["base"]).parent)
     table = table_from_plan(proposed, choices)
+    kept = {row.get("model"): row["block_alphas"] for row in mix.get("rows") or () if row.get("block_alphas")}
+    for row in table["rows"]:
+        row["block_alphas"] = kept.get(row["model"], row["block_alphas"])
     return {**table, "method": method, "options": dict(mix["options"]), "texture": mix["texture"],
             "components": dict(mix.get("components") or {})}
 

@@ -52,12 +52,12 @@ caption_column.caption("One row per model: its delta is alpha × (model − delt
 fill = fill_column.button("Auto-fill", icon=":material/format_list_bulleted:", key="mix_autofill",
                           disabled=analysis is None, width="stretch",
                           help="each model's parent as its delta-from, redundant rows off, very new ones twice (the "
-                               "reasons go to 'info'); the method, its options and the texture stay")
+                               "reasons go to 'info'); the method, its options, the texture and block alphas stay")
 optimize = optimize_column.button("Optimize rows", icon=":material/auto_fix_high:", key="mix_optimize",
                                   disabled=analysis is None, width="stretch",
                                   help="the auto-fill, then a search for the delta-froms that make the rows most "
-                                       "orthogonal (the reasons go to 'info'); the method, its options and the "
-                                       "texture stay")
+                                       "orthogonal (the reasons go to 'info'); the method, its options, the "
+                                       "texture and block alphas stay")
 if fill or optimize:
     with ui.shown_errors():
         ui.set_mix(workspace.optimized_mix(analysis[1], mix["method"], mix, choices, search=optimize))

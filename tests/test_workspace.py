@@ -154,6 +154,12 @@ def test_optimizer_rows_keep_method_options_and_texture(models: tuple[dict[str, 
     duplicates = [by_model[f"custom-fp16-0/{name}.safetensors"] for name in ("photo", "photo_copy")]
     assert sorted(row["enabled"] for row in duplicates) == [False, True]  # one copy of a near-duplicate pair
     assert workspace.optimized_mix(analysed, "weighted_sum", mix, choices) == state  # deterministic
+    # a model's block alphas stay through the optimizer (they were dropped without a word)
+    with_blocks = mix | {"rows": [{"model": "custom-fp16-0/anime.safetensors", "block_alphas": "in=1, out=0"}]}
+    again = {row["model"]: row for row in workspace.optimized_mix(analysed, "weighted_sum", with_blocks,
+                                                                     choices)["rows"]}
+    assert again["custom-fp16-0/anime.safetensors"]["block_alphas"] == "in=1, out=0"
+    assert again["custom-fp16-0/anime_v2.safetensors"]["block_alphas"] == ""
 
 
 def test_survival_frame_lists_predicted_and_measured() -> None:
