@@ -476,8 +476,14 @@ def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:
 
 def check_plan_inputs(plan: Plan) -> None:
     """The input checks of :func:`check_plan` alone (every file against the plan's base), as the dashboard's
-    Mixer and Merge pages make them before a merge is started; the output they check themselves."""
-    _check_inputs([Path(p).resolve() for p in plan.input_files()])
+    Mixer and Merge pages make them before a merge is started; the output they check themselves. A problem of the
+    texture model says so (its message named the file only, which read as a row's)."""
+    try:
+        _check_inputs([Path(p).resolve() for p in plan.input_files()])
+    except OrthoMechaError as error:
+        if plan.texture is not None and str(plan.texture.model.resolve()) in str(error):
+            raise OrthoMechaError(f"the texture model: {error}") from None
+        raise
 
 
 def execute(

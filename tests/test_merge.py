@@ -640,3 +640,19 @@ def test_ties_and_dare_survival_is_predicted_near_what_the_merge_gives(tmp_path,
     survival = report["survival"]
     assert survival["predicted"] == pytest.approx(survival["measured"], rel=0.06)
     assert min(survival["measured"]) > (0.4 if method == "ties" else 0.8)
+
+
+def test_a_texture_model_of_another_architecture_is_named_as_the_texture(tmp_path: Path) -> None:
+    """The dashboard's input check named the file only, which read as one of the rows'."""
+    from ortho_mecha.merge import check_plan_inputs
+    from tests.modelgen import write_family_files
+
+    flux = write_family_files(tmp_path / "flux", "flux", "fp16", members=["base", "anime"])
+    other = write_family_files(tmp_path / "sdxl", "sdxl", "fp16", members=["base"])
+    rows = [{"model": str(flux["anime"])}]
+    plan = plan_from_dict({"base": str(flux["base"]), "method": "add_difference", "rows": rows,
+                           "texture": {"model": str(other["base"]), "alpha": 0.2}}, tmp_path)
+    with pytest.raises(OrthoMechaError, match=r"^the texture model: .*sdxl/base\.safetensors"):
+        check_plan_inputs(plan)
+    check_plan_inputs(plan_from_dict({"base": str(flux["base"]), "method": "add_difference", "rows": rows},
+                                     tmp_path))  # the rows are fine
