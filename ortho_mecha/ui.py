@@ -623,8 +623,9 @@ def method_comparison(analysis: tuple[dict[str, Any], dict[str, Any]], mix: Mapp
         st.info("No enabled row of the analysed models against this base to compare the methods on.")
         return
     result = compare.compare_rows(rows, mix["method"], mix["options"])
+    interference = round(result.row_interference, 3) + 0.0  # no "-0.000"
     st.caption(f"The rows themselves: orthogonality {result.orthogonality:.3f} (mean 1 − cos² over pairs), "
-               f"interference in a plain sum {result.row_interference:+.3f}. Each method at its default options, "
+               f"interference in a plain sum {interference:+.3f}. Each method at its default options, "
                f"**{mix['method']}** (outlined) at yours; pale bars are estimates, the others exact.")
     numbers = ["mean survival", "min survival", "interference", "norm ratio", *result.summary["method"]]
     three_places = {name: st.column_config.NumberColumn(name, format="%.3f") for name in numbers}
