@@ -91,17 +91,19 @@ def cli_cache(args) -> int:
         print(f"cache: {cache_dir()} (empty: nothing analysed yet)")
         return 0
     print(f"cache: {cache_dir()} ({summary['bytes'] / 2**20:.1f} MiB of analyses)")
+    stale = bool(summary["older_records"])
     for record in summary["records"]:
         mode = "exact" if record["exact"] else "default"
         base = record["base_fingerprint"][:12]
         if record["base"]:
-            base = f"{record['base']} ({base}{_base_now(record['base'], record['base_fingerprint'])})"
+            now = _base_now(record["base"], record["base_fingerprint"])  # (reads the file's header and samples)
+            stale = stale or bool(now)
+            base = f"{record['base']} ({base}{now})"
         print(f"  base {base}, {mode}: {counted(record['files'], 'file')}, {counted(record['rows'], 'analysed delta')}")
     if summary["older_records"]:
         print(f"  {counted(summary['older_records'], 'record')} of another version of ortho-mecha "
               "('ortho-mecha cache clear' removes them)")
-    if summary["older_records"] or any(record["base"] and _base_now(record["base"], record["base_fingerprint"])
-                                       for record in summary["records"]):
+    if stale:
         print("  'ortho-mecha cache clear --stale' removes only what no analysis can use again")
     return 0
 
