@@ -1252,7 +1252,7 @@ def with_delta_from(a: Analysis, delta_from: Sequence[int | None]) -> Analysis:
 
 def summary_lines(rep: dict) -> list[str]:
     """A short human summary of a report."""
-    from ortho_mecha.lineage import OTHER_LINEAGE_CHANGE, other_lineage_note
+    from ortho_mecha.lineage import other_lineage, other_lineage_note
 
     files = [*rep["models"], *(f for f in rep.get("files") or () if f not in rep["models"])]
     shown = dict(zip(files, short_names(files, keep_suffix=True), strict=True))  # a folder where names collide
@@ -1262,13 +1262,13 @@ def summary_lines(rep: dict) -> list[str]:
              f"{counted(rep['keys'], 'key')}, {read}"]
     width = max(len(n) for n in names)
     grades = rep.get("quality", {}).get("grade", ["?"] * len(names))
+    other = other_lineage(rep)
     for i, name in enumerate(names):
         flags = []
         if rep["null"][i]:
             flags.append("null delta")
-        change = (rep.get("change") or [None] * len(names))[i]  # reports before it have no such field
-        if change is not None and change > OTHER_LINEAGE_CHANGE:
-            flags.append(other_lineage_note(change))
+        if i in other:
+            flags.append(other_lineage_note(other[i]))
         if rep["outliers"]["keys"][i]:
             flags.append(f"outlier keys: {', '.join(rep['outliers']['keys'][i][:2])}")
         lineage = (rep.get("lineage") or [{}] * len(names))[i]

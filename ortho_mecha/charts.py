@@ -117,10 +117,9 @@ MAP_LABEL_PX = 160  # the model map's point labels are cut (with …) at this wi
 def off_map(report: Mapping[str, Any]) -> list[int]:
     """The models the model map leaves out: those of another lineage than the base (their distance, about the
     base's own size, squeezed every fine-tune into one dot)."""
-    from ortho_mecha.lineage import OTHER_LINEAGE_CHANGE
+    from ortho_mecha.lineage import other_lineage
 
-    changes = report.get("change") or [None] * len(report["models"])
-    return [i for i, change in enumerate(changes) if change is not None and change > OTHER_LINEAGE_CHANGE]
+    return list(other_lineage(report))
 
 
 def model_map(report: Mapping[str, Any]) -> alt.LayerChart:

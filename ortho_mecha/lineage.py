@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
-from typing import TypedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict
 
 import numpy as np
 from scipy.optimize import nnls
@@ -62,6 +62,12 @@ def change_from_base(h: np.ndarray, n_models: int, base_norm: float | None) -> l
     if not base_norm:
         return [None] * n_models
     return [math.sqrt(max(float(h[i, i]), 0.0)) / base_norm for i in range(n_models)]
+
+
+def other_lineage(report: Mapping[str, Any]) -> dict[int, float]:
+    """Model index → relative change, for the models of a report (its ``change``, :func:`change_from_base`) that are
+    of another lineage than the base (above :data:`OTHER_LINEAGE_CHANGE`); none for a report without ``change``."""
+    return {i: c for i, c in enumerate(report.get("change") or ()) if c is not None and c > OTHER_LINEAGE_CHANGE}
 
 
 def other_lineage_note(change: float) -> str:

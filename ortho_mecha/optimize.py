@@ -34,9 +34,8 @@ from ortho_mecha.fsutil import short_names
 from ortho_mecha.gram import cosine, delta_gram, selection_matrix, squared_distances
 from ortho_mecha.lineage import (
     DUPLICATE_RATIO,
-    OTHER_LINEAGE_CHANGE,
-    change_from_base,
     lineage,
+    other_lineage,
     other_lineage_note,
     parent,
 )
@@ -416,9 +415,8 @@ def plan_from_report(
         raise fail(f"'lora' has {len(lora)} entries for {n} models")
     checks = _checks(report, files)
     refused = {i: list(check["merge_refusals"]) for i, check in checks.items() if check.get("merge_refusals")}
-    base_norm = report.get("base_norm")  # reports before it have none: no lineage check
-    other = {i: other_lineage_note(change) for i, change in enumerate(change_from_base(h, n, base_norm))
-             if change is not None and change > OTHER_LINEAGE_CHANGE and not lora[i]}
+    # reports before the models' 'change' have none: no lineage check
+    other = {i: other_lineage_note(change) for i, change in other_lineage(report).items() if not lora[i]}
     noted = {i: f"; {check['family']}" for i, check in checks.items() if check.get("family")}
     # a file merge refuses takes no part: never the kept twin of a duplicate it can read, nor another's delta-from
     # nor does a model of another lineage than the base: its "delta" is another model, not a fine-tune's change

@@ -389,12 +389,12 @@ def written_by_followed(url_name: str, path: Path) -> bool:
 
 
 def say_other_lineage(report: Mapping[str, Any]) -> None:
-    """Warn of each analysed model of another lineage than the base (:func:`ortho_mecha.lineage.change_from_base`)."""
-    from ortho_mecha.lineage import OTHER_LINEAGE_CHANGE, other_lineage_note
+    """Warn of each analysed model of another lineage than the base (:func:`ortho_mecha.lineage.other_lineage`)."""
+    from ortho_mecha.lineage import other_lineage, other_lineage_note
 
-    for model, change in zip(report["models"], report.get("change") or [], strict=False):
-        if change is not None and change > OTHER_LINEAGE_CHANGE:
-            st.warning(f"{Path(model).name}: {other_lineage_note(change)}; the Mixer's auto-fill turns it off.")
+    for i, change in other_lineage(report).items():
+        st.warning(f"{Path(report['models'][i]).name}: {other_lineage_note(change)}; the Mixer's auto-fill turns it "
+                   "off.")
 
 
 def say_just_written(target: Path, replace: bool) -> None:

@@ -352,7 +352,11 @@ def test_the_optimizer_never_takes_a_merge_made_from_a_model_as_its_delta_from()
 def test_plan_leaves_out_a_model_of_another_lineage_than_the_base(tmp_path: Path) -> None:
     """A model whose change from the base is larger than the base itself is not a fine-tune of it: the plan disables
     it (it was enabled with repeat 2 for its "new information") and never takes it as a delta-from."""
-    report = report_for(planted(), tmp_path) | {"base_norm": 2.0}  # "strong": ~3× a's unit norm, change ~1.5
+    from ortho_mecha.lineage import change_from_base
+
+    report = report_for(planted(), tmp_path)  # with a base of norm 2, as the analysis reports it
+    report |= {"base_norm": 2.0, "change": change_from_base(np.asarray(report["h"]), len(report["models"]), 2.0)}
+    # "strong": ~3× a's unit norm, change ~1.5
     change = np.sqrt(report["h"][7][7]) / 2.0
     rows = dict(zip(NAMES, optimize.plan_from_report(report)["rows"], strict=True))
     assert rows["strong"]["enabled"] is False and rows["strong"]["alpha"] == 0.0
