@@ -476,14 +476,17 @@ def check_plan(plan: Plan, out: str | Path, overwrite: bool = False) -> None:
 
 def check_plan_inputs(plan: Plan) -> None:
     """The input checks of :func:`check_plan` alone (every file against the plan's base), as the dashboard's
-    Mixer and Merge pages make them before a merge is started; the output they check themselves. A problem of the
-    texture model says so (its message named the file only, which read as a row's)."""
-    try:
-        _check_inputs([Path(p).resolve() for p in plan.input_files()])
-    except OrthoMechaError as error:
-        if plan.texture is not None and str(plan.texture.model.resolve()) in str(error):
+    Mixer and Merge pages make them before a merge is started; the output they check themselves. The texture
+    model is checked on its own, and a problem of it says so (its message named the file only, which read as a
+    row's)."""
+    inputs = [Path(p).resolve() for p in plan.input_files()]
+    texture = None if plan.texture is None else plan.texture.model.resolve()
+    _check_inputs([path for path in inputs if path != texture or path == inputs[0]])
+    if texture is not None and texture != inputs[0]:
+        try:
+            _check_inputs([inputs[0], texture])
+        except OrthoMechaError as error:
             raise OrthoMechaError(f"the texture model: {error}") from None
-        raise
 
 
 def execute(
