@@ -409,6 +409,12 @@ def _prompts(g: _Graph, clip: Link, s: Resolved, zero_negative: bool) -> tuple[L
     return _out(positive), _out(g.add("CLIPTextEncode", "Negative prompt", text=s.negative, clip=clip))
 
 
+def _guided_prompt(g: _Graph, clip: Link, s: Resolved) -> tuple[Link, Link]:
+    """(the prompt's conditioning, it with a guidance-distilled dev model's guidance: FluxGuidance at ``s.cfg``)."""
+    encoded = _out(g.add("CLIPTextEncode", "Positive prompt", text=s.prompt, clip=clip))
+    return encoded, _out(g.add("FluxGuidance", conditioning=encoded, guidance=s.cfg))
+
+
 def _finish(g: _Graph, samples: Link, vae: Link, model_name: str) -> Graph:
     image = g.add("VAEDecode", samples=samples, vae=vae)
     g.add("SaveImage", filename_prefix=_save_prefix(model_name), images=_out(image))
@@ -481,9 +487,8 @@ def _ksampler_dit_graph(model_name: str, s: Resolved, *, clip_type: str, shift: 
     if shift is not None:
         model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=shift))
     if s.guided:  # Flux.1 dev: --cfg is its distilled guidance; the sampler runs at cfg 1, the negative zeroed
-        positive = _out(g.add("CLIPTextEncode", "Positive prompt", text=s.prompt, clip=clip))
-        negative = _out(g.add("ConditioningZeroOut", "Negative (zeroed)", conditioning=positive))
-        positive = _out(g.add("FluxGuidance", conditioning=positive, guidance=s.cfg))
+        encoded, positive = _guided_prompt(g, clip, s)
+        negative = _out(g.add("ConditioningZeroOut", "Negative (zeroed)", conditioning=encoded))
     else:
         positive, negative = _prompts(g, clip, s, zero_negative=True)
     latent = g.add("EmptySD3LatentImage", width=s.width, height=s.height, batch_size=1)
@@ -522,9 +527,7 @@ def _custom_sampler_graph(model_name: str, s: Resolved, *, flux2: bool) -> Graph
         clip = _out(g.add("T5TokenizerOptions", clip=clip, min_padding=0, min_length=0))
         model = _out(g.add("ModelSamplingAuraFlow", model=model, shift=1.0))
     if s.guided:  # Flux.2 dev: guidance distilled into the model, no negative
-        positive = g.add("CLIPTextEncode", "Positive prompt", text=s.prompt, clip=clip)
-        guided = g.add("FluxGuidance", conditioning=_out(positive), guidance=s.cfg)
-        guider = g.add("BasicGuider", model=model, conditioning=_out(guided))
+        guider = g.add("BasicGuider", model=model, conditioning=_guided_prompt(g, clip, s)[1])
     else:
         positive_link, negative_link = _prompts(g, clip, s, zero_negative=flux2)
         guider = g.add("CFGGuider", model=model, positive=positive_link, negative=negative_link, cfg=s.cfg)
