@@ -3,8 +3,8 @@
 The Mixer's rows give per-key delta Grams ``G_k`` (rows × rows, :func:`ortho_mecha.workspace.row_gram`);
 every method of :data:`ortho_mecha.plan.METHODS` turns the rows into a merged delta
 ``Δ_k = Σ_i a_ki δ_ik`` whose coefficients ``a`` come from :func:`ortho_mecha.metrics.merged_coefficients`
-(exact for ``weighted_sum``, ``add_difference``, ``ortho_superpose`` at granularity ``key`` and
-``ortho_project``; an estimate for the others — :func:`ortho_mecha.metrics.survival_label`). From ``a`` and
+(exact for ``weighted_sum``, ``add_difference``, ``ortho_superpose`` at granularity ``key``, ``ortho_project``
+and ``geometric_median``; an estimate for the others — :func:`ortho_mecha.metrics.survival_label`). From ``a`` and
 ``G`` alone, with no file read:
 
 - survival of row i: ``s_i = Σ_k (G_k a_k)_i / Σ_k (G_k)_ii`` (1: the merge carries the row's whole delta

@@ -6,7 +6,7 @@ recomputes it instantly when a row's delta-from, alpha or repeat changes; no fil
 - :func:`survival_plain` — the seed tool's survival in a plain average of unit deltas (DESIGN §4).
 - :func:`quality` — the seed tool's quality score and grade (DESIGN §4).
 - :func:`predicted_survival` — ``<Δ_out, δ_i> / ‖δ_i‖²`` under a merge method and row weights, exact for
-  the linear methods, ``ortho_superpose`` and ``ortho_project``, an estimate for the others
+  the linear methods, ``ortho_superpose``, ``ortho_project`` and ``geometric_median``, an estimate for the others
   (:func:`survival_label` says which).
 - :func:`merged_coefficients` — the merged delta as a combination of the rows' deltas, behind the survival.
 - :func:`interference` — how much each pair of rows overlaps, as a share of the rows' own energy.
@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.special
 
 from ortho_mecha.gram import cosine
 
@@ -33,9 +34,11 @@ GRADES: tuple[tuple[str, float, bool], ...] = (
 LOWEST_GRADE = "D"
 
 # methods whose predicted survival is exact (given the same G the method sees)
-EXACT_METHODS = ("weighted_sum", "add_difference", "ortho_superpose", "ortho_project")
+EXACT_METHODS = ("weighted_sum", "add_difference", "ortho_superpose", "ortho_project", "geometric_median")
 # methods predicted by an estimate from G: element-wise or rotation methods G cannot see exactly
-ESTIMATED_METHODS = ("orthomerge", "ties", "dare", "model_stock", "geometric_median")
+ESTIMATED_METHODS = ("orthomerge", "ties", "dare", "model_stock")
+# worked out key by key from each key's own Gram, as these methods merge (orthomerge from a block group's summed Gram)
+KEYWISE_METHODS = ("ties", "dare", "model_stock", "geometric_median")
 THETA_AGG = ("mean", "median", "max", "sum")
 DIRECTION_WEIGHTS = ("theta", "magnitude", "equal")
 
@@ -195,42 +198,17 @@ def _output_coefficients(g: np.ndarray, method: str, w: np.ndarray, options: Map
     raise ValueError(f"method {method!r} is not predicted exactly")
 
 
-def _estimate_coefficients(
-    g: np.ndarray, method: str, alphas: np.ndarray, repeats: np.ndarray, options: Mapping[str, Any]
+def _rotation_estimate(
+    g: np.ndarray, alphas: np.ndarray, repeats: np.ndarray, options: Mapping[str, Any]
 ) -> np.ndarray:
-    """An estimate of Δ_out's coefficients for methods G cannot predict exactly (one global Gram).
-
-    - ``orthomerge``: a rotation moves each weight along its delta with magnitude θ_i ≈ ‖δ_i‖ (small
-      rotations), the merged rotation has magnitude agg(θ_i) along the normalised weighted sum of the
-      generators; estimated as ``agg(‖α_i δ_i‖) · normalise(Σ v_i α_i δ_i)`` with rows listed r_i times and
-      v_i the direction weights (θ and magnitude both ∝ ‖α_i δ_i‖ here): the rotation's part. The rest of
-      each delta (the residual ρ_i) is averaged; :func:`merged_coefficients` mixes the two by each key's
-      rotation share. Exact for one row and for identical rows; ``conflict_aware`` is not visible in G.
-    - ``ties``, ``dare``: entry by entry, as sd-mecha runs them, on deltas whose entries are modelled as
-      Gaussian with covariance G (:func:`_entrywise_coefficients`).
-    - ``geometric_median``: sd-mecha's Weiszfeld iterations run on G (:func:`_weiszfeld`): exact for the summed
-      Gram, an estimate for the keys, each of which has its own median.
-    - ``model_stock``: the mean scaled by Model Stock's ``t = k·cos / (1 + (k − 1)·cos)``, cos the mean
-      cosine of consecutive listed deltas (the method takes it per output row and key; here over the whole G).
-    """
+    """An estimate of ``orthomerge``'s Δ_out coefficients from one Gram (a set of keys' sum): a rotation moves
+    each weight along its delta with magnitude θ_i ≈ ‖δ_i‖ (small rotations), the merged rotation has magnitude
+    agg(θ_i) along the normalised weighted sum of the generators; estimated as
+    ``agg(‖α_i δ_i‖) · normalise(Σ v_i α_i δ_i)`` with rows listed r_i times and v_i the direction weights (θ and
+    magnitude both ∝ ‖α_i δ_i‖ here): the rotation's part. The rest of each delta (the residual ρ_i) is averaged;
+    :func:`merged_coefficients` mixes the two by each key's rotation share. Exact for one row and for identical
+    rows; ``conflict_aware`` is not visible in G."""
     alpha = float(options.get("alpha", 1.0))
-    listed = alphas * repeats  # coefficient of each raw delta in a plain sum of the listed deltas
-    count = float(repeats.sum())
-    if count == 0:
-        return np.zeros(len(g))
-    if method in ("ties", "dare"):
-        return alpha * _entrywise_coefficients(g, method, alphas, repeats, options)
-    if method == "geometric_median":
-        return alpha * alphas * _weiszfeld(alphas[:, None] * g * alphas[None, :], repeats, options)
-    if method == "model_stock":
-        listed_rows = np.repeat(np.arange(len(g)), repeats.astype(int))
-        cos = cosine(g)
-        k = len(listed_rows)
-        mean_cos = float(np.mean([cos[a, b] for a, b in itertools.pairwise(listed_rows)])) if k > 1 else 1.0
-        denominator = 1.0 + (k - 1.0) * mean_cos
-        t = k * mean_cos / denominator if denominator else 0.0
-        return alpha * t * listed / count
-    # orthomerge
     agg = options.get("theta_agg", "mean")
     weight_rule = options.get("direction_weight", "theta")
     if agg not in THETA_AGG:
@@ -251,68 +229,162 @@ def _estimate_coefficients(
     return alpha * magnitude * direction / math.sqrt(size_sq)
 
 
+def _keywise_coefficients(
+    grams: np.ndarray, method: str, alphas: np.ndarray, repeats: np.ndarray, options: Mapping[str, Any]
+) -> np.ndarray:
+    """Δ_out's coefficients (K, n) for ``ties``, ``dare``, ``geometric_median`` and ``model_stock``, worked out key
+    by key as the methods merge: each key's own Gram ``grams[k]`` and the rows' alphas on it ``alphas[k]``, rows
+    listed ``repeats`` times. A delta with one outlier key weighs on that key only; from the Gram summed over the
+    keys, its energy there reached every key's sign election, median or cosine (a QA finding: TIES 1.5–2× high).
+
+    - ``ties``, ``dare``: entry by entry (:func:`_entrywise_along`), sampled; the keys sharing one set of alphas
+      (all keys, or a block group's) then get one set of coefficients, the least-squares fit of the sampled merge
+      on the sampled entries of all their keys (each key weighed by its energy): a few dozen samples per key are
+      enough for a sum over keys, and a per-key fit on so few would add its noise to the merged norm.
+    - ``geometric_median``: sd-mecha's Weiszfeld iterations run on each key's Gram (:func:`_weiszfeld`).
+    - ``model_stock``: the mean scaled by Model Stock's ``t = k·cos / (1 + (k − 1)·cos)``, cos the mean cosine of
+      consecutive listed deltas on the key (the method takes it per output row, which G cannot see).
+    A delta that is zero on a key (alpha 0 there, or no change) is left out of that key, as the merge leaves it."""
+    listed = np.where((alphas != 0) & (np.diagonal(grams, axis1=-2, axis2=-1) > 0), repeats, 0.0)
+    if method in ("ties", "dare"):
+        along, moments = _entrywise_along(grams, method, alphas, listed, options)
+        coefficients = np.zeros(alphas.shape)
+        zones, zone_of = np.unique(alphas, axis=0, return_inverse=True)
+        for z in range(len(zones)):
+            members = zone_of.ravel() == z
+            rows = listed[members].any(axis=0)
+            total = moments[members].sum(axis=0)[np.ix_(rows, rows)]
+            sampled = along[members][:, rows].sum(axis=0)
+            coefficients[np.ix_(members, rows)] = np.linalg.pinv(total, rcond=1e-10, hermitian=True) @ sampled
+    elif method == "geometric_median":
+        coefficients = alphas * _weiszfeld(alphas[:, :, None] * grams * alphas[:, None, :], listed, options)
+    else:
+        coefficients = np.stack([_stock_coefficients(*key, float(options.get("cos_eps", 1e-6)))
+                                 for key in zip(grams, alphas, listed, strict=True)])
+    return float(options.get("alpha", 1.0)) * coefficients
+
+
+def _stock_coefficients(g: np.ndarray, alphas: np.ndarray, listed: np.ndarray, cos_eps: float) -> np.ndarray:
+    """Model Stock on one key: ``t · mean`` of the listed deltas α_i δ_i, t from their consecutive cosines."""
+    count = float(listed.sum())
+    if count == 0:
+        return np.zeros(len(g))
+    order = np.repeat(np.arange(len(g)), listed.astype(int))
+    cos = cosine(g)
+    mean_cos = float(np.mean([cos[a, b] for a, b in itertools.pairwise(order)])) if count > 1 else 1.0
+    denominator = 1.0 + (count - 1.0) * mean_cos
+    t = count * mean_cos / denominator if denominator > cos_eps else 0.0
+    return t * alphas * listed / count
+
+
 def _weiszfeld(points: np.ndarray, copies: np.ndarray, options: Mapping[str, Any]) -> np.ndarray:
-    """The geometric median of points p_i listed ``copies[i]`` times, as coefficients b with median Σ b_i p_i,
-    from the points' Gram alone (‖p_i − m‖² = P_ii − 2 (P b)_i + bᵀ P b): sd-mecha's ``geometric_median`` run in
-    coefficient space — from the mean, weights copies_i / max(‖p_i − m‖, eps), at most ``maxiter`` steps."""
+    """Per key (``points`` (K, n, n), ``copies`` (K, n)), the geometric median of points p_i listed ``copies[i]``
+    times, as coefficients b with median Σ b_i p_i, from the points' Gram alone (‖p_i − m‖² = P_ii − 2 (P b)_i +
+    bᵀ P b): sd-mecha's ``geometric_median`` run in coefficient space — from the mean, weights
+    copies_i / max(‖p_i − m‖, eps), at most ``maxiter`` steps, a key stopping when its objective moves by at most
+    ``ftol`` of itself. A zero point is left out, as the merge leaves out a zero delta."""
     eps = float(options.get("eps", 1e-6))
     maxiter = int(options.get("maxiter", 100))
     ftol = float(options.get("ftol", 1e-20))
-    copies = np.where(np.diag(points) > 0, copies, 0.0)  # a zero delta is left out, as the merge leaves it out
-    if not copies.any():
-        return np.zeros(len(points))
-    coefficients = copies / copies.sum()
+    own = np.diagonal(points, axis1=-2, axis2=-1)
+    copies = np.where(own > 0, copies, 0.0)
+    total = copies.sum(axis=-1, keepdims=True)
+    present = total[:, 0] > 0
+    coefficients = np.where(present[:, None], copies / np.where(total > 0, total, 1.0), 0.0)
 
     def distances(b: np.ndarray) -> np.ndarray:
-        return np.sqrt(np.clip(np.diag(points) - 2.0 * points @ b + b @ points @ b, 0.0, None))
+        spread = own - 2.0 * np.einsum("kij,kj->ki", points, b) + np.einsum("ki,kij,kj->k", b, points, b)[:, None]
+        return np.sqrt(np.clip(spread, 0.0, None))
 
-    objective = float(copies @ distances(coefficients))
+    objective = (copies * distances(coefficients)).sum(axis=-1)
+    active = present.copy()
     for _ in range(max(0, maxiter)):
-        weights = copies / np.maximum(distances(coefficients), eps)
-        coefficients = weights / weights.sum()
-        previous, objective = objective, float(copies @ distances(coefficients))
-        if abs(previous - objective) <= ftol * objective:
+        if not active.any():
             break
+        weights = copies[active] / np.maximum(distances(coefficients)[active], eps)
+        coefficients[active] = weights / weights.sum(axis=-1, keepdims=True)
+        previous, objective = objective, (copies * distances(coefficients)).sum(axis=-1)
+        active &= ~(np.abs(previous - objective) <= ftol * objective)
     return coefficients
 
 
-ENTRY_SAMPLES = 1 << 16  # entries drawn for the ties and dare estimate: a few % sampling error, a few ms
+ENTRY_SAMPLES = 1 << 16  # entries drawn for the ties and dare estimate over all keys: a few % sampling error
+KEY_SAMPLES = 64  # at least this many on every key with a delta
 
 
-def _entrywise_coefficients(
-    g: np.ndarray, method: str, alphas: np.ndarray, repeats: np.ndarray, options: Mapping[str, Any]
-) -> np.ndarray:
-    """sd-mecha's ``ties_sum`` (``ties``) or ``ties_sum_with_dropout`` (``dare``) of the listed rows, estimated
-    from G alone: they work entry by entry, so each entry's raw deltas are modelled as a Gaussian vector with
-    covariance G (both methods scale with their input, so G's scale does not matter), and a fixed-seed sample
-    of :data:`ENTRY_SAMPLES` entries goes through the method's steps: DARE's dropout (each listed copy its own
-    mask), each listed delta's top-k entries by magnitude, the sign election (by counted signs, or by summed
-    values with ``vote_sgn``), the mean of the agreeing entries, DARE's rescale by 1/(1 − p). Returns the
-    least-squares coefficients of the result on the rows' entries, whose survival ``(G a)_i / G_ii`` is the
-    sampled ``<Δ, δ_i> / ‖δ_i‖²`` (0 for a row not listed). The rows' own distributions (heavy tails,
-    sparsity) and DELLA's magnitude-ranked drop rates are not in G, which is why this is an estimate."""
+def _sample_counts(grams: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Entries drawn on each key: :data:`ENTRY_SAMPLES` shared by the keys' largest share of a row's weighted
+    energy (the keys that carry most of some row are sampled most), at least :data:`KEY_SAMPLES`, rounded up
+    to a power of two so keys of one count are drawn together; 0 on a key without a delta."""
+    energy = np.diagonal(grams, axis1=-2, axis2=-1) * alphas**2
+    totals = energy.sum(axis=0)
+    share = (energy / np.where(totals > 0, totals, 1.0)).max(axis=-1)
+    wanted = np.maximum(ENTRY_SAMPLES * share / max(float(share.sum()), 1e-300), KEY_SAMPLES)
+    counts = 2 ** np.ceil(np.log2(wanted))
+    return np.where(energy.sum(axis=-1) > 0, np.minimum(counts, ENTRY_SAMPLES), 0).astype(int)
+
+
+def _listed_copies(listed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each key's row counts ``listed`` (K, n): the row index of every listed copy, padded to the longest
+    key's list (K, copies), and a mask of the real copies."""
+    counts = listed.astype(int)
+    widest = max(int(counts.sum(axis=1).max(initial=0)), 1)
+    ends = np.cumsum(counts, axis=1)
+    slots = np.arange(widest)
+    rows = (ends[:, :, None] <= slots[None, None, :]).sum(axis=1)  # copies listed before each slot's row ends
+    valid = slots[None, :] < ends[:, -1:]
+    return np.where(valid, rows, 0), valid
+
+
+def _entrywise_along(
+    grams: np.ndarray, method: str, alphas: np.ndarray, listed: np.ndarray, options: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """sd-mecha's ``ties_sum`` (``ties``) or ``ties_sum_with_dropout`` (``dare``) of the listed rows on each key,
+    estimated from its Gram alone: they work entry by entry, so each entry's raw deltas are modelled as a
+    Gaussian vector with the key's Gram as covariance (both methods scale with their input, so the Gram's scale
+    does not matter), and a fixed-seed sample of entries (:func:`_sample_counts`) goes through the method's
+    steps: DARE's dropout (each listed copy its own mask), each listed delta's top-k entries by magnitude (the
+    Gaussian's quantile at the key's share k, after the dropout), the sign election (by counted signs, or by
+    summed values with ``vote_sgn``), the mean of the agreeing entries, DARE's rescale by 1/(1 − p). Returns, per
+    key and row, the sampled ``<Δ_k, δ_ik>`` (K, n) and the sampled Gram (K, n, n), in the Gram's units (0 for a
+    row not listed). The rows' own
+    distributions (heavy tails, sparsity) and DELLA's magnitude-ranked drop rates are not in G, which is why this
+    is an estimate."""
     rng = np.random.default_rng(0)
-    eigenvalues, vectors = np.linalg.eigh(g)
-    entries = rng.standard_normal((ENTRY_SAMPLES, len(g))) @ (vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))).T
-    rows = np.repeat(np.arange(len(g)), repeats.astype(int))
-    listed = entries[:, rows] * alphas[rows]
+    keys, n = grams.shape[:2]
     dropped = float(options.get("probability", 0.9)) if method == "dare" else 0.0
-    if dropped:
-        listed *= rng.random(listed.shape) >= dropped
-    rank = max(int((1.0 - float(options.get("k", 1.0))) * ENTRY_SAMPLES), 1)  # sd-mecha's filter_top_k
-    magnitude = np.abs(listed)
-    listed *= magnitude >= np.partition(magnitude, rank - 1, axis=0)[rank - 1]
-    signs = np.sign(listed)
-    elected = np.sign((listed if options.get("vote_sgn", False) else signs).sum(axis=1, keepdims=True))
-    agree = signs == elected
-    counts = agree.sum(axis=1)
-    merged = np.where(counts > 0, (listed * agree).sum(axis=1) / np.maximum(counts, 1), 0.0)
-    if dropped and options.get("rescale", True):
-        merged /= 1.0 - dropped
-    coefficients = np.zeros(len(g))
-    present = repeats > 0  # a row not listed takes no part (and no share of the fit's sampling noise)
-    coefficients[present] = np.linalg.lstsq(entries[:, present], merged, rcond=None)[0]
-    return coefficients
+    kept = float(options.get("k", 1.0)) / (1.0 - dropped)  # the share of the not-dropped entries top-k keeps
+    quantile = float(scipy.special.ndtri(1.0 - kept / 2.0)) if kept < 1.0 else 0.0  # of |N(0, 1)|
+    counts = _sample_counts(grams, alphas)
+    along = np.zeros((keys, n))
+    moments = np.zeros((keys, n, n))
+    for count in np.unique(counts[counts > 0]):
+        at = np.flatnonzero(counts == count)
+        trace = np.trace(grams[at], axis1=-2, axis2=-1)
+        covariance = grams[at] / trace[:, None, None]
+        eigenvalues, vectors = np.linalg.eigh(covariance)
+        root = vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None, :]
+        entries = np.einsum("ksj,kij->ksi", rng.standard_normal((len(at), count, n)), root)
+        rows, valid = _listed_copies(listed[at])  # (keys, copies): the row of each listed copy, and which are real
+        scale = np.take_along_axis(alphas[at], rows, axis=1) * valid
+        values = np.take_along_axis(entries, rows[:, None, :], axis=2) * scale[:, None, :]
+        std = np.sqrt(np.clip(np.take_along_axis(np.diagonal(covariance, axis1=1, axis2=2), rows, axis=1), 0.0, None))
+        bounds = (quantile * std * np.abs(scale))[:, None, :]
+        if dropped:
+            values *= rng.random(values.shape) >= dropped
+        values *= np.abs(values) >= bounds
+        signs = np.sign(values)
+        elected = np.sign((values if options.get("vote_sgn", False) else signs).sum(axis=-1, keepdims=True))
+        agree = signs == elected
+        agreeing = agree.sum(axis=-1)
+        merged = np.where(agreeing > 0, (values * agree).sum(axis=-1) / np.maximum(agreeing, 1), 0.0)
+        if dropped and options.get("rescale", True):
+            merged /= 1.0 - dropped
+        present = listed[at] > 0  # a row not listed takes no part (and no share of the sampling noise)
+        sampled = np.einsum("ksi,ks->ki", entries, merged) / count  # E[x Δ(x)] for the unit-trace covariance
+        along[at] = np.where(present, sampled * trace[:, None], 0.0)
+        moments[at] = np.einsum("ksi,ksj->kij", entries, entries) * (trace / count)[:, None, None]
+    return along, moments
 
 
 def merged_coefficients(
@@ -327,8 +399,10 @@ def merged_coefficients(
     """Coefficients a with ``Δ_out = Σ_i a_i δ_i`` (per key for a stack of Grams: shape ``g.shape[:-1]``).
 
     Arguments as :func:`predicted_survival`, which is ``Σ_k (G_k a_k)_i / Σ_k (G_k)_ii``; exact or an
-    estimate as :func:`survival_label` says. For the estimated methods one set of coefficients, from the
-    Gram summed over the keys that share the same weights (all keys, or a block group's), serves those keys.
+    estimate as :func:`survival_label` says. ``ties``, ``dare``, ``geometric_median`` and ``model_stock`` are
+    estimated key by key, as they merge (:func:`_keywise_coefficients`); for ``orthomerge`` one set of
+    coefficients, from the Gram summed over the keys that share the same weights (all keys, or a block group's),
+    serves those keys.
     """
     g = _as_gram(g)
     options = dict(options or {})
@@ -336,24 +410,27 @@ def merged_coefficients(
     n = g.shape[-1]
     if w.shape != (n,) and not (g.ndim == 3 and w.shape == g.shape[:-1]):
         raise ValueError(f"weights of shape {w.shape} for {n} rows and Grams of shape {g.shape}")
-    if survival_label(method) == "exact":  # ortho_superpose at granularity 'row' too, as its estimate
+    if survival_label(method) == "exact" and method not in KEYWISE_METHODS:  # ortho_superpose 'row' too, estimated
         return _output_coefficients(g, method, w, options, floors)
     reps = np.ones(n) if repeats is None else np.asarray(repeats, dtype=np.float64)
     if reps.shape != (n,):
         raise ValueError(f"{len(reps)} repeats for {n} rows")
     keyed = g.reshape(-1, n, n)
+    if method in KEYWISE_METHODS:
+        per_key = np.broadcast_to(w, keyed.shape[:-1]).astype(np.float64)
+        return _keywise_coefficients(keyed, method, per_key, reps, options).reshape(g.shape[:-1])
     zones, zone_of = np.unique(np.broadcast_to(w, keyed.shape[:-1]), axis=0, return_inverse=True)
     coefficients = np.zeros(keyed.shape[:-1])
     shares = np.broadcast_to(np.asarray(rotation_shares, dtype=np.float64), keyed.shape[:1])
+    alpha = float(options.get("alpha", 1.0))
     for z, zone in enumerate(zones):  # the keys sharing one set of weights (a block group) share one estimate
         members = zone_of.ravel() == z
         listed = np.where(zone != 0, reps, 0.0)
-        estimate = _estimate_coefficients(keyed[members].sum(axis=0), method, zone, listed, options)
-        if method == "orthomerge":  # the rotation carries a key's share of each delta, the mean the rest
-            mean = float(options.get("alpha", 1.0)) * zone * listed / max(float(listed.sum()), 1.0)
-            share = shares[members, None]
-            estimate = share * estimate + (1.0 - share) * mean
-        coefficients[members] = estimate
+        rotated = _rotation_estimate(keyed[members].sum(axis=0), zone, listed, options)
+        # the rotation carries a key's share of each delta, the mean the rest
+        mean = alpha * zone * listed / max(float(listed.sum()), 1.0)
+        share = shares[members, None]
+        coefficients[members] = share * rotated + (1.0 - share) * mean
     return coefficients.reshape(g.shape[:-1])
 
 
@@ -395,9 +472,11 @@ def predicted_survival(
 
     1 means the merge carries the row's whole delta along its direction, 0.5 half of it, 2 twice it.
     Exact (:func:`survival_label`) for ``weighted_sum``, ``add_difference``, ``ortho_superpose`` (at
-    granularity ``key``) and ``ortho_project``; an estimate for the others. A row with a zero delta gets 0.
-    With per-key weights the exact methods stay exact (each key merged with its own weights); the estimates
-    are made per set of keys sharing the same weights (a block group) on that set's summed Gram.
+    granularity ``key``), ``ortho_project`` and ``geometric_median`` (sd-mecha's Weiszfeld iterations need only
+    each key's Gram); an estimate for the others. A row with a zero delta gets 0.
+    With per-key weights the exact methods stay exact (each key merged with its own weights); ``ties``,
+    ``dare``, ``model_stock`` and ``geometric_median`` are estimated key by key, ``orthomerge`` per set of keys
+    sharing the same weights (a block group) on that set's summed Gram (:func:`merged_coefficients`).
     """
     g = _as_gram(g)
     return survival_of(g, merged_coefficients(g, method, weights, options, repeats, floors, rotation_shares))

@@ -227,21 +227,26 @@ def test_listed_methods_take_repeats_as_copies() -> None:
     np.testing.assert_allclose(survival, [1.0, 0.0], atol=1e-5)
 
 
-def test_geometric_median_estimate_is_sd_mechas_median_of_the_summed_gram() -> None:
-    """Run on one key, the estimate is what the merge computes (Weiszfeld on the Gram = Weiszfeld on the tensors),
-    with repeats as copies and a row at alpha 0 or with a zero delta left out, as the merge leaves it out."""
+def test_geometric_median_is_sd_mechas_median_on_each_keys_gram() -> None:
+    """Key by key, the prediction is what the merge computes (Weiszfeld on a key's Gram = Weiszfeld on its tensors),
+    with repeats as copies and a row at alpha 0 or with a zero delta on a key left out of that key, as the merge
+    leaves it out. The keys differ (row 1 is large on the second), so one median of their summed Gram would not do."""
     from ortho_mecha.methods.stock import geometric_median_rows
 
     rng = np.random.default_rng(7)
-    deltas = rng.normal(size=(4, 300))
-    deltas[3] = 0.0
+    keys = rng.normal(size=(2, 4, 300))
+    keys[1, 1] *= 20.0
+    keys[0, 3] = 0.0
     alphas, repeats = np.array([1.0, 0.7, 0.0, 1.3]), np.array([1, 3, 1, 2])
-    listed = [torch.from_numpy(alpha * delta) for alpha, delta, r in zip(alphas, deltas, repeats, strict=True)
-              for _ in range(r)]
-    merged = geometric_median_rows.__wrapped__(*listed).numpy()
-    coefficients = metrics.merged_coefficients(gram(deltas), "geometric_median", alphas, repeats=repeats)
-    np.testing.assert_allclose(coefficients @ deltas, merged, rtol=0, atol=1e-9)
-    assert coefficients[2] == 0 and coefficients[3] == 0
+    coefficients = metrics.merged_coefficients(np.stack([gram(key) for key in keys]), "geometric_median", alphas,
+                                               repeats=repeats)
+    for deltas, found in zip(keys, coefficients, strict=True):
+        listed = [torch.from_numpy(alpha * delta) for alpha, delta, r in zip(alphas, deltas, repeats, strict=True)
+                  for _ in range(r)]
+        merged = geometric_median_rows.__wrapped__(*listed).numpy()
+        np.testing.assert_allclose(found @ deltas, merged, rtol=0, atol=1e-6 * np.abs(merged).max())
+    assert coefficients[0, 2] == 0 and coefficients[0, 3] == 0 and coefficients[1, 2] == 0 and coefficients[1, 3]
+    assert metrics.survival_label("geometric_median") == "exact"
 
 
 def test_ties_and_dare_estimates_follow_their_entrywise_steps() -> None:
