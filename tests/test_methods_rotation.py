@@ -2,6 +2,7 @@
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -358,21 +359,45 @@ def test_nearest_rotation_takes_the_svd_when_eigh_fails(gen: torch.Generator, mo
     torch.testing.assert_close(nearest_rotation(m), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(40, 700), (700, 40), (24, 20, 3, 3)])
+@pytest.mark.parametrize("shape", [(40, 700), (700, 40), (24, 20, 3, 3), (32, 32, 3, 3)])
 def test_the_result_does_not_depend_on_how_steps_are_spread(
     gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]
 ) -> None:
     """Rows, their products and the output's column blocks may run at once on several threads; every step
-    computes what it would alone, so the bytes are the same for 1, 2 or 3 workers."""
-    base = randn(gen, shape).float()
-    deltas = [randn(gen, shape, 0.05).float() for _ in range(5)]
+    computes what it would alone, so the bytes are the same for 1, 2 or 3 workers, with torch at one thread as
+    in a merge on several threads (the only case where steps are spread) and on new threads."""
+    base = randn(gen, shape).double()  # float64 out: a last-bit difference inside is not rounded away
+    deltas = [randn(gen, shape, 0.05).double() for _ in range(5)]
     results = []
-    for count in (1, 2, 3):
-        monkeypatch.setattr(parallel, "workers", lambda count=count: count)
-        results.append(merge(base, *deltas, deltas[1], theta_agg="median"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(parallel, "_pool", None)
+    try:
+        for count in (1, 2, 3):
+            monkeypatch.setattr(parallel, "workers", lambda count=count: count)
+            results.append(merge(base, *deltas, deltas[1], theta_agg="median"))
+    finally:
+        torch.set_num_threads(previous)
     for other in results[1:]:
         assert torch.equal(other, results[0])
     assert not torch.equal(results[0], base)
+
+
+def test_a_thread_runs_torch_at_the_count_it_is_set_to() -> None:
+    """torch.set_num_threads holds for the calling thread's MKL only, and a product's bits hang on its thread count:
+    sd-mecha's merge threads and the pool's ran MKL at its own count (all cores, fewer when the machine was busy),
+    so the same plan merged twice under load differed by 1 ulp on a conv key. A merge method matches its thread on
+    entry, and the pool each step."""
+    matrices = torch.randn(2, 32, 288, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = matrices[0] @ matrices[1].T
+        with ThreadPoolExecutor(1) as pool:
+            there = pool.submit(lambda: (parallel.match_threads(), matrices[0] @ matrices[1].T)[1]).result()
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(here, there)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 7])

@@ -34,6 +34,7 @@ from ortho_mecha.methods.deltas import (
     nonzero_indices,
     stack_float64,
 )
+from ortho_mecha.methods.parallel import match_threads
 from ortho_mecha.metrics import superpose_coefficients
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def ortho_project(
     alpha ∈ [0, ∞): 0 returns the base, 1 the full combination; one delta with alpha 1 returns its model.
     Zero deltas are ignored; without any delta the base is returned.
     """
+    match_threads()
     options = check_options("ortho_project", PROJECT_OPTIONS, {"alpha": alpha})
     if not deltas or options["alpha"] == 0:
         return base
@@ -200,6 +202,7 @@ def ortho_superpose(
     over an fp32 base: their rounding noise is fp16's, which the base's values cannot tell; what
     ``ortho-mecha recipe`` passes then). The floor takes the coarser of it and the base's. Default 0: the base's.
     """
+    match_threads()
     options = check_options(
         "ortho_superpose", SUPERPOSE_OPTIONS, {"alpha": alpha, "granularity": granularity, "rcond": rcond}
     )

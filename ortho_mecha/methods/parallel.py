@@ -27,6 +27,18 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None  # (the process that made it
 _at_work = 0  # keys inside key_at_work, in every merge thread
 
 
+def match_threads() -> None:
+    """Give this thread's BLAS and LAPACK (torch's MKL) and OpenMP the thread count torch is set to.
+
+    ``torch.set_num_threads`` sets them for the thread that calls it only (MKL's ``_local`` count, OpenMP's
+    per-thread ICV); in any other thread, sd-mecha's merge threads and this module's pool included, MKL ran at
+    its own default, every core, and fewer when the machine was busy (its dynamic mode). A product's bits hang on
+    how many threads share it, so the same merge gave other bits from run to run under load (1 ulp on a conv
+    key, found by the test that merges a plan three ways). Each merge method calls this on entry, and each step
+    on the pool before it runs."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 @contextmanager
 def key_at_work() -> Iterator[None]:
     """Count this key among those at work while the block runs (:func:`workers` leaves them their cores)."""
@@ -61,7 +73,17 @@ def spread_groups(step: Callable[[Sequence[Item]], Result], items: Sequence[Item
         return [step(items)]
     size, extra = divmod(len(items), count)
     bounds = [i * size + min(i, extra) for i in range(count + 1)]
-    return list(_executor().map(step, [items[bounds[i]:bounds[i + 1]] for i in range(count)]))
+    return list(_executor().map(_matched(step), [items[bounds[i]:bounds[i + 1]] for i in range(count)]))
+
+
+def _matched(step: Callable[[Sequence[Item]], Result]) -> Callable[[Sequence[Item]], Result]:
+    """``step`` run after :func:`match_threads` in the pool's thread."""
+
+    def run(group: Sequence[Item]) -> Result:
+        match_threads()
+        return step(group)
+
+    return run
 
 
 def _executor() -> ThreadPoolExecutor:

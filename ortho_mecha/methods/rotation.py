@@ -35,7 +35,7 @@ from ortho_mecha.methods.deltas import (
     nonzero,
     nonzero_indices,
 )
-from ortho_mecha.methods.parallel import key_at_work, spread, spread_groups
+from ortho_mecha.methods.parallel import key_at_work, match_threads, spread, spread_groups
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +379,7 @@ def orthomerge(
     direction_weight ∈ {theta, magnitude, equal}: w_i ∝ θ_i, ∝ ‖δ_i‖ or equal.
     precision ∈ {float64, float32}: float64 is the method; float32 is an approximation (see PRECISION).
     """
+    match_threads()
     options = check_options(
         "orthomerge",
         ORTHOMERGE_OPTIONS,

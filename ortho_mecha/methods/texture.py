@@ -12,6 +12,7 @@ from sd_mecha import Parameter, Return, merge_method
 from torch import Tensor
 
 from ortho_mecha.methods.deltas import OptionSpec, add_to_base, check_options
+from ortho_mecha.methods.parallel import match_threads
 
 BETA = OptionSpec("beta", 0.2, "strength of the texture delta: 0 leaves the merge unchanged", minimum=0.0, maximum=0.5)
 TEXTURE_MODE = OptionSpec(
@@ -45,6 +46,7 @@ def texture_boost(
     projection on the merged delta ``merged − base``, per key (all of t where the merge left the key
     unchanged). β ∈ [0, 0.5]: 0 returns ``merged`` unchanged. Float64 inside, the merge's dtype out.
     """
+    match_threads()
     options = check_options("texture_boost", TEXTURE_OPTIONS, {"beta": beta, "mode": mode})
     if options["beta"] == 0:
         return merged
