@@ -329,6 +329,7 @@ PREVIEW_URL = "preview"
 SWEEP_URL = "sweep"
 LORA_URL = "lora"
 MIX_URL = "mix"  # the Mixer's plan, kept by workspace.remember_mix
+MIX_NOTICE = "mix_notice"  # what Auto-fill or Optimize rows changed, shown once by show_mix_notice
 URL_KINDS = {ANALYSIS_URL: "analyse", MERGE_URL: "merge", PREVIEW_URL: "preview", SWEEP_URL: "sweep",
              LORA_URL: "extract-lora"}  # the job kind each URL name follows
 
@@ -495,10 +496,19 @@ def remember_mix(plan: Any) -> None:
         st.query_params[MIX_URL] = kept[1]
 
 
-def set_mix(state: dict[str, Any]) -> None:
-    """Replace the Mixer's state; its widgets get fresh keys so they show the new values."""
+def set_mix(state: dict[str, Any], notice: str | None = None) -> None:
+    """Replace the Mixer's state; its widgets get fresh keys so they show the new values. ``notice``: a line
+    :func:`show_mix_notice` shows once, on the Mixer's next run (what a button changed)."""
     previous = st.session_state.get("mix", {}).get("version", 0)
     st.session_state["mix"] = {**state, "version": previous + 1}
+    if notice:
+        st.session_state[MIX_NOTICE] = notice
+
+
+def show_mix_notice() -> None:
+    """The notice :func:`set_mix` left, once."""
+    if notice := st.session_state.pop(MIX_NOTICE, None):
+        st.info(notice, icon=":material/info:")
 
 
 def option_widget(spec: OptionSpec, value: Any, key: str) -> Any:

@@ -36,6 +36,7 @@ PRESET_SUFFIX = ".json"
 MAX_PRESET_NAME = 80
 TABLE_COLUMNS = ("enabled", "model", "delta_from", "alpha", "repeat", "block_alphas", "info")
 LORA_RANK = 32  # the Mixer's default rank for "Extract LoRA"
+MAX_CHANGES_SAID = 8  # mix_changes names this many changes, then counts the rest
 
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_ -]*")
 
@@ -372,6 +373,47 @@ def optimized_mix(report: Mapping[str, Any], method: str, mix: Mapping[str, Any]
         row["block_alphas"] = kept.get(row["model"], row["block_alphas"])
     return {**table, "method": method, "options": dict(mix["options"]), "texture": mix["texture"],
             "components": dict(mix.get("components") or {})}
+
+
+def mix_changes(before: Mapping[str, Any], after: Mapping[str, Any], what: str) -> str:
+    """One line saying what ``what`` (Auto-fill, Optimize rows) changed from the Mixer state ``before`` to ``after``:
+    the base, and per model the rows it turned on or off, their delta-from, alpha and repeat; rows added or
+    dropped. Without a change it says so, as the table alone would not show that the button did anything."""
+    changes = [f"base {before.get('base')} → {after.get('base')}"] if before.get("base") != after.get("base") else []
+    old = _rows_by_model(before.get("rows") or ())
+    new = _rows_by_model(after.get("rows") or ())
+    for model, row in new.items():
+        if model not in old:
+            changes.append(f"{model[0]}: added{'' if row.get('enabled', True) else ' (off)'}")
+            continue
+        was = old[model]
+        parts = []
+        if bool(was.get("enabled", True)) != bool(row.get("enabled", True)):
+            parts.append("on" if row.get("enabled", True) else "off")
+        if (was.get("delta_from") or BASE_LABEL) != (row.get("delta_from") or BASE_LABEL):
+            parts.append(f"delta-from {was.get('delta_from') or BASE_LABEL} → {row.get('delta_from') or BASE_LABEL}")
+        for column in ("alpha", "repeat"):
+            if _number(was.get(column), 1.0) != _number(row.get(column), 1.0):
+                parts.append(f"{column} {_number(was.get(column), 1.0):g} → {_number(row.get(column), 1.0):g}")
+        if parts:
+            changes.append(f"{model[0]}: {', '.join(parts)}")
+    changes += [f"{model[0]}: dropped" for model in old if model not in new]
+    if not changes:
+        return f"{what}: no change, the rows already are what it proposes."
+    shown = changes if len(changes) <= MAX_CHANGES_SAID else [*changes[:MAX_CHANGES_SAID - 1],
+                                                               f"and {len(changes) - MAX_CHANGES_SAID + 1} more"]
+    return f"{what} changed {len(changes)} thing{'s' if len(changes) > 1 else ''}: {'; '.join(shown)}."
+
+
+def _rows_by_model(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], Mapping[str, Any]]:
+    """The rows keyed by (model, how many rows of that model came before): a model listed twice is two rows."""
+    seen: dict[str, int] = {}
+    keyed = {}
+    for row in rows:
+        model = str(row.get("model"))
+        keyed[model, seen.get(model, 0)] = row
+        seen[model] = seen.get(model, 0) + 1
+    return keyed
 
 
 def _number(value: Any, default: float) -> float:

@@ -60,8 +60,10 @@ optimize = optimize_column.button("Optimize rows", icon=":material/auto_fix_high
                                        "texture and block alphas stay")
 if fill or optimize:
     with ui.shown_errors():
-        ui.set_mix(workspace.optimized_mix(analysis[1], mix["method"], mix, choices, search=optimize))
+        proposed = workspace.optimized_mix(analysis[1], mix["method"], mix, choices, search=optimize)
+        ui.set_mix(proposed, notice=workspace.mix_changes(mix, proposed, "Optimize rows" if optimize else "Auto-fill"))
         st.rerun()
+ui.show_mix_notice()
 edited = st.data_editor(
     workspace.table_frame(mix["rows"]),
     key=f"mix_rows_{mix['version']}",

@@ -97,6 +97,8 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert v2.delta_from is not None and v2.delta_from.name == "anime.safetensors" and "its parent" in v2.info
     at.button(key="mix_autofill").click().run()
     assert at.session_state["plan"] == filled
+    assert [i.value for i in at.info if "Auto-fill" in i.value] == ["Auto-fill: no change, the rows already are what "
+                                                                     "it proposes."]  # the click did something
     assert any("carried about twice" in caption.value for caption in at.caption)  # its rows at repeat 2
     lost = [w.value for w in at.warning if w.value.startswith("This mix carries almost nothing of ")]
     assert len(lost) == 1 and "anime (survival" in lost[0] and "anime_opposite (survival" in lost[0]  # they cancel
@@ -109,6 +111,7 @@ def test_every_page_renders_and_the_round_trip_merges(
     assert any("duplicate" in row.info for row in optimized.rows if not row.enabled)
     at.button(key="mix_optimize").click().run()
     assert at.session_state["plan"] == optimized
+    assert any(i.value.startswith("Optimize rows: no change") for i in at.info)
     at.text_input(key="mix_preset_name").set_value("bad/name").run()
     at.button(key="mix_save").click().run()
     assert any("preset name" in error for error in _errors(at))

@@ -162,6 +162,25 @@ def test_optimizer_rows_keep_method_options_and_texture(models: tuple[dict[str, 
     assert again["custom-fp16-0/anime_v2.safetensors"]["block_alphas"] == ""
 
 
+def test_mix_changes_says_what_a_button_changed_and_when_it_changed_nothing() -> None:
+    rows = [{"enabled": True, "model": "a", "delta_from": "(base)", "alpha": 1.0, "repeat": 1},
+            {"enabled": True, "model": "b", "delta_from": "(base)", "alpha": 1.0, "repeat": 1},
+            {"enabled": True, "model": "b", "delta_from": "(base)", "alpha": 0.5, "repeat": 1}]
+    before = {"base": "base", "rows": rows}
+    assert workspace.mix_changes(before, {"base": "base", "rows": [dict(r) for r in rows]}, "Auto-fill") == (
+        "Auto-fill: no change, the rows already are what it proposes.")
+    after = {"base": "base", "rows": [rows[0] | {"delta_from": "b", "repeat": 2}, rows[1] | {"enabled": False},
+                                      {"enabled": True, "model": "c", "alpha": float("nan"), "repeat": 1}]}
+    said = workspace.mix_changes(before, after, "Optimize rows")
+    assert said == ("Optimize rows changed 4 things: a: delta-from (base) → b, repeat 1 → 2; b: off; c: added; "
+                    "b: dropped.")  # the second row of b is gone; an empty alpha reads as 1, not as a change
+    moved = workspace.mix_changes(before | {"base": "x"}, before, "Auto-fill")
+    assert moved == "Auto-fill changed 1 thing: base x → base."
+    many = [{"model": f"m{i}", "alpha": 1.0} for i in range(12)]
+    said = workspace.mix_changes({"rows": many}, {"rows": [row | {"alpha": 0.5} for row in many]}, "Auto-fill")
+    assert said.startswith("Auto-fill changed 12 things: m0: alpha 1 → 0.5;") and said.endswith("; and 5 more.")
+
+
 def test_survival_frame_lists_predicted_and_measured() -> None:
     frame = workspace.survival_frame({"rows": ["/m/a.safetensors", "/m/b.safetensors"], "predicted": [1.0, 0.5],
                                       "measured": [0.75, 0.5], "label": "orthogonal"})
