@@ -126,21 +126,23 @@ def require_app() -> None:
     legacy multipage mode) until some session has called ``st.navigation``: on a freshly started server, a
     link straight to ``/merge`` would run ``pages/merge.py`` without ``streamlit_app.py`` and its gate.
     This switches Streamlit to ``st.navigation`` mode (what ``st.navigation`` itself does, through the same
-    internal flag) and, when the gate is closed, switches to the main script, which shows the sign-in and
-    then the dashboard's first page. With the gate open, a new session's first view of a page run on its
-    own is run again, through the main script, so that it too has the dashboard's page list (not
-    Streamlit's plain list of the files). Only a session's first run: a rerun would drop a click (and under
-    AppTest, which starts every run in the legacy mode, pages simply run on their own).
+    internal flag), and a new session's first view of a page run on its own is run again, through the main
+    script: with the gate closed that shows the sign-in at the page's address, query included, so the link
+    (``/merge?merge=…``) opens its page once the password is given (a switch to the main script went to the
+    root and dropped it); with the gate open the page gets the dashboard's page list (not Streamlit's plain
+    list of the files). Only a session's first run: a rerun would drop a click. A later run with the gate
+    closed (or any run under AppTest, which starts every run in the legacy mode) switches to the main
+    script's sign-in.
     """
     from streamlit.runtime.pages_manager import PagesManager
 
     run_on_its_own = bool(PagesManager.uses_pages_directory)
     PagesManager.uses_pages_directory = False
+    if run_on_its_own and not st.session_state.to_dict():
+        st.rerun()
     if not gate_open():
         logger.warning("a page was asked for before the password was given; switching to the sign-in")
         st.switch_page(str(APP_DIR / "streamlit_app.py"))
-    if run_on_its_own and not st.session_state.to_dict():
-        st.rerun()
 
 
 def sign_in(address: str | None) -> None:

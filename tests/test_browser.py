@@ -338,14 +338,15 @@ def test_password_gate_refuses_a_wrong_password(tmp_path: Path, browser: Browser
     try:
         page = context.new_page()
         page.set_default_timeout(60_000)
-        # The first request to the fresh server is a link straight to a page: it switches to the sign-in, which
-        # leads to the dashboard's first page.
-        page.goto(f"{gated.url}/merge")
+        # The first request to the fresh server is a link straight to a page: the sign-in at that address, then
+        # the page with the link's query (it went to the root, and the query was lost).
+        page.goto(f"{gated.url}/merge?merge=0123456789abcdef0123456789abcdef")
         expect(page.get_by_role("textbox", name="Password")).to_be_visible(timeout=60_000)
         assert not page.get_by_role("heading", name="Merge").count()
         page.get_by_role("textbox", name="Password").fill(PASSWORD)
         page.get_by_role("button", name="Sign in").click()
-        expect(page.get_by_role("heading", name="Analyse").first).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("heading", name="Merge").first).to_be_visible(timeout=60_000)
+        expect(page).to_have_url(re.compile(r"/merge\?merge=0123456789abcdef0123456789abcdef$"))
         page.goto(gated.url)
         page.get_by_role("textbox", name="Password").fill("wrong")
         page.get_by_role("button", name="Sign in").click()
