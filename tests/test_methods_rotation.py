@@ -133,6 +133,18 @@ def test_rotation_by_pi_falls_back_to_residual(gen: torch.Generator) -> None:
     torch.testing.assert_close(residual, (target - base + small_residual) / 2, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(2, 50), (4, 40), (50, 2)])
+def test_a_key_turned_to_minus_itself_reproduces_its_model(gen: torch.Generator, shape: tuple[int, int]) -> None:
+    """R = −I (every plane turned by π, a proper rotation for an even side): R + I is rounding noise in every
+    direction, whose plain condition number can be small; its generator was taken from that noise (a QA finding:
+    61 of 200 random 2 × 50 keys came out neither the model nor the base)."""
+    for _ in range(20):
+        base = randn(gen, shape)
+        torch.testing.assert_close(merge(base, -2.0 * base), -base, rtol=0, atol=1e-9)
+    square = 3.0 * torch.linalg.qr(randn(gen, (6, 6)))[0]
+    torch.testing.assert_close(merge(square, -2.0 * square), -square, rtol=0, atol=1e-9)
+
+
 def test_reflected_target_reproduces_model(gen: torch.Generator) -> None:
     base = randn(gen, (5, 9))
     reflection = torch.diag(torch.tensor([-1.0, 1, 1, 1, 1], dtype=torch.float64))

@@ -144,17 +144,21 @@ def _symmetric_product(x: Tensor) -> Tensor:
 def cayley_generator(rotation: Tensor) -> Tensor | None:
     """A = (R − I)(R + I)⁻¹, made exactly skew; ``None`` when R + I is too ill-conditioned to invert.
 
-    The limit is ``CAYLEY_MAX_COND`` on cond(R + I) (``CAYLEY_MAX_COND_FLOAT32`` for a float32 rotation).
-    R + I is normal with singular values 2|cos(φ/2)| over R's rotation angles φ, and ‖A‖₂ = tan(φ_max/2),
-    so cond(R + I) ≤ sqrt(1 + ‖A‖₂²) ≤ sqrt(1 + ‖A‖_F²): free to compute, this bound settles every rotation
-    not near π; only above it is the condition itself computed. The bound is taken on A before it is made
-    skew: for a reflection (det −1, eigenvalue −1 along some x) the solve blows up as −(2/ε) x xᵀ, which is
-    symmetric and would vanish from the skew part, so a reflection is refused too.
+    The limit is ``CAYLEY_MAX_COND`` on R + I's condition against the largest norm it can have, 2 / σ_min(R + I)
+    (``CAYLEY_MAX_COND_FLOAT32`` for a float32 rotation): R + I is normal with singular values 2|cos(φ/2)| over
+    R's rotation angles φ, so ‖R + I‖₂ ≤ 2 and cond(R + I) ≤ 2 / σ_min. The plain condition number does not do:
+    where every angle is near π (R ≈ −I), R + I is rounding noise in every direction, whose condition can be
+    1–10, and the skew part of a solve against it was taken as the generator (a QA finding: one delta turning
+    a key to minus itself did not give its model back). With ‖A‖₂ = tan(φ_max/2), 2 / σ_min = sqrt(1 + ‖A‖₂²)
+    ≤ sqrt(1 + ‖A‖_F²): free to compute, this bound settles every rotation not near π; only above it is σ_min
+    computed. The bound is taken on A before it is made skew: for a reflection (det −1, eigenvalue −1 along
+    some x) the solve blows up as −(2/ε) x xᵀ, which is symmetric and would vanish from the skew part, so a
+    reflection is refused too.
     """
     solved, shifted, settled = _cayley_solve(rotation)
     if solved is None:
         return None
-    if not settled and not float(torch.linalg.cond(shifted)) <= _cayley_limit(rotation.dtype):
+    if not settled and not _cayley_limit(rotation.dtype) * float(torch.linalg.matrix_norm(shifted, ord=-2)) >= 2.0:
         return None
     return (solved - solved.T) / 2.0
 
@@ -172,7 +176,7 @@ def _cayley_solve(rotation: Tensor) -> tuple[Tensor | None, Tensor, bool]:
 
 
 def _cayley_limit(dtype: torch.dtype) -> float:
-    """The largest cond(R + I) trusted for a rotation of ``dtype``."""
+    """The largest 2 / σ_min(R + I) trusted for a rotation of ``dtype`` (:func:`cayley_generator`)."""
     return CAYLEY_MAX_COND if dtype == torch.float64 else CAYLEY_MAX_COND_FLOAT32
 
 
