@@ -40,6 +40,7 @@ from ortho_mecha.io import SHARD_RE, refuse_unsupported
 from ortho_mecha.lora_rows import is_lora_file, refuse_lora_delta_from
 from ortho_mecha.methods import METHOD_OPTIONS, OptionError, OptionSpec
 from ortho_mecha.methods.deltas import ALPHA
+from ortho_mecha.methods.stock import MEDIAN_OPTIONS, STOCK_OPTIONS
 from ortho_mecha.methods.texture import BETA, TEXTURE_MODE
 from ortho_mecha.security import unmergeable_name
 
@@ -166,19 +167,14 @@ METHODS: dict[str, MethodSpec] = {
             "model_stock",
             "Model Stock: the average delta scaled by how much the rows agree, per output row (as sd-mecha's "
             "model_stock, conv kernels flattened) + add_difference",
-            (ALPHA, OptionSpec("cos_eps", 1e-6, "cosine similarity epsilon", minimum=0.0, maximum=0.1)),
+            (ALPHA, *STOCK_OPTIONS),
             repeat="list",
             min_rows=2,
         ),
         MethodSpec(
             "geometric_median",
             "geometric median of the rows' deltas by Weiszfeld iterations (sd-mecha geometric_median + add_difference)",
-            (
-                ALPHA,
-                _unit("eps", 1e-6, "smallest distance in the Weiszfeld weights"),
-                OptionSpec("maxiter", 100, "most Weiszfeld iterations", minimum=1, maximum=10_000),
-                _unit("ftol", 1e-20, "relative change of the objective that stops the iterations"),
-            ),
+            (ALPHA, *MEDIAN_OPTIONS),
             repeat="list",
         ),
     )

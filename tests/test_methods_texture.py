@@ -65,3 +65,14 @@ def test_beta_zero_returns_merged_and_dtype_is_kept() -> None:
 def test_invalid_options_raise_with_allowed_values(options: dict, expected: str) -> None:
     with pytest.raises(OptionError, match=re.escape(expected)):
         boost(vec(1.0), vec(1.0), vec(1.0), **options)
+
+
+def test_orthogonal_mode_keeps_a_bad_element_to_itself() -> None:
+    """The projection sums over the key: one NaN in the merge (or Inf in the texture) made every element NaN, so the
+    merge's repair put the base on the whole key."""
+    gen = torch.Generator().manual_seed(2)
+    merged, base, texture = (torch.randn(8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    merged[2, 2] = float("nan")
+    texture[3, 3] = float("inf")
+    out = boost(merged, base, texture, beta=0.3, mode="orthogonal")
+    assert torch.isnan(out).nonzero().tolist() == [[2, 2], [3, 3]]

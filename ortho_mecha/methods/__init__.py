@@ -26,7 +26,7 @@ from ortho_mecha.methods.deltas import (
 )
 from ortho_mecha.methods.orthogonal import PROJECT_OPTIONS, SUPERPOSE_OPTIONS, ortho_project, ortho_superpose
 from ortho_mecha.methods.rotation import ORTHOMERGE_OPTIONS, orthomerge
-from ortho_mecha.methods.stock import geometric_median_rows, model_stock_rows
+from ortho_mecha.methods.stock import MEDIAN_OPTIONS, STOCK_OPTIONS, geometric_median_rows, model_stock_rows
 from ortho_mecha.methods.texture import TEXTURE_OPTIONS, texture_boost
 
 METHOD_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
@@ -34,6 +34,8 @@ METHOD_OPTIONS: dict[str, tuple[OptionSpec, ...]] = {
     "ortho_superpose": SUPERPOSE_OPTIONS,
     "orthomerge": ORTHOMERGE_OPTIONS,
     "texture_boost": TEXTURE_OPTIONS,
+    "model_stock_rows": STOCK_OPTIONS,
+    "geometric_median_rows": MEDIAN_OPTIONS,
     "scale_delta": (ALPHA,),
 }
 

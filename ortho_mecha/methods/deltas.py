@@ -69,6 +69,11 @@ class OptionSpec:
         high_ok = self.maximum is None or (number < self.maximum if self.exclusive else number <= self.maximum)
         if not (low_ok and high_ok and math.isfinite(number)):
             raise OptionError(f"{method}: {self.name}={value!r} is out of range; use a value in {self.range_text()}")
+        if isinstance(self.default, int):  # a count: a whole number, handed on as an int
+            if not number.is_integer():
+                raise OptionError(f"{method}: {self.name}={value!r} is not a whole number; use one in "
+                                  f"{self.range_text()}")
+            return int(number)
         return number
 
     def range_text(self) -> str:

@@ -11,7 +11,7 @@ import torch
 from sd_mecha import Parameter, Return, merge_method
 from torch import Tensor
 
-from ortho_mecha.methods.deltas import OptionSpec, add_to_base, check_options
+from ortho_mecha.methods.deltas import OptionSpec, add_to_base, check_options, finite_deltas, mark_nonfinite
 from ortho_mecha.methods.parallel import match_threads
 
 BETA = OptionSpec("beta", 0.2, "strength of the texture delta: 0 leaves the merge unchanged", minimum=0.0, maximum=0.5)
@@ -51,6 +51,8 @@ def texture_boost(
     if options["beta"] == 0:
         return merged
     t = texture.to(torch.float64)
-    if options["mode"] == "orthogonal":
-        t = orthogonal_part(t, merged.to(torch.float64) - base.to(torch.float64))
-    return add_to_base(merged, t, options["beta"])
+    if options["mode"] == "add":
+        return add_to_base(merged, t, options["beta"])
+    # the projection sums over the key: a NaN or Inf element stays that element, not the whole key
+    (t, direction), bad = finite_deltas([t, merged.to(torch.float64) - base.to(torch.float64)])
+    return mark_nonfinite(add_to_base(merged, orthogonal_part(t, direction), options["beta"]), bad)
