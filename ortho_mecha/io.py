@@ -306,6 +306,15 @@ class Model:
                 "safetensors only",
                 self.path,
             )
+        if IGNORED_KEYS & raw.keys() and not any(name.endswith(SCALE_SUFFIXES) for name in raw):
+            fp8 = next((name for name, info in raw.items() if info.dtype in FP8_DTYPES), None)
+            if fp8 is not None:  # read as they are, its weights would be off by their lost scales (merges of ±448)
+                raise OrthoMechaError(
+                    f"marked scaled_fp8 (ComfyUI's scaled fp8) but holds no scale key (.scale_weight or "
+                    f".weight_scale): its fp8 weights, e.g. '{fp8}', were stored divided by scales this file lacks; "
+                    "use the complete file, or the model's fp32/fp16/bf16 one",
+                    self.path,
+                )
         for name, info in raw.items():
             if info.dtype in FLOAT_DTYPES or name.endswith(SCALE_SUFFIXES + IGNORED_SUFFIXES):
                 continue

@@ -412,5 +412,7 @@ def cli_validate(args: argparse.Namespace) -> int:
     if args.json:
         write_json(Path(args.json), report, overwrite=args.overwrite)
     if problems:
-        raise OrthoMechaError(f"{len(problems)} of {len(problems) + len(usable)} models cannot be used (listed above)")
+        # the files named on stderr too: with stdout piped or redirected, the one line is all a user sees
+        raise OrthoMechaError(f"{len(problems)} of {len(problems) + len(usable)} models cannot be used: "
+                              f"{'; '.join(problems)}")
     return 0

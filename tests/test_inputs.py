@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ortho_mecha.errors import OrthoMechaError
 from ortho_mecha.io import Model, expand_model_paths
@@ -383,7 +383,8 @@ def test_validate_lists_every_file_it_cannot_use_and_checks_the_others(tmp_path:
     assert f"{good}: 6/6 keys shared (100%), OK" in result.out  # checked although a file before it is broken
     assert f"cannot be used: {cut}: truncated" in result.out
     assert f"cannot be used: {text}: not a safetensors file" in result.out
-    assert result.err.strip() == "ortho-mecha: error: 2 of 3 models cannot be used (listed above)"
+    assert result.err.startswith(f"ortho-mecha: error: 2 of 3 models cannot be used: {cut}: truncated")
+    assert f"; {text}: not a safetensors file" in result.err and len(result.err.strip().splitlines()) == 1
     written = json.loads(report.read_text())
     assert [m["path"] for m in written["models"]] == [str(good)] and len(written["problems"]) == 2
     report.unlink()
@@ -553,6 +554,22 @@ def test_scaled_fp8_validates_against_an_fp16_base(read_files, tmp_path: Path, c
     assert "scaled fp8: dequantised with its per-key scales" in result.out
     assert (f"{path}: 3/3 keys shared (100%), OK for analysis; merge refuses it: scaled fp8 (sd-mecha reads fp8 "
             "without its scales): merge the copy 'ortho-mecha convert' writes") in result.out
+
+
+def test_a_scaled_fp8_file_without_its_scales_is_refused(read_files, tmp_path: Path, cli) -> None:
+    """The scaled_fp8 marker with no scale key: read as plain fp8, its weights are off by their lost scales, and a
+    merge with it came out at ±448 without a word (QA10)."""
+    path, expected = read_files["per_row"]
+    kept = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".scale_weight")}  # fp8 as stored
+    broken = save(tmp_path / "noscale.safetensors", kept)
+    base = save(tmp_path / "base.safetensors", {k: v.to(torch.float16) for k, v in expected.items()})
+    with pytest.raises(OrthoMechaError, match=r"noscale\.safetensors: marked scaled_fp8 .* holds no scale key"):
+        Model(broken)
+    result = cli("validate", "--base", base, broken)
+    assert result.code == 2 and "holds no scale key" in result.err
+    plain_fp8 = save(tmp_path / "plain_fp8.safetensors", {k: v for k, v in kept.items() if k != "scaled_fp8"})
+    with Model(plain_fp8) as model:  # the same weights without the marker: fp8 as it is, as before
+        assert not model.scaled_fp8
 
 
 # -- shards ------------------------------------------------------------------------------------------------
