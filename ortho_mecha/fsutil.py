@@ -38,6 +38,8 @@ def read_json(path: Path, what: str, missing: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise OrthoMechaError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path) from exc
+    except RecursionError as exc:  # thousands of nested brackets: no plan or report is built so
+        raise OrthoMechaError(f"not a {what}: its JSON is nested too deeply", path) from exc
 
 
 MODEL_LIKE = (MODEL_SUFFIX, *OTHER_MODEL_SUFFIXES)  # names a text output must not take

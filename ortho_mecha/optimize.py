@@ -484,7 +484,8 @@ def cli_plan(args: argparse.Namespace) -> int:
     refuse_text_output(out, [Path(f) for f in (report.get("base"), *(report.get("files") or report.get("models") or []))
                              if isinstance(f, str)], "the plan")
     plan = plan_from_report(report, args.method, source=report_path, search=not args.autofill)
-    plan_from_dict(plan, out.resolve().parent, out)  # the same checks a plan file gets when it is loaded
+    # the same checks a plan file gets when it is loaded; what fails came from the report (a base since removed)
+    plan_from_dict(plan, out.resolve().parent, report_path)
     write_json(out, plan, overwrite=args.overwrite)
     for row, name in zip(plan["rows"], short_names([row["model"] for row in plan["rows"]], keep_suffix=True),
                          strict=True):

@@ -136,3 +136,11 @@ def test_a_json_file_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> 
     path.write_bytes(b"\xef\xbb\xbf{oops")
     with pytest.raises(OrthoMechaError, match="not valid JSON"):
         read_json(path, "plan", "no such plan")
+
+
+def test_json_nested_too_deeply_is_one_clear_error(tmp_path: Path) -> None:
+    """Python's parser gives up with a RecursionError that named no file (QA10)."""
+    path = tmp_path / "plan.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(OrthoMechaError, match=r"plan\.json: not a plan: its JSON is nested too deeply"):
+        read_json(path, "plan", "no such plan")

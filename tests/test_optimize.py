@@ -301,6 +301,7 @@ def test_cli_plan_error_lines(tmp_path: Path, cli_error: Callable[..., str]) -> 
     assert "--method: unknown method 'slerp'" in line and "orthomerge" in line and str(report) not in line
     missing = cli_error("plan", report, "--json", tmp_path / "p.json")  # the report's model files do not exist
     assert "does not exist" in missing
+    assert f"error: {report}: base " in missing  # the report names it, not the plan not yet written (QA10)
     assert not (tmp_path / "p.json").exists()
 
 
