@@ -1,3 +1,3 @@
-from ortho_mecha.cli import main
+from ortho_mecha.cli import console
 
-raise SystemExit(main())
+console()

@@ -324,8 +324,15 @@ class Terminated(KeyboardInterrupt):
     output, a prompt still running in ComfyUI, a model linked into its folder) is cleaned up here too."""
 
 
-def _terminate(signum: int, frame: object) -> NoReturn:
-    raise Terminated
+def _first_signal(signum: int, frame: object) -> NoReturn:
+    """Raise the first Ctrl-C (KeyboardInterrupt) or SIGTERM (:class:`Terminated`), and have the process ignore both
+    from then on: while the interrupt unwinds, the merge's threads finish their keys (a few seconds), and a second
+    Ctrl-C in that wait aborted the process (SIGABRT, "terminate called without an active exception", 2 of 5 tries)
+    or printed a traceback (QA10); a Python handler that merely returns did not prevent it, an ignored signal does.
+    The half output is removed by the first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,13 +347,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_ERROR
     _configure_logging(args.debug)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return _run(args)
+    previous = {number: signal.signal(number, _first_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for number, before in previous.items():
+            signal.signal(number, before)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -377,5 +385,16 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
+def console() -> NoReturn:
+    """The ``ortho-mecha`` command (and ``python -m ortho_mecha``): :func:`main`, then exit with its status. After
+    an interrupt, signals are ignored while Python waits for the merge's threads at exit (see :func:`_first_signal`);
+    :func:`main` itself, which tests and scripts call in-process, leaves the handlers as it found them."""
+    status = main()
+    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(status)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from ortho_mecha.plan import Plan, load_plan, plan_from_dict
 from ortho_mecha.recipe import recipe_text
 from tests.merge_fixtures import (
     INT_KEY,
+    ROOT,
     assert_same_merge,
     base_state,
     finetune,
@@ -316,6 +318,35 @@ def test_sigterm_stops_the_merge_and_removes_the_partial_file(family, tmp_path) 
         merge_plan(make_plan(family), out, threads=2, progress=terminate_at_second_key)
     assert not out.exists() and leftovers(tmp_path) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_second_ctrl_c_while_the_merge_stops_is_ignored(tmp_path) -> None:
+    """After Ctrl-C the merge's threads finish their keys for a few seconds; a second Ctrl-C then aborted the process
+    (SIGABRT, "terminate called without an active exception", 2 of 3 tries) or printed a traceback (QA10). The
+    first one stops the merge and removes the half file; the ones after it are ignored."""
+    gen = torch.Generator().manual_seed(0)
+    base = {f"k{i}.weight": torch.randn(1024, 1024, generator=gen).half() for i in range(8)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for name in "abc":
+        save_file({k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).half() for k, v in base.items()},
+                  str(tmp_path / f"{name}.safetensors"))
+    plan = write_plan(tmp_path, {"base": "base.safetensors", "method": "orthomerge",
+                                 "rows": [{"model": f"{name}.safetensors"} for name in "abc"]})
+    command = [sys.executable, "-m", "ortho_mecha", "merge", str(plan), "--out", str(tmp_path / "o.safetensors")]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=os.environ | {"PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while not any(".partial-" in p.name for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        assert run.poll() is None, run.stderr.read() if run.stderr else ""
+        time.sleep(0.05)
+    time.sleep(0.5)  # keys are being merged on sd-mecha's threads
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "ortho-mecha: interrupted" in err and "Traceback" not in err and "terminate called" not in err
+    assert leftovers(tmp_path) == [] and not (tmp_path / "o.safetensors").exists()
 
 
 def test_stale_partials_of_dead_processes_are_removed(family, tmp_path) -> None:
