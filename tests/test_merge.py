@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -653,22 +654,28 @@ def test_survival_that_cannot_be_measured_is_a_warning_after_the_merge(family, t
     assert (tmp_path / "out.safetensors").is_file()
 
 
+def noise_merge_survival(folder: Path, method: str, names: str, keys: int, scale: Callable[[str, str], float]) -> dict:
+    """The merge report's survival (predicted and measured) for fine-tunes ``names`` of a base of ``keys`` random
+    256 × 256 keys, row ``name``'s delta on ``key`` independent noise of standard deviation ``scale(name, key)``."""
+    gen = torch.Generator().manual_seed(5)
+    base = {f"k{i}.weight": torch.randn(256, 256, generator=gen) for i in range(keys)}
+    save_file(base, str(folder / "base.safetensors"))
+    for name in names:
+        save_file({k: v + scale(name, k) * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+                  str(folder / f"{name}.safetensors"))
+    rows = [{"model": f"{name}.safetensors"} for name in names]
+    plan = plan_from_dict({"base": "base.safetensors", "method": method, "rows": rows, "output_dtype": "fp32"},
+                          folder)
+    report = run_job({"plan_data": plan.to_dict(), "out": str(folder / "merged.safetensors")}, lambda *_: None)
+    return report["survival"]
+
+
 @pytest.mark.parametrize("method", ["ties", "dare"])
 def test_ties_and_dare_survival_is_predicted_near_what_the_merge_gives(tmp_path, method) -> None:
     """Three fine-tunes of independent noise: TIES keeps ~0.44 of each (only sign-agreeing entries, averaged) and
     DARE ~0.9 (entries dropped at 0.9 rarely meet, and each kept one is rescaled by 10). The prediction used to be
     the plain mean, 0.33 for both (a QA finding: 2.7× low for DARE)."""
-    gen = torch.Generator().manual_seed(5)
-    base = {f"k{i}.weight": torch.randn(256, 256, generator=gen) for i in range(4)}
-    save_file(base, str(tmp_path / "base.safetensors"))
-    for name in "abc":
-        save_file({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()},
-                  str(tmp_path / f"{name}.safetensors"))
-    rows = [{"model": f"{name}.safetensors"} for name in "abc"]
-    plan = plan_from_dict({"base": "base.safetensors", "method": method, "rows": rows, "output_dtype": "fp32"},
-                          tmp_path)
-    report = run_job({"plan_data": plan.to_dict(), "out": str(tmp_path / "merged.safetensors")}, lambda *_: None)
-    survival = report["survival"]
+    survival = noise_merge_survival(tmp_path, method, "abc", 4, lambda name, key: 0.01)
     assert survival["predicted"] == pytest.approx(survival["measured"], rel=0.06)
     assert min(survival["measured"]) > (0.4 if method == "ties" else 0.8)
 
@@ -678,18 +685,10 @@ def test_survival_is_predicted_key_by_key_when_one_row_changed_one_key_most(tmp_
     """Row d puts almost all of its change into one key (a QA finding: an outlier key). These methods merge key by
     key, so d's energy there must not reach the other keys' sign election or median: predicted from the Gram
     summed over the keys, TIES read 0.56 for a, b and c where the merge gave 0.37, the median 0.32 for 0.19."""
-    gen = torch.Generator().manual_seed(5)
-    base = {f"k{i}.weight": torch.randn(256, 256, generator=gen) for i in range(8)}
-    save_file(base, str(tmp_path / "base.safetensors"))
-    for name in "abcd":
-        scales = {key: (0.2 if key == "k0.weight" else 0.002) if name == "d" else 0.01 for key in base}
-        save_file({k: v + scales[k] * torch.randn(v.shape, generator=gen) for k, v in base.items()},
-                  str(tmp_path / f"{name}.safetensors"))
-    rows = [{"model": f"{name}.safetensors"} for name in "abcd"]
-    plan = plan_from_dict({"base": "base.safetensors", "method": method, "rows": rows, "output_dtype": "fp32"},
-                          tmp_path)
-    report = run_job({"plan_data": plan.to_dict(), "out": str(tmp_path / "merged.safetensors")}, lambda *_: None)
-    survival = report["survival"]
+    def scale(name: str, key: str) -> float:
+        return (0.2 if key == "k0.weight" else 0.002) if name == "d" else 0.01
+
+    survival = noise_merge_survival(tmp_path, method, "abcd", 8, scale)
     assert survival["predicted"] == pytest.approx(survival["measured"], rel=tolerance)
     assert max(survival["measured"][:3]) < 0.9  # the rows really lose to one another: not a trivial 1 = 1
 
