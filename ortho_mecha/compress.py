@@ -113,11 +113,15 @@ class Family:
             base_path = Path(base)
             if base_path.is_dir():
                 raise OrthoMechaError("the base must be one model file (or 'average'), not a folder", base_path)
-            paths = [p for p in paths if p.resolve() != base_path.resolve()]
+            given = len(paths)
+            paths = [p for p in paths if p.resolve() != base_path.resolve()]  # a folder of models may hold the base
             self.base = Model(base_path)
+            left_out = f"; the base {base_path} is not counted as a model" if len(paths) < given else ""
+        else:
+            left_out = ""
         if len(paths) < 2:
             raise OrthoMechaError(
-                f"compression shares directions across models: give at least two models (got {len(paths)})",
+                f"compression shares directions across models: give at least two models (got {len(paths)}{left_out})",
                 paths[0] if paths else None,
             )
         self.models = [Model(p) for p in paths]
@@ -357,19 +361,33 @@ class StreamingFile:
         self.written = 0
         fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         self._fh = os.fdopen(fd, "wb")
-        self._fh.write(len(encoded).to_bytes(8, "little") + encoded)
+        try:
+            self._fh.write(len(encoded).to_bytes(8, "little") + encoded)
+        except OSError as exc:
+            self.abort()
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> OrthoMechaError:
+        """A write error (a full disk) said of the user's file, not the partial one (the caller aborts)."""
+        return OrthoMechaError(f"cannot write ({exc.strerror or exc}); nothing was written", self.path)
 
     def write(self, tensor: torch.Tensor) -> None:
         data = tensor_bytes(tensor)
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            raise self._failed(exc) from None
         self.written += data.nbytes
 
     def finish(self) -> Path:
         if self.written != self.size:
             raise RuntimeError(f"{self.path}: wrote {self.written} data bytes, the header announces {self.size}")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+        except OSError as exc:
+            raise self._failed(exc) from None
         place(self.partial, self.path, overwrite=False)
         return self.path
 

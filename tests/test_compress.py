@@ -186,8 +186,8 @@ def test_bad_options_are_refused(tmp_path) -> None:
         fit(family["models"], family["base"], rounds=0)
     with pytest.raises(OrthoMechaError, match="at least two models"):
         fit(family["models"][:1], family["base"])
-    with pytest.raises(OrthoMechaError, match="at least two models"):
-        fit([family["base"], family["models"][0]], family["base"])  # the base itself is not a model
+    with pytest.raises(OrthoMechaError, match=r"at least two models \(got 1; the base .* is not counted as a model\)"):
+        fit([family["base"], family["models"][0]], family["base"])  # the base itself is not a model: said (QA10)
 
 
 # -- export ---------------------------------------------------------------------------------------------
@@ -392,3 +392,27 @@ def test_the_average_base_of_checkpoints_carries_their_text_encoders_and_vae(tmp
         assert written[key].dtype == torch.float16
         torch.testing.assert_close(written[key], mean.half(), rtol=0, atol=0)  # the average, as the fp16 models
     assert list(base_components(tmp_path / "out" / AVERAGE_FILE)) == list(base_components(family["a"]))
+
+
+class _FullDisk:
+    """A file handle whose writes fail as on a full disk."""
+
+    def write(self, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path: Path) -> None:
+    """The base average's streamed write said only '[Errno 28] No space left on device' (QA10)."""
+    from ortho_mecha.compress import StreamingFile
+
+    target = tmp_path / "base_average.safetensors"
+    writer = StreamingFile(target, {"w": ("F32", (2, 2))}, {})
+    writer._fh = _FullDisk()
+    with pytest.raises(OrthoMechaError, match=r"base_average\.safetensors: cannot write \(No space left on device\); "
+                                              r"nothing was written"):
+        writer.write(torch.zeros(2, 2))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
