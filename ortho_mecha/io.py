@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
@@ -225,6 +225,9 @@ def _shard_files(path: Path) -> list[Path]:
             raise OrthoMechaError("permission denied (cannot read the file)", path) from exc
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
             raise OrthoMechaError("not a valid sharded-model index (expected a JSON 'weight_map')", path) from exc
+        outside = [f for f in files if PurePath(f).is_absolute() or ".." in PurePath(f.replace("\\", "/")).parts]
+        if outside:  # an index names its shards beside it; a path leading elsewhere is not a shard of this model
+            raise OrthoMechaError(f"sharded-model index names a file outside its folder: {outside[0]!r}", path)
         shards = [path.parent / f for f in files]
     else:
         match = SHARD_RE.match(path.name)

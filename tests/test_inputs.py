@@ -633,6 +633,19 @@ def test_key_in_two_shards_is_an_error(tmp_path: Path) -> None:
         Model(index)
 
 
+@pytest.mark.parametrize("entry", ["../other/m-00002-of-00002.safetensors", "/tmp/m-00002-of-00002.safetensors",
+                                   "..\\other\\m.safetensors"])
+def test_an_index_naming_a_file_outside_its_folder_is_refused(tmp_path: Path, entry: str) -> None:
+    """An index names its shards beside it; one leading elsewhere was followed (QA10: read-only, but another
+    model's file would have been read as this one's)."""
+    index = write_sharded(tmp_path, "m", state(1))
+    data = json.loads(index.read_text())
+    data["weight_map"] = {key: entry for key in data["weight_map"]}
+    index.write_text(json.dumps(data))
+    with pytest.raises(OrthoMechaError, match=r"index\.json: sharded-model index names a file outside its folder"):
+        Model(index)
+
+
 # -- key mapping ----------------------------------------------------------------------------------------------
 
 
