@@ -109,6 +109,7 @@ class Family:
         self.average = base is None or str(base) == AVERAGE
         paths = expand_model_paths(list(models))
         self.base: Model | None = None
+        left_out = ""  # said when too few models are left
         if base is not None and not self.average:
             base_path = Path(base)
             if base_path.is_dir():
@@ -116,9 +117,8 @@ class Family:
             given = len(paths)
             paths = [p for p in paths if p.resolve() != base_path.resolve()]  # a folder of models may hold the base
             self.base = Model(base_path)
-            left_out = f"; the base {base_path} is not counted as a model" if len(paths) < given else ""
-        else:
-            left_out = ""
+            if len(paths) < given:
+                left_out = f"; the base {base_path} is not counted as a model"
         if len(paths) < 2:
             raise OrthoMechaError(
                 f"compression shares directions across models: give at least two models (got {len(paths)}{left_out})",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -249,9 +249,7 @@ def _keywise_coefficients(
     if method in ("ties", "dare"):
         along, moments = _entrywise_along(grams, method, alphas, listed, options)
         coefficients = np.zeros(alphas.shape)
-        zones, zone_of = np.unique(alphas, axis=0, return_inverse=True)
-        for z in range(len(zones)):
-            members = zone_of.ravel() == z
+        for _, members in _weight_groups(alphas):
             rows = listed[members].any(axis=0)
             total = moments[members].sum(axis=0)[np.ix_(rows, rows)]
             sampled = along[members][:, rows].sum(axis=0)
@@ -262,6 +260,14 @@ def _keywise_coefficients(
         coefficients = np.stack([_stock_coefficients(*key, float(options.get("cos_eps", 1e-6)))
                                  for key in zip(grams, alphas, listed, strict=True)])
     return float(options.get("alpha", 1.0)) * coefficients
+
+
+def _weight_groups(per_key: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(weights, mask of the keys that have them) for each distinct row of ``per_key`` (keys × rows): the keys of
+    one block group, or all keys without block alphas."""
+    zones, zone_of = np.unique(per_key, axis=0, return_inverse=True)
+    for z, zone in enumerate(zones):
+        yield zone, zone_of.ravel() == z
 
 
 def _stock_coefficients(g: np.ndarray, alphas: np.ndarray, listed: np.ndarray, cos_eps: float) -> np.ndarray:
@@ -347,9 +353,8 @@ def _entrywise_along(
     Gaussian's quantile at the key's share k, after the dropout), the sign election (by counted signs, or by
     summed values with ``vote_sgn``), the mean of the agreeing entries, DARE's rescale by 1/(1 − p). Returns, per
     key and row, the sampled ``<Δ_k, δ_ik>`` (K, n) and the sampled Gram (K, n, n), in the Gram's units (0 for a
-    row not listed). The rows' own
-    distributions (heavy tails, sparsity) and DELLA's magnitude-ranked drop rates are not in G, which is why this
-    is an estimate."""
+    row not listed). The rows' own distributions (heavy tails, sparsity) and DELLA's magnitude-ranked drop rates
+    are not in G, which is why this is an estimate."""
     rng = np.random.default_rng(0)
     keys, n = grams.shape[:2]
     dropped = float(options.get("probability", 0.9)) if method == "dare" else 0.0
@@ -419,12 +424,10 @@ def merged_coefficients(
     if method in KEYWISE_METHODS:
         per_key = np.broadcast_to(w, keyed.shape[:-1]).astype(np.float64)
         return _keywise_coefficients(keyed, method, per_key, reps, options).reshape(g.shape[:-1])
-    zones, zone_of = np.unique(np.broadcast_to(w, keyed.shape[:-1]), axis=0, return_inverse=True)
     coefficients = np.zeros(keyed.shape[:-1])
     shares = np.broadcast_to(np.asarray(rotation_shares, dtype=np.float64), keyed.shape[:1])
     alpha = float(options.get("alpha", 1.0))
-    for z, zone in enumerate(zones):  # the keys sharing one set of weights (a block group) share one estimate
-        members = zone_of.ravel() == z
+    for zone, members in _weight_groups(np.broadcast_to(w, keyed.shape[:-1])):  # a block group shares one estimate
         listed = np.where(zone != 0, reps, 0.0)
         rotated = _rotation_estimate(keyed[members].sum(axis=0), zone, listed, options)
         # the rotation carries a key's share of each delta, the mean the rest

@@ -390,11 +390,13 @@ def mix_changes(before: Mapping[str, Any], after: Mapping[str, Any], what: str) 
         parts = []
         if bool(was.get("enabled", True)) != bool(row.get("enabled", True)):
             parts.append("on" if row.get("enabled", True) else "off")
-        if (was.get("delta_from") or BASE_LABEL) != (row.get("delta_from") or BASE_LABEL):
-            parts.append(f"delta-from {was.get('delta_from') or BASE_LABEL} → {row.get('delta_from') or BASE_LABEL}")
+        source, target = (r.get("delta_from") or BASE_LABEL for r in (was, row))
+        if source != target:
+            parts.append(f"delta-from {source} → {target}")
         for column in ("alpha", "repeat"):
-            if _number(was.get(column), 1.0) != _number(row.get(column), 1.0):
-                parts.append(f"{column} {_number(was.get(column), 1.0):g} → {_number(row.get(column), 1.0):g}")
+            old_value, new_value = (_number(r.get(column), 1.0) for r in (was, row))
+            if old_value != new_value:
+                parts.append(f"{column} {old_value:g} → {new_value:g}")
         if parts:
             changes.append(f"{model[0]}: {', '.join(parts)}")
     changes += [f"{model[0]}: dropped" for model in old if model not in new]
